@@ -1,0 +1,98 @@
+"""Channel masks applied beside the model, after normalisation (the model's code is not edited).
+
+A mask is one vector per group (``values[g]``, shape ``(group.size,)``): 1 keeps a channel, 0 removes
+it, anything between scales it (soft masks for S2H-style methods; gradients flow into ``values``).
+Masks act on the outputs of the group's BatchNorms, and on conv/linear outputs that no BatchNorm of the
+group follows: a scale applied before BN would be undone by BN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .groups import NORMS, ChannelGroup, PruningGraph, Slot
+
+
+class ChannelMasks:
+    """Per-group mask vectors and the forward hooks that apply them to a model."""
+
+    def __init__(self, graph: PruningGraph, values: Sequence[torch.Tensor] | None = None):
+        self.graph = graph
+        self.values: list[torch.Tensor] = (
+            list(values) if values is not None else [torch.ones(g.size) for g in graph.groups]
+        )
+        self._points = _mask_points(graph)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @classmethod
+    def from_keep(cls, graph: PruningGraph, keep_idx: Sequence[torch.Tensor]) -> ChannelMasks:
+        """Binary masks keeping root channels ``keep_idx[g]`` of every group."""
+        values = []
+        for g, idx in zip(graph.groups, keep_idx, strict=True):
+            v = torch.zeros(g.size)
+            v[idx] = 1.0
+            values.append(v)
+        return cls(graph, values)
+
+    def keep_indices(self) -> list[torch.Tensor]:
+        """Root channel indices with a non-zero mask, per group."""
+        return [torch.nonzero(v.detach() != 0).flatten() for v in self.values]
+
+    def attach(self) -> None:
+        for name, slots in self._points.items():
+            module = self.graph.modules[name]
+            self._handles.append(module.register_forward_hook(self._hook(slots, module)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def applied(self) -> Iterator[ChannelMasks]:
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def _hook(self, slots: list[tuple[int, Slot]], module: nn.Module):
+        dim = -1 if isinstance(module, nn.Linear) else 1
+
+        def hook(_m, _inp, out: torch.Tensor) -> torch.Tensor:
+            scale = torch.ones(out.shape[dim], device=out.device, dtype=out.dtype)
+            for g, slot in slots:
+                src = self.values[g].to(device=out.device, dtype=out.dtype)[slot.root_idx.to(out.device)]
+                scale = scale.index_copy(0, slot.module_idx.to(out.device), src)
+            shape = [1] * out.dim()
+            shape[dim] = -1
+            return out * scale.view(shape)
+
+        return hook
+
+
+def _mask_points(graph: PruningGraph) -> dict[str, list[tuple[int, Slot]]]:
+    """Module name -> the (group, slot) pairs whose mask applies to that module's output."""
+    points: dict[str, list[tuple[int, Slot]]] = {}
+    for g in graph.groups:
+        normed = _layers_followed_by_norm(graph, g)
+        for slot in g.outputs:
+            module = graph.modules[slot.module]
+            if isinstance(module, NORMS) or slot.module not in normed:
+                points.setdefault(slot.module, []).append((g.index, slot))
+    return points
+
+
+def _layers_followed_by_norm(graph: PruningGraph, g: ChannelGroup) -> set[str]:
+    """Names of the group's output layers whose every consumer is a BatchNorm of the same group."""
+    norms = {graph.modules[s.module] for s in g.outputs if isinstance(graph.modules[s.module], NORMS)}
+    followed = set()
+    for slot in g.outputs:
+        node = graph.dg.module2node.get(graph.modules[slot.module])
+        if node is not None and node.outputs and all(n.module in norms for n in node.outputs):
+            followed.add(slot.module)
+    return followed

@@ -1,0 +1,206 @@
+"""The one job specification: what to prune, on which data, how, to which budget.
+
+Torch-free on purpose: the API, the CLI and the job store validate with it without importing torch.
+Defaults live on the fields. Unknown fields are refused everywhere (``extra="forbid"``) so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The catalogs below are the torch-free mirror of the registries in zoo.py and data.py; a test keeps
+# them equal, so the API can list what can be asked for without importing torch.
+CIFAR_MODELS: tuple[str, ...] = (
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet110",
+    "vgg16_bn",
+    "mobilenet_v2",
+)
+TORCHVISION_PREFIX = "tv:"
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """The dense network to prune."""
+
+    name: str = Field("resnet20", description=f"A zoo model {CIFAR_MODELS} or `tv:<torchvision builder>`.")
+    weights: str | None = Field(None, description="Path to a safetensors file with the dense weights.")
+    num_classes: int | None = Field(None, ge=2, description="Output classes; default: the data set's.")
+    in_channels: int | None = Field(None, ge=1, description="Input channels; default: the data set's.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, v: str) -> str:
+        if v in CIFAR_MODELS or (v.startswith(TORCHVISION_PREFIX) and len(v) > len(TORCHVISION_PREFIX)):
+            return v
+        raise ValueError(
+            f"unknown model {v!r}; known: {', '.join(CIFAR_MODELS)}, or tv:<torchvision builder> "
+            "such as tv:resnet18"
+        )
+
+
+class DataSpec(_Strict):
+    """Where the training and test images come from."""
+
+    name: str = Field("digits", description=f"One of {DATASETS}.")
+    root: str | None = Field(
+        None, description="Data root (cifar*) or a directory / .tar.gz / .zip archive (imagefolder)."
+    )
+    image_size: int | None = Field(None, ge=8, le=1024, description="Resize images to this many pixels.")
+    per_class: int | None = Field(None, ge=1, description="Take at most this many training images per class.")
+    test_per_class: int | None = Field(None, ge=1, description="Take at most this many test images per class.")
+    augment: bool = Field(True, description="Random crop and flip on training images (not on digits).")
+    num_classes: int | None = Field(None, ge=2, description="synthetic only: number of classes.")
+    num_workers: int = Field(0, ge=0, le=32, description="DataLoader worker processes.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _root_when_needed(self) -> DataSpec:
+        if self.name == "imagefolder" and not self.root:
+            raise ValueError("imagefolder needs `root`: a directory or a .tar.gz / .zip archive")
+        return self
+
+
+class MagnitudeOptions(_Strict):
+    """One-shot global group-L2 magnitude pruning, then fine-tuning (the baseline)."""
+
+    name: Literal["magnitude"] = "magnitude"
+    p: int = Field(2, ge=1, le=2, description="Norm of the group magnitude (1 or 2).")
+    round_to: int = Field(1, ge=1, description="Keep channel counts a multiple of this (hardware-friendly).")
+
+
+# A discriminated union on `name`; later issues add S2H, TAS, PSAP and EPI options here.
+MethodSpec = Annotated[MagnitudeOptions, Field(discriminator="name")]
+METHODS: tuple[str, ...] = ("magnitude",)
+
+
+class TargetSpec(_Strict):
+    """The budget: the fraction of the dense model's MACs that remains after pruning."""
+
+    macs_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Remaining MACs / dense MACs, in (0, 1].")
+    min_channels: int = Field(1, ge=1, description="Never keep fewer channels than this in a group.")
+
+
+class Schedule(_Strict):
+    """Training schedule shared by every phase that trains (dense pre-training, fine-tuning, ...)."""
+
+    epochs: int = Field(3, ge=0, le=10_000, description="Epochs of the method's training phase.")
+    dense_epochs: int = Field(
+        0, ge=0, le=10_000, description="Train the dense model this many epochs first (when no weights)."
+    )
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(0.05, gt=0.0, le=10.0, description="Peak learning rate.")
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up, in epochs (fractions allowed).")
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (smoke runs).")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Schedule:
+        if self.epochs and self.warmup_epochs > self.epochs:
+            raise ValueError("warmup_epochs cannot exceed epochs")
+        return self
+
+
+class KDSpec(_Strict):
+    """Knowledge distillation from a teacher (the dense model by default)."""
+
+    enabled: bool = False
+    teacher: Literal["dense"] | str = Field("dense", description="`dense`, or a path to teacher weights.")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    weight: float = Field(0.9, ge=0.0, le=1.0, description="a in (1-a)·CE + a·T²·KL.")
+
+
+ExportFormat = Literal["safetensors", "torchscript", "onnx"]
+
+
+class ExportSpec(_Strict):
+    formats: tuple[ExportFormat, ...] = ("safetensors", "torchscript", "onnx")
+    latency_batch_size: int = Field(1, ge=1, le=4096, description="Batch size of the latency measurement.")
+
+    @field_validator("formats")
+    @classmethod
+    def _safetensors_first(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # safetensors + architecture JSON is what load_pruned() reads back, so it is always written.
+        return tuple(dict.fromkeys(("safetensors", *v)))
+
+
+class JobSpec(_Strict):
+    """A whole pruning job. Validates API bodies, CLI files and stored rows alike."""
+
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    method: MethodSpec = MagnitudeOptions()
+    target: TargetSpec = TargetSpec()
+    schedule: Schedule = Schedule()
+    kd: KDSpec = KDSpec()
+    export: ExportSpec = ExportSpec()
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError("device must be `auto`, `cpu`, `cuda` or `cuda:N`")
+        return v
+
+
+class SpecError(ValueError):
+    """A job specification that failed validation; ``problems`` holds one line per bad field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid job spec:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def describe_errors(err: ValidationError) -> list[str]:
+    """One human-readable line per bad field: ``schedule.epochs: Input should be ...``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc or '(spec)'}: {msg}")
+    return lines
+
+
+def parse_spec(data: dict[str, Any]) -> JobSpec:
+    """Validate a mapping into a JobSpec, raising SpecError with one line per problem."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(describe_errors(err)) from None
+
+
+def load_spec_file(path: str | Path) -> JobSpec:
+    """Read a JobSpec from a YAML or JSON file."""
+    import yaml
+
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise SpecError([f"{path}: not valid YAML/JSON ({err.__class__.__name__})"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}: expected a mapping at the top level"])
+    return parse_spec(data)

@@ -1,0 +1,124 @@
+"""Physical removal of channels, and the architecture description that rebuilds a pruned model.
+
+``remove_channels`` turns keep decisions into a smaller ``nn.Module`` (Torch-Pruning does the tensor
+surgery). ``describe`` / ``rebuild`` round-trip the pruned shapes through plain JSON, so a pruned model
+can be loaded from safetensors with no pickled code: the dense model is built from the registry and its
+layers are resized to the recorded shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .groups import NORMS, PruningGraph
+from .macs import count_macs
+from .zoo import build_model
+
+ARCH_FORMAT = "pruning-core/architecture-v1"
+
+
+def remove_channels(graph: PruningGraph, keep_idx: Sequence[torch.Tensor]) -> nn.Module:
+    """Remove every root channel not in ``keep_idx[g]`` from ``graph.model``, in place.
+
+    Returns the same (now smaller) module. Any optimizer holding its old parameters must be rebuilt.
+    Raises if channels were due to go but the counted MACs did not drop (Torch-Pruning skips silently
+    in some situations, e.g. parameters that do not require grad).
+    """
+    model = graph.model
+    before = count_macs(model, graph.example)
+    removed_any = False
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        for g, keep in zip(graph.groups, keep_idx, strict=True):
+            drop = sorted(set(range(g.size)) - set(keep.tolist()))
+            if not drop:
+                continue
+            if len(drop) == g.size:
+                raise ModelError(f"refusing to remove every channel of group {g.root}")
+            graph.tp_group(g, drop).prune(record_history=False)
+            removed_any = True
+    finally:
+        for p in model.parameters():
+            if any(p is f for f in frozen):
+                p.requires_grad_(False)
+    if removed_any and count_macs(model, graph.example) >= before:
+        raise ModelError("channel removal left the MACs unchanged; the dependency graph did not apply")
+    return model
+
+
+def keep_counts(keep_idx: Sequence[torch.Tensor]) -> list[int]:
+    return [int(k.numel()) for k in keep_idx]
+
+
+# --- architecture JSON ---
+
+
+def _shape(m: nn.Module) -> dict[str, Any] | None:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return {"type": type(m).__name__, "in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
+    if isinstance(m, nn.Linear):
+        return {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features}
+    if isinstance(m, NORMS):
+        return {"type": type(m).__name__, "num_features": m.num_features}
+    return None
+
+
+def describe(model: nn.Module, model_name: str, num_classes: int, in_channels: int, image_size: int) -> dict[str, Any]:
+    """A JSON-able description of ``model``'s layer shapes, enough for ``rebuild``."""
+    layers = {name: s for name, m in model.named_modules() if (s := _shape(m)) is not None}
+    return {
+        "format": ARCH_FORMAT,
+        "model": {"name": model_name, "num_classes": num_classes, "in_channels": in_channels},
+        "input": {"channels": in_channels, "size": image_size},
+        "layers": layers,
+    }
+
+
+def rebuild(arch: dict[str, Any]) -> nn.Module:
+    """Build the model an architecture description names, resized to its recorded layer shapes.
+
+    Parameters are freshly allocated (uninitialised); load a state dict afterwards.
+    """
+    if arch.get("format") != ARCH_FORMAT:
+        raise ModelError(f"unsupported architecture format {arch.get('format')!r}; expected {ARCH_FORMAT}")
+    meta = arch["model"]
+    model = build_model(meta["name"], meta["num_classes"], meta["in_channels"])
+    modules = dict(model.named_modules())
+    for name, shape in arch["layers"].items():
+        if name not in modules or _shape(modules[name]) is None:
+            raise ModelError(f"architecture names layer {name!r} that {meta['name']} does not have")
+        if _shape(modules[name]) != shape:
+            _resize(modules[name], shape)
+    return model
+
+
+@torch.no_grad()
+def _resize(m: nn.Module, s: dict[str, Any]) -> None:
+    """Give ``m`` the recorded shape with new (empty) parameters of the right size."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        m.in_channels, m.out_channels, m.groups = s["in_channels"], s["out_channels"], s["groups"]
+        _new_param(m, "weight", (m.out_channels, m.in_channels // m.groups, *m.kernel_size))
+        _new_param(m, "bias", (m.out_channels,))
+    elif isinstance(m, nn.Linear):
+        m.in_features, m.out_features = s["in_features"], s["out_features"]
+        _new_param(m, "weight", (m.out_features, m.in_features))
+        _new_param(m, "bias", (m.out_features,))
+    else:  # BatchNorm
+        m.num_features = n = s["num_features"]
+        for p in ("weight", "bias"):
+            _new_param(m, p, (n,))
+        for b in ("running_mean", "running_var"):
+            if getattr(m, b) is not None:
+                setattr(m, b, torch.empty(n))
+
+
+def _new_param(m: nn.Module, attr: str, shape: tuple[int, ...]) -> None:
+    if getattr(m, attr, None) is not None:
+        setattr(m, attr, nn.Parameter(torch.empty(shape)))
