@@ -13,6 +13,8 @@ equal that prediction exactly (tests/test_surgery.py).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +152,11 @@ class PruningGraph:
                 self._add_slot(g, item)
             g.ch_groups = _channel_groups(tg, self.dg)
             groups.append(g)
+        # Model order (stem first) rather than Torch-Pruning's discovery order: stable and readable.
+        order = {name: i for i, name in enumerate(self.modules)}
+        groups.sort(key=lambda g: order[g.root])
+        for i, g in enumerate(groups):
+            g.index = i
         return groups
 
     def _add_slot(self, g: ChannelGroup, item) -> None:
@@ -167,12 +174,24 @@ class PruningGraph:
             g.inputs.append(slot)
 
 
+@contextmanager
+def all_trainable(model: nn.Module) -> Iterator[None]:
+    """Let every parameter require grad for the duration (Torch-Pruning traces through autograd and
+    silently skips frozen ones), then freeze again by name: pruning replaces the Parameter objects."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+
+
 def _build_graph(model: nn.Module, example: torch.Tensor, timeout_s: float) -> tp.DependencyGraph:
     """Trace the model, bounded in time. Parameters must require grad while tracing, otherwise
     Torch-Pruning silently finds no dependencies and prunes nothing."""
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
     result: dict[str, object] = {}
 
     def work() -> None:
@@ -185,11 +204,10 @@ def _build_graph(model: nn.Module, example: torch.Tensor, timeout_s: float) -> t
     thread = threading.Thread(target=work, daemon=True, name="tp-graph")
     was_training = model.training
     model.eval()
-    thread.start()
-    thread.join(timeout_s)
+    with all_trainable(model):
+        thread.start()
+        thread.join(timeout_s)
     model.train(was_training)
-    for p in frozen:
-        p.requires_grad_(False)
     if thread.is_alive():
         raise GraphError(f"building the dependency graph took longer than {timeout_s:.0f} s; this model is not supported")
     if "error" in result:

@@ -192,8 +192,8 @@ def parse_spec(data: dict[str, Any]) -> JobSpec:
         raise SpecError(describe_errors(err)) from None
 
 
-def load_spec_file(path: str | Path) -> JobSpec:
-    """Read a JobSpec from a YAML or JSON file."""
+def read_spec_mapping(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a YAML or JSON spec file (not validated yet)."""
     import yaml
 
     text = Path(path).read_text()
@@ -203,4 +203,9 @@ def load_spec_file(path: str | Path) -> JobSpec:
         raise SpecError([f"{path}: not valid YAML/JSON ({err.__class__.__name__})"]) from None
     if not isinstance(data, dict):
         raise SpecError([f"{path}: expected a mapping at the top level"])
-    return parse_spec(data)
+    return data
+
+
+def load_spec_file(path: str | Path) -> JobSpec:
+    """Read and validate a JobSpec from a YAML or JSON file."""
+    return parse_spec(read_spec_mapping(path))

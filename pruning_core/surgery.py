@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .groups import NORMS, PruningGraph
+from .groups import NORMS, PruningGraph, all_trainable
 from .macs import count_macs
 from .zoo import build_model
 
@@ -32,10 +32,7 @@ def remove_channels(graph: PruningGraph, keep_idx: Sequence[torch.Tensor]) -> nn
     model = graph.model
     before = count_macs(model, graph.example)
     removed_any = False
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
+    with all_trainable(model):
         for g, keep in zip(graph.groups, keep_idx, strict=True):
             drop = sorted(set(range(g.size)) - set(keep.tolist()))
             if not drop:
@@ -44,10 +41,6 @@ def remove_channels(graph: PruningGraph, keep_idx: Sequence[torch.Tensor]) -> nn
                 raise ModelError(f"refusing to remove every channel of group {g.root}")
             graph.tp_group(g, drop).prune(record_history=False)
             removed_any = True
-    finally:
-        for p in model.parameters():
-            if any(p is f for f in frozen):
-                p.requires_grad_(False)
     if removed_any and count_macs(model, graph.example) >= before:
         raise ModelError("channel removal left the MACs unchanged; the dependency graph did not apply")
     return model

@@ -1,0 +1,37 @@
+# Set-up is part of every target: a fresh clone needs only `make run` or `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test bench bench-gpu lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch/torchvision first, pinned to the builds this machine keeps on disk (no multi-GB download)
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Until the service lands: a small demo job through the CLI (digits, ResNet-20, half the MACs).
+run: $(STAMP)
+	$(VENV)/bin/prune run --model resnet20 --data digits --method magnitude --target 0.5 \
+		--dense-epochs 3 --epochs 3 --kd --out runs/demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench.run --profile cpu
+
+bench-gpu: $(STAMP)
+	$(PY) -m bench.run --profile gpu
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

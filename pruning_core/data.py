@@ -1,0 +1,783 @@
+"""Data sets for pruning jobs: a registry of loaders that turn a :class:`DataSpec` into train/test sets.
+
+Every loader returns :class:`Datasets` whose items are ``(image, label)``: a normalised float tensor
+``C x S x S`` and an ``int``. Images are held in memory as uint8 ``N x C x H x W`` when that is small
+and decoded from files on access otherwise; resizing, augmentation (training set only, drawn from
+torch's global RNG so the engine's per-epoch seeding makes it exact on resume) and normalisation
+happen per item. Dataset archives are extracted under the job's cache directory only, and only after
+every member has been checked: names, types, member count, unpacked bytes and compression ratio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import IO, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .registry import Registry, UnknownNameError
+from .settings import Settings, get_settings
+from .spec import DataSpec
+
+Item = tuple[torch.Tensor, int]
+
+
+@dataclass
+class Datasets:
+    """Train and test sets of one job and what a model needs to know about them."""
+
+    train: Dataset[Item]  # items (float C x S x S normalised, int label)
+    test: Dataset[Item]
+    num_classes: int
+    in_channels: int
+    image_size: int  # S: H == W of the tensors the model sees
+    classes: list[str]
+    mean: tuple[float, ...] = ()  # per-channel normalisation, in [0, 1] pixel units
+    std: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a loader may use besides the spec: a private cache directory, the job seed, settings."""
+
+    cache_dir: Path
+    seed: int
+    settings: Settings
+
+
+Loader = Callable[[DataSpec, LoadContext], Datasets]
+DATASETS: Registry[Loader] = Registry("data set")
+
+
+def load_data(
+    spec: DataSpec, *, cache_dir: Path, seed: int = 0, settings: Settings | None = None
+) -> Datasets:
+    """Build the train/test sets a spec names; every user-facing problem is a one-line DataError."""
+    try:
+        loader = DATASETS.get(spec.name)
+    except UnknownNameError as err:
+        raise DataError(str(err)) from None
+    return loader(spec, LoadContext(Path(cache_dir), seed, settings or get_settings()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch datasets and the per-item transform
+
+
+class ImageTransform:
+    """uint8 ``C x H x W`` -> float ``C x S x S``: bilinear resize, optional pad-crop + h-flip, normalise."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], augment: bool):
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment = augment
+        self.pad = max(1, round(4 * size / 32))  # CIFAR's 4 px at 32 px, scaled
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.float().div_(255)
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        if self.augment:
+            x = self._crop_flip(x)
+        return x.sub_(self.mean).div_(self.std)
+
+    def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Random ``S x S`` crop of the zero-padded image, then a coin-flip mirror (global torch RNG)."""
+        p, s = self.pad, self.size
+        dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        flip = bool(torch.rand(()) < 0.5)
+        x = F.pad(x, (p, p, p, p))[:, dy : dy + s, dx : dx + s]
+        return x.flip(-1) if flip else x.contiguous()
+
+
+class ImageTensorDataset(Dataset[Item]):
+    """In-memory uint8 images ``N x C x H x W`` with labels; items ``(float C x S x S, int)``."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int] | np.ndarray, transform: ImageTransform):
+        self.images = images
+        self.labels = [int(y) for y in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Item:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class ImageFileDataset(Dataset[Item]):
+    """Image files decoded on access (sets too large for memory); items ``(float C x S x S, int)``."""
+
+    def __init__(
+        self, files: list[Path], labels: list[int], channels: int, fit: int | None, transform: ImageTransform
+    ):
+        self.files = files
+        self.labels = labels
+        self.channels = channels
+        self.fit = fit  # resize at decode time (data.image_size), else the files' own size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Item:
+        pixels = _pixels(_load_image(self.files[index]), self.channels, self.fit)
+        return self.transform(_chw(pixels)), self.labels[index]
+
+
+def _make_datasets(
+    train: tuple[torch.Tensor, np.ndarray],
+    test: tuple[torch.Tensor, np.ndarray],
+    classes: list[str],
+    size: int,
+    augment: bool,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> Datasets:
+    """Wrap uint8 ``N x C x H x W`` train/test tensors and labels; stats default to the train set's."""
+    mean, std = stats or _channel_stats(train[0])
+    return Datasets(
+        train=ImageTensorDataset(train[0], train[1], ImageTransform(size, mean, std, augment)),
+        test=ImageTensorDataset(test[0], test[1], ImageTransform(size, mean, std, False)),
+        num_classes=len(classes),
+        in_channels=train[0].shape[1],
+        image_size=size,
+        classes=classes,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 ``N x C x H x W`` images, in [0, 1] units (std >= 1e-3)."""
+    n, c, h, w = images.shape
+    total, total_sq = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    for chunk in images.split(max(1, 2**24 // (c * h * w))):
+        x = chunk.float().div_(255)
+        total += x.sum((0, 2, 3), dtype=torch.float64)
+        total_sq += x.square().sum((0, 2, 3), dtype=torch.float64)
+    mean = total / (n * h * w)
+    std = (total_sq / (n * h * w) - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _first_per_class(labels: np.ndarray, n: int | None) -> np.ndarray:
+    """Indices (ascending) of the first ``n`` items of each class, in the given order; all when None."""
+    if n is None:
+        return np.arange(len(labels))
+    order = np.argsort(labels, kind="stable")
+    ordered = labels[order]
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels)) - np.searchsorted(ordered, ordered, side="left")
+    return np.flatnonzero(rank < n)
+
+
+def _one_line(err: BaseException) -> str:
+    return (" ".join(str(err).split()) or type(err).__name__)[:300]
+
+
+# --------------------------------------------------------------------------------------------------
+# digits: scikit-learn's 1,797 8x8 grayscale digits, a fixed stratified split
+
+_DIGITS_SPLIT_SEED = 0  # fixed, independent of the job seed: the test set never changes
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[torch.Tensor, np.ndarray]:
+    """All digits as uint8 ``1797 x 1 x 8 x 8`` (0..16 scaled to 0..255) and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    return torch.from_numpy(pixels[:, None]), digits.target.astype(np.int64)
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """The fixed stratified ~80/20 split of sklearn digits: sorted (train, test) index arrays."""
+    from sklearn.model_selection import train_test_split
+
+    labels = _digits_arrays()[1]
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=_DIGITS_SPLIT_SEED
+    )
+    return np.sort(train), np.sort(test)
+
+
+@DATASETS.register("digits")
+def _load_digits(spec: DataSpec, ctx: LoadContext) -> Datasets:
+    """1 x S x S digits (S = image_size or 8, bilinear); never flipped or cropped."""
+    images, labels = _digits_arrays()
+    train, test = digits_split()
+    train = train[_first_per_class(labels[train], spec.per_class)]
+    test = test[_first_per_class(labels[test], spec.test_per_class)]
+    return _make_datasets(
+        (images[train], labels[train]),
+        (images[test], labels[test]),
+        classes=[str(d) for d in range(10)],
+        size=spec.image_size or 8,
+        augment=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# cifar10 / cifar100 through torchvision (the "python version" files)
+
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+def _load_cifar(
+    name: str,
+    builder: str,
+    stats: tuple[tuple[float, ...], tuple[float, ...]],
+    spec: DataSpec,
+    ctx: LoadContext,
+) -> Datasets:
+    """3 x S x S CIFAR images (S = image_size or 32) from ``spec.root`` or ``DATA_ROOT``."""
+    root = Path(spec.root).expanduser() if spec.root else Path(ctx.settings.data_root)
+    train, test = (
+        _torchvision_cifar(name, builder, root, t, ctx.settings.allow_download) for t in (True, False)
+    )
+    parts = []
+    for ds, per_class in ((train, spec.per_class), (test, spec.test_per_class)):
+        labels = np.asarray(ds.targets, dtype=np.int64)
+        keep = _first_per_class(labels, per_class)
+        images = torch.from_numpy(np.ascontiguousarray(ds.data[keep].transpose(0, 3, 1, 2)))
+        parts.append((images, labels[keep]))
+    return _make_datasets(parts[0], parts[1], list(train.classes), spec.image_size or 32, spec.augment, stats)
+
+
+def _torchvision_cifar(name: str, builder: str, root: Path, train: bool, download: bool) -> Dataset:
+    """One split of a torchvision CIFAR data set, its failures turned into DataError."""
+    from torchvision import datasets
+
+    try:
+        return getattr(datasets, builder)(str(root), train=train, download=download)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        if not download:
+            raise DataError(
+                f"{name} not found under {root}; put the python version there or set ALLOW_DOWNLOAD=1"
+            ) from None
+        raise DataError(f"{name} under {root} is missing or corrupt after downloading") from None
+    except OSError as err:  # URLError, no network, disk
+        raise DataError(f"could not download {name} to {root}: {_one_line(err)}") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
+        raise DataError(f"{name} under {root} is corrupt: {_one_line(err)}") from None
+
+
+DATASETS.add("cifar10", partial(_load_cifar, "cifar10", "CIFAR10", _CIFAR10_STATS))
+DATASETS.add("cifar100", partial(_load_cifar, "cifar100", "CIFAR100", _CIFAR100_STATS))
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic: deterministic from the seed, a smooth class pattern under uniform noise
+
+
+@DATASETS.register("synthetic")
+def _load_synthetic(spec: DataSpec, ctx: LoadContext) -> Datasets:
+    """``3 x S x S`` images (S = image_size or 32): 0.6 * class pattern + 0.4 * noise; ~400 / ~100."""
+    k, size = spec.num_classes or 10, spec.image_size or 32
+    train_n = min(max(20, -(-400 // k)), spec.per_class or 10**9)
+    test_n = min(max(5, -(-100 // k)), spec.test_per_class or 10**9)
+    patterns = torch.rand(k, 3, 4, 4, generator=_generator(ctx.seed, 0))
+    patterns = F.interpolate(patterns, size=(size, size), mode="bilinear", align_corners=False)
+    return _make_datasets(
+        _synthetic_split(patterns, train_n, _generator(ctx.seed, 1)),
+        _synthetic_split(patterns, test_n, _generator(ctx.seed, 2)),
+        classes=[f"class{i}" for i in range(k)],
+        size=size,
+        augment=spec.augment,
+    )
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 3 + stream)
+
+
+def _synthetic_split(
+    patterns: torch.Tensor, per_class: int, gen: torch.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``per_class`` uint8 images per class (``patterns``: k x 3 x S x S in [0, 1]), labels interleaved."""
+    k, c, s, _ = patterns.shape
+    labels = torch.arange(per_class * k) % k
+    x = 0.6 * patterns[labels] + 0.4 * torch.rand(len(labels), c, s, s, generator=gen)
+    return x.mul_(255).round_().to(torch.uint8), labels.numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# imagefolder: train/<class>/* and test/<class>/* in a directory or an archive
+
+_IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_EAGER_MAX_BYTES = 1 << 30  # decode everything up front below this many decoded bytes
+_STATS_SAMPLE = 512  # images decoded for mean/std when decoding lazily
+_LAYOUT_HINT = "expected train/<class>/* and test/<class>/* images"
+
+
+@dataclass
+class _Layout:
+    """The files a job uses: paths relative to the tree's root, with their class index."""
+
+    classes: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+
+@DATASETS.register("imagefolder")
+def _load_imagefolder(spec: DataSpec, ctx: LoadContext) -> Datasets:
+    """Images from a folder tree or an archive of one (extracted under cache_dir), RGB unless all gray."""
+    root = Path(spec.root or "").expanduser()
+    folder = root if root.is_dir() else _extract_archive(root, spec, ctx)
+    layout = _plan_layout(_list_files(folder), root.name, spec.per_class, spec.test_per_class)
+    return _folder_datasets(folder, layout, spec)
+
+
+def _list_files(folder: Path) -> list[str]:
+    """Relative posix paths of the files under ``folder`` (hidden files and folders skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        rel = Path(dirpath).relative_to(folder)
+        found += [(rel / f).as_posix() for f in filenames if not _hidden(f)]
+    return found
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def _visible(path: str) -> bool:
+    """No component of the posix ``path`` is hidden (``.name``) or macOS's ``__MACOSX``."""
+    wrapped = f"/{path}/"
+    return "/." not in wrapped and "/__MACOSX/" not in wrapped
+
+
+def _plan_layout(files: list[str], where: str, per_class: int | None, test_per_class: int | None) -> _Layout:
+    """Find ``[wrapper/]train|test/<class>/...`` among ``files`` and pick the first N sorted per class."""
+    images = [f for f in files if os.path.splitext(f)[1].lower() in _IMAGE_SUFFIXES and _visible(f)]
+    if not images:
+        raise DataError(f"no images found in {where} ({_LAYOUT_HINT})")
+    prefix = _tree_prefix(images)
+    train, test = (_class_files(images, f"{prefix}{split}/", where, split) for split in ("train", "test"))
+    if set(train) != set(test):
+        only_train, only_test = sorted(set(train) - set(test))[:5], sorted(set(test) - set(train))[:5]
+        raise DataError(
+            f"train/ and test/ classes differ in {where}: only in train: {only_train}; only in test: {only_test}"
+        )
+    classes = sorted(train)
+    return _Layout(classes, _take(train, classes, per_class), _take(test, classes, test_per_class))
+
+
+def _tree_prefix(images: list[str]) -> str:
+    """``""`` when train/ and test/ are at the top, else the single wrapper folder (``"name/"``)."""
+    if any(f.startswith(("train/", "test/")) for f in images):
+        return ""
+    tops = {f.split("/", 1)[0] for f in images if "/" in f}
+    return f"{tops.pop()}/" if len(tops) == 1 else ""
+
+
+def _class_files(images: list[str], base: str, where: str, split: str) -> dict[str, list[str]]:
+    """Class name -> sorted image paths under ``base`` (``[wrapper/]split/``), at any depth."""
+    groups: dict[str, list[str]] = {}
+    for f in images:
+        rest = f[len(base) :] if f.startswith(base) else ""
+        if "/" in rest:
+            groups.setdefault(rest.split("/", 1)[0], []).append(f)
+    if not groups:
+        raise DataError(f"no {split}/<class>/ image folders in {where} ({_LAYOUT_HINT})")
+    return {c: sorted(files) for c, files in groups.items()}
+
+
+def _take(groups: dict[str, list[str]], classes: list[str], n: int | None) -> list[tuple[str, int]]:
+    return [(f, label) for label, c in enumerate(classes) for f in groups[c][:n]]
+
+
+def _folder_datasets(folder: Path, layout: _Layout, spec: DataSpec) -> Datasets:
+    """Decode the chosen files once into memory when small enough, else wrap them for lazy decoding."""
+    files = [folder / rel for rel, _ in layout.train + layout.test]
+    labels = [y for _, y in layout.train + layout.test]
+    size = spec.image_size or _square_size(files[0])
+    n_train = len(layout.train)
+    if len(files) * 3 * size * size > _EAGER_MAX_BYTES:
+        return _lazy_datasets(files, labels, n_train, layout.classes, size, spec)
+    images = _decode_all(files, size, spec.image_size)
+    split = (images[:n_train], np.asarray(labels[:n_train])), (images[n_train:], np.asarray(labels[n_train:]))
+    return _make_datasets(*split, classes=layout.classes, size=size, augment=spec.augment)
+
+
+def _lazy_datasets(
+    files: list[Path], labels: list[int], n_train: int, classes: list[str], size: int, spec: DataSpec
+) -> Datasets:
+    """File-backed datasets; channels and sizes come from a scan of the headers, stats from a sample."""
+    heads = _parallel(lambda i: _header(files[i]), len(files))
+    channels = 1 if all(gray for gray, _ in heads) else 3
+    if not spec.image_size:
+        for (_, wh), path in zip(heads, files, strict=True):
+            _check_size(wh, size, path)
+    sample = files[:n_train][:: max(1, n_train // _STATS_SAMPLE)][:_STATS_SAMPLE]
+    mean, std = _channel_stats(
+        torch.stack([_chw(_pixels(_load_image(p), channels, spec.image_size)) for p in sample])
+    )
+
+    def part(lo: int, hi: int, augment: bool) -> ImageFileDataset:
+        transform = ImageTransform(size, mean, std, augment)
+        return ImageFileDataset(files[lo:hi], labels[lo:hi], channels, spec.image_size, transform)
+
+    return Datasets(
+        part(0, n_train, spec.augment),
+        part(n_train, len(files), False),
+        len(classes),
+        channels,
+        size,
+        classes,
+        mean,
+        std,
+    )
+
+
+def _decode_all(files: list[Path], size: int, fit: int | None) -> torch.Tensor:
+    """uint8 ``N x C x S x S`` of all files; C = 1 when every image is grayscale, else 3."""
+    out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    gray = np.zeros(len(files), dtype=bool)
+
+    def decode(i: int) -> None:
+        image = _load_image(files[i])
+        gray[i] = image.mode in _GRAY_MODES
+        pixels = _pixels(image, 1 if gray[i] else 3, fit)
+        _check_size(pixels.shape[1::-1], size, files[i])
+        out[i, : pixels.shape[2]] = _chw(pixels)
+
+    _parallel(decode, len(files))
+    if gray.all():
+        return out[:, :1].clone()
+    rows = torch.from_numpy(np.flatnonzero(gray))
+    out[rows, 1:] = out[rows, :1]
+    return out
+
+
+def _parallel(fn: Callable[[int], object], n: int) -> list:
+    """``[fn(i) for i in range(n)]`` on a few threads (PIL decodes without the GIL)."""
+    workers = min(8, os.cpu_count() or 1)
+    if n < 64 or workers == 1:
+        return [fn(i) for i in range(n)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def _load_image(path: Path) -> Image.Image:
+    """Fully decode one image file; a DataError names the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot decode image {path.parent.name}/{path.name}: {_one_line(err)}") from None
+
+
+def _header(path: Path) -> tuple[bool, tuple[int, int]]:
+    """(is grayscale, (width, height)) from an image's header, without decoding its pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in _GRAY_MODES, image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot decode image {path.parent.name}/{path.name}: {_one_line(err)}") from None
+
+
+def _square_size(path: Path) -> int:
+    """The side of the first image, which must be square when data.image_size is not set."""
+    _, (w, h) = _header(path)
+    if w != h:
+        raise DataError(f"images are {w}x{h}, not square; set data.image_size to resize them")
+    return w
+
+
+def _check_size(wh: Sequence[int], size: int, path: Path) -> None:
+    if tuple(wh) != (size, size):
+        raise DataError(
+            f"images differ in size ({path.parent.name}/{path.name} is {wh[0]}x{wh[1]}, others {size}x{size}); "
+            "set data.image_size to resize them"
+        )
+
+
+def _pixels(image: Image.Image, channels: int, fit: int | None) -> np.ndarray:
+    """uint8 ``H x W x channels`` (L or RGB), resized to ``fit x fit`` first when given."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if fit and image.size != (fit, fit):
+        image = _fit(image, fit)
+    pixels = np.array(image, dtype=np.uint8)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def _fit(image: Image.Image, size: int) -> Image.Image:
+    """Bilinear resize of the shorter side to ``size``, then a centre crop to ``size x size``."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _chw(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Safe archive extraction (tar with "data"-filter semantics plus stricter checks, zip the same way)
+
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+_RATIO_FLOOR = 1 << 20  # the ratio cap only applies once an archive unpacks to more than this
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass
+class _Budget:
+    """Running totals over an archive's members against the settings' caps (checked before writing)."""
+
+    max_members: int
+    max_bytes: int
+    max_ratio: float
+    packed: int
+    members: int = 0
+    unpacked: int = 0
+
+    def add(self, size: int) -> None:
+        self.members += 1
+        self.unpacked += size
+        if self.members > self.max_members:
+            raise DataError(f"refusing archive: more than {self.max_members} members (ARCHIVE_MAX_MEMBERS)")
+        if self.unpacked > self.max_bytes:
+            raise DataError(
+                f"refusing archive: unpacks to more than {self.max_bytes} bytes (ARCHIVE_MAX_BYTES)"
+            )
+        if self.unpacked > max(_RATIO_FLOOR, self.max_ratio * self.packed):
+            raise DataError(
+                f"refusing archive: unpacks to more than {self.max_ratio:g} times its packed size "
+                "(ARCHIVE_MAX_RATIO; a possible archive bomb)"
+            )
+
+
+class _Archive(Protocol):
+    def scan(self, budget: _Budget) -> list[str]:
+        """Check every member (refusing the archive on the first bad one); return the file names."""
+        ...
+
+    def extract(self, names: list[str], dest: Path) -> None:
+        """Write these files (names from scan) under ``dest``, which must be empty."""
+        ...
+
+
+def _extract_archive(root: Path, spec: DataSpec, ctx: LoadContext) -> Path:
+    """Extract the members the spec uses into ``cache_dir/imagefolder/<sha256>-<selection>``, once."""
+    if not root.is_file():
+        raise DataError(f"imagefolder root {root} does not exist")
+    if not root.name.lower().endswith(_ARCHIVE_SUFFIXES):
+        raise DataError(
+            f"imagefolder root {root} is not a directory or a {'/'.join(_ARCHIVE_SUFFIXES)} archive"
+        )
+    base = ctx.cache_dir / "imagefolder"
+    final = base / f"{_sha256(root)[:16]}-{spec.per_class or 'all'}-{spec.test_per_class or 'all'}"
+    if final.is_dir():
+        return final
+    s = ctx.settings
+    budget = _Budget(s.archive_max_members, s.archive_max_bytes, s.archive_max_ratio, root.stat().st_size)
+    with _archive_errors(root), _open_archive(root) as archive:
+        layout = _plan_layout(archive.scan(budget), root.name, spec.per_class, spec.test_per_class)
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=base))
+        try:
+            archive.extract([rel for rel, _ in layout.train + layout.test], tmp)
+            _publish(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextmanager
+def _open_archive(path: Path) -> Iterator[_Archive]:
+    if path.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(path) as zf:
+            yield _ZipArchive(zf)
+    else:
+        with tarfile.open(path, "r:" if path.name.lower().endswith(".tar") else "r:gz") as tf:
+            yield _TarArchive(tf)
+
+
+@contextmanager
+def _archive_errors(path: Path) -> Iterator[None]:
+    """Turn the archive libraries' errors (corrupt, truncated, unsupported) into one-line DataErrors."""
+    try:
+        yield
+    except DataError:
+        raise
+    except tarfile.FilterError as err:
+        raise DataError(f"refusing archive {path.name}: {_one_line(err)}") from None
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError,
+            RuntimeError, ValueError) as err:  # fmt: skip
+        raise DataError(
+            f"cannot read archive {path.name} (corrupt or truncated?): {_one_line(err)}"
+        ) from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically move a finished extraction into place (another job may have won the race)."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
+
+
+def _safe_name(name: str) -> str:
+    """The member's normalised relative path; refuses absolute paths, drive letters and ``..``."""
+    if name.startswith(("/", "\\")) or (name[1:2] == ":" and name[:1].isalpha()):
+        raise DataError(f"refusing archive: member {name[:100]!r} has an absolute path")
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise DataError(f"refusing archive: member {name[:100]!r} points outside the archive ('..')")
+    if "\0" in name:
+        raise DataError(f"refusing archive: member {name[:100]!r} has a NUL in its name")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def _refuse_kind(name: str, kind: str) -> DataError:
+    return DataError(
+        f"refusing archive: member {name[:100]!r} is a {kind}; only files and folders are allowed"
+    )
+
+
+def _target(dest: Path, name: str) -> Path:
+    """``dest / name``, checked to stay inside ``dest`` (defence in depth after _safe_name)."""
+    target = (dest / name).resolve()
+    if not target.is_relative_to(dest.resolve()):
+        raise DataError(f"refusing archive: member {name[:100]!r} points outside the archive")
+    return target
+
+
+def _write(src: IO[bytes], target: Path, size: int, name: str) -> None:
+    """Copy exactly ``size`` bytes into a new file (never overwriting, never more than declared)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with target.open("xb") as dst:
+        while chunk := src.read(min(_COPY_CHUNK, size - written + 1)):
+            written += len(chunk)
+            if written > size:
+                raise DataError(f"refusing archive: member {name[:100]!r} is larger than it declares")
+            dst.write(chunk)
+    if written != size:
+        raise DataError(f"cannot read archive: member {name[:100]!r} is truncated")
+
+
+_TAR_KINDS = {
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "device",
+    tarfile.BLKTYPE: "device",
+    tarfile.FIFOTYPE: "fifo",
+}
+
+
+class _TarArchive:
+    """A (compressed) tar read in two passes: list and check everything, then copy the chosen files."""
+
+    def __init__(self, tar: tarfile.TarFile):
+        self.tar = tar
+        self.files: dict[str, tarfile.TarInfo] = {}
+
+    def scan(self, budget: _Budget) -> list[str]:
+        for member in self.tar:  # checked as listed: a huge member is refused before it is skipped over
+            name = _safe_name(member.name)
+            if not (member.isfile() or member.isdir()):
+                raise _refuse_kind(member.name, _TAR_KINDS.get(member.type, "special member"))
+            budget.add(member.size if member.isfile() else 0)
+            if member.isfile() and name:
+                self.files[name] = member
+        return list(self.files)
+
+    def extract(self, names: list[str], dest: Path) -> None:
+        members = sorted((self.files[n] for n in set(names)), key=lambda m: m.offset_data)
+        for member in members:  # the standard "data" filter too, before anything is written
+            tarfile.data_filter(member, str(dest))
+        for member in members:
+            source = self.tar.extractfile(member)
+            assert source is not None  # regular files only
+            _write(source, _target(dest, _safe_name(member.name)), member.size, member.name)
+        self._check_end()
+
+    def _check_end(self) -> None:
+        """The listing must have ended at tar's zero end block, not at truncated or garbled data."""
+        stream = self.tar.fileobj
+        assert stream is not None
+        stream.seek(self.tar.offset)
+        block = stream.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):
+            raise DataError("cannot read archive: it is truncated or corrupt (no end-of-archive marker)")
+        for _ in range(16):  # read on to the end (bounded), so gzip verifies its checksum
+            if not stream.read(1 << 16):
+                break
+
+
+_ZIP_KINDS = {
+    stat.S_IFLNK: "symlink",
+    stat.S_IFCHR: "device",
+    stat.S_IFBLK: "device",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
+
+
+class _ZipArchive:
+    """A zip: the central directory is checked as a whole, then the chosen members are copied."""
+
+    def __init__(self, zf: zipfile.ZipFile):
+        self.zip = zf
+        self.files: dict[str, zipfile.ZipInfo] = {}
+
+    def scan(self, budget: _Budget) -> list[str]:
+        for info in self.zip.infolist():
+            name = _safe_name(info.filename)
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise _refuse_kind(info.filename, _ZIP_KINDS.get(kind, "special file"))
+            if info.flag_bits & 0x1:
+                raise _refuse_kind(info.filename, "encrypted file")
+            is_file = not info.is_dir() and kind != stat.S_IFDIR
+            budget.add(info.file_size if is_file else 0)
+            if is_file and name:
+                self.files[name] = info
+        return list(self.files)
+
+    def extract(self, names: list[str], dest: Path) -> None:
+        for name in names:
+            info = self.files[name]
+            with self.zip.open(info) as source:
+                _write(source, _target(dest, name), info.file_size, info.filename)

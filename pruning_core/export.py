@@ -1,0 +1,243 @@
+"""Export a (pruned) model as safetensors + architecture JSON, TorchScript and ONNX; load it back.
+
+The export directory always holds ``model.safetensors`` (the state dict) and ``architecture.json``
+(``surgery.describe``): together they rebuild the pruned network with no pickled code
+(``load_pruned``). ``model.torchscript.pt`` and ``model.onnx`` are optional deployment artefacts;
+each is checked against the eager model's eval output before it is kept.
+
+ONNX goes through the TorchScript-based exporter (``dynamo=False``): torch 2.14 still ships it, and the
+default dynamo exporter needs ``onnxscript``, which is not a dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PruningError, WeightsError
+from .surgery import rebuild
+from .zoo import load_weights
+
+WEIGHTS_FILE = "model.safetensors"
+ARCH_FILE = "architecture.json"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+ONNX_FILE = "model.onnx"
+FORMATS = ("safetensors", "torchscript", "onnx")
+ONNX_OPSET = 17
+ONNX_ATOL = 1e-4  # max abs difference of logits, ONNX Runtime vs torch eager, on the example batch
+
+
+class ExportError(PruningError):
+    code = "export_failed"
+
+
+def export_model(
+    model: nn.Module,
+    arch: dict[str, Any],
+    out_dir: Path,
+    formats: Sequence[str],
+    example: torch.Tensor,
+    *,
+    atol: float = ONNX_ATOL,
+) -> dict[str, Path]:
+    """Write ``model`` to ``out_dir`` in the requested formats; return ``{artefact: path}``.
+
+    ``example`` is an input batch (N x C x H x W, float) used to trace and to check the exports.
+    Keys of the result: ``safetensors`` and ``architecture`` (always), ``torchscript``, ``onnx``.
+    TorchScript and ONNX outputs must match torch's eval logits within ``atol`` (max abs difference)
+    or ``ExportError`` is raised and the failing file is not left behind. The model is exported on the
+    CPU in eval mode and returned to its original device and mode. Nothing is written outside
+    ``out_dir``.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ExportError(f"unknown export format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    with _on_cpu_eval(model):
+        x = example.detach().to("cpu")
+        state = _cpu_state(model)
+        _check_arch(arch, state)
+        reference = _eager_logits(model, x)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"safetensors": _save_weights(state, out_dir / WEIGHTS_FILE)}
+        paths["architecture"] = _save_arch(arch, out_dir / ARCH_FILE)
+        if "torchscript" in formats:
+            paths["torchscript"] = _save_torchscript(model, x, reference, out_dir / TORCHSCRIPT_FILE, atol)
+        if "onnx" in formats:
+            paths["onnx"] = _save_onnx(model, x, reference, out_dir / ONNX_FILE, atol)
+    return paths
+
+
+def load_pruned(path: str | Path) -> nn.Module:
+    """Rebuild a model written by ``export_model``, in eval mode on the CPU.
+
+    ``path`` is the export directory, or its ``model.safetensors`` (with ``architecture.json`` beside
+    it). A missing or broken architecture file raises ``ExportError``; missing, corrupt or mismatching
+    weights raise ``WeightsError`` (one line each).
+    """
+    path = Path(path)
+    if path.name == ARCH_FILE:
+        path = path.parent
+    weights = path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
+    arch = read_architecture(weights.parent / ARCH_FILE)
+    model = _rebuild(arch, ARCH_FILE)
+    if not weights.is_file():
+        raise WeightsError(f"weights file not found: {weights}")
+    load_weights(model, weights)
+    return model.eval()
+
+
+def read_architecture(path: str | Path) -> dict[str, Any]:
+    """Parse an ``architecture.json``; any problem is one ``ExportError`` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"architecture file not found: {path}")
+    try:
+        arch = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path.name} is not valid JSON ({_one_line(err)})") from None
+    if not isinstance(arch, dict):
+        raise ExportError(f"{path.name} must hold a JSON object, got {type(arch).__name__}")
+    return arch
+
+
+# --- helpers ---
+
+
+@contextmanager
+def _on_cpu_eval(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` on the CPU in eval mode; restore its device and mode on exit."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    was_training = model.training
+    try:
+        model.to("cpu").eval()
+        yield
+    finally:
+        model.to(device).train(was_training)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as independent, contiguous CPU tensors (safetensors refuses shared storage)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _rebuild(arch: dict[str, Any], source: str) -> nn.Module:
+    """``surgery.rebuild`` with every failure turned into one ``ExportError`` line naming ``source``."""
+    try:
+        return rebuild(arch)
+    except (PruningError, KeyError, TypeError, ValueError, AttributeError) as err:
+        why = f"missing key {err}" if type(err) is KeyError else _one_line(err)
+        raise ExportError(f"{source} cannot rebuild a model: {why}") from None
+
+
+def _check_arch(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Refuse an architecture description that would not reload ``state`` strictly."""
+    rebuilt = _rebuild(arch, "architecture description").state_dict()
+    want = {k: tuple(v.shape) for k, v in state.items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise ExportError(f"architecture description does not match the model; first differences: {diff}")
+
+
+@torch.inference_mode()
+def _eager_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise ExportError(f"the model must return one logits tensor to be exported, got {type(out).__name__}")
+    return out.clone()
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    tmp = _tmp(path)
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    return _commit(tmp, path)
+
+
+def _save_arch(arch: dict[str, Any], path: Path) -> Path:
+    tmp = _tmp(path)
+    try:
+        tmp.write_text(json.dumps(arch, indent=2) + "\n", encoding="utf-8")
+    except (TypeError, ValueError) as err:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"architecture description is not JSON-serialisable: {_one_line(err)}") from None
+    return _commit(tmp, path)
+
+
+def _save_torchscript(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path, atol: float) -> Path:
+    tmp = _tmp(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # deprecation notices and tracer warnings
+            traced = torch.jit.trace(model, (x,))
+            torch.jit.save(traced, str(tmp))
+            out = traced(x)
+    except Exception as err:  # tracing failures come as many exception types
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"TorchScript export failed: {_one_line(err)}") from None
+    _compare("TorchScript", out, ref, atol, tmp)
+    return _commit(tmp, path)
+
+
+def _save_onnx(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path, atol: float) -> Path:
+    import onnx
+    import onnxruntime as ort
+
+    tmp = _tmp(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
+            torch.onnx.export(
+                model,
+                (x,),
+                str(tmp),
+                dynamo=False,
+                opset_version=ONNX_OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        out = torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
+    except Exception as err:  # exporter, checker and runtime each raise their own types
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export failed: {_one_line(err)}") from None
+    _compare("ONNX Runtime", out, ref, atol, tmp)
+    return _commit(tmp, path)
+
+
+def _compare(what: str, out: torch.Tensor, ref: torch.Tensor, atol: float, tmp: Path) -> None:
+    """Raise (and drop ``tmp``) unless ``out`` matches ``ref`` within ``atol`` max abs difference."""
+    if tuple(out.shape) != tuple(ref.shape):
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{what} output shape {tuple(out.shape)} differs from torch's {tuple(ref.shape)}")
+    diff = (out.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
+    if not diff <= atol:  # also catches NaN
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{what} logits differ from torch's by {diff:.3g} (max abs; allowed {atol:g})")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _commit(tmp: Path, path: Path) -> Path:
+    os.replace(tmp, path)
+    return path
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(s.strip() for s in str(err).strip().splitlines() if s.strip())
+    return (text or type(err).__name__)[:limit]

@@ -1,0 +1,350 @@
+"""``report.json`` of a pruning job, and its two plots (``training.png``, ``widths.png``).
+
+Torch-free on purpose: the API reads and serves reports without importing torch. Derived numbers
+(MACs / params ratios, latency speedup) are computed here from the dense and pruned costs by
+``Report.build`` and re-checked whenever a report is validated, so a report cannot claim a ratio its
+own costs contradict. Plots use matplotlib's object API on an Agg canvas (no pyplot, no global
+backend switch), imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import PruningError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+REPORT_FORMAT = "pruning-core/report-v1"
+REPORT_FILE = "report.json"
+TRAINING_PLOT = "training.png"
+WIDTHS_PLOT = "widths.png"
+
+
+class ReportError(PruningError):
+    code = "bad_report"
+
+
+class _Record(BaseModel):
+    # from_attributes: a dataclass with the same fields (macs.Cost, latency.LatencyStats) validates too.
+    model_config = ConfigDict(extra="forbid", frozen=True, from_attributes=True)
+
+
+class LatencyModel(_Record):
+    """Milliseconds per forward of one batch of ``batch_size`` on ``device`` (``latency.LatencyStats``)."""
+
+    p50_ms: float = Field(gt=0)
+    p90_ms: float = Field(gt=0)
+    mean_ms: float = Field(gt=0)
+    iters: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    device: str
+
+
+class Cost(_Record):
+    """MACs per input sample, parameter count, test top-1 in percent (0..100), latency."""
+
+    macs: int = Field(ge=0)
+    params: int = Field(ge=0)
+    top1: float | None = Field(None, ge=0.0, le=100.0)
+    latency: LatencyModel | None = None
+
+
+class GroupWidth(_Record):
+    """Channels of one coupled group, named by its root layer, before and after pruning."""
+
+    root: str
+    dense: int = Field(ge=1)
+    pruned: int = Field(ge=0)
+
+
+class LayerWidth(_Record):
+    """Input and output channels (features for linear layers) of one layer, dense vs pruned."""
+
+    name: str
+    dense_in: int = Field(ge=0)
+    dense_out: int = Field(ge=0)
+    pruned_in: int = Field(ge=0)
+    pruned_out: int = Field(ge=0)
+
+
+class PhaseTime(_Record):
+    """Wall-clock seconds and epochs of one phase (dense training, search, fine-tuning, ...)."""
+
+    name: str
+    wall_s: float = Field(ge=0.0)
+    epochs: int = Field(ge=0)
+
+
+class EpochRecord(_Record):
+    """One epoch: mean training loss, test top-1 (percent), MACs per sample, learning rate, seconds."""
+
+    phase: str
+    epoch: int = Field(ge=0)
+    train_loss: float | None = None
+    top1: float | None = Field(None, ge=0.0, le=100.0)
+    macs: int = Field(ge=0)
+    lr: float | None = None
+    wall_s: float = Field(ge=0.0)
+
+
+class Report(_Record):
+    """Everything a finished job reports. Build it with ``Report.build``.
+
+    ``input_shape`` is one sample's shape (C, H, W): MACs are per sample. Ratios are pruned / dense;
+    ``latency_speedup`` is dense p50 / pruned p50 (> 1 means faster), ``None`` unless both were timed.
+    """
+
+    format: Literal["pruning-core/report-v1"] = REPORT_FORMAT
+    method: str
+    model: str
+    data: str
+    device: str
+    input_shape: list[int]
+    target_macs_ratio: float = Field(gt=0.0, le=1.0)
+    achieved_macs_ratio: float = Field(ge=0.0)
+    params_ratio: float = Field(ge=0.0)
+    latency_speedup: float | None = Field(None, gt=0.0)
+    dense: Cost
+    pruned: Cost
+    groups: list[GroupWidth]
+    layers: list[LayerWidth]
+    phases: list[PhaseTime]
+    history: list[EpochRecord]
+    method_details: dict[str, Any] = Field(default_factory=dict)
+    spec: dict[str, Any]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        method: str,
+        model: str,
+        data: str,
+        device: str,
+        input_shape: Sequence[int],
+        target_macs_ratio: float,
+        dense: Cost | Any,
+        pruned: Cost | Any,
+        spec: dict[str, Any],
+        groups: Iterable[GroupWidth | Any] = (),
+        layers: Iterable[LayerWidth | Any] = (),
+        phases: Iterable[PhaseTime | Any] = (),
+        history: Iterable[EpochRecord | Any] = (),
+        method_details: dict[str, Any] | None = None,
+    ) -> Report:
+        """A report whose ratios and speedup are computed from ``dense`` and ``pruned``.
+
+        Costs and rows may be the models here or objects with the same attributes (``macs.Cost``,
+        ``latency.LatencyStats``). Raises ``ValueError`` (or pydantic's ``ValidationError``, a subclass).
+        """
+        dense, pruned = Cost.model_validate(dense), Cost.model_validate(pruned)
+        return cls(
+            method=method,
+            model=model,
+            data=data,
+            device=device,
+            input_shape=list(input_shape),
+            target_macs_ratio=target_macs_ratio,
+            **derived_ratios(dense, pruned),
+            dense=dense,
+            pruned=pruned,
+            groups=list(groups),
+            layers=list(layers),
+            phases=list(phases),
+            history=list(history),
+            method_details=method_details or {},
+            spec=spec,
+        )
+
+    @model_validator(mode="after")
+    def _derived_fields_agree(self) -> Report:
+        expected = derived_ratios(self.dense, self.pruned)
+        for name, want in expected.items():
+            got = getattr(self, name)
+            if (got is None) != (want is None) or (
+                want is not None and not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
+            ):
+                raise ValueError(f"{name} is {got} but the dense and pruned costs give {want}")
+        return self
+
+
+def derived_ratios(dense: Cost, pruned: Cost) -> dict[str, float | None]:
+    """``achieved_macs_ratio`` and ``params_ratio`` (pruned / dense) and ``latency_speedup``."""
+    if dense.macs <= 0 or dense.params <= 0:
+        raise ValueError("the dense model must have positive MACs and params")
+    return {
+        "achieved_macs_ratio": pruned.macs / dense.macs,
+        "params_ratio": pruned.params / dense.params,
+        "latency_speedup": latency_speedup(dense.latency, pruned.latency),
+    }
+
+
+def latency_speedup(dense: LatencyModel | None, pruned: LatencyModel | None) -> float | None:
+    """Dense p50 / pruned p50; ``None`` unless both were measured (on the same device and batch)."""
+    if dense is None or pruned is None:
+        return None
+    if (dense.device, dense.batch_size) != (pruned.device, pruned.batch_size):
+        raise ValueError(
+            f"latencies are not comparable: dense on {dense.device} at batch {dense.batch_size}, "
+            f"pruned on {pruned.device} at batch {pruned.batch_size}"
+        )
+    return dense.p50_ms / pruned.p50_ms
+
+
+def layer_widths(dense_arch: dict[str, Any], pruned_arch: dict[str, Any]) -> list[LayerWidth]:
+    """Conv and linear layer widths from two ``surgery.describe`` architecture descriptions."""
+    pruned_layers = pruned_arch["layers"]
+    rows = []
+    for name, d in dense_arch["layers"].items():
+        p = pruned_layers.get(name)
+        if p is None or "num_features" in d:  # norms only mirror their conv
+            continue
+        rows.append(LayerWidth(name=name, **_io(d, "dense"), **_io(p, "pruned")))
+    return rows
+
+
+def _io(shape: dict[str, Any], prefix: str) -> dict[str, int]:
+    if "in_features" in shape:
+        return {f"{prefix}_in": shape["in_features"], f"{prefix}_out": shape["out_features"]}
+    return {f"{prefix}_in": shape["in_channels"], f"{prefix}_out": shape["out_channels"]}
+
+
+# --- files ---
+
+
+def write_report(report: Report, out_dir: Path) -> list[Path]:
+    """Write ``report.json`` (indent 2), ``training.png`` and ``widths.png``; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / REPORT_FILE
+    json_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return [
+        json_path,
+        plot_training(report, out_dir / TRAINING_PLOT),
+        plot_widths(report, out_dir / WIDTHS_PLOT),
+    ]
+
+
+def read_report(path: str | Path) -> Report:
+    """Read a ``report.json`` (or the directory holding it); any problem is one ``ReportError`` line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"cannot read report {path}: {err.__class__.__name__}") from None
+    try:
+        return Report.model_validate(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path.name} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(report)"
+        raise ReportError(
+            f"{path.name} is not a valid report ({err.error_count()} problem(s); {where}: {first['msg']})"
+        ) from None
+
+
+# --- plots ---
+
+
+def plot_training(report: Report, path: Path) -> Path:
+    """Top-1 (%) and MACs (millions per sample) over every epoch of the history, phases shaded."""
+    fig = _figure((8.0, 6.0))
+    history = report.history
+    if not history:
+        _empty(fig, "no training epochs")
+        return _save(fig, path)
+    ax_top1, ax_macs = fig.subplots(2, 1, sharex=True)
+    xs = list(range(1, len(history) + 1))
+    points = [(x, r.top1) for x, r in zip(xs, history, strict=True) if r.top1 is not None]
+    if points:
+        ax_top1.plot(*zip(*points, strict=True), marker="o", markersize=3, color="tab:blue")
+    else:
+        ax_top1.text(0.5, 0.5, "no top-1 recorded", ha="center", va="center", transform=ax_top1.transAxes)
+    ax_top1.set_ylabel("test top-1 (%)")
+    ax_macs.plot(xs, [r.macs / 1e6 for r in history], marker="o", markersize=3, color="tab:orange")
+    ax_macs.set_ylabel("MACs (M per sample)")
+    ax_macs.set_xlabel("epoch (all phases)")
+    for ax in (ax_top1, ax_macs):
+        _mark_phases(ax, history)
+        ax.grid(alpha=0.3)
+    ax_top1.set_title(f"{report.method} on {report.model} / {report.data}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_widths(report: Report, path: Path) -> Path:
+    """Channels per coupled group, dense vs pruned, as grouped bars."""
+    n = len(report.groups)
+    fig = _figure((min(max(6.0, 0.3 * n + 2.0), 40.0), 4.5))
+    if not n:
+        _empty(fig, "no channel groups")
+        return _save(fig, path)
+    ax = fig.subplots()
+    xs = list(range(n))
+    ax.bar(
+        [x - 0.2 for x in xs], [g.dense for g in report.groups], width=0.4, label="dense", color="tab:gray"
+    )
+    ax.bar(
+        [x + 0.2 for x in xs], [g.pruned for g in report.groups], width=0.4, label="pruned", color="tab:green"
+    )
+    ax.set_xticks(xs, [g.root for g in report.groups], rotation=90, fontsize=7)
+    ax.set_ylabel("channels")
+    ax.set_title(f"group widths: {report.model}, MACs x{report.achieved_macs_ratio:.3f}")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _mark_phases(ax: Any, history: list[EpochRecord]) -> None:
+    """Shade each run of consecutive epochs of one phase and label it above the axes."""
+    for k, (phase, first, last) in enumerate(phase_spans(history)):
+        ax.axvspan(first - 0.5, last + 0.5, color=("tab:blue", "tab:gray")[k % 2], alpha=0.08, linewidth=0)
+        ax.text(
+            (first + last) / 2,
+            1.0,
+            phase,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+
+
+def phase_spans(history: Sequence[EpochRecord]) -> list[tuple[str, int, int]]:
+    """``(phase, first, last)`` for each run of consecutive records of one phase; 1-based positions."""
+    spans: list[tuple[str, int, int]] = []
+    for i, rec in enumerate(history, start=1):
+        if spans and spans[-1][0] == rec.phase:
+            spans[-1] = (rec.phase, spans[-1][1], i)
+        else:
+            spans.append((rec.phase, i, i))
+    return spans
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _empty(fig: Figure, message: str) -> None:
+    fig.text(0.5, 0.5, message, ha="center", va="center", fontsize=14)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, format="png")
+    return path

@@ -1,0 +1,200 @@
+"""``run(spec, workdir, reporter)``: the one place a job is assembled.
+
+Validate (names, input size, reachable target) before any training; build model and data; train the
+dense model if asked; run the method's phases through the one training loop; measure dense and pruned
+(MACs, params, top-1, latency); export and report. Every phase checkpoints under
+``workdir/checkpoints``, so the same call again resumes where an interrupted one stopped.
+
+Layout of ``workdir``: ``model.safetensors`` + ``architecture.json`` (+ ``model.torchscript.pt``,
+``model.onnx``), ``report.json``, ``training.png``, ``widths.png``, ``checkpoints/``, ``.data/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import methods  # noqa: F401  (registers the methods)
+from .budget import check_reachable
+from .data import Datasets, load_data
+from .engine import NullReporter, Reporter, TrainContext, evaluate, fit
+from .errors import ModelError
+from .export import export_model
+from .latency import measure_latency
+from .macs import measure
+from .methods import METHODS, DenseTraining, Method, MethodContext
+from .report import Cost, GroupWidth, PhaseTime, Report, layer_widths, write_report
+from .settings import get_settings
+from .spec import JobSpec
+from .surgery import describe, rebuild
+from .zoo import build_model, get_entry, load_weights
+
+
+@dataclass
+class Result:
+    report: Report
+    workdir: Path
+    artifacts: dict[str, Path]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The model's identity and input shape: enough to describe and rebuild it."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        return describe(model, self.name, self.num_classes, self.in_channels, self.image_size)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r} was asked for but CUDA is not available here")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare(spec: JobSpec, workdir: Path) -> tuple[Datasets, _Shape, nn.Module]:
+    """Data, shape and dense model, validated; fails fast with a PruningError on bad input."""
+    entry = get_entry(spec.model.name)  # unknown torchvision names fail here, listing the known ones
+    data = load_data(spec.data, cache_dir=workdir / ".data", seed=spec.seed)
+    if spec.model.num_classes and spec.model.num_classes != data.num_classes:
+        raise ModelError(f"model.num_classes is {spec.model.num_classes} but the data set has {data.num_classes} classes")
+    if data.image_size < entry.min_input_size:
+        raise ModelError(
+            f"{spec.model.name} needs inputs of at least {entry.min_input_size} px but the data gives "
+            f"{data.image_size} px; set data.image_size"
+        )
+    shape = _Shape(spec.model.name, data.num_classes, spec.model.in_channels or data.in_channels, data.image_size)
+    if shape.in_channels != data.in_channels:
+        raise ModelError(f"model.in_channels is {shape.in_channels} but the data has {data.in_channels} channels")
+    seed_everything(spec.seed)
+    model = build_model(shape.name, shape.num_classes, shape.in_channels, spec.model.weights)
+    return data, shape, model
+
+
+def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) -> Result:
+    """Run a whole job into ``workdir``; resumable by calling again with the same arguments."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    reporter = reporter or NullReporter()
+    settings = get_settings()
+    device = resolve_device(spec.device)
+    t_start = time.perf_counter()
+
+    data, shape, model = prepare(spec, workdir)
+    example = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
+    dense_graph_t = time.perf_counter()
+    graph = _graph(model, example, shape.num_classes, settings.graph_timeout_s)
+    check_reachable(graph, spec.target.macs_ratio, spec.target.min_channels)
+    dense_arch = shape.describe(model)
+    phases: list[PhaseTime] = [PhaseTime(name="analyse", wall_s=time.perf_counter() - dense_graph_t, epochs=0)]
+
+    train_ctx = TrainContext(
+        device=device, seed=spec.seed, train=data.train, test=data.test, reporter=reporter,
+        checkpoint_dir=workdir / "checkpoints", num_workers=spec.data.num_workers,
+        describe=shape.describe, rebuild=lambda arch: rebuild(arch),
+    )
+    mctx = MethodContext(
+        spec=spec, example=example, num_classes=shape.num_classes, device=device,
+        dense_macs=graph.dense_macs, graph_timeout_s=settings.graph_timeout_s,
+    )
+    history: list[dict[str, Any]] = []
+    if spec.schedule.dense_epochs:
+        model = _run_phases(DenseTraining(spec.method, mctx), model, train_ctx, phases, history)
+
+    reporter.message("measuring the dense model")
+    dense_cost = _measure(model, data, example, spec, device)
+    mctx.teacher = _teacher(spec, model, shape, device)
+    method: Method = METHODS.get(spec.method.name)(spec.method, mctx)
+    model = _run_phases(method, model, train_ctx, phases, history)
+    model = method.finalize(model).to(device)
+
+    reporter.message("measuring the pruned model")
+    pruned_cost = _measure(model, data, example, spec, device)
+    t_export = time.perf_counter()
+    pruned_arch = shape.describe(model)
+    artifacts = export_model(model, pruned_arch, workdir, spec.export.formats, example)
+    phases.append(PhaseTime(name="export", wall_s=time.perf_counter() - t_export, epochs=0))
+    pruned_graph_keep = _group_widths(graph, dense_arch, pruned_arch)
+    report = Report.build(
+        method=spec.method.name, model=spec.model.name, data=spec.data.name, device=str(device),
+        input_shape=list(example.shape[1:]), target_macs_ratio=spec.target.macs_ratio,
+        dense=dense_cost, pruned=pruned_cost, spec=spec.model_dump(mode="json"),
+        groups=pruned_graph_keep, layers=layer_widths(dense_arch, pruned_arch), phases=phases,
+        history=history, method_details={**mctx.details, "total_wall_s": time.perf_counter() - t_start},
+    )
+    for path in write_report(report, workdir):
+        artifacts[path.name] = path
+    return Result(report, workdir, artifacts)
+
+
+def _graph(model: nn.Module, example: torch.Tensor, num_classes: int, timeout_s: float):
+    from .groups import PruningGraph
+
+    return PruningGraph(model, example, num_classes, timeout_s)
+
+
+def _run_phases(method: Method, model: nn.Module, ctx: TrainContext, phases: list[PhaseTime], history: list) -> nn.Module:
+    """Run each of the method's phases through ``fit``; a finished phase is restored from its checkpoint."""
+    for phase in method.phases():
+        ckpt = ctx.checkpoint_dir / f"{phase.name}.pt" if ctx.checkpoint_dir else None
+        if ckpt is None or not ckpt.exists():
+            t0 = time.perf_counter()
+            model = method.start_phase(phase, model.to(ctx.device))
+            phases.append(PhaseTime(name=f"{phase.name}:start", wall_s=time.perf_counter() - t0, epochs=0))
+        result = fit(model, method, method.ctx.spec.schedule.model_copy(update={"epochs": phase.epochs}), ctx, phase.name)
+        model = result.model
+        history.extend(result.history)
+        phases.append(PhaseTime(name=phase.name, wall_s=sum(r["wall_s"] for r in result.history), epochs=len(result.history)))
+    return model
+
+
+def _measure(model: nn.Module, data: Datasets, example: torch.Tensor, spec: JobSpec, device: torch.device) -> Cost:
+    cost = measure(model, example.to(device))
+    top1 = evaluate(model, data.test, device)["top1"]
+    shape = (spec.export.latency_batch_size, *example.shape[1:])
+    lat = measure_latency(model, shape, device)
+    return Cost(macs=cost.macs, params=cost.params, top1=top1, latency=lat.__dict__)
+
+
+def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.device) -> nn.Module | None:
+    if not spec.kd.enabled:
+        return None
+    if spec.kd.teacher == "dense":
+        teacher = copy.deepcopy(dense)
+    else:
+        teacher = build_model(shape.name, shape.num_classes, shape.in_channels)
+        load_weights(teacher, spec.kd.teacher)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _group_widths(graph, dense_arch: dict[str, Any], pruned_arch: dict[str, Any]) -> list[GroupWidth]:
+    """Each group's width before and after, read from its root layer's output channels."""
+    out = []
+    for g in graph.groups:
+        d, p = dense_arch["layers"][g.root], pruned_arch["layers"].get(g.root)
+        key = "out_channels" if "out_channels" in d else "out_features"
+        out.append(GroupWidth(root=g.root, dense=d[key], pruned=p[key] if p else 0))
+    return out

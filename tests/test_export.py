@@ -1,0 +1,256 @@
+"""Export of physically pruned models (safetensors + architecture JSON, TorchScript, ONNX), reload, latency."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pruning_core.errors import PruningError, WeightsError
+from pruning_core.export import ExportError, export_model, load_pruned
+from pruning_core.groups import PruningGraph, top_channels
+from pruning_core.latency import LatencyStats, measure_latency
+from pruning_core.macs import count_macs
+from pruning_core.surgery import describe, remove_channels
+from pruning_core.zoo import build_model
+
+CASES = {  # model name -> input size (pixels)
+    "resnet20": 32,
+    "tv:resnet18": 64,
+    "mobilenet_v2": 16,  # depthwise convs: the architecture must record their new groups
+}
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    """Non-default BatchNorm statistics, so a lost buffer would change the logits."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def _pruned(name: str, size: int) -> tuple[nn.Module, dict, torch.Tensor, int]:
+    """A physically pruned model (about half of every group), its architecture, an example, dense MACs."""
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3).eval()
+    _randomize_norms(model)
+    x = torch.randn(2, 3, size, size)
+    dense_macs = count_macs(model, x)
+    graph = PruningGraph(model, x, num_classes=10)
+    keep = [top_channels(g, torch.rand(g.size), max(1, g.size // 2)) for g in graph.groups]
+    remove_channels(graph, keep)
+    return model, describe(model, name, 10, 3, size), x, dense_macs
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    name = request.param
+    model, arch, x, dense_macs = _pruned(name, CASES[name])
+    out = tmp_path_factory.mktemp(name.replace(":", "_"))
+    paths = export_model(model, arch, out, ["safetensors", "torchscript", "onnx"], x)
+    return model, x, out, paths, dense_macs
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model, arch, x, _ = _pruned("resnet20", 32)
+    return model, arch, x
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+# --- export + reload ---
+
+
+def test_export_writes_the_requested_files_only(exported):
+    _, _, out, paths, _ = exported
+    assert set(paths) == {"safetensors", "architecture", "torchscript", "onnx"}
+    names = {"model.safetensors", "architecture.json", "model.torchscript.pt", "model.onnx"}
+    assert {p.name for p in paths.values()} == names
+    assert all(p.parent == out and p.stat().st_size > 0 for p in paths.values())
+    assert set(os.listdir(out)) == names  # no temporary files left behind
+
+
+def test_round_trip_gives_identical_logits_shapes_and_macs(exported):
+    model, x, out, paths, dense_macs = exported
+    pruned_macs = count_macs(model, x)
+    assert pruned_macs < 0.8 * dense_macs  # the model really was made smaller
+    for where in (out, paths["safetensors"], str(out)):
+        loaded = load_pruned(where)
+        assert not loaded.training
+        assert {k: v.shape for k, v in loaded.state_dict().items()} == {
+            k: v.shape for k, v in model.state_dict().items()
+        }
+        ref = _logits(model, x)
+        assert ref.std() > 0
+        assert (_logits(loaded, x) - ref).abs().max().item() < 1e-5
+        assert count_macs(loaded, x) == pruned_macs
+
+
+def test_safetensors_holds_the_state_dict_and_the_architecture_is_json(exported):
+    model, _, _, paths, _ = exported
+    state = load_file(str(paths["safetensors"]))
+    assert state.keys() == model.state_dict().keys()
+    assert all(t.is_contiguous() and t.device.type == "cpu" for t in state.values())
+    arch = json.loads(paths["architecture"].read_text())
+    assert arch["format"] == "pruning-core/architecture-v1"
+
+
+def test_torchscript_loads_and_matches(exported):
+    model, x, _, paths, _ = exported
+    scripted = torch.jit.load(str(paths["torchscript"]))
+    assert (_logits(scripted, x) - _logits(model, x)).abs().max().item() < 1e-5
+
+
+def test_onnx_is_valid_and_has_a_dynamic_batch_axis(exported):
+    model, x, _, paths, _ = exported
+    proto = onnx.load(str(paths["onnx"]))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    batch = torch.randn(5, *x.shape[1:])  # not the traced batch size
+    (got,) = session.run(["logits"], {"input": batch.numpy()})
+    assert got.shape == (5, 10)
+    assert np.abs(got - _logits(model, batch).numpy()).max() < 1e-4
+
+
+def test_export_restores_mode_and_writes_nowhere_else(resnet20, tmp_path, monkeypatch):
+    model, arch, x = resnet20
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    model.train()
+    try:
+        paths = export_model(model, arch, tmp_path / "out", ["onnx"], x)
+        assert model.training
+    finally:
+        model.eval()
+    assert set(paths) == {"safetensors", "architecture", "onnx"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "out"]
+    assert list(cwd.iterdir()) == []
+
+
+def test_onnx_mismatch_is_refused_and_not_kept(resnet20, tmp_path):
+    model, arch, x = resnet20
+    # Random noise on the logits: eager torch and ONNX Runtime draw different numbers.
+    handle = model.fc.register_forward_hook(lambda _m, _i, out: out + torch.rand_like(out))
+    try:
+        with pytest.raises(ExportError, match="ONNX Runtime logits differ") as info:
+            export_model(model, arch, tmp_path, ["onnx"], x)
+    finally:
+        handle.remove()
+    assert "\n" not in str(info.value) and info.value.code == "export_failed"
+    assert not (tmp_path / "model.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_export_refuses_unknown_formats_and_a_wrong_architecture(resnet20, tmp_path):
+    model, arch, x = resnet20
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_model(model, arch, tmp_path / "a", ["tflite"], x)
+    dense_arch = describe(build_model("resnet20", 10, 3), "resnet20", 10, 3, 32)
+    with pytest.raises(ExportError, match="does not match the model"):
+        export_model(model, dense_arch, tmp_path / "b", [], x)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --- broken exports give one-line errors of the right class ---
+
+
+@pytest.fixture
+def export_dir(resnet20, tmp_path) -> Path:
+    model, arch, x = resnet20
+    export_model(model, arch, tmp_path, [], x)
+    return tmp_path
+
+
+def _one_line_error(path, cls: type[PruningError]) -> PruningError:
+    with pytest.raises(cls) as info:
+        load_pruned(path)
+    assert type(info.value) is cls
+    assert str(info.value) and "\n" not in str(info.value)
+    return info.value
+
+
+def test_corrupt_safetensors(export_dir):
+    (export_dir / "model.safetensors").write_bytes(os.urandom(4096))
+    err = _one_line_error(export_dir, WeightsError)
+    assert "not a valid safetensors" in str(err)
+
+
+def test_safetensors_missing_a_tensor(export_dir):
+    path = export_dir / "model.safetensors"
+    state = load_file(str(path))
+    del state["layer1.0.conv1.weight"]
+    save_file(state, str(path))
+    err = _one_line_error(path, WeightsError)
+    assert "layer1.0.conv1.weight" in str(err)
+
+
+def test_missing_safetensors(export_dir):
+    (export_dir / "model.safetensors").unlink()
+    _one_line_error(export_dir, WeightsError)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"format": "pruning-core/architecture-v1", "model": {',  # truncated
+        "[1, 2, 3]",  # not an object
+        '{"format": "something-else"}',  # unknown format
+        '{"format": "pruning-core/architecture-v1"}',  # keys missing
+        '{"format": "pruning-core/architecture-v1", "model": {"name": "resnet20", "num_classes": 10, '
+        '"in_channels": 3}, "layers": {"no.such.layer": {"type": "Linear"}}}',
+    ],
+)
+def test_broken_architecture_json(export_dir, text):
+    (export_dir / "architecture.json").write_text(text)
+    _one_line_error(export_dir, ExportError)
+
+
+def test_missing_export_directory(tmp_path):
+    _one_line_error(tmp_path / "nowhere", ExportError)
+
+
+# --- latency ---
+
+
+def test_latency_stats_and_mode_restored(resnet20):
+    model, _, _ = resnet20
+    for training in (True, False):
+        model.train(training)
+        stats = measure_latency(model, (3, 3, 32, 32), "cpu", warmup=1, iters=8)
+        assert model.training is training
+        assert isinstance(stats, LatencyStats)
+        assert stats.iters == 8 and stats.batch_size == 3 and stats.device == "cpu"
+        assert 0 < stats.p50_ms <= stats.p90_ms
+        assert stats.mean_ms > 0
+    model.eval()
+
+
+def test_latency_stops_at_the_time_limit_after_three_iterations(resnet20):
+    model, _, _ = resnet20
+    stats = measure_latency(model, (1, 3, 32, 32), torch.device("cpu"), warmup=2, iters=1000, max_seconds=0.0)
+    assert stats.iters == 3
+
+
+def test_latency_refuses_bad_shapes(resnet20):
+    with pytest.raises(ValueError):
+        measure_latency(resnet20[0], (0, 3, 32, 32), "cpu")

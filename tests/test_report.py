@@ -1,0 +1,186 @@
+"""report.json: derived ratios, JSON round trip, plots, and a torch-free import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pruning_core.report import (
+    Cost,
+    EpochRecord,
+    GroupWidth,
+    LatencyModel,
+    PhaseTime,
+    Report,
+    ReportError,
+    layer_widths,
+    phase_spans,
+    read_report,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class _Stats:  # the shape of latency.LatencyStats, without importing torch
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    iters: int
+    batch_size: int
+    device: str
+
+
+def _history() -> list[EpochRecord]:
+    rows = [("dense", 0, 40.0, 1000), ("dense", 1, 55.0, 1000)]
+    rows += [("finetune", e, 50.0 + e, 480) for e in range(3)]
+    return [
+        EpochRecord(phase=p, epoch=e, train_loss=1.0 / (e + 1), top1=t, macs=m, lr=0.1, wall_s=1.5)
+        for p, e, t, m in rows
+    ]
+
+
+def _report(history=None, groups=None, **over) -> Report:
+    args = dict(
+        method="magnitude",
+        model="resnet20",
+        data="digits",
+        device="cpu",
+        input_shape=[3, 32, 32],
+        target_macs_ratio=0.5,
+        dense=Cost(macs=1000, params=400, top1=55.0, latency=_Stats(4.0, 5.0, 4.2, 30, 1, "cpu")),
+        pruned=Cost(macs=480, params=100, top1=52.0, latency=_Stats(2.5, 3.0, 2.6, 30, 1, "cpu")),
+        groups=[
+            GroupWidth(root="conv1", dense=16, pruned=8),
+            GroupWidth(root="layer2.0.conv1", dense=32, pruned=20),
+        ]
+        if groups is None
+        else groups,
+        phases=[
+            PhaseTime(name="dense", wall_s=3.0, epochs=2),
+            PhaseTime(name="finetune", wall_s=4.5, epochs=3),
+        ],
+        history=_history() if history is None else history,
+        method_details={"p": 2},
+        spec={"model": {"name": "resnet20"}},
+    )
+    args.update(over)
+    return Report.build(**args)
+
+
+def test_build_derives_the_ratios_from_the_costs():
+    r = _report()
+    assert r.achieved_macs_ratio == pytest.approx(0.48)
+    assert r.params_ratio == pytest.approx(0.25)
+    assert r.latency_speedup == pytest.approx(4.0 / 2.5)
+    assert r.format == "pruning-core/report-v1"
+    assert isinstance(r.dense.latency, LatencyModel)
+    no_latency = _report(pruned=Cost(macs=480, params=100))
+    assert no_latency.latency_speedup is None and no_latency.pruned.top1 is None
+
+
+def test_ratios_cannot_be_claimed_by_hand():
+    fields = _report().model_dump()
+    fields["achieved_macs_ratio"] = 0.3
+    with pytest.raises(ValidationError, match="achieved_macs_ratio"):
+        Report(**fields)
+    fields = _report().model_dump()
+    fields["latency_speedup"] = None
+    with pytest.raises(ValidationError, match="latency_speedup"):
+        Report(**fields)
+
+
+def test_incomparable_or_invalid_costs_are_refused():
+    # ValueError: pydantic's ValidationError is one too
+    with pytest.raises(ValueError, match="not comparable"):
+        _report(pruned=Cost(macs=480, params=100, latency=_Stats(2.5, 3.0, 2.6, 30, 8, "cpu")))
+    with pytest.raises(ValueError, match="positive MACs"):
+        _report(dense=Cost(macs=0, params=400))
+    with pytest.raises(ValidationError):
+        Cost(macs=10, params=1, top1=101.0)  # top-1 is a percentage
+    with pytest.raises(ValidationError):
+        _report(target_macs_ratio=1.5)
+
+
+def test_json_round_trip_and_plots(tmp_path):
+    report = _report()
+    paths = write_report(report, tmp_path / "out")
+    assert [p.name for p in paths] == ["report.json", "training.png", "widths.png"]
+    assert json.loads(paths[0].read_text())["achieved_macs_ratio"] == pytest.approx(0.48)
+    assert paths[0].read_text().startswith('{\n  "format"')  # indent 2
+    assert read_report(paths[0]) == report
+    assert read_report(tmp_path / "out") == report
+    for png in paths[1:]:
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+
+
+def test_empty_history_and_groups_still_plot(tmp_path):
+    report = _report(history=[], groups=[], phases=[])
+    paths = write_report(report, tmp_path)
+    assert read_report(tmp_path) == report
+    for png in paths[1:]:
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2_000
+
+
+def test_history_without_top1_plots(tmp_path):
+    history = [r.model_copy(update={"top1": None}) for r in _history()]
+    write_report(_report(history=history), tmp_path)
+    assert (tmp_path / "training.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_read_report_errors_are_one_line(tmp_path):
+    path = tmp_path / "report.json"
+    cases = {
+        "missing": None,
+        "not json": "{",
+        "wrong field": json.dumps({**_report().model_dump(), "achieved_macs_ratio": 0.9}),
+        "unknown field": json.dumps({**_report().model_dump(), "surprise": 1}),
+    }
+    for text in cases.values():
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(ReportError) as info:
+            read_report(path)
+        assert "\n" not in str(info.value) and info.value.code == "bad_report"
+
+
+def test_phase_spans():
+    assert phase_spans(_history()) == [("dense", 1, 2), ("finetune", 3, 5)]
+    assert phase_spans([]) == []
+
+
+def test_layer_widths_from_architectures():
+    dense = {
+        "layers": {
+            "conv1": {"type": "Conv2d", "in_channels": 3, "out_channels": 16, "groups": 1},
+            "bn1": {"type": "BatchNorm2d", "num_features": 16},
+            "fc": {"type": "Linear", "in_features": 16, "out_features": 10},
+        }
+    }
+    pruned = {
+        "layers": {
+            "conv1": {"type": "Conv2d", "in_channels": 3, "out_channels": 6, "groups": 1},
+            "bn1": {"type": "BatchNorm2d", "num_features": 6},
+            "fc": {"type": "Linear", "in_features": 6, "out_features": 10},
+        }
+    }
+    rows = {w.name: w for w in layer_widths(dense, pruned)}
+    assert set(rows) == {"conv1", "fc"}
+    assert (rows["conv1"].dense_out, rows["conv1"].pruned_out) == (16, 6)
+    assert (rows["fc"].dense_in, rows["fc"].pruned_in, rows["fc"].pruned_out) == (16, 6, 10)
+
+
+def test_report_module_does_not_import_torch():
+    code = "import sys, pruning_core.report; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
