@@ -227,6 +227,7 @@ def _load_digits(spec: DataSpec, ctx: LoadContext) -> Datasets:
     """1 x S x S digits (S = image_size or 8, bilinear); never flipped or cropped."""
     images, labels = _digits_arrays()
     train, test = digits_split()
+    stats = _channel_stats(images[train])  # of the whole split: independent of per_class
     train = train[_first_per_class(labels[train], spec.per_class)]
     test = test[_first_per_class(labels[test], spec.test_per_class)]
     return _make_datasets(
@@ -235,6 +236,7 @@ def _load_digits(spec: DataSpec, ctx: LoadContext) -> Datasets:
         classes=[str(d) for d in range(10)],
         size=spec.image_size or 8,
         augment=False,
+        stats=stats,
     )
 
 
@@ -445,14 +447,14 @@ def _lazy_datasets(
         return ImageFileDataset(files[lo:hi], labels[lo:hi], channels, spec.image_size, transform)
 
     return Datasets(
-        part(0, n_train, spec.augment),
-        part(n_train, len(files), False),
-        len(classes),
-        channels,
-        size,
-        classes,
-        mean,
-        std,
+        train=part(0, n_train, spec.augment),
+        test=part(n_train, len(files), False),
+        num_classes=len(classes),
+        in_channels=channels,
+        image_size=size,
+        classes=classes,
+        mean=mean,
+        std=std,
     )
 
 
@@ -549,6 +551,17 @@ def _chw(pixels: np.ndarray) -> torch.Tensor:
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _RATIO_FLOOR = 1 << 20  # the ratio cap only applies once an archive unpacks to more than this
 _COPY_CHUNK = 1 << 20
+# what tarfile, gzip and zipfile raise on corrupt, truncated or unsupported input (and disk errors)
+_ARCHIVE_READ_ERRORS = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    NotImplementedError,
+    RuntimeError,
+    ValueError,
+)
 
 
 @dataclass
@@ -584,7 +597,11 @@ class _Archive(Protocol):
         ...
 
     def extract(self, names: list[str], dest: Path) -> None:
-        """Write these files (names from scan) under ``dest``, which must be empty."""
+        """Write these files (names from scan) under ``dest``, which must be empty; then verify()."""
+        ...
+
+    def verify(self) -> None:
+        """Refuse an archive whose listing ended early (truncated or garbled)."""
         ...
 
 
@@ -603,7 +620,12 @@ def _extract_archive(root: Path, spec: DataSpec, ctx: LoadContext) -> Path:
     s = ctx.settings
     budget = _Budget(s.archive_max_members, s.archive_max_bytes, s.archive_max_ratio, root.stat().st_size)
     with _archive_errors(root), _open_archive(root) as archive:
-        layout = _plan_layout(archive.scan(budget), root.name, spec.per_class, spec.test_per_class)
+        names = archive.scan(budget)
+        try:
+            layout = _plan_layout(names, root.name, spec.per_class, spec.test_per_class)
+        except DataError:  # a truncated archive may look like a bad layout: say which it is
+            archive.verify()
+            raise
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=base))
         try:
@@ -633,8 +655,7 @@ def _archive_errors(path: Path) -> Iterator[None]:
         raise
     except tarfile.FilterError as err:
         raise DataError(f"refusing archive {path.name}: {_one_line(err)}") from None
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError,
-            RuntimeError, ValueError) as err:  # fmt: skip
+    except _ARCHIVE_READ_ERRORS as err:
         raise DataError(
             f"cannot read archive {path.name} (corrupt or truncated?): {_one_line(err)}"
         ) from None
@@ -731,9 +752,9 @@ class _TarArchive:
             source = self.tar.extractfile(member)
             assert source is not None  # regular files only
             _write(source, _target(dest, _safe_name(member.name)), member.size, member.name)
-        self._check_end()
+        self.verify()  # after the copies, so a compressed stream is read once, forwards
 
-    def _check_end(self) -> None:
+    def verify(self) -> None:
         """The listing must have ended at tar's zero end block, not at truncated or garbled data."""
         stream = self.tar.fileobj
         assert stream is not None
@@ -781,3 +802,6 @@ class _ZipArchive:
             info = self.files[name]
             with self.zip.open(info) as source:
                 _write(source, _target(dest, name), info.file_size, info.filename)
+
+    def verify(self) -> None:
+        """Nothing to do: a zip is listed from its central directory, which a truncation destroys."""

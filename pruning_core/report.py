@@ -84,7 +84,10 @@ class PhaseTime(_Record):
 
 
 class EpochRecord(_Record):
-    """One epoch: mean training loss, test top-1 (percent), MACs per sample, learning rate, seconds."""
+    """One epoch: mean training loss, test top-1 (percent), MACs per sample, learning rate, seconds.
+
+    ``event`` names something that happened at the end of the epoch (the engine writes ``"pruned"``).
+    """
 
     phase: str
     epoch: int = Field(ge=0)
@@ -93,6 +96,7 @@ class EpochRecord(_Record):
     macs: int = Field(ge=0)
     lr: float | None = None
     wall_s: float = Field(ge=0.0)
+    event: str | None = None
 
 
 class Report(_Record):
@@ -258,7 +262,8 @@ def read_report(path: str | Path) -> Report:
 
 
 def plot_training(report: Report, path: Path) -> Path:
-    """Top-1 (%) and MACs (millions per sample) over every epoch of the history, phases shaded."""
+    """Top-1 (%) and MACs (millions per sample) over every epoch of the history, phases shaded,
+    events (pruning) as dashed lines."""
     fig = _figure((8.0, 6.0))
     history = report.history
     if not history:
@@ -277,6 +282,7 @@ def plot_training(report: Report, path: Path) -> Path:
     ax_macs.set_xlabel("epoch (all phases)")
     for ax in (ax_top1, ax_macs):
         _mark_phases(ax, history)
+        _mark_events(ax, history)
         ax.grid(alpha=0.3)
     ax_top1.set_title(f"{report.method} on {report.model} / {report.data}")
     fig.tight_layout()
@@ -307,18 +313,34 @@ def plot_widths(report: Report, path: Path) -> Path:
 
 
 def _mark_phases(ax: Any, history: list[EpochRecord]) -> None:
-    """Shade each run of consecutive epochs of one phase and label it above the axes."""
+    """Shade each run of consecutive epochs of one phase and label it at the top of the axes."""
     for k, (phase, first, last) in enumerate(phase_spans(history)):
         ax.axvspan(first - 0.5, last + 0.5, color=("tab:blue", "tab:gray")[k % 2], alpha=0.08, linewidth=0)
         ax.text(
             (first + last) / 2,
-            1.0,
+            0.97,
             phase,
             transform=ax.get_xaxis_transform(),
             ha="center",
-            va="bottom",
-            fontsize=7,
+            va="top",
+            fontsize=8,
+            color="dimgray",
         )
+
+
+def _mark_events(ax: Any, history: list[EpochRecord]) -> None:
+    """A dashed line after each epoch that records an event (e.g. the model was pruned)."""
+    for x, rec in enumerate(history, start=1):
+        if rec.event:
+            ax.axvline(x + 0.5, color="tab:red", linestyle="--", linewidth=1)
+            ax.text(
+                x + 0.5,
+                0.03,
+                f" {rec.event}",
+                transform=ax.get_xaxis_transform(),
+                fontsize=7,
+                color="tab:red",
+            )
 
 
 def phase_spans(history: Sequence[EpochRecord]) -> list[tuple[str, int, int]]:

@@ -166,7 +166,7 @@ def _torchvision_entry(name: str) -> ZooEntry:
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         raise UnknownNameError(
-            f"unknown torchvision model {name!r}; known: {', '.join(TORCHVISION_PREFIX + k for k in known)}"
+            f"unknown torchvision model '{TORCHVISION_PREFIX}{name}'; known: {', '.join(TORCHVISION_PREFIX + k for k in known)}"
         )
 
     def build(num_classes: int, in_channels: int) -> nn.Module:

@@ -111,6 +111,7 @@ def test_safetensors_holds_the_state_dict_and_the_architecture_is_json(exported)
     assert arch["format"] == "pruning-core/architecture-v1"
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_loads_and_matches(exported):
     model, x, _, paths, _ = exported
     scripted = torch.jit.load(str(paths["torchscript"]))

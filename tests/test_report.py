@@ -132,6 +132,18 @@ def test_empty_history_and_groups_still_plot(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 2_000
 
 
+def test_engine_epoch_dicts_are_accepted(tmp_path):
+    # The engine's history rows are plain dicts, with "event": "pruned" after a mid-training prune.
+    rows = [r.model_dump() for r in _history()]
+    rows[2]["event"] = "pruned"
+    report = _report(history=rows)
+    assert report.history[2].event == "pruned" and report.history[0].event is None
+    write_report(report, tmp_path)
+    assert read_report(tmp_path) == report
+    with pytest.raises(ValidationError):
+        _report(history=[{**rows[0], "typo_field": 1}])
+
+
 def test_history_without_top1_plots(tmp_path):
     history = [r.model_copy(update={"top1": None}) for r in _history()]
     write_report(_report(history=history), tmp_path)
