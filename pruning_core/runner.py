@@ -132,7 +132,9 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     pruned_cost = _measure(model, data, example, spec, device)
     t_export = time.perf_counter()
     pruned_arch = shape.describe(model)
-    artifacts = export_model(model, pruned_arch, workdir, spec.export.formats, example)
+    # A random batch, not zeros: TorchScript and ONNX outputs are checked against it.
+    check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))
+    artifacts = export_model(model, pruned_arch, workdir, spec.export.formats, check_input)
     phases.append(PhaseTime(name="export", wall_s=time.perf_counter() - t_export, epochs=0))
     pruned_graph_keep = _group_widths(graph, dense_arch, pruned_arch)
     report = Report.build(
