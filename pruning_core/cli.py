@@ -108,8 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run(spec, out, reporter)
     except KeyboardInterrupt:
         reporter.close()
-        print(f"prune: interrupted; checkpoint kept in {out / 'checkpoints'}; run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"prune: interrupted; checkpoint kept in {out / 'checkpoints'}; run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     reporter.close()
     r = result.report

@@ -56,7 +56,9 @@ class TrainHooks(Protocol):
     """What a method plugs into ``fit`` (``methods.base.Method`` implements all of it)."""
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]: ...
-    def training_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> StepOutput: ...
+    def training_step(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
+    ) -> StepOutput: ...
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None: ...
     def after_step(self, model: nn.Module, ctx: StepContext) -> None: ...
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochAction: ...
@@ -137,8 +139,12 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[int]:
 def _loader(ds: Dataset, order: list[int], batch_size: int, workers: int, device: torch.device) -> DataLoader:
     # Its own generator: the loader must not draw from the global RNG, which the resume replays.
     return DataLoader(
-        ds, batch_size=batch_size, sampler=_OrderSampler(order), num_workers=workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(len(order)),
+        ds,
+        batch_size=batch_size,
+        sampler=_OrderSampler(order),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(len(order)),
     )
 
 
@@ -165,7 +171,9 @@ def make_optimizer(groups: list[dict[str, Any]], s: Schedule) -> torch.optim.Opt
         g.setdefault("lr", s.lr)
         g["base_lr"] = g["lr"]
     if s.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.momentum > 0
+        )
     cls = torch.optim.Adam if s.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=s.lr, weight_decay=s.weight_decay)
 
@@ -196,7 +204,9 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch_size: in
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, ds: Dataset, device: torch.device, batches: int = 20, batch_size: int = 64) -> None:
+def recalibrate_bn(
+    model: nn.Module, ds: Dataset, device: torch.device, batches: int = 20, batch_size: int = 64
+) -> None:
     """Re-estimate BatchNorm running statistics with forward passes in train mode (no weight update)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -207,7 +217,9 @@ def recalibrate_bn(model: nn.Module, ds: Dataset, device: torch.device, batches:
     was = model.training
     model.train()
     g = torch.Generator().manual_seed(0)
-    for i, (x, _) in enumerate(DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(ds) > batch_size)):
+    for i, (x, _) in enumerate(
+        DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(ds) > batch_size)
+    ):
         if i >= batches:
             break
         model(x.to(device))
@@ -262,10 +274,16 @@ class _Run:
 
     def state(self, finished: bool = False) -> dict[str, Any]:
         return {
-            "phase": self.phase, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "finished": finished,
+            "phase": self.phase,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "finished": finished,
             "arch": self.ctx.describe(self.model) if self.ctx.describe else None,
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-            "method": self.hooks.state_dict(), "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.hooks.state_dict(),
+            "history": self.history,
             "rng": self.rng_state if self.step_in_epoch else None,
         }
 
@@ -285,7 +303,9 @@ class _Run:
         self.rng_state = ck["rng"]
 
 
-def fit(model: nn.Module, hooks: TrainHooks, schedule: Schedule, ctx: TrainContext, phase: str = "train") -> FitResult:
+def fit(
+    model: nn.Module, hooks: TrainHooks, schedule: Schedule, ctx: TrainContext, phase: str = "train"
+) -> FitResult:
     """Train ``model`` for ``schedule.epochs`` epochs with ``hooks``; resume from the phase's checkpoint
     if one exists. Returns the trained model (a new object if the method pruned it physically)."""
     t0 = time.perf_counter()
@@ -326,7 +346,9 @@ def _train_epoch(run: _Run) -> EpochAction:
         step = run.epoch * run.steps + run.step_in_epoch
         sctx = StepContext(run.phase, run.epoch, step, run.total, run.device, run.autocast)
         lr = _set_lr(run.opt, lr_factor(step, run.total, run.warmup, s.lr_schedule))
-        loss = _optimise(run, model, (x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)), sctx)
+        loss = _optimise(
+            run, model, (x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)), sctx
+        )
         loss_sum, n = loss_sum + loss, n + 1
         run.step_in_epoch += 1
         run.rng_state = torch.get_rng_state()  # before the next batch is drawn: where a resume starts
@@ -334,8 +356,13 @@ def _train_epoch(run: _Run) -> EpochAction:
     run.step_in_epoch, run.rng_state = 0, None
     metrics = evaluate(run.hooks.eval_model(model), ctx.test, run.device)
     record = {
-        "phase": run.phase, "epoch": run.epoch, "train_loss": loss_sum / max(1, n), "top1": metrics["top1"],
-        "macs": run.hooks.current_macs(model), "lr": lr if n else None, "wall_s": time.perf_counter() - t0,
+        "phase": run.phase,
+        "epoch": run.epoch,
+        "train_loss": loss_sum / max(1, n),
+        "top1": metrics["top1"],
+        "macs": run.hooks.current_macs(model),
+        "lr": lr if n else None,
+        "wall_s": time.perf_counter() - t0,
     }
     action = run.hooks.on_epoch_end(model, run.epoch, {**metrics, "train_loss": record["train_loss"]})
     if action is EpochAction.PRUNE:
@@ -355,7 +382,9 @@ def _stop_point(run: _Run) -> None:
     checkpointed (step and RNG state included) before raising."""
     if run.interrupted.is_set():
         run.save()
-        raise KeyboardInterrupt(f"interrupted; checkpoint saved at epoch {run.epoch + 1}, step {run.step_in_epoch}")
+        raise KeyboardInterrupt(
+            f"interrupted; checkpoint saved at epoch {run.epoch + 1}, step {run.step_in_epoch}"
+        )
     if run.ctx.reporter.cancelled():
         run.save()
         raise Cancelled("cancelled by request")
@@ -381,11 +410,15 @@ def _interrupt_guard() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _optimise(run: _Run, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], sctx: StepContext) -> float:
+def _optimise(
+    run: _Run, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], sctx: StepContext
+) -> float:
     run.opt.zero_grad(set_to_none=True)
     out = run.hooks.training_step(model, batch, sctx)
     if not torch.isfinite(out.loss):
-        raise FloatingPointError(f"{run.phase}: loss became {out.loss.item()} at step {sctx.step}; lower the learning rate")
+        raise FloatingPointError(
+            f"{run.phase}: loss became {out.loss.item()} at step {sctx.step}; lower the learning rate"
+        )
     run.scaler.scale(out.loss).backward()
     run.scaler.unscale_(run.opt)
     run.hooks.after_backward(model, sctx)

@@ -95,7 +95,9 @@ class CostModel:
         for lc in self.layers:
             out = self._width(lc.geom.out_channels, lc.out_terms, keep)
             # A depthwise conv keeps one input channel per output; other grouped convs keep their groups.
-            per_group = 1 if lc.depthwise else self._width(lc.geom.in_channels, lc.in_terms, keep) / lc.geom.groups
+            per_group = (
+                1 if lc.depthwise else self._width(lc.geom.in_channels, lc.in_terms, keep) / lc.geom.groups
+            )
             total = total + out * per_group * lc.geom.positions
         return total if isinstance(total, torch.Tensor) else round(total)
 
@@ -197,7 +199,9 @@ def _build_graph(model: nn.Module, example: torch.Tensor, timeout_s: float) -> t
     def work() -> None:
         try:
             with torch.enable_grad():
-                result["dg"] = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+                result["dg"] = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example, verbose=False
+                )
         except Exception as err:  # reported below, in the caller's thread
             result["error"] = err
 
@@ -209,10 +213,14 @@ def _build_graph(model: nn.Module, example: torch.Tensor, timeout_s: float) -> t
         thread.join(timeout_s)
     model.train(was_training)
     if thread.is_alive():
-        raise GraphError(f"building the dependency graph took longer than {timeout_s:.0f} s; this model is not supported")
+        raise GraphError(
+            f"building the dependency graph took longer than {timeout_s:.0f} s; this model is not supported"
+        )
     if "error" in result:
         err = result["error"]
-        raise GraphError(f"could not trace the model's dependency graph: {type(err).__name__}: {err}") from err
+        raise GraphError(
+            f"could not trace the model's dependency graph: {type(err).__name__}: {err}"
+        ) from err
     return result["dg"]  # type: ignore[return-value]
 
 
@@ -247,7 +255,11 @@ def _channel_groups(tg: tp.Group, dg: tp.DependencyGraph) -> int:
     ch = 1
     for item in tg:
         m = item.dep.target.module
-        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+        if (
+            isinstance(m, nn.modules.conv._ConvNd)
+            and m.groups > 1
+            and not (m.groups == m.in_channels == m.out_channels)
+        ):
             ch = max(ch, m.groups)
     return ch
 

@@ -7,7 +7,11 @@ import torch.nn.functional as F
 
 
 def kd_loss(
-    student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, temperature: float = 4.0, weight: float = 0.9
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 4.0,
+    weight: float = 0.9,
 ) -> torch.Tensor:
     """Hinton distillation: ``(1-a)·CE(z, y) + a·T²·KL(softmax(z_t/T) ‖ softmax(z/T))``.
 

@@ -15,7 +15,9 @@ class TqdmReporter:
     def phase(self, name: str, epochs: int, steps_per_epoch: int) -> None:
         self.close()
         if self.enabled and epochs:
-            self.bar = tqdm(total=epochs * steps_per_epoch, desc=name, unit="step", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=epochs * steps_per_epoch, desc=name, unit="step", dynamic_ncols=True, leave=True
+            )
 
     def step(self, phase: str, epoch: int, step: int, loss: float) -> None:
         if self.bar is not None:

@@ -40,7 +40,9 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

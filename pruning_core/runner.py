@@ -77,15 +77,21 @@ def prepare(spec: JobSpec, workdir: Path) -> tuple[Datasets, _Shape, nn.Module]:
     entry = get_entry(spec.model.name)  # unknown torchvision names fail here, listing the known ones
     data = load_data(spec.data, cache_dir=workdir / ".data", seed=spec.seed)
     if spec.model.num_classes and spec.model.num_classes != data.num_classes:
-        raise ModelError(f"model.num_classes is {spec.model.num_classes} but the data set has {data.num_classes} classes")
+        raise ModelError(
+            f"model.num_classes is {spec.model.num_classes} but the data set has {data.num_classes} classes"
+        )
     if data.image_size < entry.min_input_size:
         raise ModelError(
             f"{spec.model.name} needs inputs of at least {entry.min_input_size} px but the data gives "
             f"{data.image_size} px; set data.image_size"
         )
-    shape = _Shape(spec.model.name, data.num_classes, spec.model.in_channels or data.in_channels, data.image_size)
+    shape = _Shape(
+        spec.model.name, data.num_classes, spec.model.in_channels or data.in_channels, data.image_size
+    )
     if shape.in_channels != data.in_channels:
-        raise ModelError(f"model.in_channels is {shape.in_channels} but the data has {data.in_channels} channels")
+        raise ModelError(
+            f"model.in_channels is {shape.in_channels} but the data has {data.in_channels} channels"
+        )
     seed_everything(spec.seed)
     model = build_model(shape.name, shape.num_classes, shape.in_channels, spec.model.weights)
     return data, shape, model
@@ -106,16 +112,28 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     graph = _graph(model, example, shape.num_classes, settings.graph_timeout_s)
     check_reachable(graph, spec.target.macs_ratio, spec.target.min_channels)
     dense_arch = shape.describe(model)
-    phases: list[PhaseTime] = [PhaseTime(name="analyse", wall_s=time.perf_counter() - dense_graph_t, epochs=0)]
+    phases: list[PhaseTime] = [
+        PhaseTime(name="analyse", wall_s=time.perf_counter() - dense_graph_t, epochs=0)
+    ]
 
     train_ctx = TrainContext(
-        device=device, seed=spec.seed, train=data.train, test=data.test, reporter=reporter,
-        checkpoint_dir=workdir / "checkpoints", num_workers=spec.data.num_workers,
-        describe=shape.describe, rebuild=lambda arch: rebuild(arch),
+        device=device,
+        seed=spec.seed,
+        train=data.train,
+        test=data.test,
+        reporter=reporter,
+        checkpoint_dir=workdir / "checkpoints",
+        num_workers=spec.data.num_workers,
+        describe=shape.describe,
+        rebuild=lambda arch: rebuild(arch),
     )
     mctx = MethodContext(
-        spec=spec, example=example, num_classes=shape.num_classes, device=device,
-        dense_macs=graph.dense_macs, graph_timeout_s=settings.graph_timeout_s,
+        spec=spec,
+        example=example,
+        num_classes=shape.num_classes,
+        device=device,
+        dense_macs=graph.dense_macs,
+        graph_timeout_s=settings.graph_timeout_s,
     )
     history: list[dict[str, Any]] = []
     if spec.schedule.dense_epochs:
@@ -138,11 +156,20 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     phases.append(PhaseTime(name="export", wall_s=time.perf_counter() - t_export, epochs=0))
     pruned_graph_keep = _group_widths(graph, dense_arch, pruned_arch)
     report = Report.build(
-        method=spec.method.name, model=spec.model.name, data=spec.data.name, device=str(device),
-        input_shape=list(example.shape[1:]), target_macs_ratio=spec.target.macs_ratio,
-        dense=dense_cost, pruned=pruned_cost, spec=spec.model_dump(mode="json"),
-        groups=pruned_graph_keep, layers=layer_widths(dense_arch, pruned_arch), phases=phases,
-        history=history, method_details={**mctx.details, "total_wall_s": time.perf_counter() - t_start},
+        method=spec.method.name,
+        model=spec.model.name,
+        data=spec.data.name,
+        device=str(device),
+        input_shape=list(example.shape[1:]),
+        target_macs_ratio=spec.target.macs_ratio,
+        dense=dense_cost,
+        pruned=pruned_cost,
+        spec=spec.model_dump(mode="json"),
+        groups=pruned_graph_keep,
+        layers=layer_widths(dense_arch, pruned_arch),
+        phases=phases,
+        history=history,
+        method_details={**mctx.details, "total_wall_s": time.perf_counter() - t_start},
     )
     for path in write_report(report, workdir):
         artifacts[path.name] = path
@@ -155,7 +182,9 @@ def _graph(model: nn.Module, example: torch.Tensor, num_classes: int, timeout_s:
     return PruningGraph(model, example, num_classes, timeout_s)
 
 
-def _run_phases(method: Method, model: nn.Module, ctx: TrainContext, phases: list[PhaseTime], history: list) -> nn.Module:
+def _run_phases(
+    method: Method, model: nn.Module, ctx: TrainContext, phases: list[PhaseTime], history: list
+) -> nn.Module:
     """Run each of the method's phases through ``fit``; a finished phase is restored from its checkpoint."""
     for phase in method.phases():
         ckpt = ctx.checkpoint_dir / f"{phase.name}.pt" if ctx.checkpoint_dir else None
@@ -163,14 +192,26 @@ def _run_phases(method: Method, model: nn.Module, ctx: TrainContext, phases: lis
             t0 = time.perf_counter()
             model = method.start_phase(phase, model.to(ctx.device))
             phases.append(PhaseTime(name=f"{phase.name}:start", wall_s=time.perf_counter() - t0, epochs=0))
-        result = fit(model, method, method.ctx.spec.schedule.model_copy(update={"epochs": phase.epochs}), ctx, phase.name)
+        result = fit(
+            model,
+            method,
+            method.ctx.spec.schedule.model_copy(update={"epochs": phase.epochs}),
+            ctx,
+            phase.name,
+        )
         model = result.model
         history.extend(result.history)
-        phases.append(PhaseTime(name=phase.name, wall_s=sum(r["wall_s"] for r in result.history), epochs=len(result.history)))
+        phases.append(
+            PhaseTime(
+                name=phase.name, wall_s=sum(r["wall_s"] for r in result.history), epochs=len(result.history)
+            )
+        )
     return model
 
 
-def _measure(model: nn.Module, data: Datasets, example: torch.Tensor, spec: JobSpec, device: torch.device) -> Cost:
+def _measure(
+    model: nn.Module, data: Datasets, example: torch.Tensor, spec: JobSpec, device: torch.device
+) -> Cost:
     cost = measure(model, example.to(device))
     top1 = evaluate(model, data.test, device)["top1"]
     shape = (spec.export.latency_batch_size, *example.shape[1:])

@@ -13,7 +13,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")
 
     data_root: Path = Field(Path("data"), description="Where cifar10/cifar100 live (DATA_ROOT).")
-    allow_download: bool = Field(False, description="Let torchvision download missing data sets (ALLOW_DOWNLOAD).")
+    allow_download: bool = Field(
+        False, description="Let torchvision download missing data sets (ALLOW_DOWNLOAD)."
+    )
     archive_max_bytes: int = Field(2 * 1024**3, description="Cap on the unpacked size of a dataset archive.")
     archive_max_members: int = Field(200_000, description="Cap on the number of files in a dataset archive.")
     archive_max_ratio: float = Field(200.0, description="Cap on unpacked/packed size (zip bombs).")

@@ -58,7 +58,9 @@ class DataSpec(_Strict):
     )
     image_size: int | None = Field(None, ge=8, le=1024, description="Resize images to this many pixels.")
     per_class: int | None = Field(None, ge=1, description="Take at most this many training images per class.")
-    test_per_class: int | None = Field(None, ge=1, description="Take at most this many test images per class.")
+    test_per_class: int | None = Field(
+        None, ge=1, description="Take at most this many test images per class."
+    )
     augment: bool = Field(True, description="Random crop and flip on training images (not on digits).")
     num_classes: int | None = Field(None, ge=2, description="synthetic only: number of classes.")
     num_workers: int = Field(0, ge=0, le=32, description="DataLoader worker processes.")

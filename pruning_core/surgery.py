@@ -55,7 +55,12 @@ def keep_counts(keep_idx: Sequence[torch.Tensor]) -> list[int]:
 
 def _shape(m: nn.Module) -> dict[str, Any] | None:
     if isinstance(m, nn.modules.conv._ConvNd):
-        return {"type": type(m).__name__, "in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
+        return {
+            "type": type(m).__name__,
+            "in_channels": m.in_channels,
+            "out_channels": m.out_channels,
+            "groups": m.groups,
+        }
     if isinstance(m, nn.Linear):
         return {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features}
     if isinstance(m, NORMS):
@@ -63,7 +68,9 @@ def _shape(m: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def describe(model: nn.Module, model_name: str, num_classes: int, in_channels: int, image_size: int) -> dict[str, Any]:
+def describe(
+    model: nn.Module, model_name: str, num_classes: int, in_channels: int, image_size: int
+) -> dict[str, Any]:
     """A JSON-able description of ``model``'s layer shapes, enough for ``rebuild``."""
     layers = {name: s for name, m in model.named_modules() if (s := _shape(m)) is not None}
     return {

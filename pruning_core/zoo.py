@@ -87,7 +87,11 @@ class CifarVGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(cin, v, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(v),
+                    nn.ReLU(inplace=True),
+                ]
                 cin = v
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(cin, num_classes)
@@ -100,11 +104,24 @@ class CifarVGG(nn.Module):
 
 # --- MobileNetV2 for CIFAR (Sandler et al.; stride 1 in the stem and the first two stages) ---
 
-_MBV2 = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_MBV2 = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+def _conv_bn(
+    cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if act:
         layers.append(nn.ReLU6(inplace=True))
     return nn.Sequential(*layers)
@@ -184,8 +201,14 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d) and child.in_channels == 3:
                 new = nn.Conv2d(
-                    in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, child.groups if child.groups == 1 else in_channels, child.bias is not None,
+                    in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups if child.groups == 1 else in_channels,
+                    child.bias is not None,
                 )
                 setattr(parent, child_name, new)
                 return
@@ -195,11 +218,13 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 def get_entry(name: str) -> ZooEntry:
     """The zoo entry for a spec's model name (a zoo name or ``tv:<builder>``)."""
     if name.startswith(TORCHVISION_PREFIX):
-        return _torchvision_entry(name[len(TORCHVISION_PREFIX):])
+        return _torchvision_entry(name[len(TORCHVISION_PREFIX) :])
     return MODELS.get(name)
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, weights: str | Path | None = None) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, weights: str | Path | None = None
+) -> nn.Module:
     """Build a model by name; load safetensors weights when given."""
     model = get_entry(name).build(num_classes, in_channels)
     if weights is not None:

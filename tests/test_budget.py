@@ -12,7 +12,9 @@ from pruning_core.surgery import remove_channels
 from pruning_core.zoo import build_model
 
 
-@pytest.mark.parametrize(("name", "size"), [("resnet20", 32), ("mobilenet_v2", 32), ("vgg16_bn", 32), ("tv:resnet18", 64)])
+@pytest.mark.parametrize(
+    ("name", "size"), [("resnet20", 32), ("mobilenet_v2", 32), ("vgg16_bn", 32), ("tv:resnet18", 64)]
+)
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.8])
 def test_magnitude_selection_hits_target(name: str, size: int, target: float) -> None:
     torch.manual_seed(0)

@@ -17,7 +17,18 @@ from pruning_core.engine import evaluate
 from pruning_core.export import load_pruned
 from pruning_core.macs import count_macs
 
-BASE = ["run", "--model", "resnet20", "--data", "digits", "--method", "magnitude", "--batch-size", "32", "--quiet"]
+BASE = [
+    "run",
+    "--model",
+    "resnet20",
+    "--data",
+    "digits",
+    "--method",
+    "magnitude",
+    "--batch-size",
+    "32",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +37,10 @@ def finished(tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(out)  # anything written outside --out would show up here
     try:
-        assert main([*BASE, "--target", "0.5", "--dense-epochs", "2", "--epochs", "2", "--kd", "--out", "run"]) == 0
+        assert (
+            main([*BASE, "--target", "0.5", "--dense-epochs", "2", "--epochs", "2", "--kd", "--out", "run"])
+            == 0
+        )
     finally:
         os.chdir(cwd)
     return out
@@ -44,7 +58,14 @@ def test_report_and_artifacts_agree(finished: Path) -> None:
     assert len(report["history"]) == 4
     assert report["pruned"]["top1"] > 80.0, "fine-tuning must recover a useful digits classifier"
     assert {g["root"] for g in report["groups"]} and all(g["pruned"] <= g["dense"] for g in report["groups"])
-    for name in ("model.safetensors", "architecture.json", "model.onnx", "model.torchscript.pt", "training.png", "widths.png"):
+    for name in (
+        "model.safetensors",
+        "architecture.json",
+        "model.onnx",
+        "model.torchscript.pt",
+        "training.png",
+        "widths.png",
+    ):
         assert (run / name).stat().st_size > 0, name
 
     model = load_pruned(run)
@@ -58,7 +79,9 @@ def test_report_and_artifacts_agree(finished: Path) -> None:
 
 
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pruning_core.cli", *argv], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "pruning_core.cli", *argv], cwd=cwd, capture_output=True, text=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -98,13 +121,33 @@ def test_out_dir_of_another_job_is_refused(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_then_same_command_resumes_to_same_weights(tmp_path: Path) -> None:
-    argv = ["run", "--model", "resnet20", "--data", "digits", "--target", "0.5", "--epochs", "4",
-            "--batch-size", "16", "--formats", "safetensors", "--out", "out"]
+    argv = [
+        "run",
+        "--model",
+        "resnet20",
+        "--data",
+        "digits",
+        "--target",
+        "0.5",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--formats",
+        "safetensors",
+        "--out",
+        "out",
+    ]
     ref = _run([*argv[:-1], "ref"], tmp_path)
     assert ref.returncode == 0, ref.stderr
 
-    proc = subprocess.Popen([sys.executable, "-m", "pruning_core.cli", *argv], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pruning_core.cli", *argv],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:  # the progress bar goes to the same pipe; wait for the first epoch
         if "finetune epoch 1:" in line:
             proc.send_signal(signal.SIGINT)
@@ -117,5 +160,8 @@ def test_ctrl_c_then_same_command_resumes_to_same_weights(tmp_path: Path) -> Non
     again = _run(argv, tmp_path)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stdout + again.stderr
-    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "ref" / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

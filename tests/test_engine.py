@@ -48,9 +48,14 @@ def _method() -> Method:
 
 def _ctx(tmp: Path | None, reporter=None) -> TrainContext:
     return TrainContext(
-        device=torch.device("cpu"), seed=3, train=NoisyBlobs(96, 0), test=NoisyBlobs(32, 1),
-        reporter=reporter or NullReporter(), checkpoint_dir=tmp,
-        describe=lambda m: describe(m, "resnet20", 4, 3, SIZE), rebuild=rebuild,
+        device=torch.device("cpu"),
+        seed=3,
+        train=NoisyBlobs(96, 0),
+        test=NoisyBlobs(32, 1),
+        reporter=reporter or NullReporter(),
+        checkpoint_dir=tmp,
+        describe=lambda m: describe(m, "resnet20", 4, 3, SIZE),
+        rebuild=rebuild,
     )
 
 
@@ -116,7 +121,9 @@ class PruneAfterFirstEpoch(Method):
 
 def test_prune_mid_training_rebuilds_optimizer_and_resumes(tmp_path) -> None:
     spec = JobSpec()
-    method = PruneAfterFirstEpoch(spec.method, MethodContext(spec, torch.zeros(1, 3, SIZE, SIZE), 4, torch.device("cpu"), 1))
+    method = PruneAfterFirstEpoch(
+        spec.method, MethodContext(spec, torch.zeros(1, 3, SIZE, SIZE), 4, torch.device("cpu"), 1)
+    )
     dense_macs = count_macs(_model(), torch.zeros(1, 3, SIZE, SIZE))
     result = fit(_model(), method, SCHEDULE, _ctx(tmp_path))
     macs = [r["macs"] for r in result.history]

@@ -17,12 +17,14 @@ def test_defaults_are_a_valid_job() -> None:
 
 def test_one_message_per_bad_field() -> None:
     with pytest.raises(SpecError) as e:
-        parse_spec({
-            "target": {"macs_ratio": 1.5},
-            "schedule": {"epochs": -1, "optimizer": "rmsprop"},
-            "model": {"name": "resnet19"},
-            "bogus": 1,
-        })
+        parse_spec(
+            {
+                "target": {"macs_ratio": 1.5},
+                "schedule": {"epochs": -1, "optimizer": "rmsprop"},
+                "model": {"name": "resnet19"},
+                "bogus": 1,
+            }
+        )
     problems = e.value.problems
     assert len(problems) == 5, problems
     fields = {p.split(":")[0] for p in problems}
@@ -60,7 +62,9 @@ def test_catalogs_match_registries() -> None:
 
 
 def test_spec_round_trips_through_json() -> None:
-    spec = parse_spec({"model": {"name": "tv:resnet18"}, "kd": {"enabled": True}, "export": {"formats": ["onnx"]}})
+    spec = parse_spec(
+        {"model": {"name": "tv:resnet18"}, "kd": {"enabled": True}, "export": {"formats": ["onnx"]}}
+    )
     again = JobSpec.model_validate_json(spec.model_dump_json())
     assert again == spec
     assert again.export.formats == ("safetensors", "onnx")

@@ -54,9 +54,15 @@ def test_head_excluded_by_role_even_when_a_conv() -> None:
     """A 1x1-conv head (SqueezeNet-style) keeps its class outputs; a hidden layer as wide as the class
     count is still prunable."""
     model = nn.Sequential(
-        nn.Conv2d(3, 10, 3, padding=1), nn.BatchNorm2d(10), nn.ReLU(),
-        nn.Conv2d(10, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 10, 3, padding=1),
+        nn.BatchNorm2d(10),
+        nn.ReLU(),
+        nn.Conv2d(10, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 10, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     ).eval()
     graph = PruningGraph(model, torch.randn(1, 3, 8, 8), num_classes=10)
     roots = {g.root for g in graph.groups}

@@ -51,7 +51,9 @@ class MethodContext:
 
     def graph(self, model: nn.Module) -> PruningGraph:
         """A fresh dependency graph of ``model`` (build again after any physical change)."""
-        return PruningGraph(model, self.example.to(next(model.parameters()).device), self.num_classes, self.graph_timeout_s)
+        return PruningGraph(
+            model, self.example.to(next(model.parameters()).device), self.num_classes, self.graph_timeout_s
+        )
 
 
 class Method:
@@ -79,7 +81,9 @@ class Method:
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
-    def training_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> StepOutput:
+    def training_step(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
+    ) -> StepOutput:
         x, y = batch
         with ctx.autocast():
             logits = model(x)

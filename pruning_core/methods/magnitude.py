@@ -33,8 +33,11 @@ class Magnitude(Method):
         graph = self.ctx.graph(model)
         scores = group_magnitude_scores(graph, self.options.p)
         keep = select_to_budget(
-            graph, scores, self.ctx.target_macs,
-            min_channels=self.ctx.spec.target.min_channels, round_to=self.options.round_to,
+            graph,
+            scores,
+            self.ctx.target_macs,
+            min_channels=self.ctx.spec.target.min_channels,
+            round_to=self.options.round_to,
         )
         self.ctx.details["predicted_macs"] = int(graph.cost.macs([len(k) for k in keep]))
         return remove_channels(graph, keep)
