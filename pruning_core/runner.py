@@ -28,6 +28,7 @@ from .data import Datasets, load_data
 from .engine import NullReporter, Reporter, TrainContext, evaluate, fit
 from .errors import ModelError
 from .export import export_model
+from .groups import PruningGraph
 from .latency import measure_latency
 from .macs import measure
 from .methods import METHODS, DenseTraining, Method, MethodContext
@@ -109,7 +110,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     data, shape, model = prepare(spec, workdir)
     example = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     dense_graph_t = time.perf_counter()
-    graph = _graph(model, example, shape.num_classes, settings.graph_timeout_s)
+    graph = PruningGraph(model, example, shape.num_classes, settings.graph_timeout_s)
     check_reachable(graph, spec.target.macs_ratio, spec.target.min_channels)
     dense_arch = shape.describe(model)
     phases: list[PhaseTime] = [
@@ -176,12 +177,6 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     return Result(report, workdir, artifacts)
 
 
-def _graph(model: nn.Module, example: torch.Tensor, num_classes: int, timeout_s: float):
-    from .groups import PruningGraph
-
-    return PruningGraph(model, example, num_classes, timeout_s)
-
-
 def _run_phases(
     method: Method, model: nn.Module, ctx: TrainContext, phases: list[PhaseTime], history: list
 ) -> nn.Module:
@@ -233,7 +228,9 @@ def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.devic
     return teacher
 
 
-def _group_widths(graph, dense_arch: dict[str, Any], pruned_arch: dict[str, Any]) -> list[GroupWidth]:
+def _group_widths(
+    graph: PruningGraph, dense_arch: dict[str, Any], pruned_arch: dict[str, Any]
+) -> list[GroupWidth]:
     """Each group's width before and after, read from its root layer's output channels."""
     out = []
     for g in graph.groups:

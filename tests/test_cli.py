@@ -165,3 +165,13 @@ def test_ctrl_c_then_same_command_resumes_to_same_weights(tmp_path: Path) -> Non
         load_file(tmp_path / "out" / "model.safetensors"),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_archive_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "data.tar.gz").write_bytes(b"\x1f\x8b" + os.urandom(500))
+    proc = _run(
+        [*BASE, "--data", "imagefolder", "--data-root", "data.tar.gz", "--epochs", "1", "--out", "out"],
+        tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

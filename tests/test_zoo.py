@@ -1,0 +1,69 @@
+"""Every zoo model builds for any input channels and class count; weights load only from safetensors."""
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from pruning_core.errors import GraphError, WeightsError
+from pruning_core.groups import PruningGraph
+from pruning_core.registry import Registry, UnknownNameError
+from pruning_core.spec import CIFAR_MODELS
+from pruning_core.zoo import build_model, get_entry, load_weights
+
+
+@pytest.mark.parametrize("name", [*CIFAR_MODELS, "tv:resnet18", "tv:mobilenet_v3_small"])
+def test_any_channels_and_classes(name: str) -> None:
+    size = max(32, get_entry(name).min_input_size)
+    model = build_model(name, num_classes=7, in_channels=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, size, size)).shape == (2, 7)
+
+
+def test_weights_round_trip_and_mismatch(tmp_path) -> None:
+    src = build_model("resnet20", 10, 3)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = build_model("resnet20", 10, 3, weights=path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True)
+    )
+    with pytest.raises(WeightsError, match="does not match the model"):
+        build_model("resnet32", 10, 3, weights=path)
+    with pytest.raises(WeightsError, match="does not match the model"):
+        build_model("resnet20", 100, 3, weights=path)
+
+
+def test_unknown_names_list_known() -> None:
+    with pytest.raises(UnknownNameError, match="known: mobilenet_v2, resnet110"):
+        get_entry("resnet18")
+    with pytest.raises(UnknownNameError, match="tv:resnet18"):
+        get_entry("tv:not_a_model")
+
+
+def test_registry_refuses_duplicates() -> None:
+    reg: Registry[int] = Registry("thing")
+    reg.add("a", 1)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add("a", 2)
+    assert reg.get("a") == 1 and reg.names() == ["a"]
+
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        time.sleep(2.0)  # stands in for a model on which tracing hangs
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_graph_build_is_bounded() -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(GraphError, match="longer than"):
+        PruningGraph(Slow(), torch.randn(1, 3, 8, 8), num_classes=10, timeout_s=0.3)
+    assert time.perf_counter() - t0 < 1.5
