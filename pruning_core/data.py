@@ -350,7 +350,7 @@ class _Layout:
 def _load_imagefolder(spec: DataSpec, ctx: LoadContext) -> Datasets:
     """Images from a folder tree or an archive of one (extracted under cache_dir), RGB unless all gray."""
     root = Path(spec.root or "").expanduser()
-    folder = root if root.is_dir() else _extract_archive(root, spec, ctx)
+    folder = root if root.is_dir() else extract_archive(root, spec, ctx)
     layout = _plan_layout(_list_files(folder), root.name, spec.per_class, spec.test_per_class)
     return _folder_datasets(folder, layout, spec)
 
@@ -605,7 +605,7 @@ class _Archive(Protocol):
         ...
 
 
-def _extract_archive(root: Path, spec: DataSpec, ctx: LoadContext) -> Path:
+def extract_archive(root: Path, spec: DataSpec, ctx: LoadContext) -> Path:
     """Extract the members the spec uses into ``cache_dir/imagefolder/<sha256>-<selection>``, once."""
     if not root.is_file():
         raise DataError(f"imagefolder root {root} does not exist")

@@ -126,10 +126,15 @@ class _OrderSampler(Sampler[int]):
         return len(self.order)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch seed of an epoch's start (data order, augmentation and any other random draws)."""
+    return seed * 1_000_003 + epoch
+
+
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[int]:
     """The epoch's sample order, a pure function of (seed, epoch); the last partial batch is dropped
     when there is more than one batch (a size-1 batch breaks BatchNorm)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(n, generator=g).tolist()
     if n > batch_size:
         order = order[: n - n % batch_size]
@@ -336,7 +341,7 @@ def _train_epoch(run: _Run) -> EpochAction:
     if run.step_in_epoch and run.rng_state is not None:
         torch.set_rng_state(run.rng_state)
     else:
-        torch.manual_seed(ctx.seed * 1_000_003 + run.epoch)
+        torch.manual_seed(epoch_seed(ctx.seed, run.epoch))
     start = run.step_in_epoch
     loader = _loader(ctx.train, order[start * s.batch_size :], s.batch_size, ctx.num_workers, run.device)
     model.train()

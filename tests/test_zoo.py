@@ -11,7 +11,7 @@ from pruning_core.errors import GraphError, WeightsError
 from pruning_core.groups import PruningGraph
 from pruning_core.registry import Registry, UnknownNameError
 from pruning_core.spec import CIFAR_MODELS
-from pruning_core.zoo import build_model, get_entry, load_weights
+from pruning_core.zoo import build_model, get_entry
 
 
 @pytest.mark.parametrize("name", [*CIFAR_MODELS, "tv:resnet18", "tv:mobilenet_v3_small"])

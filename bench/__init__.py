@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.run --profile {smoke,cpu,gpu}`` (``make bench``, ``make bench-gpu``)."""
