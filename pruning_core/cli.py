@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{r.pruned.params:,}, top-1 {r.dense.top1:.2f}% -> {r.pruned.top1:.2f}%"
         + (f", latency x{r.latency_speedup:.2f}" if r.latency_speedup else "")
     )
-    print(f"artifacts in {out}: {', '.join(sorted(p.name for p in result.artifacts.values()))}")
+    print(f"artifacts in {out}: {', '.join(sorted(result.artifacts))}")
     return 0
 
 

@@ -43,7 +43,7 @@ from .zoo import build_model, get_entry, load_weights
 class Result:
     report: Report
     workdir: Path
-    artifacts: dict[str, Path]
+    artifacts: dict[str, Path]  # file name -> path, every file a user downloads
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     pruned_arch = shape.describe(model)
     # A random batch, not zeros: TorchScript and ONNX outputs are checked against it.
     check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))
-    artifacts = export_model(model, pruned_arch, workdir, spec.export.formats, check_input)
+    exported = export_model(model, pruned_arch, workdir, spec.export.formats, check_input)
+    artifacts = {p.name: p for p in exported.values()}
     phases.append(PhaseTime(name="export", wall_s=time.perf_counter() - t_export, epochs=0))
     pruned_graph_keep = _group_widths(graph, dense_arch, pruned_arch)
     report = Report.build(
