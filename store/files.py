@@ -1,0 +1,48 @@
+"""Artifact and upload files on disk. Paths stored in the database are relative to a root and are only
+ever resolved under it, so a row can never point a download at an arbitrary file."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+from pathlib import Path
+
+MEDIA_TYPES = {
+    ".safetensors": "application/octet-stream",
+    ".json": "application/json",
+    ".onnx": "application/onnx",
+    ".pt": "application/octet-stream",
+    ".png": "image/png",
+    ".yaml": "application/yaml",
+}
+
+
+def media_type(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    return MEDIA_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def attempt_dir(root: Path, job_id: str, attempt: int) -> Path:
+    """``<root>/<job_id>/attempt-<n>/``: one attempt never overwrites another's files."""
+    return root / job_id / f"attempt-{attempt}"
+
+
+def relative_to_root(root: Path, path: Path) -> str:
+    return path.resolve().relative_to(root.resolve()).as_posix()
+
+
+def resolve_under(root: Path, rel: str) -> Path:
+    """The absolute path of a stored relative path; ValueError if it would leave ``root``."""
+    base = root.resolve()
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"path {rel!r} escapes its root")
+    return path

@@ -1,0 +1,371 @@
+"""Repository functions: every read and write of job state goes through here.
+
+Each function takes an open ``Session`` inside a transaction (``db.session_scope``); the caller commits.
+State changes that race (claim, heartbeat, finish, cancel) are single compare-and-set UPDATEs, so two
+workers, a reaper and an API can act on one row without locks held across calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .models import ApiKey, Artifact, Job, JobEvent, JobStatus, Upload, utcnow
+
+# --- jobs ---
+
+
+def create_job(
+    s: Session,
+    owner: str,
+    spec: dict[str, Any],
+    method: str,
+    *,
+    idempotency_key: str | None = None,
+    max_attempts: int = 3,
+) -> tuple[Job, bool]:
+    """Insert a queued job; with an idempotency key an earlier job of the same owner and key is returned
+    instead (``created`` False). Raises ValueError if that earlier job has a different spec."""
+    if idempotency_key:
+        existing = s.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.spec != spec:
+                raise ValueError("Idempotency-Key was already used with a different job spec")
+            return existing, False
+    job = Job(
+        owner=owner, spec=spec, method=method, idempotency_key=idempotency_key, max_attempts=max_attempts
+    )
+    try:
+        with s.begin_nested():
+            s.add(job)
+    except IntegrityError:  # a concurrent request with the same key won the race
+        existing = s.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return existing, False
+    append_event(s, job.id, "status", {"status": JobStatus.QUEUED})
+    return job, True
+
+
+def get_job(s: Session, job_id: str, owner: str | None = None) -> Job | None:
+    """The job, or None if it does not exist or belongs to another owner (callers answer 404 alike)."""
+    job = s.get(Job, job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        return None
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Raises ValueError on a malformed cursor."""
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as err:
+        raise ValueError("malformed cursor") from err
+
+
+def list_jobs(
+    s: Session, owner: str, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated on (created_at, id). Returns the page and the next cursor."""
+    q = select(Job).where(Job.owner == owner)
+    if status:
+        q = q.where(Job.status == status)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(s.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return page, encode_cursor(page[-1]) if len(rows) > limit else None
+
+
+def mark_enqueued(s: Session, job_id: str) -> None:
+    s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+
+
+def claim_job(s: Session, job_id: str, worker: str, lease_s: float) -> Job | None:
+    """Compare-and-set: queued (or running with an expired lease) -> running, attempt + 1.
+
+    Returns the claimed job, or None when another worker holds it or it is finished or cancelled
+    (a duplicate delivery then does nothing).
+    """
+    now = utcnow()
+    claimable = or_(
+        Job.status == JobStatus.QUEUED,
+        and_(Job.status == JobStatus.RUNNING, Job.lease_until < now),
+    )
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False), Job.attempt < Job.max_attempts)
+        .values(
+            status=JobStatus.RUNNING,
+            attempt=Job.attempt + 1,
+            worker=worker,
+            started_at=now,
+            heartbeat_at=now,
+            lease_until=now + timedelta(seconds=lease_s),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return None
+    job = s.get(Job, job_id, populate_existing=True)
+    append_event(s, job_id, "status", {"status": JobStatus.RUNNING, "attempt": job.attempt, "worker": worker})
+    return job
+
+
+def heartbeat(
+    s: Session,
+    job_id: str,
+    attempt: int,
+    lease_s: float,
+    *,
+    progress: float | None = None,
+    phase: str | None = None,
+) -> tuple[bool, bool]:
+    """Extend the lease of our attempt. Returns (still ours, cancel requested)."""
+    now = utcnow()
+    values: dict[str, Any] = {"heartbeat_at": now, "lease_until": now + timedelta(seconds=lease_s)}
+    if progress is not None:
+        values["progress"] = progress
+    if phase is not None:
+        values["phase"] = phase
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+        .values(**values)
+        .returning(Job.cancel_requested)
+    )
+    row = res.first()
+    return (row is not None, bool(row[0]) if row is not None else False)
+
+
+def finish_job(
+    s: Session,
+    job_id: str,
+    attempt: int,
+    status: JobStatus,
+    *,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    retryable: bool | None = None,
+    result: dict[str, Any] | None = None,
+) -> bool:
+    """Running (our attempt) -> a terminal status. False if the attempt is no longer ours."""
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING)
+        .values(
+            status=status,
+            finished_at=utcnow(),
+            lease_until=None,
+            error_code=error_code,
+            error_message=error_message,
+            retryable=retryable,
+            result=result,
+            progress=1.0 if status == JobStatus.SUCCEEDED else Job.progress,
+        )
+    )
+    if res.rowcount != 1:
+        return False
+    data: dict[str, Any] = {"status": status}
+    if error_code:
+        data |= {"error_code": error_code, "message": error_message, "retryable": retryable}
+    append_event(s, job_id, "status", data)
+    return True
+
+
+def request_cancel(s: Session, job_id: str) -> Job | None:
+    """Queued -> cancelled at once; running -> cancel_requested (the worker stops at its next step).
+    A finished job is returned unchanged."""
+    now = utcnow()
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now)
+    )
+    if res.rowcount == 1:
+        append_event(s, job_id, "status", {"status": JobStatus.CANCELLED})
+    else:
+        s.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(cancel_requested=True)
+        )
+    return s.get(Job, job_id, populate_existing=True)
+
+
+def fail_exhausted(s: Session, job: Job, code: str = "worker_lost") -> bool:
+    """A job out of attempts -> failed with ``code`` (the reaper's last word)."""
+    res = s.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+            Job.attempt == job.attempt,
+        )
+        .values(
+            status=JobStatus.FAILED,
+            error_code=code,
+            retryable=True,
+            finished_at=utcnow(),
+            lease_until=None,
+            error_message=f"the job lost its worker {job.attempt} time(s); giving up after {job.max_attempts}",
+        )
+    )
+    if res.rowcount == 1:
+        append_event(s, job.id, "status", {"status": JobStatus.FAILED, "error_code": code, "retryable": True})
+        return True
+    return False
+
+
+def stale_jobs(s: Session, *, unqueued_after_s: float = 30.0) -> list[Job]:
+    """Jobs the reaper must act on: running with an expired lease, and queued rows never enqueued
+    (or enqueued long ago without a claim) for longer than ``unqueued_after_s``."""
+    now = utcnow()
+    old = now - timedelta(seconds=unqueued_after_s)
+    q = select(Job).where(
+        or_(
+            and_(Job.status == JobStatus.RUNNING, Job.lease_until < now),
+            and_(
+                Job.status == JobStatus.QUEUED,
+                Job.cancel_requested.is_(False),
+                Job.created_at < old,
+                or_(Job.enqueued_at.is_(None), Job.enqueued_at < old),
+            ),
+        )
+    )
+    return list(s.scalars(q))
+
+
+def requeue(s: Session, job: Job) -> bool:
+    """Give a stale running job back to the queue (its attempt count is kept; claim adds one)."""
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.attempt == job.attempt)
+        .values(status=JobStatus.QUEUED, lease_until=None, enqueued_at=None, worker=None)
+    )
+    if res.rowcount == 1:
+        append_event(
+            s,
+            job.id,
+            "status",
+            {"status": JobStatus.QUEUED, "reason": "worker lost; resuming from checkpoint"},
+        )
+        return True
+    return False
+
+
+# --- events ---
+
+
+def append_event(s: Session, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent:
+    """Append the job's next event (seq = previous + 1; the unique (job_id, seq) guards races)."""
+    seq = (s.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0) + 1
+    ev = JobEvent(job_id=job_id, seq=seq, kind=kind, data=data)
+    s.add(ev)
+    s.flush()
+    return ev
+
+
+def events_after(s: Session, job_id: str, after_seq: int = 0, limit: int = 500) -> list[JobEvent]:
+    q = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+        .order_by(JobEvent.seq)
+        .limit(limit)
+    )
+    return list(s.scalars(q))
+
+
+# --- artifacts and uploads ---
+
+
+def add_artifact(
+    s: Session, job_id: str, attempt: int, name: str, path: str, size: int, sha256: str, media_type: str
+) -> Artifact:
+    """Record a file (``path`` relative to the artifact root); replaces an earlier attempt's same name."""
+    old = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    if old is not None:
+        s.delete(old)
+        s.flush()
+    art = Artifact(
+        job_id=job_id, attempt=attempt, name=name, path=path, size=size, sha256=sha256, media_type=media_type
+    )
+    s.add(art)
+    s.flush()
+    return art
+
+
+def list_artifacts(s: Session, job_id: str) -> list[Artifact]:
+    return list(s.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def get_artifact(s: Session, job_id: str, name: str) -> Artifact | None:
+    return s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+
+
+def add_upload(
+    s: Session, owner: str, kind: str, filename: str, path: str, size: int, sha256: str, media_type: str
+) -> Upload:
+    up = Upload(
+        owner=owner, kind=kind, filename=filename, path=path, size=size, sha256=sha256, media_type=media_type
+    )
+    s.add(up)
+    s.flush()
+    return up
+
+
+def get_upload(s: Session, upload_id: str, owner: str | None = None) -> Upload | None:
+    up = s.get(Upload, upload_id)
+    if up is None or (owner is not None and up.owner != owner):
+        return None
+    return up
+
+
+# --- API keys ---
+
+KEY_PREFIX = "pk_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(s: Session, owner: str, name: str = "") -> tuple[ApiKey, str]:
+    """A new key for ``owner``; the plaintext is returned once and only its sha256 is stored."""
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(owner=owner, name=name, prefix=plaintext[:10], hash=hash_key(plaintext))
+    s.add(key)
+    s.flush()
+    return key, plaintext
+
+
+def owner_of_key(s: Session, plaintext: str) -> str | None:
+    """The owner of a valid, unrevoked key, else None."""
+    key = s.scalar(select(ApiKey).where(ApiKey.hash == hash_key(plaintext), ApiKey.revoked_at.is_(None)))
+    return key.owner if key else None
+
+
+def revoke_api_key(s: Session, key_id: str, owner: str) -> bool:
+    res = s.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.owner == owner, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    return res.rowcount == 1
+
+
+def list_api_keys(s: Session, owner: str) -> list[ApiKey]:
+    return list(s.scalars(select(ApiKey).where(ApiKey.owner == owner).order_by(ApiKey.created_at)))
