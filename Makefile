@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench bench-gpu lint clean
+.PHONY: install run demo test bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until the service lands: a small demo job through the CLI (digits, ResNet-20, half the MACs).
+# The service in embedded mode: SQLite under var/, the local runner, no Docker, no Redis, no keys
+# (loopback only). Stop it with Ctrl-C.
 run: $(STAMP)
+	AUTH_DISABLED=$${AUTH_DISABLED:-1} $(PY) -m api
+
+# The engine alone: a small job through the CLI, no service (digits, ResNet-20, half the MACs).
+demo: $(STAMP)
 	$(VENV)/bin/prune run --model resnet20 --data digits --method magnitude --target 0.5 \
 		--dense-epochs 3 --epochs 3 --kd --out runs/demo
 
@@ -34,4 +39,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs var .pytest_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""The service's client side: the SDK (``client.sdk.Client``, on httpx) and the ``prune`` CLI.
+
+Torch-free: only ``prune run`` (the local engine run) loads torch, lazily."""
+
+from .sdk import ApiError, Client, ClientError, IntegrityError, UnreachableError
+
+__all__ = ["ApiError", "Client", "ClientError", "IntegrityError", "UnreachableError"]

@@ -1,5 +1,16 @@
 """Engine and sessions. SQLite (the default, embedded mode) gets WAL and a busy timeout so the API and
-the local runner can share one file; PostgreSQL comes through DATABASE_URL."""
+the local runner can share one file; PostgreSQL comes through DATABASE_URL.
+
+SQLite transactions: the sqlite3 driver's own transaction handling is switched off and every
+transaction opens with ``BEGIN IMMEDIATE`` (emitted lazily, when a session first touches the
+database). A transaction therefore takes SQLite's single write lock up front and waits for it up to the
+busy timeout (30 s) instead of failing: with deferred transactions a session that reads and then writes
+(create_job, append_event, the API's "get then cancel") fails at once with "database is locked"
+(SQLITE_BUSY_SNAPSHOT, which the busy timeout does not cover) whenever another process committed in
+between. The price is that SQLite transactions, reads included, run one at a time, so keep sessions
+short: never hold one across a training step, an upload or an SSE wait. WAL still lets readers outside
+any transaction proceed. SAVEPOINTs (``Session.begin_nested``) work correctly in this mode.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +20,46 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from pruning_core.settings import get_settings
 
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` -> the psycopg 3 driver (the one installed)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
 
 def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (see _begin)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
             cur.close()
 
+        @event.listens_for(engine, "begin")
+        def _begin(conn) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
         return engine
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
@@ -51,12 +79,46 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         yield s
 
 
-def migrate(url: str | None = None, revision: str = "head") -> None:
-    """Run Alembic migrations up to ``revision`` (the API and `make run` call this at start)."""
-    from alembic import command
+def _alembic_config(url: str | None):
     from alembic.config import Config
 
-    cfg = Config(str(Path(__file__).resolve().parent / "alembic.ini"))
-    cfg.set_main_option("script_location", str(Path(__file__).resolve().parent / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url or get_settings().sqlalchemy_url)
-    command.upgrade(cfg, revision)
+    here = Path(__file__).resolve().parent
+    cfg = Config(str(here / "alembic.ini"))
+    cfg.set_main_option("script_location", str(here / "migrations"))
+    # ConfigParser interpolates "%": a URL-encoded password must be escaped
+    cfg.set_main_option("sqlalchemy.url", (url or get_settings().sqlalchemy_url).replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str | None = None, revision: str = "head") -> None:
+    """Run Alembic migrations up to ``revision`` (the API and `make run` call this at start).
+
+    Safe to run from several processes at once on PostgreSQL (an advisory lock serialises them)."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(url), revision)
+
+
+def downgrade(url: str | None = None, revision: str = "base") -> None:
+    """Run Alembic migrations down to ``revision`` ("base" drops every table)."""
+    from alembic import command
+
+    command.downgrade(_alembic_config(url), revision)
+
+
+def current_revision(url: str | None = None) -> str | None:
+    """The revision the database is at (None if it was never migrated)."""
+    from alembic.migration import MigrationContext
+
+    engine = make_engine(url or get_settings().sqlalchemy_url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()

@@ -40,9 +40,14 @@ def relative_to_root(root: Path, path: Path) -> str:
 
 
 def resolve_under(root: Path, rel: str) -> Path:
-    """The absolute path of a stored relative path; ValueError if it would leave ``root``."""
+    """The absolute path of a stored relative path under ``root``.
+
+    ValueError for an absolute path, one that leaves ``root`` (``..``, or a symlink pointing out), the
+    root itself, or a NUL byte."""
+    if not rel or "\x00" in rel or Path(rel).is_absolute() or rel.startswith(("/", "\\")):
+        raise ValueError(f"path {rel!r} is not a relative path under its root")
     base = root.resolve()
     path = (base / rel).resolve()
-    if not path.is_relative_to(base):
+    if path == base or not path.is_relative_to(base):
         raise ValueError(f"path {rel!r} escapes its root")
     return path

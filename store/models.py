@@ -1,4 +1,4 @@
-"""ORM models (SQLAlchemy 2). Times are timezone-aware UTC; ids are 32-char hex strings."""
+"""ORM models (SQLAlchemy 2). Times are timezone-aware UTC on every dialect; ids are 32-char hex strings."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -42,8 +43,30 @@ class JobStatus(StrEnum):
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """``TIMESTAMP WITH TIME ZONE``; values are always aware and in UTC.
+
+    PostgreSQL returns aware datetimes in the session's time zone, SQLite none at all (it stores naive
+    text), so without this a job read back from SQLite could not be compared with ``utcnow()`` and would
+    serialise without its offset. Naive values handed in are taken to be UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
 
 
 class ApiKey(Base):

@@ -1,8 +1,9 @@
 """Repository functions: every read and write of job state goes through here.
 
 Each function takes an open ``Session`` inside a transaction (``db.session_scope``); the caller commits.
-State changes that race (claim, heartbeat, finish, cancel) are single compare-and-set UPDATEs, so two
-workers, a reaper and an API can act on one row without locks held across calls.
+State changes that race (claim, heartbeat, finish, cancel, requeue) are single compare-and-set UPDATEs, so
+two workers, a reaper and an API can act on one row without locks held across calls. Keep transactions
+short (one job, one step): on SQLite every transaction holds the database's write lock (see store.db).
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ def create_job(
     max_attempts: int = 3,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an idempotency key an earlier job of the same owner and key is returned
-    instead (``created`` False). Raises ValueError if that earlier job has a different spec."""
-    if idempotency_key:
+    instead (``created`` False). Raises ValueError if that earlier job has a different spec.
+
+    Safe under concurrency: of two transactions racing with one key, one inserts and the other (on
+    PostgreSQL it waits for the first to commit) gets the first's job back."""
+
+    def earlier() -> Job | None:
         existing = s.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
-        if existing is not None:
-            if existing.spec != spec:
-                raise ValueError("Idempotency-Key was already used with a different job spec")
-            return existing, False
+        if existing is not None and existing.spec != spec:
+            raise ValueError("Idempotency-Key was already used with a different job spec")
+        return existing
+
+    if idempotency_key and (existing := earlier()) is not None:
+        return existing, False
     job = Job(
         owner=owner, spec=spec, method=method, idempotency_key=idempotency_key, max_attempts=max_attempts
     )
@@ -47,8 +54,7 @@ def create_job(
         with s.begin_nested():
             s.add(job)
     except IntegrityError:  # a concurrent request with the same key won the race
-        existing = s.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
-        if existing is None:
+        if not idempotency_key or (existing := earlier()) is None:
             raise
         return existing, False
     append_event(s, job.id, "status", {"status": JobStatus.QUEUED})
@@ -80,7 +86,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 def list_jobs(
     s: Session, owner: str, *, status: str | None = None, limit: int = 50, cursor: str | None = None
 ) -> tuple[list[Job], str | None]:
-    """Newest first, keyset-paginated on (created_at, id). Returns the page and the next cursor."""
+    """Newest first, keyset-paginated on (created_at, id). Returns the page and the next cursor (None on
+    the last page). Raises ValueError on a malformed cursor; ``limit`` below 1 counts as 1."""
+    limit = max(1, int(limit))
     q = select(Job).where(Job.owner == owner)
     if status:
         q = q.where(Job.status == status)
@@ -90,6 +98,21 @@ def list_jobs(
     rows = list(s.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     page = rows[:limit]
     return page, encode_cursor(page[-1]) if len(rows) > limit else None
+
+
+def queued_job_ids(s: Session, limit: int = 10) -> list[str]:
+    """Oldest first: queued jobs a worker could claim now (the embedded local runner polls this)."""
+    q = (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            Job.cancel_requested.is_(False),
+            Job.attempt < Job.max_attempts,
+        )
+        .order_by(Job.created_at, Job.id)
+        .limit(limit)
+    )
+    return list(s.scalars(q))
 
 
 def mark_enqueued(s: Session, job_id: str) -> None:
@@ -136,7 +159,9 @@ def heartbeat(
     progress: float | None = None,
     phase: str | None = None,
 ) -> tuple[bool, bool]:
-    """Extend the lease of our attempt. Returns (still ours, cancel requested)."""
+    """Extend the lease of our attempt. Returns (still ours, cancel requested); when it is no longer ours
+    (reclaimed after a lost lease, finished, requeued) the answer is (False, False): stop at once and do
+    not finish the job."""
     now = utcnow()
     values: dict[str, Any] = {"heartbeat_at": now, "lease_until": now + timedelta(seconds=lease_s)}
     if progress is not None:
@@ -206,15 +231,39 @@ def request_cancel(s: Session, job_id: str) -> Job | None:
     return s.get(Job, job_id, populate_existing=True)
 
 
-def fail_exhausted(s: Session, job: Job, code: str = "worker_lost") -> bool:
-    """A job out of attempts -> failed with ``code`` (the reaper's last word)."""
+def _unchanged(job: Job):
+    """Compare-and-set guard: the row is still at ``job``'s attempt and unfinished, and if running, its
+    lease is the one the caller saw (no heartbeat since: a worker that was only slow keeps its job)."""
+    lease = Job.lease_until.is_(None) if job.lease_until is None else Job.lease_until == job.lease_until
+    return and_(
+        Job.id == job.id,
+        Job.attempt == job.attempt,
+        or_(Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, lease)),
+    )
+
+
+def _cancel_if_requested(s: Session, job: Job) -> bool:
+    """A row whose owner asked to cancel it ends cancelled instead of being retried or failed."""
     res = s.execute(
         update(Job)
-        .where(
-            Job.id == job.id,
-            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-            Job.attempt == job.attempt,
-        )
+        .where(_unchanged(job), Job.cancel_requested.is_(True))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), lease_until=None)
+    )
+    if res.rowcount == 1:
+        append_event(s, job.id, "status", {"status": JobStatus.CANCELLED, "reason": "worker lost"})
+        return True
+    return False
+
+
+def fail_exhausted(s: Session, job: Job, code: str = "worker_lost") -> bool:
+    """A job out of attempts -> failed with ``code`` (the reaper's last word). A job whose cancellation
+    was requested ends ``cancelled`` instead. True if this call finished the job; False if the row moved
+    on since ``job`` was read (claimed, finished, or its worker heartbeated again)."""
+    if _cancel_if_requested(s, job):
+        return True
+    res = s.execute(
+        update(Job)
+        .where(_unchanged(job))
         .values(
             status=JobStatus.FAILED,
             error_code=code,
@@ -231,8 +280,8 @@ def fail_exhausted(s: Session, job: Job, code: str = "worker_lost") -> bool:
 
 
 def stale_jobs(s: Session, *, unqueued_after_s: float = 30.0) -> list[Job]:
-    """Jobs the reaper must act on: running with an expired lease, and queued rows never enqueued
-    (or enqueued long ago without a claim) for longer than ``unqueued_after_s``."""
+    """Jobs the reaper must act on, oldest first: running with an expired lease, and queued rows never
+    enqueued (or enqueued long ago without a claim) for longer than ``unqueued_after_s``."""
     now = utcnow()
     old = now - timedelta(seconds=unqueued_after_s)
     q = select(Job).where(
@@ -246,15 +295,35 @@ def stale_jobs(s: Session, *, unqueued_after_s: float = 30.0) -> list[Job]:
             ),
         )
     )
-    return list(s.scalars(q))
+    return list(s.scalars(q.order_by(Job.created_at, Job.id)))
 
 
 def requeue(s: Session, job: Job) -> bool:
-    """Give a stale running job back to the queue (its attempt count is kept; claim adds one)."""
+    """Give a job back to the queue; True when the caller must enqueue ``job.id`` now.
+
+    ``job`` is a row as read earlier (from ``stale_jobs``, or a worker giving its own attempt back when
+    interrupted); every change below is a compare-and-set against it:
+
+    - running, no heartbeat since ``job`` was read -> queued (the attempt count is kept; the next claim
+      adds one and resumes from the last checkpoint), marked enqueued, True;
+    - queued but never (or long ago) enqueued -> marked enqueued, True;
+    - out of attempts -> ``fail_exhausted`` (failed ``worker_lost``), False;
+    - cancellation requested -> cancelled, False;
+    - anything else (claimed, finished or requeued meanwhile: the row no longer matches ``job``) -> False.
+
+    ``mark_enqueued`` after enqueueing is harmless; if the enqueue fails the row turns stale again after
+    ``unqueued_after_s`` and the reaper tries again.
+    """
+    if _cancel_if_requested(s, job):
+        return False
+    if job.attempt >= job.max_attempts:
+        fail_exhausted(s, job)
+        return False
+    now = utcnow()
     res = s.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.attempt == job.attempt)
-        .values(status=JobStatus.QUEUED, lease_until=None, enqueued_at=None, worker=None)
+        .where(_unchanged(job), Job.status == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, lease_until=None, enqueued_at=now, worker=None)
     )
     if res.rowcount == 1:
         append_event(
@@ -264,19 +333,45 @@ def requeue(s: Session, job: Job) -> bool:
             {"status": JobStatus.QUEUED, "reason": "worker lost; resuming from checkpoint"},
         )
         return True
-    return False
+    res = s.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.status == JobStatus.QUEUED,
+            Job.attempt == job.attempt,
+            Job.cancel_requested.is_(False),
+        )
+        .values(enqueued_at=now)
+    )
+    return res.rowcount == 1
 
 
 # --- events ---
 
 
 def append_event(s: Session, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent:
-    """Append the job's next event (seq = previous + 1; the unique (job_id, seq) guards races)."""
-    seq = (s.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0) + 1
-    ev = JobEvent(job_id=job_id, seq=seq, kind=kind, data=data)
-    s.add(ev)
-    s.flush()
-    return ev
+    """Append the job's next event: seq = previous + 1, gapless per job (the SSE id).
+
+    Concurrent appenders (the worker's reporter, the API cancelling, the reaper) are serialised per job:
+    on PostgreSQL by locking the job row (``SELECT ... FOR UPDATE``, held to the end of the caller's
+    transaction, which also orders the events as their transactions commit); on SQLite by the write lock
+    every transaction takes. Should a unique (job_id, seq) conflict still happen, the insert is retried
+    inside a SAVEPOINT, so the caller's transaction survives.
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    tries = 5
+    for attempt in range(tries):
+        seq = (s.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0) + 1
+        ev = JobEvent(job_id=job_id, seq=seq, kind=kind, data=data)
+        try:
+            with s.begin_nested():
+                s.add(ev)
+            return ev
+        except IntegrityError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def events_after(s: Session, job_id: str, after_seq: int = 0, limit: int = 500) -> list[JobEvent]:
@@ -298,8 +393,10 @@ def add_artifact(
     """Record a file (``path`` relative to the artifact root); replaces an earlier attempt's same name."""
     old = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     if old is not None:
-        s.delete(old)
+        old.attempt, old.path, old.size, old.sha256, old.media_type = attempt, path, size, sha256, media_type
+        old.created_at = utcnow()
         s.flush()
+        return old
     art = Artifact(
         job_id=job_id, attempt=attempt, name=name, path=path, size=size, sha256=sha256, media_type=media_type
     )

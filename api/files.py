@@ -1,0 +1,151 @@
+"""Uploaded files: streamed to a temp file under the upload root while hashed and size-capped, sniffed
+by content (never by name), then moved into place. Nothing half-written survives an error."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .problems import Problem
+
+TMP_DIR = ".tmp"
+MAX_SAFETENSORS_HEADER = 100 * 1024**2  # the safetensors format's own cap on the JSON header
+DATASET_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+@dataclass
+class Received:
+    path: Path  # the temp file
+    size: int
+    sha256: str
+
+
+def too_large(limit: int) -> Problem:
+    return Problem(413, f"The upload is larger than the limit of {limit} bytes.", slug="upload-too-large")
+
+
+async def receive(chunks: AsyncIterator[bytes], root: Path, limit: int) -> Received:
+    """Write ``chunks`` to ``<root>/.tmp/<random>.part`` while hashing; 413 as soon as it passes
+    ``limit`` bytes (the temp file is removed on every error, including a client that goes away)."""
+    tmp_dir = root / TMP_DIR
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    path = tmp_dir / f"{uuid.uuid4().hex}.part"
+    h, size = hashlib.sha256(), 0
+    try:
+        with path.open("xb") as f:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                h.update(chunk)
+                await anyio.to_thread.run_sync(f.write, chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Received(path, size, h.hexdigest())
+
+
+def _read_head(path: Path, n: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(n)
+
+
+def check_safetensors(path: Path, size: int) -> None:
+    """415 unless the file is a safetensors file: an 8-byte little-endian header length, then a JSON
+    object header that fits in the file."""
+    bad = Problem(
+        415,
+        "Weights must be a safetensors file (8-byte header length, then a JSON header).",
+        slug="unsupported-upload-type",
+    )
+    head = _read_head(path, 9)
+    if len(head) < 9:
+        raise bad
+    (n,) = struct.unpack("<Q", head[:8])
+    if n < 2 or n > MAX_SAFETENSORS_HEADER or 8 + n > size or head[8:9] != b"{":
+        raise bad
+    with path.open("rb") as f:
+        f.seek(8)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+
+
+def _is_tar(block: bytes) -> bool:
+    return len(block) >= 262 and block[257:262] == b"ustar"
+
+
+def _gunzip_head(path: Path, n: int = 512) -> bytes:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = b""
+    with path.open("rb") as f:
+        while len(out) < n and (chunk := f.read(64 * 1024)):
+            try:
+                out += d.decompress(chunk, n - len(out))
+            except zlib.error:
+                return b""
+            if d.eof:
+                break
+    return out
+
+
+def dataset_suffix(path: Path) -> str:
+    """The archive type by magic bytes (``.zip``, ``.tar.gz``, ``.tar``); 415 for anything else."""
+    head = _read_head(path, 512)
+    if head[:4] == b"PK\x03\x04":
+        return ".zip"
+    if head[:2] == b"\x1f\x8b" and _is_tar(_gunzip_head(path)):
+        return ".tar.gz"
+    if _is_tar(head):
+        return ".tar"
+    raise Problem(
+        415,
+        "A dataset must be a .tar.gz/.tgz, .tar or .zip archive (checked by content).",
+        slug="unsupported-upload-type",
+    )
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(filename: str, suffix: str, default: str) -> str:
+    """A file name for disk: the base name, odd characters replaced, ending in ``suffix`` (the type the
+    content was sniffed as, which the engine's loaders go by)."""
+    base = _UNSAFE.sub("_", os.path.basename(filename.replace("\\", "/"))).strip("._")[:200] or default
+    low = base.lower()
+    for known in (*DATASET_SUFFIXES, ".safetensors"):
+        if low.endswith(known):
+            base = base[: -len(known)] or default
+            break
+    return base + suffix
+
+
+def place(tmp: Path, root: Path, name: str) -> tuple[Path, str]:
+    """Move the checked temp file to ``<root>/<random dir>/<name>``. Returns (path, path relative to root)."""
+    rel = f"{uuid.uuid4().hex}/{name}"
+    final = root / rel
+    final.parent.mkdir(parents=True, exist_ok=False)
+    os.replace(tmp, final)
+    return final, rel
+
+
+def discard(path: Path) -> None:
+    """Remove a placed file and its directory (the database insert failed)."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path.parent)

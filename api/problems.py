@@ -1,0 +1,184 @@
+"""RFC 9457 problem details: every error the API returns is ``application/problem+json``.
+
+Routes raise ``Problem``; the handlers installed by ``install`` also turn FastAPI's validation errors,
+Starlette's HTTP errors (unknown routes, 405) and unexpected exceptions into problems, so a client
+never has to parse a second error shape and never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("api")
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "urn:pruning:problem:"
+
+
+class Problem(Exception):
+    """An error answered as problem+json. ``slug`` names the problem type (``urn:pruning:problem:<slug>``);
+    ``errors`` lists one ``{"field", "message"}`` per bad field."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str | None = None,
+        title: str | None = None,
+        errors: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.slug = slug
+        self.title = title or HTTPStatus(status).phrase
+        self.errors = errors
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+
+def problem_response(request: Request, p: Problem) -> ProblemResponse:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + p.slug if p.slug else "about:blank",
+        "title": p.title,
+        "status": p.status,
+        "detail": p.detail,
+        "instance": request.url.path,
+    }
+    if p.errors is not None:
+        body["errors"] = p.errors
+    body |= p.extra
+    return ProblemResponse(body, status_code=p.status, headers=p.headers)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    """``("body", "schedule", "epochs")`` -> ``schedule.epochs``; query/path/header keep their prefix."""
+    parts = [str(p) for p in loc if not str(p).startswith(("function-after", "function-before"))]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "(body)"
+
+
+def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One ``{"field", "message"}`` per pydantic error."""
+    out = []
+    for e in errors:
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        out.append({"field": _field(tuple(e.get("loc", ()))), "message": msg})
+    return out
+
+
+async def _on_problem(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, Problem)
+    return problem_response(request, exc)
+
+
+async def _on_validation(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    bad_json = [e for e in errors if e.get("type") == "json_invalid"]
+    if bad_json:
+        ctx = bad_json[0].get("ctx") or {}
+        reason = ctx.get("error", "not valid JSON")
+        where = bad_json[0].get("loc", ())
+        pos = f" at character {where[1]}" if len(where) > 1 else ""
+        return problem_response(
+            request,
+            Problem(
+                400,
+                f"The request body is not valid JSON: {reason}{pos}.",
+                slug="malformed-json",
+                title="Malformed JSON",
+                errors=[{"field": "(body)", "message": f"{reason}{pos}"}],
+            ),
+        )
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    whole_body = any(tuple(e.get("loc", ())) == ("body",) for e in errors)
+    if whole_body and request.method in ("POST", "PUT", "PATCH") and not ctype.endswith(("/json", "+json")):
+        return problem_response(
+            request,
+            Problem(
+                415,
+                f"Send the body as JSON with `Content-Type: application/json` (got {ctype or 'none'!r}).",
+                slug="unsupported-media-type",
+            ),
+        )
+    items = validation_errors(errors)
+    fields = ", ".join(dict.fromkeys(i["field"] for i in items))
+    return problem_response(
+        request,
+        Problem(
+            422,
+            f"{len(items)} invalid field(s): {fields}.",
+            slug="validation-error",
+            title="Invalid request",
+            errors=items,
+        ),
+    )
+
+
+async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if exc.status_code == 404 and detail == HTTPStatus.NOT_FOUND.phrase:
+        detail = f"No route for {request.method} {request.url.path}."
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}."
+    return problem_response(request, Problem(exc.status_code, detail, headers=dict(exc.headers or {})))
+
+
+async def _on_crash(request: Request, exc: Exception) -> ProblemResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(
+        request,
+        Problem(500, "The server hit an unexpected error; it has been logged.", slug="internal-error"),
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_crash)
+
+
+# For OpenAPI: the shape of every error response.
+PROBLEM_SCHEMA = {
+    "description": "An RFC 9457 problem",
+    "content": {
+        PROBLEM_JSON: {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string"},
+                    "title": {"type": "string"},
+                    "status": {"type": "integer"},
+                    "detail": {"type": "string"},
+                    "instance": {"type": "string"},
+                    "errors": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                        },
+                    },
+                },
+            }
+        }
+    },
+}

@@ -1,0 +1,54 @@
+"""Checks on a JobSpec that only the service can make: file references.
+
+From HTTP clients the fields that name files (``model.weights``, ``kd.teacher``, ``data.root``) accept
+only ``upload:<id>`` of the caller's own upload of the right kind, or null: never a server path (the
+cifar loaders unpickle whatever lies under a root). The worker resolves the reference to the file.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from pruning_core.spec import JobSpec
+from store import repo
+
+from .schemas import UPLOAD_PREFIX
+
+# data sets whose loader reads a client-supplied root (an uploaded archive)
+ROOT_DATASETS = ("imagefolder",)
+
+
+def _check_ref(s: Session, owner: str, field: str, value: str, kind: str) -> str | None:
+    """An error message for one reference, or None if it is the caller's upload of ``kind``."""
+    if not value.startswith(UPLOAD_PREFIX):
+        return f"only an upload reference `upload:<id>` (POST /v1/uploads?kind={kind}) is accepted here"
+    up = repo.get_upload(s, value.removeprefix(UPLOAD_PREFIX), owner=owner)
+    if up is None:
+        return f"upload {value!r} does not exist"
+    if up.kind != kind:
+        return f"upload {value!r} is a {up.kind} upload; {field} needs a {kind} upload"
+    return None
+
+
+def spec_errors(s: Session, owner: str, spec: JobSpec) -> list[dict[str, str]]:
+    """One ``{"field", "message"}`` per unacceptable file reference in ``spec``."""
+    errors: list[dict[str, str]] = []
+
+    def check(field: str, value: str | None, kind: str) -> None:
+        if value is not None and (msg := _check_ref(s, owner, field, value, kind)):
+            errors.append({"field": field, "message": msg})
+
+    check("model.weights", spec.model.weights, "weights")
+    if spec.kd.teacher != "dense":
+        check("kd.teacher", spec.kd.teacher, "weights")
+    if spec.data.root is not None and spec.data.name not in ROOT_DATASETS:
+        errors.append(
+            {
+                "field": "data.root",
+                "message": f"{spec.data.name} reads the server's own data root; a root can only be given "
+                f"for {', '.join(ROOT_DATASETS)} (an uploaded dataset archive)",
+            }
+        )
+    else:
+        check("data.root", spec.data.root, "dataset")
+    return errors

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource. Routes stay thin: parse, call store.repo, shape the answer."""

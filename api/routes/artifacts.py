@@ -1,0 +1,137 @@
+"""A job's artifacts: the list, and each file with its sha256 as ETag and digest headers, conditional
+GETs (If-None-Match -> 304) and byte ranges (Starlette's FileResponse; 416 answered here as a problem).
+Files are found only through their database row, resolved under the artifact root."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import FileResponse
+from starlette.types import Receive, Scope, Send
+
+from store import files, repo
+
+from ..auth import OwnerDep
+from ..deps import SessionDep, SettingsDep
+from ..problems import PROBLEM_SCHEMA, Problem
+from ..schemas import ArtifactList, artifact_out
+from .jobs import owned_job, root_path
+
+router = APIRouter(tags=["artifacts"], responses={"4XX": PROBLEM_SCHEMA})
+
+
+@router.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(job_id: str, request: Request, s: SessionDep, owner: OwnerDep) -> ArtifactList:
+    owned_job(s, owner, job_id)
+    root = root_path(request)
+    return ArtifactList(items=[artifact_out(a, root) for a in repo.list_artifacts(s, job_id)])
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match uses the weak comparison: ``W/"x"`` matches ``"x"``; ``*`` matches anything."""
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+def range_state(header: str, size: int) -> str:
+    """``"ok"`` (let FileResponse serve it), ``"ignore"`` (malformed: serve the whole file, as RFC 9110
+    allows) or ``"unsatisfiable"`` (416). Mirrors the parsing of Starlette's FileResponse."""
+    units, sep, spec = header.partition("=")
+    if not sep or units.strip().lower() != "bytes":
+        return "ignore"
+    ranges = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part or part == "-" or "-" not in part:
+            continue
+        first, last = (p.strip() for p in part.split("-", 1))
+        try:
+            start = int(first) if first else max(size - int(last), 0)
+            end = int(last) + 1 if first and last and int(last) < size else size
+        except ValueError:
+            continue
+        ranges.append((start, end))
+    if not ranges:
+        return "ignore"
+    if any(not 0 <= start < size for start, _ in ranges):
+        return "unsatisfiable"
+    if any(start >= end for start, end in ranges):
+        return "ignore"
+    return "ok"
+
+
+class _WholeFile(FileResponse):
+    """A FileResponse that ignores the request's Range header (it was malformed)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k, v) for k, v in scope["headers"] if k != b"range"]
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
+ARTIFACT_PATH = "/v1/jobs/{job_id}/artifacts/{name:path}"
+
+
+@router.head(ARTIFACT_PATH, operation_id="head_artifact", summary="Head artifact")
+@router.get(
+    ARTIFACT_PATH,
+    operation_id="download_artifact",
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The file"},
+        206: {"description": "A byte range of the file"},
+        304: {"description": "Not modified (If-None-Match)"},
+        416: PROBLEM_SCHEMA,
+    },
+)
+def download_artifact(
+    job_id: str,
+    name: str,
+    s: SessionDep,
+    owner: OwnerDep,
+    settings: SettingsDep,
+    range_: Annotated[str | None, Header(alias="Range")] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    owned_job(s, owner, job_id)
+    art = repo.get_artifact(s, job_id, name)
+    s.close()  # release the connection before a long download
+    if art is None:
+        raise Problem(404, f"Job {job_id} has no artifact {name!r}.", slug="artifact-not-found")
+    try:
+        path: Path = files.resolve_under(settings.artifacts_dir, art.path)
+        stat = path.stat()
+    except (ValueError, OSError):
+        raise Problem(404, f"The file of artifact {name!r} is missing.", slug="artifact-not-found") from None
+    if stat.st_size != art.size:
+        raise Problem(
+            500, f"The file of artifact {name!r} does not match its record.", slug="artifact-corrupt"
+        )
+    etag = f'"{art.sha256}"'
+    b64 = base64.b64encode(bytes.fromhex(art.sha256)).decode()
+    headers = {
+        "ETag": etag,
+        "Repr-Digest": f"sha-256=:{b64}:",
+        "Digest": f"sha-256={b64}",
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, no-cache",
+    }
+    if if_none_match and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    state = range_state(range_, stat.st_size) if range_ else "ok"
+    if state == "unsatisfiable":
+        raise Problem(
+            416,
+            f"The range {range_!r} is outside the file's {stat.st_size} bytes.",
+            slug="range-not-satisfiable",
+            headers={"Content-Range": f"bytes */{stat.st_size}"},
+        )
+    cls = _WholeFile if state == "ignore" else FileResponse
+    return cls(
+        path,
+        media_type=art.media_type,
+        filename=Path(art.name).name,
+        headers=headers,
+        stat_result=stat,
+    )

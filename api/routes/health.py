@@ -1,0 +1,51 @@
+"""Liveness, readiness (database and, when configured, the broker) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy import text
+
+from .. import queue
+from ..deps import SettingsDep
+from ..problems import PROBLEM_SCHEMA, Problem
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: PROBLEM_SCHEMA})
+def readyz(request: Request, settings: SettingsDep) -> dict[str, Any]:
+    """The database answers `SELECT 1` and, with REDIS_URL set, the broker answers a ping."""
+    checks: dict[str, str] = {}
+    try:
+        with request.app.state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as err:
+        checks["database"] = f"unreachable ({type(err).__name__})"
+    if settings.redis_url:
+        try:
+            queue.ping(settings)
+            checks["broker"] = "ok"
+        except Exception as err:
+            checks["broker"] = f"unreachable ({type(err).__name__})"
+    else:
+        checks["broker"] = "embedded (no broker)"
+    bad = [k for k, v in checks.items() if v.startswith("unreachable")]
+    if bad:
+        raise Problem(503, f"Not ready: {', '.join(bad)} unreachable.", slug="not-ready", checks=checks)
+    return {"status": "ready", "checks": checks}
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)

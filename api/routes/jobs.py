@@ -1,0 +1,122 @@
+"""Jobs: create (idempotent), list (cursor pages), get, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from sqlalchemy.orm import Session
+
+from pruning_core.spec import JobSpec
+from store import repo
+from store.models import Job, JobStatus
+
+from .. import queue
+from ..auth import OwnerDep
+from ..deps import SessionDep, SettingsDep
+from ..problems import PROBLEM_SCHEMA, Problem
+from ..refs import spec_errors
+from ..schemas import JobOut, JobPage, job_out
+
+router = APIRouter(tags=["jobs"], responses={"4XX": PROBLEM_SCHEMA})
+
+
+def not_found(job_id: str) -> Problem:
+    return Problem(404, f"Job {job_id} not found.", slug="job-not-found")
+
+
+def owned_job(s: Session, owner: str, job_id: str) -> Job:
+    """The caller's job, or 404 (another owner's job is answered exactly like an unknown one)."""
+    job = repo.get_job(s, job_id, owner=owner)
+    if job is None:
+        raise not_found(job_id)
+    return job
+
+
+def root_path(request: Request) -> str:
+    return request.scope.get("root_path", "")
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobOut,
+    responses={200: {"model": JobOut, "description": "An earlier job with the same Idempotency-Key"}},
+)
+def create_job(
+    spec: JobSpec,
+    request: Request,
+    response: Response,
+    s: SessionDep,
+    owner: OwnerDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobOut:
+    """Queue a pruning job. Files are referenced as `upload:<id>` (POST /v1/uploads)."""
+    if errors := spec_errors(s, owner, spec):
+        raise Problem(
+            422,
+            f"{len(errors)} invalid field(s): {', '.join(e['field'] for e in errors)}.",
+            slug="validation-error",
+            title="Invalid request",
+            errors=errors,
+        )
+    try:
+        job, created = repo.create_job(
+            s,
+            owner,
+            spec.model_dump(mode="json"),
+            spec.method.name,
+            idempotency_key=idempotency_key or None,
+            max_attempts=settings.max_attempts,
+        )
+    except ValueError as err:
+        raise Problem(409, str(err), slug="idempotency-key-reused") from None
+    s.commit()  # the row is the truth: commit before the broker hears of it
+    metrics = request.app.state.metrics
+    if created:
+        metrics.jobs_created.inc()
+        if queue.enqueue(job.id, settings):
+            repo.mark_enqueued(s, job.id)
+            s.commit()
+        elif settings.redis_url:
+            metrics.enqueue_failures.inc()
+    out = job_out(job, root_path(request))
+    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    response.headers["Location"] = out.urls.self
+    return out
+
+
+@router.get("/v1/jobs", response_model=JobPage)
+def list_jobs(
+    request: Request,
+    s: SessionDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+    status: JobStatus | None = None,
+) -> JobPage:
+    """The caller's jobs, newest first. Pass `next_cursor` back as `cursor` for the next page."""
+    try:
+        jobs, next_cursor = repo.list_jobs(s, owner, status=status, limit=limit, cursor=cursor or None)
+    except ValueError:
+        raise Problem(
+            400, "The cursor is malformed; use `next_cursor` as given.", slug="bad-cursor"
+        ) from None
+    root = root_path(request)
+    return JobPage(items=[job_out(j, root) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, request: Request, s: SessionDep, owner: OwnerDep) -> JobOut:
+    return job_out(owned_job(s, owner, job_id), root_path(request))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def cancel_job(job_id: str, request: Request, s: SessionDep, owner: OwnerDep) -> JobOut:
+    """A queued job is cancelled at once; a running one stops at its next step (`cancel_requested`);
+    a finished one is returned unchanged."""
+    owned_job(s, owner, job_id)
+    job = repo.request_cancel(s, job_id)
+    s.commit()
+    return job_out(job, root_path(request))

@@ -1,0 +1,155 @@
+"""Response schemas, one per resource, and the mapping from store rows to them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import BaseModel, Field
+
+from store.models import Artifact, Job, JobEvent, Upload
+
+
+def utc(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    if dt is None:
+        return None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str | None
+    retryable: bool | None
+
+
+class JobUrls(BaseModel):
+    self: str
+    events: str
+    artifacts: str
+    cancel: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    method: str
+    spec: dict[str, Any]
+    progress: float = Field(description="0..1")
+    phase: str | None
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    error: JobError | None
+    result: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    urls: JobUrls
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    id: int = Field(description="The event's sequence number in its job (the SSE id)")
+    kind: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_after: int = Field(description="Pass as `after` to get the next page")
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+    attempt: int
+    created_at: datetime
+    url: str
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactOut]
+
+
+class UploadOut(BaseModel):
+    id: str
+    kind: str
+    filename: str
+    size: int
+    sha256: str
+    media_type: str
+    created_at: datetime
+    ref: str = Field(description="Put this in model.weights, kd.teacher or data.root")
+
+
+def job_path(root: str, job_id: str) -> str:
+    return f"{root}/v1/jobs/{job_id}"
+
+
+def job_out(job: Job, root: str = "") -> JobOut:
+    base = job_path(root, job.id)
+    error = (
+        JobError(code=job.error_code, message=job.error_message, retryable=job.retryable)
+        if job.error_code
+        else None
+    )
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        method=job.method,
+        spec=job.spec,
+        progress=job.progress or 0.0,
+        phase=job.phase,
+        attempt=job.attempt or 0,
+        max_attempts=job.max_attempts,
+        cancel_requested=bool(job.cancel_requested),
+        error=error,
+        result=job.result,
+        created_at=utc(job.created_at),
+        started_at=utc(job.started_at),
+        finished_at=utc(job.finished_at),
+        urls=JobUrls(
+            self=base, events=f"{base}/events", artifacts=f"{base}/artifacts", cancel=f"{base}/cancel"
+        ),
+    )
+
+
+def event_out(ev: JobEvent) -> EventOut:
+    return EventOut(id=ev.seq, kind=ev.kind, data=ev.data, created_at=utc(ev.created_at))
+
+
+def artifact_out(art: Artifact, root: str = "") -> ArtifactOut:
+    return ArtifactOut(
+        name=art.name,
+        size=art.size,
+        sha256=art.sha256,
+        media_type=art.media_type,
+        attempt=art.attempt,
+        created_at=utc(art.created_at),
+        url=f"{job_path(root, art.job_id)}/artifacts/{quote(art.name)}",
+    )
+
+
+UPLOAD_PREFIX = "upload:"
+
+
+def upload_out(up: Upload) -> UploadOut:
+    return UploadOut(
+        id=up.id,
+        kind=up.kind,
+        filename=up.filename,
+        size=up.size,
+        sha256=up.sha256,
+        media_type=up.media_type,
+        created_at=utc(up.created_at),
+        ref=UPLOAD_PREFIX + up.id,
+    )

@@ -1,0 +1,325 @@
+"""``prune``: run jobs locally, or submit and follow them on the service.
+
+    prune run spec.yaml [--out DIR]                  the local engine run (pruning_core.cli)
+    prune submit spec.yaml [--wait | --watch] [--model M --target 0.5 ...]
+    prune status [JOB_ID]                            one job, or a table of recent jobs
+    prune watch JOB_ID                               live progress; exit 0 succeeded, 1 failed/cancelled
+    prune download JOB_ID [NAME ...] [--out DIR]     every artifact by default, sha256-verified
+    prune cancel JOB_ID
+    prune keys create --owner NAME [--name N] | keys list --owner NAME | keys revoke ID --owner NAME
+
+The service is ``--url`` (env PRUNE_URL, default http://127.0.0.1:8000) with ``--api-key`` (env
+PRUNE_API_KEY). ``keys`` are admin commands for the server host: they use the database directly
+(DATABASE_URL / STATE_DIR). Every error is one line on stderr (one per bad field for a spec), exit 2.
+Nothing here imports torch except ``prune run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pruning_core.cli import FLAGS, build_spec
+from pruning_core.spec import SpecError, parse_spec
+
+from . import render
+from .sdk import ApiError, Client, ClientError, format_error
+
+GLOBAL = ("--url", "--api-key")
+# spec fields that name files: a local path there is uploaded and replaced by `upload:<id>`
+FILE_FIELDS: dict[tuple[str, ...], str] = {
+    ("model", "weights"): "weights",
+    ("kd", "teacher"): "weights",
+    ("data", "root"): "dataset",
+}
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class CliError(Exception):
+    """A one-line error for the user."""
+
+
+def _global_options() -> argparse.ArgumentParser:
+    # SUPPRESS defaults so the options work before and after the subcommand
+    g = argparse.ArgumentParser(add_help=False)
+    g.add_argument("--url", default=argparse.SUPPRESS, help="service URL (env PRUNE_URL)")
+    g.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (env PRUNE_API_KEY)")
+    return g
+
+
+def _parser() -> argparse.ArgumentParser:
+    g = _global_options()
+    p = argparse.ArgumentParser(prog="prune", description="Structured pruning jobs.", parents=[g])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run a job locally (prune run --help)", add_help=False)
+
+    s = sub.add_parser("submit", parents=[g], help="submit a job to the service")
+    s.add_argument("spec", nargs="?", help="a JobSpec as YAML or JSON")
+    for flag, (path, typ) in FLAGS.items():
+        s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, help=f"sets {'.'.join(path)}")
+    s.add_argument("--kd", action="store_true", default=None, help="fine-tune with KD from the dense model")
+    s.add_argument("--formats", help="export formats, comma-separated (safetensors,torchscript,onnx)")
+    s.add_argument("--idempotency-key", help="reuse to make a repeated submit return the same job")
+    follow = s.add_mutually_exclusive_group()
+    follow.add_argument("--wait", action="store_true", help="wait until the job ends")
+    follow.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+    s.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", parents=[g], help="show a job, or a table of recent jobs")
+    st.add_argument("job_id", nargs="?")
+    st.add_argument("--status", dest="status_filter", choices=STATUSES, help="only jobs in this state")
+    st.add_argument("--limit", type=int, default=20, help="rows in the table (default 20)")
+    st.add_argument("--json", action="store_true", help="print the JSON resource(s)")
+    st.set_defaults(func=cmd_status)
+
+    w = sub.add_parser("watch", parents=[g], help="follow a job live")
+    w.add_argument("job_id")
+    w.set_defaults(func=cmd_watch)
+
+    d = sub.add_parser("download", parents=[g], help="download a job's artifacts (sha256-verified)")
+    d.add_argument("job_id")
+    d.add_argument("names", nargs="*", help="artifact names (default: all)")
+    d.add_argument("--out", type=Path, help="directory (default: ./<job id>)")
+    d.set_defaults(func=cmd_download)
+
+    c = sub.add_parser("cancel", parents=[g], help="cancel a queued or running job")
+    c.add_argument("job_id")
+    c.set_defaults(func=cmd_cancel)
+
+    k = sub.add_parser("keys", help="manage API keys (admin, on the server host)")
+    ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = ks.add_parser("create", help="create a key; prints it once")
+    kc.add_argument("--owner", required=True)
+    kc.add_argument("--name", default="")
+    kl = ks.add_parser("list", help="list an owner's keys")
+    kl.add_argument("--owner", required=True)
+    kr = ks.add_parser("revoke", help="revoke a key")
+    kr.add_argument("key_id")
+    kr.add_argument("--owner", required=True)
+    k.set_defaults(func=cmd_keys)
+    return p
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(getattr(args, "url", None), getattr(args, "api_key", None))
+
+
+# --- commands ---
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    data = build_spec(args)
+    parse_spec(data)  # one line per bad field, before any request
+    local = _local_files(data)
+    with _client(args) as client:
+        for path, (file, kind) in local.items():
+            upload = client.upload(file, kind)
+            ref = upload.get("ref") or f"upload:{upload['id']}"
+            _set(data, path, ref)
+            _note(f"uploaded {file} as {ref} ({'.'.join(path)})")
+        job = client.submit(data, idempotency_key=args.idempotency_key)
+        print(job["id"], flush=True)
+        if args.watch:
+            job = render.watch(client, job["id"])
+        elif args.wait:
+            job = client.wait(job["id"])
+        else:
+            return 0
+    print(render.final_line(job))
+    return 0 if job.get("status") == "succeeded" else 1
+
+
+def _local_files(data: dict[str, Any]) -> dict[tuple[str, ...], tuple[Path, str]]:
+    """Spec fields that name local files (to upload); an `upload:<id>` reference is left alone."""
+    found = {}
+    for path, kind in FILE_FIELDS.items():
+        value = _lookup(data, path)
+        if (
+            not isinstance(value, str)
+            or value.startswith("upload:")
+            or path == ("kd", "teacher")
+            and value == "dense"
+        ):
+            continue
+        file = Path(value).expanduser()
+        if file.is_dir():
+            raise CliError(
+                f"{'.'.join(path)}: {value} is a directory; pack it as .tar.gz or .zip to submit it"
+            )
+        if not file.is_file():
+            raise CliError(f"{'.'.join(path)}: no such file {value} (give a local file or upload:<id>)")
+        found[path] = (file, kind)
+    return found
+
+
+def _lookup(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        data = data[key]
+    data[path[-1]] = value
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.job_id:
+            job = client.get(args.job_id)
+            print(json.dumps(job, indent=2) if args.json else render.job_details(job))
+            return 0
+        jobs = list(itertools.islice(client.list(args.status_filter, limit=min(args.limit, 100)), args.limit))
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    elif jobs:
+        print(render.jobs_table(jobs))
+    else:
+        _note("no jobs yet")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = render.watch(client, args.job_id)
+    print(render.final_line(job))
+    return 0 if job.get("status") == "succeeded" else 1
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    out: Path = args.out or Path(args.job_id)
+    with _client(args) as client:
+        names = args.names
+        if not names:
+            names = [a["name"] for a in client.artifacts(args.job_id)]
+            if not names:
+                status = client.get(args.job_id).get("status")
+                raise CliError(f"job {args.job_id} has no artifacts (status {status})")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            path = client.download(args.job_id, name, out)
+            print(f"{path}  ({path.stat().st_size:,} bytes, sha256 verified)")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel(args.job_id)
+    status = job.get("status")
+    print(
+        f"{job.get('id', args.job_id)}: "
+        + (
+            status
+            if status in ("cancelled", "succeeded", "failed")
+            else f"cancel requested (status {status})"
+        )
+    )
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Admin: talk to the database directly (the service's Settings), not to the HTTP API."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pruning_core.settings import get_settings
+    from store import db, repo
+
+    engine = db.make_engine(get_settings().sqlalchemy_url)
+    try:
+        with db.session_scope(engine) as s:
+            if args.keys_command == "create":
+                key, plaintext = repo.create_api_key(s, args.owner, args.name)
+                key_id, prefix = key.id, key.prefix
+            elif args.keys_command == "list":
+                keys = [
+                    (k.id, k.prefix + "…", k.name, _when(k.created_at), _when(k.revoked_at))
+                    for k in repo.list_api_keys(s, args.owner)
+                ]
+            elif not repo.revoke_api_key(s, args.key_id, args.owner):
+                raise CliError(f"no active key {args.key_id} for owner {args.owner}")
+    except SQLAlchemyError as err:
+        first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise CliError(
+            f"database {engine.url.render_as_string()}: {first} (are its migrations applied?)"
+        ) from None
+    finally:
+        engine.dispose()
+    if args.keys_command == "create":
+        print(plaintext)
+        _note(f"key {key_id} ({prefix}…) for owner {args.owner}: shown only once, store it now")
+    elif args.keys_command == "list":
+        print(render.table(keys, ("ID", "PREFIX", "NAME", "CREATED", "REVOKED")) if keys else "no keys")
+    else:
+        print(f"revoked {args.key_id}")
+    return 0
+
+
+def _when(t: Any) -> str:
+    return t.isoformat(sep=" ", timespec="seconds") if t is not None else ""
+
+
+# --- entry point ---
+
+
+def _note(text: str) -> None:
+    print(f"prune: {text}", file=sys.stderr)
+
+
+def _error(text: str) -> None:
+    print(f"prune: error: {' '.join(str(text).split())}", file=sys.stderr)
+
+
+def _local_run(argv: list[str]) -> list[str] | None:
+    """argv from `run` on when the command is `run` (global options before it are skipped)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in GLOBAL:
+            i += 2
+        elif arg.startswith(tuple(f"{g}=" for g in GLOBAL)):
+            i += 1
+        else:
+            return argv[i:] if arg == "run" else None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    local = _local_run(argv)
+    if local is not None:
+        from pruning_core.cli import main as run_main  # the engine; torch loads only here
+
+        return run_main(local)
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as err:
+        for line in err.problems:
+            _error(f"invalid spec: {line}")
+    except ApiError as err:
+        if err.status == 422 and err.errors:
+            for e in err.errors:
+                _error(f"invalid spec: {format_error(e)}")
+        else:
+            hint = " (set PRUNE_API_KEY or pass --api-key)" if err.status == 401 else ""
+            _error(f"{err}{hint}")
+    except (ClientError, CliError, TimeoutError) as err:
+        _error(str(err))
+    except OSError as err:
+        _error(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+    except KeyboardInterrupt:
+        if getattr(args, "command", None) in ("watch", "submit"):
+            _note("stopped following; the job goes on (prune cancel JOB_ID stops it)")
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Terminal rendering for the CLI: job tables, one-job summaries and the live `prune watch` view."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .sdk import TERMINAL, Client
+
+
+def _get(d: Any, *path: str, default: Any = None) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def progress_text(job: dict) -> str:
+    if job.get("status") != "running":
+        return ""
+    pct = f"{100 * float(job.get('progress') or 0):.0f}%"
+    return f"{job['phase']} {pct}" if job.get("phase") else pct
+
+
+def jobs_table(jobs: Sequence[dict]) -> str:
+    rows = [
+        (
+            j.get("id"),
+            j.get("status"),
+            progress_text(j),
+            _get(j, "spec", "model", "name", default=""),
+            _get(j, "spec", "data", "name", default=""),
+            j.get("method") or _get(j, "spec", "method", "name", default=""),
+            _get(j, "spec", "target", "macs_ratio", default=""),
+            (j.get("created_at") or "")[:19].replace("T", " "),
+        )
+        for j in jobs
+    ]
+    return table(rows, ("ID", "STATUS", "PROGRESS", "MODEL", "DATA", "METHOD", "TARGET", "CREATED"))
+
+
+def result_line(result: dict | None) -> str:
+    """``MACs 40.55M -> 20.21M (ratio 0.498), params ..., top-1 ...`` from Job.result."""
+    if not result:
+        return ""
+    dense, pruned = result.get("dense") or {}, result.get("pruned") or {}
+    parts = []
+    if dense.get("macs") is not None and pruned.get("macs") is not None:
+        ratio = result.get("achieved_macs_ratio")
+        parts.append(
+            f"MACs {dense['macs'] / 1e6:.2f}M -> {pruned['macs'] / 1e6:.2f}M"
+            + (f" (ratio {ratio:.3f})" if ratio is not None else "")
+        )
+    if dense.get("params") is not None and pruned.get("params") is not None:
+        parts.append(f"params {dense['params']:,} -> {pruned['params']:,}")
+    if dense.get("top1") is not None and pruned.get("top1") is not None:
+        parts.append(f"top-1 {dense['top1']:.2f}% -> {pruned['top1']:.2f}%")
+    if result.get("latency_speedup"):
+        parts.append(f"latency x{result['latency_speedup']:.2f}")
+    return ", ".join(parts)
+
+
+def error_line(error: dict | None) -> str:
+    if not error:
+        return ""
+    retry = " (retryable)" if error.get("retryable") else ""
+    return f"{error.get('code', 'error')}: {error.get('message', '')}{retry}"
+
+
+def job_details(job: dict) -> str:
+    status = job.get("status", "?")
+    if progress_text(job):
+        status += f" ({progress_text(job)})"
+    if job.get("cancel_requested") and job.get("status") not in TERMINAL:
+        status += ", cancel requested"
+    rows = [
+        ("id", job.get("id")),
+        ("status", status),
+        ("model", _get(job, "spec", "model", "name")),
+        ("data", _get(job, "spec", "data", "name")),
+        ("method", job.get("method") or _get(job, "spec", "method", "name")),
+        ("target", _get(job, "spec", "target", "macs_ratio")),
+        ("attempt", f"{job.get('attempt', 0)}/{job.get('max_attempts', '?')}"),
+        ("created", job.get("created_at")),
+        ("started", job.get("started_at")),
+        ("finished", job.get("finished_at")),
+        ("error", error_line(job.get("error"))),
+        ("result", result_line(job.get("result"))),
+    ]
+    return "\n".join(f"{k:<9} {v}" for k, v in rows if v not in (None, ""))
+
+
+def final_line(job: dict) -> str:
+    status = job.get("status")
+    if status == "succeeded":
+        text = result_line(job.get("result"))
+        return f"{job['id']} succeeded" + (f": {text}" if text else "")
+    if status == "failed":
+        return f"{job['id']} failed: {error_line(job.get('error'))}"
+    return f"{job['id']} {status}"
+
+
+class Watcher:
+    """One tqdm bar for the job (0-100 %, described by the current phase) plus a line per phase,
+    epoch (loss, top-1, MACs), message and status change."""
+
+    def __init__(self, job: dict):
+        from tqdm import tqdm  # only `prune watch` needs it
+
+        self.write = tqdm.write
+        self.bar = tqdm(
+            total=100,
+            desc=job.get("phase") or job.get("status") or "job",
+            unit="%",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| [{elapsed}{postfix}]",
+            file=sys.stderr,
+        )
+        self._set(job.get("progress") or 0)
+
+    def _set(self, progress: float) -> None:
+        self.bar.n = max(0, min(100, round(100 * float(progress))))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def show(self, ev: dict) -> bool:
+        """Render one event; True when it says the job reached a terminal status."""
+        kind, data = ev.get("kind"), ev.get("data")
+        data = data if isinstance(data, dict) else {"text": data}
+        if kind == "progress":
+            self._set(data.get("progress") or 0)
+            if data.get("phase"):
+                self.bar.set_description(data["phase"], refresh=False)
+            if data.get("epoch") is not None:
+                self.bar.set_postfix(epoch=int(data["epoch"]) + 1)
+        elif kind == "phase" and data.get("epochs"):
+            self.bar.set_description(str(data.get("name")))
+            self.write(
+                f"phase {data.get('name')}: {data['epochs']} epochs x {data.get('steps_per_epoch')} steps"
+            )
+        elif kind == "epoch":
+            self.write(epoch_line(data))
+        elif kind == "message":
+            self.write(str(data.get("text", "")))
+        elif kind == "status":
+            status = data.get("status")
+            self.write(f"status: {status}" + (f" ({error_line(data['error'])})" if data.get("error") else ""))
+            if status == "succeeded":
+                self._set(1.0)
+            return status in TERMINAL
+        return False
+
+
+def epoch_line(r: dict) -> str:
+    parts = [f"{r.get('phase', '?')} epoch {int(r.get('epoch', 0)) + 1}:"]
+    if r.get("train_loss") is not None:
+        parts.append(f"loss {r['train_loss']:.4f},")
+    if r.get("top1") is not None:
+        parts.append(f"top-1 {r['top1']:.2f}%,")
+    if r.get("macs") is not None:
+        parts.append(f"MACs {r['macs'] / 1e6:.2f}M")
+    if r.get("event"):
+        parts.append(f"({r['event']})")
+    return " ".join(parts).rstrip(",")
+
+
+def watch(client: Client, job_id: str, poll: float = 1.0) -> dict:
+    """Follow a job's event stream with a progress bar until it is terminal; returns the final job."""
+    job = client.get(job_id)
+    if job.get("status") in TERMINAL:
+        return job
+    view = Watcher(job)
+    last = 0
+    try:
+        while True:
+            with contextlib.closing(client.events(job_id, after=last)) as stream:
+                for ev in stream:
+                    last = ev["seq"] if isinstance(ev.get("seq"), int) else last
+                    if view.show(ev):
+                        break
+            job = client.get(job_id)
+            if job.get("status") in TERMINAL:
+                return job
+            time.sleep(poll)  # the stream ended before the job did: pick it up again after `last`
+    finally:
+        view.close()

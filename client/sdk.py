@@ -1,0 +1,426 @@
+"""Python SDK for the pruning service, on httpx (no torch).
+
+    from client.sdk import Client
+
+    with Client("http://127.0.0.1:8000", api_key="pk_...") as c:
+        spec = {"model": {"name": "resnet20"}, "data": {"name": "digits"}, "target": {"macs_ratio": 0.5}}
+        job = c.submit(spec)
+        for ev in c.events(job["id"]):
+            print(ev["seq"], ev["kind"], ev["data"])
+        c.download(job["id"], "model.safetensors", Path("out"))
+
+Requests that are safe to repeat (every call but ``upload``; ``submit`` through its Idempotency-Key)
+are retried with exponential backoff on connection errors and 429/502/503/504. Errors are
+``ApiError`` (an RFC 9457 problem+json reply), ``UnreachableError`` and ``IntegrityError``, all
+``ClientError``, each with a one-line ``str()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import builtins
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+
+from .sse import iter_sse
+
+if TYPE_CHECKING:
+    from pruning_core.spec import JobSpec
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+CHUNK = 1 << 20
+MAX_DELAY_S = 10.0
+_sleep = time.sleep  # tests patch this
+
+
+class ClientError(Exception):
+    """Base of every error the SDK raises; ``str()`` is one line."""
+
+
+class UnreachableError(ClientError):
+    def __init__(self, url: str):
+        self.url = url
+        super().__init__(f"cannot reach {url}: is the service running?")
+
+
+class IntegrityError(ClientError):
+    """A downloaded file whose sha256 does not match what the server announced (it is discarded)."""
+
+
+class ApiError(ClientError):
+    """An error reply, parsed from ``application/problem+json`` when the server sent one."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        errors: list[Any] | None = None,
+        type: str | None = None,
+    ):
+        self.status, self.title, self.detail, self.type = status, title, detail, type
+        self.errors = list(errors or [])
+        super().__init__(status, title, detail, self.errors)
+
+    @classmethod
+    def from_response(cls, r: httpx.Response) -> ApiError:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            text = r.text.strip()
+            return cls(r.status_code, r.reason_phrase or "error", text[:200] or None)
+        detail = body.get("detail")
+        if detail is not None and not isinstance(detail, str):  # e.g. a FastAPI-style list
+            detail = json.dumps(detail)
+        return cls(
+            int(body.get("status") or r.status_code),
+            str(body.get("title") or r.reason_phrase or "error"),
+            detail,
+            body.get("errors") if isinstance(body.get("errors"), list) else None,
+            body.get("type"),
+        )
+
+    def error_lines(self) -> list[str]:
+        """One line per entry of ``errors`` (``field: message``)."""
+        return [format_error(e) for e in self.errors]
+
+    def __str__(self) -> str:
+        text = f"{self.status} {self.title}"
+        if self.detail:
+            text += f": {self.detail}"
+        if self.errors:
+            text += f" ({'; '.join(self.error_lines())})"
+        return " ".join(text.split())
+
+
+def format_error(e: Any) -> str:
+    """``field: message`` from a problem's ``errors`` entry, whatever its exact shape."""
+    if not isinstance(e, dict):
+        return str(e)
+    loc = e.get("loc") or e.get("field") or e.get("pointer") or ""
+    if isinstance(loc, list | tuple):
+        loc = ".".join(str(p) for p in loc if p != "body")
+    msg = e.get("msg") or e.get("message") or e.get("detail") or json.dumps(e)
+    return f"{loc}: {msg}" if loc else str(msg)
+
+
+def _default_url() -> str:
+    return os.environ.get("PRUNE_URL") or DEFAULT_URL
+
+
+class Client:
+    """A session with the service; use it as a context manager (or call ``close``)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30,
+        transport: httpx.BaseTransport | None = None,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ):
+        url = (base_url or _default_url()).rstrip("/")
+        self.base_url = url.removesuffix("/v1")
+        self.api_key = api_key if api_key is not None else os.environ.get("PRUNE_API_KEY") or None
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        headers = {"User-Agent": "prune-client", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- jobs ---
+
+    def submit(self, spec: JobSpec | dict[str, Any], *, idempotency_key: str | None = None) -> dict:
+        """Create a job; returns the job resource. One key per call, reused by its retries."""
+        body = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec
+        key = idempotency_key or uuid.uuid4().hex
+        return self._send("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}).json()
+
+    def get(self, job_id: str) -> dict:
+        return self._send("GET", f"/v1/jobs/{_seg(job_id)}").json()
+
+    def list(self, status: str | None = None, limit: int = 50) -> Iterator[dict]:
+        """Every job of the caller, newest first, fetched ``limit`` per page (following next_cursor)."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        while True:
+            page = self._send("GET", "/v1/jobs", params=params).json()
+            yield from _items(page, "jobs")
+            cursor = page.get("next_cursor") if isinstance(page, dict) else None
+            if not cursor:
+                return
+            params["cursor"] = cursor
+
+    def cancel(self, job_id: str) -> dict:
+        return self._send("POST", f"/v1/jobs/{_seg(job_id)}/cancel").json()
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> dict:
+        """Poll until the job is succeeded, failed or cancelled; TimeoutError after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job.get("status") in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() + poll > deadline:
+                raise TimeoutError(f"job {job_id} is still {job.get('status')} after {timeout:g} s")
+            _sleep(poll)
+
+    def events(self, job_id: str, after: int = 0) -> Iterator[dict]:
+        """The job's events after sequence number ``after``, live (SSE) until the server ends the
+        stream: ``{"id", "seq", "kind", "data"}`` (id = seq, the per-job sequence number). A dropped
+        connection is resumed with Last-Event-ID."""
+        last: str | None = str(after) if after else None
+        failures, delay = 0, None
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last is not None:
+                headers["Last-Event-ID"] = last
+            params = {"after": last} if last is not None and last.isdigit() else {}
+            r = self._send(
+                "GET",
+                f"/v1/jobs/{_seg(job_id)}/events",
+                params=params,
+                headers=headers,
+                stream=True,
+                timeout=httpx.Timeout(self.timeout, read=max(60.0, self.timeout)),
+            )
+            try:
+                for sse in iter_sse(r.iter_lines()):
+                    last, failures = sse.id if sse.id is not None else last, 0
+                    delay = sse.retry / 1000 if sse.retry is not None else delay
+                    yield _event(sse.event, sse.data, sse.id)
+                return
+            except httpx.TransportError as err:
+                failures += 1
+                if failures > self.retries:
+                    raise ClientError(f"event stream of job {job_id} keeps dropping: {_why(err)}") from err
+            finally:
+                r.close()
+            _sleep(min(MAX_DELAY_S, delay if delay is not None else self._delay(failures - 1)))
+
+    # --- files ---
+
+    def artifacts(self, job_id: str) -> builtins.list[dict]:
+        """``[{name, size, sha256, media_type, ...}]`` of a job."""
+        return builtins.list(
+            _items(self._send("GET", f"/v1/jobs/{_seg(job_id)}/artifacts").json(), "artifacts")
+        )
+
+    def download(self, job_id: str, name: str, dest: Path) -> Path:
+        """Fetch artifact ``name`` to ``dest`` (a file path, or an existing directory to put it in).
+
+        Streams into ``<dest>.part``, checks its sha256 against the ETag / Repr-Digest / Digest
+        headers and renames it into place. A ``.part`` left by an interrupted download is resumed with a
+        Range request; a dropped connection is resumed the same way."""
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest.joinpath(*safe_parts(name))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        failures, fresh_retry = 0, True
+        while True:
+            resuming = part.exists() and part.stat().st_size > 0
+            try:
+                return self._download_once(job_id, name, dest, part)
+            except httpx.TransportError as err:  # keep the .part: the next try resumes it
+                failures += 1
+                if failures > self.retries:
+                    raise ClientError(f"download of {name} keeps failing: {_why(err)}") from err
+                _sleep(self._delay(failures - 1))
+            except IntegrityError:
+                part.unlink(missing_ok=True)
+                if not (resuming and fresh_retry):  # a stale .part may be to blame: one fresh try
+                    raise
+                fresh_retry = False
+
+    def _download_once(self, job_id: str, name: str, dest: Path, part: Path) -> Path:
+        offset = part.stat().st_size if part.exists() else 0
+        headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        path = f"/v1/jobs/{_seg(job_id)}/artifacts/{quote(name, safe='/')}"
+        try:
+            r = self._send("GET", path, headers=headers, stream=True)
+        except ApiError as err:
+            if err.status == 416 and offset:  # the .part is not a prefix of this file any more
+                part.unlink()
+                return self._download_once(job_id, name, dest, part)
+            raise
+        try:
+            if r.status_code != 206 or not r.headers.get("content-range", "").startswith(f"bytes {offset}-"):
+                offset = 0  # the server sent the whole file
+            expected = expected_sha256(r.headers) or self._listed_sha256(job_id, name)
+            digest = hashlib.sha256()
+            if offset:
+                with part.open("rb") as f:
+                    for chunk in iter(lambda: f.read(CHUNK), b""):
+                        digest.update(chunk)
+            with part.open("ab" if offset else "wb") as f:
+                for chunk in r.iter_bytes():  # as received: a drop keeps what came
+                    f.write(chunk)
+                    digest.update(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            r.close()
+        if digest.hexdigest() != expected:
+            raise IntegrityError(
+                f"{name}: sha256 {digest.hexdigest()[:16]}… does not match the server's "
+                f"{expected[:16]}…; download discarded"
+            )
+        os.replace(part, dest)
+        return dest
+
+    def _listed_sha256(self, job_id: str, name: str) -> str:
+        for art in self.artifacts(job_id):
+            if art.get("name") == name and art.get("sha256"):
+                return str(art["sha256"]).lower()
+        raise IntegrityError(f"{name}: the server announced no sha256 to verify the download against")
+
+    def upload(self, path: str | Path, kind: str, filename: str | None = None) -> dict:
+        """Stream a local file (``kind``: ``weights`` or ``dataset``); returns the upload resource,
+        whose id goes into a JobSpec as ``upload:<id>``. Not retried (each try is a new upload)."""
+        path = Path(path)
+        size = path.stat().st_size
+
+        def body() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                yield from iter(lambda: f.read(CHUNK), b"")
+
+        return self._send(
+            "POST",
+            "/v1/uploads",
+            params={"kind": kind, "filename": filename or path.name},
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            content=body(),
+            retry=False,
+        ).json()
+
+    # --- plumbing ---
+
+    def _delay(self, attempt: int) -> float:
+        return min(MAX_DELAY_S, self.backoff * 2**attempt)
+
+    def _send(
+        self, method: str, path: str, *, stream: bool = False, retry: bool = True, **kw: Any
+    ) -> httpx.Response:
+        """One request with retries; raises ApiError for an error reply (after reading its body)."""
+        attempts = self.retries + 1 if retry else 1
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                r = self._http.send(self._http.build_request(method, path, **kw), stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as err:
+                if last:
+                    raise UnreachableError(self.base_url) from err
+            except httpx.TransportError as err:
+                if last:
+                    raise ClientError(f"{method} {self.base_url}{path}: {_why(err)}") from err
+            else:
+                if r.status_code in RETRY_STATUSES and not last:
+                    r.close()
+                    _sleep(_retry_after(r) or self._delay(attempt))
+                    continue
+                if r.is_error:
+                    r.read()
+                    r.close()
+                    raise ApiError.from_response(r)
+                return r
+            _sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+
+def _seg(value: str) -> str:
+    return quote(str(value), safe="")
+
+
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _items(page: Any, key: str) -> builtins.list[dict]:
+    if isinstance(page, list):
+        return page
+    for k in ("items", key, "data"):
+        if isinstance(page.get(k), list):
+            return page[k]
+    return []
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    value = r.headers.get("retry-after", "")
+    return min(MAX_DELAY_S, float(value)) if value.isdigit() else None
+
+
+def _event(kind: str, data: str, event_id: str | None) -> dict:
+    """An SSE event as a dict like the JSON page's: the server may send the whole event resource as
+    data, or only its ``data`` with the kind as the SSE event name."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = data
+    if isinstance(payload, dict) and "kind" in payload and "data" in payload:
+        out = dict(payload)
+    else:
+        out = {"kind": kind, "data": payload}
+    seq = int(event_id) if event_id and event_id.isdigit() else event_id
+    out.setdefault("id", seq)  # as in the JSON page (EventOut.id)
+    out.setdefault("seq", out["id"])
+    return out
+
+
+def expected_sha256(headers: httpx.Headers) -> str | None:
+    """The hex sha256 announced by Repr-Digest (``sha-256=:b64:``), Digest (``sha-256=b64``) or a
+    64-hex ETag; None if none of them says; IntegrityError if they disagree."""
+    found: set[str] = set()
+    for header in ("repr-digest", "digest"):
+        for item in headers.get(header, "").split(","):
+            algo, _, value = item.strip().partition("=")
+            if algo.strip().lower() != "sha-256":
+                continue
+            try:
+                found.add(base64.b64decode(value.strip().strip(":"), validate=True).hex())
+            except (binascii.Error, ValueError):
+                continue
+    etag = headers.get("etag", "").removeprefix("W/").strip('"').lower()
+    if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
+        found.add(etag)
+    if len(found) > 1:
+        raise IntegrityError(f"the server's digest headers disagree: {sorted(found)}")
+    return found.pop() if found else None
+
+
+def safe_parts(name: str) -> tuple[str, ...]:
+    """An artifact name as relative path parts; refuses absolute names and ``..`` (a hostile server)."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or not p.parts or any(part in ("..", ".", "") for part in p.parts) or "\\" in name:
+        raise ClientError(f"refusing artifact name {name!r}: not a plain relative path")
+    return p.parts

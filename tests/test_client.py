@@ -1,0 +1,440 @@
+"""The SDK and the `prune` CLI against an httpx.MockTransport fake of the HTTP contract (retries with one
+idempotency key, cursors, SSE resume, verified and resumed downloads, problem+json), plus `prune keys`
+on a real SQLite database, and the rule that the client side never imports torch."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+import client.cli as cli
+import client.sdk as sdk
+from client.sdk import ApiError, Client, IntegrityError
+
+BLOB = bytes(range(256)) * 64  # a 16 KiB "model.safetensors"
+SHA = hashlib.sha256(BLOB).hexdigest()
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, errors: list | None = None) -> httpx.Response:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": "/x"}
+    if errors is not None:
+        body["errors"] = errors
+    return httpx.Response(status, content=json.dumps(body), headers={"content-type": PROBLEM})
+
+
+class Dropped(httpx.SyncByteStream):
+    """A body that sends some bytes and then loses the connection."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.chunks = chunks
+
+    def __iter__(self):
+        yield from self.chunks
+        raise httpx.ReadError("connection reset by peer")
+
+
+def sse(seq: int, kind: str, data: dict) -> bytes:
+    return f"id: {seq}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+EVENTS = [
+    (1, "status", {"status": "queued"}),
+    (2, "status", {"status": "running"}),
+    (3, "phase", {"name": "finetune", "epochs": 1, "steps_per_epoch": 5}),
+    (4, "progress", {"progress": 0.6, "phase": "finetune", "epoch": 0, "step": 3}),
+    (5, "epoch", {"phase": "finetune", "epoch": 0, "train_loss": 0.5, "top1": 91.5, "macs": 20_300_000}),
+    (6, "status", {"status": "succeeded"}),
+]
+RESULT = {
+    "dense": {"macs": 40_550_000, "params": 270_000, "top1": 95.0},
+    "pruned": {"macs": 20_300_000, "params": 140_000, "top1": 91.5},
+    "achieved_macs_ratio": 0.5006,
+}
+
+
+class FakeService:
+    """Just enough of api/ for the client: jobs, cursors, SSE, artifacts with ETag/Repr-Digest/Range."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.jobs: dict[str, dict] = {}
+        self.by_key: dict[str, str] = {}
+        self.fail_next: list[int] = []  # statuses to answer before serving normally
+        self.drop_events_after = 0  # first SSE connection drops after this many events (0: never)
+        self.blob, self.announced_sha = BLOB, SHA
+        self.uploads: list[bytes] = []
+        self.drop_download_after: int | None = None  # the next full download drops after this many bytes
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.fail_next:
+            return problem(self.fail_next.pop(0), "Service Unavailable", "try again")
+        path, method = request.url.path, request.method
+        routes = [
+            ("POST", r"/v1/jobs", self.create),
+            ("GET", r"/v1/jobs", self.list),
+            ("GET", r"/v1/jobs/(\w+)", self.get),
+            ("POST", r"/v1/jobs/(\w+)/cancel", self.cancel),
+            ("GET", r"/v1/jobs/(\w+)/events", self.events),
+            ("GET", r"/v1/jobs/(\w+)/artifacts", self.artifacts),
+            ("GET", r"/v1/jobs/(\w+)/artifacts/(.+)", self.artifact),
+            ("POST", r"/v1/uploads", self.upload),
+        ]
+        for m, pattern, handler in routes:
+            match = re.fullmatch(pattern, path)
+            if m == method and match:
+                return handler(request, *match.groups())
+        return problem(404, "Not Found", f"no route {method} {path}")
+
+    def job(self, job_id: str, status: str = "queued") -> dict:
+        return {
+            "id": job_id,
+            "status": status,
+            "method": "magnitude",
+            "spec": {
+                "model": {"name": "resnet20"},
+                "data": {"name": "digits"},
+                "target": {"macs_ratio": 0.5},
+            },
+            "progress": 0.0,
+            "phase": None,
+            "attempt": 0,
+            "max_attempts": 3,
+            "cancel_requested": False,
+            "error": None,
+            "result": RESULT if status == "succeeded" else None,
+            "created_at": f"2025-01-01T00:00:{len(self.jobs):02d}+00:00",
+        }
+
+    def create(self, request: httpx.Request) -> httpx.Response:
+        key = request.headers.get("idempotency-key")
+        if key not in self.by_key:
+            job_id = f"j{len(self.jobs) + 1}"
+            self.jobs[job_id] = self.job(job_id) | {"spec": json.loads(request.content)}
+            self.by_key[key] = job_id
+        return httpx.Response(201, json=self.jobs[self.by_key[key]])
+
+    def list(self, request: httpx.Request) -> httpx.Response:
+        limit = int(request.url.params["limit"])
+        start = int(request.url.params.get("cursor", 0))
+        ids = sorted(self.jobs, reverse=True)
+        nxt = str(start + limit) if start + limit < len(ids) else None
+        return httpx.Response(
+            200, json={"items": [self.jobs[i] for i in ids[start : start + limit]], "next_cursor": nxt}
+        )
+
+    def get(self, request: httpx.Request, job_id: str) -> httpx.Response:
+        if job_id not in self.jobs:
+            return problem(404, "Not Found", f"job {job_id} not found")
+        return httpx.Response(200, json=self.jobs[job_id])
+
+    def cancel(self, request: httpx.Request, job_id: str) -> httpx.Response:
+        self.jobs[job_id] |= {"cancel_requested": True}
+        return httpx.Response(202, json=self.jobs[job_id])
+
+    def events(self, request: httpx.Request, job_id: str) -> httpx.Response:
+        after = int(request.headers.get("last-event-id") or request.url.params.get("after") or 0)
+        body = [b": ping\n\n"] + [sse(*e) for e in EVENTS if e[0] > after]
+        headers = {"content-type": "text/event-stream"}
+        if self.drop_events_after:
+            n, self.drop_events_after = self.drop_events_after, 0
+            return httpx.Response(200, headers=headers, stream=Dropped([*body[: n + 1], b"id: 99\ndata: {"]))
+        if job_id in self.jobs:  # the stream ends when the job does
+            self.jobs[job_id] |= {"status": "succeeded", "result": RESULT}
+        return httpx.Response(200, headers=headers, content=b"".join(body))
+
+    def artifacts(self, request: httpx.Request, job_id: str) -> httpx.Response:
+        art = {"name": "model.safetensors", "size": len(self.blob), "sha256": SHA, "media_type": "x"}
+        return httpx.Response(200, json={"items": [art]})
+
+    def artifact(self, request: httpx.Request, job_id: str, name: str) -> httpx.Response:
+        if name != "model.safetensors":
+            return problem(404, "Not Found", f"no artifact {name}")
+        b64 = base64.b64encode(bytes.fromhex(self.announced_sha)).decode()
+        headers = {"etag": f'"{self.announced_sha}"', "repr-digest": f"sha-256=:{b64}:"}
+        rng = request.headers.get("range")
+        if rng:
+            start = int(rng.removeprefix("bytes=").removesuffix("-"))
+            headers["content-range"] = f"bytes {start}-{len(self.blob) - 1}/{len(self.blob)}"
+            return httpx.Response(206, headers=headers, content=self.blob[start:])
+        if self.drop_download_after is not None:
+            n, self.drop_download_after = self.drop_download_after, None
+            return httpx.Response(200, headers=headers, stream=Dropped([self.blob[:n]]))
+        return httpx.Response(200, headers=headers, content=self.blob)
+
+    def upload(self, request: httpx.Request) -> httpx.Response:
+        self.uploads.append(request.read())
+        return httpx.Response(201, json={"id": f"u{len(self.uploads)}", "kind": request.url.params["kind"]})
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeService:
+    monkeypatch.setattr(sdk, "_sleep", lambda s: None)  # backoff without waiting
+    return FakeService()
+
+
+@pytest.fixture
+def api(fake: FakeService) -> Client:
+    with Client("http://svc", api_key="pk_test", transport=httpx.MockTransport(fake)) as c:
+        yield c
+
+
+# --- SDK ---
+
+
+def test_submit_retried_after_503_reuses_its_idempotency_key(api: Client, fake: FakeService) -> None:
+    fake.fail_next = [503, 502]
+    job = api.submit({"model": {"name": "resnet20"}})
+    keys = [r.headers["idempotency-key"] for r in fake.requests]
+    assert len(keys) == 3 and len(set(keys)) == 1 and keys[0]
+    assert job["id"] == "j1" and len(fake.jobs) == 1
+    assert all(r.headers["authorization"] == "Bearer pk_test" for r in fake.requests)
+    api.submit({"model": {"name": "resnet20"}})
+    assert fake.requests[-1].headers["idempotency-key"] != keys[0], "a new call is a new job"
+    assert api.submit({}, idempotency_key="mine")["id"] == api.submit({}, idempotency_key="mine")["id"]
+
+
+def test_retries_give_up_with_the_last_problem(api: Client, fake: FakeService) -> None:
+    fake.fail_next = [503] * 10
+    with pytest.raises(ApiError) as err:
+        api.get("j1")
+    assert err.value.status == 503 and len(fake.requests) == api.retries + 1
+
+
+def test_list_follows_cursors(api: Client, fake: FakeService) -> None:
+    for i in range(5):
+        fake.jobs[f"j{i}"] = fake.job(f"j{i}")
+    assert [j["id"] for j in api.list(limit=2)] == ["j4", "j3", "j2", "j1", "j0"]
+    cursors = [r.url.params.get("cursor") for r in fake.requests]
+    assert cursors == [None, "2", "4"]
+
+
+def test_events_parse_sse_and_resume_after_a_drop(api: Client, fake: FakeService) -> None:
+    fake.drop_events_after = 2
+    events = list(api.events("j1"))
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6], "nothing lost, nothing repeated"
+    assert events[2] == {"id": 3, "seq": 3, "kind": "phase", "data": EVENTS[2][2]}
+    first, second = [r for r in fake.requests if r.url.path.endswith("/events")]
+    assert first.headers["accept"] == "text/event-stream" and "last-event-id" not in first.headers
+    assert second.headers["last-event-id"] == "2", "the half-sent event 99 must not count"
+
+
+def test_download_verifies_sha256(api: Client, fake: FakeService, tmp_path: Path) -> None:
+    path = api.download("j1", "model.safetensors", tmp_path)
+    assert path == tmp_path / "model.safetensors" and path.read_bytes() == BLOB
+    assert list(tmp_path.iterdir()) == [path], "no .part left behind"
+
+    fake.blob = BLOB[:-1] + b"\x00"  # corrupted in transit; headers still announce the real sha256
+    dest = tmp_path / "other" / "m.safetensors"
+    with pytest.raises(IntegrityError, match="sha256"):
+        api.download("j1", "model.safetensors", dest)
+    assert list(dest.parent.iterdir()) == [], "a corrupted body is never kept"
+
+
+def test_download_resumes_a_partial_file_with_range(api: Client, fake: FakeService, tmp_path: Path) -> None:
+    dest = tmp_path / "model.safetensors"
+    (tmp_path / "model.safetensors.part").write_bytes(BLOB[:5000])
+    assert api.download("j1", "model.safetensors", dest).read_bytes() == BLOB
+    (req,) = [r for r in fake.requests if "artifacts/" in r.url.path]
+    assert req.headers["range"] == "bytes=5000-"
+    assert not (tmp_path / "model.safetensors.part").exists()
+
+
+def test_download_resumes_after_a_drop_and_discards_a_stale_part(
+    api: Client, fake: FakeService, tmp_path: Path
+) -> None:
+    fake.drop_download_after = 3000
+    assert api.download("j1", "model.safetensors", tmp_path).read_bytes() == BLOB
+    ranges = [r.headers.get("range") for r in fake.requests]
+    assert ranges == [None, "bytes=3000-"]
+
+    fake.requests.clear()
+    (tmp_path / "b.part").write_bytes(b"not the same file")  # a leftover from another artifact
+    assert api.download("j1", "model.safetensors", tmp_path / "b").read_bytes() == BLOB
+    assert [r.headers.get("range") for r in fake.requests] == ["bytes=17-", None], "then one fresh try"
+
+
+def test_refuses_hostile_artifact_names(api: Client, tmp_path: Path) -> None:
+    for name in ("../evil", "/etc/passwd", "a/../../b"):
+        with pytest.raises(sdk.ClientError, match="refusing"):
+            api.download("j1", name, tmp_path)
+
+
+def test_problem_json_becomes_a_one_line_api_error(api: Client, fake: FakeService) -> None:
+    with pytest.raises(ApiError) as err:
+        api.get("nope")
+    assert (err.value.status, err.value.title, err.value.detail) == (404, "Not Found", "job nope not found")
+    assert str(err.value) == "404 Not Found: job nope not found"
+
+    e = ApiError.from_response(
+        problem(
+            422, "Invalid job spec", "2 problems\nin body", [{"loc": ["body", "target"], "msg": "bad"}, "x"]
+        )
+    )
+    assert e.errors and "\n" not in str(e) and "target: bad" in str(e)
+
+
+# --- CLI ---
+
+
+@pytest.fixture
+def use_fake(fake: FakeService, monkeypatch: pytest.MonkeyPatch) -> FakeService:
+    monkeypatch.setattr(cli, "Client", functools.partial(Client, transport=httpx.MockTransport(fake)))
+    return fake
+
+
+def test_submit_with_an_invalid_spec_prints_one_line_per_field(
+    tmp_path: Path, use_fake: FakeService, capsys: pytest.CaptureFixture
+) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("model: {name: resnet20}\ntarget: {macs_ratio: 2}\nschedule: {epochs: -1}\ncolour: red\n")
+    assert cli.main(["submit", str(spec), "--model", "nope"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and all(line.startswith("prune: error: invalid spec: ") for line in lines)
+    assert {line.split(": ")[3] for line in lines} == {
+        "model.name",
+        "target.macs_ratio",
+        "schedule.epochs",
+        "colour",
+    }
+    assert use_fake.requests == [], "no request for a spec that fails locally"
+
+
+def test_submit_uploads_local_files_then_waits(
+    tmp_path: Path, use_fake: FakeService, capsys: pytest.CaptureFixture
+) -> None:
+    weights = tmp_path / "dense.safetensors"
+    weights.write_bytes(b"weights")
+    use_fake.jobs["j1"] = use_fake.job("j1", "succeeded")
+    use_fake.by_key["k"] = "j1"
+    assert (
+        cli.main(
+            ["submit", "--data", "digits", "--weights", str(weights), "--idempotency-key", "k", "--wait"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "j1" and "succeeded" in out[1] and "top-1 95.00% -> 91.50%" in out[1]
+    assert use_fake.uploads == [b"weights"]
+    sent = json.loads(next(r for r in use_fake.requests if r.url.path == "/v1/jobs").content)
+    assert sent["model"]["weights"] == "upload:u1" and sent["data"]["name"] == "digits"
+
+
+def test_watch_status_download_cancel(
+    tmp_path: Path, use_fake: FakeService, capsys: pytest.CaptureFixture
+) -> None:
+    use_fake.jobs["j1"] = use_fake.job("j1", "running")
+    assert cli.main(["watch", "j1"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune epoch 1: loss 0.5000, top-1 91.50%, MACs 20.30M" in out
+    assert "j1 succeeded: MACs 40.55M -> 20.30M (ratio 0.501)" in out
+
+    use_fake.jobs["j2"] = use_fake.job("j2", "failed") | {"error": {"code": "bad_data", "message": "no"}}
+    assert cli.main(["watch", "j2"]) == 1
+    assert "j2 failed: bad_data: no" in capsys.readouterr().out
+
+    assert cli.main(["status"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["ID", "STATUS"] and [r.split()[0] for r in table[1:]] == ["j2", "j1"]
+    assert cli.main(["status", "j1", "--url", "http://elsewhere"]) == 0
+    assert "status    succeeded" in capsys.readouterr().out
+
+    assert cli.main(["download", "j1", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == BLOB
+
+    assert cli.main(["cancel", "j2"]) == 0
+    assert use_fake.jobs["j2"]["cancel_requested"]
+
+    assert cli.main(["status", "j9"]) == 2
+    assert capsys.readouterr().err == "prune: error: 404 Not Found: job j9 not found\n"
+
+
+def test_run_is_the_local_engine_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pruning_core.cli
+
+    seen = []
+    monkeypatch.setattr(pruning_core.cli, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["--url", "http://x", "run", "spec.yaml", "--epochs", "1", "--url", "y"]) == 0
+    assert seen == [["run", "spec.yaml", "--epochs", "1", "--url", "y"]]
+
+
+def test_status_against_an_unreachable_service(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(sdk, "_sleep", lambda s: None)
+    assert cli.main(["--url", "http://127.0.0.1:1", "status"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "prune: error: cannot reach http://127.0.0.1:1: is the service running?\n"
+    assert captured.out == ""
+
+
+def test_keys_create_list_revoke(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from pruning_core.settings import get_settings
+    from store import db, repo
+
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    try:
+        db.migrate(sqlite_url)
+        assert cli.main(["keys", "create", "--owner", "alice", "--name", "ci"]) == 0
+        key = capsys.readouterr().out.strip()
+        engine = db.make_engine(sqlite_url)
+        with db.session_scope(engine) as s:
+            assert repo.owner_of_key(s, key) == "alice"
+            (row,) = repo.list_api_keys(s, "alice")
+
+        assert cli.main(["keys", "list", "--owner", "alice"]) == 0
+        listing = capsys.readouterr().out
+        assert row.id in listing and key not in listing, "the plaintext is shown once only"
+
+        assert cli.main(["keys", "revoke", row.id, "--owner", "bob"]) == 2
+        assert cli.main(["keys", "revoke", row.id, "--owner", "alice"]) == 0
+        with db.session_scope(engine) as s:
+            assert repo.owner_of_key(s, key) is None
+        engine.dispose()
+    finally:
+        get_settings.cache_clear()
+
+
+def test_keys_on_an_unmigrated_database_is_one_line(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from pruning_core.settings import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["keys", "list", "--owner", "alice"]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prune: error: database ")
+
+
+def test_client_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; import client, client.cli, client.sdk; client.sdk._sleep = lambda s: None; "
+        "rc = client.cli.main(['submit', '--model', 'nope']); "
+        "rc2 = client.cli.main(['--url', 'http://127.0.0.1:1', 'cancel', 'j1']); "
+        "print(rc, rc2, [m for m in ('torch', 'torchvision', 'sqlalchemy') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert out.stdout.strip() == "2 2 []"

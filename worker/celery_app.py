@@ -1,0 +1,75 @@
+"""The Celery app: one job at a time per worker (one worker per GPU), a fresh child process per job.
+
+Start a worker with ``celery -A worker.celery_app worker`` (REDIS_URL, DATABASE_URL in the environment).
+The task is a thin wrapper over ``execute(job_id)``; the database row, not the broker, is the truth.
+
+Why these settings:
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after the job ran,
+  so a worker killed mid-job does not lose it (the row's claim makes the redelivery harmless).
+- ``worker_prefetch_multiplier=1``, concurrency 1: a busy GPU worker holds no other job hostage.
+- ``worker_max_tasks_per_child=1``: each job runs in a fresh child, so torch (imported only there, never
+  in this module or the parent) and CUDA state never leak between jobs.
+- ``visibility_timeout`` above the hard time limit (in every place Celery reads it): Redis would
+  otherwise redeliver a long job to a second worker while the first still runs it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from pruning_core.settings import Settings, get_settings
+
+TASK_NAME = "pruning.run_job"
+QUEUE = "pruning"
+
+
+def soft_time_limit(hard_s: int) -> int:
+    """A little below the hard limit: the task fails cleanly (``time_limit``) before it is killed."""
+    return max(1, hard_s - min(300, max(1, hard_s // 20)))
+
+
+def celery_config(settings: Settings) -> dict:
+    visibility = {"visibility_timeout": settings.job_time_limit_s + 600}
+    return {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,
+        "worker_max_tasks_per_child": 1,
+        "task_time_limit": settings.job_time_limit_s,
+        "task_soft_time_limit": soft_time_limit(settings.job_time_limit_s),
+        "broker_transport_options": dict(visibility),
+        "result_backend_transport_options": dict(visibility),
+        "task_ignore_result": True,
+        "task_default_queue": QUEUE,
+        "task_routes": {TASK_NAME: {"queue": QUEUE}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("pruning", broker=settings.redis_url)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def enqueuer(app: Celery):
+    """``enqueue(job_id)`` by task name (task id = job id), as the API does."""
+
+    def enqueue(job_id: str) -> None:
+        app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUE)
+
+    return enqueue
+
+
+app = make_app()
+
+
+@app.task(name=TASK_NAME, bind=True)
+def run_job(self, job_id: str) -> str | None:
+    from .execute import execute  # imports no torch itself; the engine does, inside this child
+
+    return execute(job_id, worker_name=self.request.hostname or "celery")

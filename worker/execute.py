@@ -1,0 +1,281 @@
+"""``execute(job_id)``: claim a queued job, run the engine on it, record what it made, finish the row.
+
+The database row is the truth and the queue only a wake-up call: the claim is one compare-and-set, so a
+duplicate delivery (or a job cancelled while queued) finds nothing to claim and returns None. Each
+attempt works in ``<artifacts>/<job>/attempt-<n>/``; a retry first copies the latest earlier attempt's
+``checkpoints/`` there, and the engine resumes from them. Torch is imported only when a job runs.
+
+Outcomes: ``succeeded``; ``cancelled`` (asked for while running); ``failed`` with the engine's code and
+``retryable`` False for a ``PruningError`` (bad data, unreachable target, ...) or a spec the engine no
+longer accepts; ``failed``/``internal_error`` with ``retryable`` True for anything else (the traceback
+goes to the log, one line to the row). A KeyboardInterrupt/SystemExit (the local runner stopping) gives
+the attempt back to the queue, so the next start resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from pruning_core.errors import Cancelled, DataError, PruningError, WeightsError
+from pruning_core.settings import Settings, get_settings
+from pruning_core.spec import JobSpec, SpecError, parse_spec
+from store import repo
+from store.db import make_engine, session_scope
+from store.files import attempt_dir, media_type, relative_to_root, resolve_under, sha256_file
+from store.models import Job, JobStatus
+
+from .reporter import StoreReporter
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PREFIX = "upload:"
+# (section, field) of the JobSpec that may name a file, and the error a bad reference raises.
+UPLOAD_FIELDS: tuple[tuple[str, str, type[PruningError]], ...] = (
+    ("model", "weights", WeightsError),
+    ("kd", "teacher", WeightsError),
+    ("data", "root", DataError),
+)
+KEEP_AS_IS = {("kd", "teacher"): "dense"}  # values that name no file
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What execute needs of the claimed row (plain values: no session outlives its transaction)."""
+
+    id: str
+    owner: str
+    attempt: int
+    spec: dict[str, Any]
+
+
+def execute(job_id: str, *, worker_name: str, settings: Settings | None = None) -> str | None:
+    """Run job ``job_id`` here if it can be claimed. Returns the final status, or None when there was
+    nothing to claim or the attempt was taken over by another worker (it then writes nothing final)."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        return _execute(engine, job_id, worker_name, settings)
+    finally:
+        engine.dispose()
+
+
+def _execute(engine: Engine, job_id: str, worker_name: str, settings: Settings) -> str | None:
+    with session_scope(engine) as s:
+        job = repo.claim_job(s, job_id, worker_name, settings.lease_s)
+        if job is None:
+            log.info("job %s: nothing to claim (finished, cancelled or held by another worker)", job_id)
+            return None
+        claimed = Claimed(job.id, job.owner, job.attempt, dict(job.spec))
+    log.info("job %s: attempt %d claimed by %s", job_id, claimed.attempt, worker_name)
+    reporter = StoreReporter(
+        engine,
+        job_id,
+        claimed.attempt,
+        lease_s=settings.lease_s,
+        heartbeat_s=settings.heartbeat_s,
+        planned_epochs=_planned_epochs(claimed.spec),
+    ).start()
+    try:
+        return _run_claimed(engine, claimed, reporter, settings)
+    except (KeyboardInterrupt, SystemExit):
+        reporter.close()
+        _give_back(engine, claimed)
+        raise
+    finally:
+        reporter.close()
+
+
+def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings: Settings) -> str | None:
+    try:
+        spec = parse_spec(resolve_uploads(engine, job.spec, job.owner, settings.uploads_dir))
+        workdir = attempt_dir(settings.artifacts_dir, job.id, job.attempt)
+        resumed_from = copy_checkpoints(settings.artifacts_dir, job.id, job.attempt)
+        if resumed_from is not None:
+            reporter.message(f"resuming from the checkpoints of attempt {resumed_from}")
+        from pruning_core import runner  # torch: only in the process that runs a job
+
+        result = runner.run(spec, workdir, reporter)
+        reporter.close()
+        if reporter.lost:
+            log.warning("job %s attempt %d is no longer ours; not recording it", job.id, job.attempt)
+            return None
+        return _succeed(engine, job, result, settings.artifacts_dir)
+    except Cancelled as err:
+        return _finish(engine, job, reporter, JobStatus.CANCELLED, message=str(err) or "cancelled")
+    except PruningError as err:
+        return _fail(engine, job, reporter, err.code, _one_line(err), retryable=False)
+    except SpecError as err:
+        return _fail(engine, job, reporter, "invalid_spec", "; ".join(err.problems), retryable=False)
+    except Exception as err:
+        if type(err).__name__ == "SoftTimeLimitExceeded":  # Celery's soft time limit, by name: no import
+            return _fail(engine, job, reporter, "time_limit", "the job ran past its time limit", False)
+        log.exception("job %s attempt %d failed", job.id, job.attempt)
+        return _fail(engine, job, reporter, "internal_error", _one_line(err), retryable=True)
+
+
+# --- finishing ---
+
+
+def _succeed(engine: Engine, job: Claimed, result: Any, artifacts_root: Path) -> str | None:
+    """Record every artifact and mark the row succeeded, in one transaction (all or nothing)."""
+    files = [(name, Path(path)) for name, path in sorted(result.artifacts.items())]
+    records = [
+        (name, relative_to_root(artifacts_root, p), p.stat().st_size, sha256_file(p), media_type(name))
+        for name, p in files
+    ]
+    with session_scope(engine) as s:
+        if not repo.finish_job(s, job.id, job.attempt, JobStatus.SUCCEEDED, result=summarize(result.report)):
+            log.warning(
+                "job %s attempt %d is no longer ours; its artifacts are not recorded", job.id, job.attempt
+            )
+            return None
+        for name, rel, size, digest, mtype in records:
+            repo.add_artifact(s, job.id, job.attempt, name, rel, size, digest, mtype)
+    log.info("job %s attempt %d succeeded (%d artifacts)", job.id, job.attempt, len(records))
+    return JobStatus.SUCCEEDED.value
+
+
+def _fail(
+    engine: Engine, job: Claimed, reporter: StoreReporter, code: str, message: str, retryable: bool
+) -> str | None:
+    log.warning("job %s attempt %d failed: %s: %s", job.id, job.attempt, code, message)
+    return _finish(engine, job, reporter, JobStatus.FAILED, message=message, code=code, retryable=retryable)
+
+
+def _finish(
+    engine: Engine,
+    job: Claimed,
+    reporter: StoreReporter,
+    status: JobStatus,
+    *,
+    message: str,
+    code: str | None = None,
+    retryable: bool | None = None,
+) -> str | None:
+    """A terminal status with a ``message`` event first; None if the attempt is no longer ours."""
+    reporter.close()
+    if reporter.lost:
+        log.warning("job %s attempt %d stopped: no longer ours", job.id, job.attempt)
+        return None
+    text = f"{status.value}: {message}" if code is None else f"failed ({code}): {message}"
+    reporter.event("message", {"text": text})
+    with session_scope(engine) as s:
+        done = repo.finish_job(
+            s,
+            job.id,
+            job.attempt,
+            status,
+            error_code=code,
+            error_message=message if code else None,
+            retryable=retryable,
+        )
+    return status.value if done else None
+
+
+def _give_back(engine: Engine, job: Claimed) -> None:
+    """Interrupted (the runner is stopping): back to the queue now, rather than after the lease."""
+    try:
+        with session_scope(engine) as s:
+            row = s.get(Job, job.id)
+            if row is not None and row.attempt == job.attempt and repo.requeue(s, row):
+                log.info("job %s attempt %d interrupted; queued again", job.id, job.attempt)
+    except Exception:  # the reaper requeues it once the lease expires
+        log.warning("could not requeue job %s", job.id, exc_info=True)
+
+
+# --- inputs ---
+
+
+def resolve_uploads(engine: Engine, spec: dict[str, Any], owner: str, uploads_dir: Path) -> dict[str, Any]:
+    """The spec with every ``upload:<id>`` replaced by its file under ``uploads_dir``.
+
+    The upload must exist, belong to the job's owner, and its file must be there. Any other file path is
+    refused: clients name files only by upload id (the engine unpickles some data sets under a root).
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.items()}
+    for section, field, error in UPLOAD_FIELDS:
+        value = (out.get(section) or {}).get(field)
+        if value is None or KEEP_AS_IS.get((section, field)) == value:
+            continue
+        if not isinstance(value, str) or not value.startswith(UPLOAD_PREFIX):
+            raise error(f"{section}.{field} must be an upload reference `upload:<id>`, not a path")
+        upload_id = value.removeprefix(UPLOAD_PREFIX)
+        with session_scope(engine) as s:
+            up = repo.get_upload(s, upload_id, owner=owner)
+            rel = up.path if up is not None else None
+        if rel is None:
+            raise error(f"{section}.{field}: upload {upload_id} not found")
+        try:
+            path = resolve_under(uploads_dir, rel)
+        except ValueError:
+            raise error(f"{section}.{field}: upload {upload_id} has an invalid path") from None
+        if not path.is_file():
+            raise error(f"{section}.{field}: the file of upload {upload_id} is missing")
+        out[section][field] = str(path)
+    return out
+
+
+def copy_checkpoints(artifacts_root: Path, job_id: str, attempt: int) -> int | None:
+    """Copy the newest earlier attempt's ``checkpoints/`` into this attempt's; the attempt copied, if any."""
+    dest = attempt_dir(artifacts_root, job_id, attempt) / "checkpoints"
+    for prev in range(attempt - 1, 0, -1):
+        src = attempt_dir(artifacts_root, job_id, prev) / "checkpoints"
+        files = sorted(p for p in src.glob("*.pt") if p.is_file()) if src.is_dir() else []
+        if files:
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                if not (dest / f.name).exists():
+                    shutil.copy2(f, dest / f.name)
+            return prev
+    return None
+
+
+def _planned_epochs(spec: dict[str, Any]) -> int:
+    try:
+        s = JobSpec.model_validate(spec).schedule
+    except Exception:
+        return 0
+    return s.dense_epochs + s.epochs
+
+
+# --- outputs ---
+
+
+def summarize(report: Any) -> dict[str, Any]:
+    """The short summary kept in ``Job.result`` (the whole report is the ``report.json`` artifact)."""
+
+    def cost(c: Any) -> dict[str, Any]:
+        lat = getattr(c, "latency", None)
+        return {
+            "macs": c.macs,
+            "params": c.params,
+            "top1": c.top1,
+            "latency_p50_ms": lat.p50_ms if lat is not None else None,
+        }
+
+    return {
+        "method": report.method,
+        "model": report.model,
+        "data": report.data,
+        "device": report.device,
+        "target_macs_ratio": report.target_macs_ratio,
+        "achieved_macs_ratio": report.achieved_macs_ratio,
+        "params_ratio": report.params_ratio,
+        "latency_speedup": report.latency_speedup,
+        "dense": cost(report.dense),
+        "pruned": cost(report.pruned),
+    }
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+__all__ = ["execute", "resolve_uploads", "copy_checkpoints", "summarize"]

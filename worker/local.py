@@ -1,0 +1,171 @@
+"""Embedded mode (no Redis): poll the database for queued jobs and run each in a fresh child process.
+
+``python -m worker.local``: oldest queued job first, one at a time, each through the same
+``execute(job_id)`` as a Celery worker, in a child started with the ``spawn`` method (a clean
+interpreter: torch and CUDA state never outlive a job, and this process never imports torch). The
+reaper runs here too, with a no-op enqueue: the poll itself picks queued rows up.
+
+SIGTERM / SIGINT: stop polling; a running child gets one SIGINT, so the engine checkpoints at its next
+step and the job goes back to the queue (the next start resumes it); after a grace period it is killed
+(its lease then expires and the reaper requeues it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from sqlalchemy import Engine, select
+
+from pruning_core.settings import Settings, get_settings
+from store.db import make_engine, migrate, session_scope
+from store.models import Job, JobStatus
+
+from .reaper import interval_s, reap_once
+
+log = logging.getLogger(__name__)
+
+EXIT_DONE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 3, 4
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def next_queued(engine: Engine, skip: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """The oldest queued job that can be claimed, skipping ``skip``."""
+    with session_scope(engine) as s:
+        q = (
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                Job.cancel_requested.is_(False),
+                Job.attempt < Job.max_attempts,
+            )
+            .order_by(Job.created_at, Job.id)
+            .limit(len(skip) + 1)
+        )
+        ids = list(s.scalars(q))
+    return next((i for i in ids if i not in skip), None)
+
+
+def _child(job_id: str, worker_name: str, settings: Settings) -> None:
+    """The child: its own process group (a terminal's Ctrl-C reaches only the parent, which forwards
+    exactly one SIGINT), then ``execute``. The exit code tells the parent what happened."""
+    os.setpgrp()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    from .execute import execute
+
+    try:
+        status = execute(job_id, worker_name=worker_name, settings=settings)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_DONE if status else EXIT_NOTHING)
+
+
+class LocalRunner:
+    def __init__(self, settings: Settings, *, poll_s: float = 1.0, grace_s: float = 60.0):
+        self.settings, self.poll_s, self.grace_s = settings, poll_s, grace_s
+        self.worker_name = f"local@{socket.gethostname()}:{os.getpid()}"
+        self.engine = make_engine(settings.sqlalchemy_url)
+        self.ctx = multiprocessing.get_context("spawn")
+        self._last_reap = float("-inf")
+        self._skip: dict[str, float] = {}  # job id -> until (monotonic): nothing was claimable
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("local runner %s: polling %s", self.worker_name, _safe_url(self.settings.sqlalchemy_url))
+        while not stop.is_set():
+            try:
+                self._maybe_reap()
+                job_id = next_queued(self.engine, self._skipped())
+            except Exception:  # database unavailable: wait and try again
+                log.warning("poll failed", exc_info=True)
+                stop.wait(self.poll_s)
+                continue
+            if job_id is None:
+                stop.wait(self.poll_s)
+                continue
+            code = self.run_child(job_id, stop)
+            if code == EXIT_NOTHING:
+                self._skip[job_id] = time.monotonic() + 10 * self.poll_s
+            elif code == EXIT_INTERRUPTED:
+                log.info("job %s: interrupted", job_id)
+            elif code != EXIT_DONE:
+                log.warning("job %s: child exited with %s; the reaper requeues it", job_id, code)
+        self.engine.dispose()
+        log.info("local runner stopped")
+
+    def run_child(self, job_id: str, stop: threading.Event) -> int | None:
+        """Run one job in a fresh child; returns its exit code."""
+        p = self.ctx.Process(
+            target=_child, args=(job_id, self.worker_name, self.settings), name=f"job-{job_id}"
+        )
+        p.start()
+        interrupted_at: float | None = None
+        while True:
+            p.join(0.5)
+            if p.exitcode is not None:
+                return p.exitcode
+            now = time.monotonic()
+            if stop.is_set() and interrupted_at is None:
+                log.info("stopping: interrupting job %s (it checkpoints and goes back to the queue)", job_id)
+                _signal(p.pid, signal.SIGINT)
+                interrupted_at = now
+            elif interrupted_at is not None and now - interrupted_at > self.grace_s:
+                log.warning("job %s did not stop within %.0f s; killing it", job_id, self.grace_s)
+                p.kill()
+                p.join()
+                return p.exitcode
+            self._maybe_reap()
+
+    def _maybe_reap(self) -> None:
+        if time.monotonic() - self._last_reap < interval_s(self.settings):
+            return
+        self._last_reap = time.monotonic()
+        try:
+            counts = reap_once(self.engine, lambda _job_id: None, self.settings)
+        except Exception:
+            log.warning("reaper pass failed", exc_info=True)
+            return
+        if any(counts.values()):
+            log.info("reaper: %s", counts)
+
+    def _skipped(self) -> set[str]:
+        now = time.monotonic()
+        self._skip = {k: t for k, t in self._skip.items() if t > now}
+        return set(self._skip)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without a password, for the log."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    settings = get_settings()
+    migrate(settings.sqlalchemy_url)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    LocalRunner(settings).run(stop)
+
+
+if __name__ == "__main__":
+    main()

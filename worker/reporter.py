@@ -1,0 +1,170 @@
+"""``StoreReporter``: the engine's Reporter, writing a running job's events, progress and heartbeat.
+
+Every write is its own short transaction. A daemon thread renews the lease every ``heartbeat_s`` (so a
+long step, a graph build or an export never lets the lease lapse while the process lives) and reads the
+cancel flag; ``cancelled()`` only returns what the last heartbeat saw, so the engine can ask between
+every step for free. If the attempt is no longer ours (the reaper gave it to another worker), the
+reporter says "cancelled" too, so the engine stops at its next step and this attempt writes nothing
+more. Torch-free: the engine's ``Reporter`` protocol is matched by shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from store import repo
+from store.db import session_scope
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 2.0
+
+
+def _json_safe(value: Any) -> Any:
+    """Event data goes into a JSON column: NaN/inf become None, tuples lists, unknown objects strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+class StoreReporter:
+    """Reporter for attempt ``attempt`` of job ``job_id``. Call ``start()`` before and ``close()`` after."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        job_id: str,
+        attempt: int,
+        *,
+        lease_s: float,
+        heartbeat_s: float,
+        planned_epochs: int = 0,
+        progress_every_s: float = PROGRESS_EVERY_S,
+    ):
+        self.engine, self.job_id, self.attempt = engine, job_id, attempt
+        self.lease_s, self.heartbeat_s = lease_s, max(0.05, heartbeat_s)
+        self.progress_every_s = progress_every_s
+        self.planned_epochs = planned_epochs  # an estimate: all phases' epochs from the spec
+        self.lost = False  # the attempt was taken from us (reaped): write nothing final
+        self.cancel_requested = False
+        self._phase: str | None = None
+        self._phase_epochs = 0
+        self._steps = 1
+        self._epochs_before = 0  # epochs of the phases already finished in this attempt
+        self._progress = 0.0
+        self._last_progress_write = 0.0
+        self._last_beat = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---
+
+    def start(self) -> StoreReporter:
+        self._thread = threading.Thread(target=self._beat_loop, name=f"heartbeat-{self.job_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self.beat()
+
+    def beat(self, *, progress: float | None = None) -> None:
+        """Renew the lease; read the cancel flag. A database error is logged, never raised."""
+        try:
+            with session_scope(self.engine) as s:
+                ours, cancel = repo.heartbeat(
+                    s, self.job_id, self.attempt, self.lease_s, progress=progress, phase=self._phase
+                )
+        except Exception:  # a transient database error must not kill the job; the next beat retries
+            log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+            return
+        self._last_beat = time.monotonic()
+        if not ours and not self.lost:
+            log.warning("job %s attempt %d is no longer ours; stopping", self.job_id, self.attempt)
+        self.lost = self.lost or not ours
+        self.cancel_requested = self.cancel_requested or cancel
+
+    # --- the engine's Reporter protocol ---
+
+    def phase(self, name: str, epochs: int, steps_per_epoch: int) -> None:
+        if self._phase is not None and name != self._phase:
+            self._epochs_before += self._phase_epochs
+        self._phase, self._phase_epochs, self._steps = name, epochs, max(1, steps_per_epoch)
+        self.event("phase", {"name": name, "epochs": epochs, "steps_per_epoch": steps_per_epoch})
+        self.beat(progress=self._progress)
+
+    def step(self, phase: str, epoch: int, step: int, loss: float) -> None:
+        self._advance(epoch + step / self._steps)
+        now = time.monotonic()
+        if now - self._last_progress_write >= self.progress_every_s:
+            self._last_progress_write = now
+            data = {"progress": round(self._progress, 4), "phase": phase, "epoch": epoch, "step": step}
+            if math.isfinite(loss):
+                data["loss"] = loss
+            self.event("progress", data)
+            self.beat(progress=self._progress)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        self._advance(record.get("epoch", 0) + 1)
+        self.event("epoch", record)
+
+    def message(self, text: str) -> None:
+        self.event("message", {"text": text})
+
+    def cancelled(self) -> bool:
+        # Normally the heartbeat thread keeps the flag fresh; beat here too if it fell behind.
+        if time.monotonic() - self._last_beat > 2 * self.heartbeat_s:
+            self.beat()
+        return self.cancel_requested or self.lost
+
+    # --- helpers ---
+
+    def _advance(self, epochs_in_phase: float) -> None:
+        """Progress over all planned epochs (never backwards; at most 0.99 until the job finishes)."""
+        done = self._epochs_before + epochs_in_phase
+        total = max(self.planned_epochs, self._epochs_before + self._phase_epochs, 1)
+        self._progress = max(self._progress, min(0.99, done / total))
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        """Append one event unless the attempt was lost. Retried once on a seq race; never raises."""
+        if self.lost:
+            return
+        _write(self.engine, lambda s: repo.append_event(s, self.job_id, kind, _json_safe(data)))
+
+
+def _write(engine: Engine, fn: Callable[[Session], Any], tries: int = 3) -> bool:
+    """Run ``fn`` in its own transaction; retry a unique-seq race or a locked database, log otherwise."""
+    for i in range(tries):
+        try:
+            with session_scope(engine) as s:
+                fn(s)
+            return True
+        except (IntegrityError, OperationalError):
+            if i == tries - 1:
+                log.warning("event write failed after %d tries", tries, exc_info=True)
+            time.sleep(0.05 * (i + 1))
+        except Exception:
+            log.warning("event write failed", exc_info=True)
+            return False
+    return False
