@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test bench bench-gpu lint clean
+.PHONY: install run demo test bench bench-gpu bench-service lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) -m bench.run --profile gpu
+
+# HTTP throughput and latency against uvicorn + PostgreSQL + Redis on this machine.
+bench-service: $(STAMP)
+	$(PY) -m bench.service
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

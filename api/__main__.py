@@ -59,7 +59,7 @@ def main() -> int:
         if runner is not None and runner.poll() is None:
             runner.terminate()
             try:
-                runner.wait(timeout=15)
+                runner.wait(timeout=70)  # the running job checkpoints and goes back to the queue first
             except subprocess.TimeoutExpired:
                 runner.kill()
                 runner.wait()

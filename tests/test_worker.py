@@ -225,6 +225,45 @@ def test_cancel_while_running(settings: Settings, engine: Engine) -> None:
     assert execute(job_id, worker_name="test", settings=settings) is None
 
 
+def test_reporter_progress_heartbeat_cancel_and_loss(sqlite_db: str) -> None:
+    engine = make_engine(sqlite_db)
+    job_id = submit(engine, digits_spec(epochs=2))
+    with session_scope(engine) as s:
+        repo.claim_job(s, job_id, "w", lease_s=5)
+    r = StoreReporter(
+        engine, job_id, 1, lease_s=60, heartbeat_s=0.05, planned_epochs=2, progress_every_s=0
+    ).start()
+    try:
+        r.phase("finetune", 2, 4)
+        for epoch in range(2):
+            for step in range(1, 5):
+                r.step("finetune", epoch, step, 0.5)
+            r.epoch({"phase": "finetune", "epoch": epoch, "top1": float("nan"), "macs": 10})
+        evs = events(engine, job_id)
+        progress = [d["progress"] for _, k, d in evs if k == "progress"]
+        assert len(progress) == 8 and progress == sorted(progress) and progress[-1] == 0.99
+        assert [d for _, k, d in evs if k == "epoch"][0]["top1"] is None  # NaN is not JSON
+        job = get(engine, job_id)
+        assert (job.phase, job.progress) == ("finetune", 0.99)
+        assert job.lease_until.replace(tzinfo=None) > (utcnow() + timedelta(seconds=30)).replace(tzinfo=None)
+
+        assert not r.cancelled()
+        with session_scope(engine) as s:
+            repo.request_cancel(s, job_id)
+        wait_for(r.cancelled, 5, "the cancel flag", every=0.02)
+        assert not r.lost
+
+        with session_scope(engine) as s:
+            repo.requeue(s, repo.get_job(s, job_id))  # the reaper gave the attempt away
+        wait_for(lambda: r.lost, 5, "the loss of the attempt", every=0.02)
+        n = len(events(engine, job_id))
+        r.message("not ours any more")
+        assert len(events(engine, job_id)) == n
+    finally:
+        r.close()
+        engine.dispose()
+
+
 class _Crash(BaseException):
     """Stands in for a worker dying mid-job: nothing in execute() handles it."""
 
@@ -270,20 +309,26 @@ def test_reaper_requeues_and_the_retry_resumes(
 
 def test_reaper_fails_exhausted_and_wakes_unqueued(settings: Settings, engine: Engine) -> None:
     lost = submit(engine, digits_spec(), max_attempts=1)
+    lost_cancelled = submit(engine, digits_spec())
     waiting = submit(engine, digits_spec())
     cancelled = submit(engine, digits_spec())
     with session_scope(engine) as s:
-        assert repo.claim_job(s, lost, "gone", lease_s=30) is not None
+        for job_id in (lost, lost_cancelled):
+            assert repo.claim_job(s, job_id, "gone", lease_s=30) is not None
+        repo.request_cancel(s, lost_cancelled)  # asked while running, then its worker died
         repo.request_cancel(s, cancelled)
     expire_lease(engine, lost)
+    expire_lease(engine, lost_cancelled)
 
     sent: list[str] = []
     counts = reap_once(engine, sent.append, settings)  # the queued ones are too young to count
-    assert (counts["failed"], counts["enqueued"], sent) == (1, 0, [])
-    counts = reap_once(engine, sent.append, settings, unqueued_after_s=0)
-    assert (counts["failed"], counts["enqueued"], sent) == (0, 1, [waiting])
+    assert (counts["failed"], counts["cancelled"], counts["requeued"], sent) == (1, 1, 0, [])
     job = get(engine, lost)
     assert (job.status, job.error_code, job.retryable) == ("failed", "worker_lost", True)
+    assert get(engine, lost_cancelled).status == "cancelled"
+
+    counts = reap_once(engine, sent.append, settings, unqueued_after_s=0)
+    assert (counts["failed"], counts["enqueued"], sent) == (0, 1, [waiting])
     assert get(engine, waiting).enqueued_at is not None
     assert get(engine, cancelled).status == "cancelled"
 
@@ -294,8 +339,12 @@ def test_reaper_fails_exhausted_and_wakes_unqueued(settings: Settings, engine: E
     def broker_down(_job_id: str) -> None:
         raise ConnectionError("broker down")
 
-    counts = reap_once(engine, broker_down, settings, unqueued_after_s=0, reenqueue_after_s=0)
-    assert counts["enqueue_errors"] == 1 and get(engine, waiting).status == "queued"
+    unsent: set[str] = set()
+    counts = reap_once(engine, broker_down, settings, unqueued_after_s=0, reenqueue_after_s=0, unsent=unsent)
+    assert (counts["enqueue_errors"], unsent, get(engine, waiting).status) == (1, {waiting}, "queued")
+    sent.clear()
+    counts = reap_once(engine, sent.append, settings, unsent=unsent)  # the failed send is retried at once
+    assert (counts["enqueued"], sent, unsent) == (1, [waiting], set())
 
 
 def test_uploads_resolve_for_their_owner_only(sqlite_db: str, tmp_path: Path) -> None:
@@ -403,8 +452,13 @@ class Procs:
 
     @staticmethod
     def kill(p: subprocess.Popen) -> None:
+        """SIGKILL the process group, and any descendant in a group of its own (the local runner's jobs)."""
+        strays = _descendants(p.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         p.wait(timeout=10)
 
     def logs(self) -> str:
@@ -416,6 +470,21 @@ class Procs:
     def close(self) -> None:
         for p in self.procs:
             self.kill(p)
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [c for c, pp in parents.items() if pp == parent]
+        out += children
+        todo += children
+    return out
 
 
 def service_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -516,6 +585,8 @@ def test_two_celery_workers_run_six_jobs_exactly_once(celery_stack, procs: Procs
         job = get(engine, j)
         assert (job.status, job.attempt) == ("succeeded", 1), (j, job.status, job.error_message)
         assert statuses(engine, j) == ["queued", "running", "succeeded"]
+    host = os.uname().nodename
+    assert {get(engine, j).worker for j in jobs} == {f"a@{host}", f"b@{host}"}  # both took jobs
 
 
 def test_local_runner_runs_queue_and_stops_cleanly(sqlite_db: str, tmp_path: Path, procs: Procs) -> None:

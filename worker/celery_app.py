@@ -16,11 +16,13 @@ Why these settings:
 from __future__ import annotations
 
 from celery import Celery
+from sqlalchemy.exc import DBAPIError
 
 from pruning_core.settings import Settings, get_settings
 
 TASK_NAME = "pruning.run_job"
 QUEUE = "pruning"
+DB_RETRIES, DB_RETRY_S = 20, 15
 
 
 def soft_time_limit(hard_s: int) -> int:
@@ -68,8 +70,13 @@ def enqueuer(app: Celery):
 app = make_app()
 
 
-@app.task(name=TASK_NAME, bind=True)
+@app.task(name=TASK_NAME, bind=True, max_retries=DB_RETRIES)
 def run_job(self, job_id: str) -> str | None:
     from .execute import execute  # imports no torch itself; the engine does, inside this child
 
-    return execute(job_id, worker_name=self.request.hostname or "celery")
+    try:
+        return execute(job_id, worker_name=self.request.hostname or "celery")
+    except DBAPIError as err:
+        # The database was unreachable (execute handles everything else itself): try again later
+        # rather than drop the wake-up call. A redelivery after a claim finds nothing to claim.
+        raise self.retry(exc=err, countdown=DB_RETRY_S) from err

@@ -183,10 +183,14 @@ def _give_back(engine: Engine, job: Claimed) -> None:
     try:
         with session_scope(engine) as s:
             row = s.get(Job, job.id)
-            if row is not None and row.attempt == job.attempt and repo.requeue(s, row):
-                log.info("job %s attempt %d interrupted; queued again", job.id, job.attempt)
+            done = row is not None and row.attempt == job.attempt and repo.requeue(s, row)
     except Exception:  # the reaper requeues it once the lease expires
-        log.warning("could not requeue job %s", job.id, exc_info=True)
+        log.warning("job %s: could not requeue after an interrupt", job.id, exc_info=True)
+        return
+    if done:
+        log.info("job %s attempt %d interrupted; queued again", job.id, job.attempt)
+    else:
+        log.warning("job %s attempt %d interrupted; it was no longer ours to requeue", job.id, job.attempt)
 
 
 # --- inputs ---

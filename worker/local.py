@@ -22,11 +22,11 @@ import sys
 import threading
 import time
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from pruning_core.settings import Settings, get_settings
+from store import repo
 from store.db import make_engine, migrate, session_scope
-from store.models import Job, JobStatus
 
 from .reaper import interval_s, reap_once
 
@@ -39,17 +39,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def next_queued(engine: Engine, skip: set[str] | frozenset[str] = frozenset()) -> str | None:
     """The oldest queued job that can be claimed, skipping ``skip``."""
     with session_scope(engine) as s:
-        q = (
-            select(Job.id)
-            .where(
-                Job.status == JobStatus.QUEUED,
-                Job.cancel_requested.is_(False),
-                Job.attempt < Job.max_attempts,
-            )
-            .order_by(Job.created_at, Job.id)
-            .limit(len(skip) + 1)
-        )
-        ids = list(s.scalars(q))
+        ids = repo.queued_job_ids(s, limit=len(skip) + 1)
     return next((i for i in ids if i not in skip), None)
 
 

@@ -1,7 +1,8 @@
 """The reaper: gives jobs whose worker vanished back to the queue, and wakes jobs the broker never saw.
 
 - running, lease expired (no heartbeat for ``lease_s``): re-queued and enqueued again (the next attempt
-  resumes from the last checkpoint), or failed ``worker_lost`` once ``max_attempts`` are used up;
+  resumes from the last checkpoint), failed ``worker_lost`` once ``max_attempts`` are used up, or
+  cancelled if its owner asked for that meanwhile (``repo.requeue`` decides, by compare-and-set);
 - queued, never enqueued (the API crashed between commit and enqueue, or the broker was down) for
   ``UNQUEUED_AFTER_S``, or enqueued more than ``REENQUEUE_AFTER_S`` ago (a message lost by the broker):
   enqueued again. A duplicate message is harmless (the claim is a compare-and-set), but not free, so a
@@ -38,31 +39,50 @@ def reap_once(
     *,
     unqueued_after_s: float = UNQUEUED_AFTER_S,
     reenqueue_after_s: float = REENQUEUE_AFTER_S,
+    unsent: set[str] | None = None,
 ) -> dict[str, int]:
-    """One pass; returns counts: ``requeued``, ``enqueued``, ``failed``, ``enqueue_errors``."""
-    counts = {"requeued": 0, "enqueued": 0, "failed": 0, "enqueue_errors": 0}
+    """One pass; returns counts: ``requeued``, ``enqueued``, ``failed``, ``cancelled``, ``enqueue_errors``.
+
+    ``unsent`` (kept by a long-running caller between passes) holds the jobs whose enqueue failed, so they
+    are sent again on the next pass however recently their row says they were queued.
+    """
+    counts = {"requeued": 0, "enqueued": 0, "failed": 0, "cancelled": 0, "enqueue_errors": 0}
+    unsent = unsent if unsent is not None else set()
     with session_scope(engine) as s:
         jobs = repo.stale_jobs(s, unqueued_after_s=unqueued_after_s)
+        retry = [j for j in (repo.get_job(s, i) for i in sorted(unsent)) if j is not None]
+    resend = {j.id for j in retry if j.status == JobStatus.QUEUED}
+    jobs += [j for j in retry if j.id in resend and j.id not in {j2.id for j2 in jobs}]
+    unsent.clear()
     resend_before = utcnow() - timedelta(seconds=reenqueue_after_s)
     for job in jobs:
-        if job.attempt >= job.max_attempts:
+        if job.status == JobStatus.RUNNING or job.attempt >= job.max_attempts:
+            # requeue: running -> queued (True); or, out of attempts -> failed worker_lost, or cancel
+            # requested -> cancelled, or the row moved on (a heartbeat, a claim) -> unchanged (False).
             with session_scope(engine) as s:
-                if repo.fail_exhausted(s, job, "worker_lost"):
-                    counts["failed"] += 1
-                    log.warning("job %s failed: worker lost %d time(s)", job.id, job.attempt)
-            continue
-        if job.status == JobStatus.RUNNING:
-            with session_scope(engine) as s:
-                if not repo.requeue(s, job):
-                    continue  # it finished or was claimed meanwhile
-            counts["requeued"] += 1
-            log.warning("job %s: attempt %d lost its worker; queued again", job.id, job.attempt)
-        elif job.enqueued_at is not None and _aware(job.enqueued_at) > resend_before:
-            continue  # sent recently: it is waiting for a free worker
+                send = repo.requeue(s, job)
+                status = s.get(Job, job.id, populate_existing=True).status
+            if send:
+                counts["requeued"] += 1
+                log.warning("job %s: attempt %d lost its worker; queued again", job.id, job.attempt)
+            elif status in (JobStatus.FAILED, JobStatus.CANCELLED) and status != job.status:
+                counts["failed" if status == JobStatus.FAILED else "cancelled"] += 1
+                log.warning(
+                    "job %s: worker lost (attempt %d of %d): %s",
+                    job.id,
+                    job.attempt,
+                    job.max_attempts,
+                    status,
+                )
+            if not send:
+                continue
+        elif job.id not in resend and job.enqueued_at and _aware(job.enqueued_at) > resend_before:
+            continue  # sent a while ago and not lost as far as we know: waiting for a free worker
         if _enqueue(engine, enqueue, job):
             counts["enqueued"] += 1
         else:
             counts["enqueue_errors"] += 1
+            unsent.add(job.id)
     return counts
 
 
@@ -74,7 +94,7 @@ def _aware(t: datetime) -> datetime:
 def _enqueue(engine: Engine, enqueue: Callable[[str], None], job: Job) -> bool:
     try:
         enqueue(job.id)
-    except Exception:  # the broker is down: the row stays un-enqueued and the next pass retries
+    except Exception:  # the broker is down: try again on the next pass
         log.warning("could not enqueue job %s", job.id, exc_info=True)
         return False
     with session_scope(engine) as s:
@@ -89,9 +109,10 @@ def interval_s(settings: Settings) -> float:
 def run_forever(
     engine: Engine, enqueue: Callable[[str], None], settings: Settings, stop: threading.Event
 ) -> None:
+    unsent: set[str] = set()
     while not stop.is_set():
         try:
-            counts = reap_once(engine, enqueue, settings)
+            counts = reap_once(engine, enqueue, settings, unsent=unsent)
             if any(counts.values()):
                 log.info("reaper: %s", counts)
         except Exception:  # the database is down: try again next round

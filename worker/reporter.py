@@ -68,7 +68,7 @@ class StoreReporter:
         self._epochs_before = 0  # epochs of the phases already finished in this attempt
         self._progress = 0.0
         self._last_progress_write = 0.0
-        self._last_beat = time.monotonic()
+        self._last_try = time.monotonic()  # of the last heartbeat, successful or not
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -87,10 +87,11 @@ class StoreReporter:
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            self.beat()
+            self.beat(progress=self._progress or None)
 
     def beat(self, *, progress: float | None = None) -> None:
         """Renew the lease; read the cancel flag. A database error is logged, never raised."""
+        self._last_try = time.monotonic()
         try:
             with session_scope(self.engine) as s:
                 ours, cancel = repo.heartbeat(
@@ -99,7 +100,6 @@ class StoreReporter:
         except Exception:  # a transient database error must not kill the job; the next beat retries
             log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
             return
-        self._last_beat = time.monotonic()
         if not ours and not self.lost:
             log.warning("job %s attempt %d is no longer ours; stopping", self.job_id, self.attempt)
         self.lost = self.lost or not ours
@@ -112,7 +112,7 @@ class StoreReporter:
             self._epochs_before += self._phase_epochs
         self._phase, self._phase_epochs, self._steps = name, epochs, max(1, steps_per_epoch)
         self.event("phase", {"name": name, "epochs": epochs, "steps_per_epoch": steps_per_epoch})
-        self.beat(progress=self._progress)
+        self.beat(progress=self._progress or None)
 
     def step(self, phase: str, epoch: int, step: int, loss: float) -> None:
         self._advance(epoch + step / self._steps)
@@ -134,7 +134,7 @@ class StoreReporter:
 
     def cancelled(self) -> bool:
         # Normally the heartbeat thread keeps the flag fresh; beat here too if it fell behind.
-        if time.monotonic() - self._last_beat > 2 * self.heartbeat_s:
+        if time.monotonic() - self._last_try > 2 * self.heartbeat_s:
             self.beat()
         return self.cancel_requested or self.lost
 
