@@ -18,14 +18,18 @@ class Settings(BaseSettings):
 
     # --- engine ---
     data_root: Path = Field(Path("data"), description="Where cifar10/cifar100 live (DATA_ROOT).")
-    allow_download: bool = Field(False, description="Let torchvision download missing data sets (ALLOW_DOWNLOAD).")
+    allow_download: bool = Field(
+        False, description="Let torchvision download missing data sets (ALLOW_DOWNLOAD)."
+    )
     archive_max_bytes: int = Field(2 * 1024**3, description="Cap on the unpacked size of a dataset archive.")
     archive_max_members: int = Field(200_000, description="Cap on the number of files in a dataset archive.")
     archive_max_ratio: float = Field(200.0, description="Cap on unpacked/packed size (zip bombs).")
     graph_timeout_s: float = Field(120.0, description="Bound on building a model's dependency graph.")
 
     # --- service ---
-    state_dir: Path = Field(Path("var"), description="Home of the SQLite file, artifacts and uploads by default.")
+    state_dir: Path = Field(
+        Path("var"), description="Home of the SQLite file, artifacts and uploads by default."
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite under STATE_DIR.")
     redis_url: str | None = Field(None, description="Celery broker; unset = embedded mode (local runner).")
     artifact_root: Path | None = Field(None, description="Job artifacts; default STATE_DIR/artifacts.")
@@ -35,8 +39,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, description="How often a running job writes its heartbeat.")
     max_attempts: int = Field(3, description="Attempts before a job that keeps losing its worker fails.")
     job_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one job attempt.")
-    bootstrap_api_key: str | None = Field(None, description="An API key accepted for owner `admin` (BOOTSTRAP_API_KEY).")
-    auth_disabled: bool = Field(False, description="Embedded mode on loopback only: accept requests without a key.")
+    bootstrap_api_key: str | None = Field(
+        None, description="An API key accepted for owner `admin` (BOOTSTRAP_API_KEY)."
+    )
+    auth_disabled: bool = Field(
+        False, description="Embedded mode on loopback only: accept requests without a key."
+    )
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pytest
 
+# Several torch processes share 2 cores in these tests (server, workers, CLI runs): OpenMP's default
+# spin-waiting makes each slow the others down ~100x, so threads sleep when idle instead. Set before
+# torch is imported here, and inherited by every subprocess the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
