@@ -46,6 +46,7 @@ from .measure import measure_row
 from .peer import PeerResult, prune_to_macs
 from .plain import plain_train
 from .profiles import CACHE_DIR, PROFILES, REPO_DIR, RESULTS_DIR, Case, Profile, with_overrides
+from .stack import cpu_model
 
 RESULTS_FORMAT = "pruning-core/bench-v1"
 
@@ -287,14 +288,7 @@ def run_case(case: Case, profile: Profile, work: Path) -> dict[str, Any]:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

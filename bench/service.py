@@ -26,7 +26,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import redis
 
 from . import service_markdown
 from .service_load import get_jobs, post_jobs, run_level
+from .stack import cpu_model, free_port, process, tail, wait_ready
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -111,51 +111,6 @@ def redis_db(url: str) -> Iterator[redis.Redis]:
         client.close()
 
 
-@contextmanager
-def process(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """A subprocess in its own session, stopped (SIGTERM, then SIGKILL) with its children on exit."""
-    with log_path.open("w") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def wait_ready(base: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> float:
-    """Seconds until ``/readyz`` answers 200."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{tail(log_path)}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{base}/readyz never answered 200:\n{tail(log_path)}")
-
-
 def wait_log(proc: subprocess.Popen, log_path: Path, needle: str, timeout: float = 180.0) -> float:
     """Seconds until ``needle`` appears in the process's log."""
     t0 = time.perf_counter()
@@ -207,14 +162,7 @@ def worker_command(name: str) -> list[str]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions = {}
     for name in SERVICE_VERSIONS + ("uvloop", "httptools"):
         try:

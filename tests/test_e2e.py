@@ -9,19 +9,17 @@ import base64
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from bench.stack import free_port, process, wait_ready
 from pruning_core.export import load_pruned
 from pruning_core.macs import count_macs
 
@@ -34,40 +32,6 @@ JOB = {
     "export": {"formats": ["safetensors", "onnx"]},
 }
 LONG_JOB = {**JOB, "schedule": {"epochs": 50, "batch_size": 16}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _proc(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    with log.open("w") as out:
-        p = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield p
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-
-def _wait_ready(base: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{base} never became ready")
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -126,11 +90,11 @@ def _check_finished_job(client: httpx.Client, job_id: str, events: list[dict], d
 
 
 def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = _env(tmp_path, PORT=str(port), AUTH_DISABLED="1")
-    with _proc([sys.executable, "-m", "api"], env, tmp_path / "api.log"):
-        _wait_ready(base)
+    with process([sys.executable, "-m", "api"], env, tmp_path / "api.log") as api:
+        wait_ready(base, api, tmp_path / "api.log")
         with httpx.Client(base_url=base, timeout=30) as c:
             r = c.post("/v1/jobs", json=JOB)
             assert r.status_code == 201, r.text
@@ -142,7 +106,7 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
 @pytest.fixture
 def stack(tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[tuple[str, dict[str, str]]]:
     """A migrated PostgreSQL database, uvicorn on a free port, Redis; the worker is started by the test."""
-    port = _free_port()
+    port = free_port()
     env = _env(tmp_path, DATABASE_URL=pg_url, REDIS_URL=redis_url, BOOTSTRAP_API_KEY=KEY, LEASE_S="20")
     subprocess.run([sys.executable, "-m", "store", "migrate"], env=env, check=True, capture_output=True)
     server = [
@@ -156,8 +120,8 @@ def stack(tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[tuple[str, di
         "--port",
         str(port),
     ]
-    with _proc(server, env, tmp_path / "api.log"):
-        _wait_ready(f"http://127.0.0.1:{port}")
+    with process(server, env, tmp_path / "api.log") as api:
+        wait_ready(f"http://127.0.0.1:{port}", api, tmp_path / "api.log")
         yield f"http://127.0.0.1:{port}", env
 
 
@@ -182,7 +146,7 @@ def _worker(env: dict[str, str], tmp: Path, name: str):
         "--loglevel",
         "INFO",
     ]
-    return _proc(cmd, env, tmp / f"{name}.log")
+    return process(cmd, env, tmp / f"{name}.log")
 
 
 def _wait_status(c: httpx.Client, job_id: str, wanted: set[str], timeout: float = 120.0) -> dict:
