@@ -298,8 +298,12 @@ def stale_jobs(s: Session, *, unqueued_after_s: float = 30.0) -> list[Job]:
     return list(s.scalars(q.order_by(Job.created_at, Job.id)))
 
 
-def requeue(s: Session, job: Job) -> bool:
+def requeue(s: Session, job: Job, *, interrupted: bool = False) -> bool:
     """Give a job back to the queue; True when the caller must enqueue ``job.id`` now.
+
+    ``interrupted``: the worker is stopping on purpose (SIGTERM, Ctrl-C) and gives its own attempt back;
+    that attempt is not counted (the next claim reuses its number and its checkpoints), so a deploy or a
+    restart never exhausts a job's attempts.
 
     ``job`` is a row as read earlier (from ``stale_jobs``, or a worker giving its own attempt back when
     interrupted); every change below is a compare-and-set against it:
@@ -316,21 +320,25 @@ def requeue(s: Session, job: Job) -> bool:
     """
     if _cancel_if_requested(s, job):
         return False
-    if job.attempt >= job.max_attempts:
+    if job.attempt >= job.max_attempts and not interrupted:
         fail_exhausted(s, job)
         return False
     now = utcnow()
     res = s.execute(
         update(Job)
         .where(_unchanged(job), Job.status == JobStatus.RUNNING)
-        .values(status=JobStatus.QUEUED, lease_until=None, enqueued_at=now, worker=None)
+        .values(
+            status=JobStatus.QUEUED,
+            lease_until=None,
+            enqueued_at=now,
+            worker=None,
+            attempt=Job.attempt - 1 if interrupted else Job.attempt,
+        )
     )
     if res.rowcount == 1:
+        reason = "interrupted" if interrupted else "worker lost"
         append_event(
-            s,
-            job.id,
-            "status",
-            {"status": JobStatus.QUEUED, "reason": "worker lost; resuming from checkpoint"},
+            s, job.id, "status", {"status": JobStatus.QUEUED, "reason": f"{reason}; resuming from checkpoint"}
         )
         return True
     res = s.execute(

@@ -461,6 +461,23 @@ def test_worker_gives_its_attempt_back(db: str, request: pytest.FixtureRequest) 
     assert _claim(pg, job_id, "w2") == 2
 
 
+@pytest.mark.parametrize("db", ["pg", "lite"])
+def test_interrupted_attempt_is_not_counted(db: str, request: pytest.FixtureRequest) -> None:
+    """A worker that stops on purpose on the job's last attempt hands it back without exhausting it."""
+    engine: Engine = request.getfixturevalue(db)
+    job_id = _new_job(engine)
+    with session_scope(engine) as s:
+        s.get(Job, job_id).max_attempts = 1
+    assert _claim(engine, job_id, "w1") == 1
+    with session_scope(engine) as s:
+        assert repo.requeue(s, s.get(Job, job_id), interrupted=True)
+    with session_scope(engine) as s:
+        job = repo.get_job(s, job_id)
+        assert (job.status, job.attempt) == ("queued", 0)
+        assert repo.events_after(s, job_id)[-1].data["reason"].startswith("interrupted")
+    assert _claim(engine, job_id, "w2") == 1, "the same attempt number resumes its own checkpoints"
+
+
 def _stale_rows(engine: Engine) -> list[Job]:
     """What the reaper reads, in its own (committed, closed) session."""
     with session_scope(engine) as s:

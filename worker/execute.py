@@ -183,7 +183,7 @@ def _give_back(engine: Engine, job: Claimed) -> None:
     try:
         with session_scope(engine) as s:
             row = s.get(Job, job.id)
-            done = row is not None and row.attempt == job.attempt and repo.requeue(s, row)
+            done = row is not None and row.attempt == job.attempt and repo.requeue(s, row, interrupted=True)
     except Exception:  # the reaper requeues it once the lease expires
         log.warning("job %s: could not requeue after an interrupt", job.id, exc_info=True)
         return
