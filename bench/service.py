@@ -43,7 +43,7 @@ import redis
 
 from . import service_markdown
 from .service_load import get_jobs, post_jobs, run_level
-from .stack import cpu_model, free_port, process, tail, wait_ready
+from .stack import cpu_model, free_port, process, tail, wait_ready, worker_command
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -132,30 +132,6 @@ def server_command(port: int, workers: int) -> list[str]:
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
     return cmd + (["--workers", str(workers)] if workers > 1 else [])
-
-
-def worker_command(name: str) -> list[str]:
-    """The Celery worker as docker-compose runs it: one job at a time, a fresh child per job."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-Q",
-        QUEUE,
-        "--concurrency",
-        "1",
-        "--prefetch-multiplier",
-        "1",
-        "--max-tasks-per-child",
-        "1",
-        "-n",
-        f"{name}@%h",
-        "--loglevel",
-        "INFO",
-    ]
 
 
 # --- what ran where ---

@@ -7,6 +7,7 @@ import platform
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,3 +70,27 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def worker_command(name: str) -> list[str]:
+    """The Celery worker as docker-compose runs it: one job at a time, a fresh child per job."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        "pruning",
+        "--concurrency",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "--max-tasks-per-child",
+        "1",
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        "INFO",
+    ]

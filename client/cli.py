@@ -225,44 +225,21 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """Admin: talk to the database directly (the service's Settings), not to the HTTP API."""
+    """Admin: the database directly (the service's Settings), not the HTTP API; ``python -m store keys``
+    does the work."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from pruning_core.settings import get_settings
-    from store import db, repo
+    from store import cli as store_cli
 
-    engine = db.make_engine(get_settings().sqlalchemy_url)
+    url = get_settings().sqlalchemy_url
     try:
-        with db.session_scope(engine) as s:
-            if args.keys_command == "create":
-                key, plaintext = repo.create_api_key(s, args.owner, args.name)
-                key_id, prefix = key.id, key.prefix
-            elif args.keys_command == "list":
-                keys = [
-                    (k.id, k.prefix + "…", k.name, _when(k.created_at), _when(k.revoked_at))
-                    for k in repo.list_api_keys(s, args.owner)
-                ]
-            elif not repo.revoke_api_key(s, args.key_id, args.owner):
-                raise CliError(f"no active key {args.key_id} for owner {args.owner}")
+        return store_cli.keys(args, url)
+    except store_cli.BadInput as err:
+        raise CliError(str(err)) from None
     except SQLAlchemyError as err:
         first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-        raise CliError(
-            f"database {engine.url.render_as_string()}: {first} (are its migrations applied?)"
-        ) from None
-    finally:
-        engine.dispose()
-    if args.keys_command == "create":
-        print(plaintext)
-        _note(f"key {key_id} ({prefix}…) for owner {args.owner}: shown only once, store it now")
-    elif args.keys_command == "list":
-        print(render.table(keys, ("ID", "PREFIX", "NAME", "CREATED", "REVOKED")) if keys else "no keys")
-    else:
-        print(f"revoked {args.key_id}")
-    return 0
-
-
-def _when(t: Any) -> str:
-    return t.isoformat(sep=" ", timespec="seconds") if t is not None else ""
+        raise CliError(f"database: {first}") from None
 
 
 # --- entry point ---

@@ -59,7 +59,9 @@ def _owner(value: str) -> str:
     return value
 
 
-def _keys(args: argparse.Namespace, url: str) -> int:
+def keys(args: argparse.Namespace, url: str) -> int:
+    """Create, list or revoke API keys (``args`` as parsed by the ``keys`` subcommands); BadInput on bad
+    input. Shared by ``python -m store keys`` and ``prune keys``."""
     from sqlalchemy import inspect
 
     from . import repo
@@ -68,7 +70,9 @@ def _keys(args: argparse.Namespace, url: str) -> int:
     engine = make_engine(url)
     try:
         if not inspect(engine).has_table("api_keys"):
-            raise BadInput("the database is not migrated: run `python -m store migrate` first")
+            raise BadInput(
+                f"database {engine.url.render_as_string()} is not migrated: run `python -m store migrate` first"
+            )
         owner = _owner(args.owner)
         with session_scope(engine) as s:
             if args.keys_command == "create":
@@ -113,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "current":
             print(db.current_revision(url) or "none")
         else:
-            return _keys(args, url)
+            return keys(args, url)
     except BadInput as err:
         print(f"python -m store: error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 
-from bench.stack import free_port, process, wait_ready
+from bench.stack import free_port, process, wait_ready, worker_command
 from pruning_core.export import load_pruned
 from pruning_core.macs import count_macs
 
@@ -126,27 +126,7 @@ def stack(tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[tuple[str, di
 
 
 def _worker(env: dict[str, str], tmp: Path, name: str):
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-Q",
-        "pruning",
-        "--concurrency",
-        "1",
-        "--prefetch-multiplier",
-        "1",
-        "--max-tasks-per-child",
-        "1",
-        "-n",
-        f"{name}@%h",
-        "--loglevel",
-        "INFO",
-    ]
-    return process(cmd, env, tmp / f"{name}.log")
+    return process(worker_command(name), env, tmp / f"{name}.log")
 
 
 def _wait_status(c: httpx.Client, job_id: str, wanted: set[str], timeout: float = 120.0) -> dict:
