@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test bench bench-gpu bench-service lint clean
+.PHONY: install run demo test test-slow bench bench-gpu bench-service lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ demo: $(STAMP)
 	$(VENV)/bin/prune run --model resnet20 --data digits --method magnitude --target 0.5 \
 		--dense-epochs 3 --epochs 3 --kd --out runs/demo
 
+# CI's suite: everything but the tests marked slow (kept under about 15 minutes on 2 cores).
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# The longer runs (large torchvision models, longer training); still CPU.
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow
 
 bench: $(STAMP)
 	$(PY) -m bench.run --profile cpu
