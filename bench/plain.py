@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pruning_core.engine import epoch_order, epoch_seed, lr_factor, make_optimizer, steps_per_epoch
+from pruning_core.batches import epoch_order, epoch_seed, steps_per_epoch
+from pruning_core.optim import OptimizerConfig, lr_factor
 from pruning_core.spec import Schedule
 
 
@@ -19,13 +20,13 @@ def plain_train(
     """Train ``model`` in place with a deliberately minimal loop; return each epoch's seconds.
 
     This is the point of comparison for the engine's cost, so it does the same arithmetic and nothing
-    more: the engine's data order (``engine.epoch_order``) and per-epoch seeding, its optimizer
-    (``engine.make_optimizer``) and LR schedule (``engine.lr_factor``), cross-entropy, AMP on CUDA. No
+    more: the engine's data order (``batches.epoch_order``) and per-epoch seeding, its optimizer
+    (``optim.OptimizerConfig.from_schedule``) and LR schedule (``optim.lr_factor``), cross-entropy, AMP on CUDA. No
     hooks, no per-epoch evaluation or MAC count, no checkpoints, no progress reports, no loss syncs.
     """
     steps = steps_per_epoch(len(train), schedule)
     total, warmup = steps * schedule.epochs, round(schedule.warmup_epochs * steps)
-    opt = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}], schedule)
+    opt = OptimizerConfig.from_schedule(schedule).build(p for p in model.parameters() if p.requires_grad)
     use_amp = schedule.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     model.to(device).train()

@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pruning_core.report import epoch_line
+
 from .sdk import TERMINAL, Client
 
 
@@ -161,19 +163,6 @@ class Watcher:
                 self._set(1.0)
             return status in TERMINAL
         return False
-
-
-def epoch_line(r: dict) -> str:
-    parts = [f"{r.get('phase', '?')} epoch {int(r.get('epoch', 0)) + 1}:"]
-    if r.get("train_loss") is not None:
-        parts.append(f"loss {r['train_loss']:.4f},")
-    if r.get("top1") is not None:
-        parts.append(f"top-1 {r['top1']:.2f}%,")
-    if r.get("macs") is not None:
-        parts.append(f"MACs {r['macs'] / 1e6:.2f}M")
-    if r.get("event"):
-        parts.append(f"({r['event']})")
-    return " ".join(parts).rstrip(",")
 
 
 def watch(client: Client, job_id: str, poll: float = 1.0) -> dict:

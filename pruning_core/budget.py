@@ -1,8 +1,13 @@
-"""Turning channel scores into keep decisions that meet a MAC budget.
+"""Turning channel scores or per-group ratios into keep decisions that meet a MAC budget, and the
+differentiable MAC cost of fractional widths.
 
-The one global allocator: every channel of every group is ranked by its score, and the keep threshold
-is bisected until the MACs predicted by the graph's cost model fit the budget. Used by the magnitude
-baseline and by any method that needs "what would pruning to the target keep now" (EPI).
+- ``select_to_budget``: the one global allocator. Every channel of every group is ranked by its score
+  and the keep threshold is bisected until the MACs predicted by the graph's cost model fit the budget
+  (the magnitude baseline; EPI's "what would pruning to the target keep now").
+- ``counts_for_ratios``: per-group pruning ratios (e.g. PSAP's, from each layer's sparsity) scaled by one
+  factor, found by bisection, clipped per group, so that the keep counts fit the budget.
+- ``soft_macs``: the graph's MAC expression on fractional widths, as a tensor with gradients (S2H's and
+  TAS's resource losses); equal to the integer count at integer widths.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ def check_reachable(graph: PruningGraph, macs_ratio: float, min_channels: int = 
         )
 
 
+def _steps(graph: PruningGraph, round_to: int) -> list[int]:
+    """Each group's keep-count step: its channel grouping, else ``round_to`` where the group is that wide."""
+    return [g.ch_groups if g.ch_groups > 1 else (round_to if g.size >= round_to else 1) for g in graph.groups]
+
+
 def _counts(scores: Sequence[torch.Tensor], threshold: float, floor: list[int], step: list[int]) -> list[int]:
     counts = []
     for s, lo, r in zip(scores, floor, step, strict=True):
@@ -54,7 +64,7 @@ def select_to_budget(
     channel grouping) where the group is large enough.
     """
     floor = graph.min_keep(min_channels)
-    step = [g.ch_groups if g.ch_groups > 1 else (round_to if g.size >= round_to else 1) for g in graph.groups]
+    step = _steps(graph, round_to)
     if graph.cost.macs(floor) > target_macs:
         raise TargetError(f"cannot reach {target_macs} MACs; the minimum is {graph.cost.macs(floor)}")
     cands = torch.cat([s.detach().flatten().float() for s in scores]).unique().sort().values
@@ -68,3 +78,74 @@ def select_to_budget(
     threshold = cands[lo].item() if lo < len(cands) else float("inf")
     counts = _counts(scores, threshold, floor, step)
     return [top_channels(g, s, k) for g, s, k in zip(graph.groups, scores, counts, strict=True)]
+
+
+def _ratio_counts(
+    graph: PruningGraph,
+    ratios: Sequence[float],
+    scale: float,
+    max_ratio: float,
+    floor: list[int],
+    step: list[int],
+) -> list[int]:
+    counts = []
+    for g, r, lo, k in zip(graph.groups, ratios, floor, step, strict=True):
+        p = min(max_ratio, max(0.0, scale * r))
+        keep = g.size - int(p * g.size)
+        keep = -(-keep // k) * k  # round up to the group's step: never prune more than the ratio says
+        counts.append(min(g.size, max(lo, keep)))
+    return counts
+
+
+def counts_for_ratios(
+    graph: PruningGraph,
+    ratios: Sequence[float],
+    target_macs: int,
+    *,
+    max_ratio: float = 0.9,
+    min_channels: int = 1,
+    round_to: int = 1,
+    iters: int = 60,
+) -> list[int]:
+    """Keep counts per group from relative pruning ratios scaled to meet ``target_macs``.
+
+    ``ratios[g] >= 0`` says how strongly group g should be pruned relative to the others. Group g prunes
+    ``clip(s * ratios[g], 0, max_ratio)`` of its channels, and the scale ``s`` is bisected to the smallest
+    value whose predicted MACs are <= ``target_macs`` (so as much as possible is kept). Raises
+    ``TargetError`` when even every group at ``max_ratio`` does not fit.
+    """
+    if len(ratios) != len(graph.groups) or any(r < 0 for r in ratios):
+        raise ValueError("need one non-negative ratio per group")
+    floor, step = graph.min_keep(min_channels), _steps(graph, round_to)
+    if graph.cost.macs(_ratio_counts(graph, ratios, 0.0, max_ratio, floor, step)) <= target_macs:
+        return _ratio_counts(graph, ratios, 0.0, max_ratio, floor, step)
+    positive = [r for r in ratios if r > 0]
+    hi = max_ratio / min(positive) if positive else 0.0
+    if (
+        not positive
+        or graph.cost.macs(_ratio_counts(graph, ratios, hi, max_ratio, floor, step)) > target_macs
+    ):
+        raise TargetError(
+            f"cannot reach {target_macs} MACs with per-group pruning ratios of at most {max_ratio:g}"
+        )
+    lo = 0.0  # invariant: scale lo does not fit, scale hi fits
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if graph.cost.macs(_ratio_counts(graph, ratios, mid, max_ratio, floor, step)) <= target_macs:
+            hi = mid
+        else:
+            lo = mid
+    return _ratio_counts(graph, ratios, hi, max_ratio, floor, step)
+
+
+def soft_macs(graph: PruningGraph, widths: torch.Tensor) -> torch.Tensor:
+    """MACs per sample for fractional keep counts ``widths`` (G,), differentiable with respect to them.
+
+    The graph's own cost expression (``CostModel.macs``) evaluated on tensors: each layer's MACs use its
+    groups' (expected) widths for its input and output channels. Equal to the integer prediction, and to
+    the count after physical removal, at integer widths.
+    """
+    if widths.shape != (len(graph.groups),):
+        raise ValueError(f"need one width per group ({len(graph.groups)}), got shape {tuple(widths.shape)}")
+    total = graph.cost.macs(list(widths.unbind()))
+    return total if isinstance(total, torch.Tensor) else widths.new_tensor(float(total))

@@ -1,69 +1,131 @@
 """The one training loop. Methods never bring their own: they plug in through ``TrainHooks``.
 
-``fit`` owns the device, AMP, the LR schedule, evaluation, checkpoint/resume and cooperative
-cancellation. Determinism: every epoch reseeds torch from (seed, epoch) and draws its data order from
-a generator seeded the same way, and a checkpoint taken mid-epoch stores the RNG state and the step, so
-on CPU an interrupted and resumed run ends with exactly the weights of an uninterrupted one.
+``fit`` owns the device, AMP, the optimizers (one per parameter set the method declares, see
+``optim.py``), the LR rules, the data order (``batches.py``), evaluation, BatchNorm re-estimation after
+physical pruning, checkpoint/resume and cooperative cancellation.
+
+A training step: ``training_step`` runs the method's forwards and either returns the loss (the engine
+backpropagates it into every parameter) or calls ``ctx.backward`` itself, as often as it likes, each call
+optionally restricted to some parameters; it may ``ctx.step`` some parameter sets early (TAS updates the
+weights, then the architecture, in one step). Then every set with gradients that was not stepped yet is
+unscaled once, shown to ``after_backward`` and stepped; the GradScaler is updated once per step.
+
+Determinism: every epoch reseeds torch from (seed, epoch) and draws its data order from a generator
+seeded the same way; a checkpoint taken mid-epoch stores the RNG state, the step and the epoch's running
+sums, so on CPU an interrupted and resumed run ends with exactly the weights and history of an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from .batches import Batch, Streams, batch_loader, epoch_plan, epoch_seed, part_of_step, steps_per_epoch
 from .errors import Cancelled
+from .macs import COUNTED
+from .optim import Optimizers, ParamSet, lr_factor
 from .spec import Schedule
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class EpochAction(Enum):
     CONTINUE = "continue"
     STOP = "stop"  # end the phase now (e.g. a search converged)
-    PRUNE = "prune"  # call hooks.prune_now(model), rebuild the optimizer, go on training
+    PRUNE = "prune"  # call hooks.prune_now(model), rebuild the optimizers, go on training
+
+
+@dataclass
+class EpochEnd:
+    """What a method says at an epoch's end: what happens next, and numbers for the epoch's record
+    (scalars, or lists such as per-layer ratios)."""
+
+    action: EpochAction = EpochAction.CONTINUE
+    metrics: dict[str, float | list[float]] = field(default_factory=dict)
 
 
 @dataclass
 class StepOutput:
+    """``loss``: the step's loss as reported (and backpropagated by the engine unless the step called
+    ``ctx.backward``). ``metrics``: scalars averaged over the epoch into its record."""
+
     loss: torch.Tensor
-    logits: torch.Tensor | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
+class View:
+    """A network evaluated at each epoch's end. ``recalibrate_bn``: evaluate it with BatchNorm statistics
+    re-estimated for it (then restored, so training is unaffected), e.g. a masked sub-network."""
+
+    module: nn.Module
+    recalibrate_bn: bool = False
+
+
 class StepContext:
-    phase: str
-    epoch: int
-    step: int  # global step within the phase
-    total_steps: int
-    device: torch.device
-    autocast: Callable[[], Any]  # context manager factory: mixed precision where enabled
+    """What a training step knows and may do: its position, mixed precision, backward and optimizer
+    steps through the engine's GradScaler."""
+
+    def __init__(self, run: _Run, step: int, part: int):
+        self.phase, self.epoch, self.step = run.phase, run.epoch, step
+        self.total_steps, self.device, self.part = run.total, run.device, part
+        self.stepping: tuple[str, ...] = ()  # during after_backward: the parameter sets about to step
+        self.backward_calls = 0
+        self._run = run
+
+    def autocast(self):
+        """Context manager: float16 autocast on CUDA when the schedule enables AMP, else a no-op."""
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self._run.use_amp)
+
+    def backward(
+        self,
+        loss: torch.Tensor,
+        params: str | Iterable[torch.Tensor] | None = None,
+        *,
+        retain_graph: bool = False,
+    ) -> None:
+        """Accumulate d(loss)/d(params) into ``.grad`` (scaled under AMP). ``params``: a parameter set's
+        name, some tensors, or None for everything the loss reaches."""
+        self.backward_calls += 1
+        self._run.opts.backward(loss, params, retain_graph=retain_graph)
+
+    def step(self, *names: str) -> None:
+        """Step these parameter sets now (unscale, ``after_backward``, optimizer step, zero grads)."""
+        self._run.opts.step(names, self._after_backward)
+
+    def _after_backward(self, names: tuple[str, ...]) -> None:
+        self.stepping = names
+        self._run.hooks.after_backward(self._run.model, self)
+        self.stepping = ()
 
 
 class TrainHooks(Protocol):
     """What a method plugs into ``fit`` (``methods.base.Method`` implements all of it)."""
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]: ...
+    def param_sets(self, model: nn.Module) -> list[ParamSet]: ...
     def training_step(
-        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
+        self, model: nn.Module, batch: Batch | tuple[Batch, ...], ctx: StepContext
     ) -> StepOutput: ...
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None: ...
     def after_step(self, model: nn.Module, ctx: StepContext) -> None: ...
-    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochAction: ...
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochEnd: ...
     def prune_now(self, model: nn.Module) -> nn.Module: ...
-    def eval_model(self, model: nn.Module) -> nn.Module: ...
+    def eval_views(self, model: nn.Module) -> dict[str, View]: ...
     def current_macs(self, model: nn.Module) -> int: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None: ...
@@ -102,6 +164,8 @@ class TrainContext:
     # Architecture snapshot/restore, so a checkpoint taken after physical pruning can be reloaded.
     describe: Callable[[nn.Module], dict[str, Any]] | None = None
     rebuild: Callable[[dict[str, Any]], nn.Module] | None = None
+    bn_batches: int = 20  # batches that re-estimate BatchNorm statistics after pruning; 0 = never
+    bn_batch_size: int = 64
 
 
 @dataclass
@@ -110,86 +174,10 @@ class FitResult:
     history: list[dict[str, Any]]
     wall_s: float
     resumed_from: int | None = None  # epoch the run resumed at, if it did
+    meta: dict[str, Any] = field(default_factory=dict)  # what the caller stored with the phase
 
 
-# --- data order ---
-
-
-class _OrderSampler(Sampler[int]):
-    def __init__(self, order: list[int]):
-        self.order = order
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The torch seed of an epoch's start (data order, augmentation and any other random draws)."""
-    return seed * 1_000_003 + epoch
-
-
-def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[int]:
-    """The epoch's sample order, a pure function of (seed, epoch); the last partial batch is dropped
-    when there is more than one batch (a size-1 batch breaks BatchNorm)."""
-    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    order = torch.randperm(n, generator=g).tolist()
-    if n > batch_size:
-        order = order[: n - n % batch_size]
-    return order
-
-
-def _loader(ds: Dataset, order: list[int], batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    # Its own generator: the loader must not draw from the global RNG, which the resume replays.
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=_OrderSampler(order),
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(len(order)),
-    )
-
-
-def steps_per_epoch(n: int, schedule: Schedule) -> int:
-    steps = max(1, len(epoch_order(n, schedule.batch_size, 0, 0)) // schedule.batch_size)
-    return min(steps, schedule.max_steps_per_epoch or steps)
-
-
-# --- learning rate ---
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak LR at ``step``: linear warm-up, then cosine to zero or constant."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant" or total <= warmup:
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(groups: list[dict[str, Any]], s: Schedule) -> torch.optim.Optimizer:
-    for g in groups:
-        g.setdefault("lr", s.lr)
-        g["base_lr"] = g["lr"]
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.momentum > 0
-        )
-    cls = torch.optim.Adam if s.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=s.lr, weight_decay=s.weight_decay)
-
-
-def _set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
-    for g in opt.param_groups:
-        g["lr"] = g["base_lr"] * factor
-    return opt.param_groups[0]["lr"]
-
-
-# --- evaluation ---
+# --- evaluation and BatchNorm statistics ---
 
 
 @torch.no_grad()
@@ -208,29 +196,88 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch_size: in
     return {"top1": 100.0 * correct / max(1, total), "test_loss": loss / max(1, total)}
 
 
+def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def recalibrate_bn(
     model: nn.Module, ds: Dataset, device: torch.device, batches: int = 20, batch_size: int = 64
-) -> None:
-    """Re-estimate BatchNorm running statistics with forward passes in train mode (no weight update)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
+) -> bool:
+    """Re-estimate BatchNorm running statistics as the cumulative average over ``batches`` training
+    batches in train mode (no weight update). Leaves the global RNG as it found it. Returns whether
+    the model had BatchNorm layers to re-estimate."""
+    norms = [m for m in _norms(model) if m.track_running_stats]
+    if not norms or batches <= 0:
+        return False
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
     was = model.training
     model.train()
     g = torch.Generator().manual_seed(0)
-    for i, (x, _) in enumerate(
-        DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(ds) > batch_size)
-    ):
-        if i >= batches:
-            break
-        model(x.to(device))
-    for m in norms:
-        m.momentum = 0.1
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(ds) > batch_size)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model(x.to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
     model.train(was)
+    return True
+
+
+@contextmanager
+def _bn_state_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm buffer on exit (statistics re-estimated for one view only)."""
+    saved = [
+        {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num"))}
+        for m in _norms(model)
+    ]
+    try:
+        yield
+    finally:
+        for m, state in zip(_norms(model), saved, strict=True):
+            m.load_state_dict(state, strict=False)
+
+
+def evaluate_views(views: dict[str, View], ctx: TrainContext) -> dict[str, dict[str, float]]:
+    """Evaluate each view on the test set, re-estimating BatchNorm statistics first where it asks."""
+    out = {}
+    for name, view in views.items():
+        if view.recalibrate_bn and ctx.bn_batches:
+            with _bn_state_kept(view.module):
+                recalibrate_bn(view.module, ctx.train, ctx.device, ctx.bn_batches, ctx.bn_batch_size)
+                out[name] = evaluate(view.module, ctx.test, ctx.device)
+        else:
+            out[name] = evaluate(view.module, ctx.test, ctx.device)
+    return out
+
+
+class MacMeter:
+    """Forward MACs that a model's conv and linear layers really compute, summed over every call and
+    sample while attached (the same per-layer rule as ``macs.count_macs``, times the batch)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, m: nn.Module, _inp, out: torch.Tensor) -> None:
+        self.total += out.numel() * m.weight[0].numel()
+
+    @contextmanager
+    def attached(self, model: nn.Module) -> Iterator[MacMeter]:
+        self._handles = [
+            m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, COUNTED)
+        ]
+        try:
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
 
 
 # --- checkpoints ---
@@ -257,25 +304,50 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 # --- the loop ---
 
 
-class _Run:
-    """The state of one ``fit`` call (kept small: model, optimizer, position, history)."""
+def _new_sums() -> dict[str, Any]:
+    """An epoch's running sums; checkpointed mid-epoch so a resumed epoch reports the same numbers."""
+    return {"loss": 0.0, "steps": 0, "train_macs": 0, "metrics": {}}
 
-    def __init__(self, model: nn.Module, hooks: TrainHooks, s: Schedule, ctx: TrainContext, phase: str):
-        self.model, self.hooks, self.s, self.ctx, self.phase = model, hooks, s, ctx, phase
+
+class _Run:
+    """The state of one ``fit`` call: model, optimizers, position, the epoch's sums, history."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hooks: TrainHooks,
+        s: Schedule,
+        ctx: TrainContext,
+        phase: str,
+        streams: Streams | None,
+        meta: dict[str, Any],
+    ):
+        self.model, self.hooks, self.s, self.ctx, self.phase, self.streams = (
+            model,
+            hooks,
+            s,
+            ctx,
+            phase,
+            streams,
+        )
         self.device = ctx.device
-        self.steps = steps_per_epoch(len(ctx.train), s)
+        self.steps = steps_per_epoch(len(ctx.train), s, streams)
         self.total = self.steps * s.epochs
         self.warmup = round(s.warmup_epochs * self.steps)
         self.use_amp = s.amp and ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.opts: Optimizers = None  # type: ignore[assignment]  # built once the method's state is known
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
+        self.sums = _new_sums()
         self.rng_state: torch.Tensor | None = None
         self.interrupted = threading.Event()
         self.path = _ckpt_path(ctx, phase)
-        self.opt = make_optimizer(hooks.param_groups(model), s)
+        self.meta = dict(meta)
 
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp)
+    def build_optimizers(self) -> None:
+        """Optimizers for the method's current parameter sets (again after any physical pruning: the
+        old ones hold the removed tensors); the GradScaler carries over."""
+        self.opts = Optimizers(self.hooks.param_sets(self.model), self.s, self.scaler)
 
     def state(self, finished: bool = False) -> dict[str, Any]:
         return {
@@ -285,11 +357,12 @@ class _Run:
             "finished": finished,
             "arch": self.ctx.describe(self.model) if self.ctx.describe else None,
             "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "optim": self.opts.state_dict(),
             "method": self.hooks.state_dict(),
             "history": self.history,
+            "sums": self.sums if self.step_in_epoch else None,
             "rng": self.rng_state if self.step_in_epoch else None,
+            "meta": self.meta,
         }
 
     def save(self, finished: bool = False) -> None:
@@ -297,33 +370,46 @@ class _Run:
             save_checkpoint(self.path, self.state(finished))
 
     def restore(self, ck: dict[str, Any]) -> None:
+        """Architecture, weights, then the method's state, then optimizers over its parameter sets."""
         if ck["arch"] is not None and self.ctx.describe and ck["arch"] != self.ctx.describe(self.model):
             self.model = self.ctx.rebuild(ck["arch"]).to(self.device)
         self.model.load_state_dict(ck["model"])
         self.hooks.load_state_dict(ck["method"], self.model)
-        self.opt = make_optimizer(self.hooks.param_groups(self.model), self.s)
-        self.opt.load_state_dict(ck["optimizer"])
-        self.scaler.load_state_dict(ck["scaler"])
+        self.build_optimizers()
+        self.opts.load_state_dict(ck["optim"])
         self.epoch, self.step_in_epoch, self.history = ck["epoch"], ck["step_in_epoch"], ck["history"]
+        self.sums = ck["sums"] or _new_sums()
         self.rng_state = ck["rng"]
+        self.meta = ck.get("meta") or {}
 
 
 def fit(
-    model: nn.Module, hooks: TrainHooks, schedule: Schedule, ctx: TrainContext, phase: str = "train"
+    model: nn.Module,
+    hooks: TrainHooks,
+    schedule: Schedule,
+    ctx: TrainContext,
+    phase: str = "train",
+    *,
+    streams: Streams | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``schedule.epochs`` epochs with ``hooks``; resume from the phase's checkpoint
-    if one exists. Returns the trained model (a new object if the method pruned it physically)."""
+    if one exists. ``streams``: read the training set as fixed parts (see ``batches.Streams``). ``meta``:
+    JSON-able facts stored with the checkpoint and returned (those of the checkpoint on resume).
+    Returns the trained model (a new object if the method pruned it physically)."""
     t0 = time.perf_counter()
     model.to(ctx.device)
-    run = _Run(model, hooks, schedule, ctx, phase)
+    run = _Run(model, hooks, schedule, ctx, phase, streams, meta or {})
     ck = load_checkpoint(run.path) if run.path else None
     resumed = None
     if ck is not None:
         run.restore(ck)
         resumed = run.epoch
         if ck["finished"]:
-            return FitResult(run.model, run.history, time.perf_counter() - t0, resumed)
+            return FitResult(run.model, run.history, time.perf_counter() - t0, resumed, run.meta)
         ctx.reporter.message(f"{phase}: resuming at epoch {run.epoch + 1}, step {run.step_in_epoch}")
+    else:
+        run.build_optimizers()
     ctx.reporter.phase(phase, schedule.epochs, run.steps)
     with _interrupt_guard() as interrupted:
         run.interrupted = interrupted
@@ -331,50 +417,35 @@ def fit(
             if _train_epoch(run) is EpochAction.STOP:
                 break
     run.save(finished=True)
-    return FitResult(run.model, run.history, time.perf_counter() - t0, resumed)
+    return FitResult(run.model, run.history, time.perf_counter() - t0, resumed, run.meta)
 
 
 def _train_epoch(run: _Run) -> EpochAction:
-    ctx, s, model = run.ctx, run.s, run.model
+    ctx, s = run.ctx, run.s
     t0 = time.perf_counter()
-    order = epoch_order(len(ctx.train), s.batch_size, ctx.seed, run.epoch)[: run.steps * s.batch_size]
+    plan = epoch_plan(len(ctx.train), s, ctx.seed, run.epoch, run.streams)
     if run.step_in_epoch and run.rng_state is not None:
         torch.set_rng_state(run.rng_state)
     else:
         torch.manual_seed(epoch_seed(ctx.seed, run.epoch))
-    start = run.step_in_epoch
-    loader = _loader(ctx.train, order[start * s.batch_size :], s.batch_size, ctx.num_workers, run.device)
-    model.train()
-    loss_sum, n = 0.0, 0
-    for x, y in loader:
-        _stop_point(run)
-        step = run.epoch * run.steps + run.step_in_epoch
-        sctx = StepContext(run.phase, run.epoch, step, run.total, run.device, run.autocast)
-        lr = _set_lr(run.opt, lr_factor(step, run.total, run.warmup, s.lr_schedule))
-        loss = _optimise(
-            run, model, (x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)), sctx
-        )
-        loss_sum, n = loss_sum + loss, n + 1
-        run.step_in_epoch += 1
-        run.rng_state = torch.get_rng_state()  # before the next batch is drawn: where a resume starts
-        ctx.reporter.step(run.phase, run.epoch, run.step_in_epoch, loss)
-    run.step_in_epoch, run.rng_state = 0, None
-    metrics = evaluate(run.hooks.eval_model(model), ctx.test, run.device)
-    record = {
-        "phase": run.phase,
-        "epoch": run.epoch,
-        "train_loss": loss_sum / max(1, n),
-        "top1": metrics["top1"],
-        "macs": run.hooks.current_macs(model),
-        "lr": lr if n else None,
-        "wall_s": time.perf_counter() - t0,
-    }
-    action = run.hooks.on_epoch_end(model, run.epoch, {**metrics, "train_loss": record["train_loss"]})
-    if action is EpochAction.PRUNE:
-        run.model = model = run.hooks.prune_now(model).to(run.device)
-        run.opt = make_optimizer(run.hooks.param_groups(model), s)  # old one holds the removed tensors
-        record["macs"] = run.hooks.current_macs(model)
-        record["event"] = "pruned"
+    run.model.train()
+    lrs: dict[str, float] = {}
+    meter = MacMeter()
+    with meter.attached(run.model):
+        for batches in batch_loader(ctx.train, plan[run.step_in_epoch :], ctx.num_workers, run.device):
+            _stop_point(run)
+            step = run.epoch * run.steps + run.step_in_epoch
+            lrs = run.opts.set_lr(lr_factor(step, run.total, run.warmup, s.lr_schedule))
+            sctx = StepContext(run, step, part_of_step(run.step_in_epoch, run.streams))
+            meter.total = 0
+            loss = _optimise(run, batches[0] if len(batches) == 1 else batches, sctx)
+            run.sums["train_macs"] += meter.total
+            run.step_in_epoch += 1
+            run.rng_state = torch.get_rng_state()  # before the next batch is drawn: where a resume starts
+            ctx.reporter.step(run.phase, run.epoch, run.step_in_epoch, loss)
+    record = _epoch_record(run, lrs, time.perf_counter() - t0)
+    run.step_in_epoch, run.rng_state, run.sums = 0, None, _new_sums()
+    action = _epoch_end(run, record)
     run.history.append(record)
     ctx.reporter.epoch(record)
     run.epoch += 1
@@ -382,9 +453,79 @@ def _train_epoch(run: _Run) -> EpochAction:
     return action
 
 
+def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) -> float:
+    run.opts.begin()
+    out = run.hooks.training_step(run.model, batch, sctx)
+    loss = out.loss.item()
+    if not torch.isfinite(out.loss):
+        raise FloatingPointError(
+            f"{run.phase}: loss became {loss} at step {sctx.step}; lower the learning rate"
+        )
+    if not sctx.backward_calls:
+        sctx.backward(out.loss)
+    run.opts.finish(sctx._after_backward)
+    run.hooks.after_step(run.model, sctx)
+    sums = run.sums
+    sums["loss"] += loss
+    sums["steps"] += 1
+    for k, v in out.metrics.items():
+        sums["metrics"][k] = sums["metrics"].get(k, 0.0) + float(v)
+    return loss
+
+
+def _epoch_record(run: _Run, lrs: dict[str, float], wall_s: float) -> dict[str, Any]:
+    """The epoch's record before the method's epoch-end hook: losses, top-1 of every view, MACs."""
+    sums, n = run.sums, max(1, run.sums["steps"])
+    views = evaluate_views(run.hooks.eval_views(run.model), run.ctx)
+    main = next(iter(views.values()))
+    record: dict[str, Any] = {
+        "phase": run.phase,
+        "epoch": run.epoch,
+        "train_loss": sums["loss"] / n,
+        "top1": main["top1"],
+        "test_loss": main["test_loss"],
+        "macs": run.hooks.current_macs(run.model),
+        "train_macs": sums["train_macs"],
+        "lr": next(iter(lrs.values())) if lrs else None,
+        "wall_s": wall_s,
+    }
+    if len(views) > 1:
+        record["views"] = {name: v["top1"] for name, v in views.items()}
+    metrics = {k: v / n for k, v in sums["metrics"].items()}
+    if len(lrs) > 1:
+        metrics.update({f"lr_{name}": lr for name, lr in lrs.items()})
+    if metrics:
+        record["metrics"] = metrics
+    return record
+
+
+def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
+    """The method's epoch-end hook; on PRUNE, physical removal, new optimizers, BatchNorm statistics
+    re-estimated, and the record shows top-1 and MACs before and after."""
+    seen = {k: record[k] for k in ("top1", "test_loss", "train_loss")}
+    seen.update({f"top1_{k}": v for k, v in record.get("views", {}).items()})
+    end = run.hooks.on_epoch_end(run.model, run.epoch, seen)
+    if end.metrics:
+        record["metrics"] = {**record.get("metrics", {}), **end.metrics}
+    if end.action is EpochAction.PRUNE:
+        t0 = time.perf_counter()
+        record["top1_before"], record["macs_before"] = record["top1"], record["macs"]
+        run.model = run.hooks.prune_now(run.model).to(run.device)
+        run.build_optimizers()
+        record["bn_recalibrated"] = recalibrate_bn(
+            run.model, run.ctx.train, run.device, run.ctx.bn_batches, run.ctx.bn_batch_size
+        )
+        views = evaluate_views(run.hooks.eval_views(run.model), run.ctx)
+        record["top1"] = next(iter(views.values()))["top1"]
+        record["macs"] = run.hooks.current_macs(run.model)
+        record["event"] = "pruned"
+        record["wall_s"] += time.perf_counter() - t0
+    return end.action
+
+
 def _stop_point(run: _Run) -> None:
     """Between steps, the one place a run may stop early: the state is consistent here, so it is
-    checkpointed (step and RNG state included) before raising."""
+    checkpointed (step, RNG state and the epoch's sums included) before raising."""
     if run.interrupted.is_set():
         run.save()
         raise KeyboardInterrupt(
@@ -413,21 +554,3 @@ def _interrupt_guard() -> Iterator[threading.Event]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _optimise(
-    run: _Run, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], sctx: StepContext
-) -> float:
-    run.opt.zero_grad(set_to_none=True)
-    out = run.hooks.training_step(model, batch, sctx)
-    if not torch.isfinite(out.loss):
-        raise FloatingPointError(
-            f"{run.phase}: loss became {out.loss.item()} at step {sctx.step}; lower the learning rate"
-        )
-    run.scaler.scale(out.loss).backward()
-    run.scaler.unscale_(run.opt)
-    run.hooks.after_backward(model, sctx)
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    run.hooks.after_step(model, sctx)
-    return out.loss.item()

@@ -6,6 +6,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .report import epoch_line
+
 
 class TqdmReporter:
     def __init__(self, enabled: bool = True):
@@ -27,11 +29,7 @@ class TqdmReporter:
                 self.close()
 
     def epoch(self, record: dict[str, Any]) -> None:
-        extra = f" ({record['event']})" if record.get("event") else ""
-        self.message(
-            f"{record['phase']} epoch {record['epoch'] + 1}: loss {record['train_loss']:.4f}, "
-            f"top-1 {record['top1']:.2f}%, MACs {record['macs'] / 1e6:.2f}M{extra}"
-        )
+        self.message(epoch_line(record))
 
     def message(self, text: str) -> None:
         if self.enabled:

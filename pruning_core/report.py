@@ -83,20 +83,38 @@ class PhaseTime(_Record):
     epochs: int = Field(ge=0)
 
 
-class EpochRecord(_Record):
-    """One epoch: mean training loss, test top-1 (percent), MACs per sample, learning rate, seconds.
+MetricValue = float | list[float] | None
 
-    ``event`` names something that happened at the end of the epoch (the engine writes ``"pruned"``).
+
+class EpochRecord(_Record):
+    """One epoch of one phase, as ``engine.fit`` records it.
+
+    ``train_loss``: mean training loss; ``top1`` (percent) and ``test_loss``: the method's main network
+    on the test split; ``macs``: MACs per sample of that network at the epoch's end; ``train_macs``: the
+    forward MACs its training really computed over the epoch (every sample, every forward; a backward
+    costs about twice as much again); ``lr``: the main parameter set's learning rate.
+    ``views``: top-1 of every network the method evaluates (e.g. S2H's soft and hard networks).
+    ``metrics``: the method's own numbers (scalars, or lists such as per-layer ratios).
+    ``event`` names something that happened at the end of the epoch: ``"pruned"``, with ``top1_before``
+    and ``macs_before`` the network before removal and ``bn_recalibrated`` whether BatchNorm statistics
+    were re-estimated before it was evaluated again.
     """
 
     phase: str
     epoch: int = Field(ge=0)
     train_loss: float | None = None
     top1: float | None = Field(None, ge=0.0, le=100.0)
+    test_loss: float | None = None
     macs: int = Field(ge=0)
+    train_macs: int | None = Field(None, ge=0)
     lr: float | None = None
     wall_s: float = Field(ge=0.0)
+    views: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, MetricValue] = Field(default_factory=dict)
     event: str | None = None
+    top1_before: float | None = Field(None, ge=0.0, le=100.0)
+    macs_before: int | None = Field(None, ge=0)
+    bn_recalibrated: bool | None = None
 
 
 class Report(_Record):
@@ -123,6 +141,10 @@ class Report(_Record):
     phases: list[PhaseTime]
     history: list[EpochRecord]
     method_details: dict[str, Any] = Field(default_factory=dict)
+    bn_recalibration: list[str] = Field(
+        default_factory=list, description="Where BatchNorm statistics were re-estimated after pruning."
+    )
+    total_wall_s: float | None = Field(None, ge=0.0)
     spec: dict[str, Any]
 
     @classmethod
@@ -143,6 +165,8 @@ class Report(_Record):
         phases: Iterable[PhaseTime | Any] = (),
         history: Iterable[EpochRecord | Any] = (),
         method_details: dict[str, Any] | None = None,
+        bn_recalibration: Iterable[str] = (),
+        total_wall_s: float | None = None,
     ) -> Report:
         """A report whose ratios and speedup are computed from ``dense`` and ``pruned``.
 
@@ -165,6 +189,8 @@ class Report(_Record):
             phases=list(phases),
             history=list(history),
             method_details=method_details or {},
+            bn_recalibration=list(bn_recalibration),
+            total_wall_s=total_wall_s,
             spec=spec,
         )
 
@@ -261,32 +287,100 @@ def read_report(path: str | Path) -> Report:
 # --- plots ---
 
 
+MAX_METRIC_PANELS = 4
+
+
+def scalar_metrics(history: Sequence[EpochRecord]) -> list[str]:
+    """Names of the method metrics that are scalars in some epoch, in first-seen order."""
+    names: dict[str, None] = {}
+    for r in history:
+        for k, v in r.metrics.items():
+            if isinstance(v, int | float):
+                names.setdefault(k)
+    return list(names)
+
+
 def plot_training(report: Report, path: Path) -> Path:
-    """Top-1 (%) and MACs (millions per sample) over every epoch of the history, phases shaded,
-    events (pruning) as dashed lines."""
-    fig = _figure((8.0, 6.0))
+    """Top-1 (%) of every evaluated view and MACs (millions per sample) over every epoch of the
+    history, then one panel per scalar method metric (at most ``MAX_METRIC_PANELS``); phases shaded,
+    events (pruning) as dashed lines, the network before a prune as a hollow marker."""
     history = report.history
+    metric_names = scalar_metrics(history)[:MAX_METRIC_PANELS]
+    fig = _figure((8.0, 6.0 + 1.6 * len(metric_names)))
     if not history:
         _empty(fig, "no training epochs")
         return _save(fig, path)
-    ax_top1, ax_macs = fig.subplots(2, 1, sharex=True)
+    axes = fig.subplots(2 + len(metric_names), 1, sharex=True, squeeze=False)[:, 0]
+    ax_top1, ax_macs = axes[0], axes[1]
     xs = list(range(1, len(history) + 1))
-    points = [(x, r.top1) for x, r in zip(xs, history, strict=True) if r.top1 is not None]
-    if points:
-        ax_top1.plot(*zip(*points, strict=True), marker="o", markersize=3, color="tab:blue")
-    else:
-        ax_top1.text(0.5, 0.5, "no top-1 recorded", ha="center", va="center", transform=ax_top1.transAxes)
+    _plot_series(ax_top1, xs, [r.top1 for r in history], "top-1", "tab:blue")
+    for k, name in enumerate(dict.fromkeys(v for r in history for v in r.views)):
+        _plot_series(ax_top1, xs, [r.views.get(name) for r in history], f"top-1 {name}", f"C{k + 2}", ":")
+    _plot_before(ax_top1, xs, [r.top1_before for r in history])
+    if ax_top1.get_legend_handles_labels()[0]:
+        ax_top1.legend(fontsize=7, loc="lower right")
     ax_top1.set_ylabel("test top-1 (%)")
-    ax_macs.plot(xs, [r.macs / 1e6 for r in history], marker="o", markersize=3, color="tab:orange")
+    _plot_series(ax_macs, xs, [r.macs / 1e6 for r in history], "MACs", "tab:orange")
+    _plot_before(ax_macs, xs, [r.macs_before / 1e6 if r.macs_before else None for r in history])
     ax_macs.set_ylabel("MACs (M per sample)")
-    ax_macs.set_xlabel("epoch (all phases)")
-    for ax in (ax_top1, ax_macs):
+    for ax, name in zip(axes[2:], metric_names, strict=True):
+        values = [v if isinstance(v := r.metrics.get(name), int | float) else None for r in history]
+        _plot_series(ax, xs, values, name, "tab:purple")
+        ax.set_ylabel(name, fontsize=8)
+    axes[-1].set_xlabel("epoch (all phases)")
+    for ax in axes:
         _mark_phases(ax, history)
         _mark_events(ax, history)
         ax.grid(alpha=0.3)
     ax_top1.set_title(f"{report.method} on {report.model} / {report.data}")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _plot_series(
+    ax: Any, xs: list[int], ys: list[float | None], label: str, color: str, style: str = "-"
+) -> None:
+    points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    if points:
+        ax.plot(*zip(*points, strict=True), style, marker="o", markersize=3, color=color, label=label)
+    elif label == "top-1":
+        ax.text(0.5, 0.5, "no top-1 recorded", ha="center", va="center", transform=ax.transAxes)
+
+
+def _plot_before(ax: Any, xs: list[int], ys: list[float | None]) -> None:
+    """Hollow markers: the network just before a prune at that epoch's end."""
+    points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    if points:
+        ax.plot(
+            *zip(*points, strict=True), "o", markerfacecolor="none", color="tab:red", label="before prune"
+        )
+
+
+# --- one line per epoch (the CLI and `prune watch` both print it) ---
+
+
+def epoch_line(r: dict[str, Any]) -> str:
+    """``finetune epoch 3: loss 0.1234, top-1 97.50% (soft 98.10%), MACs 1.26M, indicator 0.981``:
+    a record (or an epoch event's data) as one line; method metrics that are scalars come last."""
+    parts = [f"{r.get('phase', '?')} epoch {int(r.get('epoch', 0)) + 1}:"]
+    if r.get("train_loss") is not None:
+        parts.append(f"loss {r['train_loss']:.4f},")
+    if r.get("top1") is not None:
+        views = {k: v for k, v in (r.get("views") or {}).items() if v is not None}
+        extra = ", ".join(f"{k} {v:.2f}%" for k, v in views.items())
+        parts.append(f"top-1 {r['top1']:.2f}%" + (f" ({extra})," if extra else ","))
+    if r.get("macs") is not None:
+        parts.append(f"MACs {r['macs'] / 1e6:.2f}M,")
+    for k, v in (r.get("metrics") or {}).items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            parts.append(f"{k} {v:.4g},")
+    line = " ".join(parts).rstrip(",")
+    if r.get("event") == "pruned" and r.get("macs_before") is not None:
+        before = f"top-1 {r['top1_before']:.2f}%, " if r.get("top1_before") is not None else ""
+        line += f" (pruned from {before}MACs {r['macs_before'] / 1e6:.2f}M)"
+    elif r.get("event"):
+        line += f" ({r['event']})"
+    return line
 
 
 def plot_widths(report: Report, path: Path) -> Path:

@@ -25,7 +25,7 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the methods)
 from .budget import check_reachable
 from .data import Datasets, load_data
-from .engine import NullReporter, Reporter, TrainContext, evaluate, fit
+from .engine import NullReporter, Reporter, TrainContext, evaluate, fit, recalibrate_bn
 from .errors import ModelError
 from .export import export_model
 from .groups import PruningGraph
@@ -127,6 +127,8 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         num_workers=spec.data.num_workers,
         describe=shape.describe,
         rebuild=lambda arch: rebuild(arch),
+        bn_batches=spec.schedule.bn_recalibration_batches,
+        bn_batch_size=spec.schedule.batch_size,
     )
     mctx = MethodContext(
         spec=spec,
@@ -137,15 +139,20 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         graph_timeout_s=settings.graph_timeout_s,
     )
     history: list[dict[str, Any]] = []
+    bn_points: list[str] = []
     if spec.schedule.dense_epochs:
-        model = _run_phases(DenseTraining(spec.method, mctx), model, train_ctx, phases, history)
+        dense = DenseTraining(spec.method, mctx)
+        model = _run_phases(dense, model, train_ctx, shape, phases, history, bn_points)
 
     reporter.message("measuring the dense model")
     dense_cost = _measure(model, data, example, spec, device)
     mctx.teacher = _teacher(spec, model, shape, device)
     method: Method = METHODS.get(spec.method.name)(spec.method, mctx)
-    model = _run_phases(method, model, train_ctx, phases, history)
+    model = _run_phases(method, model, train_ctx, shape, phases, history, bn_points)
+    before = shape.describe(model)
     model = method.finalize(model).to(device)
+    if _recalibrate_if_changed(model, before, shape, train_ctx):
+        bn_points.append("final")
 
     reporter.message("measuring the pruned model")
     pruned_cost = _measure(model, data, example, spec, device)
@@ -171,7 +178,9 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         layers=layer_widths(dense_arch, pruned_arch),
         phases=phases,
         history=history,
-        method_details={**mctx.details, "total_wall_s": time.perf_counter() - t_start},
+        method_details=dict(mctx.details),
+        bn_recalibration=bn_points,
+        total_wall_s=time.perf_counter() - t_start,
     )
     for path in write_report(report, workdir):
         artifacts[path.name] = path
@@ -179,30 +188,62 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
 
 
 def _run_phases(
-    method: Method, model: nn.Module, ctx: TrainContext, phases: list[PhaseTime], history: list
+    method: Method,
+    model: nn.Module,
+    ctx: TrainContext,
+    shape: _Shape,
+    phases: list[PhaseTime],
+    history: list,
+    bn_points: list[str],
 ) -> nn.Module:
-    """Run each of the method's phases through ``fit``; a finished phase is restored from its checkpoint."""
+    """Run each of the method's phases through ``fit``; a finished phase is restored from its checkpoint.
+
+    ``start_phase`` runs only for a phase without a checkpoint; what it measured (its time, whether it
+    re-estimated BatchNorm statistics) is stored with the phase's checkpoint, so a resumed job reports
+    the same as an uninterrupted one.
+    """
     for phase in method.phases():
+        meta: dict[str, Any] = {}
         ckpt = ctx.checkpoint_dir / f"{phase.name}.pt" if ctx.checkpoint_dir else None
         if ckpt is None or not ckpt.exists():
             t0 = time.perf_counter()
+            before = shape.describe(model)
             model = method.start_phase(phase, model.to(ctx.device))
-            phases.append(PhaseTime(name=f"{phase.name}:start", wall_s=time.perf_counter() - t0, epochs=0))
+            meta["bn_recalibrated"] = _recalibrate_if_changed(model, before, shape, ctx)
+            meta["start_wall_s"] = time.perf_counter() - t0
         result = fit(
             model,
             method,
             method.ctx.spec.schedule.model_copy(update={"epochs": phase.epochs}),
             ctx,
             phase.name,
+            streams=phase.streams,
+            meta=meta,
         )
         model = result.model
         history.extend(result.history)
+        if "start_wall_s" in result.meta:
+            phases.append(PhaseTime(name=f"{phase.name}:start", wall_s=result.meta["start_wall_s"], epochs=0))
+        if result.meta.get("bn_recalibrated"):
+            bn_points.append(f"{phase.name}:start")
+        bn_points.extend(
+            f"{phase.name}:epoch {r['epoch'] + 1}" for r in result.history if r.get("bn_recalibrated")
+        )
         phases.append(
             PhaseTime(
                 name=phase.name, wall_s=sum(r["wall_s"] for r in result.history), epochs=len(result.history)
             )
         )
     return model
+
+
+def _recalibrate_if_changed(
+    model: nn.Module, before: dict[str, Any], shape: _Shape, ctx: TrainContext
+) -> bool:
+    """Re-estimate BatchNorm statistics when ``model``'s architecture differs from ``before``."""
+    if shape.describe(model) == before:
+        return False
+    return recalibrate_bn(model, ctx.train, ctx.device, ctx.bn_batches, ctx.bn_batch_size)
 
 
 def _measure(

@@ -109,17 +109,27 @@ class Schedule(_Strict):
     batch_size: int = Field(64, ge=1, le=65_536)
     lr: float = Field(0.05, gt=0.0, le=10.0, description="Peak learning rate.")
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = Field(True, description="Nesterov momentum (SGD only; needs momentum > 0).")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up, in epochs (fractions allowed).")
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (smoke runs).")
+    bn_recalibration_batches: int = Field(
+        20,
+        ge=0,
+        le=10_000,
+        description="Training batches that re-estimate BatchNorm statistics after any physical pruning "
+        "or architecture change, before the network is evaluated or exported; 0 turns it off.",
+    )
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> Schedule:
+    def _consistent(self) -> Schedule:
         if self.epochs and self.warmup_epochs > self.epochs:
             raise ValueError("warmup_epochs cannot exceed epochs")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0; set nesterov to false or give a momentum")
         return self
 
 

@@ -6,8 +6,8 @@ import torch
 from pruning_core.budget import check_reachable, min_macs, select_to_budget
 from pruning_core.errors import TargetError
 from pruning_core.groups import PruningGraph
+from pruning_core.importance import magnitude
 from pruning_core.macs import count_macs
-from pruning_core.methods.magnitude import group_magnitude_scores
 from pruning_core.surgery import remove_channels
 from pruning_core.zoo import build_model
 
@@ -21,7 +21,7 @@ def test_magnitude_selection_hits_target(name: str, size: int, target: float) ->
     model = build_model(name, 10, 3).eval()
     x = torch.zeros(1, 3, size, size)
     graph = PruningGraph(model, x, 10)
-    keep = select_to_budget(graph, group_magnitude_scores(graph), int(target * graph.dense_macs))
+    keep = select_to_budget(graph, magnitude(graph), int(target * graph.dense_macs))
     remove_channels(graph, keep)
     achieved = count_macs(model, x) / graph.dense_macs
     assert target - 0.02 <= achieved <= target

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pruning_core.engine import EpochAction, NullReporter, TrainContext, fit, lr_factor
+from pruning_core.engine import EpochAction, EpochEnd, NullReporter, TrainContext, fit
 from pruning_core.errors import Cancelled
 from pruning_core.groups import PruningGraph
 from pruning_core.macs import count_macs
 from pruning_core.methods.base import Method, MethodContext
+from pruning_core.optim import lr_factor
 from pruning_core.spec import JobSpec, Schedule
 from pruning_core.surgery import describe, rebuild, remove_channels
 from pruning_core.zoo import build_model
@@ -112,7 +113,7 @@ class PruneAfterFirstEpoch(Method):
     """Physically halves every group at the end of epoch 0 (an EPI-like schedule)."""
 
     def on_epoch_end(self, model, epoch, metrics):
-        return EpochAction.PRUNE if epoch == 0 else EpochAction.CONTINUE
+        return EpochEnd(EpochAction.PRUNE if epoch == 0 else EpochAction.CONTINUE)
 
     def prune_now(self, model):
         graph = PruningGraph(model, self.ctx.example, 4)

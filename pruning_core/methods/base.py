@@ -1,9 +1,25 @@
 """The Method interface: what every pruning method plugs into the runner and the training loop.
 
 A method declares its phases (each trained by the one ``engine.fit`` loop), may change the model when a
-phase starts (one-shot pruning), steers each training step (losses, masks, extra parameters), may ask
-for pruning at an epoch's end, and hands back a physically pruned model at the end. Defaults give plain
-supervised training with optional knowledge distillation, so a method overrides only what it changes.
+phase starts (one-shot pruning), declares its parameter sets and their optimizers, steers each training
+step (forwards, losses, backward passes, masks, extra parameters), adds numbers to each epoch's record,
+may ask for pruning at an epoch's end, and hands back a physically pruned model at the end. Defaults
+give plain supervised training with optional knowledge distillation, so a method overrides only what
+it changes.
+
+The order in which the hooks run, per phase (``runner._run_phases`` and ``engine.fit``):
+
+- fresh phase: ``start_phase`` -> [BatchNorm re-estimated if the architecture changed] ->
+  ``param_sets`` -> per step ``training_step`` -> ``after_backward`` (true, unscaled gradients of the
+  sets about to step) -> ``after_step``; per epoch ``eval_views`` -> ``current_macs`` ->
+  ``on_epoch_end`` -> on PRUNE ``prune_now`` -> ``param_sets`` -> [BatchNorm re-estimated] ->
+  ``eval_views``; then checkpoint (``state_dict``).
+- resumed phase (a checkpoint exists, finished or not): ``start_phase`` does NOT run. The model is
+  rebuilt to the checkpoint's architecture and its weights loaded, then ``load_state_dict(state,
+  model)`` restores everything ``start_phase`` and training built (extra parameters, masks,
+  architecture, ``ctx.details``), and only then ``param_sets`` -> optimizer states loaded -> training
+  goes on at the saved step. A finished phase stops after ``load_state_dict``.
+- after the last phase: ``finalize`` -> [BatchNorm re-estimated if the architecture changed].
 """
 
 from __future__ import annotations
@@ -16,20 +32,24 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from ..engine import EpochAction, StepContext, StepOutput
+from ..batches import Batch, Streams
+from ..engine import EpochEnd, StepContext, StepOutput, View
 from ..groups import PruningGraph
 from ..losses import kd_loss
 from ..macs import count_macs
+from ..optim import ParamSet
 from ..registry import Registry
 from ..spec import JobSpec
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One training phase; ``fit`` checkpoints each under its name."""
+    """One training phase; ``fit`` checkpoints each under its name. ``streams``: read the training set
+    as fixed parts (e.g. TAS's split for weights and architecture); None: one stream."""
 
     name: str
     epochs: int
+    streams: Streams | None = None
 
 
 @dataclass
@@ -78,17 +98,20 @@ class Method:
         return model
 
     # --- the training loop's hooks (engine.TrainHooks) ---
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    def param_sets(self, model: nn.Module) -> list[ParamSet]:
+        """Named parameter sets, each with its optimizer and LR rule; the first is the main one (its LR
+        is the epoch record's ``lr``). Default: every trainable weight, the schedule's optimizer."""
+        return [ParamSet("weights", [p for p in model.parameters() if p.requires_grad])]
 
     def training_step(
-        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
+        self, model: nn.Module, batch: Batch | tuple[Batch, ...], ctx: StepContext
     ) -> StepOutput:
+        """One step's forwards and losses. Return the loss for the engine to backpropagate into every
+        parameter, or call ``ctx.backward`` (and ``ctx.step``) yourself and return it for reporting."""
         x, y = batch
         with ctx.autocast():
-            logits = model(x)
-            loss = self.supervised_loss(logits, x, y)
-        return StepOutput(loss, logits)
+            loss = self.supervised_loss(model(x), x, y)
+        return StepOutput(loss)
 
     def supervised_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy, or the KD loss when a teacher is set."""
@@ -100,27 +123,38 @@ class Method:
         kd = self.ctx.spec.kd
         return kd_loss(logits, t, y, kd.temperature, kd.weight)
 
-    def after_backward(self, model: nn.Module, ctx: StepContext) -> None: ...
+    def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
+        """Gradients are unscaled here (``ctx.stepping`` names the sets about to step): read or edit them."""
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None: ...
 
-    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochAction:
-        return EpochAction.CONTINUE
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochEnd:
+        """``metrics``: the epoch's top1, test_loss, train_loss and top1_<view>. Return what happens next
+        and the method's own numbers for the epoch's record."""
+        return EpochEnd()
 
     def prune_now(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError(f"{self.name} does not prune during training")
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        """The network to evaluate each epoch (a method with masks may return a masked view)."""
-        return model
+    def eval_views(self, model: nn.Module) -> dict[str, View]:
+        """The networks evaluated at each epoch's end; the first gives the record's ``top1`` (a method
+        with masks returns its masked network first, and may add others, e.g. S2H's soft network)."""
+        return {"model": View(model)}
 
     def current_macs(self, model: nn.Module) -> int:
+        """MACs per sample of the network the method stands for now (masked channels excluded)."""
         return count_macs(model, self.ctx.example.to(next(model.parameters()).device))
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """Everything needed to resume (extends: ``{**super().state_dict(), ...}``); tensors, numbers,
+        strings, lists and dicts only (checkpoints load with ``weights_only=True``)."""
+        return {"details": dict(self.ctx.details)}
 
-    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None: ...
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Restore ``state_dict()`` onto ``model`` (already rebuilt with its weights); runs before
+        ``param_sets`` on resume."""
+        self.ctx.details.clear()
+        self.ctx.details.update(state.get("details", {}))
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -1,0 +1,129 @@
+"""Which training samples each step sees: a pure function of (seed, epoch), so a run resumes exactly.
+
+By default every step gets one batch of the whole training set in a per-epoch random order. A phase may
+instead ask for ``Streams``: the training set split once into fixed, seeded parts (e.g. TAS's 50/50
+split for weights and architecture), and per step either one batch of each part (``zip``) or a batch
+of one part in turn (``alternate``). The epoch's plan is computed up front; a resumed epoch skips the
+steps it already trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .spec import Schedule
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Streams:
+    """A split of the training set into fixed parts, read together (``zip``) or in turn (``alternate``).
+
+    ``fractions`` are shares of the training set (summing to at most 1); the split is drawn once from the
+    job's seed and never changes between epochs or on resume.
+    """
+
+    fractions: tuple[float, ...] = (0.5, 0.5)
+    mode: Literal["zip", "alternate"] = "zip"
+
+    def __post_init__(self) -> None:
+        if len(self.fractions) < 2 or any(f <= 0 for f in self.fractions) or sum(self.fractions) > 1 + 1e-9:
+            raise ValueError(f"streams need >= 2 positive fractions summing to <= 1, got {self.fractions}")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch seed of an epoch's start (data order, augmentation and any other random draws)."""
+    return seed * 1_000_003 + epoch
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's sample order, a pure function of (seed, epoch); the last partial batch is dropped
+    when there is more than one batch (a size-1 batch breaks BatchNorm)."""
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    order = torch.randperm(n, generator=g).tolist()
+    if n > batch_size:
+        order = order[: n - n % batch_size]
+    return order
+
+
+def split_parts(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Sample indices of each part: a fixed seeded permutation of ``range(n)`` cut by ``fractions``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 999_979)  # apart from every epoch's seed
+    perm = torch.randperm(n, generator=g).tolist()
+    parts, start = [], 0
+    for f in fractions:
+        size = max(1, int(f * n))
+        parts.append(perm[start : start + size])
+        start += size
+    if start > n:
+        raise ValueError(f"a training set of {n} samples is too small to split into {len(fractions)} parts")
+    return parts
+
+
+def _batches(indices: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """``indices`` in an order drawn from ``seed``, cut into batches (last partial one dropped)."""
+    g = torch.Generator().manual_seed(seed % 2**63)
+    order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+    if len(order) > batch_size:
+        order = order[: len(order) - len(order) % batch_size]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def epoch_plan(
+    n: int, schedule: Schedule, seed: int, epoch: int, streams: Streams | None = None
+) -> list[list[list[int]]]:
+    """Per step, the sample indices of each batch it receives (one batch, or one per part in ``zip``
+    mode), capped at ``schedule.max_steps_per_epoch``."""
+    bs = schedule.batch_size
+    if streams is None:
+        order = epoch_order(n, bs, seed, epoch)
+        plan = [[order[i : i + bs]] for i in range(0, len(order), bs)]
+    else:
+        parts = split_parts(n, streams.fractions, seed)
+        per_part = [_batches(p, bs, epoch_seed(seed, epoch) * 31 + k + 1) for k, p in enumerate(parts)]
+        steps = min(len(b) for b in per_part)
+        if streams.mode == "zip":
+            plan = [[b[i] for b in per_part] for i in range(steps)]
+        else:
+            plan = [[per_part[k][i]] for i in range(steps) for k in range(len(parts))]
+    cap = schedule.max_steps_per_epoch
+    return plan[:cap] if cap else plan
+
+
+def steps_per_epoch(n: int, schedule: Schedule, streams: Streams | None = None) -> int:
+    """Training steps in every epoch (the same for all epochs of a phase)."""
+    return len(epoch_plan(n, schedule, 0, 0, streams))
+
+
+def part_of_step(step_in_epoch: int, streams: Streams | None) -> int:
+    """Which part an ``alternate`` step reads (0 otherwise)."""
+    if streams is None or streams.mode == "zip":
+        return 0
+    return step_in_epoch % len(streams.fractions)
+
+
+def batch_loader(
+    ds: Dataset, plan: list[list[list[int]]], workers: int, device: torch.device
+) -> Iterator[tuple[Batch, ...]]:
+    """Yield, per step of ``plan``, its batches as ``((x, y), ...)``: one DataLoader reads each step's
+    batches together (one collate, one worker round-trip) and they are split afterwards."""
+    flat = [[i for batch in step for i in batch] for step in plan]
+    sizes = [[len(batch) for batch in step] for step in plan]
+    loader = DataLoader(
+        ds,
+        batch_sampler=flat,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        # its own generator: the loader must not draw from the global RNG, which a resume replays
+        generator=torch.Generator().manual_seed(sum(len(f) for f in flat)),
+    )
+    for (x, y), sz in zip(loader, sizes, strict=True):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        yield tuple(zip(x.split(sz), y.split(sz), strict=True)) if len(sz) > 1 else ((x, y),)
