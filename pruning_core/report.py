@@ -144,6 +144,12 @@ class Report(_Record):
     bn_recalibration: list[str] = Field(
         default_factory=list, description="Where BatchNorm statistics were re-estimated after pruning."
     )
+    finalize_rel_diff: float | None = Field(
+        None,
+        ge=0.0,
+        description="Largest logit difference between the physically pruned network and the (masked) "
+        "network the method trained, relative to the logits' scale; ~1e-6 when removal is exact.",
+    )
     total_wall_s: float | None = Field(None, ge=0.0)
     spec: dict[str, Any]
 
@@ -166,6 +172,7 @@ class Report(_Record):
         history: Iterable[EpochRecord | Any] = (),
         method_details: dict[str, Any] | None = None,
         bn_recalibration: Iterable[str] = (),
+        finalize_rel_diff: float | None = None,
         total_wall_s: float | None = None,
     ) -> Report:
         """A report whose ratios and speedup are computed from ``dense`` and ``pruned``.
@@ -190,6 +197,7 @@ class Report(_Record):
             history=list(history),
             method_details=method_details or {},
             bn_recalibration=list(bn_recalibration),
+            finalize_rel_diff=finalize_rel_diff,
             total_wall_s=total_wall_s,
             spec=spec,
         )

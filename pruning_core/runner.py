@@ -149,17 +149,14 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     mctx.teacher = _teacher(spec, model, shape, device)
     method: Method = METHODS.get(spec.method.name)(spec.method, mctx)
     model = _run_phases(method, model, train_ctx, shape, phases, history, bn_points)
-    before = shape.describe(model)
-    model = method.finalize(model).to(device)
-    if _recalibrate_if_changed(model, before, shape, train_ctx):
-        bn_points.append("final")
+    # A random batch, not zeros: the physically pruned network and its exports are checked against it.
+    check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))
+    model, finalize_diff = _finalize(method, model, shape, train_ctx, check_input, bn_points)
 
     reporter.message("measuring the pruned model")
     pruned_cost = _measure(model, data, example, spec, device)
     t_export = time.perf_counter()
     pruned_arch = shape.describe(model)
-    # A random batch, not zeros: TorchScript and ONNX outputs are checked against it.
-    check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))
     exported = export_model(model, pruned_arch, workdir, spec.export.formats, check_input)
     artifacts = {p.name: p for p in exported.values()}
     phases.append(PhaseTime(name="export", wall_s=time.perf_counter() - t_export, epochs=0))
@@ -180,6 +177,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         history=history,
         method_details=dict(mctx.details),
         bn_recalibration=bn_points,
+        finalize_rel_diff=finalize_diff,
         total_wall_s=time.perf_counter() - t_start,
     )
     for path in write_report(report, workdir):
@@ -235,6 +233,37 @@ def _run_phases(
             )
         )
     return model
+
+
+def _finalize(
+    method: Method,
+    model: nn.Module,
+    shape: _Shape,
+    ctx: TrainContext,
+    check_input: torch.Tensor,
+    bn_points: list[str],
+) -> tuple[nn.Module, float]:
+    """The method's physically pruned network, checked against the network it evaluated during
+    training (its first view): returns it and their largest logit difference relative to the logits'
+    scale (``max|a - b| / max(1, max|b|)``), measured before BatchNorm statistics are re-estimated."""
+    view = next(iter(method.eval_views(model).values())).module
+    reference = _logits(view, check_input, ctx.device)
+    before = shape.describe(model)
+    model = method.finalize(model).to(ctx.device)
+    pruned = _logits(model, check_input, ctx.device)
+    diff = (pruned - reference).abs().max().item() / max(1.0, reference.abs().max().item())
+    if _recalibrate_if_changed(model, before, shape, ctx):
+        bn_points.append("final")
+    return model, diff
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = model(x.to(device)).float().cpu()
+    model.train(was)
+    return out
 
 
 def _recalibrate_if_changed(

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pruning_core.budget import check_reachable, min_macs, select_to_budget
+from pruning_core.budget import check_reachable, counts_for_ratios, min_macs, select_to_budget, soft_macs
 from pruning_core.errors import TargetError
-from pruning_core.groups import PruningGraph
+from pruning_core.groups import PruningGraph, top_channels
 from pruning_core.importance import magnitude
 from pruning_core.macs import count_macs
 from pruning_core.surgery import remove_channels
@@ -47,3 +47,57 @@ def test_unreachable_target_refused() -> None:
     check_reachable(graph, floor * 1.01)
     with pytest.raises(TargetError):
         check_reachable(graph, 0.2, min_channels=16)  # 16 per group = the dense stem width: nothing to cut
+
+
+@pytest.mark.parametrize("target", [0.3, 0.6])
+def test_ratio_allocation_meets_target_within_one_filter_and_follows_ratios(target: float) -> None:
+    model = build_model("resnet20", 10, 3)
+    graph = PruningGraph(model, torch.zeros(1, 3, 32, 32), 10)
+    ratios = torch.rand(len(graph.groups), generator=torch.Generator().manual_seed(1)).tolist()
+    budget = int(target * graph.dense_macs)
+    counts = counts_for_ratios(graph, ratios, budget, max_ratio=0.9)
+    macs = graph.cost.macs(counts)
+    one_filter = max(
+        graph.cost.macs([c + (i == j) for j, c in enumerate(counts)]) - macs
+        for i, g in enumerate(graph.groups)
+        if counts[i] < g.size
+    )
+    assert budget - one_filter < macs <= budget, "as much kept as fits, to within one filter"
+    pruned = [1 - c / g.size for c, g in zip(counts, graph.groups, strict=True)]
+    assert all(p <= 0.9 for p in pruned)
+    sizes = [g.size for g in graph.groups]
+    for ra, pa, na in zip(ratios, pruned, sizes, strict=True):
+        for rb, pb in zip(ratios, pruned, strict=True):
+            if ra < rb:  # one scale for all groups: shares follow the ratios up to one channel's rounding
+                assert pa <= pb + 1 / na + 1e-9, "a group with a higher ratio prunes a smaller share"
+
+
+def test_ratio_allocation_refuses_what_the_cap_cannot_reach() -> None:
+    graph = PruningGraph(build_model("resnet20", 10, 3), torch.zeros(1, 3, 32, 32), 10)
+    with pytest.raises(TargetError, match="at most 0.2"):
+        counts_for_ratios(graph, [1.0] * len(graph.groups), graph.dense_macs // 2, max_ratio=0.2)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("resnet20", 32), ("mobilenet_v2", 32), ("vgg16_bn", 32), ("tv:resnet18", 64)]
+)
+def test_soft_macs_is_exact_at_integer_widths_and_differentiable(name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3).eval()
+    x = torch.zeros(1, 3, size, size)
+    graph = PruningGraph(model, x, 10)
+    keep = [top_channels(g, torch.rand(g.size), max(g.ch_groups, g.size // 3)) for g in graph.groups]
+    widths = torch.tensor([float(len(k)) for k in keep], dtype=torch.float64, requires_grad=True)
+    soft = soft_macs(graph, widths)
+    soft.backward()
+    assert soft.item() == graph.cost.macs([len(k) for k in keep])
+    remove_channels(graph, keep)
+    assert soft.item() == count_macs(model, x), "equal to the count after physical removal"
+    # The cost is quadratic in the widths: a central difference is its exact derivative.
+    with torch.no_grad():
+        for g in (0, len(graph.groups) // 2, len(graph.groups) - 1):
+            step = torch.zeros_like(widths)
+            step[g] = 0.5
+            diff = (soft_macs(graph, widths + step) - soft_macs(graph, widths - step)).item()
+            assert widths.grad[g].item() == pytest.approx(diff, rel=1e-9, abs=1e-6)
+    assert (widths.grad > 0).all(), "every group's width costs MACs"

@@ -1,0 +1,105 @@
+"""The contract every registered method keeps (a new method joins by being registered).
+
+On digits with a tiny schedule: the MAC target is met; the physically pruned network reproduces the
+network the method trained; interrupted and resumed equals uninterrupted (weights and report); a cancel
+is honoured before the next step; the export reloads; the report carries the method's own section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pruning_core.engine import NullReporter, evaluate
+from pruning_core.errors import Cancelled
+from pruning_core.export import load_pruned
+from pruning_core.methods import METHODS
+from pruning_core.runner import prepare, run
+from pruning_core.spec import parse_spec
+
+TARGET = 0.5
+
+
+def _spec(method: str):
+    return parse_spec(
+        {
+            "model": {"name": "resnet20"},
+            "data": {"name": "digits"},
+            "method": {"name": method},
+            "target": {"macs_ratio": TARGET},
+            "schedule": {"dense_epochs": 1, "epochs": 2, "batch_size": 64, "max_steps_per_epoch": 4},
+            "export": {"formats": ["safetensors"]},
+            "device": "cpu",
+        }
+    )
+
+
+class CancelAt(NullReporter):
+    """Requests a cancel right after step ``step`` of epoch ``epoch`` of the last phase that trains,
+    and counts the steps that still ran afterwards."""
+
+    def __init__(self, phase: str, epoch: int, step: int):
+        self.at, self.fired, self.steps_after = (phase, epoch, step), False, 0
+
+    def step(self, phase: str, epoch: int, step: int, loss: float) -> None:
+        self.steps_after += self.fired
+        self.fired = self.fired or (phase, epoch, step) == self.at
+
+    def cancelled(self) -> bool:
+        return self.fired
+
+
+def _comparable(report) -> dict[str, Any]:
+    """The report without what a clock measures."""
+    d = report.model_dump(mode="json")
+    for key in ("total_wall_s", "latency_speedup"):
+        d.pop(key)
+    for cost in ("dense", "pruned"):
+        d[cost].pop("latency")
+    for row in d["phases"] + d["history"]:
+        row.pop("wall_s")
+    return d
+
+
+@pytest.fixture(scope="module", params=METHODS.names())
+def finished(request, tmp_path_factory) -> tuple[str, Any]:
+    name = request.param
+    return name, run(_spec(name), tmp_path_factory.mktemp(f"{name}-whole"))
+
+
+def test_meets_target_and_reproduces_its_own_network(finished) -> None:
+    name, result = finished
+    report = result.report
+    assert TARGET - 0.02 <= report.achieved_macs_ratio <= TARGET
+    assert report.finalize_rel_diff is not None and report.finalize_rel_diff < 1e-4
+    assert report.method_details, f"{name} must report a section of its own"
+
+
+def test_export_reloads(finished) -> None:
+    name, result = finished
+    model = load_pruned(result.workdir)
+    data, _, _ = prepare(_spec(name), result.workdir)
+    assert evaluate(model, data.test, torch.device("cpu"))["top1"] == result.report.pruned.top1
+
+
+def test_cancel_is_honoured_and_resume_equals_uninterrupted(finished, tmp_path: Path) -> None:
+    name, reference = finished
+    trained = [r for r in reference.report.history if r.phase != "dense"]
+    last_phase = trained[-1].phase
+    epoch = max(r.epoch for r in trained if r.phase == last_phase)
+    reporter = CancelAt(last_phase, epoch, 2)
+    with pytest.raises(Cancelled):
+        run(_spec(name), tmp_path, reporter)
+    assert reporter.fired and reporter.steps_after == 0, "no step may run once a cancel was seen"
+    torch.manual_seed(4321)  # the resumed process starts from an unrelated RNG state
+    resumed = run(_spec(name), tmp_path)
+    assert _comparable(resumed.report) == _comparable(reference.report)
+    a, b = (
+        load_file(resumed.workdir / "model.safetensors"),
+        load_file(reference.workdir / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
