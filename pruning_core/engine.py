@@ -6,7 +6,7 @@ physical pruning, checkpoint/resume and cooperative cancellation.
 
 A training step: ``training_step`` runs the method's forwards and either returns the loss (the engine
 backpropagates it into every parameter) or calls ``ctx.backward`` itself, as often as it likes, each call
-optionally restricted to some parameters; it may ``ctx.step`` some parameter sets early (TAS updates the
+optionally restricted to some parameters; it may ``ctx.update`` some parameter sets early (TAS updates the
 weights, then the architecture, in one step). Then every set with gradients that was not stepped yet is
 unscaled once, shown to ``after_backward`` and stepped; the GradScaler is updated once per step.
 
@@ -104,8 +104,9 @@ class StepContext:
         self.backward_calls += 1
         self._run.opts.backward(loss, params, retain_graph=retain_graph)
 
-    def step(self, *names: str) -> None:
-        """Step these parameter sets now (unscale, ``after_backward``, optimizer step, zero grads)."""
+    def update(self, *names: str) -> None:
+        """Step these parameter sets' optimizers now, mid-step (unscale, ``after_backward``, optimizer
+        step, zero their grads); e.g. TAS updates the weights, then forwards again for the architecture."""
         self._run.opts.step(names, self._after_backward)
 
     def _after_backward(self, names: tuple[str, ...]) -> None:

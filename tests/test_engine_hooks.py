@@ -48,13 +48,13 @@ class GateMethod(Method):
     """Two parameter sets (weights: the schedule's SGD; gate: Adam at a constant LR), an optional second
     loss restricted to the gate, per-step and per-epoch numbers, and two views."""
 
-    def __init__(self, extra_loss: bool = True, streams: bool = False):
+    def __init__(self, extra_loss: bool = True, streams: bool = False, device: str = "cpu"):
         spec = JobSpec()
         super().__init__(
-            spec.method, MethodContext(spec, torch.zeros(1, 3, SIZE, SIZE), 4, torch.device("cpu"), 1)
+            spec.method, MethodContext(spec, torch.zeros(1, 3, SIZE, SIZE), 4, torch.device(device), 1)
         )
         self.extra_loss, self.streams = extra_loss, streams
-        self.gate = nn.Parameter(torch.zeros(4))
+        self.gate = nn.Parameter(torch.zeros(4, device=device))
         self.grads: list[dict[str, torch.Tensor]] = []
         self.parts: list[int] = []
 
@@ -73,11 +73,12 @@ class GateMethod(Method):
         else:
             x, y = batch
         self.parts.append(ctx.part)
-        logits = Gated(model, self.gate)(x)
-        loss = F.cross_entropy(logits, y)
+        with ctx.autocast():
+            logits = Gated(model, self.gate)(x)
+            loss = F.cross_entropy(logits, y)
+            entropy = -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
         ctx.backward(loss, retain_graph=self.extra_loss)
         if self.extra_loss:  # e.g. S2H's KL(s || sg(h)): may only move the mask logits
-            entropy = -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
             ctx.backward(entropy, params="gate")
         return StepOutput(loss.detach(), {"gate_norm": self.gate.detach().norm()})
 
@@ -100,6 +101,40 @@ class GateMethod(Method):
         super().load_state_dict(state, model)
         with torch.no_grad():
             self.gate.copy_(state["gate"])
+
+
+class TwoUpdates(GateMethod):
+    """TAS-like: the weights step on one part, then the gate on the other, in one training step."""
+
+    def training_step(self, model, batch, ctx):
+        (x, y), (xa, ya) = batch
+        with ctx.autocast():
+            loss = F.cross_entropy(model(x), y)
+        ctx.backward(loss, params="weights")
+        ctx.update("weights")
+        with ctx.autocast():  # the architecture step sees the weights just updated
+            arch = F.cross_entropy(Gated(model, self.gate)(xa), ya)
+        ctx.backward(arch, params="gate")
+        ctx.update("gate")
+        if self.extra_loss:  # a second update of one set in one step is refused
+            ctx.backward(F.cross_entropy(Gated(model, self.gate)(xa), ya), params="gate")
+            ctx.update("gate")
+        return StepOutput(loss.detach())
+
+    def after_backward(self, model, ctx):
+        self.grads.append({"stepping": ctx.stepping, "weights_have_grad": model.fc.weight.grad is not None})
+
+
+def test_sets_can_update_mid_step_in_order_once_each() -> None:
+    method = TwoUpdates(extra_loss=False)
+    gate = method.gate.detach().clone()
+    fit(_model(), method, SCHEDULE.model_copy(update={"epochs": 1}), _ctx(None), streams=Streams())
+    assert [g["stepping"] for g in method.grads[:2]] == [("weights",), ("gate",)]
+    assert not method.grads[1]["weights_have_grad"], "the architecture loss never reached the weights"
+    assert len(method.grads) == 2 * 3, "two updates per step, nothing left for the end of the step"
+    assert not torch.equal(method.gate, gate)
+    with pytest.raises(RuntimeError, match="stepped twice"):
+        fit(_model(), TwoUpdates(), SCHEDULE.model_copy(update={"epochs": 1}), _ctx(None), streams=Streams())
 
 
 def _one_step(extra_loss: bool) -> dict[str, torch.Tensor]:

@@ -107,7 +107,7 @@ class Method:
         self, model: nn.Module, batch: Batch | tuple[Batch, ...], ctx: StepContext
     ) -> StepOutput:
         """One step's forwards and losses. Return the loss for the engine to backpropagate into every
-        parameter, or call ``ctx.backward`` (and ``ctx.step``) yourself and return it for reporting."""
+        parameter, or call ``ctx.backward`` (and ``ctx.update``) yourself and return it for reporting."""
         x, y = batch
         with ctx.autocast():
             loss = self.supervised_loss(model(x), x, y)
