@@ -150,6 +150,9 @@ class Report(_Record):
         description="Largest logit difference between the physically pruned network and the (masked) "
         "network the method trained, relative to the logits' scale; ~1e-6 when removal is exact.",
     )
+    export_failures: dict[str, str] = Field(
+        default_factory=dict, description="Export formats left out, each with the one-line reason."
+    )
     total_wall_s: float | None = Field(None, ge=0.0)
     spec: dict[str, Any]
 
@@ -173,6 +176,7 @@ class Report(_Record):
         method_details: dict[str, Any] | None = None,
         bn_recalibration: Iterable[str] = (),
         finalize_rel_diff: float | None = None,
+        export_failures: dict[str, str] | None = None,
         total_wall_s: float | None = None,
     ) -> Report:
         """A report whose ratios and speedup are computed from ``dense`` and ``pruned``.
@@ -198,6 +202,7 @@ class Report(_Record):
             method_details=method_details or {},
             bn_recalibration=list(bn_recalibration),
             finalize_rel_diff=finalize_rel_diff,
+            export_failures=export_failures or {},
             total_wall_s=total_wall_s,
             spec=spec,
         )

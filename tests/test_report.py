@@ -196,3 +196,25 @@ def test_report_module_does_not_import_torch():
     code = "import sys, pruning_core.report; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR width, height
+
+
+def test_method_numbers_views_and_prunes_reach_the_report_and_plot(tmp_path):
+    rows = [r.model_dump() for r in _history()]
+    for r in rows[2:]:
+        r["metrics"] = {"indicator": 0.9 + r["epoch"] / 100, "ratios": [0.1, 0.2]}
+        r["views"] = {"hard": r["top1"], "soft": r["top1"] + 1}
+    rows[2].update(
+        event="pruned", top1_before=54.0, macs_before=1000, bn_recalibrated=True, train_macs=12_345
+    )
+    report = _report(history=rows)
+    paths = write_report(report, tmp_path)
+    again = read_report(tmp_path)
+    assert again.history[2].metrics["ratios"] == [0.1, 0.2] and again.history[3].views["soft"] == 52.0
+    plain = write_report(_report(), tmp_path / "plain")[1]
+    (w, h), (w0, h0) = _png_size(paths[1]), _png_size(plain)
+    assert w == w0 and h == h0 + 160, "one more panel (1.6 in at 100 dpi) for the one scalar metric"

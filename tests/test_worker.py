@@ -238,11 +238,23 @@ def test_reporter_progress_heartbeat_cancel_and_loss(sqlite_db: str) -> None:
         for epoch in range(2):
             for step in range(1, 5):
                 r.step("finetune", epoch, step, 0.5)
-            r.epoch({"phase": "finetune", "epoch": epoch, "top1": float("nan"), "macs": 10})
+            r.epoch(
+                {
+                    "phase": "finetune",
+                    "epoch": epoch,
+                    "top1": float("nan"),
+                    "macs": 10,
+                    "views": {"soft": 61.5},
+                    "metrics": {"indicator": 0.97, "ratios": [0.1, 0.2]},
+                }
+            )
         evs = events(engine, job_id)
         progress = [d["progress"] for _, k, d in evs if k == "progress"]
         assert len(progress) == 8 and progress == sorted(progress) and progress[-1] == 0.99
-        assert [d for _, k, d in evs if k == "epoch"][0]["top1"] is None  # NaN is not JSON
+        first_epoch = [d for _, k, d in evs if k == "epoch"][0]
+        assert first_epoch["top1"] is None  # NaN is not JSON
+        assert first_epoch["metrics"] == {"indicator": 0.97, "ratios": [0.1, 0.2]}, "method numbers reach SSE"
+        assert first_epoch["views"] == {"soft": 61.5}
         job = get(engine, job_id)
         assert (job.phase, job.progress) == ("finetune", 0.99)
         assert job.lease_until.replace(tzinfo=None) > (utcnow() + timedelta(seconds=30)).replace(tzinfo=None)
