@@ -6,6 +6,7 @@ Every builder takes ``num_classes`` and ``in_channels``. Weights come only from 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +193,15 @@ def _torchvision_entry(name: str) -> ZooEntry:
             _replace_first_conv(model, in_channels)
         return model
 
-    return ZooEntry(build, min_input_size=32)
+    return ZooEntry(build, min_input_size=max(32, _torchvision_min_size(name)))
+
+
+def _torchvision_min_size(name: str) -> int:
+    """The smallest input side (pixels) torchvision documents for any of the builder's weights."""
+    import torchvision
+
+    sizes = [w.meta.get("min_size", (1, 1)) for w in torchvision.models.get_model_weights(name)]
+    return min((max(s) for s in sizes), default=1)
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -244,8 +253,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise WeightsError(f"{path.name} is not a valid safetensors file ({_first_line(err)})") from None
+    # safetensors keeps no per-module ``_metadata`` (state-dict versions); some modules (torchvision's
+    # MNASNet) refuse a state dict without one. The file holds weights for this code's modules, so
+    # their own versions apply.
+    state_with_versions: dict[str, torch.Tensor] = OrderedDict(state)
+    state_with_versions._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state_with_versions, strict=True)
     except RuntimeError as err:
         raise WeightsError(f"{path.name} does not match the model: {_first_line(err, 2)}") from None
 

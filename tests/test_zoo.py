@@ -36,6 +36,23 @@ def test_weights_round_trip_and_mismatch(tmp_path) -> None:
         build_model("resnet20", 100, 3, weights=path)
 
 
+def test_versioned_modules_load_from_safetensors(tmp_path) -> None:
+    """safetensors keeps no state-dict versions; torchvision's MNASNet refuses a state dict without."""
+    src = build_model("tv:mnasnet0_5", 10, 3)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = build_model("tv:mnasnet0_5", 10, 3, weights=path)
+    want, got = src.state_dict(), dst.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("tv:resnet18", 32), ("tv:alexnet", 63), ("tv:inception_v3", 75), ("tv:vit_b_16", 224)]
+)
+def test_torchvision_min_input_size_is_torchvisions(name: str, size: int) -> None:
+    assert get_entry(name).min_input_size == size
+
+
 def test_unknown_names_list_known() -> None:
     with pytest.raises(UnknownNameError, match="known: mobilenet_v2, resnet110"):
         get_entry("resnet18")
