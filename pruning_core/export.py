@@ -2,8 +2,10 @@
 
 The export directory always holds ``model.safetensors`` (the state dict) and ``architecture.json``
 (``surgery.describe``): together they rebuild the pruned network with no pickled code
-(``load_pruned``). ``model.torchscript.pt`` and ``model.onnx`` are optional deployment artefacts;
-each is checked against the eager model's eval output before it is kept.
+(``load_pruned``); a failure there raises ``ExportError``. ``model.torchscript.pt`` and ``model.onnx``
+are optional deployment artefacts: each is checked against the eager model's eval output, and one that
+cannot be written or fails its check is left out and reported in ``ExportResult.failed`` (a job whose
+training is done is never failed for a deployment format).
 
 ONNX goes through the TorchScript-based exporter (``dynamo=False``): torch 2.14 still ships it, and the
 default dynamo exporter needs ``onnxscript``, which is not a dependency.
@@ -16,6 +18,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +35,28 @@ TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 FORMATS = ("safetensors", "torchscript", "onnx")
 ONNX_OPSET = 17
-ONNX_ATOL = 1e-4  # max abs difference of logits, ONNX Runtime vs torch eager, on the example batch
+# A TorchScript/ONNX output passes when max|out - ref| <= CHECK_ATOL + CHECK_RTOL * max|ref| on the
+# example batch. Relative, because float32 reordering (fused kernels, BatchNorm folded into convs) errs in
+# proportion to the logits' scale: ~1e-6 of it across the torchvision sweep, up to 1.7e-3 absolute on
+# logits near 1e3, and logits of 1e21 exist. A wrong or missing channel differs by O(1) of the scale.
+CHECK_RTOL = 1e-4
+CHECK_ATOL = 1e-5  # floor for logits near zero
 
 
 class ExportError(PruningError):
     code = "export_failed"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export_model`` wrote.
+
+    ``paths``: artefact -> file, ``safetensors`` and ``architecture`` always, ``torchscript`` and
+    ``onnx`` when written and checked. ``failed``: format -> one-line reason it was left out.
+    """
+
+    paths: dict[str, Path]
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def export_model(
@@ -46,14 +66,16 @@ def export_model(
     formats: Sequence[str],
     example: torch.Tensor,
     *,
-    atol: float = ONNX_ATOL,
-) -> dict[str, Path]:
-    """Write ``model`` to ``out_dir`` in the requested formats; return ``{artefact: path}``.
+    rtol: float = CHECK_RTOL,
+    atol: float = CHECK_ATOL,
+) -> ExportResult:
+    """Write ``model`` to ``out_dir`` in the requested formats.
 
     ``example`` is an input batch (N x C x H x W, float) used to trace and to check the exports.
-    Keys of the result: ``safetensors`` and ``architecture`` (always), ``torchscript``, ``onnx``.
-    TorchScript and ONNX outputs must match torch's eval logits within ``atol`` (max abs difference)
-    or ``ExportError`` is raised and the failing file is not left behind. The model is exported on the
+    safetensors + ``architecture.json`` are always written; a problem with them (or an unknown format)
+    raises ``ExportError``. TorchScript and ONNX outputs must match torch's eval logits within
+    ``atol + rtol * max|logits|`` (max abs difference); a format that fails to export or to match is
+    reported in ``ExportResult.failed`` and its file is not left behind. The model is exported on the
     CPU in eval mode and returned to its original device and mode. Nothing is written outside
     ``out_dir``.
     """
@@ -67,13 +89,18 @@ def export_model(
         _check_arch(arch, state)
         reference = _eager_logits(model, x)
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = {"safetensors": _save_weights(state, out_dir / WEIGHTS_FILE)}
-        paths["architecture"] = _save_arch(arch, out_dir / ARCH_FILE)
-        if "torchscript" in formats:
-            paths["torchscript"] = _save_torchscript(model, x, reference, out_dir / TORCHSCRIPT_FILE, atol)
-        if "onnx" in formats:
-            paths["onnx"] = _save_onnx(model, x, reference, out_dir / ONNX_FILE, atol)
-    return paths
+        result = ExportResult({"safetensors": _save_weights(state, out_dir / WEIGHTS_FILE)})
+        result.paths["architecture"] = _save_arch(arch, out_dir / ARCH_FILE)
+        tol = atol + rtol * (reference.abs().max().item() if reference.numel() else 0.0)
+        savers = {"torchscript": (_save_torchscript, TORCHSCRIPT_FILE), "onnx": (_save_onnx, ONNX_FILE)}
+        for fmt, (save, name) in savers.items():
+            if fmt not in formats:
+                continue
+            try:
+                result.paths[fmt] = save(model, x, reference, out_dir / name, tol)
+            except ExportError as err:  # a deployment format is optional: report it, keep the rest
+                result.failed[fmt] = str(err)
+    return result
 
 
 def load_pruned(path: str | Path) -> nn.Module:
@@ -174,27 +201,28 @@ def _save_arch(arch: dict[str, Any], path: Path) -> Path:
     return _commit(tmp, path)
 
 
-def _save_torchscript(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path, atol: float) -> Path:
+def _save_torchscript(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path, tol: float) -> Path:
     tmp = _tmp(path)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # deprecation notices and tracer warnings
-            traced = torch.jit.trace(model, (x,))
+            # No check_trace: it traces a second time to compare graphs; the logits are compared below.
+            traced = torch.jit.trace(model, (x,), check_trace=False)
             torch.jit.save(traced, str(tmp))
             out = traced(x)
     except Exception as err:  # tracing failures come as many exception types
         tmp.unlink(missing_ok=True)
         raise ExportError(f"TorchScript export failed: {_one_line(err)}") from None
-    _compare("TorchScript", out, ref, atol, tmp)
+    _compare("TorchScript", out, ref, tol, tmp)
     return _commit(tmp, path)
 
 
-def _save_onnx(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path, atol: float) -> Path:
-    import onnx
-    import onnxruntime as ort
-
+def _save_onnx(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path, tol: float) -> Path:
     tmp = _tmp(path)
     try:
+        import onnx
+        import onnxruntime as ort
+
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
             torch.onnx.export(
@@ -214,19 +242,23 @@ def _save_onnx(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path,
     except Exception as err:  # exporter, checker and runtime each raise their own types
         tmp.unlink(missing_ok=True)
         raise ExportError(f"ONNX export failed: {_one_line(err)}") from None
-    _compare("ONNX Runtime", out, ref, atol, tmp)
+    _compare("ONNX Runtime", out, ref, tol, tmp)
     return _commit(tmp, path)
 
 
-def _compare(what: str, out: torch.Tensor, ref: torch.Tensor, atol: float, tmp: Path) -> None:
-    """Raise (and drop ``tmp``) unless ``out`` matches ``ref`` within ``atol`` max abs difference."""
+def _compare(what: str, out: torch.Tensor, ref: torch.Tensor, tol: float, tmp: Path) -> None:
+    """Raise (and drop ``tmp``) unless ``out`` matches ``ref`` within ``tol`` max abs difference."""
     if tuple(out.shape) != tuple(ref.shape):
         tmp.unlink(missing_ok=True)
         raise ExportError(f"{what} output shape {tuple(out.shape)} differs from torch's {tuple(ref.shape)}")
     diff = (out.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
-    if not diff <= atol:  # also catches NaN
+    if not diff <= tol:  # also catches NaN
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"{what} logits differ from torch's by {diff:.3g} (max abs; allowed {atol:g})")
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        raise ExportError(
+            f"{what} logits differ from torch's by {diff:.3g} (max abs; allowed {tol:.3g} for logits "
+            f"up to {scale:.3g})"
+        )
 
 
 def _tmp(path: Path) -> Path:
