@@ -8,23 +8,55 @@ groups; nothing here names layers by hand.
 ``PruningGraph.cost`` predicts the MACs of any choice of keep counts (ints or float tensors, so the
 prediction is differentiable for S2H/TAS-style budget losses); after physical removal the counted MACs
 equal that prediction exactly (tests/test_surgery.py).
+
+What is refused, and what is left out (tests/test_torchvision_models.py checks every torchvision
+classifier): a model is refused with a one-line ``GraphError`` when it does not run on the example,
+when it does work the conv/linear MAC counter cannot see (attention's matrix products, a layer's weight
+applied outside its module), when it reshapes the channel dimension (a channel shuffle, which
+Torch-Pruning cannot follow), or when no group is left. A group is left out of the prunable set (the
+rest of the model still prunes) when its channels pass through something that masking does not model
+or the architecture file does not record: a LayerNorm/GroupNorm over those channels, a raw
+``nn.Parameter`` (layer scale, class token), attention. ``PruningGraph.excluded`` says which and why.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch_pruning.ops import OPTYPE
 
-from .errors import GraphError
-from .macs import COUNTED, LayerGeometry, layer_geometry
+from .errors import GraphError, PruningError
+from .macs import COUNTED, LAYER_FUNCTIONS, MATRIX_PRODUCTS, LayerGeometry, layer_geometry
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+T = TypeVar("T")
+
+# Node kinds (Torch-Pruning's op types) a prunable group must not pass through, and why. Masks act on
+# conv/linear/BatchNorm outputs, and architecture.json records conv/linear/BatchNorm shapes only.
+_UNSAFE_NODES: dict[OPTYPE, str] = {
+    OPTYPE.LN: "it passes through a LayerNorm over those channels (a masked channel still counts in the "
+    "mean and variance, so masking is not removal)",
+    OPTYPE.GN: "it passes through a GroupNorm over those channels (masking is not removal)",
+    OPTYPE.IN: "it passes through an InstanceNorm (not recorded in architecture.json)",
+    OPTYPE.PARAMETER: "it passes through a raw nn.Parameter (layer scale, class token or position "
+    "embedding: applied after the mask, and not recorded in architecture.json)",
+    OPTYPE.MHA: "it passes through nn.MultiheadAttention (not masked, counted or recorded)",
+    OPTYPE.EMBED: "it passes through an nn.Embedding (not recorded in architecture.json)",
+    OPTYPE.LSTM: "it passes through an nn.LSTM (not recorded in architecture.json)",
+    OPTYPE.PRELU: "it passes through an nn.PReLU (not recorded in architecture.json)",
+    OPTYPE.CUSTOMIZED: "it passes through a custom layer",
+    OPTYPE.OUTPUT: "it reaches the model's output",
+}
+# Torch-Pruning treats every op it does not know as element-wise; these mix channels instead.
+_MIXING_OPS = ("normbackward", "softmax", "bmm", "matmul", "cumsum")
 
 
 @dataclass(frozen=True)
@@ -123,9 +155,9 @@ class PruningGraph:
         self.example = example
         self.names = {m: n for n, m in model.named_modules()}
         self.modules = dict(model.named_modules())
-        self.dg = _build_graph(model, example, timeout_s)
-        self.heads = _classifier_heads(self.dg, num_classes)
-        self.groups = self._collect_groups()
+        self.dg, self.heads, found = _analyse(model, example, num_classes, timeout_s)
+        self.excluded: dict[str, str] = {}  # root layer -> why its group is not prunable
+        self.groups = self._collect_groups(found)
         self.geometry = layer_geometry(model, example)
         self.cost = CostModel(self.geometry, self.groups)
 
@@ -145,10 +177,14 @@ class PruningGraph:
         root = self.modules[g.root]
         return self.dg.get_pruning_group(root, self.dg.get_pruner_of_module(root).prune_out_channels, idxs)
 
-    def _collect_groups(self) -> list[ChannelGroup]:
+    def _collect_groups(self, found: list[tp.Group]) -> list[ChannelGroup]:
         groups = []
-        for tg in self.dg.get_all_groups(ignored_layers=self.heads, root_module_types=COUNTED):
+        for tg in found:
             root = tg[0].dep.target.module
+            reason = _unsafe_reason(tg)
+            if reason is not None:
+                self.excluded[self.names[root]] = reason
+                continue
             g = ChannelGroup(index=len(groups), root=self.names[root], size=len(tg[0].idxs))
             for item in tg:
                 self._add_slot(g, item)
@@ -159,6 +195,11 @@ class PruningGraph:
         groups.sort(key=lambda g: order[g.root])
         for i, g in enumerate(groups):
             g.index = i
+        if not groups:
+            why = next(iter(self.excluded.values()), "it has no conv/linear layer besides the classifier")
+            raise GraphError(
+                f"nothing in this model can be pruned safely: every channel group is left out ({why})"
+            )
         return groups
 
     def _add_slot(self, g: ChannelGroup, item) -> None:
@@ -191,37 +232,168 @@ def all_trainable(model: nn.Module) -> Iterator[None]:
                 p.requires_grad_(False)
 
 
-def _build_graph(model: nn.Module, example: torch.Tensor, timeout_s: float) -> tp.DependencyGraph:
-    """Trace the model, bounded in time. Parameters must require grad while tracing, otherwise
-    Torch-Pruning silently finds no dependencies and prunes nothing."""
-    result: dict[str, object] = {}
+def _analyse(
+    model: nn.Module, example: torch.Tensor, num_classes: int, timeout_s: float
+) -> tuple[tp.DependencyGraph, list[nn.Module], list[tp.Group]]:
+    """Survey the model, trace its dependency graph, find its heads and Torch-Pruning's groups, all
+    within ``timeout_s`` (tracing can hang, and grouping can explode on reshapes it does not follow)."""
 
-    def work() -> None:
+    def work() -> tuple[tp.DependencyGraph, list[nn.Module], list[tp.Group]]:
+        _refuse_unsupported(model, example)
         try:
             with torch.enable_grad():
-                result["dg"] = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example, verbose=False
-                )
-        except Exception as err:  # reported below, in the caller's thread
-            result["error"] = err
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            heads = _classifier_heads(dg, num_classes)
+            return dg, heads, list(dg.get_all_groups(ignored_layers=heads, root_module_types=COUNTED))
+        except Exception as err:
+            raise GraphError(
+                f"could not trace the model's dependency graph: {type(err).__name__}: {_one_line(err)}"
+            ) from err
 
-    thread = threading.Thread(target=work, daemon=True, name="tp-graph")
     was_training = model.training
     model.eval()
-    with all_trainable(model):
-        thread.start()
-        thread.join(timeout_s)
-    model.train(was_training)
+    try:
+        # Parameters must require grad while tracing, otherwise Torch-Pruning silently finds nothing.
+        with all_trainable(model):
+            return _bounded(work, timeout_s)
+    finally:
+        model.train(was_training)
+
+
+def _bounded(work: Callable[[], T], timeout_s: float) -> T:
+    """``work()`` in a daemon thread; its ``PruningError`` is re-raised here, a timeout is a GraphError."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = work()
+        except Exception as err:  # re-raised below, in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True, name="tp-graph")
+    thread.start()
+    thread.join(timeout_s)
     if thread.is_alive():
         raise GraphError(
             f"building the dependency graph took longer than {timeout_s:.0f} s; this model is not supported"
         )
     if "error" in result:
         err = result["error"]
-        raise GraphError(
-            f"could not trace the model's dependency graph: {type(err).__name__}: {err}"
-        ) from err
-    return result["dg"]  # type: ignore[return-value]
+        if isinstance(err, PruningError):
+            raise err
+        raise GraphError(f"could not analyse the model: {type(err).__name__}: {_one_line(err)}") from err
+    return result["value"]
+
+
+def _unsafe_reason(tg: tp.Group) -> str | None:
+    """Why masking and removal would disagree on this Torch-Pruning group, or None when they agree."""
+    for item in tg:
+        node = item.dep.target
+        reason = _UNSAFE_NODES.get(tp.ops.module2type(node.module))
+        if reason is not None:
+            return reason
+        op = getattr(node.module, "_grad_fn", None)
+        if node.type == OPTYPE.ELEMENTWISE and any(k in str(op).lower() for k in _MIXING_OPS):
+            return f"it passes through {op}, which mixes channels"
+    return None
+
+
+# --- what the graph cannot represent, found in one forward pass ---
+
+
+class _Survey(TorchFunctionMode):
+    """Watches one forward pass for work the conv/linear MAC counter cannot see (matrix products, as
+    in attention; a layer's weight applied outside its module) and for reshapes of the channel dimension
+    (a channel shuffle). ``problems`` holds one description per kind, first occurrence."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.owner = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, COUNTED)}
+        self.stack: list[str] = []  # names of the modules running now, innermost last
+        self.problems: dict[str, str] = {}
+        self.handles = [
+            h
+            for name, m in model.named_modules()
+            for h in (m.register_forward_pre_hook(self._enter(name)), m.register_forward_hook(self._leave))
+        ]
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self, *_: Any) -> None:
+        self.stack.pop()  # returns nothing: a forward hook's return value would replace the output
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        where = f"'{self.stack[-1]}'" if self.stack and self.stack[-1] else "the model's forward"
+        if name in MATRIX_PRODUCTS:
+            self.problems.setdefault(
+                "matmul",
+                f"computes matrix products outside conv/linear layers "
+                f"({name} in {where}, as attention does), whose MACs the conv/linear "
+                "MAC counter cannot count; transformer-style models are not supported",
+            )
+        elif name in LAYER_FUNCTIONS and len(args) > 1 and id(args[1]) in self.owner:
+            layer = self.owner[id(args[1])]
+            if not self.stack or self.stack[-1] != layer:
+                self.problems.setdefault(
+                    "functional",
+                    f"applies layer '{layer}' outside its module (in "
+                    f"{where}), so its MACs cannot be counted nor its channels traced",
+                )
+        elif args and _splits_channels(args[0], out):
+            self.problems.setdefault(
+                "shuffle",
+                f"reshapes the channel dimension ({tuple(args[0].shape)} -> "
+                f"{tuple(out.shape)} in {where}, a channel shuffle), which "
+                "Torch-Pruning's graph cannot follow",
+            )
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _splits_channels(x: Any, out: Any) -> bool:
+    """A 4-D N x C x H x W tensor viewed as N x G x C/G x H x W (the first step of a channel shuffle)."""
+    return (
+        isinstance(x, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and x.dim() == 4
+        and out.dim() == 5
+        and out.shape[0] == x.shape[0]
+        and out.shape[1] * out.shape[2] == x.shape[1]
+        and out.shape[1] > 1
+        and out.shape[2] > 1
+        and out.shape[3:] == x.shape[2:]
+    )
+
+
+def _refuse_unsupported(model: nn.Module, example: torch.Tensor) -> None:
+    """Raise a one-line GraphError if the model fails on ``example`` or does what the graph cannot
+    represent (see ``_Survey``)."""
+    survey = _Survey(model)
+    try:
+        with torch.no_grad(), survey:
+            model(example[:1])
+    except Exception as err:
+        shape = "x".join(str(d) for d in example.shape[1:])
+        raise GraphError(f"the model does not run on {shape} inputs: {_one_line(err)}") from err
+    finally:
+        survey.remove()
+    for kind in ("matmul", "functional", "shuffle"):  # the most telling reason first
+        if kind in survey.problems:
+            raise GraphError(f"this model is not supported: it {survey.problems[kind]}")
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(s.strip() for s in str(err).strip().splitlines() if s.strip())
+    return (text or type(err).__name__)[:limit]
 
 
 def _classifier_heads(dg: tp.DependencyGraph, num_classes: int) -> list[nn.Module]:

@@ -3,6 +3,10 @@
 MACs are counted for one input sample (batch size 1). Params count every parameter of the model.
 ``layer_geometry`` records the per-layer factors that ``groups.CostModel`` uses to predict MACs from
 channel keep counts before any surgery.
+
+Only conv and linear modules are counted. Matrix products between activations (attention) and layers
+applied through their weights rather than their module would be missed, so ``groups.PruningGraph``
+refuses models that do either (it watches for the torch functions below).
 """
 
 from __future__ import annotations
@@ -13,6 +17,15 @@ import torch
 from torch import nn
 
 COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# torch functions (by name) whose MACs the counter does not see: matrix products, and attention kernels.
+MATRIX_PRODUCTS = frozenset(
+    {
+        "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum",
+        "scaled_dot_product_attention", "multi_head_attention_forward", "_native_multi_head_attention",
+    }
+)  # fmt: skip
+# torch functions a COUNTED module calls with its own weight; seen elsewhere, the layer is used functionally.
+LAYER_FUNCTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 
 
 @dataclass(frozen=True)

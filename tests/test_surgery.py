@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pruning_core.errors import GraphError
 from pruning_core.groups import PruningGraph, top_channels
 from pruning_core.macs import count_macs
 from pruning_core.masks import ChannelMasks
@@ -11,8 +13,7 @@ from pruning_core.spec import CIFAR_MODELS
 from pruning_core.surgery import remove_channels
 from pruning_core.zoo import build_model
 
-TORCHVISION = ["resnet18", "mobilenet_v2", "vgg11_bn", "densenet121", "efficientnet_b0", "regnet_x_400mf"]
-CASES = [(n, 32) for n in CIFAR_MODELS] + [(f"tv:{n}", 64) for n in TORCHVISION]
+CASES = [(n, 32) for n in CIFAR_MODELS]  # torchvision's models: tests/test_torchvision_models.py
 
 
 def _randomise_norms(model: nn.Module) -> None:
@@ -94,3 +95,94 @@ def test_grouped_conv_keeps_whole_blocks() -> None:
     assert len(idx) % g.ch_groups == 0
     positions = (idx % g.block).reshape(g.ch_groups, -1)
     assert (positions == positions[0]).all(), "each block must keep the same positions"
+
+
+class _Coupled(nn.Module):
+    """stem -> BN -> mid -> ``after`` -> head: the stem's group is plain; the mid's passes ``after``."""
+
+    def __init__(self, after: str):
+        super().__init__()
+        self.after = after
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.ln = nn.LayerNorm(16)
+        self.layer_scale = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mid(F.relu(self.bn(self.stem(x))))
+        if self.after == "groupnorm":
+            x = self.gn(x)
+        elif self.after == "layernorm":
+            x = self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        elif self.after == "parameter":
+            x = x * self.layer_scale
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("after", "why"), [("groupnorm", "GroupNorm"), ("layernorm", "LayerNorm"), ("parameter", "nn.Parameter")]
+)
+def test_groups_masking_cannot_model_are_left_out(after: str, why: str) -> None:
+    """The rest of the model still prunes, exactly; the left-out group says why."""
+    torch.manual_seed(0)
+    model = _Coupled(after).eval()
+    _randomise_norms(model)
+    x = torch.randn(2, 3, 8, 8)
+    graph = PruningGraph(model, x, num_classes=10)
+    assert [g.root for g in graph.groups] == ["stem"]
+    assert why in graph.excluded["mid"] and "\n" not in graph.excluded["mid"]
+    keep = [torch.arange(4)]
+    with torch.no_grad(), ChannelMasks.from_keep(graph, keep).applied():
+        masked = model(x)
+    remove_channels(graph, keep)
+    with torch.no_grad():
+        assert (model(x) - masked).abs().max().item() < 1e-5
+    assert count_macs(model, x) == graph.cost.macs([4])
+
+
+class _Refused(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        n, c, h, w = x.shape
+        if self.kind == "attention":
+            t = x.flatten(2)
+            x = (
+                (torch.softmax(t.transpose(1, 2) @ t, -1) @ t.transpose(1, 2))
+                .transpose(1, 2)
+                .reshape(n, c, h, w)
+            )
+        elif self.kind == "functional":
+            return F.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
+        elif self.kind == "shuffle":
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        elif self.kind == "nothing left":
+            x = F.group_norm(x, 1)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("attention", "matrix products outside conv/linear layers (matmul in the model's forward"),
+        ("functional", "applies layer 'fc' outside its module"),
+        ("shuffle", "reshapes the channel dimension ((1, 8, 6, 6) -> (1, 2, 4, 6, 6)"),
+        ("nothing left", "nothing in this model can be pruned safely"),
+        ("too small", "the model does not run on 3x2x2 inputs"),
+    ],
+)
+def test_unsupported_models_are_refused_in_one_line(kind: str, why: str) -> None:
+    size = 2 if kind == "too small" else 6
+    model = _Refused(kind).eval()
+    if kind == "too small":
+        model.conv.padding = (0, 0)
+    with pytest.raises(GraphError) as info:
+        PruningGraph(model, torch.randn(2, 3, size, size), num_classes=10)
+    assert why in str(info.value) and "\n" not in str(info.value)
