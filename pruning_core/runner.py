@@ -158,7 +158,9 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     t_export = time.perf_counter()
     pruned_arch = shape.describe(model)
     exported = export_model(model, pruned_arch, workdir, spec.export.formats, check_input)
-    artifacts = {p.name: p for p in exported.values()}
+    for fmt, why in exported.failed.items():  # the job's training is done: report, never fail it
+        reporter.message(f"{fmt} export left out: {why}")
+    artifacts = {p.name: p for p in exported.paths.values()}
     phases.append(PhaseTime(name="export", wall_s=time.perf_counter() - t_export, epochs=0))
     pruned_graph_keep = _group_widths(graph, dense_arch, pruned_arch)
     report = Report.build(
@@ -178,6 +180,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         method_details=dict(mctx.details),
         bn_recalibration=bn_points,
         finalize_rel_diff=finalize_diff,
+        export_failures=exported.failed,
         total_wall_s=time.perf_counter() - t_start,
     )
     for path in write_report(report, workdir):
