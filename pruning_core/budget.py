@@ -147,5 +147,4 @@ def soft_macs(graph: PruningGraph, widths: torch.Tensor) -> torch.Tensor:
     """
     if widths.shape != (len(graph.groups),):
         raise ValueError(f"need one width per group ({len(graph.groups)}), got shape {tuple(widths.shape)}")
-    total = graph.cost.macs(list(widths.unbind()))
-    return total if isinstance(total, torch.Tensor) else widths.new_tensor(float(total))
+    return graph.cost.macs(widths)

@@ -95,7 +95,14 @@ class _LayerCost:
 
 
 class CostModel:
-    """MACs of every conv/linear layer as a function of the groups' keep counts (per sample)."""
+    """MACs of every conv/linear layer as a function of the groups' keep counts (per sample).
+
+    A layer's output (input) width is its dense width less, for each group feeding that dimension,
+    ``channels per root channel x (group size - keep)``; its MACs are ``out x in/groups x positions``
+    (a depthwise conv keeps one input per output). The whole model is evaluated as a few matrix
+    products, ``width = dense - A @ (size - keep)``, so the same expression serves integer keep counts
+    (exact) and fractional ones as a differentiable tensor (S2H's and TAS's resource losses, every step).
+    """
 
     def __init__(self, geometry: dict[str, LayerGeometry], groups: list[ChannelGroup]):
         out_terms: dict[str, list[tuple[int, int]]] = {}
@@ -115,23 +122,60 @@ class CostModel:
             for geom in geometry.values()
         ]
         self.dense_macs = sum(lc.geom.macs for lc in self.layers)
+        self._terms = self._matrices()
+        self._converted: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
 
-    def _width(self, dense: int, terms, keep) -> torch.Tensor | int:
+    def _matrices(self) -> dict[str, torch.Tensor]:
+        """float64 CPU tensors of the expression: A_out, A_in (layers x groups) and per-layer factors."""
+        a_out = torch.zeros(len(self.layers), len(self.sizes), dtype=torch.float64)
+        a_in = torch.zeros_like(a_out)
+        for i, lc in enumerate(self.layers):
+            for g, mult in lc.out_terms:
+                a_out[i, g] += mult
+            for g, mult in lc.in_terms:
+                a_in[i, g] += mult
+
+        def column(values) -> torch.Tensor:
+            return torch.tensor([float(v) for v in values], dtype=torch.float64)
+
+        return {
+            "a_out": a_out,
+            "a_in": a_in,
+            "out": column(lc.geom.out_channels for lc in self.layers),
+            "in": column(lc.geom.in_channels for lc in self.layers),
+            # a depthwise conv's MACs do not scale with its input width: its "groups" follow the input
+            "in_scale": column(0.0 if lc.depthwise else 1.0 / lc.geom.groups for lc in self.layers),
+            "in_const": column(1.0 if lc.depthwise else 0.0 for lc in self.layers),
+            "positions": column(lc.geom.positions for lc in self.layers),
+            "sizes": column(self.sizes),
+        }
+
+    def _on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._converted:
+            self._converted[key] = {k: v.to(device=device, dtype=dtype) for k, v in self._terms.items()}
+        return self._converted[key]
+
+    def macs(self, keep) -> torch.Tensor | int:
+        """Predicted MACs for keep counts ``keep[g]``: an int for integer counts, a differentiable
+        scalar tensor when ``keep`` is a tensor (or holds tensors) of fractional widths."""
+        soft = isinstance(keep, torch.Tensor) or any(isinstance(k, torch.Tensor) for k in keep)
+        if soft:
+            w = keep if isinstance(keep, torch.Tensor) else torch.stack([torch.as_tensor(k) for k in keep])
+            w = w if w.is_floating_point() else w.double()
+        else:
+            w = torch.tensor([float(k) for k in keep], dtype=torch.float64)
+        t = self._on(w.device, w.dtype)
+        removed = t["sizes"] - w
+        out = t["out"] - t["a_out"] @ removed
+        per_output = (t["in"] - t["a_in"] @ removed) * t["in_scale"] + t["in_const"]
+        total = (out * per_output * t["positions"]).sum()
+        return total if soft else round(total.item())
+
+    def _width(self, dense: int, terms, keep) -> int:
         for g, mult in terms:
             dense = dense - mult * (self.sizes[g] - keep[g])
         return dense
-
-    def macs(self, keep) -> torch.Tensor | int:
-        """Predicted MACs for keep counts ``keep[g]`` (ints, or a float tensor for a soft estimate)."""
-        total = 0
-        for lc in self.layers:
-            out = self._width(lc.geom.out_channels, lc.out_terms, keep)
-            # A depthwise conv keeps one input channel per output; other grouped convs keep their groups.
-            per_group = (
-                1 if lc.depthwise else self._width(lc.geom.in_channels, lc.in_terms, keep) / lc.geom.groups
-            )
-            total = total + out * per_group * lc.geom.positions
-        return total if isinstance(total, torch.Tensor) else round(total)
 
     def per_layer(self, keep) -> dict[str, tuple[int, int]]:
         """(in, out) channels of each layer for integer keep counts."""

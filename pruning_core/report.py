@@ -137,6 +137,9 @@ class Report(_Record):
     dense: Cost
     pruned: Cost
     groups: list[GroupWidth]
+    excluded_groups: dict[str, str] = Field(
+        default_factory=dict, description="Channel groups left unpruned (root layer -> why)."
+    )
     layers: list[LayerWidth]
     phases: list[PhaseTime]
     history: list[EpochRecord]
@@ -170,6 +173,7 @@ class Report(_Record):
         pruned: Cost | Any,
         spec: dict[str, Any],
         groups: Iterable[GroupWidth | Any] = (),
+        excluded_groups: dict[str, str] | None = None,
         layers: Iterable[LayerWidth | Any] = (),
         phases: Iterable[PhaseTime | Any] = (),
         history: Iterable[EpochRecord | Any] = (),
@@ -196,6 +200,7 @@ class Report(_Record):
             dense=dense,
             pruned=pruned,
             groups=list(groups),
+            excluded_groups=excluded_groups or {},
             layers=list(layers),
             phases=list(phases),
             history=list(history),

@@ -174,6 +174,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         pruned=pruned_cost,
         spec=spec.model_dump(mode="json"),
         groups=pruned_graph_keep,
+        excluded_groups=graph.excluded,
         layers=layer_widths(dense_arch, pruned_arch),
         phases=phases,
         history=history,

@@ -47,7 +47,7 @@ def test_early_steps_under_amp_train_both_sets() -> None:
     from pruning_core.batches import Streams
 
     method = TwoUpdates(extra_loss=False, device="cuda")
-    before = method.gate.detach().clone()
+    before = method.gate.detach().cpu().clone()
     result = fit(_model(), method, Schedule(epochs=3, batch_size=16, amp=True), _ctx(), streams=Streams())
     assert [g["stepping"] for g in method.grads[:2]] == [("weights",), ("gate",)]
     assert not torch.equal(method.gate.detach().cpu(), before), "the gate stepped"
