@@ -113,6 +113,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     graph = PruningGraph(model, example, shape.num_classes, settings.graph_timeout_s)
     check_reachable(graph, spec.target.macs_ratio, spec.target.min_channels)
     dense_arch = shape.describe(model)
+    model.to(device)  # before anything measures it: with no dense phase, nothing else moves it
     phases: list[PhaseTime] = [
         PhaseTime(name="analyse", wall_s=time.perf_counter() - dense_graph_t, epochs=0)
     ]

@@ -52,3 +52,13 @@ def test_early_steps_under_amp_train_both_sets() -> None:
     assert [g["stepping"] for g in method.grads[:2]] == [("weights",), ("gate",)]
     assert not torch.equal(method.gate.detach().cpu(), before), "the gate stepped"
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_a_job_with_given_weights_runs_on_cuda(tmp_path) -> None:
+    """No dense phase: the dense model must reach the GPU before it is measured."""
+    from pruning_core.runner import run
+    from pruning_core.spec import parse_spec
+
+    spec = {"data": {"name": "digits"}, "schedule": {"epochs": 1, "max_steps_per_epoch": 3}, "device": "cuda"}
+    report = run(parse_spec(spec), tmp_path).report
+    assert report.device.startswith("cuda") and 0.48 <= report.achieved_macs_ratio <= 0.5
