@@ -284,6 +284,9 @@ class MacMeter:
 # --- checkpoints ---
 
 
+CHECKPOINT_FORMAT = 2  # 2: optimizers per parameter set, the epoch's running sums, the caller's meta
+
+
 def _ckpt_path(ctx: TrainContext, phase: str) -> Path | None:
     return ctx.checkpoint_dir / f"{phase}.pt" if ctx.checkpoint_dir else None
 
@@ -296,10 +299,17 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
+def load_checkpoint(path: Path | None) -> dict[str, Any] | None:
+    """A checkpoint this engine can resume from, or None (missing, or written by an older format)."""
     if not path or not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    return ck if ck.get("format") == CHECKPOINT_FORMAT else None
+
+
+def has_checkpoint(ctx: TrainContext, phase: str) -> bool:
+    """Whether ``fit`` would resume ``phase`` (then the method's ``start_phase`` must not run)."""
+    return load_checkpoint(_ckpt_path(ctx, phase)) is not None
 
 
 # --- the loop ---
@@ -352,6 +362,7 @@ class _Run:
 
     def state(self, finished: bool = False) -> dict[str, Any]:
         return {
+            "format": CHECKPOINT_FORMAT,
             "phase": self.phase,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -401,7 +412,12 @@ def fit(
     t0 = time.perf_counter()
     model.to(ctx.device)
     run = _Run(model, hooks, schedule, ctx, phase, streams, meta or {})
-    ck = load_checkpoint(run.path) if run.path else None
+    ck = load_checkpoint(run.path)
+    if ck is not None and ck.get("format") != CHECKPOINT_FORMAT:
+        ctx.reporter.message(
+            f"{phase}: checkpoint from an older version of the engine; training the phase again"
+        )
+        ck = None
     resumed = None
     if ck is not None:
         run.restore(ck)

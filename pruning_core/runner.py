@@ -25,7 +25,7 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the methods)
 from .budget import check_reachable
 from .data import Datasets, load_data
-from .engine import NullReporter, Reporter, TrainContext, evaluate, fit, recalibrate_bn
+from .engine import NullReporter, Reporter, TrainContext, evaluate, fit, has_checkpoint, recalibrate_bn
 from .errors import ModelError
 from .export import export_model
 from .groups import PruningGraph
@@ -207,8 +207,7 @@ def _run_phases(
     """
     for phase in method.phases():
         meta: dict[str, Any] = {}
-        ckpt = ctx.checkpoint_dir / f"{phase.name}.pt" if ctx.checkpoint_dir else None
-        if ckpt is None or not ckpt.exists():
+        if not has_checkpoint(ctx, phase.name):  # none, or one an older engine wrote: start afresh
             t0 = time.perf_counter()
             before = shape.describe(model)
             model = method.start_phase(phase, model.to(ctx.device))

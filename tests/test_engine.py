@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pruning_core.engine import EpochAction, EpochEnd, NullReporter, TrainContext, fit
+from pruning_core.engine import EpochAction, EpochEnd, NullReporter, TrainContext, fit, has_checkpoint
 from pruning_core.errors import Cancelled
 from pruning_core.groups import PruningGraph
 from pruning_core.macs import count_macs
@@ -154,3 +154,14 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)), "cosine must not increase"
     assert f[-1] < 0.01
     assert lr_factor(50, total, 0, "constant") == 1.0
+
+
+def test_a_checkpoint_of_an_older_format_is_not_resumed(tmp_path) -> None:
+    """A job whose checkpoint an older engine wrote trains the phase again instead of failing on it
+    (and the runner, asking ``has_checkpoint``, runs the method's ``start_phase`` again)."""
+    torch.save({"phase": "train", "epoch": 1, "optimizer": {}, "finished": False}, tmp_path / "train.pt")
+    ctx = _ctx(tmp_path)
+    assert not has_checkpoint(ctx, "train")
+    result = fit(_model(), _method(), SCHEDULE, ctx)
+    assert result.resumed_from is None and len(result.history) == SCHEDULE.epochs
+    assert has_checkpoint(ctx, "train")
