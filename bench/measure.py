@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pruning_core.engine import evaluate
+from pruning_core.evaluation import evaluate
 from pruning_core.latency import measure_latency
 from pruning_core.macs import measure
 

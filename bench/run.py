@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pruning_core.data import Datasets, LoadContext, extract_archive
-from pruning_core.engine import FitResult, NullReporter, TrainContext, evaluate, fit
+from pruning_core.engine import FitResult, NullReporter, TrainContext, fit
+from pruning_core.evaluation import evaluate
 from pruning_core.export import load_pruned
 from pruning_core.macs import count_macs
 from pruning_core.methods import DenseTraining, MethodContext

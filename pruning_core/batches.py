@@ -26,7 +26,9 @@ class Streams:
     """A split of the training set into fixed parts, read together (``zip``) or in turn (``alternate``).
 
     ``fractions`` are shares of the training set (summing to at most 1); the split is drawn once from the
-    job's seed and never changes between epochs or on resume.
+    job's seed and never changes between epochs or on resume. An epoch lasts as many steps as the
+    smallest part has batches (times the parts in ``alternate``): with unequal shares the larger parts
+    are only partly read each epoch (in a new order every epoch).
     """
 
     fractions: tuple[float, ...] = (0.5, 0.5)
@@ -109,10 +111,14 @@ def part_of_step(step_in_epoch: int, streams: Streams | None) -> int:
 
 
 def batch_loader(
-    ds: Dataset, plan: list[list[list[int]]], workers: int, device: torch.device
+    ds: Dataset, plan: list[list[list[int]]], workers: int, device: torch.device, seed: int
 ) -> Iterator[tuple[Batch, ...]]:
     """Yield, per step of ``plan``, its batches as ``((x, y), ...)``: one DataLoader reads each step's
-    batches together (one collate, one worker round-trip) and they are split afterwards."""
+    batches together (one collate, one worker round-trip) and they are split afterwards.
+
+    ``seed`` seeds the worker processes' random streams (augmentation in workers). With workers, a
+    resumed epoch draws other augmentations than the interrupted one did: exact resume needs
+    ``num_workers=0``, where augmentation draws from the global RNG the checkpoint restores."""
     flat = [[i for batch in step for i in batch] for step in plan]
     sizes = [[len(batch) for batch in step] for step in plan]
     loader = DataLoader(
@@ -121,7 +127,7 @@ def batch_loader(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         # its own generator: the loader must not draw from the global RNG, which a resume replays
-        generator=torch.Generator().manual_seed(sum(len(f) for f in flat)),
+        generator=torch.Generator().manual_seed(seed % 2**63),
     )
     for (x, y), sz in zip(loader, sizes, strict=True):
         x = x.to(device, non_blocking=True)

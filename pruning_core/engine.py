@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .batches import Batch, Streams, batch_loader, epoch_plan, epoch_seed, part_of_step, steps_per_epoch
 from .errors import Cancelled
-from .macs import COUNTED
+from .evaluation import MacMeter, View, evaluate_views, recalibrate_bn
 from .optim import Optimizers, ParamSet, lr_factor
 from .spec import Schedule
 
@@ -66,15 +65,6 @@ class StepOutput:
 
     loss: torch.Tensor
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class View:
-    """A network evaluated at each epoch's end. ``recalibrate_bn``: evaluate it with BatchNorm statistics
-    re-estimated for it (then restored, so training is unaffected), e.g. a masked sub-network."""
-
-    module: nn.Module
-    recalibrate_bn: bool = False
 
 
 class StepContext:
@@ -168,6 +158,10 @@ class TrainContext:
     bn_batches: int = 20  # batches that re-estimate BatchNorm statistics after pruning; 0 = never
     bn_batch_size: int = 64
 
+    def recalibrate(self, model: nn.Module) -> bool:
+        """Re-estimate ``model``'s BatchNorm statistics on the training data; whether it was done."""
+        return recalibrate_bn(model, self.train, self.device, self.bn_batches, self.bn_batch_size)
+
 
 @dataclass
 class FitResult:
@@ -176,109 +170,6 @@ class FitResult:
     wall_s: float
     resumed_from: int | None = None  # epoch the run resumed at, if it did
     meta: dict[str, Any] = field(default_factory=dict)  # what the caller stored with the phase
-
-
-# --- evaluation and BatchNorm statistics ---
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy on ``ds``."""
-    was = model.training
-    model.eval()
-    correct, total, loss = 0, 0, 0.0
-    for x, y in DataLoader(ds, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
-        logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        total += y.numel()
-    model.train(was)
-    return {"top1": 100.0 * correct / max(1, total), "test_loss": loss / max(1, total)}
-
-
-def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def recalibrate_bn(
-    model: nn.Module, ds: Dataset, device: torch.device, batches: int = 20, batch_size: int = 64
-) -> bool:
-    """Re-estimate BatchNorm running statistics as the cumulative average over ``batches`` training
-    batches in train mode (no weight update). Leaves the global RNG as it found it. Returns whether
-    the model had BatchNorm layers to re-estimate."""
-    norms = [m for m in _norms(model) if m.track_running_stats]
-    if not norms or batches <= 0:
-        return False
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
-    was = model.training
-    model.train()
-    g = torch.Generator().manual_seed(0)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(ds) > batch_size)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            model(x.to(device))
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.train(was)
-    return True
-
-
-@contextmanager
-def _bn_state_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every BatchNorm buffer on exit (statistics re-estimated for one view only)."""
-    saved = [
-        {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num"))}
-        for m in _norms(model)
-    ]
-    try:
-        yield
-    finally:
-        for m, state in zip(_norms(model), saved, strict=True):
-            m.load_state_dict(state, strict=False)
-
-
-def evaluate_views(views: dict[str, View], ctx: TrainContext) -> dict[str, dict[str, float]]:
-    """Evaluate each view on the test set, re-estimating BatchNorm statistics first where it asks."""
-    out = {}
-    for name, view in views.items():
-        if view.recalibrate_bn and ctx.bn_batches:
-            with _bn_state_kept(view.module):
-                recalibrate_bn(view.module, ctx.train, ctx.device, ctx.bn_batches, ctx.bn_batch_size)
-                out[name] = evaluate(view.module, ctx.test, ctx.device)
-        else:
-            out[name] = evaluate(view.module, ctx.test, ctx.device)
-    return out
-
-
-class MacMeter:
-    """Forward MACs that a model's conv and linear layers really compute, summed over every call and
-    sample while attached (the same per-layer rule as ``macs.count_macs``, times the batch)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def _hook(self, m: nn.Module, _inp, out: torch.Tensor) -> None:
-        self.total += out.numel() * m.weight[0].numel()
-
-    @contextmanager
-    def attached(self, model: nn.Module) -> Iterator[MacMeter]:
-        self._handles = [
-            m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, COUNTED)
-        ]
-        try:
-            yield self
-        finally:
-            for h in self._handles:
-                h.remove()
-            self._handles.clear()
 
 
 # --- checkpoints ---
@@ -320,6 +211,19 @@ def _new_sums() -> dict[str, Any]:
     return {"loss": 0.0, "steps": 0, "train_macs": 0, "metrics": {}}
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":  # Gumbel noise, dropout: reproducible on the GPU too
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 class _Run:
     """The state of one ``fit`` call: model, optimizers, position, the epoch's sums, history."""
 
@@ -333,14 +237,8 @@ class _Run:
         streams: Streams | None,
         meta: dict[str, Any],
     ):
-        self.model, self.hooks, self.s, self.ctx, self.phase, self.streams = (
-            model,
-            hooks,
-            s,
-            ctx,
-            phase,
-            streams,
-        )
+        self.model, self.hooks, self.ctx = model, hooks, ctx
+        self.s, self.phase, self.streams = s, phase, streams
         self.device = ctx.device
         self.steps = steps_per_epoch(len(ctx.train), s, streams)
         self.total = self.steps * s.epochs
@@ -350,15 +248,19 @@ class _Run:
         self.opts: Optimizers = None  # type: ignore[assignment]  # built once the method's state is known
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
         self.sums = _new_sums()
-        self.rng_state: torch.Tensor | None = None
+        self.rng_state: dict[str, torch.Tensor] | None = None
         self.interrupted = threading.Event()
         self.path = _ckpt_path(ctx, phase)
         self.meta = dict(meta)
 
     def build_optimizers(self) -> None:
         """Optimizers for the method's current parameter sets (again after any physical pruning: the
-        old ones hold the removed tensors); the GradScaler carries over."""
+        old ones hold removed tensors); the state of parameters that survived carries over, and so
+        does the GradScaler."""
+        old = self.opts
         self.opts = Optimizers(self.hooks.param_sets(self.model), self.s, self.scaler)
+        if old is not None:
+            self.opts.carry_state(old)
 
     def state(self, finished: bool = False) -> dict[str, Any]:
         return {
@@ -382,11 +284,12 @@ class _Run:
             save_checkpoint(self.path, self.state(finished))
 
     def restore(self, ck: dict[str, Any]) -> None:
-        """Architecture, weights, then the method's state, then optimizers over its parameter sets."""
+        """Architecture, then the method's state (it may re-attach what ``start_phase`` attached to the
+        model), then the weights, then optimizers over the method's parameter sets."""
         if ck["arch"] is not None and self.ctx.describe and ck["arch"] != self.ctx.describe(self.model):
             self.model = self.ctx.rebuild(ck["arch"]).to(self.device)
-        self.model.load_state_dict(ck["model"])
         self.hooks.load_state_dict(ck["method"], self.model)
+        self.model.load_state_dict(ck["model"])
         self.build_optimizers()
         self.opts.load_state_dict(ck["optim"])
         self.epoch, self.step_in_epoch, self.history = ck["epoch"], ck["step_in_epoch"], ck["history"]
@@ -413,11 +316,6 @@ def fit(
     model.to(ctx.device)
     run = _Run(model, hooks, schedule, ctx, phase, streams, meta or {})
     ck = load_checkpoint(run.path)
-    if ck is not None and ck.get("format") != CHECKPOINT_FORMAT:
-        ctx.reporter.message(
-            f"{phase}: checkpoint from an older version of the engine; training the phase again"
-        )
-        ck = None
     resumed = None
     if ck is not None:
         run.restore(ck)
@@ -426,6 +324,8 @@ def fit(
             return FitResult(run.model, run.history, time.perf_counter() - t0, resumed, run.meta)
         ctx.reporter.message(f"{phase}: resuming at epoch {run.epoch + 1}, step {run.step_in_epoch}")
     else:
+        if run.path and run.path.exists():
+            ctx.reporter.message(f"{phase}: its checkpoint was written by an older engine; training it again")
         run.build_optimizers()
     ctx.reporter.phase(phase, schedule.epochs, run.steps)
     with _interrupt_guard() as interrupted:
@@ -442,14 +342,17 @@ def _train_epoch(run: _Run) -> EpochAction:
     t0 = time.perf_counter()
     plan = epoch_plan(len(ctx.train), s, ctx.seed, run.epoch, run.streams)
     if run.step_in_epoch and run.rng_state is not None:
-        torch.set_rng_state(run.rng_state)
+        _set_rng_state(run.rng_state, run.device)
     else:
         torch.manual_seed(epoch_seed(ctx.seed, run.epoch))
     run.model.train()
     lrs: dict[str, float] = {}
     meter = MacMeter()
+    loader_seed = epoch_seed(ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
     with meter.attached(run.model):
-        for batches in batch_loader(ctx.train, plan[run.step_in_epoch :], ctx.num_workers, run.device):
+        for batches in batch_loader(
+            ctx.train, plan[run.step_in_epoch :], ctx.num_workers, run.device, loader_seed
+        ):
             _stop_point(run)
             step = run.epoch * run.steps + run.step_in_epoch
             lrs = run.opts.set_lr(lr_factor(step, run.total, run.warmup, s.lr_schedule))
@@ -458,7 +361,7 @@ def _train_epoch(run: _Run) -> EpochAction:
             loss = _optimise(run, batches[0] if len(batches) == 1 else batches, sctx)
             run.sums["train_macs"] += meter.total
             run.step_in_epoch += 1
-            run.rng_state = torch.get_rng_state()  # before the next batch is drawn: where a resume starts
+            run.rng_state = _rng_state(run.device)  # before the next batch is drawn: where a resume starts
             ctx.reporter.step(run.phase, run.epoch, run.step_in_epoch, loss)
     record = _epoch_record(run, lrs, time.perf_counter() - t0)
     run.step_in_epoch, run.rng_state, run.sums = 0, None, _new_sums()
@@ -486,55 +389,62 @@ def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) ->
     sums["loss"] += loss
     sums["steps"] += 1
     for k, v in out.metrics.items():
-        sums["metrics"][k] = sums["metrics"].get(k, 0.0) + float(v)
+        sums["metrics"][k] = sums["metrics"].get(k, 0.0) + _metric(k, v)
     return loss
+
+
+def _metric(name: str, value: Any) -> float | list[float]:
+    """A method's number as plain Python (checkpoints load with ``weights_only=True``, reports and
+    events are JSON): a number, a 0-d or 1-d tensor or array, or a flat list of numbers."""
+    if hasattr(value, "tolist"):  # torch and numpy
+        value = value.tolist()
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):
+        return [float(v) for v in value]
+    raise TypeError(f"method metric {name!r} must be a number or a flat list of numbers, got {value!r:.80}")
+
+
+def _evaluate(run: _Run, record: dict[str, Any]) -> None:
+    """Top-1 and test loss of the method's views (the first is the main one) and MACs, into ``record``."""
+    views = evaluate_views(run.hooks.eval_views(run.model), run.ctx.test, run.device, run.ctx.recalibrate)
+    main = next(iter(views.values()))
+    record.update(top1=main["top1"], test_loss=main["test_loss"], macs=run.hooks.current_macs(run.model))
+    if len(views) > 1:
+        record["views"] = {name: v["top1"] for name, v in views.items()}
 
 
 def _epoch_record(run: _Run, lrs: dict[str, float], wall_s: float) -> dict[str, Any]:
     """The epoch's record before the method's epoch-end hook: losses, top-1 of every view, MACs."""
     sums, n = run.sums, max(1, run.sums["steps"])
-    views = evaluate_views(run.hooks.eval_views(run.model), run.ctx)
-    main = next(iter(views.values()))
-    record: dict[str, Any] = {
-        "phase": run.phase,
-        "epoch": run.epoch,
-        "train_loss": sums["loss"] / n,
-        "top1": main["top1"],
-        "test_loss": main["test_loss"],
-        "macs": run.hooks.current_macs(run.model),
-        "train_macs": sums["train_macs"],
-        "lr": next(iter(lrs.values())) if lrs else None,
-        "wall_s": wall_s,
-    }
-    if len(views) > 1:
-        record["views"] = {name: v["top1"] for name, v in views.items()}
+    record: dict[str, Any] = {"phase": run.phase, "epoch": run.epoch, "train_loss": sums["loss"] / n}
+    _evaluate(run, record)
+    record.update(train_macs=sums["train_macs"], lr=next(iter(lrs.values())) if lrs else None, wall_s=wall_s)
     metrics = {k: v / n for k, v in sums["metrics"].items()}
-    if len(lrs) > 1:
-        metrics.update({f"lr_{name}": lr for name, lr in lrs.items()})
     if metrics:
         record["metrics"] = metrics
     return record
 
 
 def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
-    """The method's epoch-end hook; on PRUNE, physical removal, new optimizers, BatchNorm statistics
-    re-estimated, and the record shows top-1 and MACs before and after."""
+    """The method's epoch-end hook and its numbers (then the LRs of several parameter sets); on PRUNE,
+    physical removal, new optimizers, BatchNorm statistics re-estimated, and the record shows the
+    network before (``top1_before``, ``macs_before``) and after (every other field)."""
     seen = {k: record[k] for k in ("top1", "test_loss", "train_loss")}
     seen.update({f"top1_{k}": v for k, v in record.get("views", {}).items()})
     end = run.hooks.on_epoch_end(run.model, run.epoch, seen)
-    if end.metrics:
-        record["metrics"] = {**record.get("metrics", {}), **end.metrics}
+    metrics = {**record.get("metrics", {}), **{k: _metric(k, v) for k, v in end.metrics.items()}}
+    if len(run.opts.slots) > 1:
+        metrics.update({f"lr_{name}": lr for name, lr in run.opts.lrs().items()})
+    if metrics:
+        record["metrics"] = metrics
     if end.action is EpochAction.PRUNE:
         t0 = time.perf_counter()
         record["top1_before"], record["macs_before"] = record["top1"], record["macs"]
         run.model = run.hooks.prune_now(run.model).to(run.device)
         run.build_optimizers()
-        record["bn_recalibrated"] = recalibrate_bn(
-            run.model, run.ctx.train, run.device, run.ctx.bn_batches, run.ctx.bn_batch_size
-        )
-        views = evaluate_views(run.hooks.eval_views(run.model), run.ctx)
-        record["top1"] = next(iter(views.values()))["top1"]
-        record["macs"] = run.hooks.current_macs(run.model)
+        record["bn_recalibrated"] = run.ctx.recalibrate(run.model)
+        _evaluate(run, record)
         record["event"] = "pruned"
         record["wall_s"] += time.perf_counter() - t0
     return end.action

@@ -100,6 +100,7 @@ class TaylorAccumulator:
         device = next(graph.model.parameters()).device  # sums stay beside the gradients: no sync per step
         self.sums = [torch.zeros(g.size, device=device) for g in graph.groups]
         self.steps = 0
+        self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _slot_terms(self, slot: Slot, out_dim: bool) -> torch.Tensor | None:
         module = self.graph.modules[slot.module]
@@ -111,20 +112,26 @@ class TaylorAccumulator:
                 total = v if total is None else total + v
         return total
 
+    def _indices(self, slot: Slot, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's (module, root) index tensors on ``device``, moved once, not every step."""
+        key = (id(slot), device)
+        if key not in self._on_device:
+            self._on_device[key] = (slot.module_idx.to(device), slot.root_idx.to(device))
+        return self._on_device[key]
+
     @torch.no_grad()
     def accumulate(self) -> None:
+        """Add this step's squared per-channel sums; a group whose sum is not finite is skipped."""
         for g, acc in zip(self.graph.groups, self.sums, strict=True):
-            contrib = None
+            contrib = torch.zeros_like(acc)
             for slots, out_dim in ((g.outputs, True), (g.inputs, False)):
                 for slot in slots:
                     v = self._slot_terms(slot, out_dim)
-                    if v is None:
-                        continue
-                    part = torch.zeros(g.size, device=v.device, dtype=v.dtype)
-                    part.index_add_(0, slot.root_idx.to(v.device), v[slot.module_idx.to(v.device)])
-                    contrib = part if contrib is None else contrib + part
-            if contrib is not None:
-                acc += contrib.to(acc.device).pow(2)
+                    if v is not None:
+                        module_idx, root_idx = self._indices(slot, v.device)
+                        contrib.index_add_(0, root_idx, v[module_idx].to(acc.dtype))
+            contrib = contrib.pow(2)
+            acc += torch.where(contrib.isfinite().all(), contrib, torch.zeros_like(contrib))
         self.steps += 1
 
     def scores(self) -> Scores:

@@ -108,13 +108,31 @@ class Optimizers:
         default = OptimizerConfig.from_schedule(schedule)
         self.scaler = scaler
         self.slots: dict[str, _Slot] = {}
+        owner: dict[int, str] = {}
         for s in sets:
             params = [p for p in s.params if p.requires_grad]
+            if not params:
+                raise ValueError(f"parameter set {s.name!r} has no trainable parameter")
+            for p in params:
+                if owner.setdefault(id(p), s.name) != s.name:
+                    raise ValueError(f"a parameter is in both sets {owner[id(p)]!r} and {s.name!r}")
             self.slots[s.name] = _Slot(s, (s.optimizer or default).build(params), params)
         self._stepped: set[str] = set()
 
-    def names(self) -> list[str]:
-        return list(self.slots)
+    def carry_state(self, old: Optimizers) -> None:
+        """Take over ``old``'s optimizer state (momenta, Adam moments) of every parameter that is still
+        here, in the set of the same name: after a physical prune, untouched sets (mask or
+        architecture logits) keep theirs; the removed tensors' state goes with them."""
+        for name, slot in self.slots.items():
+            if name in old.slots:
+                previous = old.slots[name].opt.state
+                for p in slot.params:
+                    if p in previous:
+                        slot.opt.state[p] = previous[p]
+
+    def lrs(self) -> dict[str, float]:
+        """Each set's current learning rate."""
+        return {n: s.opt.param_groups[0]["lr"] for n, s in self.slots.items()}
 
     def params(self, which: str | Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
         """Parameters named by a set name, given directly, or (None) of every set."""
@@ -128,13 +146,11 @@ class Optimizers:
 
     def set_lr(self, factor: float) -> dict[str, float]:
         """Apply the LR rules at this step's schedule ``factor``; returns each set's LR."""
-        lrs = {}
-        for name, slot in self.slots.items():
+        for slot in self.slots.values():
             f = factor if slot.spec.lr_rule == "schedule" else 1.0
             for g in slot.opt.param_groups:
                 g["lr"] = g["base_lr"] * f
-            lrs[name] = slot.opt.param_groups[0]["lr"] if slot.opt.param_groups else 0.0
-        return lrs
+        return self.lrs()
 
     def begin(self) -> None:
         self._stepped.clear()
@@ -156,7 +172,11 @@ class Optimizers:
 
     def step(self, names: Iterable[str], after_backward: Callable[[tuple[str, ...]], None]) -> None:
         """Unscale the named sets once, let ``after_backward`` read and edit their true gradients, then
-        step them (the scaler skips a step whose gradients overflowed) and zero their gradients."""
+        step them and zero their gradients. Under AMP a step whose gradients overflowed is skipped by
+        the scaler, and ``after_backward`` does not see those gradients (they hold inf/NaN)."""
+        unknown = [n for n in names if n not in self.slots]
+        if unknown:
+            raise KeyError(f"no parameter set {unknown[0]!r}; declared: {', '.join(self.slots)}")
         ready = tuple(n for n in names if self.slots[n].has_grad())
         if not ready:
             return
@@ -165,11 +185,16 @@ class Optimizers:
             raise RuntimeError(f"parameter set(s) {again} stepped twice in one training step")
         for n in ready:
             self.scaler.unscale_(self.slots[n].opt)
-        after_backward(ready)
+        if not self.scaler.is_enabled() or self._finite(ready):
+            after_backward(ready)
         for n in ready:
             self.scaler.step(self.slots[n].opt)
             self.slots[n].opt.zero_grad(set_to_none=True)
         self._stepped.update(ready)
+
+    def _finite(self, names: tuple[str, ...]) -> bool:
+        grads = [p.grad for n in names for p in self.slots[n].params if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def finish(self, after_backward: Callable[[tuple[str, ...]], None]) -> None:
         """Step the sets not stepped yet (those with gradients), then update the scaler once."""
@@ -186,9 +211,9 @@ class Optimizers:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = set(self.slots) ^ set(state["optimizers"])
-        if missing:
-            raise ValueError(f"checkpoint parameter sets differ from the method's: {sorted(missing)}")
+        differ = set(self.slots) ^ set(state["optimizers"])
+        if differ:
+            raise ValueError(f"checkpoint parameter sets differ from the method's: {sorted(differ)}")
         for n, s in self.slots.items():
             s.opt.load_state_dict(state["optimizers"][n])
         self.scaler.load_state_dict(state["scaler"])

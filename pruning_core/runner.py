@@ -12,6 +12,7 @@ Layout of ``workdir``: ``model.safetensors`` + ``architecture.json`` (+ ``model.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the methods)
 from .budget import check_reachable
 from .data import Datasets, load_data
-from .engine import NullReporter, Reporter, TrainContext, evaluate, fit, has_checkpoint, recalibrate_bn
+from .engine import NullReporter, Reporter, TrainContext, fit, has_checkpoint
 from .errors import ModelError
+from .evaluation import evaluate, logits
 from .export import export_model
 from .groups import PruningGraph
 from .latency import measure_latency
@@ -37,6 +39,8 @@ from .settings import get_settings
 from .spec import JobSpec
 from .surgery import describe, rebuild
 from .zoo import build_model, get_entry, load_weights
+
+FINALIZE_WARN = 1e-3  # relative logit gap, pruned vs trained network, above which the user is told
 
 
 @dataclass
@@ -246,37 +250,31 @@ def _finalize(
     ctx: TrainContext,
     check_input: torch.Tensor,
     bn_points: list[str],
-) -> tuple[nn.Module, float]:
+) -> tuple[nn.Module, float | None]:
     """The method's physically pruned network, checked against the network it evaluated during
     training (its first view): returns it and their largest logit difference relative to the logits'
-    scale (``max|a - b| / max(1, max|b|)``), measured before BatchNorm statistics are re-estimated."""
+    scale (``max|a - b| / max(1, max|b|)``; None if not finite), measured before BatchNorm statistics
+    are re-estimated. A gap above ``FINALIZE_WARN`` is reported as a message."""
     view = next(iter(method.eval_views(model).values())).module
-    reference = _logits(view, check_input, ctx.device)
+    reference = logits(view, check_input, ctx.device)
     before = shape.describe(model)
     model = method.finalize(model).to(ctx.device)
-    pruned = _logits(model, check_input, ctx.device)
+    pruned = logits(model, check_input, ctx.device)
     diff = (pruned - reference).abs().max().item() / max(1.0, reference.abs().max().item())
+    if not diff <= FINALIZE_WARN:
+        ctx.reporter.message(
+            f"the pruned network's logits differ from the trained network's by {diff:.3g} of their scale"
+        )
     if _recalibrate_if_changed(model, before, shape, ctx):
         bn_points.append("final")
-    return model, diff
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    out = model(x.to(device)).float().cpu()
-    model.train(was)
-    return out
+    return model, diff if math.isfinite(diff) else None
 
 
 def _recalibrate_if_changed(
     model: nn.Module, before: dict[str, Any], shape: _Shape, ctx: TrainContext
 ) -> bool:
     """Re-estimate BatchNorm statistics when ``model``'s architecture differs from ``before``."""
-    if shape.describe(model) == before:
-        return False
-    return recalibrate_bn(model, ctx.train, ctx.device, ctx.bn_batches, ctx.bn_batch_size)
+    return shape.describe(model) != before and ctx.recalibrate(model)
 
 
 def _measure(

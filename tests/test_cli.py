@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pruning_core.cli import main
-from pruning_core.engine import evaluate
+from pruning_core.evaluation import evaluate
 from pruning_core.export import load_pruned
 from pruning_core.macs import count_macs
 

@@ -15,7 +15,8 @@ from pruning_core.groups import PruningGraph
 from pruning_core.macs import count_macs
 from pruning_core.methods.base import Method, MethodContext
 from pruning_core.optim import lr_factor
-from pruning_core.spec import JobSpec, Schedule
+from pruning_core.runner import run
+from pruning_core.spec import JobSpec, Schedule, parse_spec
 from pruning_core.surgery import describe, rebuild, remove_channels
 from pruning_core.zoo import build_model
 
@@ -160,8 +161,25 @@ def test_a_checkpoint_of_an_older_format_is_not_resumed(tmp_path) -> None:
     """A job whose checkpoint an older engine wrote trains the phase again instead of failing on it
     (and the runner, asking ``has_checkpoint``, runs the method's ``start_phase`` again)."""
     torch.save({"phase": "train", "epoch": 1, "optimizer": {}, "finished": False}, tmp_path / "train.pt")
-    ctx = _ctx(tmp_path)
+    messages: list[str] = []
+    reporter = NullReporter()
+    reporter.message = messages.append  # type: ignore[method-assign]
+    ctx = _ctx(tmp_path, reporter)
     assert not has_checkpoint(ctx, "train")
     result = fit(_model(), _method(), SCHEDULE, ctx)
     assert result.resumed_from is None and len(result.history) == SCHEDULE.epochs
+    assert messages == ["train: its checkpoint was written by an older engine; training it again"]
     assert has_checkpoint(ctx, "train")
+
+
+@pytest.mark.parametrize("batches", [20, 0])
+def test_the_report_says_where_batchnorm_statistics_were_re_estimated(tmp_path, batches: int) -> None:
+    spec = parse_spec(
+        {
+            "schedule": {"epochs": 1, "max_steps_per_epoch": 2, "bn_recalibration_batches": batches},
+            "export": {"formats": ["safetensors"]},
+            "device": "cpu",
+        }
+    )
+    report = run(spec, tmp_path).report
+    assert report.bn_recalibration == (["finetune:start"] if batches else []), "magnitude prunes at start"

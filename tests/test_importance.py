@@ -91,3 +91,49 @@ def test_static_scores_are_mean_normalised_and_rank_as_defined() -> None:
     conv, bn, nxt = model[0], model[1], model[3]
     l2 = (conv.weight.pow(2).sum((1, 2, 3)) + bn.weight.pow(2) + nxt.weight.pow(2).sum((0, 2, 3))) / 3
     assert torch.allclose(magnitude(graph, 2)[0], (l2 / l2.mean()).detach(), rtol=1e-5)
+
+
+def test_taylor_through_depthwise_grouped_and_flattened_consumers() -> None:
+    """conv -> depthwise -> grouped 1x1 -> flatten -> linear: every coupled slice, by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: coupled with its input channels
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 12, 1, groups=2),  # grouped: input channel c sits in block c // 4
+        nn.BatchNorm2d(12),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),  # channel k feeds linear inputs 4k .. 4k+3
+        nn.Linear(48, 4),
+    )
+    graph = PruningGraph(model, torch.randn(1, 3, 8, 8), 4)
+    assert [g.root for g in graph.groups] == ["2", "4"]  # Torch-Pruning roots it at the depthwise conv
+    acc = TaylorAccumulator(graph)
+    _backward(model, 3)
+    acc.accumulate()
+    gw = {n: (p * p.grad).detach() for n, p in model.named_parameters()}
+    pw_in = gw["4.weight"].reshape(2, 6, 4).sum(1).flatten()  # (block, out in block, in in block)
+    first = (
+        gw["0.weight"].sum((1, 2, 3)) + gw["0.bias"] + gw["1.weight"] + gw["1.bias"]
+        + gw["2.weight"].sum((1, 2, 3)) + gw["2.bias"] + gw["3.weight"] + gw["3.bias"] + pw_in
+    )  # fmt: skip
+    second = (
+        gw["4.weight"].sum((1, 2, 3)) + gw["4.bias"] + gw["5.weight"] + gw["5.bias"]
+        + gw["8.weight"].reshape(4, 12, 4).sum((0, 2))
+    )  # fmt: skip
+    assert torch.allclose(acc.sums[0], first.pow(2), rtol=1e-4, atol=1e-12)
+    assert torch.allclose(acc.sums[1], second.pow(2), rtol=1e-4, atol=1e-12)
+
+
+def test_taylor_skips_a_step_whose_gradients_overflowed() -> None:
+    model = _small()
+    graph = PruningGraph(model, torch.randn(1, 3, 8, 8), 4)
+    acc = TaylorAccumulator(graph)
+    _backward(model, 1)
+    acc.accumulate()
+    before = [s.clone() for s in acc.sums]
+    model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    acc.accumulate()
+    assert torch.equal(acc.sums[0], before[0]), "an overflowed group adds nothing"
+    assert torch.equal(acc.sums[1], 2 * before[1]), "the other groups still count"

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pruning_core.engine import NullReporter, evaluate
+from pruning_core.engine import NullReporter
 from pruning_core.errors import Cancelled
+from pruning_core.evaluation import evaluate
 from pruning_core.export import load_pruned
 from pruning_core.methods import METHODS
 from pruning_core.runner import prepare, run

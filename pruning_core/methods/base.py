@@ -15,11 +15,15 @@ The order in which the hooks run, per phase (``runner._run_phases`` and ``engine
   ``on_epoch_end`` -> on PRUNE ``prune_now`` -> ``param_sets`` -> [BatchNorm re-estimated] ->
   ``eval_views``; then checkpoint (``state_dict``).
 - resumed phase (a checkpoint exists, finished or not): ``start_phase`` does NOT run. The model is
-  rebuilt to the checkpoint's architecture and its weights loaded, then ``load_state_dict(state,
-  model)`` restores everything ``start_phase`` and training built (extra parameters, masks,
-  architecture, ``ctx.details``), and only then ``param_sets`` -> optimizer states loaded -> training
-  goes on at the saved step. A finished phase stops after ``load_state_dict``.
+  rebuilt to the checkpoint's architecture (``surgery.describe``/``rebuild``: conv, linear and
+  BatchNorm shapes), then ``load_state_dict(state, model)`` restores everything ``start_phase`` and
+  training built (extra parameters, masks, hooks or parametrizations it attaches to the model,
+  ``ctx.details``), then the model's weights are loaded, and only then ``param_sets`` -> optimizer
+  states loaded -> training goes on at the saved step. A finished phase stops after the weights.
 - after the last phase: ``finalize`` -> [BatchNorm re-estimated if the architecture changed].
+
+Keep what a method adds beside the model (its own tensors and modules, forward hooks): the model
+itself stays a zoo architecture that ``describe``/``rebuild`` can express, or it cannot be resumed.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..batches import Batch, Streams
-from ..engine import EpochEnd, StepContext, StepOutput, View
+from ..engine import EpochEnd, StepContext, StepOutput
+from ..evaluation import View
 from ..groups import PruningGraph
 from ..losses import kd_loss
 from ..macs import count_macs
@@ -124,7 +129,8 @@ class Method:
         return kd_loss(logits, t, y, kd.temperature, kd.weight)
 
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
-        """Gradients are unscaled here (``ctx.stepping`` names the sets about to step): read or edit them."""
+        """Gradients are unscaled here (``ctx.stepping`` names the sets about to step): read or edit them.
+        Not called for a step whose gradients overflowed under AMP (the scaler skips that step)."""
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None: ...
 
@@ -146,13 +152,14 @@ class Method:
         return count_macs(model, self.ctx.example.to(next(model.parameters()).device))
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume (extends: ``{**super().state_dict(), ...}``); tensors, numbers,
-        strings, lists and dicts only (checkpoints load with ``weights_only=True``)."""
+        """Everything needed to resume (extends: ``{**super().state_dict(), ...}``): tensors and plain
+        Python numbers, strings, lists and dicts only, no numpy (checkpoints load with
+        ``weights_only=True``); the same holds for ``ctx.details``."""
         return {"details": dict(self.ctx.details)}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
-        """Restore ``state_dict()`` onto ``model`` (already rebuilt with its weights); runs before
-        ``param_sets`` on resume."""
+        """Restore ``state_dict()`` for ``model`` (rebuilt to the checkpoint's architecture; its weights
+        are loaded right after this); runs before ``param_sets`` on resume."""
         self.ctx.details.clear()
         self.ctx.details.update(state.get("details", {}))
 
