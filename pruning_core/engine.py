@@ -94,6 +94,19 @@ class StepContext:
         self.backward_calls += 1
         self._run.opts.backward(loss, params, retain_graph=retain_graph)
 
+    def take_grads(self, params: str | Iterable[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The gradients accumulated so far in ``params`` (a set's name or tensors), as true unscaled
+        values, and clear them from ``.grad``: separates the gradients of several losses on the same
+        parameters (S2H balances its task, gap and resource gradients by their norms). Under AMP they
+        may hold inf/NaN; the caller checks, since the engine's overflow check never sees them."""
+        scaler = self._run.opts.scaler
+        inv = 1.0 / scaler.get_scale() if scaler.is_enabled() else 1.0
+        out: list[torch.Tensor | None] = []
+        for p in self._run.opts.params(params):
+            out.append(None if p.grad is None else p.grad * inv)
+            p.grad = None
+        return out
+
     def update(self, *names: str) -> None:
         """Step these parameter sets' optimizers now, mid-step (unscale, ``after_backward``, optimizer
         step, zero their grads); e.g. TAS updates the weights, then forwards again for the architecture."""

@@ -269,16 +269,20 @@ def _io(shape: dict[str, Any], prefix: str) -> dict[str, int]:
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """Write ``report.json`` (indent 2), ``training.png`` and ``widths.png``; return their paths."""
+    """Write ``report.json`` (indent 2), ``training.png``, ``widths.png`` and a ``metric-<name>.png``
+    per list-valued method metric (at most ``MAX_METRIC_PANELS``); return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / REPORT_FILE
     json_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    return [
+    paths = [
         json_path,
         plot_training(report, out_dir / TRAINING_PLOT),
         plot_widths(report, out_dir / WIDTHS_PLOT),
     ]
+    for name in list_metrics(report.history)[:MAX_METRIC_PANELS]:
+        paths.append(plot_list_metric(report, name, out_dir / list_metric_file(name)))
+    return paths
 
 
 def read_report(path: str | Path) -> Report:
@@ -316,6 +320,46 @@ def scalar_metrics(history: Sequence[EpochRecord]) -> list[str]:
             if isinstance(v, int | float):
                 names.setdefault(k)
     return list(names)
+
+
+def list_metrics(history: Sequence[EpochRecord]) -> list[str]:
+    """Names of the method metrics that are lists (per group, per layer) in some epoch, first seen first."""
+    names: dict[str, None] = {}
+    for r in history:
+        for k, v in r.metrics.items():
+            if isinstance(v, list):
+                names.setdefault(k)
+    return list(names)
+
+
+def list_metric_file(name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return f"metric-{safe}.png"
+
+
+def plot_list_metric(report: Report, name: str, path: Path) -> Path:
+    """One line per entry of a list-valued metric over the epochs (e.g. S2H's expected width of every
+    group); phases shaded, events marked."""
+    history = report.history
+    rows = [(x, r.metrics.get(name)) for x, r in enumerate(history, start=1)]
+    rows = [(x, v) for x, v in rows if isinstance(v, list)]
+    fig = _figure((8.0, 4.5))
+    if not rows:
+        _empty(fig, f"no values of {name}")
+        return _save(fig, path)
+    ax = fig.subplots()
+    width = max(len(v) for _, v in rows)
+    for i in range(width):
+        points = [(x, v[i]) for x, v in rows if i < len(v)]
+        ax.plot(*zip(*points, strict=True), "-", linewidth=1, color=f"C{i % 10}")
+    ax.set_xlabel("epoch (all phases)")
+    ax.set_ylabel(name)
+    ax.set_title(f"{name} ({width} entries): {report.method} on {report.model}")
+    _mark_phases(ax, history)
+    _mark_events(ax, history)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_training(report: Report, path: Path) -> Path:

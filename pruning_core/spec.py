@@ -87,9 +87,59 @@ class MagnitudeOptions(_Strict):
     round_to: int = Field(1, ge=1, description="Keep channel counts a multiple of this (hardware-friendly).")
 
 
-# A discriminated union on `name`; later issues add S2H, TAS, PSAP and EPI options here.
-MethodSpec = Annotated[MagnitudeOptions, Field(discriminator="name")]
-METHODS: tuple[str, ...] = ("magnitude",)
+class S2HOptions(_Strict):
+    """S2HPruner (NeurIPS 2024): soft and hard networks trained together in one stage, the hard one
+    distilled from the soft one with a decoupled gap loss; the result is the hard network, no fine-tuning.
+
+    Per coupled channel group: width candidates d, 2d, ..., C with one learnable logit each; the soft mask
+    is their softmax's reverse cumulative sum, the hard mask keeps the expected width's most important
+    (L1) channels. Defaults marked [ours] are our choices where the official configuration was not
+    released. The performance loss is cross-entropy, or KD from the dense teacher when `kd.enabled`.
+    """
+
+    name: Literal["s2h"] = "s2h"
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="T in softmax(u / T) over width logits.")
+    gap_weight: float = Field(
+        1.0, ge=0.0, le=100.0, description="Weight of the soft-hard gap (KL) losses; 0 turns them off."
+    )
+    resource_weight: float = Field(
+        1.0, gt=0.0, le=1e6, description="c in the MAC loss c * (MACs / dense MACs - target)^2."
+    )
+    flops_relax: float = Field(
+        0.02,
+        ge=0.0,
+        lt=1.0,
+        description="Within this distance of the target MAC ratio the MAC gradient fades out.",
+    )
+    mask_lr_scale: float = Field(
+        1.0,
+        gt=0.0,
+        le=1e4,
+        description="Mask logits train with SGD at the weights' current LR times this [ours: 1].",
+    )
+    balance: Literal["norms", "sum"] = Field(
+        "norms",
+        description="`norms` (the official code): per group, the task gradient is scaled to the gap "
+        "gradient's norm and the MAC gradient balanced against both; `sum`: gap_weight and "
+        "resource_weight alone weigh a plain sum.",
+    )
+    width_divisor: int | None = Field(
+        None,
+        ge=1,
+        description="d, the width step of each group's candidates (channels; rounded to a divisor of "
+        "the group's width); default: about 8-16 candidates per group.",
+    )
+    max_init: bool = Field(
+        True, description="Start near full width: the full-width candidate's probability is (C - d) / C."
+    )
+    finetune_epochs: int = Field(
+        0, ge=0, le=10_000, description="Optional fine-tuning of the pruned network afterwards (off)."
+    )
+
+
+# A discriminated union on `name`; later issues add TAS, PSAP and EPI options here.
+MethodSpec = Annotated[MagnitudeOptions | S2HOptions, Field(discriminator="name")]
+METHODS: tuple[str, ...] = ("magnitude", "s2h")
 
 
 class TargetSpec(_Strict):

@@ -147,6 +147,34 @@ def test_restricted_backward_leaves_every_other_gradient_bit_identical() -> None
     assert not torch.equal(without["gate"], with_extra["gate"]), "the restricted loss must reach the gate"
 
 
+class TakeGrads(GateMethod):
+    """Separates the gate's gradient of two losses with ``take_grads`` and steps on their sum."""
+
+    def training_step(self, model, batch, ctx):
+        x, y = batch
+        logits = Gated(model, self.gate)(x)
+        loss = F.cross_entropy(logits, y)
+        entropy = -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
+        self.expected = [torch.autograd.grad(v, self.gate, retain_graph=True)[0] for v in (loss, entropy)]
+        ctx.backward(loss, retain_graph=True)
+        self.first = ctx.take_grads("gate")
+        self.cleared = self.gate.grad is None
+        ctx.backward(entropy, "gate")
+        self.second = ctx.take_grads([self.gate])
+        self.gate.grad = self.first[0] + self.second[0]  # what a method does with them
+        return StepOutput(loss.detach())
+
+
+def test_take_grads_separates_the_gradients_of_several_losses() -> None:
+    method = TakeGrads()
+    fit(_model(), method, SCHEDULE.model_copy(update={"epochs": 1, "max_steps_per_epoch": 1}), _ctx(None))
+    assert method.cleared, "taken gradients leave .grad"
+    assert torch.allclose(method.first[0], method.expected[0]) and torch.allclose(
+        method.second[0], method.expected[1]
+    )
+    assert method.grads[0]["gate"].equal(method.first[0] + method.second[0])
+
+
 @pytest.mark.parametrize("streams", [False, True])
 def test_two_optimizers_resume_bit_identical(tmp_path: Path, streams: bool) -> None:
     split = Streams((0.5, 0.5)) if streams else None

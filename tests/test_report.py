@@ -218,3 +218,25 @@ def test_method_numbers_views_and_prunes_reach_the_report_and_plot(tmp_path):
     plain = write_report(_report(), tmp_path / "plain")[1]
     (w, h), (w0, h0) = _png_size(paths[1]), _png_size(plain)
     assert w == w0 and h == h0 + 160, "one more panel (1.6 in at 100 dpi) for the one scalar metric"
+
+
+def test_a_list_metric_gets_a_plot_of_its_own(tmp_path):
+    history = [
+        EpochRecord(
+            phase="s2h",
+            epoch=e,
+            top1=50.0 + e,
+            macs=900 - 100 * e,
+            wall_s=1.0,
+            metrics={"expected_widths": [16.0 - e, 32.0 - 2 * e, 64.0 - 3 * e], "kl": 0.1},
+        )
+        for e in range(4)
+    ]
+    paths = write_report(_report(history=history), tmp_path)
+    assert [p.name for p in paths] == [
+        "report.json",
+        "training.png",
+        "widths.png",
+        "metric-expected_widths.png",
+    ]
+    assert paths[-1].read_bytes().startswith(PNG_MAGIC) and paths[-1].stat().st_size > 5_000

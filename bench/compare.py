@@ -1,0 +1,257 @@
+"""``python -m bench.compare --method s2h --profile cpu``: a paper method beside ``magnitude`` and Torch-Pruning.
+
+Per data set, seed and MAC target, from one dense training (the engine, ``profile.cases``' settings):
+
+- ``magnitude`` with KD from the dense model (``runner.run`` from the dense weights, the case's
+  fine-tune epochs and LR);
+- Torch-Pruning's own pruner (``bench.peer``: bisected to the target, fine-tuned by the plain loop for
+  the same epochs, no KD);
+- the method through ``runner.run``, at the same total epochs: a one-stage method (S2H) trains from the
+  same initial weights as the dense model for dense + fine-tune epochs at the dense LR, with no dense
+  teacher (it never had one); a method that prunes a trained network starts from the dense weights.
+
+Every model is measured the same way (``bench.measure``: top-1, MACs, params). The method's seconds per
+epoch stand beside the dense model's, from the same run. Results go to ``bench/results/compare-<method>-
+<profile>-<time>.json`` (rewritten after every seed, so a stopped run keeps what it finished) and to
+the ``compare-<method>-<profile>`` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning_core.export import load_pruned
+from pruning_core.macs import count_macs
+from pruning_core.runner import run
+from pruning_core.spec import JobSpec, KDSpec, Schedule
+
+from . import markdown
+from .measure import measure_row
+from .profiles import PROFILES, REPO_DIR, RESULTS_DIR, Case, Profile, with_overrides
+from .run import (
+    EchoReporter,
+    check_device,
+    job_spec,
+    log,
+    machine_info,
+    peer_stage,
+    resolve_data,
+    save_weights,
+    setup,
+    train_dense,
+    warm_up,
+)
+
+FORMAT = "pruning-core/bench-compare-v1"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """How a paper method is run in the comparison."""
+
+    one_stage: bool  # trains from the initial weights for dense + fine-tune epochs (no teacher)
+    targets: dict[str, tuple[float, ...]]  # profile -> remaining MAC ratios
+    options: dict[str, Any]
+
+
+CONTENDERS: dict[str, Contender] = {
+    "s2h": Contender(
+        one_stage=True,
+        targets={"smoke": (0.5,), "cpu": (0.35, 0.55), "gpu": (0.47,)},
+        options={},
+    ),
+}
+
+
+def method_spec(method: str, s: Any, target: float, weights: Path | None) -> JobSpec:
+    """The method's job: one-stage from the initial weights, or from the dense weights."""
+    c, case = CONTENDERS[method], s.case
+    base = job_spec(case, s.spec.data, s.seed, replace(s.profile, target=target), weights).model_dump(
+        mode="json"
+    )
+    base["method"] = {"name": method, **c.options}
+    if c.one_stage:
+        base["model"]["weights"] = None
+        base["schedule"] = Schedule(
+            epochs=case.dense_epochs + case.finetune_epochs, batch_size=case.batch_size, lr=case.lr
+        ).model_dump(mode="json")
+    return JobSpec.model_validate(base)
+
+
+def run_target(s: Any, weights: Path, dense_macs: int, method: str, target: float) -> dict[str, Any]:
+    label = f"{s.case.label} seed {s.seed} target {target:g}"
+    work = s.work / f"t{target:g}"
+    log(f"{label}: magnitude + KD")
+    mag_spec = job_spec(s.case, s.spec.data, s.seed, replace(s.profile, target=target), weights)
+    mag_spec = mag_spec.model_copy(update={"kd": KDSpec(enabled=True)})
+    mag = run(mag_spec, work / "magnitude", EchoReporter())
+    log(f"{label}: Torch-Pruning peer")
+    peer, _ = peer_stage(replace(s, profile=replace(s.profile, target=target)), weights, dense_macs)
+    log(f"{label}: {method}")
+    spec = method_spec(method, s, target, weights)
+    t0 = time.perf_counter()
+    res = run(spec, work / method, EchoReporter())
+    wall = time.perf_counter() - t0
+    models = {"magnitude": load_pruned(mag.workdir), "peer": peer.model, method: load_pruned(res.workdir)}
+    rows = {k: measure_row(m, s.ds.test, s.example, s.device, s.profile) for k, m in models.items()}
+    for row in rows.values():
+        row["macs_ratio"] = row["macs"] / dense_macs
+        row.pop("latency")  # latency has its own benchmark (bench.run); here: accuracy at equal MACs
+    trained = [r for r in res.report.history if r.phase != "dense"]
+    rows[method]["epoch_s"] = statistics.fmean(r.wall_s for r in trained)
+    rows[method]["wall_s"] = wall
+    rows[method]["soft_top1"] = trained[-1].views.get("soft") if trained else None
+    return {"target": target, "rows": rows}
+
+
+def run_seed(case: Case, seed: int, profile: Profile, method: str, work: Path) -> dict[str, Any]:
+    s, model = setup(case, resolve_data(case.data), seed, profile, work)
+    log(f"{case.label} seed {seed}: dense training ({case.dense_epochs} epochs)")
+    fitted = train_dense(model, s)
+    weights = save_weights(fitted.model, work / "dense.safetensors")
+    dense = measure_row(fitted.model, s.ds.test, s.example, s.device, profile)
+    dense.pop("latency")
+    dense_macs = count_macs(fitted.model.cpu(), s.example)
+    dense["epoch_s"] = statistics.fmean(r["wall_s"] for r in fitted.history)
+    targets = [
+        run_target(s, weights, dense_macs, method, t) for t in CONTENDERS[method].targets[profile.name]
+    ]
+    return {"seed": seed, "dense": dense, "targets": targets, "train_images": len(s.ds.train)}
+
+
+def render(results: dict[str, Any], source: Path) -> str:
+    method, profile = results["method"], results["profile"]
+    m = results["machine"]
+    lines = [
+        f"## `{method}` beside `magnitude` and Torch-Pruning ({profile} profile)",
+        "",
+        f"`{results['command']}`, run {results['date']}, {results['wall_s'] / 60:.1f} min; results "
+        f"`{source.relative_to(REPO_DIR) if source.is_relative_to(REPO_DIR) else source.name}`.  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
+        f"torch-pruning {m['torch_pruning']}; device `{m['device']}`{' (' + m['gpu'] + ')' if m['gpu'] else ''}.",
+        "",
+        f"`{method}` trains {'from the initial weights (one stage, no teacher)' if results['one_stage'] else 'from the dense weights'} "
+        "for as many epochs as dense training and fine-tuning together; `magnitude` fine-tunes the dense "
+        "weights with KD from the dense model; the peer is fine-tuned by a plain loop without KD. Top-1: "
+        "mean ± std over seeds (per seed in brackets).",
+        "",
+    ]
+    for case in results["cases"]:
+        runs = case["runs"]
+        if not runs:
+            continue
+        lines += [
+            f"### {case['label']} ({case['model']}, {runs[0]['train_images']:,} train images; dense "
+            f"{case['dense_epochs']} + fine-tune {case['finetune_epochs']} epochs; seeds "
+            f"{', '.join(str(r['seed']) for r in runs)})",
+            "",
+            "| Target | Method | Top-1 % | MACs ratio | Params |",
+            "|---|---|---|---|---|",
+            f"| 1.0 | dense | {markdown.fmt_top1([r['dense']['top1'] for r in runs])} | 1.000 | "
+            f"{markdown.fmt_count([r['dense']['params'] for r in runs])} |",
+        ]
+        targets = [t["target"] for t in runs[0]["targets"]]
+        for i, target in enumerate(targets):
+            done = [r for r in runs if len(r["targets"]) > i]
+            for key, label in (
+                ("magnitude", "`magnitude` + KD"),
+                ("peer", "Torch-Pruning `BasePruner`"),
+                (method, f"`{method}`"),
+            ):
+                rows = [r["targets"][i]["rows"][key] for r in done]
+                lines.append(
+                    f"| {target:g} | {label} | {markdown.fmt_top1([x['top1'] for x in rows])} | "
+                    f"{markdown.fmt_range([x['macs_ratio'] for x in rows])} | "
+                    f"{markdown.fmt_count([x['params'] for x in rows])} |"
+                )
+        per_epoch = [t["rows"][method]["epoch_s"] for r in runs for t in r["targets"]]
+        dense_epoch = [r["dense"]["epoch_s"] for r in runs]
+        lines += [
+            "",
+            f"Time per epoch: `{method}` {statistics.fmean(per_epoch):.2f} s, dense training "
+            f"{statistics.fmean(dense_epoch):.2f} s: **{statistics.fmean(per_epoch) / statistics.fmean(dense_epoch):.2f}x** "
+            "(both include the per-epoch test pass; the method's includes evaluating each of its networks).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--method", choices=sorted(CONTENDERS), required=True)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    p.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the profile's")
+    p.add_argument("--only", help="just the cases whose label starts with this")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
+    p.add_argument(
+        "--render", type=Path, metavar="JSON", help="only regenerate the markdown from a results file"
+    )
+    args = p.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        section = f"compare-{results['method']}-{results['profile']}"
+        markdown.update_markdown(
+            args.markdown, section, markdown._wrap(section, render(results, args.render))
+        )
+        return 0
+    profile = with_overrides(PROFILES[args.profile], seeds=args.seeds, only=args.only)
+    check_device(profile)
+    method = args.method
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.UTC)
+    path = args.out / f"compare-{method}-{profile.name}-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
+    results: dict[str, Any] = {
+        "format": FORMAT,
+        "method": method,
+        "one_stage": CONTENDERS[method].one_stage,
+        "profile": profile.name,
+        "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine_info(torch.device(profile.device)),
+        "cases": [],
+    }
+    warm_up(torch.device(profile.device))
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=args.out))
+    section = f"compare-{method}-{profile.name}"
+    try:
+        for case in profile.cases:
+            entry = {
+                "label": case.label,
+                "model": case.model,
+                "dense_epochs": case.dense_epochs,
+                "finetune_epochs": case.finetune_epochs,
+                "runs": [],
+            }
+            results["cases"].append(entry)
+            for seed in case.seeds:
+                entry["runs"].append(
+                    run_seed(case, seed, profile, method, work / f"{case.label}-s{seed}".replace(" ", "_"))
+                )
+                results["wall_s"] = time.perf_counter() - t0
+                path.write_text(json.dumps(results, indent=1) + "\n")
+                markdown.update_markdown(
+                    args.markdown, section, markdown._wrap(section, render(results, path))
+                )
+                log(f"results so far: {path}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; markdown: {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
