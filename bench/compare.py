@@ -182,7 +182,8 @@ def render(results: dict[str, Any], source: Path) -> str:
             "",
             f"Time per epoch: `{method}` {statistics.fmean(per_epoch):.2f} s, dense training "
             f"{statistics.fmean(dense_epoch):.2f} s: **{statistics.fmean(per_epoch) / statistics.fmean(dense_epoch):.2f}x** "
-            "(both include the per-epoch test pass; the method's includes evaluating each of its networks).",
+            "(the training steps of an epoch, as its record's `wall_s` measures them: the evaluation at the epoch's "
+            "end is not in it).",
             "",
         ]
     return "\n".join(lines)

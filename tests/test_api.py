@@ -501,6 +501,17 @@ def test_catalog(api: Api) -> None:
     methods = c.get("/v1/methods").json()["items"]
     mag = next(m for m in methods if m["name"] == "magnitude")
     assert "p" in mag["options_schema"]["properties"] and mag["description"]
+    s2h = next(m for m in methods if m["name"] == "s2h")
+    props = s2h["options_schema"]["properties"]
+    assert {
+        "temperature",
+        "gap_weight",
+        "resource_weight",
+        "flops_relax",
+        "mask_lr_scale",
+        "width_divisor",
+    } <= set(props)
+    assert props["flops_relax"]["default"] == 0.02 and "S2HPruner" in s2h["description"]
     models = c.get("/v1/models").json()
     assert "resnet20" in [m["name"] for m in models["items"]] and models["torchvision"]["prefix"] == "tv:"
     datasets = c.get("/v1/datasets").json()

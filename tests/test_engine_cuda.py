@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pruning_core.engine import TrainContext, fit
 from pruning_core.spec import Schedule
 from tests.test_engine import NoisyBlobs, _model
-from tests.test_engine_hooks import GateMethod, TwoUpdates
+from tests.test_engine_hooks import GateMethod, TakeGrads, TwoUpdates
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -62,3 +62,36 @@ def test_a_job_with_given_weights_runs_on_cuda(tmp_path) -> None:
     spec = {"data": {"name": "digits"}, "schedule": {"epochs": 1, "max_steps_per_epoch": 3}, "device": "cuda"}
     report = run(parse_spec(spec), tmp_path).report
     assert report.device.startswith("cuda") and 0.48 <= report.achieved_macs_ratio <= 0.5
+
+
+def test_taken_gradients_are_unscaled_under_amp() -> None:
+    method = TakeGrads(device="cuda")
+    fit(_model(), method, Schedule(epochs=1, batch_size=16, max_steps_per_epoch=1, amp=True), _ctx())
+    for got, want in zip((method.first[0], method.second[0]), method.expected, strict=True):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-7), "take_grads must divide by the loss scale"
+
+
+def test_s2h_trains_and_prunes_under_amp(tmp_path) -> None:
+    from pruning_core.runner import run
+    from pruning_core.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "model": {"name": "resnet20"},
+            "data": {
+                "name": "synthetic",
+                "num_classes": 4,
+                "per_class": 16,
+                "test_per_class": 4,
+                "image_size": 16,
+            },
+            "method": {"name": "s2h", "mask_lr_scale": 40.0},
+            "target": {"macs_ratio": 0.6},
+            "schedule": {"epochs": 2, "batch_size": 16, "amp": True},
+            "export": {"formats": ["safetensors"]},
+            "device": "cuda",
+        }
+    )
+    report = run(spec, tmp_path).report
+    assert report.achieved_macs_ratio < 0.9 and report.finalize_rel_diff < 1e-2  # float16 logits
+    assert set(report.history[-1].views) == {"hard", "soft"}

@@ -295,3 +295,33 @@ def test_runs_on_zoo_and_torchvision_cnns(name: str, tmp_path: Path) -> None:
     assert report.pruned.params < report.dense.params
     assert report.finalize_rel_diff is not None and report.finalize_rel_diff < 1e-4
     assert set(report.history[-1].views) == {"hard", "soft"}
+
+
+def test_the_optional_fine_tuning_trains_the_pruned_hard_network(tmp_path: Path) -> None:
+    spec = parse_spec(
+        {
+            "model": {"name": "resnet20"},
+            "data": {
+                "name": "synthetic",
+                "num_classes": 4,
+                "per_class": 8,
+                "test_per_class": 2,
+                "image_size": 16,
+            },
+            "method": {"name": "s2h", "mask_lr_scale": 40.0, "finetune_epochs": 1},
+            "target": {"macs_ratio": 0.6},
+            "schedule": {
+                "epochs": 1,
+                "batch_size": 8,
+                "max_steps_per_epoch": 3,
+                "bn_recalibration_batches": 1,
+            },
+            "export": {"formats": ["safetensors"]},
+            "device": "cpu",
+        }
+    )
+    report = run(spec, tmp_path).report
+    assert [p.name for p in report.phases if p.epochs] == ["s2h", "finetune"]
+    finetune = [r for r in report.history if r.phase == "finetune"]
+    assert finetune and finetune[0].macs == report.pruned.macs and not finetune[0].views
+    assert "s2h:start" not in report.bn_recalibration and "finetune:start" in report.bn_recalibration

@@ -145,7 +145,11 @@ class WidthSearch:
         self.spaces = build_spaces(graph, options.width_divisor, min_channels)
         init = max_init_logits if options.max_init else (lambda s, t: torch.zeros(len(s.widths)))
         self.logits = [init(s, options.temperature).to(device).requires_grad_() for s in self.spaces]
+        # on the device once, not every step
         self._dev = {id(s): (s.widths.to(device), s.cover.to(device)) for s in self.spaces}
+        self._filters_dev = [
+            [(name, mi.to(device), ri.to(device)) for name, mi, ri in s.filters] for s in self.spaces
+        ]
         self.masks = ChannelMasks(graph)
         self.masks.attach()
 
@@ -156,12 +160,12 @@ class WidthSearch:
     def ranks(self) -> list[torch.Tensor]:
         """Per group, the importance rank of each position (0 = largest L1 of the group's filters)."""
         out = []
-        for s, u in zip(self.spaces, self.logits, strict=True):
+        for s, u, filters in zip(self.spaces, self.logits, self._filters_dev, strict=True):
             l1 = torch.zeros(s.group.size, device=u.device)
-            for name, module_idx, root_idx in s.filters:
+            for name, module_idx, root_idx in filters:
                 w = self.graph.modules[name].weight
                 per = w.detach().abs().flatten(1).sum(1).float() if w.dim() > 1 else w.detach().abs().float()
-                l1.index_add_(0, root_idx.to(u.device), per[module_idx.to(u.device)])
+                l1.index_add_(0, root_idx, per[module_idx])
             order = l1.reshape(s.group.ch_groups, s.positions).sum(0).argsort(descending=True, stable=True)
             rank = torch.empty_like(order)
             rank[order] = torch.arange(len(order), device=order.device)
@@ -175,7 +179,7 @@ class WidthSearch:
         for s, p, rank in zip(self.spaces, self.probs(), ranks, strict=True):
             widths, cover = self._dev[id(s)]
             e = p @ widths
-            n = _CeilTo.apply(e, float(s.step), float(widths[0]), float(s.positions))
+            n = _CeilTo.apply(e, float(s.step), float(s.widths[0]), float(s.positions))  # CPU: no sync
             w = (p @ cover)[rank]  # soft keep-probability per position, (P,)
             m = (rank < n.detach()).to(w.dtype)
             soft.append(w.repeat(s.group.ch_groups))
