@@ -35,11 +35,11 @@ import torch
 from pruning_core.export import load_pruned
 from pruning_core.macs import count_macs
 from pruning_core.runner import run
-from pruning_core.spec import JobSpec, KDSpec, Schedule
+from pruning_core.spec import DataSpec, JobSpec, KDSpec, Schedule
 
 from . import markdown
 from .measure import measure_row
-from .profiles import PROFILES, REPO_DIR, RESULTS_DIR, Case, Profile, with_overrides
+from .profiles import PROFILES, REPO_DIR, RESULTS_DIR, Case, Profile, _cifar, with_overrides
 from .run import (
     EchoReporter,
     check_device,
@@ -64,6 +64,24 @@ class Contender:
     one_stage: bool  # trains from the initial weights for dense + fine-tune epochs (no teacher)
     targets: dict[str, tuple[float, ...]]  # profile -> remaining MAC ratios
     options: dict[str, Any]
+
+
+# The comparison's own CPU profile: every contender at two targets and three seeds on both data sets.
+# The CIFAR-10 subset is smaller and shorter than `bench.run`'s (2,000 train / 1,000 test images, 10 +
+# 5 epochs) so that the whole comparison fits about an hour on 2 CPU cores: S2H's 15 epochs cost about
+# three dense epochs each.
+COMPARE_CPU = Profile(
+    name="cpu",
+    device="cpu",
+    cases=(
+        Case("digits", DataSpec(name="digits"), "resnet20", 30, 15, 64, 0.05, 0.01, (0, 1, 2)),
+        Case("cifar10-jpeg subset", _cifar(200, 100), "resnet20", 10, 5, 64, 0.05, 0.01, (0, 1, 2)),
+    ),
+)
+
+
+def profile_named(name: str) -> Profile:
+    return COMPARE_CPU if name == "cpu" else PROFILES[name]
 
 
 CONTENDERS: dict[str, Contender] = {
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             args.markdown, section, markdown._wrap(section, render(results, args.render))
         )
         return 0
-    profile = with_overrides(PROFILES[args.profile], seeds=args.seeds, only=args.only)
+    profile = with_overrides(profile_named(args.profile), seeds=args.seeds, only=args.only)
     check_device(profile)
     method = args.method
     args.out.mkdir(parents=True, exist_ok=True)
