@@ -140,6 +140,11 @@ class Report(_Record):
     excluded_groups: dict[str, str] = Field(
         default_factory=dict, description="Channel groups left unpruned (root layer -> why)."
     )
+    blocks: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Residual blocks per stage, [dense, pruned] (stage -> counts); empty for a model "
+        "without stages of residual blocks (width pruning only).",
+    )
     layers: list[LayerWidth]
     phases: list[PhaseTime]
     history: list[EpochRecord]
@@ -174,6 +179,7 @@ class Report(_Record):
         spec: dict[str, Any],
         groups: Iterable[GroupWidth | Any] = (),
         excluded_groups: dict[str, str] | None = None,
+        blocks: dict[str, list[int]] | None = None,
         layers: Iterable[LayerWidth | Any] = (),
         phases: Iterable[PhaseTime | Any] = (),
         history: Iterable[EpochRecord | Any] = (),
@@ -201,6 +207,7 @@ class Report(_Record):
             pruned=pruned,
             groups=list(groups),
             excluded_groups=excluded_groups or {},
+            blocks=blocks or {},
             layers=list(layers),
             phases=list(phases),
             history=list(history),
@@ -245,6 +252,12 @@ def latency_speedup(dense: LatencyModel | None, pruned: LatencyModel | None) -> 
             f"pruned on {pruned.device} at batch {pruned.batch_size}"
         )
     return dense.p50_ms / pruned.p50_ms
+
+
+def block_counts(dense_arch: dict[str, Any], pruned_arch: dict[str, Any]) -> dict[str, list[int]]:
+    """``{stage: [dense blocks, pruned blocks]}`` from two ``surgery.describe`` descriptions."""
+    dense, pruned = dense_arch.get("blocks", {}), pruned_arch.get("blocks", {})
+    return {name: [n, pruned.get(name, n)] for name, n in dense.items()}
 
 
 def layer_widths(dense_arch: dict[str, Any], pruned_arch: dict[str, Any]) -> list[LayerWidth]:

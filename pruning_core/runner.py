@@ -34,7 +34,7 @@ from .groups import PruningGraph
 from .latency import measure_latency
 from .macs import measure
 from .methods import METHODS, DenseTraining, Method, MethodContext
-from .report import Cost, GroupWidth, PhaseTime, Report, layer_widths, write_report
+from .report import Cost, GroupWidth, PhaseTime, Report, block_counts, layer_widths, write_report
 from .settings import get_settings
 from .spec import JobSpec
 from .surgery import describe, rebuild
@@ -180,6 +180,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         spec=spec.model_dump(mode="json"),
         groups=pruned_graph_keep,
         excluded_groups=graph.excluded,
+        blocks=block_counts(dense_arch, pruned_arch),
         layers=layer_widths(dense_arch, pruned_arch),
         phases=phases,
         history=history,

@@ -3,7 +3,7 @@
 ``remove_channels`` turns keep decisions into a smaller ``nn.Module`` (Torch-Pruning does the tensor
 surgery). ``describe`` / ``rebuild`` round-trip the pruned shapes through plain JSON, so a pruned model
 can be loaded from safetensors with no pickled code: the dense model is built from the registry and its
-layers are resized to the recorded shapes.
+layers are resized to the recorded shapes (and stages of residual blocks cut to their recorded depth).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import depths, keep_blocks
 from .errors import ModelError
 from .groups import NORMS, PruningGraph, all_trainable
 from .macs import count_macs
@@ -71,18 +72,23 @@ def _shape(m: nn.Module) -> dict[str, Any] | None:
 def describe(
     model: nn.Module, model_name: str, num_classes: int, in_channels: int, image_size: int
 ) -> dict[str, Any]:
-    """A JSON-able description of ``model``'s layer shapes, enough for ``rebuild``."""
+    """A JSON-able description of ``model``'s layer shapes (and, for a model with stages of residual
+    blocks, how many blocks each stage holds), enough for ``rebuild``."""
     layers = {name: s for name, m in model.named_modules() if (s := _shape(m)) is not None}
-    return {
+    arch: dict[str, Any] = {
         "format": ARCH_FORMAT,
         "model": {"name": model_name, "num_classes": num_classes, "in_channels": in_channels},
         "input": {"channels": in_channels, "size": image_size},
         "layers": layers,
     }
+    if stages := depths(model):
+        arch["blocks"] = stages
+    return arch
 
 
 def rebuild(arch: dict[str, Any]) -> nn.Module:
-    """Build the model an architecture description names, resized to its recorded layer shapes.
+    """Build the model an architecture description names, cut to its recorded blocks per stage (a file
+    without ``blocks`` keeps them all) and resized to its recorded layer shapes.
 
     Parameters are freshly allocated (uninitialised); load a state dict afterwards.
     """
@@ -90,6 +96,7 @@ def rebuild(arch: dict[str, Any]) -> nn.Module:
         raise ModelError(f"unsupported architecture format {arch.get('format')!r}; expected {ARCH_FORMAT}")
     meta = arch["model"]
     model = build_model(meta["name"], meta["num_classes"], meta["in_channels"])
+    keep_blocks(model, arch.get("blocks", {}))
     modules = dict(model.named_modules())
     for name, shape in arch["layers"].items():
         if name not in modules or _shape(modules[name]) is None:
