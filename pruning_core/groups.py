@@ -156,10 +156,23 @@ class CostModel:
             self._converted[key] = {k: v.to(device=device, dtype=dtype) for k, v in self._terms.items()}
         return self._converted[key]
 
-    def macs(self, keep) -> torch.Tensor | int:
+    @property
+    def layer_names(self) -> list[str]:
+        """The conv/linear layers the cost sums over, in the order of ``macs``' ``layer_weights``."""
+        return [lc.geom.name for lc in self.layers]
+
+    def macs(self, keep, layer_weights: torch.Tensor | None = None) -> torch.Tensor | int:
         """Predicted MACs for keep counts ``keep[g]``: an int for integer counts, a differentiable
-        scalar tensor when ``keep`` is a tensor (or holds tensors) of fractional widths."""
-        soft = isinstance(keep, torch.Tensor) or any(isinstance(k, torch.Tensor) for k in keep)
+        scalar tensor when ``keep`` (or ``layer_weights``) is a tensor of fractional values.
+
+        ``layer_weights`` (one per layer, ``layer_names`` order) scales each layer's MACs: e.g. the
+        probability that the block holding it is kept (TAS's expected cost over depths), or 0/1 for
+        blocks removed or kept."""
+        soft = (
+            isinstance(keep, torch.Tensor)
+            or any(isinstance(k, torch.Tensor) for k in keep)
+            or isinstance(layer_weights, torch.Tensor)
+        )
         if soft:
             w = keep if isinstance(keep, torch.Tensor) else torch.stack([torch.as_tensor(k) for k in keep])
             w = w if w.is_floating_point() else w.double()
@@ -169,7 +182,10 @@ class CostModel:
         removed = t["sizes"] - w
         out = t["out"] - t["a_out"] @ removed
         per_output = (t["in"] - t["a_in"] @ removed) * t["in_scale"] + t["in_const"]
-        total = (out * per_output * t["positions"]).sum()
+        per_layer = out * per_output * t["positions"]
+        if layer_weights is not None:
+            per_layer = per_layer * torch.as_tensor(layer_weights, device=w.device, dtype=w.dtype)
+        total = per_layer.sum()
         return total if soft else round(total.item())
 
     def _width(self, dense: int, terms, keep) -> int:

@@ -132,3 +132,19 @@ def test_a_run_resumes_after_blocks_were_removed(tmp_path: Path) -> None:
     assert depths(resumed.model) == {"layer1": 3, "layer2": 1, "layer3": 2}
     a, b = resumed.model.state_dict(), reference.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cost_model_predicts_a_shallower_network_from_layer_weights() -> None:
+    dense = build_model("resnet20", 4, 3)
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    graph = PruningGraph(dense, x, 4)
+    removed = ("layer1.1.", "layer1.2.", "layer3.2.")
+    weights = torch.tensor([0.0 if n.startswith(removed) else 1.0 for n in graph.cost.layer_names])
+    shallow = keep_blocks(build_model("resnet20", 4, 3), {"layer1": 1, "layer3": 2})
+    assert graph.cost.macs(graph.full_keep(), weights.tolist()) == count_macs(shallow, x)
+    half = [g.size // 2 for g in graph.groups]  # and with narrower groups, as a differentiable tensor
+    soft = graph.cost.macs(torch.tensor(half, dtype=torch.float64), weights.double().requires_grad_())
+    keep = [torch.arange(k) for k in half]
+    remove_channels(graph, keep)
+    keep_blocks(dense, {"layer1": 1, "layer3": 2})
+    assert soft.item() == pytest.approx(count_macs(dense, x)) and soft.requires_grad
