@@ -1,0 +1,126 @@
+"""TAS's search space: width candidates per coupled group, depth candidates per stage of residual blocks,
+channel-wise interpolation, the expected cost and the piecewise cost loss (Dong & Yang, NeurIPS 2019,
+read in the official code ``D-X-Y/AutoDL-Projects``: ``SoftSelect.py``, ``SearchCifarResNet.py``,
+``search_main_v2.py``).
+
+Torch only, no training state: ``methods/tas.py`` builds the search on it. Widths are counted in
+channels of a group's root layer; a candidate keeps a group's **first k** channels, as the official
+code keeps a conv's first k filters (it searches each conv's width, and pads residual sums with zeros;
+here the channels a residual sum couples are one group, searched together).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import Stage
+from .groups import PruningGraph
+
+WIDTH_RATIOS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the official CIFAR list
+
+
+def width_candidates(channels: int, ratios: Sequence[float] = WIDTH_RATIOS, least: int = 1) -> list[int]:
+    """``int(r * channels)`` for every ratio (floored, as the official code), at least ``least``,
+    deduplicated, increasing; always ends with ``channels``."""
+    widths = {max(least, min(channels, int(r * channels))) for r in ratios} | {channels}
+    return sorted(w for w in widths if w >= 1)
+
+
+def depth_candidates(blocks: int) -> list[int]:
+    """Blocks a stage of ``blocks`` may keep: 1, 3, 5, ... and ``blocks`` (1..n for n <= 3)."""
+    if blocks <= 3:
+        return list(range(1, blocks + 1))
+    choices = list(range(1, blocks + 1, 2))
+    return choices if choices[-1] == blocks else [*choices, blocks]
+
+
+def tau_at(epoch: int, epochs: int, tau_max: float = 5.0, tau_min: float = 0.1) -> float:
+    """Gumbel-softmax temperature of an epoch: cosine from ``tau_max`` (epoch 0) toward ``tau_min``."""
+    return tau_min + (tau_max - tau_min) * (1.0 + math.cos(math.pi * epoch / max(1, epochs))) / 2.0
+
+
+def channel_wise_interpolation(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """CWI: resize dimension 1 of ``x`` (N, C, ...) to ``channels`` by average pooling along it (output
+    channel j averages input channels ``floor(j*C/c) .. ceil((j+1)*C/c)``); the identity when C matches."""
+    if x.shape[1] == channels:
+        return x
+    n, c = x.shape[:2]
+    rest = x.shape[2:]
+    flat = x.reshape(n, 1, c, -1)  # pool along C only: spatial positions are a second, untouched axis
+    out = F.adaptive_avg_pool2d(flat, (channels, flat.shape[-1]))
+    return out.reshape(n, channels, *rest)
+
+
+def gumbel_pair(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two distinct candidates drawn without replacement from the Gumbel-softmax at ``tau``, and their
+    weights: the pair's perturbed probabilities renormalised (the gradient reaches ``logits``). One
+    candidate (weight 1) when there is only one."""
+    if len(logits) == 1:
+        return torch.zeros(1, dtype=torch.long, device=logits.device), torch.ones(1, device=logits.device)
+    gumbels = -torch.empty_like(logits).exponential_().log()
+    perturbed = (logits.log_softmax(0) + gumbels) / tau
+    with torch.no_grad():
+        picked = torch.multinomial(perturbed.softmax(0).float() + 1e-7, 2, replacement=False)
+    return picked, perturbed[picked].softmax(0)
+
+
+def gumbel_probs(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """The whole Gumbel-softmax at ``tau`` (TAS's depth aggregation weights)."""
+    gumbels = -torch.empty_like(logits).exponential_().log()
+    return ((logits.log_softmax(0) + gumbels) / tau).softmax(0)
+
+
+@dataclass
+class StageLayers:
+    """A stage and, per block, the names of the conv/linear layers inside it."""
+
+    stage: Stage
+    depths: list[int]  # candidate depths
+    block_layers: list[list[str]]
+
+
+def stage_layers(graph: PruningGraph, stages: Sequence[Stage]) -> list[StageLayers]:
+    names = graph.cost.layer_names
+    out = []
+    for s in stages:
+        per_block = [[n for n in names if n.startswith(f"{s.name}.{b}.")] for b in range(s.blocks)]
+        out.append(StageLayers(s, depth_candidates(s.blocks), per_block))
+    return out
+
+
+def layer_weights(
+    graph: PruningGraph, stages: Sequence[StageLayers], keep_probs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Per cost-model layer, the probability that its block is kept: for block b of a stage, the sum of
+    the stage's depth probabilities over candidates deeper than b (a reverse cumulative sum); 1
+    outside stages. ``keep_probs[s]``: the stage's depth distribution (softmax, or one-hot)."""
+    index = {n: i for i, n in enumerate(graph.cost.layer_names)}
+    device = keep_probs[0].device if keep_probs else torch.device("cpu")
+    dtype = keep_probs[0].dtype if keep_probs else torch.float64
+    ones = torch.ones(len(index), device=device, dtype=dtype)
+    rows, values = [], []
+    for sl, p in zip(stages, keep_probs, strict=True):
+        depths = torch.tensor(sl.depths, device=device)
+        for b, layers in enumerate(sl.block_layers):
+            covered = p[depths > b].sum()
+            for n in layers:
+                rows.append(index[n])
+                values.append(covered)
+    if not rows:
+        return ones
+    return ones.index_put((torch.tensor(rows, device=device),), torch.stack(values).to(dtype))
+
+
+def cost_loss(expected: torch.Tensor, current: float, target: float, tolerance: float) -> torch.Tensor:
+    """The official piecewise cost loss: ``+log E`` while the argmax architecture's MACs ``current``
+    exceed ``target``, ``-log E`` while they are below ``target - tolerance``, else 0 (MACs)."""
+    if current > target:
+        return torch.log(expected)
+    if current < target - tolerance:
+        return -torch.log(expected)
+    return expected.new_zeros(())
