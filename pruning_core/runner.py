@@ -151,8 +151,8 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
 
     reporter.message("measuring the dense model")
     dense_cost = _measure(model, data, example, spec, device)
-    mctx.teacher = _teacher(spec, model, shape, device)
     method: Method = METHODS.get(spec.method.name)(spec.method, mctx)
+    mctx.teacher = _teacher(spec, model, shape, device) if method.wants_teacher() else None
     model = _run_phases(method, model, train_ctx, shape, phases, history, bn_points)
     # A random batch, not zeros: the physically pruned network and its exports are checked against it.
     check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))
@@ -288,9 +288,8 @@ def _measure(
     return Cost(macs=cost.macs, params=cost.params, top1=top1, latency=lat.__dict__)
 
 
-def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.device) -> nn.Module | None:
-    if not spec.kd.enabled:
-        return None
+def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.device) -> nn.Module:
+    """The frozen teacher ``spec.kd.teacher`` names: the dense model, or weights from a file."""
     if spec.kd.teacher == "dense":
         teacher = copy.deepcopy(dense)
     else:

@@ -137,9 +137,51 @@ class S2HOptions(_Strict):
     )
 
 
-# A discriminated union on `name`; later issues add TAS, PSAP and EPI options here.
-MethodSpec = Annotated[MagnitudeOptions | S2HOptions, Field(discriminator="name")]
-METHODS: tuple[str, ...] = ("magnitude", "s2h")
+class TASOptions(_Strict):
+    """TAS (NeurIPS 2019): a differentiable search of width per coupled channel group and depth per stage
+    of residual blocks (Gumbel-softmax over two sampled widths joined by channel-wise interpolation, a
+    piecewise expected-MAC loss), weights and architecture updated in turn on the two halves of the
+    training data; then the argmax network is built for real (fewer channels and blocks), initialised
+    at random or from the teacher, and trained `schedule.epochs` with KD from the dense teacher.
+    Defaults are the official code's CIFAR settings.
+    """
+
+    name: Literal["tas"] = "tas"
+    search_epochs: int = Field(10, ge=1, le=10_000, description="Epochs of the architecture search.")
+    width_ratios: tuple[float, ...] = Field(
+        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+        min_length=1,
+        description="Width candidates of a group: int(ratio * channels), deduplicated (1.0 always added).",
+    )
+    depth: bool = Field(True, description="Search the depth of every stage of residual blocks (ResNets).")
+    tau_max: float = Field(5.0, gt=0.0, le=100.0, description="Gumbel-softmax temperature at the start.")
+    tau_min: float = Field(0.1, gt=0.0, le=100.0, description="... and at the end (cosine decay).")
+    cost_weight: float = Field(2.0, ge=0.0, le=1000.0, description="lambda of the expected-MAC loss.")
+    tolerance: float = Field(
+        0.05, ge=0.0, lt=1.0, description="t: the argmax MACs may lie in [target - t, target] (of dense)."
+    )
+    arch_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Adam LR (constant) of the architecture.")
+    arch_betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas of the architecture.")
+    arch_weight_decay: float = Field(1e-3, ge=0.0, le=1.0)
+    init: Literal["random", "teacher"] = Field(
+        "random",
+        description="The found network's weights: random (the paper) or the teacher's first channels "
+        "and blocks (the `w/ Init` variant).",
+    )
+    kd: bool = Field(True, description="Train the found network with KD (`kd.temperature`, `kd.weight`).")
+
+    @model_validator(mode="after")
+    def _valid(self) -> TASOptions:
+        if any(not 0.0 < r <= 1.0 for r in self.width_ratios):
+            raise ValueError("width_ratios must lie in (0, 1]")
+        if self.tau_min > self.tau_max:
+            raise ValueError("tau_min cannot exceed tau_max")
+        return self
+
+
+# A discriminated union on `name`; later issues add PSAP and EPI options here.
+MethodSpec = Annotated[MagnitudeOptions | S2HOptions | TASOptions, Field(discriminator="name")]
+METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas")
 
 
 class TargetSpec(_Strict):

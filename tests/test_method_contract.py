@@ -23,12 +23,17 @@ from pruning_core.runner import prepare, run
 from pruning_core.spec import parse_spec
 
 TARGET = 0.5
-# How far a method's result may lie above the target: S2H's MAC loss stops pulling within `flops_relax`
-# (0.02) of it, so its result lands within that distance on either side.
-SLACK = {"s2h": 0.02}
-# Options a method needs to finish its work within the contract's 8 training steps (S2H's width search
-# converges in about an epoch of digits at the default mask LR: it gets a faster one here).
-OPTIONS: dict[str, dict[str, Any]] = {"s2h": {"mask_lr_scale": 40.0}}
+# Where a method's result may land around the target, (below, above) in MAC ratio: by default within 0.02
+# below and never above. S2H's MAC loss stops pulling within `flops_relax` (0.02) on either side; TAS's
+# piecewise loss accepts the band [target - t, target] (t = 0.05).
+BAND = {"s2h": (0.02, 0.02), "tas": (0.05, 0.0)}
+# Options a method needs to finish its work within the contract's 8 training steps: faster width
+# searches (S2H's converges in about an epoch of digits at the default mask LR; TAS's is the official
+# 600-epoch schedule's), and TAS's search as a phase of its own before the KD phase.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "s2h": {"mask_lr_scale": 40.0},
+    "tas": {"search_epochs": 2, "arch_lr": 0.3},
+}
 
 
 def _spec(method: str):
@@ -81,7 +86,8 @@ def finished(request, tmp_path_factory) -> tuple[str, Any]:
 def test_meets_target_and_reproduces_its_own_network(finished) -> None:
     name, result = finished
     report = result.report
-    assert TARGET - 0.02 <= report.achieved_macs_ratio <= TARGET + SLACK.get(name, 0.0)
+    below, above = BAND.get(name, (0.02, 0.0))
+    assert TARGET - below <= report.achieved_macs_ratio <= TARGET + above
     assert report.finalize_rel_diff is not None and report.finalize_rel_diff < 1e-4
     assert report.method_details, f"{name} must report a section of its own"
 

@@ -90,6 +90,10 @@ class Method:
         self.options = options
         self.ctx = ctx
 
+    def wants_teacher(self) -> bool:
+        """Whether the runner should give this method a teacher (``ctx.teacher``, from ``spec.kd``)."""
+        return self.ctx.spec.kd.enabled
+
     # --- phases ---
     def phases(self) -> list[Phase]:
         return [Phase("finetune", self.ctx.spec.schedule.epochs)]

@@ -1,0 +1,136 @@
+"""TAS is TAS: the search network is the model at full width and depth, the cost loss steers the argmax
+architecture into [target - t, target] (and without it the search stays wider), the built network has
+exactly the MACs the search predicted for it, with fewer blocks where it chose so, and a search
+interrupted mid-way resumes to the same result. The space itself is tested in test_tas_space.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pruning_core.errors import Cancelled
+from pruning_core.groups import PruningGraph
+from pruning_core.methods.tas import Supernet
+from pruning_core.runner import run
+from pruning_core.spec import TASOptions, parse_spec
+from pruning_core.zoo import build_model
+from tests.test_method_contract import CancelAt, _comparable
+
+
+def test_at_full_width_and_depth_the_search_network_is_the_model() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4, 3).train()
+    x = torch.randn(8, 3, 8, 8)
+    reference = model(x)
+    net = Supernet(PruningGraph(model, x[:1], 4), TASOptions(), 1)
+    with torch.no_grad():  # every candidate BatchNorm starts from the model's own
+        for a in net.alpha:
+            a.zero_()
+            a[-1] = 100.0
+        for b in net.beta:
+            b.zero_()
+            b[-1] = 100.0
+    net.attach()
+    net.mode = "argmax"
+    net.sample()
+    assert torch.equal(model(x), reference)
+    with torch.no_grad():
+        for a in net.alpha:
+            a.zero_()  # every width equally likely
+    net.mode = "search"
+    net.tau = 1.0
+    net.sample()
+    assert not torch.allclose(model(x), reference), "a sampled architecture is narrower"
+
+
+def _spec(cost_weight: float = 2.0, **schedule: Any) -> Any:
+    return parse_spec(
+        {
+            "model": {"name": "resnet20"},
+            "data": {"name": "digits"},
+            "method": {"name": "tas", "search_epochs": 4, "arch_lr": 0.05, "cost_weight": cost_weight},
+            "target": {"macs_ratio": 0.5},
+            "schedule": {"dense_epochs": 1, "epochs": 1, "batch_size": 64, **schedule},
+            "export": {"formats": ["safetensors"]},
+            "seed": 2,
+            "device": "cpu",
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> dict[float, Any]:
+    return {w: run(_spec(w), tmp_path_factory.mktemp(f"tas-{w}")) for w in (2.0, 0.0)}
+
+
+def test_the_cost_loss_lands_the_architecture_in_the_band_and_without_it_the_search_grows_wider(
+    searched,
+) -> None:
+    with_cost, without = searched[2.0].report, searched[0.0].report
+    assert 0.45 <= with_cost.achieved_macs_ratio <= 0.5
+    # without the cost loss only the cross-entropy moves the architecture: toward wider networks
+    expected = [r.metrics["expected_macs_ratio"] for r in without.history if r.phase == "search"]
+    assert all(b > a for a, b in zip(expected, expected[1:], strict=False)), expected
+    assert without.achieved_macs_ratio > 0.5 > with_cost.achieved_macs_ratio - 1e-9
+
+
+def test_the_built_network_is_the_searched_architecture(searched) -> None:
+    report = searched[2.0].report
+    assert report.pruned.macs == report.method_details["predicted_macs"]
+    depths = report.method_details["depths"]
+    assert {k: v[1] for k, v in report.blocks.items()} == depths
+    assert [p.name for p in report.phases if p.epochs] == ["dense", "search", "kd"]
+    last = [r for r in report.history if r.phase == "search"][-1]
+    assert {"tau", "expected_macs_ratio", "argmax_macs_ratio", "searched_widths", "searched_depths"} <= set(
+        last.metrics
+    )
+    assert last.metrics["tau"] < 5.0 and last.top1 is not None  # the argmax network's top-1
+
+
+def test_a_search_interrupted_mid_way_resumes_to_the_same_result(searched, tmp_path: Path) -> None:
+    reporter = CancelAt("search", 1, 3)
+    with pytest.raises(Cancelled):
+        run(_spec(2.0), tmp_path, reporter)
+    torch.manual_seed(99)
+    resumed = run(_spec(2.0), tmp_path)
+    assert _comparable(resumed.report) == _comparable(searched[2.0].report)
+
+
+@pytest.mark.parametrize(
+    "name, size, depth",
+    [("tv:resnet18", 32, True), ("vgg16_bn", 32, False), ("mobilenet_v2", 16, False)],
+)
+def test_width_and_depth_where_there_are_stages_width_only_elsewhere(
+    name: str, size: int, depth: bool, tmp_path: Path
+) -> None:
+    spec = parse_spec(
+        {
+            "model": {"name": name},
+            "data": {
+                "name": "synthetic",
+                "num_classes": 4,
+                "per_class": 8,
+                "test_per_class": 2,
+                "image_size": size,
+            },
+            "method": {"name": "tas", "search_epochs": 1, "arch_lr": 0.3},
+            "target": {"macs_ratio": 0.6},
+            "schedule": {
+                "epochs": 1,
+                "batch_size": 8,
+                "max_steps_per_epoch": 2,
+                "bn_recalibration_batches": 1,
+            },
+            "export": {"formats": ["safetensors"]},
+            "device": "cpu",
+        }
+    )
+    report = run(spec, tmp_path).report
+    assert report.pruned.macs == report.method_details["predicted_macs"] < report.dense.macs
+    if depth:
+        assert set(report.method_details["depth_search"]) == {"layer1", "layer2", "layer3", "layer4"}
+    else:
+        assert report.method_details["depth_search"].startswith("none") and not report.blocks
