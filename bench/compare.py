@@ -64,6 +64,7 @@ class Contender:
     one_stage: bool  # trains from the initial weights for dense + fine-tune epochs (no teacher)
     targets: dict[str, tuple[float, ...]]  # profile -> remaining MAC ratios
     options: dict[str, Any]
+    search_share: float | None = None  # a search phase takes this share of the fine-tune epochs
 
 
 # The comparison's own CPU profile: every contender at two targets and three seeds on both data sets.
@@ -90,6 +91,12 @@ CONTENDERS: dict[str, Contender] = {
         targets={"smoke": (0.5,), "cpu": (0.35, 0.55), "gpu": (0.47,)},
         options={},
     ),
+    "tas": Contender(
+        one_stage=False,
+        targets={"smoke": (0.47,), "cpu": (0.47,), "gpu": (0.47,)},
+        options={},
+        search_share=0.5,
+    ),
 }
 
 
@@ -105,6 +112,10 @@ def method_spec(method: str, s: Any, target: float, weights: Path | None) -> Job
         base["schedule"] = Schedule(
             epochs=case.dense_epochs + case.finetune_epochs, batch_size=case.batch_size, lr=case.lr
         ).model_dump(mode="json")
+    elif c.search_share is not None:  # search + training of the found network = the fine-tune epochs
+        search = max(1, round(case.finetune_epochs * c.search_share))
+        base["method"]["search_epochs"] = search
+        base["schedule"]["epochs"] = max(1, case.finetune_epochs - search)
     return JobSpec.model_validate(base)
 
 
@@ -128,9 +139,12 @@ def run_target(s: Any, weights: Path, dense_macs: int, method: str, target: floa
         row["macs_ratio"] = row["macs"] / dense_macs
         row.pop("latency")  # latency has its own benchmark (bench.run); here: accuracy at equal MACs
     trained = [r for r in res.report.history if r.phase != "dense"]
-    rows[method]["epoch_s"] = statistics.fmean(r.wall_s for r in trained)
+    first = [r for r in trained if r.phase == trained[0].phase] if trained else []
+    rows[method]["epoch_s"] = statistics.fmean(r.wall_s for r in first)  # the search (or only) phase
+    rows[method]["phase"] = trained[0].phase if trained else None
     rows[method]["wall_s"] = wall
     rows[method]["soft_top1"] = trained[-1].views.get("soft") if trained else None
+    rows[method]["blocks"] = res.report.blocks
     return {"target": target, "rows": rows}
 
 
@@ -160,10 +174,15 @@ def render(results: dict[str, Any], source: Path) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
         f"torch-pruning {m['torch_pruning']}; device `{m['device']}`{' (' + m['gpu'] + ')' if m['gpu'] else ''}.",
         "",
-        f"`{method}` trains {'from the initial weights (one stage, no teacher)' if results['one_stage'] else 'from the dense weights'} "
-        "for as many epochs as dense training and fine-tuning together; `magnitude` fine-tunes the dense "
-        "weights with KD from the dense model; the peer is fine-tuned by a plain loop without KD. Top-1: "
-        "mean ± std over seeds (per seed in brackets).",
+        (
+            f"`{method}` trains from the initial weights (one stage, no teacher) for as many epochs as dense "
+            "training and fine-tuning together"
+            if results["one_stage"]
+            else f"`{method}` starts from the dense model (its weights, and it as the teacher) and trains as "
+            "many epochs as `magnitude` fine-tunes (a search phase, then the found network)"
+        )
+        + "; `magnitude` fine-tunes the dense weights with KD from the dense model; the peer is fine-tuned by "
+        "a plain loop without KD. Top-1: mean ± std over seeds (per seed in brackets).",
         "",
     ]
     for case in results["cases"]:
@@ -196,9 +215,14 @@ def render(results: dict[str, Any], source: Path) -> str:
                 )
         per_epoch = [t["rows"][method]["epoch_s"] for r in runs for t in r["targets"]]
         dense_epoch = [r["dense"]["epoch_s"] for r in runs]
+        blocks = [t["rows"][method].get("blocks") for r in runs for t in r["targets"]]
+        if any(blocks):
+            found = "; ".join(", ".join(f"{k} {v[1]}/{v[0]}" for k, v in b.items()) for b in blocks if b)
+            lines += ["", f"Blocks kept per stage (kept/dense), per seed and target: {found}."]
+        phase = runs[0]["targets"][0]["rows"][method].get("phase") or method
         lines += [
             "",
-            f"Time per epoch: `{method}` {statistics.fmean(per_epoch):.2f} s, dense training "
+            f"Time per epoch of `{method}`'s `{phase}` phase: {statistics.fmean(per_epoch):.2f} s, dense training "
             f"{statistics.fmean(dense_epoch):.2f} s: **{statistics.fmean(per_epoch) / statistics.fmean(dense_epoch):.2f}x** "
             "(the training steps of an epoch, as its record's `wall_s` measures them: the evaluation at the epoch's "
             "end is not in it).",

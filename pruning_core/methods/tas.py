@@ -352,7 +352,12 @@ class TAS(Method):
         widths, depths = net.argmax()
         predicted = net.argmax_macs()
         chosen = "last epoch"
-        if not self._in_band(predicted / self.ctx.dense_macs) and self._best:
+        if not self._in_band(predicted / self.ctx.dense_macs) and not self._best:
+            chosen = (
+                "last epoch, outside [target - t, target]: no search epoch's argmax was inside; the search "
+                "needs more epochs (search_epochs) or a faster architecture LR (arch_lr)"
+            )
+        elif not self._in_band(predicted / self.ctx.dense_macs):
             # as the official code's "best" architecture: the last one overshot the band, take the
             # in-band one the search scored best
             widths, depths = self._best["widths"], self._best["depths"]
