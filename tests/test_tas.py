@@ -134,3 +134,23 @@ def test_width_and_depth_where_there_are_stages_width_only_elsewhere(
         assert set(report.method_details["depth_search"]) == {"layer1", "layer2", "layer3", "layer4"}
     else:
         assert report.method_details["depth_search"].startswith("none") and not report.blocks
+
+
+@pytest.mark.slow
+def test_kd_training_of_the_found_network_beats_training_without_it(tmp_path: Path) -> None:
+    """Same search (same seed, so the same architecture), the found network trained with and without KD
+    from the dense teacher; three seeds, a tolerance of half a point on the mean."""
+
+    def top1(seed: int, kd: bool) -> tuple[float, dict[str, int]]:
+        spec = _spec(2.0, epochs=4).model_copy(update={"seed": seed})
+        spec = parse_spec({**spec.model_dump(mode="json"), "method": {**spec.method.model_dump(), "kd": kd}})
+        report = run(spec, tmp_path / f"s{seed}-{kd}").report
+        return report.pruned.top1, report.method_details["widths"]
+
+    with_kd, without = [], []
+    for seed in (0, 1, 2):
+        (a, arch_a), (b, arch_b) = top1(seed, True), top1(seed, False)
+        assert arch_a == arch_b, "the same search finds the same architecture"
+        with_kd.append(a)
+        without.append(b)
+    assert sum(with_kd) / 3 >= sum(without) / 3 - 0.5, (with_kd, without)
