@@ -73,24 +73,17 @@ def test_taken_gradients_are_unscaled_under_amp() -> None:
 
 def test_s2h_trains_and_prunes_under_amp(tmp_path) -> None:
     from pruning_core.runner import run
-    from pruning_core.spec import parse_spec
+    from tests.specs import quick_spec
 
-    spec = parse_spec(
-        {
-            "model": {"name": "resnet20"},
-            "data": {
-                "name": "synthetic",
-                "num_classes": 4,
-                "per_class": 16,
-                "test_per_class": 4,
-                "image_size": 16,
-            },
-            "method": {"name": "s2h", "mask_lr_scale": 40.0},
-            "target": {"macs_ratio": 0.6},
-            "schedule": {"epochs": 2, "batch_size": 16, "amp": True},
-            "export": {"formats": ["safetensors"]},
-            "device": "cuda",
-        }
+    spec = quick_spec(
+        "resnet20",
+        {"name": "s2h", "mask_lr_scale": 40.0},
+        per_class=16,
+        device="cuda",
+        epochs=2,
+        batch_size=16,
+        amp=True,
+        max_steps_per_epoch=None,
     )
     report = run(spec, tmp_path).report
     assert report.achieved_macs_ratio < 0.9 and report.finalize_rel_diff < 1e-2  # float16 logits

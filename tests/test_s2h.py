@@ -22,6 +22,7 @@ from pruning_core.report import list_metric_file
 from pruning_core.runner import run
 from pruning_core.spec import JobSpec, S2HOptions, Schedule, parse_spec
 from pruning_core.zoo import build_model
+from tests.specs import quick_spec
 from tests.test_engine import SIZE, NoisyBlobs
 
 EXAMPLE = torch.zeros(1, 3, SIZE, SIZE)
@@ -268,28 +269,7 @@ MODELS = {  # model -> input side (the zoo's minimum for torchvision builders)
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_runs_on_zoo_and_torchvision_cnns(name: str, tmp_path: Path) -> None:
-    spec = parse_spec(
-        {
-            "model": {"name": name},
-            "data": {
-                "name": "synthetic",
-                "num_classes": 4,
-                "per_class": 8,
-                "test_per_class": 2,
-                "image_size": MODELS[name],
-            },
-            "method": {"name": "s2h", "mask_lr_scale": 40.0},
-            "target": {"macs_ratio": 0.6},
-            "schedule": {
-                "epochs": 1,
-                "batch_size": 8,
-                "max_steps_per_epoch": 3,
-                "bn_recalibration_batches": 1,
-            },
-            "export": {"formats": ["safetensors"]},
-            "device": "cpu",
-        }
-    )
+    spec = quick_spec(name, {"name": "s2h", "mask_lr_scale": 40.0}, size=MODELS[name])
     report = run(spec, tmp_path).report
     assert report.achieved_macs_ratio < 0.95, "the width search moved"
     assert report.pruned.params < report.dense.params
@@ -298,28 +278,7 @@ def test_runs_on_zoo_and_torchvision_cnns(name: str, tmp_path: Path) -> None:
 
 
 def test_the_optional_fine_tuning_trains_the_pruned_hard_network(tmp_path: Path) -> None:
-    spec = parse_spec(
-        {
-            "model": {"name": "resnet20"},
-            "data": {
-                "name": "synthetic",
-                "num_classes": 4,
-                "per_class": 8,
-                "test_per_class": 2,
-                "image_size": 16,
-            },
-            "method": {"name": "s2h", "mask_lr_scale": 40.0, "finetune_epochs": 1},
-            "target": {"macs_ratio": 0.6},
-            "schedule": {
-                "epochs": 1,
-                "batch_size": 8,
-                "max_steps_per_epoch": 3,
-                "bn_recalibration_batches": 1,
-            },
-            "export": {"formats": ["safetensors"]},
-            "device": "cpu",
-        }
-    )
+    spec = quick_spec("resnet20", {"name": "s2h", "mask_lr_scale": 40.0, "finetune_epochs": 1})
     report = run(spec, tmp_path).report
     assert [p.name for p in report.phases if p.epochs] == ["s2h", "finetune"]
     finetune = [r for r in report.history if r.phase == "finetune"]

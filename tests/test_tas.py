@@ -17,6 +17,7 @@ from pruning_core.methods.tas import Supernet
 from pruning_core.runner import run
 from pruning_core.spec import TASOptions, parse_spec
 from pruning_core.zoo import build_model
+from tests.specs import quick_spec
 from tests.test_method_contract import CancelAt, _comparable
 
 
@@ -106,27 +107,8 @@ def test_a_search_interrupted_mid_way_resumes_to_the_same_result(searched, tmp_p
 def test_width_and_depth_where_there_are_stages_width_only_elsewhere(
     name: str, size: int, depth: bool, tmp_path: Path
 ) -> None:
-    spec = parse_spec(
-        {
-            "model": {"name": name},
-            "data": {
-                "name": "synthetic",
-                "num_classes": 4,
-                "per_class": 8,
-                "test_per_class": 2,
-                "image_size": size,
-            },
-            "method": {"name": "tas", "search_epochs": 1, "arch_lr": 0.3},
-            "target": {"macs_ratio": 0.6},
-            "schedule": {
-                "epochs": 1,
-                "batch_size": 8,
-                "max_steps_per_epoch": 2,
-                "bn_recalibration_batches": 1,
-            },
-            "export": {"formats": ["safetensors"]},
-            "device": "cpu",
-        }
+    spec = quick_spec(
+        name, {"name": "tas", "search_epochs": 1, "arch_lr": 0.3}, size=size, max_steps_per_epoch=2
     )
     report = run(spec, tmp_path).report
     assert report.pruned.macs == report.method_details["predicted_macs"] < report.dense.macs

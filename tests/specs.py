@@ -1,0 +1,44 @@
+"""Small job specs the method tests share: a few steps on synthetic images, on the CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pruning_core.spec import JobSpec, parse_spec
+
+
+def quick_spec(
+    model: str,
+    method: dict[str, Any],
+    *,
+    size: int = 16,
+    target: float = 0.6,
+    per_class: int = 8,
+    device: str = "cpu",
+    **schedule: Any,
+) -> JobSpec:
+    """``model`` pruned by ``method`` on 4 classes of synthetic ``size``-pixel images: one epoch of at
+    most 3 steps (``schedule`` overrides), BatchNorm re-estimated on one batch, safetensors only."""
+    return parse_spec(
+        {
+            "model": {"name": model},
+            "data": {
+                "name": "synthetic",
+                "num_classes": 4,
+                "per_class": per_class,
+                "test_per_class": max(2, per_class // 4),
+                "image_size": size,
+            },
+            "method": method,
+            "target": {"macs_ratio": target},
+            "schedule": {
+                "epochs": 1,
+                "batch_size": 8,
+                "max_steps_per_epoch": 3,
+                "bn_recalibration_batches": 1,
+                **schedule,
+            },
+            "export": {"formats": ["safetensors"]},
+            "device": device,
+        }
+    )
