@@ -62,17 +62,44 @@ class ChannelMasks:
 
     def _hook(self, slots: list[tuple[int, Slot]], module: nn.Module):
         dim = -1 if isinstance(module, nn.Linear) else 1
+        # the common case, one group covering the whole output in order: the group's vector is the scale
+        whole = len(slots) == 1 and _identity(slots[0][1], _width(module))
+        indices: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # moved once per device
 
         def hook(_m, _inp, out: torch.Tensor) -> torch.Tensor:
-            scale = torch.ones(out.shape[dim], device=out.device, dtype=out.dtype)
-            for g, slot in slots:
-                src = self.values[g].to(device=out.device, dtype=out.dtype)[slot.root_idx.to(out.device)]
-                scale = scale.index_copy(0, slot.module_idx.to(out.device), src)
             shape = [1] * out.dim()
             shape[dim] = -1
+            if whole:
+                g = slots[0][0]
+                return out * self.values[g].to(device=out.device, dtype=out.dtype).view(shape)
+            if out.device not in indices:
+                indices[out.device] = [
+                    (slot.module_idx.to(out.device), slot.root_idx.to(out.device)) for _, slot in slots
+                ]
+            scale = torch.ones(out.shape[dim], device=out.device, dtype=out.dtype)
+            for (g, _slot), (module_idx, root_idx) in zip(slots, indices[out.device], strict=True):
+                src = self.values[g].to(device=out.device, dtype=out.dtype)[root_idx]
+                scale = scale.index_copy(0, module_idx, src)
             return out * scale.view(shape)
 
         return hook
+
+
+def _width(module: nn.Module) -> int | None:
+    for attr in ("num_features", "out_channels", "out_features"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    return None
+
+
+def _identity(slot: Slot, width: int | None) -> bool:
+    """Whether ``slot`` maps root channel i to module channel i for the module's whole width."""
+    n = len(slot.module_idx)
+    return (
+        width == n
+        and torch.equal(slot.module_idx, torch.arange(n))
+        and torch.equal(slot.root_idx, torch.arange(n))
+    )
 
 
 def _mask_points(graph: PruningGraph) -> dict[str, list[tuple[int, Slot]]]:
