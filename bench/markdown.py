@@ -174,12 +174,13 @@ def _peer_gap(runs: list[dict[str, Any]]) -> str:
         return "Peer and `magnitude` kept different layer widths in every seed."
     if all(g == 0 for g in gaps):
         return (
-            "In every seed the peer and `magnitude` kept the same channels and ended with bit-identical weights: "
-            "both rank channels by the same group-L2 score at the same budget, and the engine's fine-tuning "
-            "does the plain loop's arithmetic."
+            "In every seed the peer and `magnitude` kept the same channels and ended with bit-identical "
+            "parameters: both rank channels by the same group-L2 score at the same budget, and the engine's "
+            "fine-tuning does the plain loop's arithmetic (BatchNorm running statistics differ: `magnitude` "
+            "re-estimates them after pruning, the peer does not)."
         )
     shown = ", ".join("different widths" if g is None else f"{g:.2g}" for g in gaps)
-    return f"Largest weight difference, peer vs `magnitude` after fine-tuning, per seed: {shown}."
+    return f"Largest parameter difference, peer vs `magnitude` after fine-tuning, per seed: {shown}."
 
 
 def case_table(case: dict[str, Any], lat_keys: list[str]) -> str:

@@ -161,11 +161,13 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 
 
 def weight_gap(a: nn.Module, b: nn.Module) -> float | None:
-    """Largest absolute difference between two models' state tensors; None when their shapes differ."""
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
+    """Largest absolute difference between two models' parameters (not buffers: ``magnitude``
+    re-estimates BatchNorm statistics after pruning, the peer does not, so their running statistics and
+    batch counters differ by design); None when their shapes differ."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    if pa.keys() != pb.keys() or any(pa[k].shape != pb[k].shape for k in pa):
         return None
-    return max((sa[k].double().cpu() - sb[k].double().cpu()).abs().max().item() for k in sa)
+    return max((pa[k].detach().double().cpu() - pb[k].detach().double().cpu()).abs().max().item() for k in pa)
 
 
 def setup(case: Case, data: DataSpec, seed: int, profile: Profile, work: Path) -> tuple[Setup, nn.Module]:
