@@ -223,12 +223,21 @@ def render(results: dict[str, Any], source: Path) -> str:
         lines += [
             "",
             f"Time per epoch of `{method}`'s `{phase}` phase: {statistics.fmean(per_epoch):.2f} s, dense training "
-            f"{statistics.fmean(dense_epoch):.2f} s: **{statistics.fmean(per_epoch) / statistics.fmean(dense_epoch):.2f}x** "
+            f"{statistics.fmean(dense_epoch):.2f} s: **{statistics.fmean(per_epoch) / statistics.fmean(dense_epoch):.2f}x**; "
+            f"per seed {', '.join(f'{x:.2f}x' for x in _seed_ratios(runs, method))} "
             "(the training steps of an epoch, as its record's `wall_s` measures them: the evaluation at the epoch's "
             "end is not in it).",
             "",
         ]
     return "\n".join(lines)
+
+
+def _seed_ratios(runs: list[dict[str, Any]], method: str) -> list[float]:
+    """Per seed: the method's mean seconds per epoch over its targets / the dense model's."""
+    return [
+        statistics.fmean(t["rows"][method]["epoch_s"] for t in r["targets"]) / r["dense"]["epoch_s"]
+        for r in runs
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
