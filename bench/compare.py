@@ -242,7 +242,9 @@ def _seed_ratios(runs: list[dict[str, Any]], method: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
-    p.add_argument("--method", choices=sorted(CONTENDERS), required=True)
+    p.add_argument(
+        "--method", choices=sorted(CONTENDERS), help="the method to compare (required unless --render)"
+    )
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the profile's")
     p.add_argument("--only", help="just the cases whose label starts with this")
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             args.markdown, section, markdown._wrap(section, render(results, args.render))
         )
         return 0
+    if not args.method:
+        p.error("--method is required (unless --render)")
     profile = with_overrides(profile_named(args.profile), seeds=args.seeds, only=args.only)
     check_device(profile)
     method = args.method
