@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.render.read_text())
         section = f"compare-{results['method']}-{results['profile']}"
         markdown.update_markdown(
-            args.markdown, section, markdown._wrap(section, render(results, args.render))
+            args.markdown, section, markdown._wrap(section, render(results, args.render.resolve()))
         )
         return 0
     if not args.method:
