@@ -25,7 +25,7 @@ class ChannelMasks:
         self.values: list[torch.Tensor] = (
             list(values) if values is not None else [torch.ones(g.size) for g in graph.groups]
         )
-        self._points = _mask_points(graph)
+        self._points = mask_points(graph)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @classmethod
@@ -102,7 +102,7 @@ def _identity(slot: Slot, width: int | None) -> bool:
     )
 
 
-def _mask_points(graph: PruningGraph) -> dict[str, list[tuple[int, Slot]]]:
+def mask_points(graph: PruningGraph) -> dict[str, list[tuple[int, Slot]]]:
     """Module name -> the (group, slot) pairs whose mask applies to that module's output."""
     points: dict[str, list[tuple[int, Slot]]] = {}
     for g in graph.groups:

@@ -34,7 +34,7 @@ from ..blocks import find_stages, keep_blocks
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import NORMS, ChannelGroup, PruningGraph
-from ..masks import _mask_points
+from ..masks import mask_points
 from ..optim import OptimizerConfig, ParamSet
 from ..spec import TASOptions
 from ..surgery import remove_channels
@@ -70,7 +70,7 @@ class Supernet(nn.Module):
     def __init__(self, graph: PruningGraph, options: TASOptions, min_channels: int):
         super().__init__()
         self.graph, self.mode, self.tau = graph, "search", options.tau_max
-        points = _mask_points(graph)
+        points = mask_points(graph)
         self.searched: list[ChannelGroup] = []
         self.fixed: dict[str, str] = {}  # group root -> why its width is not searched
         self.widths: list[list[int]] = []
