@@ -21,7 +21,13 @@ def kd_loss(
     ce = F.cross_entropy(student, target)
     if weight == 0.0:
         return ce
-    log_p = F.log_softmax(student / temperature, dim=1)
-    q = F.softmax(teacher.detach() / temperature, dim=1)
-    kl = F.kl_div(log_p, q, reduction="batchmean")
+    kl = kl_divergence(teacher.detach() / temperature, student / temperature)
     return (1.0 - weight) * ce + weight * temperature**2 * kl
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(p) || softmax(q))`` of logits (N, K), batch mean; gradients reach both unless a
+    caller detaches one (S2H's decoupled gap loss detaches either side in turn)."""
+    return F.kl_div(
+        F.log_softmax(q_logits, dim=1), F.log_softmax(p_logits, dim=1), reduction="batchmean", log_target=True
+    )

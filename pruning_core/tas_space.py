@@ -56,23 +56,39 @@ def channel_wise_interpolation(x: torch.Tensor, channels: int) -> torch.Tensor:
     return out.reshape(n, channels, *rest)
 
 
-def gumbel_pair(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two distinct candidates drawn without replacement from the Gumbel-softmax at ``tau``, and their
-    weights: the pair's perturbed probabilities renormalised (the gradient reaches ``logits``). One
-    candidate (weight 1) when there is only one."""
-    if len(logits) == 1:
-        return torch.zeros(1, dtype=torch.long, device=logits.device), torch.ones(1, device=logits.device)
+def _perturbed(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Gumbel-perturbed log-probabilities over temperature: ``(log_softmax(u) + g) / tau``."""
     gumbels = -torch.empty_like(logits).exponential_().log()
-    perturbed = (logits.log_softmax(0) + gumbels) / tau
+    return (logits.log_softmax(0) + gumbels) / tau
+
+
+def sample_pairs(logits: Sequence[torch.Tensor], tau: float) -> list[tuple[list[int], torch.Tensor]]:
+    """Per logit vector, two distinct candidates drawn without replacement from the Gumbel-softmax at
+    ``tau`` (one host sync for all vectors), weighted by their perturbed probabilities renormalised over
+    the pair (the gradient reaches the logits); one candidate (weight 1) where there is only one."""
+    if not logits:
+        return []
+    k = max(len(u) for u in logits)
+    perturbed = [_perturbed(u, tau) for u in logits]
+    padded = torch.stack([F.pad(p, (0, k - len(p)), value=float("-inf")) for p in perturbed])
     with torch.no_grad():
-        picked = torch.multinomial(perturbed.softmax(0).float() + 1e-7, 2, replacement=False)
-    return picked, perturbed[picked].softmax(0)
+        picked = torch.multinomial(padded.softmax(1).float() + 1e-7, min(2, k), replacement=False).tolist()
+    out = []
+    for p, idx in zip(perturbed, picked, strict=True):
+        idx = [i for i in idx if i < len(p)][:2] or [0]
+        out.append((idx, p[torch.tensor(idx, device=p.device)].softmax(0)))
+    return out
+
+
+def gumbel_pair(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_pairs`` for one logit vector: the candidates' indices (LongTensor) and weights."""
+    idx, weights = sample_pairs([logits], tau)[0]
+    return torch.tensor(idx, dtype=torch.long, device=logits.device), weights
 
 
 def gumbel_probs(logits: torch.Tensor, tau: float) -> torch.Tensor:
     """The whole Gumbel-softmax at ``tau`` (TAS's depth aggregation weights)."""
-    gumbels = -torch.empty_like(logits).exponential_().log()
-    return ((logits.log_softmax(0) + gumbels) / tau).softmax(0)
+    return _perturbed(logits, tau).softmax(0)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from ..batches import Batch
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import NORMS, ChannelGroup, PruningGraph
+from ..losses import kl_divergence
 from ..masks import ChannelMasks
 from ..optim import OptimizerConfig, ParamSet
 from ..spec import S2HOptions
@@ -227,13 +228,6 @@ class _Branch(nn.Module):
         return self.model(x)
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(p) || softmax(q)), batch mean."""
-    return F.kl_div(
-        F.log_softmax(q_logits, dim=1), F.log_softmax(p_logits, dim=1), reduction="batchmean", log_target=True
-    )
-
-
 @METHODS.register("s2h")
 class S2H(Method):
     options: S2HOptions
@@ -316,8 +310,8 @@ class S2H(Method):
         soft, hard = soft.float(), hard.float()
         ratio = search.macs(st.hard_widths) / self.ctx.dense_macs
         resource = o.resource_weight * (ratio - self.ctx.spec.target.macs_ratio) ** 2
-        to_hard = o.gap_weight * _kl(soft.detach(), hard)  # KL(sg(s) || h): weights and logits
-        to_soft = o.gap_weight * _kl(soft, hard.detach())  # KL(s || sg(h)): logits only
+        to_hard = o.gap_weight * kl_divergence(soft.detach(), hard)  # KL(sg(s) || h): weights and logits
+        to_soft = o.gap_weight * kl_divergence(soft, hard.detach())  # KL(s || sg(h)): logits only
         gap_on = o.gap_weight > 0
         if o.balance == "norms":
             ctx.backward(task, retain_graph=True)
@@ -340,7 +334,7 @@ class S2H(Method):
         return StepOutput(
             loss,
             {
-                "kl_soft_hard": _kl(soft, hard).detach(),
+                "kl_soft_hard": kl_divergence(soft, hard).detach(),
                 "resource_loss": resource.detach(),
                 "agreement": agree,
             },

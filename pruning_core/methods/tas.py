@@ -44,6 +44,7 @@ from ..tas_space import (
     cost_loss,
     gumbel_probs,
     layer_weights,
+    sample_pairs,
     stage_layers,
     tau_at,
     width_candidates,
@@ -109,7 +110,7 @@ class Supernet(nn.Module):
             self._pairs = [([int(a.argmax())], a.new_ones(1)) for a in self.alpha]
             self._depth_w = [F.one_hot(b.argmax(), len(b)).to(b.dtype) for b in self.beta]
             return
-        self._pairs = _sample_pairs(list(self.alpha), self.tau)
+        self._pairs = sample_pairs(list(self.alpha), self.tau)
         self._depth_w = [gumbel_probs(b, self.tau) for b in self.beta]
 
     # --- hooks ---
@@ -255,28 +256,6 @@ def _like(norm: nn.Module, channels: int) -> nn.Module:
     state = {k: v[:channels].clone() if v.dim() else v.clone() for k, v in norm.state_dict().items()}
     new.load_state_dict(state)
     return new.to(next(iter(norm.buffers()), torch.zeros(0)).device)
-
-
-def _sample_pairs(alphas: list[torch.Tensor], tau: float) -> list[tuple[list[int], torch.Tensor]]:
-    """Two distinct widths per group from the Gumbel-softmax at ``tau`` (one host sync for all groups),
-    weighted by their perturbed probabilities renormalised over the pair."""
-    if not alphas:
-        return []
-    k = max(len(a) for a in alphas)
-    perturbed = []
-    for a in alphas:
-        gumbels = -torch.empty_like(a).exponential_().log()
-        perturbed.append((a.log_softmax(0) + gumbels) / tau)
-    padded = torch.stack([F.pad(p, (0, k - len(p)), value=float("-inf")) for p in perturbed])
-    with torch.no_grad():
-        probs = padded.softmax(1).float()
-        draws = min(2, k)
-        picked = torch.multinomial(probs + 1e-7, draws, replacement=False).tolist()
-    out = []
-    for p, idx in zip(perturbed, picked, strict=True):
-        idx = [i for i in idx if i < len(p)][:2] or [0]
-        out.append((idx, p[torch.tensor(idx, device=p.device)].softmax(0)))
-    return out
 
 
 class _Argmax(nn.Module):
