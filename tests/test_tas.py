@@ -77,6 +77,32 @@ def test_the_cost_loss_lands_the_architecture_in_the_band_and_without_it_the_exp
     # Over the whole search, not epoch by epoch, and on the expected MACs, not the argmax: in four short
     # epochs both wobble with the float summation order (one torch thread or two).
     assert expected[-1] > expected[0] + 0.02, expected
+    # and yet the job's result meets its target (stepped down if the last argmax was above it)
+    assert without.achieved_macs_ratio <= 0.5, without.method_details["architecture_from"]
+
+
+def test_an_architecture_above_the_target_steps_down_where_the_logits_mind_least() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4, 3)
+    x = torch.randn(1, 3, 8, 8)
+    net = Supernet(PruningGraph(model, x, 4), TASOptions(), 1)
+    loose = 5  # a group whose logits do not care which width it has
+    with torch.no_grad():
+        for i, a in enumerate(net.alpha):
+            a.zero_()
+            a[-1] = 10.0 if i != loose else 1e-3  # every group at full width
+        for b in net.beta:
+            b.zero_()
+            b[-1] = 10.0
+    widths, depths = net.argmax()
+    full = net.argmax_macs(widths, depths)
+    small, same_depths, macs = net.shrink(widths, depths, full - 1)
+    assert macs < full and same_depths == depths
+    assert [i for i, (a, b) in enumerate(zip(widths, small, strict=True)) if a != b] == [loose]
+    budget = 0.3 * full  # far below: everything gives way, and the result fits
+    small, fewer, macs = net.shrink(widths, depths, budget)
+    assert macs <= budget == pytest.approx(0.3 * full)
+    assert macs == net.argmax_macs(small, fewer)
 
 
 def test_the_built_network_is_the_searched_architecture(searched) -> None:

@@ -212,6 +212,44 @@ class Supernet(nn.Module):
         weights = layer_weights(self.graph, self.stages, onehots)
         return round(float(self.graph.cost.macs(self.keep_counts(widths), weights)))
 
+    def shrink(
+        self, widths: list[int], depths: dict[str, int], budget: float
+    ) -> tuple[list[int], dict[str, int], int]:
+        """Step an architecture down until its MACs are within ``budget`` [ours: a job's result must
+        meet its target, and a short search may end above it]. Each step lowers one group's width or
+        one stage's depth to its next smaller candidate: the step whose logit drop per MAC saved is
+        least, i.e. the one the search minds least. Returns widths, depths and MACs."""
+        w_at = [c.index(w) for c, w in zip(self.widths, widths, strict=True)]
+        d_at = [sl.depths.index(depths[sl.stage.name]) for sl in self.stages]
+
+        def arch(wi: list[int], di: list[int]) -> tuple[list[int], dict[str, int]]:
+            ws = [c[i] for c, i in zip(self.widths, wi, strict=True)]
+            ds = {sl.stage.name: sl.depths[i] for sl, i in zip(self.stages, di, strict=True)}
+            return ws, ds
+
+        macs = self.argmax_macs(*arch(w_at, d_at))
+        while macs > budget:
+            best: tuple[float, list[int], list[int], int] | None = None
+            moves = [(a, w_at, i) for i, a in enumerate(self.alpha)]
+            moves += [(b, d_at, i) for i, b in enumerate(self.beta)]
+            for logits, at, i in moves:
+                if at[i] == 0:
+                    continue
+                trial = list(at)
+                trial[i] -= 1
+                wi, di = (trial, d_at) if at is w_at else (w_at, trial)
+                m = self.argmax_macs(*arch(wi, di))
+                if m >= macs:
+                    continue
+                score = float(logits[trial[i]] - logits[at[i]]) / (macs - m)
+                if best is None or score > best[0]:
+                    best = (score, wi, di, m)
+            if best is None:  # every group and stage at its smallest candidate
+                break
+            _, w_at, d_at, macs = best
+        widths, depths = arch(w_at, d_at)
+        return widths, depths, macs
+
 
 def points_of(points: dict[str, list], g: ChannelGroup) -> list[tuple[str, Any]]:
     return [(module, slot) for module, pairs in points.items() for gi, slot in pairs if gi == g.index]
@@ -324,24 +362,40 @@ class TAS(Method):
         else:
             d.setdefault("depth_search", {sl.stage.name: sl.depths for sl in net.stages})
 
+    def _choose(self, net: Supernet) -> tuple[list[int], dict[str, int], int, str]:
+        """The architecture to build: widths, depths, its MACs and where it came from. The last epoch's
+        argmax if within [target - t, target]; else, as the official code's "best" architecture, the
+        in-band epoch the search scored best; else (none was in band) the last argmax, stepped down to
+        the target when above it."""
+        widths, depths = net.argmax()
+        predicted = net.argmax_macs()
+        ratio = predicted / self.ctx.dense_macs
+        if self._in_band(ratio):
+            return widths, depths, predicted, "last epoch"
+        if self._best:
+            widths, depths = self._best["widths"], self._best["depths"]
+            chosen = f"epoch {self._best['epoch'] + 1} (the last epoch's was outside the band)"
+            return widths, depths, net.argmax_macs(widths, depths), chosen
+        if predicted <= self.ctx.target_macs:
+            return (
+                widths,
+                depths,
+                predicted,
+                "last epoch, below target - t (no epoch's argmax was in the band)",
+            )
+        widths, depths, predicted = net.shrink(widths, depths, self.ctx.target_macs)
+        chosen = (
+            f"last epoch ({ratio:.3f} of the dense MACs: no epoch's argmax was within [target - t, target]), "
+            "stepped down to the target where the logits mind least; the search needs more epochs "
+            "(search_epochs) or a faster architecture LR (arch_lr)"
+        )
+        return widths, depths, predicted, chosen
+
     def _build(self, model: nn.Module) -> nn.Module:
         """The argmax architecture, physically: fewer blocks, first k channels per group."""
         net = self.supernet
         assert net is not None
-        widths, depths = net.argmax()
-        predicted = net.argmax_macs()
-        chosen = "last epoch"
-        if not self._in_band(predicted / self.ctx.dense_macs) and not self._best:
-            chosen = (
-                "last epoch, outside [target - t, target]: no search epoch's argmax was inside; the search "
-                "needs more epochs (search_epochs) or a faster architecture LR (arch_lr)"
-            )
-        elif not self._in_band(predicted / self.ctx.dense_macs):
-            # as the official code's "best" architecture: the last one overshot the band, take the
-            # in-band one the search scored best
-            widths, depths = self._best["widths"], self._best["depths"]
-            predicted = net.argmax_macs(widths, depths)
-            chosen = f"epoch {self._best['epoch'] + 1} (the last epoch's was outside the band)"
+        widths, depths, predicted, chosen = self._choose(net)
         net.detach()
         self.supernet = None
         spec, example = self.ctx.spec, self.ctx.example
