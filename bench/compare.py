@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import shutil
 import statistics
 import sys
@@ -65,6 +66,7 @@ class Contender:
     targets: dict[str, tuple[float, ...]]  # profile -> remaining MAC ratios
     options: dict[str, Any]
     search_share: float | None = None  # a search phase takes this share of the fine-tune epochs
+    models: tuple[str, ...] = ()  # run every case with each of these models too (beside the case's own)
 
 
 # The comparison's own CPU profile: every contender at two targets and three seeds on both data sets.
@@ -91,22 +93,30 @@ CONTENDERS: dict[str, Contender] = {
         targets={"smoke": (0.5,), "cpu": (0.35, 0.55), "gpu": (0.47,)},
         options={},
     ),
+    # At these schedules the search gets 8 (digits) or 2 (CIFAR) epochs of about 11 and 16 architecture
+    # steps: the official Adam LR (1e-3, for 600 search epochs) leaves the logits at their random start,
+    # and the found network cannot be trained from random initialisation in 7 or 3 epochs; so a faster
+    # architecture LR and the paper's `w/ Init` variant (BENCHMARKS.md has the paper's defaults beside).
     "tas": Contender(
         one_stage=False,
         targets={"smoke": (0.47,), "cpu": (0.47,), "gpu": (0.47,)},
-        options={},
+        options={"arch_lr": 0.05, "init": "teacher"},
         search_share=0.5,
+        models=("resnet56",),
     ),
 }
 
 
-def method_spec(method: str, s: Any, target: float, weights: Path | None) -> JobSpec:
-    """The method's job: one-stage from the initial weights, or from the dense weights."""
+def method_spec(
+    method: str, s: Any, target: float, weights: Path | None, options: dict[str, Any] | None = None
+) -> JobSpec:
+    """The method's job: one-stage from the initial weights, or from the dense weights. ``options``
+    override the contender's."""
     c, case = CONTENDERS[method], s.case
     base = job_spec(case, s.spec.data, s.seed, replace(s.profile, target=target), weights).model_dump(
         mode="json"
     )
-    base["method"] = {"name": method, **c.options}
+    base["method"] = {"name": method, **c.options, **(options or {})}
     if c.one_stage:
         base["model"]["weights"] = None
         base["schedule"] = Schedule(
@@ -119,7 +129,9 @@ def method_spec(method: str, s: Any, target: float, weights: Path | None) -> Job
     return JobSpec.model_validate(base)
 
 
-def run_target(s: Any, weights: Path, dense_macs: int, method: str, target: float) -> dict[str, Any]:
+def run_target(
+    s: Any, weights: Path, dense_macs: int, method: str, target: float, options: dict[str, Any]
+) -> dict[str, Any]:
     label = f"{s.case.label} seed {s.seed} target {target:g}"
     work = s.work / f"t{target:g}"
     log(f"{label}: magnitude + KD")
@@ -129,7 +141,7 @@ def run_target(s: Any, weights: Path, dense_macs: int, method: str, target: floa
     log(f"{label}: Torch-Pruning peer")
     peer, _ = peer_stage(replace(s, profile=replace(s.profile, target=target)), weights, dense_macs)
     log(f"{label}: {method}")
-    spec = method_spec(method, s, target, weights)
+    spec = method_spec(method, s, target, weights, options)
     t0 = time.perf_counter()
     res = run(spec, work / method, EchoReporter())
     wall = time.perf_counter() - t0
@@ -148,7 +160,9 @@ def run_target(s: Any, weights: Path, dense_macs: int, method: str, target: floa
     return {"target": target, "rows": rows}
 
 
-def run_seed(case: Case, seed: int, profile: Profile, method: str, work: Path) -> dict[str, Any]:
+def run_seed(
+    case: Case, seed: int, profile: Profile, method: str, work: Path, options: dict[str, Any]
+) -> dict[str, Any]:
     s, model = setup(case, resolve_data(case.data), seed, profile, work)
     log(f"{case.label} seed {seed}: dense training ({case.dense_epochs} epochs)")
     fitted = train_dense(model, s)
@@ -158,7 +172,8 @@ def run_seed(case: Case, seed: int, profile: Profile, method: str, work: Path) -
     dense_macs = count_macs(fitted.model.cpu(), s.example)
     dense["epoch_s"] = statistics.fmean(r["wall_s"] for r in fitted.history)
     targets = [
-        run_target(s, weights, dense_macs, method, t) for t in CONTENDERS[method].targets[profile.name]
+        run_target(s, weights, dense_macs, method, t, options)
+        for t in CONTENDERS[method].targets[profile.name]
     ]
     return {"seed": seed, "dense": dense, "targets": targets, "train_images": len(s.ds.train)}
 
@@ -185,6 +200,9 @@ def render(results: dict[str, Any], source: Path) -> str:
         "a plain loop without KD. Top-1: mean ± std over seeds (per seed in brackets).",
         "",
     ]
+    if results.get("options"):
+        opts = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in results["options"].items())
+        lines += [f"`{method}`'s options (beside the job's target and schedule): {opts}.", ""]
     for case in results["cases"]:
         runs = case["runs"]
         if not runs:
@@ -232,6 +250,12 @@ def render(results: dict[str, Any], source: Path) -> str:
     return "\n".join(lines)
 
 
+def _cases(profile: Profile, contender: Contender) -> list[Case]:
+    """The profile's cases, then each again with every extra model of the contender."""
+    cases = list(profile.cases)
+    return cases + [replace(c, model=m) for m in contender.models for c in cases if c.model != m]
+
+
 def _seed_ratios(runs: list[dict[str, Any]], method: str) -> list[float]:
     """Per seed: the method's mean seconds per epoch over its targets / the dense model's."""
     return [
@@ -247,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the profile's")
+    p.add_argument(
+        "--options", type=json.loads, default={}, help="JSON: method options over the contender's own"
+    )
     p.add_argument("--only", help="just the cases whose label starts with this")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
@@ -273,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         "format": FORMAT,
         "method": method,
         "one_stage": CONTENDERS[method].one_stage,
+        "options": {**CONTENDERS[method].options, **args.options},
         "profile": profile.name,
-        "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),
         "machine": machine_info(torch.device(profile.device)),
         "cases": [],
@@ -284,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=args.out))
     section = f"compare-{method}-{profile.name}"
     try:
-        for case in profile.cases:
+        for case in _cases(profile, CONTENDERS[method]):
             entry = {
                 "label": case.label,
                 "model": case.model,
@@ -295,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
             results["cases"].append(entry)
             for seed in case.seeds:
                 entry["runs"].append(
-                    run_seed(case, seed, profile, method, work / f"{case.label}-s{seed}".replace(" ", "_"))
+                    run_seed(
+                        case,
+                        seed,
+                        profile,
+                        method,
+                        work / f"{case.label}-{case.model}-s{seed}".replace(" ", "_"),
+                        args.options,
+                    )
                 )
                 results["wall_s"] = time.perf_counter() - t0
                 path.write_text(json.dumps(results, indent=1) + "\n")

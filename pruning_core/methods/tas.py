@@ -241,7 +241,7 @@ class Supernet(nn.Module):
                 m = self.argmax_macs(*arch(wi, di))
                 if m >= macs:
                     continue
-                score = float(logits[trial[i]] - logits[at[i]]) / (macs - m)
+                score = float((logits[trial[i]] - logits[at[i]]).detach()) / (macs - m)
                 if best is None or score > best[0]:
                     best = (score, wi, di, m)
             if best is None:  # every group and stage at its smallest candidate
