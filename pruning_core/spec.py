@@ -179,9 +179,49 @@ class TASOptions(_Strict):
         return self
 
 
-# A discriminated union on `name`; later issues add PSAP and EPI options here.
-MethodSpec = Annotated[MagnitudeOptions | S2HOptions | TASOptions, Field(discriminator="name")]
-METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas")
+class PSAPOptions(_Strict):
+    """PSAP (arXiv 2303.11881): iterative soft filter pruning within training. Every `interval` epochs
+    a prune step zeroes the lowest-norm filters of each coupled group, at per-group ratios proportional
+    to the group's weight sparsity and scaled so that the step's MAC target is met; zeroed filters stay
+    at zero unless their (scale-free) gradient pulses above `pulse_factor` times that of the group's
+    kept filters, which protects them: they regrow and are spared at the next step. The step targets
+    tighten from the dense MACs to the job's target over the first `ramp` of the steps. Then the zeroed
+    filters are removed physically, BatchNorm is re-estimated and `finetune_epochs` follow.
+    From scratch: give no `model.weights` and `schedule.dense_epochs: 0`; from given weights: the job's
+    `model.weights` (or dense epochs first). The paper's text is not public: which rules follow its
+    abstract and which are ours is in the method's docstring.
+    """
+
+    name: Literal["psap"] = "psap"
+    interval: int = Field(1, ge=1, le=1000, description="Epochs between prune steps.")
+    schedule: Literal["geometric", "linear"] = Field(
+        "geometric",
+        description="How step targets tighten: remaining MACs target**(k/K) (geometric) or "
+        "1 - (1 - target) * k/K (linear) at step k of the K ramp steps.",
+    )
+    ramp: float = Field(
+        0.7, gt=0.0, le=1.0, description="Share of the prune steps over which the target tightens."
+    )
+    adaptive: bool = Field(
+        True, description="Per-group ratios from weight sparsity; false: one ratio for every group."
+    )
+    sparsity_eps: float = Field(
+        0.1, gt=0.0, lt=1.0, description="A weight is sparse below this times its group's mean |w|."
+    )
+    max_ratio: float = Field(0.8, gt=0.0, lt=1.0, description="The most of a group one step may prune.")
+    protect: bool = Field(True, description="Protect zeroed filters whose gradient pulses.")
+    pulse_factor: float = Field(
+        2.0, gt=0.0, le=1000.0, description="A pulse: gradient EMA above this times the kept filters' mean."
+    )
+    grad_ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay of the gradient signal, per step.")
+    finetune_epochs: int = Field(
+        0, ge=0, le=10_000, description="Epochs of fine-tuning after the physical removal."
+    )
+
+
+# A discriminated union on `name`; a later issue adds EPI's options here.
+MethodSpec = Annotated[MagnitudeOptions | S2HOptions | TASOptions | PSAPOptions, Field(discriminator="name")]
+METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap")
 
 
 class TargetSpec(_Strict):
