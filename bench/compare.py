@@ -67,6 +67,8 @@ class Contender:
     options: dict[str, Any]
     search_share: float | None = None  # a search phase takes this share of the fine-tune epochs
     models: tuple[str, ...] = ()  # run every case with each of these models too (beside the case's own)
+    method: str = ""  # the registered method, where the contender's name is a variant (psap-scratch)
+    kd: bool = False  # the job's KD from the dense model (as magnitude's)
 
 
 # The comparison's own CPU profile: every contender at two targets and three seeds on both data sets.
@@ -104,6 +106,20 @@ CONTENDERS: dict[str, Contender] = {
         search_share=0.5,
         models=("resnet56",),
     ),
+    # PSAP prunes during training: from the dense weights over the fine-tune epochs, and from scratch
+    # (the paper's strongest claim) over the dense + fine-tune epochs.
+    "psap": Contender(
+        one_stage=False,
+        targets={"smoke": (0.5,), "cpu": (0.5, 0.25), "gpu": (0.5, 0.25)},
+        options={},
+        kd=True,
+    ),
+    "psap-scratch": Contender(
+        one_stage=True,
+        targets={"smoke": (0.5,), "cpu": (0.5, 0.25), "gpu": (0.5, 0.25)},
+        options={},
+        method="psap",
+    ),
 }
 
 
@@ -116,7 +132,9 @@ def method_spec(
     base = job_spec(case, s.spec.data, s.seed, replace(s.profile, target=target), weights).model_dump(
         mode="json"
     )
-    base["method"] = {"name": method, **c.options, **(options or {})}
+    base["method"] = {"name": c.method or method, **c.options, **(options or {})}
+    if c.kd:
+        base["kd"] = KDSpec(enabled=True).model_dump(mode="json")
     if c.one_stage:
         base["model"]["weights"] = None
         base["schedule"] = Schedule(
@@ -193,8 +211,14 @@ def render(results: dict[str, Any], source: Path) -> str:
             f"`{method}` trains from the initial weights (one stage, no teacher) for as many epochs as dense "
             "training and fine-tuning together"
             if results["one_stage"]
-            else f"`{method}` starts from the dense model (its weights, and it as the teacher) and trains as "
-            "many epochs as `magnitude` fine-tunes (a search phase, then the found network)"
+            else f"`{method}` starts from the dense model's weights and trains as many epochs as `magnitude` "
+            "fine-tunes"
+            + (
+                " (a search phase, then the found network, with the dense model as its teacher)"
+                if results.get("search_share", 0.5)
+                else ""
+            )
+            + (", with KD from the dense model" if results.get("kd") else "")
         )
         + "; `magnitude` fine-tunes the dense weights with KD from the dense model; the peer is fine-tuned by "
         "a plain loop without KD. Top-1: mean ± std over seeds (per seed in brackets).",
@@ -234,7 +258,7 @@ def render(results: dict[str, Any], source: Path) -> str:
         per_epoch = [t["rows"][method]["epoch_s"] for r in runs for t in r["targets"]]
         dense_epoch = [r["dense"]["epoch_s"] for r in runs]
         blocks = [t["rows"][method].get("blocks") for r in runs for t in r["targets"]]
-        if any(blocks):
+        if any(b and any(v[0] != v[1] for v in b.values()) for b in blocks):  # some stage lost blocks
             found = "; ".join(", ".join(f"{k} {v[1]}/{v[0]}" for k, v in b.items()) for b in blocks if b)
             lines += ["", f"Blocks kept per stage (kept/dense), per seed and target: {found}."]
         phase = runs[0]["targets"][0]["rows"][method].get("phase") or method
@@ -301,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": method,
         "one_stage": CONTENDERS[method].one_stage,
         "options": {**CONTENDERS[method].options, **args.options},
+        "search_share": CONTENDERS[method].search_share,
+        "kd": CONTENDERS[method].kd,
         "profile": profile.name,
         "command": "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),
