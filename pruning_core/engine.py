@@ -443,7 +443,7 @@ def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
     """The method's epoch-end hook and its numbers (then the LRs of several parameter sets); on PRUNE,
     physical removal, new optimizers, BatchNorm statistics re-estimated, and the record shows the
     network before (``top1_before``, ``macs_before``) and after (every other field)."""
-    seen = {k: record[k] for k in ("top1", "test_loss", "train_loss")}
+    seen = {k: record[k] for k in ("top1", "test_loss", "train_loss", "train_macs", "wall_s")}
     seen.update({f"top1_{k}": v for k, v in record.get("views", {}).items()})
     end = run.hooks.on_epoch_end(run.model, run.epoch, seen)
     metrics = {**record.get("metrics", {}), **{k: _metric(k, v) for k, v in end.metrics.items()}}

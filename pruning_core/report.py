@@ -325,14 +325,18 @@ def read_report(path: str | Path) -> Report:
 MAX_METRIC_PANELS = 4
 
 
+THRESHOLD = "_threshold"  # a scalar metric "<name>_threshold" is drawn on the panel of "<name>"
+
+
 def scalar_metrics(history: Sequence[EpochRecord]) -> list[str]:
-    """Names of the method metrics that are scalars in some epoch, in first-seen order."""
+    """Names of the method metrics that are scalars in some epoch, in first-seen order (a
+    ``<name>_threshold`` beside a ``<name>`` is not a panel of its own)."""
     names: dict[str, None] = {}
     for r in history:
         for k, v in r.metrics.items():
             if isinstance(v, int | float):
                 names.setdefault(k)
-    return list(names)
+    return [n for n in names if not (n.endswith(THRESHOLD) and n.removesuffix(THRESHOLD) in names)]
 
 
 def list_metrics(history: Sequence[EpochRecord]) -> list[str]:
@@ -401,6 +405,12 @@ def plot_training(report: Report, path: Path) -> Path:
     for ax, name in zip(axes[2:], metric_names, strict=True):
         values = [v if isinstance(v := r.metrics.get(name), int | float) else None for r in history]
         _plot_series(ax, xs, values, name, "tab:purple")
+        line = [
+            v if isinstance(v := r.metrics.get(f"{name}{THRESHOLD}"), int | float) else None for r in history
+        ]
+        _plot_series(ax, xs, line, f"{name}{THRESHOLD}", "tab:gray", "--")  # e.g. EPI's tau
+        if any(v is not None for v in line):
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_ylabel(name, fontsize=8)
     axes[-1].set_xlabel("epoch (all phases)")
     for ax in axes:

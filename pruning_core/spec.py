@@ -219,9 +219,51 @@ class PSAPOptions(_Strict):
     )
 
 
-# A discriminated union on `name`; a later issue adds EPI's options here.
-MethodSpec = Annotated[MagnitudeOptions | S2HOptions | TASOptions | PSAPOptions, Field(discriminator="name")]
-METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap")
+EPI_THRESHOLDS = {"magnitude": 0.983, "taylor": 0.944}  # one re-implementation's values (unverified)
+
+
+class EPIOptions(_Strict):
+    """EPI (CVPR 2022): dense training that prunes as soon as the dominant sub-network stabilises. At the
+    end of every epoch the sub-network that pruning to the target would keep now (the engine's global
+    allocator on `criterion` scores) is found without pruning; the indicator is its mean structural
+    similarity to the last `window` ones; the first epoch whose indicator reaches `threshold` and is not
+    below the last `window` values (or the `deadline`) prunes physically, and the pruned network trains
+    for the rest of `schedule.epochs`. From scratch unless the job gives weights or dense epochs.
+    """
+
+    name: Literal["epi"] = "epi"
+    criterion: Literal["magnitude", "taylor"] = Field(
+        "magnitude",
+        description="Neuron importance: group L2 magnitude, or first-order Taylor summed over the epoch.",
+    )
+    window: int = Field(5, ge=1, le=100, description="r: the indicator averages over the last r epochs.")
+    threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="tau: prune once the indicator reaches it; default per criterion "
+        f"({EPI_THRESHOLDS['magnitude']} magnitude, {EPI_THRESHOLDS['taylor']} taylor).",
+    )
+    min_epochs: int | None = Field(
+        None, ge=1, le=10_000, description="Never prune before this many epochs; default: window + 1."
+    )
+    deadline: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Prune at the end of this share of `schedule.epochs` at the latest, so every job prunes.",
+    )
+
+    @property
+    def tau(self) -> float:
+        return self.threshold if self.threshold is not None else EPI_THRESHOLDS[self.criterion]
+
+
+# A discriminated union on `name`.
+MethodSpec = Annotated[
+    MagnitudeOptions | S2HOptions | TASOptions | PSAPOptions | EPIOptions, Field(discriminator="name")
+]
+METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 
 
 class TargetSpec(_Strict):

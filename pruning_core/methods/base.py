@@ -139,7 +139,8 @@ class Method:
     def after_step(self, model: nn.Module, ctx: StepContext) -> None: ...
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochEnd:
-        """``metrics``: the epoch's top1, test_loss, train_loss and top1_<view>. Return what happens next
+        """``metrics``: the epoch's top1, test_loss, train_loss, top1_<view>, train_macs (the forward
+        MACs its training computed) and wall_s (its training steps' seconds). Return what happens next
         and the method's own numbers for the epoch's record."""
         return EpochEnd()
 

@@ -1,0 +1,154 @@
+"""EPI is EPI: the structural similarity is a similarity, the trigger fires exactly where a converging
+sequence of architectures says, a real run prunes on the indicator (after the window, before the
+deadline) to the target, the physically pruned network is the masked dominant one, and the reported
+training MACs are the sum of what every epoch trained, dense then pruned."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pruning_core.budget import select_to_budget
+from pruning_core.errors import Cancelled
+from pruning_core.evaluation import evaluate
+from pruning_core.export import load_pruned
+from pruning_core.groups import PruningGraph
+from pruning_core.importance import magnitude
+from pruning_core.masks import ChannelMasks
+from pruning_core.methods.epi import deadline_epoch, fires, indicator, similarity
+from pruning_core.runner import prepare, run
+from pruning_core.spec import parse_spec
+from pruning_core.surgery import remove_channels
+from pruning_core.zoo import build_model
+from tests.specs import quick_spec
+from tests.test_method_contract import CancelAt, _comparable
+
+
+def test_similarity_is_one_on_equal_architectures_symmetric_and_within_zero_and_one() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.randint(1, 64) for _ in range(7)]
+        b = [rng.randint(1, 64) for _ in range(7)]
+        assert similarity(a, a) == 1.0
+        assert similarity(a, b) == similarity(b, a)
+        assert 0.0 <= similarity(a, b) <= 1.0
+    assert similarity([1, 4], [3, 4]) == pytest.approx(1 - (2 / 4) / 2)
+
+
+def _first_trigger(archs: list[list[int]], tau: float, window: int, min_epochs: int) -> int | None:
+    values: list[float | None] = []
+    for t in range(len(archs)):
+        values.append(indicator(archs[: t + 1], window))
+        if t + 1 >= min_epochs and fires(values, tau, window):
+            return t
+    return None
+
+
+def test_on_a_converging_sequence_the_trigger_fires_where_the_window_first_holds_one_architecture() -> None:
+    # architectures wander until epoch 6, then settle; with r = 3 the window first holds only the settled
+    # architecture at epoch 9, where EPI reaches 1 (any epoch before it has a wandering one in its window)
+    wander = [[10, 20], [18, 12], [11, 19], [17, 14], [12, 18], [16, 15]]
+    archs = wander + [[15, 16]] * 8
+    assert _first_trigger(archs, tau=0.999, window=3, min_epochs=4) == 9
+    values = [indicator(archs[: t + 1], 3) for t in range(len(archs))]
+    assert values[:3] == [None] * 3 and values[9] == 1.0 and all(v < 0.999 for v in values[3:9])  # type: ignore[operator]
+    # a lower tau fires earlier, but never before the window is full or below an earlier value
+    early = _first_trigger(archs, tau=0.9, window=3, min_epochs=4)
+    assert early is not None and 3 <= early < 9
+    assert _first_trigger(archs, tau=0.9, window=3, min_epochs=12) == 11
+    assert deadline_epoch(20, 0.5) == 9 and deadline_epoch(3, 1.0) == 2
+
+
+def _digits(options: dict[str, Any], epochs: int = 14, **schedule: Any) -> Any:
+    return parse_spec(
+        {
+            "model": {"name": "resnet20"},
+            "data": {"name": "digits"},
+            "method": {"name": "epi", **options},
+            "target": {"macs_ratio": 0.5},
+            "schedule": {"epochs": epochs, "batch_size": 64, **schedule},
+            "export": {"formats": ["safetensors"]},
+            "seed": 0,
+            "device": "cpu",
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Any:
+    return run(_digits({"window": 3, "threshold": 0.98, "deadline": 0.8}), tmp_path_factory.mktemp("epi"))
+
+
+def test_a_digits_run_prunes_on_the_indicator_after_the_window_and_before_the_deadline(finished) -> None:
+    report = finished.report
+    d = report.method_details
+    assert d["trigger"] == "indicator", d
+    assert 3 + 1 <= d["trigger_epoch"] < d["deadline_epoch"]
+    epochs = [r for r in report.history if r.phase == "epi"]
+    pruned = [r for r in epochs if r.event == "pruned"]
+    assert len(pruned) == 1 and pruned[0].epoch + 1 == d["trigger_epoch"]
+    assert pruned[0].metrics["epi"] >= d["threshold"] == pruned[0].metrics["epi_threshold"]
+    assert 0.48 <= report.achieved_macs_ratio <= 0.5
+    assert report.pruned.top1 > 90.0
+
+
+def test_the_reported_training_macs_are_what_every_epoch_trained(finished) -> None:
+    report = finished.report
+    epochs = [r for r in report.history if r.phase == "epi"]
+    trigger = report.method_details["trigger_epoch"]
+    dense, pruned = epochs[:trigger], epochs[trigger:]
+    assert pruned and all(r.train_macs < dense[0].train_macs * 0.55 for r in pruned)
+    spent = report.method_details["training_macs"]
+    assert spent["epi"] == sum(r.train_macs for r in epochs)
+    assert spent["dense_then_prune"] == dense[0].train_macs * len(epochs)
+    assert spent["ratio"] == pytest.approx(spent["epi"] / spent["dense_then_prune"]) and spent["ratio"] < 1.0
+    wall = report.method_details["training_wall_s"]
+    # the training steps' seconds: every epoch's, less the removal's time that the pruned epoch adds
+    assert sum(r.wall_s for r in epochs if not r.event) < wall["epi"] <= sum(r.wall_s for r in epochs)
+
+
+def test_the_pruned_network_is_the_masked_dominant_sub_network() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    graph = PruningGraph(model, x[:1], 10)
+    keep = select_to_budget(graph, magnitude(graph), int(0.5 * graph.dense_macs))
+    with torch.no_grad(), ChannelMasks.from_keep(graph, keep).applied():
+        masked = model(x)
+    pruned = remove_channels(graph, keep).eval()
+    assert torch.allclose(pruned(x), masked, atol=1e-5)
+
+
+def test_a_run_resumed_after_the_trigger_goes_on_with_the_pruned_network(finished, tmp_path: Path) -> None:
+    spec = _digits({"window": 3, "threshold": 0.98, "deadline": 0.8})
+    trigger = finished.report.method_details["trigger_epoch"]
+    with pytest.raises(Cancelled):
+        run(spec, tmp_path, CancelAt("epi", trigger + 1, 3))  # two epochs after the prune
+    torch.manual_seed(7)
+    resumed = run(spec, tmp_path)
+    assert _comparable(resumed.report) == _comparable(finished.report)
+    model = load_pruned(resumed.workdir)
+    data, _, _ = prepare(spec, resumed.workdir)
+    assert evaluate(model, data.test, torch.device("cpu"))["top1"] == finished.report.pruned.top1
+
+
+@pytest.mark.parametrize("name, size", [("tv:resnet18", 32), ("tv:mobilenet_v2", 32)])
+def test_runs_on_torchvision_cnns(name: str, size: int, tmp_path: Path) -> None:
+    spec = quick_spec(
+        name, {"name": "epi", "window": 1, "deadline": 0.5}, size=size, epochs=3, max_steps_per_epoch=2
+    )
+    report = run(spec, tmp_path).report
+    assert report.method_details["trigger_epoch"] <= 2
+    assert 0.58 <= report.achieved_macs_ratio <= 0.6
+
+
+def test_taylor_criterion_accumulates_over_the_epoch(tmp_path: Path) -> None:
+    spec = _digits({"criterion": "taylor", "window": 2}, epochs=4, max_steps_per_epoch=5)
+    report = run(spec, tmp_path).report
+    assert report.method_details["criterion"] == "taylor"
+    assert report.method_details["threshold"] == 0.944
+    assert 0.48 <= report.achieved_macs_ratio <= 0.5
