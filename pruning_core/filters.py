@@ -11,8 +11,10 @@ can regrow.
 - ``norms()``: L2 norm per channel over all its filter slices;
 - ``sparsity(eps)``: the fraction of a group's filter weights below ``eps`` times their mean magnitude;
 - ``zero_(masks)`` / ``mask_grads_(masks)``: zero the weights (or gradients) of the masked channels;
-- ``grad_signal()``: a per-channel gradient norm that is comparable between zeroed and live filters
-  (see its docstring; the raw gradient norm is not).
+- ``temper_grads_(masks, live)``: scale regrowing filters' gradients down to a live filter's size;
+- ``attach()`` / ``grad_signal()``: record each BatchNorm-fed layer's batch std in the forward, and a
+  per-channel gradient norm that is comparable between zeroed and live filters (see its docstring;
+  the raw gradient norm is not).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class _FilterSlot:
     rows: torch.Tensor  # LongTensor (n,), output-channel indices in the module
     roots: torch.Tensor  # LongTensor (n,), the group's channel of each row
     norm_eps: float | None  # eps of the BatchNorm right after the layer, None if there is none
+    identity: bool  # row i is root channel i for every row of the layer: no indexing needed
 
 
 class GroupFilters:
@@ -52,7 +55,13 @@ class GroupFilters:
                 if isinstance(m, NORMS) or not isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear):
                     continue
                 eps = _next_norm_eps(graph, m) if s.module in normed else None
-                slots.append(_FilterSlot(s.module, m, s.module_idx, s.root_idx, eps))
+                n = m.weight.shape[0]
+                identity = (
+                    len(s.module_idx) == n == g.size
+                    and torch.equal(s.module_idx, torch.arange(n))
+                    and torch.equal(s.root_idx, torch.arange(n))
+                )
+                slots.append(_FilterSlot(s.module, m, s.module_idx, s.root_idx, eps, identity))
             self.slots.append(slots)
         self._std: dict[str, torch.Tensor] = {}  # layer -> per-row std of its output, last forward
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -85,44 +94,63 @@ class GroupFilters:
         return out
 
     # --- editing ---
+    def has_filters(self, group: int) -> bool:
+        return bool(self.slots[group])
+
     @torch.no_grad()
-    def zero_(self, masks: Sequence[torch.Tensor]) -> None:
+    def zero_(self, masks: Sequence[torch.Tensor], only: Sequence[int] | None = None) -> None:
         """Zero the filter weights and biases of the channels where ``masks[g]`` (bool, (size,), on any
-        device) is true. Multiplies rather than indexes by the mask: no host sync on a GPU."""
-        self._scale_rows(masks, grads=False)
+        device) is true; ``only``: just these groups (the others have nothing masked). Multiplies
+        rather than indexes by the mask: no host sync on a GPU."""
+        self._scale(masks, False, only)
 
     @torch.no_grad()
-    def mask_grads_(self, masks: Sequence[torch.Tensor]) -> None:
+    def mask_grads_(self, masks: Sequence[torch.Tensor], only: Sequence[int] | None = None) -> None:
         """Zero the gradients of the masked channels' filters (so momentum does not build up there)."""
-        self._scale_rows(masks, grads=True)
+        self._scale(masks, True, only)
+
+    def _scale(self, masks: Sequence[torch.Tensor], grads: bool, only: Sequence[int] | None) -> None:
+        for g in range(len(self.slots)) if only is None else only:
+            mask = masks[g]
+            for s in self.slots[g]:
+                for p in (s.module.weight, s.module.bias):
+                    t = None if p is None else (p.grad if grads else p.data)
+                    if t is not None:
+                        self._mul_rows(s, t, (~mask.to(t.device)).to(t.dtype))
+
+    def _mul_rows(self, s: _FilterSlot, t: torch.Tensor, per_root: torch.Tensor) -> None:
+        """``t``'s rows (dim 0) of slot ``s`` times ``per_root`` (one factor per group channel), in place."""
+        shape = (-1, *([1] * (t.dim() - 1)))
+        if s.identity:
+            t.mul_(per_root.view(shape))
+            return
+        rows, roots = self._on(s, t.device)
+        t[rows] = t[rows] * per_root[roots].view(shape)
 
     @torch.no_grad()
-    def temper_grads_(self, masks: Sequence[torch.Tensor]) -> None:
-        """Scale the gradients of the masked channels' filters by ``min(1, std / median std)`` of their
-        layer's output (the std their BatchNorm divides by). A zeroed filter that starts to regrow has
-        a gradient hundreds of times a live one's (its std is sqrt(eps)); tempered, its first steps are
-        the size of a live filter's and it comes back gradually. Layers without a BatchNorm after them
-        are left alone."""
-        for slots, mask in zip(self.slots, masks, strict=True):
-            for s in slots:
+    def temper_grads_(
+        self, masks: Sequence[torch.Tensor], live: Sequence[torch.Tensor], only: Sequence[int] | None = None
+    ) -> None:
+        """Scale the gradients of the masked channels' filters by ``min(1, std / median std of the live
+        channels)`` of their layer's output (the std their BatchNorm divides by). A zeroed filter that
+        starts to regrow has a gradient hundreds of times a live one's (its std is sqrt(eps));
+        tempered, its first steps are the size of a live filter's and it comes back gradually. Layers
+        without a BatchNorm after them are left alone (their gradients have no such factor)."""
+        for g in range(len(self.slots)) if only is None else only:
+            mask, alive = masks[g], live[g]
+            for s in self.slots[g]:
                 std, grad = self._std.get(s.name), s.module.weight.grad
                 if std is None or not std.numel() or grad is None:
                     continue
                 rows, roots = self._on(s, grad.device)
-                factor = (std[rows] / std.median()).clamp(max=1.0)
+                row_std = std[rows]
+                on = alive.to(grad.device)[roots]
+                # the median of the live rows' std, without a host sync: the dead rows sort last
+                ref = torch.where(on, row_std, torch.full_like(row_std, float("inf"))).sort().values
+                median = ref[(on.sum() - 1).clamp(min=0) // 2]
+                factor = (row_std / median).clamp(max=1.0)
                 factor = torch.where(mask.to(grad.device)[roots], factor, torch.ones_like(factor))
                 grad[rows] = grad[rows] * factor.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-
-    def _scale_rows(self, masks: Sequence[torch.Tensor], grads: bool) -> None:
-        for slots, mask in zip(self.slots, masks, strict=True):
-            for s in slots:
-                for p in (s.module.weight, s.module.bias):
-                    t = None if p is None else (p.grad if grads else p.data)
-                    if t is None:
-                        continue
-                    rows, roots = self._on(s, t.device)
-                    keep = (~mask.to(t.device))[roots].to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
-                    t[rows] = t[rows] * keep
 
     def _on(self, s: _FilterSlot, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's (rows, roots) index tensors on ``device``, moved once."""
@@ -151,7 +179,7 @@ class GroupFilters:
         def hook(module: nn.Module, _inp, out: torch.Tensor) -> None:
             if module.training:
                 dims = [0, *range(2, out.dim())]
-                self._std[name] = (out.detach().float().var(dim=dims, unbiased=False) + eps).sqrt()
+                self._std[name] = (out.detach().var(dim=dims, unbiased=False).float() + eps).sqrt()
 
         return hook
 
@@ -175,14 +203,17 @@ class GroupFilters:
                 grad = s.module.weight.grad
                 if grad is None:
                     continue
-                rows, roots = self._on(s, grad.device)
-                per_row = grad[rows].float().flatten(1).pow(2).sum(1)
+                per_row = grad.flatten(1).float().pow(2).sum(1)  # (out,) every row of the layer
                 if s.module.bias is not None and s.module.bias.grad is not None:
-                    per_row = per_row + s.module.bias.grad[rows].float().pow(2)
+                    per_row = per_row + s.module.bias.grad.float().pow(2)
                 std = self._std.get(s.name)
                 if std is not None and std.numel():
-                    per_row = per_row * std[rows].pow(2)
-                sq.index_add_(0, roots.to(device), per_row.to(device))
+                    per_row = per_row * std.pow(2)
+                if s.identity:
+                    sq += per_row.to(device)
+                else:
+                    rows, roots = self._on(s, grad.device)
+                    sq.index_add_(0, roots.to(device), per_row[rows].to(device))
             out.append(sq.sqrt())
         return out
 

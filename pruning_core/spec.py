@@ -208,7 +208,9 @@ class PSAPOptions(_Strict):
     sparsity_eps: float = Field(
         0.1, gt=0.0, lt=1.0, description="A weight is sparse below this times its group's mean |w|."
     )
-    max_ratio: float = Field(0.8, gt=0.0, lt=1.0, description="The most of a group one step may prune.")
+    max_ratio: float = Field(
+        0.8, gt=0.0, lt=1.0, description="The largest share of a group pruned (at any step)."
+    )
     protect: bool = Field(True, description="Protect zeroed filters whose gradient pulses.")
     pulse_factor: float = Field(
         2.0, gt=0.0, le=1000.0, description="A pulse: gradient EMA above this times the kept filters' mean."
@@ -350,6 +352,14 @@ class JobSpec(_Strict):
         if not ok:
             raise ValueError("device must be `auto`, `cpu`, `cuda` or `cuda:N`")
         return v
+
+    @model_validator(mode="after")
+    def _prunes_while_training(self) -> JobSpec:
+        if self.method.name in ("psap", "epi") and self.schedule.epochs < 1:
+            raise ValueError(
+                f"schedule.epochs: {self.method.name} prunes while training; it needs at least 1 epoch"
+            )
+        return self
 
 
 class SpecError(ValueError):
