@@ -69,6 +69,8 @@ class Contender:
     models: tuple[str, ...] = ()  # run every case with each of these models too (beside the case's own)
     method: str = ""  # the registered method, where the contender's name is a variant (psap-scratch)
     kd: bool = False  # the job's KD from the dense model (as magnitude's)
+    prune_at_init: bool = False  # also `magnitude` at the initial weights, trained all the epochs
+    cost: bool = False  # a table of what each contender's training computed (forward MACs, seconds)
 
 
 # The comparison's own CPU profile: every contender at two targets and three seeds on both data sets.
@@ -114,6 +116,16 @@ CONTENDERS: dict[str, Contender] = {
         options={},
         kd=True,
     ),
+    # EPI trains from the initial weights and prunes when its indicator fires: beside magnitude after
+    # the whole dense training and magnitude at the initial weights (the same allocator), all with the
+    # same total epochs, and what their training cost.
+    "epi": Contender(
+        one_stage=True,
+        targets={"smoke": (0.5,), "cpu": (0.5,), "gpu": (0.5,)},
+        options={},
+        prune_at_init=True,
+        cost=True,
+    ),
     "psap-scratch": Contender(
         one_stage=True,
         targets={"smoke": (0.5,), "cpu": (0.5, 0.25), "gpu": (0.5, 0.25)},
@@ -148,7 +160,13 @@ def method_spec(
 
 
 def run_target(
-    s: Any, weights: Path, dense_macs: int, method: str, target: float, options: dict[str, Any]
+    s: Any,
+    weights: Path,
+    dense_macs: int,
+    method: str,
+    target: float,
+    options: dict[str, Any],
+    dense_cost: dict[str, float],
 ) -> dict[str, Any]:
     label = f"{s.case.label} seed {s.seed} target {target:g}"
     work = s.work / f"t{target:g}"
@@ -158,12 +176,18 @@ def run_target(
     mag = run(mag_spec, work / "magnitude", EchoReporter())
     log(f"{label}: Torch-Pruning peer")
     peer, _ = peer_stage(replace(s, profile=replace(s.profile, target=target)), weights, dense_macs)
+    early = None
+    if CONTENDERS[method].prune_at_init:
+        log(f"{label}: magnitude at the initial weights")
+        early = run(_at_init_spec(s, target), work / "prune-at-init", EchoReporter())
     log(f"{label}: {method}")
     spec = method_spec(method, s, target, weights, options)
     t0 = time.perf_counter()
     res = run(spec, work / method, EchoReporter())
     wall = time.perf_counter() - t0
     models = {"magnitude": load_pruned(mag.workdir), "peer": peer.model, method: load_pruned(res.workdir)}
+    if early is not None:
+        models["prune-at-init"] = load_pruned(early.workdir)
     rows = {k: measure_row(m, s.ds.test, s.example, s.device, s.profile) for k, m in models.items()}
     for row in rows.values():
         row["macs_ratio"] = row["macs"] / dense_macs
@@ -175,7 +199,35 @@ def run_target(
     rows[method]["wall_s"] = wall
     rows[method]["soft_top1"] = trained[-1].views.get("soft") if trained else None
     rows[method]["blocks"] = res.report.blocks
+    rows[method]["trigger_epoch"] = res.report.method_details.get("trigger_epoch")
+    rows[method]["trigger"] = res.report.method_details.get("trigger")
+    # training cost, forward MACs and seconds of the training steps: magnitude's includes the dense
+    # training it starts from; the peer's plain loop is not metered
+    rows["magnitude"].update(_cost(mag.report.history, dense_cost))
+    rows[method].update(_cost(res.report.history))
+    if early is not None:
+        rows["prune-at-init"].update(_cost(early.report.history))
     return {"target": target, "rows": rows}
+
+
+def _cost(history: list[Any], before: dict[str, float] | None = None) -> dict[str, float]:
+    """Forward MACs and seconds that an engine run's training epochs computed (plus ``before``)."""
+    macs = sum(r.train_macs or 0 for r in history) + (before or {}).get("train_macs", 0)
+    wall = sum(r.wall_s for r in history) + (before or {}).get("train_wall_s", 0.0)
+    return {"train_macs": macs, "train_wall_s": wall}
+
+
+def _at_init_spec(s: Any, target: float) -> JobSpec:
+    """``magnitude`` at the initial weights (no dense training, no teacher), then trained for the dense
+    + fine-tune epochs at the dense LR: pruning at epoch 0 with the same allocator."""
+    case = s.case
+    base = job_spec(case, s.spec.data, s.seed, replace(s.profile, target=target), None).model_dump(
+        mode="json"
+    )
+    base["schedule"] = Schedule(
+        epochs=case.dense_epochs + case.finetune_epochs, batch_size=case.batch_size, lr=case.lr
+    ).model_dump(mode="json")
+    return JobSpec.model_validate(base)
 
 
 def run_seed(
@@ -189,8 +241,10 @@ def run_seed(
     dense.pop("latency")
     dense_macs = count_macs(fitted.model.cpu(), s.example)
     dense["epoch_s"] = statistics.fmean(r["wall_s"] for r in fitted.history)
+    dense["train_macs"] = sum(r["train_macs"] for r in fitted.history)
+    dense["train_wall_s"] = sum(r["wall_s"] for r in fitted.history)
     targets = [
-        run_target(s, weights, dense_macs, method, t, options)
+        run_target(s, weights, dense_macs, method, t, options, dense)
         for t in CONTENDERS[method].targets[profile.name]
     ]
     return {"seed": seed, "dense": dense, "targets": targets, "train_images": len(s.ds.train)}
@@ -227,6 +281,7 @@ def render(results: dict[str, Any], source: Path) -> str:
     if results.get("options"):
         opts = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in results["options"].items())
         lines += [f"`{method}`'s options (beside the job's target and schedule): {opts}.", ""]
+    cost = results.get("cost", False)
     for case in results["cases"]:
         runs = case["runs"]
         if not runs:
@@ -236,25 +291,47 @@ def render(results: dict[str, Any], source: Path) -> str:
             f"{case['dense_epochs']} + fine-tune {case['finetune_epochs']} epochs; seeds "
             f"{', '.join(str(r['seed']) for r in runs)})",
             "",
-            "| Target | Method | Top-1 % | MACs ratio | Params |",
-            "|---|---|---|---|---|",
+            "| Target | Method | Top-1 % | MACs ratio | Params |"
+            + (" Training MACs (fwd) | Training s |" if cost else ""),
+            "|---|---|---|---|---|" + ("---|---|" if cost else ""),
             f"| 1.0 | dense | {markdown.fmt_top1([r['dense']['top1'] for r in runs])} | 1.000 | "
-            f"{markdown.fmt_count([r['dense']['params'] for r in runs])} |",
+            f"{markdown.fmt_count([r['dense']['params'] for r in runs])} |" + (" | |" if cost else ""),
         ]
         targets = [t["target"] for t in runs[0]["targets"]]
         for i, target in enumerate(targets):
             done = [r for r in runs if len(r["targets"]) > i]
             for key, label in (
-                ("magnitude", "`magnitude` + KD"),
+                ("magnitude", "`magnitude` + KD" + (", after the dense training" if cost else "")),
+                ("prune-at-init", "`magnitude` at the initial weights"),
                 ("peer", "Torch-Pruning `BasePruner`"),
                 (method, f"`{method}`"),
             ):
+                if key not in done[0]["targets"][i]["rows"]:
+                    continue
                 rows = [r["targets"][i]["rows"][key] for r in done]
-                lines.append(
+                line = (
                     f"| {target:g} | {label} | {markdown.fmt_top1([x['top1'] for x in rows])} | "
                     f"{markdown.fmt_range([x['macs_ratio'] for x in rows])} | "
                     f"{markdown.fmt_count([x['params'] for x in rows])} |"
                 )
+                if cost:
+                    macs = [x["train_macs"] for x in rows if x.get("train_macs")]
+                    walls = [x["train_wall_s"] for x in rows if x.get("train_wall_s")]
+                    line += (
+                        f" {statistics.fmean(macs) / 1e9:,.0f} G | {statistics.fmean(walls):,.0f} |"
+                        if macs
+                        else " not metered | |"
+                    )
+                lines.append(line)
+            triggers = [r["targets"][i]["rows"][method].get("trigger_epoch") for r in done]
+            if any(t is not None for t in triggers):
+                how = [r["targets"][i]["rows"][method].get("trigger") for r in done]
+                lines += [
+                    "",
+                    f"`{method}` pruned at the end of epoch "
+                    + ", ".join(f"{t} ({h})" for t, h in zip(triggers, how, strict=True))
+                    + " (per seed).",
+                ]
         per_epoch = [t["rows"][method]["epoch_s"] for r in runs for t in r["targets"]]
         dense_epoch = [r["dense"]["epoch_s"] for r in runs]
         blocks = [t["rows"][method].get("blocks") for r in runs for t in r["targets"]]
@@ -327,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "options": {**CONTENDERS[method].options, **args.options},
         "search_share": CONTENDERS[method].search_share,
         "kd": CONTENDERS[method].kd,
+        "cost": CONTENDERS[method].cost,
         "profile": profile.name,
         "command": "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),
