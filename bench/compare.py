@@ -292,10 +292,10 @@ def render(results: dict[str, Any], source: Path) -> str:
             f"{', '.join(str(r['seed']) for r in runs)})",
             "",
             "| Target | Method | Top-1 % | MACs ratio | Params |"
-            + (" Training MACs (fwd) | Training s |" if cost else ""),
-            "|---|---|---|---|---|" + ("---|---|" if cost else ""),
+            + (" Training MACs (fwd) | x all-dense | Training s |" if cost else ""),
+            "|---|---|---|---|---|" + ("---|---|---|" if cost else ""),
             f"| 1.0 | dense | {markdown.fmt_top1([r['dense']['top1'] for r in runs])} | 1.000 | "
-            f"{markdown.fmt_count([r['dense']['params'] for r in runs])} |" + (" | |" if cost else ""),
+            f"{markdown.fmt_count([r['dense']['params'] for r in runs])} |" + (" | | |" if cost else ""),
         ]
         targets = [t["target"] for t in runs[0]["targets"]]
         for i, target in enumerate(targets):
@@ -315,13 +315,14 @@ def render(results: dict[str, Any], source: Path) -> str:
                     f"{markdown.fmt_count([x['params'] for x in rows])} |"
                 )
                 if cost:
-                    macs = [x["train_macs"] for x in rows if x.get("train_macs")]
-                    walls = [x["train_wall_s"] for x in rows if x.get("train_wall_s")]
-                    line += (
-                        f" {statistics.fmean(macs) / 1e9:,.0f} G | {statistics.fmean(walls):,.0f} |"
-                        if macs
-                        else " not metered | |"
-                    )
+                    metered = [(x, r) for x, r in zip(rows, done, strict=True) if x.get("train_macs")]
+                    if metered:
+                        macs = statistics.fmean(x["train_macs"] for x, _ in metered)
+                        dense = [x["train_macs"] / _all_dense(r, case) for x, r in metered]
+                        walls = statistics.fmean(x["train_wall_s"] for x, _ in metered)
+                        line += f" {macs / 1e9:,.0f} G | {markdown.fmt_range(dense)} | {walls:,.0f} |"
+                    else:
+                        line += " not metered | | |"
                 lines.append(line)
             triggers = [r["targets"][i]["rows"][method].get("trigger_epoch") for r in done]
             if any(t is not None for t in triggers):
@@ -338,6 +339,16 @@ def render(results: dict[str, Any], source: Path) -> str:
         if any(b and any(v[0] != v[1] for v in b.values()) for b in blocks):  # some stage lost blocks
             found = "; ".join(", ".join(f"{k} {v[1]}/{v[0]}" for k, v in b.items()) for b in blocks if b)
             lines += ["", f"Blocks kept per stage (kept/dense), per seed and target: {found}."]
+        if cost:
+            lines += [
+                "",
+                "Training MACs: the forward MACs every training step computed (a backward costs about twice as "
+                "much again; `magnitude`'s includes its dense training, not its KD teacher's forwards); "
+                "`x all-dense`: against training the dense model for all the epochs (dense + fine-tune), the "
+                "report's `training_macs.ratio`; training s: the training steps' seconds.",
+                "",
+            ]
+            continue
         phase = runs[0]["targets"][0]["rows"][method].get("phase") or method
         lines += [
             "",
@@ -355,6 +366,12 @@ def _cases(profile: Profile, contender: Contender) -> list[Case]:
     """The profile's cases, then each again with every extra model of the contender."""
     cases = list(profile.cases)
     return cases + [replace(c, model=m) for m in contender.models for c in cases if c.model != m]
+
+
+def _all_dense(run: dict[str, Any], case: dict[str, Any]) -> float:
+    """Forward MACs of training the dense model for every epoch of the comparison (dense + fine-tune)."""
+    per_epoch = run["dense"]["train_macs"] / case["dense_epochs"]
+    return per_epoch * (case["dense_epochs"] + case["finetune_epochs"])
 
 
 def _seed_ratios(runs: list[dict[str, Any]], method: str) -> list[float]:

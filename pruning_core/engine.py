@@ -221,7 +221,7 @@ def has_checkpoint(ctx: TrainContext, phase: str) -> bool:
 
 def _new_sums() -> dict[str, Any]:
     """An epoch's running sums; checkpointed mid-epoch so a resumed epoch reports the same numbers."""
-    return {"loss": 0.0, "steps": 0, "train_macs": 0, "metrics": {}}
+    return {"loss": 0.0, "steps": 0, "train_macs": 0, "wall_s": 0.0, "metrics": {}}
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -353,6 +353,7 @@ def fit(
 def _train_epoch(run: _Run) -> EpochAction:
     ctx, s = run.ctx, run.s
     t0 = time.perf_counter()
+    before = run.sums.get("wall_s", 0.0)  # a resumed epoch's seconds before the interruption
     plan = epoch_plan(len(ctx.train), s, ctx.seed, run.epoch, run.streams)
     if run.step_in_epoch and run.rng_state is not None:
         _set_rng_state(run.rng_state, run.device)
@@ -373,10 +374,11 @@ def _train_epoch(run: _Run) -> EpochAction:
             meter.total = 0
             loss = _optimise(run, batches[0] if len(batches) == 1 else batches, sctx)
             run.sums["train_macs"] += meter.total
+            run.sums["wall_s"] = before + time.perf_counter() - t0
             run.step_in_epoch += 1
             run.rng_state = _rng_state(run.device)  # before the next batch is drawn: where a resume starts
             ctx.reporter.step(run.phase, run.epoch, run.step_in_epoch, loss)
-    record = _epoch_record(run, lrs, time.perf_counter() - t0)
+    record = _epoch_record(run, lrs, before + time.perf_counter() - t0)
     run.step_in_epoch, run.rng_state, run.sums = 0, None, _new_sums()
     action = _epoch_end(run, record)
     run.history.append(record)

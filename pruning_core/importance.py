@@ -1,11 +1,14 @@
 """Channel importance per coupled group, in one place: every method scores channels through here.
 
-Each scorer returns one ``(group.size,)`` tensor per group, **mean-normalised within the group** (a
-score of 1 is the group's average channel), so that channels of different groups compare in one global
-ranking (``budget.select_to_budget``) without the widest or deepest layers dominating.
+Each scorer returns one ``(group.size,)`` tensor per group, comparable across groups in one global
+ranking (``budget.select_to_budget``) without the widest or deepest layers dominating: most are
+**mean-normalised within the group** (a score of 1 is the group's average channel); ``neuron_l2``
+divides by the square root of the parameters per neuron instead.
 
 - ``magnitude``: group L1/L2 norm: every coupled tensor slice of a channel (its filter, its BatchNorm
   scale, the consumers' input slices), Torch-Pruning's ``GroupMagnitudeImportance``.
+- ``neuron_l2``: ``||W_n||_2 / sqrt(parameters per neuron)`` of each channel's producing filters, not
+  normalised per group (EPI's magnitude criterion: the parameter count makes layers comparable).
 - ``bn_scale``: |gamma| of the group's BatchNorms (network slimming), Torch-Pruning's
   ``BNScaleImportance``; a group with no BatchNorm falls back to its L1 magnitude.
 - ``TaylorAccumulator``: first-order Taylor, ``(sum over the channel's coupled parameters of g * w)^2``
@@ -23,7 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .groups import PruningGraph, Slot
+from .groups import NORMS, PruningGraph, Slot
 from .registry import Registry
 
 Scores = list[torch.Tensor]  # one (group.size,) float tensor per group, on the CPU
@@ -61,10 +64,31 @@ def bn_scale(graph: PruningGraph) -> Scores:
     return scores  # type: ignore[return-value]
 
 
+def neuron_l2(graph: PruningGraph) -> Scores:
+    """Per channel ``||W_n||_2 / sqrt(P)``: the L2 norm of the neuron's filter (its rows in the conv and
+    linear layers that produce the group, averaged over them) over the square root of the parameters
+    per neuron of that layer, so that layers compare globally without per-group normalisation (EPI's
+    magnitude criterion). Channels of a group without such a layer score 1."""
+    out = []
+    with torch.no_grad():
+        for g in graph.groups:
+            total, layers = torch.zeros(g.size), 0
+            for slot in g.outputs:
+                m = graph.modules[slot.module]
+                if isinstance(m, NORMS) or not isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
+                    continue
+                w = m.weight.detach()[slot.module_idx].float().flatten(1).cpu()
+                total.index_add_(0, slot.root_idx, w.norm(dim=1) / w.shape[1] ** 0.5)
+                layers += 1
+            out.append(total / layers if layers else torch.ones(g.size))
+    return out
+
+
 STATIC: Registry[Callable[[PruningGraph], Scores]] = Registry("importance")
 STATIC.add("l1", lambda graph: magnitude(graph, p=1))
 STATIC.add("l2", lambda graph: magnitude(graph, p=2))
 STATIC.add("bn_scale", bn_scale)
+STATIC.add("neuron_l2", neuron_l2)
 
 
 # --- first-order Taylor, accumulated over steps ---

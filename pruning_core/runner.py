@@ -153,6 +153,16 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     dense_cost = _measure(model, data, example, spec, device)
     method: Method = METHODS.get(spec.method.name)(spec.method, mctx)
     mctx.teacher = _teacher(spec, model, shape, device) if method.wants_teacher() else None
+    if (
+        mctx.teacher is not None
+        and spec.kd.teacher == "dense"
+        and not spec.model.weights
+        and not spec.schedule.dense_epochs
+    ):
+        reporter.message(
+            "warning: the KD teacher is the dense model, which is untrained here (no model.weights, no "
+            "schedule.dense_epochs): distilling from it teaches noise"
+        )
     model = _run_phases(method, model, train_ctx, shape, phases, history, bn_points)
     # A random batch, not zeros: the physically pruned network and its exports are checked against it.
     check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))

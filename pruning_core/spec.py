@@ -247,13 +247,18 @@ class EPIOptions(_Strict):
         f"({EPI_THRESHOLDS['magnitude']} magnitude, {EPI_THRESHOLDS['taylor']} taylor).",
     )
     min_epochs: int | None = Field(
-        None, ge=1, le=10_000, description="Never prune before this many epochs; default: window + 1."
+        None,
+        ge=1,
+        le=10_000,
+        description="Never prune before this many epochs (unless the schedule ends first: then at its "
+        "second-to-last epoch); default: window + 1, the first epoch with an indicator.",
     )
     deadline: float = Field(
         0.5,
         gt=0.0,
         le=1.0,
-        description="Prune at the end of this share of `schedule.epochs` at the latest, so every job prunes.",
+        description="Prune at the end of this share of `schedule.epochs` at the latest (not before min_epochs, "
+        "not after the second-to-last epoch), so every job prunes.",
     )
 
     @property
@@ -355,9 +360,12 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _prunes_while_training(self) -> JobSpec:
-        if self.method.name in ("psap", "epi") and self.schedule.epochs < 1:
+        if self.method.name == "psap" and self.schedule.epochs < 1:
+            raise ValueError("schedule.epochs: psap prunes while training; it needs at least 1 epoch")
+        if self.method.name == "epi" and self.schedule.epochs < 2:
             raise ValueError(
-                f"schedule.epochs: {self.method.name} prunes while training; it needs at least 1 epoch"
+                "schedule.epochs: epi trains dense, prunes, then trains the pruned network; it needs at "
+                "least 2 epochs"
             )
         return self
 

@@ -12,18 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from pruning_core.budget import select_to_budget
 from pruning_core.errors import Cancelled
 from pruning_core.evaluation import evaluate
 from pruning_core.export import load_pruned
 from pruning_core.groups import PruningGraph
-from pruning_core.importance import magnitude
-from pruning_core.masks import ChannelMasks
 from pruning_core.methods.epi import deadline_epoch, fires, indicator, similarity
 from pruning_core.runner import prepare, run
-from pruning_core.spec import parse_spec
-from pruning_core.surgery import remove_channels
-from pruning_core.zoo import build_model
+from pruning_core.spec import SpecError, parse_spec
 from tests.specs import quick_spec
 from tests.test_method_contract import CancelAt, _comparable
 
@@ -60,7 +55,18 @@ def test_on_a_converging_sequence_the_trigger_fires_where_the_window_first_holds
     early = _first_trigger(archs, tau=0.9, window=3, min_epochs=4)
     assert early is not None and 3 <= early < 9
     assert _first_trigger(archs, tau=0.9, window=3, min_epochs=12) == 11
-    assert deadline_epoch(20, 0.5) == 9 and deadline_epoch(3, 1.0) == 2
+    # the deadline: a share of the epochs, not before min_epochs, never the last epoch
+    assert deadline_epoch(20, 0.5) == 9 and deadline_epoch(20, 0.5, min_epochs=14) == 13
+    assert deadline_epoch(3, 1.0) == 1 and deadline_epoch(8, 0.5, min_epochs=20) == 6
+
+
+def test_an_indicator_above_tau_does_not_fire_while_below_an_earlier_value_in_the_window() -> None:
+    # min_epochs holds back epoch 3 (EPI 1.0); epoch 4's 0.95 is above tau but below it; epoch 5 is 1.0
+    archs = [[10, 10], [10, 10], [10, 10], [10, 10], [10, 11], [10, 11], [10, 11]]
+    values = [indicator(archs[: t + 1], 2) for t in range(len(archs))]
+    assert values[3] == 1.0 and 0.9 < values[4] < 1.0 and values[6] == 1.0  # type: ignore[operator]
+    assert _first_trigger(archs, tau=0.9, window=2, min_epochs=5) == 6
+    assert fires(values[:4], 0.9, 2) and not fires(values[:5], 0.9, 2)
 
 
 def _digits(options: dict[str, Any], epochs: int = 14, **schedule: Any) -> Any:
@@ -94,6 +100,10 @@ def test_a_digits_run_prunes_on_the_indicator_after_the_window_and_before_the_de
     assert pruned[0].metrics["epi"] >= d["threshold"] == pruned[0].metrics["epi_threshold"]
     assert 0.48 <= report.achieved_macs_ratio <= 0.5
     assert report.pruned.top1 > 90.0
+    # the pruned network is the trigger epoch's dominant sub-network
+    model = load_pruned(finished.workdir)
+    widths = [g.size for g in PruningGraph(model, torch.zeros(1, 1, 8, 8), 10).groups]
+    assert widths == d["architecture"]
 
 
 def test_the_reported_training_macs_are_what_every_epoch_trained(finished) -> None:
@@ -111,16 +121,19 @@ def test_the_reported_training_macs_are_what_every_epoch_trained(finished) -> No
     assert sum(r.wall_s for r in epochs if not r.event) < wall["epi"] <= sum(r.wall_s for r in epochs)
 
 
-def test_the_pruned_network_is_the_masked_dominant_sub_network() -> None:
-    torch.manual_seed(0)
-    model = build_model("resnet20", 10, 3).eval()
-    x = torch.randn(4, 3, 32, 32)
-    graph = PruningGraph(model, x[:1], 10)
-    keep = select_to_budget(graph, magnitude(graph), int(0.5 * graph.dense_macs))
-    with torch.no_grad(), ChannelMasks.from_keep(graph, keep).applied():
-        masked = model(x)
-    pruned = remove_channels(graph, keep).eval()
-    assert torch.allclose(pruned(x), masked, atol=1e-5)
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
+def test_a_run_resumed_before_the_trigger_equals_an_uninterrupted_one(criterion: str, tmp_path: Path) -> None:
+    """The window of architectures and indicator values (and Taylor's sums mid-epoch) are method state:
+    cancelled in the middle of epoch 3, before the indicator could fire, the resumed run prunes at the
+    same epoch to the same network."""
+    spec = _digits({"criterion": criterion, "window": 2, "threshold": 0.9}, epochs=7, max_steps_per_epoch=6)
+    reference = run(spec, tmp_path / "whole").report
+    with pytest.raises(Cancelled):
+        run(spec, tmp_path / "resumed", CancelAt("epi", 2, 3))
+    torch.manual_seed(11)
+    resumed = run(spec, tmp_path / "resumed").report
+    assert reference.method_details["trigger_epoch"] >= 3
+    assert _comparable(resumed) == _comparable(reference)
 
 
 def test_a_run_resumed_after_the_trigger_goes_on_with_the_pruned_network(finished, tmp_path: Path) -> None:
@@ -146,9 +159,17 @@ def test_runs_on_torchvision_cnns(name: str, size: int, tmp_path: Path) -> None:
     assert 0.58 <= report.achieved_macs_ratio <= 0.6
 
 
-def test_taylor_criterion_accumulates_over_the_epoch(tmp_path: Path) -> None:
-    spec = _digits({"criterion": "taylor", "window": 2}, epochs=4, max_steps_per_epoch=5)
+def test_the_taylor_criterion_fires_on_its_own_indicator(tmp_path: Path) -> None:
+    spec = _digits({"criterion": "taylor", "window": 2, "threshold": 0.9, "deadline": 1.0}, epochs=8)
     report = run(spec, tmp_path).report
-    assert report.method_details["criterion"] == "taylor"
-    assert report.method_details["threshold"] == 0.944
+    d = report.method_details
+    assert d["criterion"] == "taylor" and d["trigger"] == "indicator", d
+    assert 3 <= d["trigger_epoch"] < 7
     assert 0.48 <= report.achieved_macs_ratio <= 0.5
+
+
+def test_an_epi_job_needs_two_epochs_and_defaults_tau_per_criterion() -> None:
+    with pytest.raises(SpecError, match="at least 2 epochs"):
+        parse_spec({"method": {"name": "epi"}, "schedule": {"epochs": 1}})
+    assert parse_spec({"method": {"name": "epi", "criterion": "taylor"}}).method.tau == 0.944  # type: ignore[union-attr]
+    assert parse_spec({"method": {"name": "epi"}}).method.tau == 0.983  # type: ignore[union-attr]

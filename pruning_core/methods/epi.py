@@ -5,26 +5,30 @@ re-implementations agree (``../shared/docs/METHODS.md`` section 4).
 
 - At the end of every epoch, the **dominant architecture** ``A_t``: the keep counts per coupled group
   that pruning to the target would give now, from the engine's global allocator
-  (``budget.select_to_budget``) on the importance module's scores (``criterion``: group L2 magnitude,
-  mean-normalised per group [ours: the paper divides by sqrt(parameters per neuron); the engine's
-  scorer normalises per group, which serves the same purpose of comparing layers globally], or
-  first-order Taylor ``(sum g*w)^2`` summed over the epoch's steps). Nothing is pruned.
+  (``budget.select_to_budget``) on the importance module's scores (``criterion``: ``magnitude`` is
+  ``importance.neuron_l2``, ``||W_n||_2 / sqrt(P_l)`` as the paper; ``taylor`` is first-order Taylor
+  ``(sum g*w)^2`` summed over the epoch's steps, mean-normalised per group). Nothing is pruned.
 - Structural similarity ``psi(A, B) = 1 - mean_l |a_l - b_l| / (a_l + b_l)``; the indicator
   ``EPI_t = mean_{j=1..r} psi(A_t, A_{t-j})``.
 - Trigger: the first epoch (not before ``min_epochs``) with ``EPI_t >= tau`` and ``EPI_t >= EPI_{t-j}``
-  for every earlier value in the window; at the latest the ``deadline`` [ours: so every job prunes].
+  for every earlier value in the window (this second condition can only bite where ``min_epochs``
+  held back an earlier value above tau; earlier epochs without a value do not count); at the latest
+  the ``deadline`` [ours: so every job prunes], which never falls before ``min_epochs`` nor after
+  the second-to-last epoch, so the pruned network always trains at least one epoch.
   Then the dominant sub-network is removed physically (the engine's PRUNE: new optimizers, BatchNorm
   re-estimated) and training goes on with it to ``schedule.epochs``.
 - The cost claim as a number per job: ``method_details.training_macs`` sums the forward MACs every
   epoch really trained (the engine's ``train_macs``: dense before the trigger, pruned after) against
   dense-then-prune with the same epochs (every epoch at a dense epoch's cost), and
-  ``training_wall_s`` the training steps' seconds against the same estimate from the dense epochs.
+  ``training_wall_s`` the training steps' seconds (plus EPI's own scoring at each epoch's end) against
+  the same estimate from the dense epochs. ``architecture`` records the pruned keep counts per group.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +38,7 @@ from torch import nn
 from ..budget import select_to_budget
 from ..engine import EpochAction, EpochEnd, StepContext
 from ..groups import PruningGraph
-from ..importance import Scores, TaylorAccumulator, magnitude
+from ..importance import Scores, TaylorAccumulator, neuron_l2
 from ..spec import EPIOptions
 from ..surgery import remove_channels
 from .base import METHODS, Method, Phase
@@ -66,9 +70,10 @@ def fires(values: Sequence[float | None], tau: float, window: int) -> bool:
     return now >= tau and all(now >= v for v in earlier)
 
 
-def deadline_epoch(epochs: int, share: float) -> int:
-    """The (0-based) epoch at whose end EPI prunes at the latest."""
-    return max(0, min(epochs, math.ceil(share * epochs)) - 1)
+def deadline_epoch(epochs: int, share: float, min_epochs: int = 1) -> int:
+    """The (0-based) epoch at whose end EPI prunes at the latest: the end of ``share`` of the epochs,
+    not before ``min_epochs``, and never the last epoch (the pruned network trains at least one)."""
+    return max(0, min(epochs - 2, max(math.ceil(share * epochs), min_epochs) - 1))
 
 
 @METHODS.register("epi")
@@ -105,7 +110,15 @@ class EPI(Method):
         d.setdefault("criterion", o.criterion)
         d.setdefault("threshold", o.tau)
         d.setdefault("window", o.window)
-        d.setdefault("deadline_epoch", deadline_epoch(self.ctx.spec.schedule.epochs, o.deadline) + 1)
+        d.setdefault("deadline_epoch", self._deadline + 1)
+        if self._deadline + 1 < self.min_epochs:
+            d.setdefault(
+                "note", "the schedule is too short for the indicator (window + 1 epochs): the deadline prunes"
+            )
+
+    @property
+    def _deadline(self) -> int:
+        return deadline_epoch(self.ctx.spec.schedule.epochs, self.options.deadline, self.min_epochs)
 
     # --- every step ---
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
@@ -115,16 +128,18 @@ class EPI(Method):
     # --- per epoch ---
     def _scores(self) -> Scores:
         assert self.graph is not None
-        return self.taylor.scores() if self.taylor is not None else magnitude(self.graph)
+        return self.taylor.scores() if self.taylor is not None else neuron_l2(self.graph)
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochEnd:
-        self._account(metrics)
         if self.graph is None:  # pruned: the rest of the budget trains the pruned network
+            self._account(metrics)
             return EpochEnd()
+        t0 = time.perf_counter()
         o, graph = self.options, self.graph
         keep = select_to_budget(
             graph, self._scores(), self.ctx.target_macs, min_channels=self.ctx.spec.target.min_channels
         )
+        self._account({**metrics, "wall_s": metrics.get("wall_s", 0.0) + time.perf_counter() - t0})
         if self.taylor is not None:
             self.taylor.reset()
         self.archs.append([len(k) for k in keep])
@@ -133,10 +148,14 @@ class EPI(Method):
         if self.values[-1] is not None:
             numbers["epi"] = self.values[-1]
         by_indicator = epoch + 1 >= self.min_epochs and fires(self.values, o.tau, o.window)
-        if not by_indicator and epoch < deadline_epoch(self.ctx.spec.schedule.epochs, o.deadline):
+        if not by_indicator and epoch < self._deadline:
             return EpochEnd(metrics=numbers)
         self.pruned_at, self._keep = epoch, keep
-        self.ctx.details.update(trigger_epoch=epoch + 1, trigger="indicator" if by_indicator else "deadline")
+        self.ctx.details.update(
+            trigger_epoch=epoch + 1,
+            trigger="indicator" if by_indicator else "deadline",
+            architecture=self.archs[-1],
+        )
         return EpochEnd(EpochAction.PRUNE, numbers)
 
     def _account(self, metrics: dict[str, float]) -> None:
