@@ -185,8 +185,9 @@ class PSAPOptions(_Strict):
     to the group's weight sparsity and scaled so that the step's MAC target is met; zeroed filters stay
     at zero unless their (scale-free) gradient pulses above `pulse_factor` times that of the group's
     kept filters, which protects them: they regrow and are spared at the next step. The step targets
-    tighten from the dense MACs to the job's target over the first `ramp` of the steps. Then the zeroed
-    filters are removed physically, BatchNorm is re-estimated and `finetune_epochs` follow.
+    tighten from the dense MACs to the job's target over the first `ramp` of the steps. The last step is
+    the final cut: the zeroed filters are removed physically, BatchNorm is re-estimated, and the pruned
+    network trains for the last `settle` of the epochs (then `finetune_epochs`, if any).
     From scratch: give no `model.weights` and `schedule.dense_epochs: 0`; from given weights: the job's
     `model.weights` (or dense epochs first). The paper's text is not public: which rules follow its
     abstract and which are ours is in the method's docstring.
@@ -216,8 +217,15 @@ class PSAPOptions(_Strict):
         2.0, gt=0.0, le=1000.0, description="A pulse: gradient EMA above this times the kept filters' mean."
     )
     grad_ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay of the gradient signal, per step.")
+    settle: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of `schedule.epochs` that the physically pruned network trains after the final "
+        "cut (at least one epoch); 0: the last step is at the very end, with no training after it.",
+    )
     finetune_epochs: int = Field(
-        0, ge=0, le=10_000, description="Epochs of fine-tuning after the physical removal."
+        0, ge=0, le=10_000, description="Epochs of a separate fine-tuning phase after the removal."
     )
 
 
@@ -360,8 +368,11 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _prunes_while_training(self) -> JobSpec:
-        if self.method.name == "psap" and self.schedule.epochs < 1:
-            raise ValueError("schedule.epochs: psap prunes while training; it needs at least 1 epoch")
+        if self.method.name == "psap" and self.schedule.epochs < 1 + (self.method.settle > 0):
+            raise ValueError(
+                "schedule.epochs: psap prunes while training and then trains the pruned network (settle); "
+                "it needs at least 2 epochs (1 with settle: 0)"
+            )
         if self.method.name == "epi" and self.schedule.epochs < 2:
             raise ValueError(
                 "schedule.epochs: epi trains dense, prunes, then trains the pruned network; it needs at "

@@ -29,6 +29,9 @@ from tests.specs import quick_spec
 def test_prune_steps_fall_every_interval_and_on_the_last_epoch_and_tighten_to_the_target() -> None:
     assert step_epochs(6, 1) == [0, 1, 2, 3, 4, 5]
     assert step_epochs(7, 3) == [2, 5, 6]
+    # the final cut leaves `settle` of the epochs (at least one) to the physically pruned network
+    assert step_epochs(10, 1, settle=0.2) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert step_epochs(10, 3, settle=0.2) == [2, 5, 7] and step_epochs(2, 1, settle=0.2) == [0]
     for schedule in ("geometric", "linear"):
         o = PSAPOptions(schedule=schedule, ramp=0.5)
         targets = [step_target(k, 6, 0.3, o) for k in range(1, 7)]
@@ -104,7 +107,7 @@ def test_the_gradient_signal_of_a_zeroed_filter_before_batchnorm_is_comparable_t
 def _harness() -> tuple[PSAP, nn.Module, torch.Tensor, torch.Tensor]:
     """PSAP (default options) attached to a fresh resnet20, one prune step done."""
     torch.manual_seed(0)
-    spec = quick_spec("resnet20", {"name": "psap"}, size=8, target=0.5)
+    spec = quick_spec("resnet20", {"name": "psap"}, size=8, target=0.5, epochs=2)
     model = build_model("resnet20", 4, 3).train()
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
     method = PSAP(spec.method, MethodContext(spec, x[:1], 4, torch.device("cpu"), count_macs(model, x[:1])))
@@ -193,7 +196,7 @@ def test_zeroed_filters_stay_exactly_zero_through_momentum_and_weight_decay(
         assert after == 0.0
 
     monkeypatch.setattr(PSAP, "after_step", checked)
-    spec = _digits({}, epochs=2)
+    spec = _digits({}, epochs=3)
     assert spec.schedule.momentum > 0 and spec.schedule.weight_decay > 0
     run(
         spec.model_copy(update={"schedule": spec.schedule.model_copy(update={"max_steps_per_epoch": 6})}),
@@ -211,19 +214,23 @@ def test_a_run_ends_at_the_target_with_the_masked_network_physically_pruned(fini
     report = finished
     assert 0.48 <= report.achieved_macs_ratio <= 0.5
     assert report.finalize_rel_diff is not None and report.finalize_rel_diff < 1e-4
-    steps = [r for r in report.history if r.phase == "psap"]
+    epochs = [r for r in report.history if r.phase == "psap"]
+    steps = [r for r in epochs if "step_target" in r.metrics]
     targets = [r.metrics["step_target"] for r in steps]
     assert targets == sorted(targets, reverse=True) and targets[-1] == pytest.approx(0.5)
-    for r in steps:  # each step meets its target; the masked network follows (plus protected filters)
+    for r in steps[1:]:  # each step meets its target; the masked network follows (plus protected filters)
         assert r.metrics["step_macs_ratio"] <= r.metrics["step_target"]
-        if r.epoch:
-            assert r.macs / report.dense.macs <= targets[r.epoch - 1] + 0.02
+        assert (r.macs_before or r.macs) / report.dense.macs <= targets[r.epoch - 1] + 0.02
+    # the last step is the final cut, and the pruned network trains on (settle)
+    cut = steps[-1]
+    assert cut.event == "pruned" and epochs[-1].epoch > cut.epoch
+    assert all(r.macs == report.pruned.macs for r in epochs if r.epoch >= cut.epoch)
     assert {"layer_ratios", "sparsity_ratios", "protected", "regrown"} <= set(steps[-1].metrics)
     assert report.pruned.top1 > 90.0
 
 
 def test_without_an_injected_pulse_few_zeroed_filters_are_protected(finished) -> None:
-    steps = [r for r in finished.history if r.phase == "psap"]
+    steps = [r for r in finished.history if r.phase == "psap" and "zeroed" in r.metrics]
     zeroed = [r.metrics["zeroed"] for r in steps]
     protected = [r.metrics["protected"] for r in steps]
     # protections counted at step k were among the filters zeroed at step k - 1
@@ -262,5 +269,8 @@ def test_psap_is_not_worse_than_uniform_soft_filter_pruning(tmp_path: Path) -> N
 
 
 def test_a_psap_job_without_training_epochs_is_refused() -> None:
-    with pytest.raises(SpecError, match="at least 1 epoch"):
-        parse_spec({"method": {"name": "psap"}, "schedule": {"epochs": 0}})
+    with pytest.raises(SpecError, match="at least 2 epochs"):
+        parse_spec({"method": {"name": "psap"}, "schedule": {"epochs": 1}})
+    assert (
+        parse_spec({"method": {"name": "psap", "settle": 0}, "schedule": {"epochs": 1}}).schedule.epochs == 1
+    )

@@ -32,9 +32,13 @@ run are **[ours]**, each an option of ``PSAPOptions`` (see ``../shared/docs/METH
    Ties among zeroed filters (all at norm 0) go by the signal's EMA; a zeroed filter that a later
    step keeps (its group's ratio fell) restarts from zero with its gradient tempered the same way.
    A group with no conv/linear filter to zero (say a transposed conv's) keeps all its channels.
-5. The last prune step falls on the phase's last epoch; then the zeroed filters are removed physically
-   (the masked network, zeroed channels cut after their BatchNorm, equals the pruned one), BatchNorm
-   statistics are re-estimated, and ``finetune_epochs`` of fine-tuning follow (none by default).
+5. The last prune step is the final cut: the zeroed filters are removed physically (the masked network,
+   zeroed channels cut after their BatchNorm, equals the pruned one), BatchNorm statistics are
+   re-estimated, and the pruned network trains on for the last ``settle`` of the epochs (at least
+   one) [ours: a step at the very end (``settle: 0``) re-selects filters that no epoch then trains,
+   and the zeroed channels' constant BatchNorm shift, which the soft network used, is cut with them:
+   on digits at target 0.25 the masked network scored 98.1% before that last step and 88.3% after].
+   ``finetune_epochs`` of fine-tuning may follow as a phase of their own (none by default).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import torch
 from torch import nn
 
 from ..budget import counts_for_ratios
-from ..engine import EpochEnd, StepContext
+from ..engine import EpochAction, EpochEnd, StepContext
 from ..evaluation import View
 from ..filters import GroupFilters
 from ..groups import ChannelGroup, PruningGraph, top_channels
@@ -59,10 +63,18 @@ from .base import METHODS, Method, Phase
 SPARSITY_FLOOR = 1e-3  # a group with no sparse weight still gets a (small) share of every step
 
 
-def step_epochs(epochs: int, interval: int) -> list[int]:
-    """The epochs (0-based) at whose end a prune step runs: every ``interval``-th, and the last."""
-    marks = [e for e in range(epochs) if (e + 1) % interval == 0]
-    return marks if marks and marks[-1] == epochs - 1 else [*marks, epochs - 1]
+def settle_epochs(epochs: int, settle: float) -> int:
+    """Epochs the physically pruned network trains after the final cut: ``settle`` of them, at least
+    one (and at least one epoch before the cut)."""
+    return min(max(1, math.ceil(settle * epochs)), max(1, epochs - 1))
+
+
+def step_epochs(epochs: int, interval: int, settle: float = 0.0) -> list[int]:
+    """The epochs (0-based) at whose end a prune step runs: every ``interval``-th before the settling
+    epochs, and the last of those (the final cut)."""
+    cut = epochs - 1 - (settle_epochs(epochs, settle) if settle else 0)
+    marks = [e for e in range(cut + 1) if (e + 1) % interval == 0]
+    return marks if marks and marks[-1] == cut else [*marks, cut]
 
 
 def step_target(k: int, steps: int, target: float, options: PSAPOptions) -> float:
@@ -139,7 +151,7 @@ class PSAP(Method):
         self.steps_done = 0
         self._active: list[int] = []  # groups with zeroed channels
         self._returning_groups: list[int] = []  # groups with channels a step brought back
-        self._marks = step_epochs(ctx.spec.schedule.epochs, options.interval)
+        self._marks = step_epochs(ctx.spec.schedule.epochs, options.interval, options.settle)
 
     # --- phases ---
     def phases(self) -> list[Phase]:
@@ -153,7 +165,7 @@ class PSAP(Method):
             self._attach(model, None)
             self._check_reachable()
             return model
-        return self._remove(model)
+        return self._remove(model) if self.filters is not None else model
 
     def _check_reachable(self) -> None:
         """Fail before training, not at the end of the ramp, if every group at ``max_ratio`` cannot
@@ -258,7 +270,13 @@ class PSAP(Method):
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochEnd:
         if self.filters is None or epoch not in self._marks:
             return EpochEnd()
-        return EpochEnd(metrics=self._prune_step())
+        metrics = self._prune_step()
+        if epoch == self._marks[-1] and self.options.settle > 0:  # the final cut: remove, train on
+            return EpochEnd(EpochAction.PRUNE, metrics)
+        return EpochEnd(metrics=metrics)
+
+    def prune_now(self, model: nn.Module) -> nn.Module:
+        return self._remove(model)
 
     @torch.no_grad()
     def _prune_step(self) -> dict[str, Any]:
