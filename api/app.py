@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from pruning_core.settings import Settings, get_settings
-from store.db import make_engine, sessions
+from store.db import make_engine, read_sessions, sessions
 
 from . import problems, queue
 from .limits import BodyLimitMiddleware
@@ -23,13 +24,21 @@ DESCRIPTION = """Structured pruning as a service: submit a JobSpec, follow its e
 physically smaller model and its report. Errors are RFC 9457 `application/problem+json`; authenticate
 with `Authorization: Bearer <api key>`."""
 
+# Sync routes, auth and response validation each run on one of these threads, and a thread holds at
+# most one database connection at a time (sessions live inside one call), so a pool of the same size
+# never makes a thread wait for a connection. Past the threads, requests queue in the event loop.
+API_THREADS = 40
+# The longest a request waits for a connection or SQLite's write lock before it answers 503.
+DB_WAIT_S = 10.0
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = make_engine(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url, pool_size=API_THREADS, max_overflow=0, wait_s=DB_WAIT_S)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         yield
         queue.close()
         engine.dispose()
@@ -38,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions(engine)
+    app.state.read_sessions = read_sessions(engine)
     app.state.metrics = Metrics()
     problems.install(app)
     app.add_middleware(BodyLimitMiddleware)

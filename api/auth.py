@@ -2,7 +2,8 @@
 
 Keys are stored hashed (store.repo); ``BOOTSTRAP_API_KEY`` is accepted as owner ``admin``; with
 ``auth_disabled`` (embedded mode on loopback, checked by ``python -m api``) a request without a key is
-owner ``local``. Auth uses its own short session so it never holds a connection for a whole request.
+owner ``local``. Auth uses its own short read-only session, so it never holds a connection for a whole
+request nor takes SQLite's write lock.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def current_owner(
     boot = settings.bootstrap_api_key
     if boot and hmac.compare_digest(key.encode(), boot.encode()):
         return BOOTSTRAP_OWNER
-    with request.app.state.sessions() as s:
+    with request.app.state.read_sessions() as s:
         owner = repo.owner_of_key(s, key)
     if owner is None:
         raise _unauthorized("The API key is unknown or revoked.", "invalid_token")

@@ -15,12 +15,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("api")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "urn:pruning:problem:"
+RETRY_AFTER_S = 2  # what an overloaded or unreachable database asks clients to wait
 
 
 class Problem(Exception):
@@ -142,6 +145,21 @@ async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
     return problem_response(request, Problem(exc.status_code, detail, headers=dict(exc.headers or {})))
 
 
+async def _on_database_busy(request: Request, exc: Exception) -> ProblemResponse:
+    """No connection free in time, SQLite's write lock held past the wait, or the database unreachable:
+    the request may well succeed later, so 503 with Retry-After rather than a 500."""
+    log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request,
+        Problem(
+            503,
+            "The database is busy or unreachable; retry shortly.",
+            slug="database-busy",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ),
+    )
+
+
 async def _on_crash(request: Request, exc: Exception) -> ProblemResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -154,6 +172,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(PoolTimeoutError, _on_database_busy)
+    app.add_exception_handler(OperationalError, _on_database_busy)
     app.add_exception_handler(Exception, _on_crash)
 
 

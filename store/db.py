@@ -7,9 +7,14 @@ database). A transaction therefore takes SQLite's single write lock up front and
 busy timeout (30 s) instead of failing: with deferred transactions a session that reads and then writes
 (create_job, append_event, the API's "get then cancel") fails at once with "database is locked"
 (SQLITE_BUSY_SNAPSHOT, which the busy timeout does not cover) whenever another process committed in
-between. The price is that SQLite transactions, reads included, run one at a time, so keep sessions
-short: never hold one across a training step, an upload or an SSE wait. WAL still lets readers outside
-any transaction proceed. SAVEPOINTs (``Session.begin_nested``) work correctly in this mode.
+between. The price is that SQLite write transactions run one at a time, so keep sessions short: never
+hold one across a training step, an upload or an SSE wait. SAVEPOINTs (``Session.begin_nested``) work
+correctly in this mode.
+
+Read-only sessions (``read_sessions``) never take the write lock: on SQLite they open a deferred
+``BEGIN`` (a WAL snapshot, which proceeds while another connection writes), on PostgreSQL a READ ONLY
+transaction. The API serves every GET from them, so a burst of reads cannot queue behind, or in front
+of, the worker's claims and heartbeats.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pruning_core.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_S = 30
+READ_ONLY = "pruning_read_only"  # execution option on read-only engines, seen by the SQLite BEGIN hook
 
 
 def normalize_url(url: str) -> str:
@@ -36,14 +42,23 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, wait_s: float = SQLITE_BUSY_TIMEOUT_S
+) -> Engine:
+    """An engine for ``url``. ``wait_s`` bounds both the wait for a pooled connection and (SQLite) the
+    wait for the write lock; past it the caller gets ``sqlalchemy.exc.TimeoutError`` or
+    ``OperationalError`` ("database is locked") instead of waiting on."""
     url = normalize_url(url)
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": wait_s}
     if url.startswith("sqlite"):
         database = make_url(url).database
-        if database and database != ":memory:" and not database.startswith("file:"):
+        in_memory = not database or database == ":memory:"
+        if not in_memory and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
+            url,
+            connect_args={"check_same_thread": False, "timeout": wait_s},
+            **({} if in_memory else pool),  # an in-memory database lives in one connection
         )
 
         @event.listens_for(engine, "connect")
@@ -52,15 +67,23 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+            cur.execute(f"PRAGMA busy_timeout={int(wait_s * 1000)}")
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _begin(conn) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **pool)
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine and pool, for transactions that only read (see the module docstring)."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(**{READ_ONLY: True, "postgresql_readonly": True})
+    return engine.execution_options(**{READ_ONLY: True})
 
 
 @lru_cache
@@ -70,6 +93,11 @@ def get_engine(url: str | None = None) -> Engine:
 
 def sessions(engine: Engine | None = None) -> sessionmaker[Session]:
     return sessionmaker(engine or get_engine(), expire_on_commit=False)
+
+
+def read_sessions(engine: Engine | None = None) -> sessionmaker[Session]:
+    """Sessions whose transactions only read: never SQLite's write lock (PostgreSQL refuses writes)."""
+    return sessions(read_only(engine or get_engine()))
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from store import files, repo
 
 from ..auth import OwnerDep
-from ..deps import SessionDep, SettingsDep
+from ..deps import ReadSessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
 from ..schemas import ArtifactList, artifact_out
 from .jobs import owned_job, root_path
@@ -24,10 +24,12 @@ router = APIRouter(tags=["artifacts"], responses={"4XX": PROBLEM_SCHEMA})
 
 
 @router.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList)
-def list_artifacts(job_id: str, request: Request, s: SessionDep, owner: OwnerDep) -> ArtifactList:
-    owned_job(s, owner, job_id)
+def list_artifacts(job_id: str, request: Request, sessions: ReadSessionsDep, owner: OwnerDep) -> ArtifactList:
+    with sessions() as s:
+        owned_job(s, owner, job_id)
+        arts = repo.list_artifacts(s, job_id)
     root = root_path(request)
-    return ArtifactList(items=[artifact_out(a, root) for a in repo.list_artifacts(s, job_id)])
+    return ArtifactList(items=[artifact_out(a, root) for a in arts])
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -88,15 +90,15 @@ ARTIFACT_PATH = "/v1/jobs/{job_id}/artifacts/{name:path}"
 def download_artifact(
     job_id: str,
     name: str,
-    s: SessionDep,
+    sessions: ReadSessionsDep,
     owner: OwnerDep,
     settings: SettingsDep,
     range_: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    owned_job(s, owner, job_id)
-    art = repo.get_artifact(s, job_id, name)
-    s.close()  # release the connection before a long download
+    with sessions() as s:  # closed before the download starts
+        owned_job(s, owner, job_id)
+        art = repo.get_artifact(s, job_id, name)
     if art is None:
         raise Problem(404, f"Job {job_id} has no artifact {name!r}.", slug="artifact-not-found")
     try:

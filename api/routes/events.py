@@ -17,7 +17,7 @@ from store import repo
 from store.models import TERMINAL, Job
 
 from ..auth import OwnerDep
-from ..deps import SessionsDep
+from ..deps import ReadSessionsDep
 from ..problems import PROBLEM_SCHEMA
 from ..schemas import EventOut, EventPage, event_out
 from .jobs import not_found
@@ -61,7 +61,7 @@ async def _stream(sessions: sessionmaker[Session], job_id: str, after: int) -> A
 def job_events(
     job_id: str,
     request: Request,
-    sessions: SessionsDep,
+    sessions: ReadSessionsDep,
     owner: OwnerDep,
     after: Annotated[int, Query(ge=0, description="Events with a sequence number above this")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -13,7 +13,7 @@ from store.models import Job, JobStatus
 
 from .. import queue
 from ..auth import OwnerDep
-from ..deps import SessionDep, SettingsDep
+from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
 from ..refs import spec_errors
 from ..schemas import JobOut, JobPage, job_out
@@ -47,38 +47,40 @@ def create_job(
     spec: JobSpec,
     request: Request,
     response: Response,
-    s: SessionDep,
+    sessions: SessionsDep,
     owner: OwnerDep,
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
     """Queue a pruning job. Files are referenced as `upload:<id>` (POST /v1/uploads)."""
-    if errors := spec_errors(s, owner, spec):
-        raise Problem(
-            422,
-            f"{len(errors)} invalid field(s): {', '.join(e['field'] for e in errors)}.",
-            slug="validation-error",
-            title="Invalid request",
-            errors=errors,
-        )
-    try:
-        job, created = repo.create_job(
-            s,
-            owner,
-            spec.model_dump(mode="json"),
-            spec.method.name,
-            idempotency_key=idempotency_key or None,
-            max_attempts=settings.max_attempts,
-        )
-    except ValueError as err:
-        raise Problem(409, str(err), slug="idempotency-key-reused") from None
-    s.commit()  # the row is the truth: commit before the broker hears of it
+    with sessions() as s:
+        if errors := spec_errors(s, owner, spec):
+            raise Problem(
+                422,
+                f"{len(errors)} invalid field(s): {', '.join(e['field'] for e in errors)}.",
+                slug="validation-error",
+                title="Invalid request",
+                errors=errors,
+            )
+        try:
+            job, created = repo.create_job(
+                s,
+                owner,
+                spec.model_dump(mode="json"),
+                spec.method.name,
+                idempotency_key=idempotency_key or None,
+                max_attempts=settings.max_attempts,
+            )
+        except ValueError as err:
+            raise Problem(409, str(err), slug="idempotency-key-reused") from None
+        s.commit()  # the row is the truth: commit before the broker hears of it
     metrics = request.app.state.metrics
     if created:
         metrics.jobs_created.inc()
-        if queue.enqueue(job.id, settings):
-            repo.mark_enqueued(s, job.id)
-            s.commit()
+        if queue.enqueue(job.id, settings):  # no connection held while the broker answers
+            with sessions() as s:
+                repo.mark_enqueued(s, job.id)
+                s.commit()
         elif settings.redis_url:
             metrics.enqueue_failures.inc()
     out = job_out(job, root_path(request))
@@ -90,7 +92,7 @@ def create_job(
 @router.get("/v1/jobs", response_model=JobPage)
 def list_jobs(
     request: Request,
-    s: SessionDep,
+    sessions: ReadSessionsDep,
     owner: OwnerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
@@ -98,7 +100,8 @@ def list_jobs(
 ) -> JobPage:
     """The caller's jobs, newest first. Pass `next_cursor` back as `cursor` for the next page."""
     try:
-        jobs, next_cursor = repo.list_jobs(s, owner, status=status, limit=limit, cursor=cursor or None)
+        with sessions() as s:
+            jobs, next_cursor = repo.list_jobs(s, owner, status=status, limit=limit, cursor=cursor or None)
     except ValueError:
         raise Problem(
             400, "The cursor is malformed; use `next_cursor` as given.", slug="bad-cursor"
@@ -108,15 +111,18 @@ def list_jobs(
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, s: SessionDep, owner: OwnerDep) -> JobOut:
-    return job_out(owned_job(s, owner, job_id), root_path(request))
+def get_job(job_id: str, request: Request, sessions: ReadSessionsDep, owner: OwnerDep) -> JobOut:
+    with sessions() as s:
+        job = owned_job(s, owner, job_id)
+    return job_out(job, root_path(request))
 
 
 @router.post("/v1/jobs/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def cancel_job(job_id: str, request: Request, s: SessionDep, owner: OwnerDep) -> JobOut:
+def cancel_job(job_id: str, request: Request, sessions: SessionsDep, owner: OwnerDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step (`cancel_requested`);
     a finished one is returned unchanged."""
-    owned_job(s, owner, job_id)
-    job = repo.request_cancel(s, job_id)
-    s.commit()
+    with sessions() as s:
+        owned_job(s, owner, job_id)
+        job = repo.request_cancel(s, job_id)
+        s.commit()
     return job_out(job, root_path(request))

@@ -15,7 +15,7 @@ from store.models import Upload
 
 from .. import files
 from ..auth import OwnerDep
-from ..deps import SessionsDep, SettingsDep
+from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
 from ..schemas import UploadOut, upload_out
 
@@ -84,7 +84,7 @@ async def create_upload(
 
 
 @router.get("/v1/uploads/{upload_id}", response_model=UploadOut)
-def get_upload(upload_id: str, owner: OwnerDep, sessions: SessionsDep) -> UploadOut:
+def get_upload(upload_id: str, owner: OwnerDep, sessions: ReadSessionsDep) -> UploadOut:
     with sessions() as s:
         up = repo.get_upload(s, upload_id, owner=owner)
     if up is None:
