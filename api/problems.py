@@ -18,11 +18,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 log = logging.getLogger("api")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "urn:pruning:problem:"
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
 RETRY_AFTER_S = 2  # what an overloaded or unreachable database asks clients to wait
 
 
@@ -140,9 +142,23 @@ async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
     detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     if exc.status_code == 404 and detail == HTTPStatus.NOT_FOUND.phrase:
         detail = f"No route for {request.method} {request.url.path}."
-    elif exc.status_code == 405:
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
         detail = f"{request.method} is not allowed on {request.url.path}."
-    return problem_response(request, Problem(exc.status_code, detail, headers=dict(exc.headers or {})))
+        headers["Allow"] = allowed_methods(request, headers.get("Allow", ""))
+    return problem_response(request, Problem(exc.status_code, detail, headers=headers))
+
+
+def allowed_methods(request: Request, fallback: str = "") -> str:
+    """Every method the API serves at this path, from the OpenAPI document (RFC 9110 wants all of them
+    in a 405's Allow; Starlette names only the first matching route's, e.g. POST alone for
+    ``DELETE /v1/jobs``). Routes outside the schema (/docs) keep Starlette's ``fallback``."""
+    path = request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].fullmatch(path):
+            methods |= {m.upper() for m in operations if m.upper() in HTTP_METHODS}
+    return ", ".join(sorted(methods)) or fallback
 
 
 async def _on_database_busy(request: Request, exc: Exception) -> ProblemResponse:

@@ -229,9 +229,16 @@ def test_bad_job_input(api: Api) -> None:
     assert_problem(c.get("/v1/jobs?cursor=%%%garbage", headers=api.a), 400)
     assert_problem(c.get("/v1/jobs?cursor=WzEsMl0", headers=api.a), 400)  # base64 of [1,2]
     assert_problem(c.get("/v1/nothing-here", headers=api.a), 404)
-    r = c.delete("/v1/jobs", headers=api.a)
-    assert_problem(r, 405)
-    assert r.headers.get("allow")
+    # a 405's Allow names every method served at the path, not only the first route's
+    for method, path, allow in [
+        ("DELETE", "/v1/jobs", "GET, POST"),
+        ("PUT", "/v1/jobs/x", "GET"),
+        ("GET", "/v1/jobs/x/cancel", "POST"),
+        ("POST", "/healthz", "GET"),
+    ]:
+        r = c.request(method, path, headers=api.a)
+        assert_problem(r, 405)
+        assert r.headers.get("allow") == allow, (method, path, r.headers.get("allow"))
     # nothing was written, and the server still serves
     assert c.get("/v1/jobs", headers=api.a).json()["items"] == []
     assert c.get("/healthz").status_code == 200
