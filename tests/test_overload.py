@@ -151,7 +151,7 @@ def test_reads_proceed_while_another_connection_writes_and_writes_answer_503(sql
     writer = _hold_write_lock(path)
     try:
         t = time.monotonic()
-        for p in (f"/v1/jobs/{job_id}", "/v1/jobs", f"/v1/jobs/{job_id}/events"):
+        for p in (f"/v1/jobs/{job_id}", "/v1/jobs", f"/v1/jobs/{job_id}/events", "/readyz"):
             assert client.get(p).status_code == 200, p
         assert time.monotonic() - t < 0.5  # none waited for the lock (the wait is 0.5 s)
         # the snapshot from before the uncommitted write
