@@ -207,11 +207,11 @@ def test_zeroed_filters_stay_exactly_zero_through_momentum_and_weight_decay(
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Any:
-    return run(_digits({}), tmp_path_factory.mktemp("psap")).report
+    return run(_digits({}), tmp_path_factory.mktemp("psap"))
 
 
 def test_a_run_ends_at_the_target_with_the_masked_network_physically_pruned(finished) -> None:
-    report = finished
+    report = finished.report
     assert 0.48 <= report.achieved_macs_ratio <= 0.5
     assert report.finalize_rel_diff is not None and report.finalize_rel_diff < 1e-4
     epochs = [r for r in report.history if r.phase == "psap"]
@@ -226,11 +226,13 @@ def test_a_run_ends_at_the_target_with_the_masked_network_physically_pruned(fini
     assert cut.event == "pruned" and epochs[-1].epoch > cut.epoch
     assert all(r.macs == report.pruned.macs for r in epochs if r.epoch >= cut.epoch)
     assert {"layer_ratios", "sparsity_ratios", "protected", "regrown"} <= set(steps[-1].metrics)
+    for plot in ("metric-layer_ratios.png", "metric-sparsity_ratios.png", "training.png"):
+        assert (finished.workdir / plot).stat().st_size > 0
     assert report.pruned.top1 > 90.0
 
 
 def test_without_an_injected_pulse_few_zeroed_filters_are_protected(finished) -> None:
-    steps = [r for r in finished.history if r.phase == "psap" and "zeroed" in r.metrics]
+    steps = [r for r in finished.report.history if r.phase == "psap" and "zeroed" in r.metrics]
     zeroed = [r.metrics["zeroed"] for r in steps]
     protected = [r.metrics["protected"] for r in steps]
     # protections counted at step k were among the filters zeroed at step k - 1
