@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning_core.groups import PruningGraph
-from pruning_core.importance import STATIC, TaylorAccumulator, bn_scale, magnitude
+from pruning_core.importance import STATIC, TaylorAccumulator, bn_scale, magnitude, neuron_l2
 from pruning_core.zoo import build_model
 
 
@@ -84,8 +84,14 @@ def test_static_scores_are_mean_normalised_and_rank_as_defined() -> None:
         model[0].weight[2].zero_()
     graph = PruningGraph(model, torch.randn(1, 3, 8, 8), 4)
     for name in STATIC:
+        if name == "neuron_l2":  # normalised by parameters per neuron instead (below)
+            continue
         for s in STATIC.get(name)(graph):
             assert s.mean().item() == pytest.approx(1.0)
+    conv = model[0]
+    per_param = conv.weight.flatten(1).norm(dim=1) / conv.weight[0].numel() ** 0.5
+    assert torch.allclose(neuron_l2(graph)[0], per_param.detach()), "||W_n|| / sqrt(P), not per group"
+    assert neuron_l2(graph)[0][2] == 0.0
     gamma = bn_scale(graph)[0]
     assert torch.allclose(gamma, torch.arange(1.0, 9.0) / 4.5), "|gamma| of the group's one BatchNorm"
     conv, bn, nxt = model[0], model[1], model[3]
