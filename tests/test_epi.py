@@ -149,8 +149,10 @@ def test_a_run_resumed_after_the_trigger_goes_on_with_the_pruned_network(finishe
     assert evaluate(model, data.test, torch.device("cpu"))["top1"] == finished.report.pruned.top1
 
 
-@pytest.mark.parametrize("name, size", [("tv:resnet18", 32), ("tv:mobilenet_v2", 32)])
-def test_runs_on_torchvision_cnns(name: str, size: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name, size", [("tv:resnet18", 32), ("tv:mobilenet_v2", 32), ("vgg16_bn", 16), ("mobilenet_v2", 16)]
+)
+def test_runs_on_torchvision_and_zoo_cnns(name: str, size: int, tmp_path: Path) -> None:
     spec = quick_spec(
         name, {"name": "epi", "window": 1, "deadline": 0.5}, size=size, epochs=3, max_steps_per_epoch=2
     )
