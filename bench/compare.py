@@ -149,9 +149,7 @@ def method_spec(
         base["kd"] = KDSpec(enabled=True).model_dump(mode="json")
     if c.one_stage:
         base["model"]["weights"] = None
-        base["schedule"] = Schedule(
-            epochs=case.dense_epochs + case.finetune_epochs, batch_size=case.batch_size, lr=case.lr
-        ).model_dump(mode="json")
+        base["schedule"] = _whole_schedule(case)
     elif c.search_share is not None:  # search + training of the found network = the fine-tune epochs
         search = max(1, round(case.finetune_epochs * c.search_share))
         base["method"]["search_epochs"] = search
@@ -224,10 +222,14 @@ def _at_init_spec(s: Any, target: float) -> JobSpec:
     base = job_spec(case, s.spec.data, s.seed, replace(s.profile, target=target), None).model_dump(
         mode="json"
     )
-    base["schedule"] = Schedule(
-        epochs=case.dense_epochs + case.finetune_epochs, batch_size=case.batch_size, lr=case.lr
-    ).model_dump(mode="json")
+    base["schedule"] = _whole_schedule(case)
     return JobSpec.model_validate(base)
+
+
+def _whole_schedule(case: Case) -> dict[str, Any]:
+    """Training from the initial weights: the dense + fine-tune epochs at the dense LR (as a spec dict)."""
+    epochs = case.dense_epochs + case.finetune_epochs
+    return Schedule(epochs=epochs, batch_size=case.batch_size, lr=case.lr).model_dump(mode="json")
 
 
 def run_seed(

@@ -26,7 +26,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .groups import NORMS, PruningGraph, Slot
+from .filters import GroupFilters  # the one definition of a group's filters
+from .groups import PruningGraph, Slot
 from .registry import Registry
 
 Scores = list[torch.Tensor]  # one (group.size,) float tensor per group, on the CPU
@@ -71,16 +72,12 @@ def neuron_l2(graph: PruningGraph) -> Scores:
     magnitude criterion). Channels of a group without such a layer score 1."""
     out = []
     with torch.no_grad():
-        for g in graph.groups:
-            total, layers = torch.zeros(g.size), 0
-            for slot in g.outputs:
-                m = graph.modules[slot.module]
-                if isinstance(m, NORMS) or not isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
-                    continue
-                w = m.weight.detach()[slot.module_idx].float().flatten(1).cpu()
-                total.index_add_(0, slot.root_idx, w.norm(dim=1) / w.shape[1] ** 0.5)
-                layers += 1
-            out.append(total / layers if layers else torch.ones(g.size))
+        for g, slots in zip(graph.groups, GroupFilters(graph).slots, strict=True):
+            total = torch.zeros(g.size)
+            for slot in slots:
+                w = slot.module.weight.detach()[slot.rows].float().flatten(1).cpu()
+                total.index_add_(0, slot.roots, w.norm(dim=1) / w.shape[1] ** 0.5)
+            out.append(total / len(slots) if slots else torch.ones(g.size))
     return out
 
 
