@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, description="How often a running job writes its heartbeat.")
     max_attempts: int = Field(3, description="Attempts before a job that keeps losing its worker fails.")
     job_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one job attempt.")
+    db_retry_s: float = Field(
+        120.0,
+        description="How long a worker retries a write (event, finish) while the database is unreachable.",
+    )
+    unqueued_after_s: float = Field(
+        30.0, description="The reaper enqueues a queued job the broker never got after this many seconds."
+    )
     bootstrap_api_key: str | None = Field(
         None, description="An API key accepted for owner `admin` (BOOTSTRAP_API_KEY)."
     )

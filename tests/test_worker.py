@@ -308,7 +308,9 @@ def test_reaper_requeues_and_the_retry_resumes(
     assert execute(job_id, worker_name="second", settings=settings) == "succeeded"
     job = get(engine, job_id)
     assert (job.status, job.attempt, job.worker) == ("succeeded", 2, "second")
-    assert (settings.artifacts_dir / job_id / "attempt-2" / "checkpoints" / "finetune.pt").is_file()
+    # Once it succeeded, only its artifacts stay: no checkpoints, nothing of attempt 1.
+    assert [p.name for p in (settings.artifacts_dir / job_id).iterdir()] == ["attempt-2"]
+    assert not (settings.artifacts_dir / job_id / "attempt-2" / "checkpoints").exists()
     texts = messages(engine, job_id)
     assert "resuming from the checkpoints of attempt 1" in texts
     assert any("resuming at epoch 3" in t for t in texts)  # epochs 1-2 came from attempt 1

@@ -26,9 +26,9 @@ from sqlalchemy import Engine
 
 from pruning_core.settings import Settings, get_settings
 from store import repo
-from store.db import make_engine, migrate, session_scope
+from store.db import make_engine, migrate, read_sessions
 
-from .reaper import interval_s, reap_once
+from .reaper import hand_on_lost, interval_s, reap_once
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def next_queued(engine: Engine, skip: set[str] | frozenset[str] = frozenset()) -> str | None:
     """The oldest queued job that can be claimed, skipping ``skip``."""
-    with session_scope(engine) as s:
+    with read_sessions(engine)() as s:  # a poll only reads: it never waits for SQLite's write lock
         ids = repo.queued_job_ids(s, limit=len(skip) + 1)
     return next((i for i in ids if i not in skip), None)
 
@@ -85,7 +85,9 @@ class LocalRunner:
             elif code == EXIT_INTERRUPTED:
                 log.info("job %s: interrupted", job_id)
             elif code != EXIT_DONE:
-                log.warning("job %s: child exited with %s; the reaper requeues it", job_id, code)
+                # The child died (killed, out of memory): its attempt goes back to the queue now.
+                log.warning("job %s: child exited with %s", job_id, code)
+                hand_on_lost(self.engine, job_id, self.worker_name, self.settings)
         self.engine.dispose()
         log.info("local runner stopped")
 
