@@ -113,7 +113,7 @@ def hand_on_lost(engine: Engine, job_id: str, worker: str, settings: Settings) -
         return False
     if status in (JobStatus.FAILED, JobStatus.CANCELLED):
         clean_job_files(settings.artifacts_dir, job_id, keep=set())
-    log.warning("job %s: the process of attempt %d died; now %s", job_id, attempt, status.value)
+    log.warning("job %s: the process of attempt %d died; now %s", job_id, attempt, status)
     return send
 
 
