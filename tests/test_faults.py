@@ -114,6 +114,7 @@ def test_killed_job_process_resumes_from_its_checkpoint(sqlite_db: str, tmp_path
         wait_for(lambda: running_attempt(engine, job_id, 2), 30, "the second attempt", every=0.05)
         handed_on_s = time.monotonic() - t0
         job = wait_for(lambda: done(engine, job_id), 120, "the resumed job")
+    print(f"handed on after {handed_on_s:.1f} s")
     assert handed_on_s < 20, f"handed on after {handed_on_s:.1f} s; the lease is 60 s"
     assert (job.status, job.attempt) == ("succeeded", 2)
     check_job(engine, job_id, settings.artifacts_dir)
@@ -318,3 +319,115 @@ def test_reaper_cleans_up_the_files_of_a_job_it_fails(sqlite_db: str, tmp_path: 
     assert reap_once(engine, lambda _j: None, settings)["failed"] == 1
     check_job(engine, job_id, settings.artifacts_dir)  # no directory left
     engine.dispose()
+
+
+# --- real Celery workers on a private Redis and PostgreSQL (slow) ---
+
+
+@pytest.fixture
+def celery_stack(pg_url: str, private_redis: RedisServer, tmp_path: Path, procs: Procs):
+    """Settings, engine and ``send(spec) -> job id`` (commit, enqueue, mark enqueued, as the API does)."""
+    migrate(pg_url)
+    procs.env = service_env(
+        tmp_path, DATABASE_URL=pg_url, REDIS_URL=private_redis.url, LEASE_S="60", UNQUEUED_AFTER_S="1"
+    )
+    settings = Settings(database_url=pg_url, redis_url=private_redis.url, state_dir=tmp_path / "state")
+    engine = make_engine(pg_url)
+    app = make_app(settings)
+    enqueue = enqueuer(app)
+
+    def send(job_spec: dict[str, Any], max_attempts: int = 3) -> str:
+        job_id = submit(engine, job_spec, max_attempts=max_attempts)
+        enqueue(job_id)
+        with session_scope(engine) as s:
+            repo.mark_enqueued(s, job_id)
+        return job_id
+
+    yield settings, engine, send, enqueue
+    app.close()
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_celery_child_killed_resumes_at_once(celery_stack, procs: Procs) -> None:
+    """SIGKILL the pool child running a job: the worker's parent gives the attempt back before Celery
+    redelivers the message, so the job resumes from its checkpoint at once (the lease is 60 s)."""
+    settings, engine, send, _ = celery_stack
+    worker = procs.celery_worker("w1")
+    job_id = send(spec(epochs=12))
+    with _fail_with_logs(procs):
+        wait_for(lambda: len(epochs_seen(engine, job_id)) >= 2, 90, "two epochs", every=0.05)
+        assert kill_children(worker.pid), "the pool child"
+        t0 = time.monotonic()
+        wait_for(lambda: running_attempt(engine, job_id, 2), 30, "the second attempt", every=0.05)
+        handed_on_s = time.monotonic() - t0
+        job = wait_for(lambda: done(engine, job_id), 120, "the resumed job")
+    print(f"handed on after {handed_on_s:.1f} s")
+    assert handed_on_s < 20, f"handed on after {handed_on_s:.1f} s; the lease is 60 s"
+    assert (job.status, job.attempt) == ("succeeded", 2)
+    check_job(engine, job_id, settings.artifacts_dir)
+    assert "resuming from the checkpoints of attempt 1" in texts(engine, job_id)
+    seen = epochs_seen(engine, job_id)
+    assert seen[-1] == 11 and len(seen) <= 13, seen
+
+
+@pytest.mark.slow
+def test_celery_job_that_always_crashes_fails_worker_lost(celery_stack, procs: Procs) -> None:
+    settings, engine, send, _ = celery_stack
+    procs.celery_worker("crashy", app="tests.crashing_app")
+    job_id = send(spec(epochs=3), max_attempts=3)
+    with _fail_with_logs(procs):
+        job = wait_for(lambda: done(engine, job_id), 120, "the job to fail")
+    assert (job.status, job.error_code, job.attempt) == ("failed", "worker_lost", 3)
+    check_job(engine, job_id, settings.artifacts_dir)
+
+
+@pytest.mark.slow
+def test_celery_worker_killed_the_reaper_hands_the_job_on_within_the_lease(
+    celery_stack, procs: Procs, tmp_path: Path
+) -> None:
+    """The whole worker dies (parent and child): nobody saw it, so the reaper (a real process) hands the
+    job on once the lease lapses; a second worker resumes it; a duplicate message changes nothing."""
+    settings, engine, send, enqueue = celery_stack
+    procs.env |= {"LEASE_S": "6"}
+    w1 = procs.celery_worker("w1")
+    job_id = send(spec(epochs=12))
+    with _fail_with_logs(procs):
+        wait_for(lambda: len(epochs_seen(engine, job_id)) >= 2, 90, "two epochs", every=0.05)
+        procs.kill(w1)
+        t0 = time.monotonic()
+        procs.start("reaper", sys.executable, "-m", "worker.reaper")
+        procs.celery_worker("w2")
+        wait_for(lambda: running_attempt(engine, job_id, 2), 60, "the second attempt", every=0.1)
+        handed_on_s = time.monotonic() - t0
+        for _ in range(2):
+            enqueue(job_id)  # forced duplicate deliveries while attempt 2 runs
+        job = wait_for(lambda: done(engine, job_id), 120, "the resumed job")
+    print(f"handed on after {handed_on_s:.1f} s")
+    # lease 6 s + a reaper pass (every 1.5 s) + the second worker's start and claim
+    assert handed_on_s < 6 + 1.5 + 15, handed_on_s
+    assert (job.status, job.attempt) == ("succeeded", 2)
+    check_job(engine, job_id, settings.artifacts_dir)
+    assert "resuming from the checkpoints of attempt 1" in texts(engine, job_id)
+
+
+@pytest.mark.slow
+def test_celery_redis_restart_and_api_crash_every_job_runs(
+    celery_stack, private_redis: RedisServer, procs: Procs
+) -> None:
+    """Redis restarts empty while one job runs and two wait, and a fourth job was committed but never
+    enqueued (the API died): the reaper enqueues what the database says is queued; all four succeed."""
+    settings, engine, send, _ = celery_stack
+    procs.celery_worker("w1")
+    procs.start("reaper", sys.executable, "-m", "worker.reaper")
+    running = send(spec(epochs=8))
+    waiting = [send(spec()) for _ in range(2)]
+    with _fail_with_logs(procs):
+        wait_for(lambda: len(epochs_seen(engine, running)) >= 1, 90, "the first job to train", every=0.05)
+        private_redis.restart()
+        never_sent = submit(engine, spec())  # committed; the API died before the enqueue
+        jobs = [running, *waiting, never_sent]
+        wait_for(lambda: all(done(engine, j) for j in jobs), 240, "all four jobs", every=0.5)
+    for j in jobs:
+        job = check_job(engine, j, settings.artifacts_dir)
+        assert (job.status, job.attempt) == ("succeeded", 1), (j, job.status, job.error_message)

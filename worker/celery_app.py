@@ -76,7 +76,8 @@ class JobRequest(Request):
     """A task request whose failure by a lost child hands the job on (runs in the worker's parent)."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):  # noqa: ANN001
-        if isinstance(exc_info.exception, WorkerLostError) and self.args:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # billiard wraps it with its traceback
+        if isinstance(exc, WorkerLostError) and self.args:
             _hand_on(str(self.args[0]), self.hostname or "celery")
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
