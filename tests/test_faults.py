@@ -431,3 +431,34 @@ def test_celery_redis_restart_and_api_crash_every_job_runs(
     for j in jobs:
         job = check_job(engine, j, settings.artifacts_dir)
         assert (job.status, job.attempt) == ("succeeded", 1), (j, job.status, job.error_message)
+
+
+# --- a file changed on disk behind its record ---
+
+
+def test_artifact_whose_size_changed_on_disk_is_a_clear_problem(sqlite_db: str, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from store.files import attempt_dir, sha256_file
+
+    settings = Settings(database_url=sqlite_db, state_dir=tmp_path / "state", bootstrap_api_key="k" * 20)
+    engine = make_engine(sqlite_db)
+    job_id = submit(engine, spec())
+    path = attempt_dir(settings.artifacts_dir, job_id, 1) / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x" * 100)
+    with session_scope(engine) as s:
+        _, key = repo.create_api_key(s, "alice")
+        repo.claim_job(s, job_id, "w", lease_s=60)
+        repo.finish_job(s, job_id, 1, "succeeded")
+        rel = f"{job_id}/attempt-1/model.safetensors"
+        repo.add_artifact(s, job_id, 1, "model.safetensors", rel, 100, sha256_file(path), "x")
+    path.write_bytes(b"x" * 99)  # truncated behind the record's back
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        r = client.get(
+            f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers={"Authorization": f"Bearer {key}"}
+        )
+    assert r.status_code == 410 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    assert "no longer matches its record" in r.json()["detail"]
+    engine.dispose()

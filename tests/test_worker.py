@@ -222,6 +222,7 @@ def test_cancel_while_running(settings: Settings, engine: Engine) -> None:
     assert any(m.startswith("cancelled") for m in messages(engine, job_id))
     with session_scope(engine) as s:
         assert repo.list_artifacts(s, job_id) == []
+    assert not (settings.artifacts_dir / job_id).exists(), "its checkpoints went with it"
     assert execute(job_id, worker_name="test", settings=settings) is None
 
 

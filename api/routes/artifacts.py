@@ -106,10 +106,9 @@ def download_artifact(
         stat = path.stat()
     except (ValueError, OSError):
         raise Problem(404, f"The file of artifact {name!r} is missing.", slug="artifact-not-found") from None
-    if stat.st_size != art.size:
-        raise Problem(
-            500, f"The file of artifact {name!r} does not match its record.", slug="artifact-corrupt"
-        )
+    if stat.st_size != art.size:  # changed on disk since it was recorded: never serve it as recorded
+        detail = f"The file of artifact {name!r} no longer matches its record ({art.size} bytes)."
+        raise Problem(410, detail, slug="artifact-corrupt")
     etag = f'"{art.sha256}"'
     b64 = base64.b64encode(bytes.fromhex(art.sha256)).decode()
     headers = {
