@@ -462,3 +462,35 @@ def test_artifact_whose_size_changed_on_disk_is_a_clear_problem(sqlite_db: str, 
     assert r.status_code == 410 and r.headers["content-type"].startswith("application/problem+json"), r.text
     assert "no longer matches its record" in r.json()["detail"]
     engine.dispose()
+
+
+def test_sweep_cleans_ended_jobs_and_leaves_running_ones(sqlite_db: str, tmp_path: Path) -> None:
+    """The reaper's sweep: ended jobs keep only their artifacts; a running job's checkpoints stay."""
+    from store.files import sha256_file
+    from worker.cleanup import sweep
+
+    settings = Settings(database_url=sqlite_db, state_dir=tmp_path / "state")
+    root = settings.artifacts_dir
+    engine = make_engine(sqlite_db)
+    ok, cancelled, running = (submit(engine, spec()) for _ in range(3))
+    for job_id in (ok, cancelled, running):
+        for attempt in (1, 2):
+            ckpt = root / job_id / f"attempt-{attempt}" / "checkpoints" / "finetune.pt"
+            ckpt.parent.mkdir(parents=True)
+            ckpt.write_bytes(b"c")
+    model = root / ok / "attempt-1" / "model.safetensors"
+    model.write_bytes(b"m")
+    with session_scope(engine) as s:
+        for job_id in (ok, running):
+            repo.claim_job(s, job_id, "w", lease_s=60)
+        repo.finish_job(s, ok, 1, "succeeded")
+        repo.add_artifact(
+            s, ok, 1, "model.safetensors", f"{ok}/attempt-1/model.safetensors", 1, sha256_file(model), "x"
+        )
+        repo.request_cancel(s, cancelled)
+    assert sweep(engine, root) == 4  # four checkpoints, and nothing of the running job
+    check_job(engine, ok, root)
+    check_job(engine, cancelled, root)
+    assert len(list((root / running).rglob("*.pt"))) == 2
+    assert sweep(engine, root) == 0
+    engine.dispose()

@@ -8,7 +8,14 @@ import logging
 import shutil
 from pathlib import Path
 
+from sqlalchemy import Engine, select
+
+from store.db import read_sessions
+from store.models import Artifact, Job, JobStatus
+
 log = logging.getLogger(__name__)
+
+ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def clean_job_files(artifacts_root: Path, job_id: str, keep: set[str]) -> int:
@@ -32,4 +39,25 @@ def clean_job_files(artifacts_root: Path, job_id: str, keep: set[str]) -> int:
             shutil.rmtree(job_dir, ignore_errors=True)
     except OSError:
         log.warning("job %s: cleaning its files failed", job_id, exc_info=True)
+    return deleted
+
+
+def sweep(engine: Engine, artifacts_root: Path, batch: int = 500) -> int:
+    """Clean the directory of every job that has ended, keeping its artifacts: what the clean-up at a
+    job's end could not reach (a job cancelled while queued after a lost attempt, jobs that ended before
+    clean-up existed, a clean-up that failed). Reads only. Returns the number of files deleted."""
+    if not artifacts_root.is_dir():
+        return 0
+    ids = sorted(p.name for p in artifacts_root.iterdir() if p.is_dir() and not p.is_symlink())
+    deleted = 0
+    for i in range(0, len(ids), batch):
+        chunk = ids[i : i + batch]
+        with read_sessions(engine)() as s:
+            ended = set(s.scalars(select(Job.id).where(Job.id.in_(chunk), Job.status.in_(ENDED))))
+            rows = s.execute(select(Artifact.job_id, Artifact.path).where(Artifact.job_id.in_(ended)))
+            keep: dict[str, set[str]] = {j: set() for j in ended}
+            for job_id, path in rows:
+                keep[job_id].add(path)
+        for job_id, paths in keep.items():
+            deleted += clean_job_files(artifacts_root, job_id, paths)
     return deleted

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -30,12 +31,13 @@ from store import repo
 from store.db import make_engine, read_sessions, session_scope
 from store.models import Job, JobStatus, utcnow
 
-from .cleanup import clean_job_files
+from .cleanup import clean_job_files, sweep
 
 log = logging.getLogger(__name__)
 
 REENQUEUE_AFTER_S = 3600.0
 BROKER_MARKER_KEY = "pruning:reaper:broker-marker"
+SWEEP_EVERY_S = 3600.0  # how often ended jobs' directories are swept (see cleanup.sweep)
 
 
 def reap_once(
@@ -168,8 +170,13 @@ def run_forever(
     marker: BrokerMarker | None = None,
 ) -> None:
     unsent: set[str] = set()
+    next_sweep = 0.0
     while not stop.is_set():
         try:
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_EVERY_S
+                if n := sweep(engine, settings.artifacts_dir):
+                    log.info("reaper: deleted %d file(s) of ended jobs", n)
             if marker is not None:
                 queued = queued_ids(engine)  # read before the marker is reset: a failure keeps it unset
                 if marker.lost():
