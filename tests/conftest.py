@@ -107,13 +107,13 @@ def private_redis(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture
-def private_pg(tmp_path: Path) -> Iterator:
+def private_pg() -> Iterator:
     """A PostgreSQL instance of this test's own (initdb, a free port), which the test may restart."""
     from tests.faultkit import PostgresServer
 
     if not PostgresServer.available():
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not available")
-    server = PostgresServer(tmp_path)
+    server = PostgresServer()
     server.init()
     yield server
     server.close()

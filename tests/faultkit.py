@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -243,8 +244,10 @@ class PostgresServer:
     """A PostgreSQL instance of our own (initdb in a temp dir, a free port, trust auth) that a test may
     stop and start. As root, the server runs as the ``postgres`` user (PostgreSQL refuses root)."""
 
-    def __init__(self, tmp_path: Path):
-        self.port, self.dir = free_port(), tmp_path / "pg"
+    def __init__(self) -> None:
+        # Not under pytest's tmp_path: other pytest sessions reset /tmp/pytest-of-<user> to 0700, which
+        # would lock the postgres user out of its data directory in the middle of a test.
+        self.port, self.dir = free_port(), Path(tempfile.mkdtemp(prefix="pruning-test-pg-"))
         self.prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
     @staticmethod
@@ -262,13 +265,8 @@ class PostgresServer:
             raise RuntimeError(f"{' '.join(args[:1])} failed ({out.returncode}): {out.stdout}{out.stderr}")
 
     def init(self) -> None:
-        self.dir.mkdir()
         if self.prefix:
             shutil.chown(self.dir, "postgres")
-            for parent in (self.dir.parent, *self.dir.parent.parents):  # let postgres reach its directory
-                if parent == Path("/"):
-                    break
-                parent.chmod(parent.stat().st_mode | 0o011)
         self._run(str(PG_BIN / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
         self.start()
 
@@ -291,3 +289,4 @@ class PostgresServer:
     def close(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError, RuntimeError):
             self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -105,7 +105,7 @@ def test_killed_job_process_resumes_from_its_checkpoint(sqlite_db: str, tmp_path
     procs.env = service_env(tmp_path, DATABASE_URL=sqlite_db, LEASE_S="60")
     settings = Settings(database_url=sqlite_db, state_dir=tmp_path / "state")
     engine = make_engine(sqlite_db)
-    job_id = submit(engine, spec(epochs=12))
+    job_id = submit(engine, spec(epochs=8))
     runner = procs.start("local", sys.executable, "-m", "worker.local")
     with _fail_with_logs(procs):
         wait_for(lambda: len(epochs_seen(engine, job_id)) >= 2, 90, "two epochs", every=0.05)
@@ -120,7 +120,7 @@ def test_killed_job_process_resumes_from_its_checkpoint(sqlite_db: str, tmp_path
     check_job(engine, job_id, settings.artifacts_dir)
     assert "resuming from the checkpoints of attempt 1" in texts(engine, job_id)
     seen = epochs_seen(engine, job_id)
-    assert seen[-1] == 11 and len(seen) <= 12 + 1, seen  # at most the epoch in flight ran twice
+    assert seen[-1] == 7 and len(seen) <= 8 + 1, seen  # at most the epoch in flight ran twice
     engine.dispose()
 
 
@@ -151,7 +151,7 @@ def test_duplicate_delivery_is_a_noop(sqlite_db: str, tmp_path: Path) -> None:
     """Three deliveries of one job, two of them while it runs: one attempt, one set of artifacts."""
     settings = Settings(database_url=sqlite_db, state_dir=tmp_path / "state", lease_s=60, heartbeat_s=0.2)
     engine = make_engine(sqlite_db)
-    job_id = submit(engine, spec(epochs=3))
+    job_id = submit(engine, spec(epochs=2))
     results: list[str | None] = []
     first = threading.Thread(
         target=lambda: results.append(execute(job_id, worker_name="a", settings=settings))
@@ -183,18 +183,18 @@ def test_postgres_restart_mid_job_the_worker_retries_its_writes(
     procs.env = service_env(tmp_path, DATABASE_URL=url, LEASE_S="60", DB_RETRY_S="60")
     settings = Settings(database_url=url, state_dir=tmp_path / "state")
     engine = make_engine(url)
-    job_id = submit(engine, spec(epochs=14))
+    job_id = submit(engine, spec(epochs=10))
     runner = procs.start("local", sys.executable, "-m", "worker.local")
     with _fail_with_logs(procs):
         wait_for(lambda: len(epochs_seen(engine, job_id)) >= 1, 90, "the first epoch", every=0.05)
         engine.dispose()
         private_pg.stop()
-        time.sleep(4)  # several heartbeats and epochs fall in the outage
+        time.sleep(3)  # several heartbeats and epochs fall in the outage
         private_pg.start()
         job = wait_for(lambda: done(engine, job_id), 120, "the job")
         assert (job.status, job.attempt) == ("succeeded", 1), job.error_message
     check_job(engine, job_id, settings.artifacts_dir)
-    assert epochs_seen(engine, job_id) == list(range(14)), "every epoch event written, once"
+    assert epochs_seen(engine, job_id) == list(range(10)), "every epoch event written, once"
     log = runner.log_path.read_text()  # type: ignore[attr-defined]
     assert "database unavailable" in log, "the outage was seen (and waited out) by the job"
     engine.dispose()
