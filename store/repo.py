@@ -15,7 +15,7 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -164,8 +164,10 @@ def heartbeat(
     not finish the job."""
     now = utcnow()
     values: dict[str, Any] = {"heartbeat_at": now, "lease_until": now + timedelta(seconds=lease_s)}
-    if progress is not None:
-        values["progress"] = progress
+    if progress is not None:  # never backwards: a beat that waited for the lock may carry an older value
+        values["progress"] = case(
+            (or_(Job.progress.is_(None), Job.progress < progress), progress), else_=Job.progress
+        )
     if phase is not None:
         values["phase"] = phase
     res = s.execute(
