@@ -173,6 +173,37 @@ def test_duplicate_delivery_is_a_noop(sqlite_db: str, tmp_path: Path) -> None:
 # --- PostgreSQL restarted mid-job ---
 
 
+def test_postgres_outage_at_the_finish_is_waited_out(
+    private_pg: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL stops the moment training ends and comes back 3 s later: the final write (artifacts
+    and ``succeeded``, one transaction) is retried, and the same attempt succeeds."""
+    from pruning_core import runner
+
+    url = private_pg.url
+    migrate(url)
+    settings = Settings(database_url=url, state_dir=tmp_path / "state", lease_s=60, heartbeat_s=0.2)
+    engine = make_engine(url)
+    job_id = submit(engine, spec())
+    real_run = runner.run
+    stopped_at: list[float] = []
+
+    def run_then_lose_the_database(*args: Any, **kwargs: Any) -> Any:
+        result = real_run(*args, **kwargs)
+        private_pg.stop()
+        stopped_at.append(time.monotonic())
+        threading.Timer(3.0, private_pg.start).start()
+        return result
+
+    monkeypatch.setattr(runner, "run", run_then_lose_the_database)
+    assert execute(job_id, worker_name="w", settings=settings) == "succeeded"
+    assert time.monotonic() - stopped_at[0] >= 3.0, "the finish waited for the database"
+    job = check_job(engine, job_id, settings.artifacts_dir)
+    assert job.attempt == 1
+    engine.dispose()
+
+
+@pytest.mark.slow
 def test_postgres_restart_mid_job_the_worker_retries_its_writes(
     private_pg: PostgresServer, tmp_path: Path, procs: Procs
 ) -> None:

@@ -82,17 +82,29 @@ class JobRequest(Request):
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
+HAND_ON_WAIT_S = 15.0
+
+
 def _hand_on(job_id: str, worker: str) -> None:
+    """In a thread, waited for at most ``HAND_ON_WAIT_S``: an unreachable database must not stall the
+    worker's consumer loop (the reaper hands the job on after its lease instead)."""
+    import threading
+
     from store.db import make_engine
 
     from .reaper import hand_on_lost
 
-    settings = get_settings()
-    engine = make_engine(settings.sqlalchemy_url, pool_size=1, max_overflow=0, wait_s=10)
-    try:
-        hand_on_lost(engine, job_id, worker, settings)
-    finally:
-        engine.dispose()
+    def run() -> None:
+        settings = get_settings()
+        engine = make_engine(settings.sqlalchemy_url, pool_size=1, max_overflow=0, wait_s=10)
+        try:
+            hand_on_lost(engine, job_id, worker, settings)
+        finally:
+            engine.dispose()
+
+    t = threading.Thread(target=run, name=f"hand-on-{job_id}", daemon=True)
+    t.start()
+    t.join(HAND_ON_WAIT_S)
 
 
 app = make_app()
