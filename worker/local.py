@@ -28,7 +28,8 @@ from pruning_core.settings import Settings, get_settings
 from store import repo
 from store.db import make_engine, migrate, read_sessions
 
-from .reaper import hand_on_lost, interval_s, reap_once
+from .cleanup import sweep
+from .reaper import SWEEP_EVERY_S, hand_on_lost, interval_s, reap_once
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class LocalRunner:
         self.engine = make_engine(settings.sqlalchemy_url)
         self.ctx = multiprocessing.get_context("spawn")
         self._last_reap = float("-inf")
+        self._next_sweep = 0.0  # monotonic time of the next sweep of ended jobs' files
         self._skip: dict[str, float] = {}  # job id -> until (monotonic): nothing was claimable
 
     def run(self, stop: threading.Event) -> None:
@@ -118,6 +120,12 @@ class LocalRunner:
         if time.monotonic() - self._last_reap < interval_s(self.settings):
             return
         self._last_reap = time.monotonic()
+        if self._last_reap >= self._next_sweep:
+            self._next_sweep = self._last_reap + SWEEP_EVERY_S
+            try:
+                sweep(self.engine, self.settings.artifacts_dir)
+            except Exception:
+                log.warning("sweeping ended jobs' files failed", exc_info=True)
         try:
             counts = reap_once(self.engine, lambda _job_id: None, self.settings)
         except Exception:
