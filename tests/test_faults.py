@@ -525,3 +525,29 @@ def test_sweep_cleans_ended_jobs_and_leaves_running_ones(sqlite_db: str, tmp_pat
     assert len(list((root / running).rglob("*.pt"))) == 2
     assert sweep(engine, root) == 0
     engine.dispose()
+
+
+def test_polls_and_reaper_scans_do_not_wait_for_sqlites_write_lock(sqlite_db: str, tmp_path: Path) -> None:
+    """While another process holds SQLite's write lock (a long write), the local runner's poll, the
+    reaper's scan and the sweep still answer at once: they only read."""
+    import sqlite3
+
+    from worker.cleanup import sweep
+    from worker.local import next_queued
+
+    settings = Settings(database_url=sqlite_db, state_dir=tmp_path / "state")
+    engine = make_engine(sqlite_db, wait_s=2)
+    job_id = submit(engine, spec())
+    (settings.artifacts_dir / job_id).mkdir(parents=True)
+    holder = sqlite3.connect(sqlite_db.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.monotonic()
+        assert next_queued(engine) == job_id
+        assert not any(reap_once(engine, lambda _j: None, settings).values())
+        assert sweep(engine, settings.artifacts_dir) == 0
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        holder.rollback()
+        holder.close()
+        engine.dispose()
