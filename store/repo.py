@@ -121,34 +121,31 @@ def queued_job_ids(s: Session, limit: int = 10) -> list[str]:
 
 
 def fair_queued_job_ids(s: Session, limit: int = 10, *, max_running: int = 0) -> list[str]:
-    """Queued jobs a worker could claim now, fairest first: round-robin across owners.
+    """Queued jobs a worker could claim now, fairest first: owners take turns.
 
-    An owner's k-th oldest queued job ranks k + (its jobs running now), so owners take turns (A1, B1,
-    A2, B2, ...), one whose jobs already run waits behind one whose jobs do not, and a long queue of one
-    owner never holds another's first job behind it. Owners at ``max_running`` (0: no limit) are left
-    out. Ties go to the older job."""
-    running = (
-        select(Job.owner, func.count().label("n"))
-        .where(Job.status == JobStatus.RUNNING)
+    Owners are ordered by how many of their jobs run now, then by when one of their jobs last started
+    (never first): the least recently served owner goes next, so owners alternate (A1, B1, C1, A2, B2,
+    ...) and one owner's long queue never holds another's first job behind it. Within an owner, oldest
+    first. Owners at ``max_running`` (0: no limit) are left out."""
+    claimable = and_(
+        Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False), Job.attempt < Job.max_attempts
+    )
+    waiting = select(Job.owner).where(claimable).distinct().scalar_subquery()
+    served = (
+        select(
+            Job.owner,
+            func.count().filter(Job.status == JobStatus.RUNNING).label("running"),
+            func.max(Job.started_at).label("last_start"),
+        )
+        .where(Job.owner.in_(waiting))
         .group_by(Job.owner)
         .subquery()
     )
-    rank = func.row_number().over(partition_by=Job.owner, order_by=(Job.created_at, Job.id))
-    queued = (
-        select(Job.id, Job.owner, Job.created_at, rank.label("rank"))
-        .where(
-            Job.status == JobStatus.QUEUED,
-            Job.cancel_requested.is_(False),
-            Job.attempt < Job.max_attempts,
-        )
-        .subquery()
-    )
-    n_running = func.coalesce(running.c.n, 0)
-    q = select(queued.c.id).outerjoin(running, running.c.owner == queued.c.owner)
+    q = select(Job.id).join(served, served.c.owner == Job.owner).where(claimable)
     if max_running > 0:
-        q = q.where(n_running < max_running)
-    q = q.order_by(queued.c.rank + n_running, queued.c.created_at, queued.c.id).limit(limit)
-    return list(s.scalars(q))
+        q = q.where(served.c.running < max_running)
+    q = q.order_by(served.c.running, served.c.last_start.asc().nulls_first(), Job.created_at, Job.id)
+    return list(s.scalars(q.limit(limit)))
 
 
 def count_jobs(s: Session, owner: str, *statuses: str) -> int:

@@ -51,8 +51,8 @@ class SoftTimeLimitExceeded(Exception):  # noqa: N818 (Celery's name: execute ma
 
 
 def soft_limit_s(hard_s: float) -> float:
-    """As Celery's (worker.celery_app.soft_time_limit): a little below the hard limit."""
-    return max(1.0, hard_s - min(300.0, max(1.0, hard_s / 20)))
+    """A little below the hard limit (5 % of it, 5 s to 5 min), so the job can record its failure."""
+    return max(1.0, hard_s - min(300.0, max(5.0, hard_s / 20)))
 
 
 def next_queued(
