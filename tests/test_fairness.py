@@ -325,3 +325,36 @@ def test_local_runner_hard_limit_records_the_failure(tmp_path: Path) -> None:
         assert (s.get(Job, mine).status, s.get(Job, mine).error_code) == ("failed", "time_limit")
         assert s.get(Job, other).status == "running"
     runner.engine.dispose()
+
+
+def test_sdk_and_cli_list_and_delete_uploads(env_factory, monkeypatch, capsys) -> None:
+    """The SDK and `prune uploads` against the real app (the TestClient's transport)."""
+    import functools
+
+    from client import cli
+    from client.sdk import ApiError, Client
+
+    env = env_factory()
+    key = env.a["Authorization"].removeprefix("Bearer ")
+    client = functools.partial(Client, transport=env.client._transport)
+    with client("http://testserver", api_key=key) as sdk:
+        ids = [
+            env.client.post("/v1/uploads?kind=weights", content=safetensors_bytes(), headers=env.a).json()[
+                "id"
+            ]
+            for _ in range(3)
+        ]
+        assert [u["id"] for u in sdk.uploads(limit=2)] == ids[::-1]  # follows the cursor
+        sdk.delete_upload(f"upload:{ids[0]}")
+        with pytest.raises(ApiError) as err:
+            sdk.delete_upload(ids[0])
+        assert err.value.status == 404
+    monkeypatch.setattr(cli, "Client", client)
+    base = ["--url", "http://testserver", "--api-key", key]
+    assert cli.main([*base, "uploads"]) == 0
+    out = capsys.readouterr().out
+    assert f"upload:{ids[2]}" in out and f"upload:{ids[0]}" not in out
+    assert cli.main([*base, "uploads", "delete", ids[1]]) == 0
+    assert capsys.readouterr().out == f"deleted {ids[1]}\n"
+    assert cli.main([*base, "uploads", "--json"]) == 0
+    assert [u["id"] for u in json.loads(capsys.readouterr().out)] == [ids[2]]
