@@ -60,6 +60,17 @@ def _client(settings: Settings) -> Celery:
         return app
 
 
+# kombu's Redis transport keeps one list per priority step: the queue's own name for 0, then
+# "<queue>\x06\x16<step>" (its default separator) for the others. Whoever counts or clears a queue by
+# hand must look at all of them.
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def redis_keys(queue: str = QUEUE) -> list[str]:
+    """The Redis lists that hold ``queue``'s messages, served first to last."""
+    return [queue if p == 0 else f"{queue}\x06\x16{p}" for p in PRIORITY_STEPS]
+
+
 def fair_priority(ahead: int) -> int:
     """The broker priority (0 first) of a job with ``ahead`` unfinished jobs of its owner before it:
     its owner's 1st job 0, 2nd 3, 3rd and 4th 6, later ones 9 (kombu's Redis priority steps)."""
