@@ -358,3 +358,59 @@ def test_sdk_and_cli_list_and_delete_uploads(env_factory, monkeypatch, capsys) -
     assert capsys.readouterr().out == f"deleted {ids[1]}\n"
     assert cli.main([*base, "uploads", "--json"]) == 0
     assert [u["id"] for u in json.loads(capsys.readouterr().out)] == [ids[2]]
+
+
+@pytest.mark.slow
+def test_celery_worker_runs_another_owners_first_job_second(
+    pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """End to end on the Celery path: alice submits 4 jobs through the API, then bob 1; one real
+    worker, started afterwards, runs bob's right after alice's first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env_ = Env(tmp_path, pg_url, redis_url=redis_url, rate_burst=1000, heartbeat_s=0.5).__enter__()
+    tiny = SPEC | {"export": {"formats": ["safetensors"]}}
+    a_jobs = [env_.client.post("/v1/jobs", json=tiny, headers=env_.a).json()["id"] for _ in range(4)]
+    b_job = env_.client.post("/v1/jobs", json=tiny, headers=env_.b).json()["id"]
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "STATE_DIR")}
+    env |= {
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "STATE_DIR": str(tmp_path / "state"),
+        "HEARTBEAT_S": "0.5",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(root),
+    }
+    celery = Path(sys.executable).with_name("celery")
+    log = tmp_path / "worker.log"
+    args = [str(celery), "-A", "worker.celery_app", "worker", "-n", "fair@%h", "--without-gossip"]
+    with log.open("ab") as out:
+        worker = subprocess.Popen(
+            [*args, "--without-mingle", "--without-heartbeat"],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            with db.session_scope(env_.engine) as s:
+                jobs = [s.get(Job, j, populate_existing=True) for j in [*a_jobs, b_job]]
+                if all(j.status in ("succeeded", "failed", "cancelled") for j in jobs):
+                    break
+            time.sleep(1)
+        else:
+            raise AssertionError(f"jobs not done in 300 s:\n{log.read_text()[-3000:]}")
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        env_.__exit__(None, None, None)
+    assert [j.status for j in jobs] == ["succeeded"] * 5, [(j.status, j.error_message) for j in jobs]
+    started = [j.id for j in sorted(jobs, key=lambda j: j.started_at)]
+    assert started == [a_jobs[0], b_job, *a_jobs[1:]], started
