@@ -53,6 +53,21 @@ class Settings(BaseSettings):
         False, description="Embedded mode on loopback only: accept requests without a key."
     )
 
+    # --- per-owner quotas and fairness (api/quotas.py, store/repo.py); 0 turns a limit off ---
+    quota_queued_jobs: int = Field(
+        100, ge=0, description="Jobs one owner may have waiting (queued); past it POST /v1/jobs is a 429."
+    )
+    quota_running_jobs: int = Field(
+        2, ge=0, description="Jobs of one owner that may run at once; the others wait queued (not a 429)."
+    )
+    quota_upload_bytes: int = Field(
+        10 * 1024**3, ge=0, description="Total bytes of one owner's uploads; past it POST /v1/uploads is a 429."
+    )
+    rate_per_s: float = Field(
+        20.0, ge=0, description="Requests per second one API key may sustain (token bucket refill)."
+    )
+    rate_burst: int = Field(100, ge=1, description="Requests one API key may send at once (bucket size).")
+
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.state_dir / 'pruning.db').resolve()}"

@@ -70,7 +70,9 @@ def execute(job_id: str, *, worker_name: str, settings: Settings | None = None) 
 
 def _execute(engine: Engine, job_id: str, worker_name: str, settings: Settings) -> str | None:
     with session_scope(engine) as s:
-        job = repo.claim_job(s, job_id, worker_name, settings.lease_s)
+        job = repo.claim_job(
+            s, job_id, worker_name, settings.lease_s, max_running=settings.quota_running_jobs
+        )
         if job is None:
             log.info("job %s: nothing to claim (finished, cancelled or held by another worker)", job_id)
             return None

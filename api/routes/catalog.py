@@ -1,5 +1,6 @@
 """What can be asked for: methods with their option schemas, models, data sets (from the torch-free
-pruning_core.spec, so the API lists them without importing the engine)."""
+pruning_core.spec, so the API lists them without importing the engine). Behind a key like all of
+``/v1`` (api/auth.py says why)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import inspect
 import typing
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from pruning_core import spec
 
-router = APIRouter(tags=["catalog"])
+from ..auth import current_owner
+from ..problems import PROBLEM_SCHEMA
+
+router = APIRouter(tags=["catalog"], dependencies=[Depends(current_owner)], responses={"4XX": PROBLEM_SCHEMA})
 
 DATASET_NOTES = {
     "digits": "scikit-learn's 8x8 digits, offline; the quickest smoke test.",

@@ -11,7 +11,7 @@ from pruning_core.spec import JobSpec
 from store import repo
 from store.models import Job, JobStatus
 
-from .. import queue
+from .. import queue, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
@@ -62,6 +62,9 @@ def create_job(
                 title="Invalid request",
                 errors=errors,
             )
+        if not (idempotency_key and repo.idempotent_job(s, owner, idempotency_key)):  # replays pass
+            quotas.check_queued_jobs(s, owner, settings)
+        ahead = repo.count_jobs(s, owner, JobStatus.QUEUED, JobStatus.RUNNING)  # fairness on the broker
         try:
             job, created = repo.create_job(
                 s,
@@ -77,7 +80,7 @@ def create_job(
     metrics = request.app.state.metrics
     if created:
         metrics.jobs_created.inc()
-        if queue.enqueue(job.id, settings):  # no connection held while the broker answers
+        if queue.enqueue(job.id, settings, priority=queue.fair_priority(ahead)):  # no connection held
             with sessions() as s:
                 repo.mark_enqueued(s, job.id)
                 s.commit()
