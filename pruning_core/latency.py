@@ -1,11 +1,19 @@
-"""Wall-clock inference latency of a model on one device, in milliseconds per batch."""
+"""Wall-clock inference latency on one device, in milliseconds per forward of a whole batch.
+
+``measure_latency`` times one model (the benchmarks' per-model figure). ``compare_latency`` is what a
+job reports: a dense and a pruned network timed alternately in one process, at fixed threads, with a
+median and a 95 % interval for each and for the speed-up, so noise is shown as noise.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -50,15 +58,8 @@ def measure_latency(
     if iters < 1 or warmup < 0 or max_seconds < 0:
         raise ValueError("need iters >= 1, warmup >= 0 and max_seconds >= 0")
     device = torch.device(device)
-    first = next((t for t in (*model.parameters(), *model.buffers())), None)
-    home = first.device if first is not None else device
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    was_training = model.training
-    try:
-        model.to(device).eval()
+    with _placed(model, device) as dtype:
         times = _time_forwards(model, shape, device, dtype, warmup, iters, max_seconds)
-    finally:
-        model.to(home).train(was_training)
     times.sort()
     return LatencyStats(
         p50_ms=_percentile(times, 0.5),
@@ -116,3 +117,257 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+# --- dense vs pruned, timed alternately ---
+
+Clock = Callable[[nn.Module, torch.Tensor, int], float]
+"""Seconds that ``n`` forwards of a module on a batch take (the default runs them; tests inject one)."""
+
+CONFIDENCE = 0.95  # coverage of every interval below
+MIN_ROUNDS = 6  # the fewest paired rounds whose order-statistic interval reaches 95 % (1 - 2 / 2**6)
+FLOOR_ROUNDS = 3  # never fewer, even past twice the budget
+NOISE_FLOOR = 0.02  # a speed-up interval must clear 1 by this much to count (identical networks differ ~1 %)
+Verdict = Literal["faster", "slower", "no measurable gain"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Median of repeated measurements and its distribution-free interval (order statistics) of
+    coverage ``confidence`` (0..1); units are the caller's (ms per forward, or a ratio)."""
+
+    median: float
+    low: float
+    high: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """Dense vs pruned at one batch size: ms per forward of the whole batch, and the speed-up (dense /
+    pruned, > 1 is faster) from the paired rounds. ``forwards`` is each block's count per round,
+    (dense, pruned). ``verdict``: see ``verdict``."""
+
+    batch_size: int
+    dense_ms: Estimate
+    pruned_ms: Estimate
+    speedup: Estimate
+    rounds: int
+    forwards: tuple[int, int]
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Everything one ``compare_latency`` call measured, and the conditions it measured under.
+
+    ``threads``: torch's intra-op threads during the timing; ``cpus``: cores this process may use;
+    ``load_1min``: the larger 1-minute load average of before and after; ``busy``: it exceeded ``cpus``
+    (other work competed for the cores). ``budget_s`` was asked for, ``wall_s`` spent.
+    """
+
+    device: str
+    threads: int
+    cpus: int
+    load_1min: float | None
+    busy: bool
+    budget_s: float
+    wall_s: float
+    batches: tuple[BatchTiming, ...]
+
+
+def compare_latency(
+    dense: nn.Module,
+    pruned: nn.Module,
+    sample_shape: tuple[int, ...],
+    device: torch.device | str,
+    *,
+    batch_sizes: Sequence[int] = (1, 8),
+    threads: int | None = None,
+    max_seconds: float = 20.0,
+    rounds: int = 30,
+    block_s: float = 0.005,
+    clock: Clock | None = None,
+) -> LatencyComparison:
+    """Time ``dense`` and ``pruned`` on random batches of ``sample_shape`` (C x H x W) per batch size.
+
+    Both are warmed up, then timed in paired rounds that alternate which goes first (ABBA), so drift and
+    other load hit both alike; each round times a block of forwards of each (about ``block_s`` seconds,
+    at least one). ``max_seconds`` bounds the whole call, split evenly between batch sizes; at least
+    ``MIN_ROUNDS`` rounds run unless that takes twice the budget (then ``FLOOR_ROUNDS``). ``threads``
+    (default: torch's current setting) is set for the timing and restored; so are each model's device
+    and mode.
+    """
+    if rounds < 1 or max_seconds < 0 or block_s <= 0 or not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError("need rounds >= 1, max_seconds >= 0, block_s > 0 and positive batch sizes")
+    device = torch.device(device)
+    threads = threads or torch.get_num_threads()
+    clock = clock or _block_clock(device)
+    load_before = _load()
+    start = time.perf_counter()
+    share = max_seconds / len(batch_sizes)
+    saved_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with _placed(dense, device) as d_dtype, _placed(pruned, device):
+            batches = tuple(
+                _time_pair(
+                    (dense, pruned),
+                    _batch((b, *sample_shape), device, d_dtype),
+                    share,
+                    rounds,
+                    block_s,
+                    clock,
+                )
+                for b in batch_sizes
+            )
+    finally:
+        torch.set_num_threads(saved_threads)
+    loads = [v for v in (load_before, _load()) if v is not None]
+    cpus = _cpus()
+    return LatencyComparison(
+        device=str(device),
+        threads=threads,
+        cpus=cpus,
+        load_1min=max(loads) if loads else None,
+        busy=bool(loads) and max(loads) > cpus,
+        budget_s=max_seconds,
+        wall_s=time.perf_counter() - start,
+        batches=batches,
+    )
+
+
+@torch.inference_mode()
+def _time_pair(
+    nets: tuple[nn.Module, nn.Module],
+    x: torch.Tensor,
+    seconds: float,
+    rounds: int,
+    block_s: float,
+    clock: Clock,
+) -> BatchTiming:
+    """Warm up, size the blocks, then time ``rounds`` paired rounds within ``seconds`` (see above)."""
+    t0 = time.perf_counter()
+    per_forward = _warm_up(nets, x, min(0.5, 0.1 * seconds), clock)  # seconds, (dense, pruned)
+    # Blocks as long as block_s, but short enough for `rounds` rounds in what is left of the share.
+    left = max(0.0, seconds - (time.perf_counter() - t0))
+    block = min(block_s, left / (2 * rounds)) if left else 0.0
+    forwards = (max(1, int(block / per_forward[0])), max(1, int(block / per_forward[1])))
+    deadline, hard = t0 + seconds, t0 + 2 * seconds
+    times: list[tuple[float, float]] = []  # ms per forward, (dense, pruned)
+    while len(times) < rounds:
+        order = (0, 1) if len(times) % 2 == 0 else (1, 0)
+        ms = [0.0, 0.0]
+        for i in order:
+            ms[i] = clock(nets[i], x, forwards[i]) / forwards[i] * 1e3
+        times.append((ms[0], ms[1]))
+        now = time.perf_counter()
+        if (now > deadline and len(times) >= MIN_ROUNDS) or (now > hard and len(times) >= FLOOR_ROUNDS):
+            break
+    dense_ms = median_interval([d for d, _ in times])
+    pruned_ms = median_interval([p for _, p in times])
+    speedup = median_interval([d / p for d, p in times])
+    return BatchTiming(
+        batch_size=x.shape[0],
+        dense_ms=dense_ms,
+        pruned_ms=pruned_ms,
+        speedup=speedup,
+        rounds=len(times),
+        forwards=forwards,
+        verdict=verdict(speedup),
+    )
+
+
+def _warm_up(
+    nets: tuple[nn.Module, nn.Module], x: torch.Tensor, seconds: float, clock: Clock
+) -> tuple[float, float]:
+    """Alternate single forwards for ``seconds`` (at least 3 each); the seconds per forward of each,
+    from the faster half of the warm-up (its first forwards pay for allocation and lazy init)."""
+    seen: tuple[list[float], list[float]] = ([], [])
+    end = time.perf_counter() + seconds
+    while len(seen[0]) < 3 or time.perf_counter() < end:
+        for i in (0, 1):
+            seen[i].append(clock(nets[i], x, 1))
+    d, p = (sorted(s)[: max(1, len(s) // 2)] for s in seen)
+    return max(d[-1], 1e-9), max(p[-1], 1e-9)
+
+
+def verdict(speedup: Estimate) -> Verdict:
+    """ "faster" when the paired speed-up's interval lies above ``1 + NOISE_FLOOR`` at ``CONFIDENCE``,
+    "slower" when it lies below ``1 - NOISE_FLOOR``, else "no measurable gain".
+
+    Judged on the paired rounds, not on whether the two networks' own intervals overlap: load that
+    drifts during the timing widens both of those alike, and the pairing is what removes it.
+    """
+    if speedup.confidence < CONFIDENCE:
+        return "no measurable gain"
+    if speedup.low > 1 + NOISE_FLOOR:
+        return "faster"
+    if speedup.high < 1 - NOISE_FLOOR:
+        return "slower"
+    return "no measurable gain"
+
+
+def median_interval(values: Sequence[float], level: float = CONFIDENCE) -> Estimate:
+    """Median and the narrowest order-statistic interval [x(k), x(n+1-k)] covering the true median
+    with probability >= ``level`` (binomial, no distribution assumed); with too few values for
+    ``level``, the range [min, max] and its lower coverage ``1 - 2 / 2**n``."""
+    xs = sorted(values)
+    n = len(xs)
+    if not n:
+        raise ValueError("no values")
+
+    def coverage(k: int) -> float:  # P(x(k) <= median <= x(n+1-k)) = 1 - 2 P(Binomial(n, 1/2) < k)
+        return 1.0 - 2.0 * sum(math.comb(n, j) for j in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return Estimate(median=_percentile(xs, 0.5), low=xs[k - 1], high=xs[n - k], confidence=coverage(k))
+
+
+def _block_clock(device: torch.device) -> Clock:
+    sync = _synchronizer(device)
+
+    def clock(model: nn.Module, x: torch.Tensor, n: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            model(x)
+        sync()
+        return time.perf_counter() - start
+
+    return clock
+
+
+@contextmanager
+def _placed(model: nn.Module, device: torch.device) -> Iterator[torch.dtype]:
+    """``model`` on ``device`` in eval mode for the block (yields its floating dtype); then back."""
+    first = next((t for t in (*model.parameters(), *model.buffers())), None)
+    home = first.device if first is not None else device
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    was_training = model.training
+    try:
+        model.to(device).eval()
+        yield dtype
+    finally:
+        model.to(home).train(was_training)
+
+
+def _batch(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)  # the same inputs every time: no data-dependent variation
+    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
