@@ -68,8 +68,22 @@ def result_line(result: dict | None) -> str:
     if dense.get("top1") is not None and pruned.get("top1") is not None:
         parts.append(f"top-1 {dense['top1']:.2f}% -> {pruned['top1']:.2f}%")
     if result.get("latency_speedup"):
-        parts.append(f"latency x{result['latency_speedup']:.2f}")
+        parts.append(latency_text(result))
     return ", ".join(parts)
+
+
+def latency_text(result: dict) -> str:
+    """``latency x1.84 [1.71, 1.97] at batch 8 (faster)``: never a speed-up without its interval and
+    verdict when the result has them (results of older jobs carry only the point estimate)."""
+    text = f"latency x{result['latency_speedup']:.2f}"
+    interval = result.get("latency_speedup_interval")
+    if isinstance(interval, list) and len(interval) == 2:
+        text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+    if result.get("latency_batch_size"):
+        text += f" at batch {result['latency_batch_size']}"
+    if result.get("latency_verdict"):
+        text += f" ({result['latency_verdict']})"
+    return text
 
 
 def error_line(error: dict | None) -> str:
@@ -145,7 +159,7 @@ class Watcher:
             self._set(data.get("progress") or 0)
             if data.get("phase"):
                 self.bar.set_description(data["phase"], refresh=False)
-            if data.get("epoch") is not None:
+            if data.get("epoch") is not None:  # 0-based in events and reports; people see 1-based
                 self.bar.set_postfix(epoch=int(data["epoch"]) + 1)
         elif kind == "phase" and data.get("epochs"):
             self.bar.set_description(str(data.get("name")))

@@ -115,11 +115,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     reporter.close()
     r = result.report
+    from .report import latency_line
+
     print(
         f"{r.model} {r.method}: MACs {r.dense.macs / 1e6:.2f}M -> {r.pruned.macs / 1e6:.2f}M "
         f"(ratio {r.achieved_macs_ratio:.3f}, target {r.target_macs_ratio:g}), params {r.dense.params:,} -> "
         f"{r.pruned.params:,}, top-1 {r.dense.top1:.2f}% -> {r.pruned.top1:.2f}%"
-        + (f", latency x{r.latency_speedup:.2f}" if r.latency_speedup else "")
+        + (f", {latency_line(r.latency)}" if r.latency is not None else "")
     )
     print(f"artifacts in {out}: {', '.join(sorted(result.artifacts))}")
     return 0

@@ -1,9 +1,9 @@
 """``report.json`` of a pruning job, and its two plots (``training.png``, ``widths.png``).
 
 Torch-free on purpose: the API reads and serves reports without importing torch. Derived numbers
-(MACs / params ratios, latency speedup) are computed here from the dense and pruned costs by
-``Report.build`` and re-checked whenever a report is validated, so a report cannot claim a ratio its
-own costs contradict. Plots use matplotlib's object API on an Agg canvas (no pyplot, no global
+(MACs / params ratios, latency speedup) are computed here from the dense and pruned costs and the
+latency comparison by ``Report.build`` and re-checked whenever a report is validated, so a report
+cannot claim a ratio its own measurements contradict. Plots use matplotlib's object API on an Agg canvas (no pyplot, no global
 backend switch), imported lazily.
 """
 
@@ -22,7 +22,7 @@ from .errors import PruningError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-REPORT_FORMAT = "pruning-core/report-v1"
+REPORT_FORMAT = "pruning-core/report-v2"  # v2: latency compared dense vs pruned, with intervals
 REPORT_FILE = "report.json"
 TRAINING_PLOT = "training.png"
 WIDTHS_PLOT = "widths.png"
@@ -37,24 +37,61 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, from_attributes=True)
 
 
-class LatencyModel(_Record):
-    """Milliseconds per forward of one batch of ``batch_size`` on ``device`` (``latency.LatencyStats``)."""
+class Estimate(_Record):
+    """A median and its distribution-free interval of coverage ``confidence`` (``latency.Estimate``)."""
 
-    p50_ms: float = Field(gt=0)
-    p90_ms: float = Field(gt=0)
-    mean_ms: float = Field(gt=0)
-    iters: int = Field(ge=1)
+    median: float = Field(gt=0)
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+    confidence: float = Field(gt=0.0, le=1.0)
+
+
+class BatchLatency(_Record):
+    """Dense vs pruned at one batch size (``latency.BatchTiming``): milliseconds per forward of the
+    whole batch, and the speed-up dense / pruned from paired rounds (> 1 is faster). ``verdict`` is
+    "faster" or "slower" only when the speed-up's interval clears 1 (by ``latency.NOISE_FLOOR``)."""
+
     batch_size: int = Field(ge=1)
+    dense_ms: Estimate
+    pruned_ms: Estimate
+    speedup: Estimate
+    rounds: int = Field(ge=1)
+    forwards: tuple[int, int]
+    verdict: Literal["faster", "slower", "no measurable gain"]
+
+
+class LatencyReport(_Record):
+    """How dense and pruned were timed (``latency.LatencyComparison``): on ``device`` with ``threads``
+    torch threads, alternately in one process; ``busy``: the 1-minute load average (``load_1min``)
+    exceeded the ``cpus`` this process may use. ``batches``: batch 1 first, the throughput batch last."""
+
     device: str
+    threads: int = Field(ge=1)
+    cpus: int = Field(ge=1)
+    load_1min: float | None = None
+    busy: bool
+    budget_s: float = Field(ge=0.0)
+    wall_s: float = Field(ge=0.0)
+    batches: list[BatchLatency] = Field(min_length=1)
 
 
 class Cost(_Record):
-    """MACs per input sample, parameter count, test top-1 in percent (0..100), latency."""
+    """MACs per input sample, parameter count, test top-1 in percent (0..100), and the bytes of the
+    weights (every tensor of the state dict, as safetensors stores them)."""
 
     macs: int = Field(ge=0)
     params: int = Field(ge=0)
     top1: float | None = Field(None, ge=0.0, le=100.0)
-    latency: LatencyModel | None = None
+    weights_bytes: int | None = Field(None, ge=0)
+
+
+class DataSummary(_Record):
+    """The images behind the numbers: top-1 is measured on the ``test`` split's ``test_images``."""
+
+    split: str = "test"
+    train_images: int = Field(ge=0)
+    test_images: int = Field(ge=0)
+    classes: list[str]
 
 
 class GroupWidth(_Record):
@@ -88,6 +125,10 @@ MetricValue = float | list[float] | None
 
 class EpochRecord(_Record):
     """One epoch of one phase, as ``engine.fit`` records it.
+
+    ``epoch`` is the 0-based index within the phase, as in the job's events and checkpoints; people
+    read it 1-based, "finetune epoch 1" (``epoch_label``): the CLI, ``prune watch``, the plots' axes
+    and ``report.html`` all show that label.
 
     ``train_loss``: mean training loss; ``top1`` (percent) and ``test_loss``: the method's main network
     on the test split; ``macs``: MACs per sample of that network at the epoch's end; ``train_macs``: the
@@ -124,10 +165,12 @@ class Report(_Record):
     """Everything a finished job reports. Build it with ``Report.build``.
 
     ``input_shape`` is one sample's shape (C, H, W): MACs are per sample. Ratios are pruned / dense;
-    ``latency_speedup`` is dense p50 / pruned p50 (> 1 means faster), ``None`` unless both were timed.
+    ``latency_speedup`` is the point estimate (median of the paired rounds, > 1 means faster) at the
+    throughput batch, ``None`` unless ``latency`` was measured: read it with ``latency``'s interval
+    and verdict, never alone. ``files``: bytes of each exported model file.
     """
 
-    format: Literal["pruning-core/report-v1"] = REPORT_FORMAT
+    format: Literal["pruning-core/report-v2"] = REPORT_FORMAT
     method: str
     model: str
     data: str
@@ -139,6 +182,9 @@ class Report(_Record):
     latency_speedup: float | None = Field(None, gt=0.0)
     dense: Cost
     pruned: Cost
+    latency: LatencyReport | None = None
+    data_summary: DataSummary | None = None
+    files: dict[str, int] = Field(default_factory=dict)
     groups: list[GroupWidth]
     excluded_groups: dict[str, str] = Field(
         default_factory=dict, description="Channel groups left unpruned (root layer -> why)."
@@ -180,6 +226,9 @@ class Report(_Record):
         dense: Cost | Any,
         pruned: Cost | Any,
         spec: dict[str, Any],
+        latency: LatencyReport | Any | None = None,
+        data_summary: DataSummary | Any | None = None,
+        files: dict[str, int] | None = None,
         groups: Iterable[GroupWidth | Any] = (),
         excluded_groups: dict[str, str] | None = None,
         blocks: dict[str, list[int]] | None = None,
@@ -192,12 +241,13 @@ class Report(_Record):
         export_failures: dict[str, str] | None = None,
         total_wall_s: float | None = None,
     ) -> Report:
-        """A report whose ratios and speedup are computed from ``dense`` and ``pruned``.
+        """A report whose ratios and speedup are computed from ``dense``, ``pruned`` and ``latency``.
 
         Costs and rows may be the models here or objects with the same attributes (``macs.Cost``,
-        ``latency.LatencyStats``). Raises ``ValueError`` (or pydantic's ``ValidationError``, a subclass).
+        ``latency.LatencyComparison``). Raises ``ValueError`` (or pydantic's ``ValidationError``).
         """
         dense, pruned = Cost.model_validate(dense), Cost.model_validate(pruned)
+        latency = LatencyReport.model_validate(latency) if latency is not None else None
         return cls(
             method=method,
             model=model,
@@ -205,9 +255,12 @@ class Report(_Record):
             device=device,
             input_shape=list(input_shape),
             target_macs_ratio=target_macs_ratio,
-            **derived_ratios(dense, pruned),
+            **derived_ratios(dense, pruned, latency),
             dense=dense,
             pruned=pruned,
+            latency=latency,
+            data_summary=data_summary,
+            files=files or {},
             groups=list(groups),
             excluded_groups=excluded_groups or {},
             blocks=blocks or {},
@@ -224,7 +277,7 @@ class Report(_Record):
 
     @model_validator(mode="after")
     def _derived_fields_agree(self) -> Report:
-        expected = derived_ratios(self.dense, self.pruned)
+        expected = derived_ratios(self.dense, self.pruned, self.latency)
         for name, want in expected.items():
             got = getattr(self, name)
             if (got is None) != (want is None) or (
@@ -234,27 +287,31 @@ class Report(_Record):
         return self
 
 
-def derived_ratios(dense: Cost, pruned: Cost) -> dict[str, float | None]:
+def derived_ratios(
+    dense: Cost, pruned: Cost, latency: LatencyReport | None = None
+) -> dict[str, float | None]:
     """``achieved_macs_ratio`` and ``params_ratio`` (pruned / dense) and ``latency_speedup``."""
     if dense.macs <= 0 or dense.params <= 0:
         raise ValueError("the dense model must have positive MACs and params")
     return {
         "achieved_macs_ratio": pruned.macs / dense.macs,
         "params_ratio": pruned.params / dense.params,
-        "latency_speedup": latency_speedup(dense.latency, pruned.latency),
+        "latency_speedup": throughput(latency).speedup.median if latency is not None else None,
     }
 
 
-def latency_speedup(dense: LatencyModel | None, pruned: LatencyModel | None) -> float | None:
-    """Dense p50 / pruned p50; ``None`` unless both were measured (on the same device and batch)."""
-    if dense is None or pruned is None:
-        return None
-    if (dense.device, dense.batch_size) != (pruned.device, pruned.batch_size):
-        raise ValueError(
-            f"latencies are not comparable: dense on {dense.device} at batch {dense.batch_size}, "
-            f"pruned on {pruned.device} at batch {pruned.batch_size}"
-        )
-    return dense.p50_ms / pruned.p50_ms
+def throughput(latency: LatencyReport) -> BatchLatency:
+    """The comparison at the largest batch timed (the throughput batch)."""
+    return max(latency.batches, key=lambda b: b.batch_size)
+
+
+def latency_line(latency: LatencyReport) -> str:
+    """``latency x1.84 [1.71, 1.97] at batch 8 (faster)``: the throughput batch's speed-up, its 95 %
+    interval and verdict, and " (busy machine)" when the load says so."""
+    b = throughput(latency)
+    s = b.speedup
+    busy = ", busy machine" if latency.busy else ""
+    return f"latency x{s.median:.2f} [{s.low:.2f}, {s.high:.2f}] at batch {b.batch_size} ({b.verdict}{busy})"
 
 
 def block_counts(dense_arch: dict[str, Any], pruned_arch: dict[str, Any]) -> dict[str, list[int]]:
@@ -372,7 +429,7 @@ def plot_list_metric(report: Report, name: str, path: Path) -> Path:
     for i in range(width):
         points = [(x, v[i]) for x, v in rows if i < len(v)]
         ax.plot(*zip(*points, strict=True), "-", linewidth=1, color=f"C{i % 10}")
-    ax.set_xlabel("epoch (all phases)")
+    _epoch_axis(ax, history)
     ax.set_ylabel(name)
     ax.set_title(f"{name} ({width} entries): {report.method} on {report.model}")
     _mark_phases(ax, history)
@@ -415,7 +472,7 @@ def plot_training(report: Report, path: Path) -> Path:
         if any(v is not None for v in line):
             ax.legend(fontsize=7, loc="lower right")
         ax.set_ylabel(name, fontsize=8)
-    axes[-1].set_xlabel("epoch (all phases)")
+    _epoch_axis(axes[-1], history)
     for ax in axes:
         _mark_phases(ax, history)
         _mark_events(ax, history)
@@ -447,10 +504,15 @@ def _plot_before(ax: Any, xs: list[int], ys: list[float | None]) -> None:
 # --- one line per epoch (the CLI and `prune watch` both print it) ---
 
 
+def epoch_label(phase: str, epoch: int) -> str:
+    """``finetune epoch 3`` for the record with 0-based ``epoch`` 2: the one way people see an epoch."""
+    return f"{phase} epoch {int(epoch) + 1}"
+
+
 def epoch_line(r: dict[str, Any]) -> str:
     """``finetune epoch 3: loss 0.1234, top-1 97.50% (soft 98.10%), MACs 1.26M, indicator 0.981``:
     a record (or an epoch event's data) as one line; method metrics that are scalars come last."""
-    parts = [f"{r.get('phase', '?')} epoch {int(r.get('epoch', 0)) + 1}:"]
+    parts = [epoch_label(r.get("phase", "?"), r.get("epoch", 0)) + ":"]
     if r.get("train_loss") is not None:
         parts.append(f"loss {r['train_loss']:.4f},")
     if r.get("top1") is not None:
@@ -510,15 +572,32 @@ def _mark_phases(ax: Any, history: list[EpochRecord]) -> None:
         )
 
 
+def _epoch_axis(ax: Any, history: Sequence[EpochRecord]) -> None:
+    """Ticks at whole epochs, labelled by their number within their phase (1-based, ``epoch_label``):
+    the x position runs over all phases, the phases are shaded and named."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    numbers = [r.epoch + 1 for r in history]
+
+    def label(x: float, _pos: int) -> str:
+        i = round(x)
+        return str(numbers[i - 1]) if abs(x - i) < 1e-6 and 1 <= i <= len(numbers) else ""
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(label))
+    ax.set_xlabel("epoch within its phase (phases shaded)")
+
+
 def _mark_events(ax: Any, history: list[EpochRecord]) -> None:
-    """A dashed line after each epoch that records an event (e.g. the model was pruned)."""
+    """A dashed line after each epoch that records an event (e.g. the model was pruned), labelled
+    with the epoch it followed."""
     for x, rec in enumerate(history, start=1):
         if rec.event:
             ax.axvline(x + 0.5, color="tab:red", linestyle="--", linewidth=1)
             ax.text(
                 x + 0.5,
                 0.03,
-                f" {rec.event}",
+                f" {rec.event} after {epoch_label(rec.phase, rec.epoch)}",
                 transform=ax.get_xaxis_transform(),
                 fontsize=7,
                 color="tab:red",

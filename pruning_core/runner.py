@@ -2,11 +2,12 @@
 
 Validate (names, input size, reachable target) before any training; build model and data; train the
 dense model if asked; run the method's phases through the one training loop; measure dense and pruned
-(MACs, params, top-1, latency); export and report. Every phase checkpoints under
+(MACs, params, top-1), then time them against each other; export and report. Every phase checkpoints under
 ``workdir/checkpoints``, so the same call again resumes where an interrupted one stopped.
 
 Layout of ``workdir``: ``model.safetensors`` + ``architecture.json`` (+ ``model.torchscript.pt``,
-``model.onnx``), ``report.json``, ``training.png``, ``widths.png``, ``checkpoints/``, ``.data/``.
+``model.onnx``), ``report.json``, ``report.html``, ``training.png``, ``widths.png``, ``checkpoints/``,
+``.data/``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,19 @@ from .errors import ModelError
 from .evaluation import evaluate, logits
 from .export import export_model
 from .groups import PruningGraph
-from .latency import measure_latency
+from .latency import LatencyComparison, compare_latency
 from .macs import measure
 from .methods import METHODS, DenseTraining, Method, MethodContext
-from .report import Cost, GroupWidth, PhaseTime, Report, block_counts, layer_widths, write_report
+from .report import (
+    Cost,
+    DataSummary,
+    GroupWidth,
+    PhaseTime,
+    Report,
+    block_counts,
+    layer_widths,
+    write_report,
+)
 from .settings import get_settings
 from .spec import JobSpec
 from .surgery import describe, rebuild
@@ -150,7 +160,9 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         model = _run_phases(dense, model, train_ctx, shape, phases, history, bn_points)
 
     reporter.message("measuring the dense model")
-    dense_cost = _measure(model, data, example, spec, device)
+    dense_cost = _measure(model, data, example, device)
+    # Kept (on the CPU) to be timed against the pruned network at the end, alternately, in one process.
+    dense_copy = copy.deepcopy(model).cpu()
     method: Method = METHODS.get(spec.method.name)(spec.method, mctx)
     mctx.teacher = _teacher(spec, model, shape, device) if method.wants_teacher() else None
     if (
@@ -169,13 +181,16 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     model, finalize_diff = _finalize(method, model, shape, train_ctx, check_input, bn_points)
 
     reporter.message("measuring the pruned model")
-    pruned_cost = _measure(model, data, example, spec, device)
+    pruned_cost = _measure(model, data, example, device)
+    latency = _compare_latency(dense_copy, model, example, spec, device, reporter)
+    del dense_copy
     t_export = time.perf_counter()
     pruned_arch = shape.describe(model)
     exported = export_model(model, pruned_arch, workdir, spec.export.formats, check_input)
     for fmt, why in exported.failed.items():  # the job's training is done: report, never fail it
         reporter.message(f"{fmt} export left out: {why}")
     artifacts = {p.name: p for p in exported.paths.values()}
+    files = {p.name: p.stat().st_size for p in exported.paths.values()}
     phases.append(PhaseTime(name="export", wall_s=time.perf_counter() - t_export, epochs=0))
     pruned_graph_keep = _group_widths(graph, dense_arch, pruned_arch)
     report = Report.build(
@@ -187,6 +202,11 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         target_macs_ratio=spec.target.macs_ratio,
         dense=dense_cost,
         pruned=pruned_cost,
+        latency=latency,
+        data_summary=DataSummary(
+            train_images=len(data.train), test_images=len(data.test), classes=list(data.classes)
+        ),
+        files=files,
         spec=spec.model_dump(mode="json"),
         groups=pruned_graph_keep,
         excluded_groups=graph.excluded,
@@ -288,14 +308,35 @@ def _recalibrate_if_changed(
     return shape.describe(model) != before and ctx.recalibrate(model)
 
 
-def _measure(
-    model: nn.Module, data: Datasets, example: torch.Tensor, spec: JobSpec, device: torch.device
-) -> Cost:
+def _measure(model: nn.Module, data: Datasets, example: torch.Tensor, device: torch.device) -> Cost:
+    """MACs and params per sample, test top-1, and the bytes of the weights."""
     cost = measure(model, example.to(device))
     top1 = evaluate(model, data.test, device)["top1"]
-    shape = (spec.export.latency_batch_size, *example.shape[1:])
-    lat = measure_latency(model, shape, device)
-    return Cost(macs=cost.macs, params=cost.params, top1=top1, latency=lat.__dict__)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return Cost(macs=cost.macs, params=cost.params, top1=top1, weights_bytes=weights)
+
+
+def _compare_latency(
+    dense: nn.Module,
+    pruned: nn.Module,
+    example: torch.Tensor,
+    spec: JobSpec,
+    device: torch.device,
+    reporter: Reporter,
+) -> LatencyComparison:
+    """Dense vs pruned at batch 1 and the spec's throughput batch, within ``export.latency_max_s``."""
+    batches = tuple(dict.fromkeys((1, spec.export.latency_batch_size)))
+    budget = spec.export.latency_max_s
+    reporter.message(f"timing dense vs pruned at batch {', '.join(map(str, batches))} (about {budget:g} s)")
+    result = compare_latency(
+        dense, pruned, tuple(example.shape[1:]), device, batch_sizes=batches, max_seconds=budget
+    )
+    if result.busy:
+        reporter.message(
+            f"the machine was busy while timing (load {result.load_1min:.1f} on {result.cpus} cores): "
+            "latency figures are noisier than usual"
+        )
+    return result
 
 
 def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.device) -> nn.Module:

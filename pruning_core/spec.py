@@ -336,7 +336,12 @@ ExportFormat = Literal["safetensors", "torchscript", "onnx"]
 
 class ExportSpec(_Strict):
     formats: tuple[ExportFormat, ...] = ("safetensors", "torchscript", "onnx")
-    latency_batch_size: int = Field(1, ge=1, le=4096, description="Batch size of the latency measurement.")
+    latency_batch_size: int = Field(
+        8, ge=1, le=4096, description="Throughput batch of the latency comparison; batch 1 is timed too."
+    )
+    latency_max_s: float = Field(
+        20.0, ge=0.0, le=600.0, description="Seconds the dense-vs-pruned latency comparison may take."
+    )
 
     @field_validator("formats")
     @classmethod

@@ -53,7 +53,10 @@ def test_report_and_artifacts_agree(finished: Path) -> None:
     assert abs(report["achieved_macs_ratio"] - 0.5) <= 0.02
     assert report["pruned"]["macs"] < report["dense"]["macs"]
     assert report["pruned"]["params"] < report["dense"]["params"]
-    assert report["dense"]["latency"]["p50_ms"] > 0 and report["pruned"]["latency"]["p50_ms"] > 0
+    assert [b["batch_size"] for b in report["latency"]["batches"]] == [1, 8]
+    assert all(
+        b["dense_ms"]["median"] > 0 and b["pruned_ms"]["median"] > 0 for b in report["latency"]["batches"]
+    )
     assert [p["name"] for p in report["phases"] if p["epochs"]] == ["dense", "finetune"]
     assert len(report["history"]) == 4
     assert report["pruned"]["top1"] > 80.0, "fine-tuning must recover a useful digits classifier"

@@ -15,10 +15,11 @@ from pruning_core.report import (
     Cost,
     EpochRecord,
     GroupWidth,
-    LatencyModel,
+    LatencyReport,
     PhaseTime,
     Report,
     ReportError,
+    latency_line,
     layer_widths,
     phase_spans,
     read_report,
@@ -30,13 +31,42 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
-class _Stats:  # the shape of latency.LatencyStats, without importing torch
-    p50_ms: float
-    p90_ms: float
-    mean_ms: float
-    iters: int
+class _Est:  # the shapes of latency.Estimate / BatchTiming / LatencyComparison, without importing torch
+    median: float
+    low: float
+    high: float
+    confidence: float = 0.957
+
+
+@dataclass(frozen=True)
+class _Batch:
     batch_size: int
-    device: str
+    dense_ms: _Est
+    pruned_ms: _Est
+    speedup: _Est
+    rounds: int = 30
+    forwards: tuple[int, int] = (2, 4)
+    verdict: str = "faster"
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    batches: tuple[_Batch, ...]
+    device: str = "cpu"
+    threads: int = 2
+    cpus: int = 2
+    load_1min: float | None = 0.5
+    busy: bool = False
+    budget_s: float = 20.0
+    wall_s: float = 3.1
+
+
+LATENCY = _Comparison(
+    (
+        _Batch(1, _Est(4.0, 3.8, 4.3), _Est(2.5, 2.4, 2.7), _Est(1.6, 1.5, 1.7)),
+        _Batch(8, _Est(20.0, 19.0, 21.0), _Est(11.0, 10.5, 11.6), _Est(1.8, 1.7, 1.9)),
+    )
+)
 
 
 def _history() -> list[EpochRecord]:
@@ -56,8 +86,9 @@ def _report(history=None, groups=None, **over) -> Report:
         device="cpu",
         input_shape=[3, 32, 32],
         target_macs_ratio=0.5,
-        dense=Cost(macs=1000, params=400, top1=55.0, latency=_Stats(4.0, 5.0, 4.2, 30, 1, "cpu")),
-        pruned=Cost(macs=480, params=100, top1=52.0, latency=_Stats(2.5, 3.0, 2.6, 30, 1, "cpu")),
+        dense=Cost(macs=1000, params=400, top1=55.0, weights_bytes=1600),
+        pruned=Cost(macs=480, params=100, top1=52.0, weights_bytes=400),
+        latency=LATENCY,
         groups=[
             GroupWidth(root="conv1", dense=16, pruned=8),
             GroupWidth(root="layer2.0.conv1", dense=32, pruned=20),
@@ -80,10 +111,11 @@ def test_build_derives_the_ratios_from_the_costs():
     r = _report()
     assert r.achieved_macs_ratio == pytest.approx(0.48)
     assert r.params_ratio == pytest.approx(0.25)
-    assert r.latency_speedup == pytest.approx(4.0 / 2.5)
-    assert r.format == "pruning-core/report-v1"
-    assert isinstance(r.dense.latency, LatencyModel)
-    no_latency = _report(pruned=Cost(macs=480, params=100))
+    assert r.latency_speedup == 1.8  # the throughput batch's paired median
+    assert r.format == "pruning-core/report-v2"
+    assert isinstance(r.latency, LatencyReport) and r.latency.batches[1].dense_ms.high == 21.0
+    assert latency_line(r.latency) == "latency x1.80 [1.70, 1.90] at batch 8 (faster)"
+    no_latency = _report(pruned=Cost(macs=480, params=100), latency=None)
     assert no_latency.latency_speedup is None and no_latency.pruned.top1 is None
 
 
@@ -98,10 +130,12 @@ def test_ratios_cannot_be_claimed_by_hand():
         Report(**fields)
 
 
-def test_incomparable_or_invalid_costs_are_refused():
+def test_invalid_costs_are_refused():
     # ValueError: pydantic's ValidationError is one too
-    with pytest.raises(ValueError, match="not comparable"):
-        _report(pruned=Cost(macs=480, params=100, latency=_Stats(2.5, 3.0, 2.6, 30, 8, "cpu")))
+    with pytest.raises(ValidationError):
+        _report(latency=_Comparison(()))  # no batch timed
+    with pytest.raises(ValidationError):
+        _report(latency=_Comparison((LATENCY.batches[0],), threads=0))
     with pytest.raises(ValueError, match="positive MACs"):
         _report(dense=Cost(macs=0, params=400))
     with pytest.raises(ValidationError):

@@ -297,16 +297,15 @@ def _planned_epochs(spec: dict[str, Any]) -> int:
 
 
 def summarize(report: Any) -> dict[str, Any]:
-    """The short summary kept in ``Job.result`` (the whole report is the ``report.json`` artifact)."""
+    """The short summary kept in ``Job.result`` (the whole report is the ``report.json`` artifact).
 
-    def cost(c: Any) -> dict[str, Any]:
-        lat = getattr(c, "latency", None)
-        return {
-            "macs": c.macs,
-            "params": c.params,
-            "top1": c.top1,
-            "latency_p50_ms": lat.p50_ms if lat is not None else None,
-        }
+    Latency: the throughput batch's medians, and the speed-up with its 95 % interval and verdict.
+    """
+    lat = report.latency
+    at = max(lat.batches, key=lambda b: b.batch_size) if lat is not None else None
+
+    def cost(c: Any, ms: Any) -> dict[str, Any]:
+        return {"macs": c.macs, "params": c.params, "top1": c.top1, "latency_ms": ms.median if ms else None}
 
     return {
         "method": report.method,
@@ -317,8 +316,12 @@ def summarize(report: Any) -> dict[str, Any]:
         "achieved_macs_ratio": report.achieved_macs_ratio,
         "params_ratio": report.params_ratio,
         "latency_speedup": report.latency_speedup,
-        "dense": cost(report.dense),
-        "pruned": cost(report.pruned),
+        "latency_speedup_interval": [at.speedup.low, at.speedup.high] if at else None,
+        "latency_verdict": at.verdict if at else None,
+        "latency_batch_size": at.batch_size if at else None,
+        "latency_busy": lat.busy if lat is not None else None,
+        "dense": cost(report.dense, at.dense_ms if at else None),
+        "pruned": cost(report.pruned, at.pruned_ms if at else None),
     }
 
 
