@@ -163,7 +163,8 @@ class LatencyComparison:
 
     ``threads``: torch's intra-op threads during the timing; ``cpus``: cores this process may use;
     ``load_1min``: the larger 1-minute load average of before and after; ``busy``: it exceeded ``cpus``
-    (other work competed for the cores). ``budget_s`` was asked for, ``wall_s`` spent.
+    (other work competed for the cores). ``budget_s`` was asked for, ``wall_s`` spent. A verdict
+    needs the speed-up's interval to clear 1 by ``noise_floor``.
     """
 
     device: str
@@ -174,6 +175,7 @@ class LatencyComparison:
     budget_s: float
     wall_s: float
     batches: tuple[BatchTiming, ...]
+    noise_floor: float = NOISE_FLOOR
 
 
 def compare_latency(

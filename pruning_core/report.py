@@ -1,4 +1,5 @@
-"""``report.json`` of a pruning job, and its two plots (``training.png``, ``widths.png``).
+"""``report.json`` of a pruning job, its plots (``training.png``, ``widths.png``, ...) and, through
+``report_html``, ``report.html``.
 
 Torch-free on purpose: the API reads and serves reports without importing torch. Derived numbers
 (MACs / params ratios, latency speedup) are computed here from the dense and pruned costs and the
@@ -73,6 +74,7 @@ class LatencyReport(_Record):
     budget_s: float = Field(ge=0.0)
     wall_s: float = Field(ge=0.0)
     batches: list[BatchLatency] = Field(min_length=1)
+    noise_floor: float = Field(0.02, ge=0.0, description="How far the speed-up must clear 1 to count.")
 
 
 class Cost(_Record):
@@ -342,8 +344,11 @@ def _io(shape: dict[str, Any], prefix: str) -> dict[str, int]:
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """Write ``report.json`` (indent 2), ``training.png``, ``widths.png`` and a ``metric-<name>.png``
-    per list-valued method metric (at most ``MAX_METRIC_PANELS``); return their paths."""
+    """Write ``report.json`` (indent 2), ``training.png``, ``widths.png``, a ``metric-<name>.png``
+    per list-valued method metric (at most ``MAX_METRIC_PANELS``) and ``report.html`` (all of it, the
+    plots embedded); return their paths in that order."""
+    from .report_html import write_html  # it imports this module
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / REPORT_FILE
@@ -355,6 +360,7 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
     ]
     for name in list_metrics(report.history)[:MAX_METRIC_PANELS]:
         paths.append(plot_list_metric(report, name, out_dir / list_metric_file(name)))
+    paths.append(write_html(report, out_dir, paths[1:]))
     return paths
 
 
@@ -577,31 +583,37 @@ def _epoch_axis(ax: Any, history: Sequence[EpochRecord]) -> None:
     the x position runs over all phases, the phases are shaded and named."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    numbers = [r.epoch + 1 for r in history]
-
-    def label(x: float, _pos: int) -> str:
-        i = round(x)
-        return str(numbers[i - 1]) if abs(x - i) < 1e-6 and 1 <= i <= len(numbers) else ""
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.xaxis.set_major_formatter(FuncFormatter(label))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: epoch_tick(history, x)))
     ax.set_xlabel("epoch within its phase (phases shaded)")
 
 
+def epoch_tick(history: Sequence[EpochRecord], x: float) -> str:
+    """The label of the plots' x position ``x`` (1..n over all phases): the epoch's number within
+    its phase, 1-based as ``epoch_label`` writes it; "" between epochs and outside the history."""
+    i = round(x)
+    return str(history[i - 1].epoch + 1) if abs(x - i) < 1e-6 and 1 <= i <= len(history) else ""
+
+
 def _mark_events(ax: Any, history: list[EpochRecord]) -> None:
-    """A dashed line after each epoch that records an event (e.g. the model was pruned), labelled
-    with the epoch it followed."""
+    """A dashed line where the network was pruned (``pruning_marks``), labelled."""
+    for x, text in pruning_marks(history):
+        ax.axvline(x, color="tab:red", linestyle="--", linewidth=1)
+        ax.text(x, 0.03, f" {text}", transform=ax.get_xaxis_transform(), fontsize=7, color="tab:red")
+
+
+def pruning_marks(history: Sequence[EpochRecord]) -> list[tuple[float, str]]:
+    """``(x, label)`` of each place the network changed, x on the plots' axis (epoch positions 1..n):
+    after an epoch with an ``event`` ("pruned after psap epoch 3"), and between phases where the MACs
+    dropped (a method that prunes when its phase starts: "pruned before finetune epoch 1")."""
+    marks: list[tuple[float, str]] = []
     for x, rec in enumerate(history, start=1):
+        prev = history[x - 2] if x > 1 else None
+        if prev is not None and prev.phase != rec.phase and not prev.event and rec.macs < prev.macs:
+            marks.append((x - 0.5, f"pruned before {epoch_label(rec.phase, rec.epoch)}"))
         if rec.event:
-            ax.axvline(x + 0.5, color="tab:red", linestyle="--", linewidth=1)
-            ax.text(
-                x + 0.5,
-                0.03,
-                f" {rec.event} after {epoch_label(rec.phase, rec.epoch)}",
-                transform=ax.get_xaxis_transform(),
-                fontsize=7,
-                color="tab:red",
-            )
+            marks.append((x + 0.5, f"{rec.event} after {epoch_label(rec.phase, rec.epoch)}"))
+    return marks
 
 
 def phase_spans(history: Sequence[EpochRecord]) -> list[tuple[str, int, int]]:

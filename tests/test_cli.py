@@ -68,6 +68,7 @@ def test_report_and_artifacts_agree(finished: Path) -> None:
         "model.torchscript.pt",
         "training.png",
         "widths.png",
+        "report.html",
     ):
         assert (run / name).stat().st_size > 0, name
 

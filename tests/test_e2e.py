@@ -73,9 +73,9 @@ def _check_finished_job(client: httpx.Client, job_id: str, events: list[dict], d
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job
     arts = {a["name"]: a for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
-    assert {"model.safetensors", "architecture.json", "report.json", "model.onnx"} <= set(arts)
+    assert {"model.safetensors", "architecture.json", "report.json", "report.html", "model.onnx"} <= set(arts)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "architecture.json", "report.json"):
+    for name in ("model.safetensors", "architecture.json", "report.json", "report.html"):
         r = client.get(f"/v1/jobs/{job_id}/artifacts/{name}")
         assert r.status_code == 200
         digest = hashlib.sha256(r.content).hexdigest()
@@ -83,6 +83,9 @@ def _check_finished_job(client: httpx.Client, job_id: str, events: list[dict], d
         assert r.headers["etag"].strip('"') == digest
         assert base64.b64decode(r.headers["repr-digest"].split(":")[1]) == bytes.fromhex(digest)
         (dest / name).write_bytes(r.content)
+    page = client.get(f"/v1/jobs/{job_id}/artifacts/report.html")
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-disposition"].startswith("attachment")  # downloaded, not run on our origin
     report = json.loads((dest / "report.json").read_text())
     model = load_pruned(dest)
     assert count_macs(model, torch.zeros(1, 1, 8, 8)) == report["pruned"]["macs"]

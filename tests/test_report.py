@@ -19,12 +19,17 @@ from pruning_core.report import (
     PhaseTime,
     Report,
     ReportError,
+    epoch_label,
+    epoch_line,
+    epoch_tick,
     latency_line,
     layer_widths,
     phase_spans,
+    pruning_marks,
     read_report,
     write_report,
 )
+from pruning_core.report_html import render_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -147,12 +152,12 @@ def test_invalid_costs_are_refused():
 def test_json_round_trip_and_plots(tmp_path):
     report = _report()
     paths = write_report(report, tmp_path / "out")
-    assert [p.name for p in paths] == ["report.json", "training.png", "widths.png"]
+    assert [p.name for p in paths] == ["report.json", "training.png", "widths.png", "report.html"]
     assert json.loads(paths[0].read_text())["achieved_macs_ratio"] == pytest.approx(0.48)
     assert paths[0].read_text().startswith('{\n  "format"')  # indent 2
     assert read_report(paths[0]) == report
     assert read_report(tmp_path / "out") == report
-    for png in paths[1:]:
+    for png in paths[1:3]:
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5_000
 
@@ -161,9 +166,10 @@ def test_empty_history_and_groups_still_plot(tmp_path):
     report = _report(history=[], groups=[], phases=[])
     paths = write_report(report, tmp_path)
     assert read_report(tmp_path) == report
-    for png in paths[1:]:
+    for png in paths[1:3]:
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 2_000
+    assert "no channel groups" not in paths[3].read_text()  # the HTML still renders, without rows
 
 
 def test_engine_epoch_dicts_are_accepted(tmp_path):
@@ -272,5 +278,92 @@ def test_a_list_metric_gets_a_plot_of_its_own(tmp_path):
         "training.png",
         "widths.png",
         "metric-expected_widths.png",
+        "report.html",
     ]
-    assert paths[-1].read_bytes().startswith(PNG_MAGIC) and paths[-1].stat().st_size > 5_000
+    assert paths[-2].read_bytes().startswith(PNG_MAGIC) and paths[-2].stat().st_size > 5_000
+
+
+# --- epochs: one numbering for people ---
+
+
+def test_epochs_are_numbered_alike_in_the_cli_the_events_the_plot_and_the_html():
+    rows = [r.model_dump() for r in _history()]  # dense 0, 1; finetune 0, 1, 2 (0-based, as stored)
+    rows[3].update(event="pruned", top1_before=54.0, macs_before=1000)
+    report = _report(history=rows)
+    event = rows[3]  # an "epoch" event's data is the engine's record itself
+    assert epoch_line(event).startswith("finetune epoch 2:")  # prune run / prune watch
+    assert epoch_label(report.history[3].phase, report.history[3].epoch) == "finetune epoch 2"
+    assert [epoch_tick(report.history, x) for x in range(1, 6)] == ["1", "2", "1", "2", "3"]
+    assert epoch_tick(report.history, 2.5) == "" and epoch_tick(report.history, 6) == ""
+    marks = pruning_marks(report.history)
+    assert marks == [(2.5, "pruned before finetune epoch 1"), (4.5, "pruned after finetune epoch 2")]
+    page = render_html(report, {})
+    assert "pruned after finetune epoch 2" in page and "<td class=l>finetune epoch 3</td>" in page
+    assert "epoch 0" not in page
+
+
+# --- report.html from a real run ---
+
+HOSTILE = '"><img src=x onerror=alert(1)>&'
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A small imagefolder job whose class names and data root carry markup."""
+    import numpy as np
+    from PIL import Image
+
+    from pruning_core.runner import run
+    from pruning_core.spec import parse_spec
+
+    root = tmp_path_factory.mktemp("data") / f"imgs{HOSTILE}"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 3)):
+        for cls in ("cat", HOSTILE):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    spec = parse_spec(
+        {
+            "model": {"name": "resnet20"},
+            "data": {"name": "imagefolder", "root": str(root), "image_size": 16},
+            "target": {"macs_ratio": 0.5},
+            "schedule": {"dense_epochs": 1, "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 2},
+            "export": {"formats": ["safetensors"], "latency_batch_size": 4, "latency_max_s": 1.0},
+            "device": "cpu",
+        }
+    )
+    out = tmp_path_factory.mktemp("job")
+    result = run(spec, out)
+    assert result.artifacts["report.html"] == out / "report.html"
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_html_of_a_real_run_holds_the_reports_numbers_inline(real_run):
+    out, report = real_run
+    page = (out / "report.html").read_text(encoding="utf-8")
+    lat = report["latency"]
+    assert [b["batch_size"] for b in lat["batches"]] == [1, 4] and lat["threads"] >= 1
+    # the summary table: MACs, params, top-1 with its split and images, latency with intervals, files
+    for cost in ("dense", "pruned"):
+        assert f"{report[cost]['macs'] / 1e6:.2f} M" in page and f"{report[cost]['top1']:.2f} %" in page
+    assert f"{report['dense']['params'] / 1e3:.2f} k" in page
+    assert "top-1 on the test split, 6 images" in page
+    for b in lat["batches"]:
+        d, s = b["dense_ms"], b["speedup"]
+        assert f"{d['median']:.3g} [{d['low']:.3g}, {d['high']:.3g}]" in page
+        assert f"x{s['median']:.2f} [{s['low']:.2f}, {s['high']:.2f}]" in page and b["verdict"] in page
+    assert "model.safetensors" in page and "pruned before finetune epoch 1" in page
+    # self-contained: every image inline, nothing fetched
+    assert page.count('src="data:image/png;base64,') == 2  # training.png, widths.png
+    assert "http" not in page.replace("&quot;", "") and "<link" not in page and "<script" not in page
+    assert str(out) not in page
+
+
+def test_html_escapes_what_the_user_controls(real_run):
+    out, report = real_run
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert HOSTILE in report["data_summary"]["classes"] and HOSTILE in report["spec"]["data"]["root"]
+    assert "<img src=x" not in page and "onerror=alert(1)>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;&amp;" in page  # the class name, shown escaped

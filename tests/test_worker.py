@@ -32,7 +32,14 @@ from worker.reporter import StoreReporter
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ARTIFACT_NAMES = {"model.safetensors", "architecture.json", "report.json", "training.png", "widths.png"}
+ARTIFACT_NAMES = {
+    "model.safetensors",
+    "architecture.json",
+    "report.json",
+    "report.html",
+    "training.png",
+    "widths.png",
+}
 
 
 def digits_spec(epochs: int = 1, **target: Any) -> dict[str, Any]:
@@ -126,6 +133,7 @@ def test_execute_succeeds_and_records_artifacts(settings: Settings, engine: Engi
         assert a.path.startswith(f"{job_id}/attempt-1/") and a.attempt == 1
         assert (a.size, a.sha256) == (path.stat().st_size, sha256_file(path))
     assert {a.name: a.media_type for a in arts}["report.json"] == "application/json"
+    assert {a.name: a.media_type for a in arts}["report.html"] == "text/html"
 
     report = json.loads((settings.artifacts_dir / job_id / "attempt-1" / "report.json").read_text())
     assert job.result["pruned"]["macs"] == report["pruned"]["macs"]
