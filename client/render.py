@@ -82,7 +82,8 @@ def latency_text(result: dict) -> str:
     if result.get("latency_batch_size"):
         text += f" at batch {result['latency_batch_size']}"
     if result.get("latency_verdict"):
-        text += f" ({result['latency_verdict']})"
+        busy = ", busy machine" if result.get("latency_busy") else ""
+        text += f" ({result['latency_verdict']}{busy})"
     return text
 
 

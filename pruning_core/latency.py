@@ -250,7 +250,7 @@ def _time_pair(
 ) -> BatchTiming:
     """Warm up, size the blocks, then time ``rounds`` paired rounds within ``seconds`` (see above)."""
     t0 = time.perf_counter()
-    per_forward = _warm_up(nets, x, min(0.5, 0.1 * seconds), clock)  # seconds, (dense, pruned)
+    per_forward = _warm_up(nets, x, min(0.25, 0.05 * seconds), clock)  # seconds, (dense, pruned)
     # Blocks as long as block_s, but short enough for `rounds` rounds in what is left of the share.
     left = max(0.0, seconds - (time.perf_counter() - t0))
     block = min(block_s, left / (2 * rounds)) if left else 0.0

@@ -44,7 +44,7 @@ def _spec(method: str):
             "method": {"name": method, **OPTIONS.get(method, {})},
             "target": {"macs_ratio": TARGET},
             "schedule": {"dense_epochs": 1, "epochs": 2, "batch_size": 64, "max_steps_per_epoch": 4},
-            "export": {"formats": ["safetensors"]},
+            "export": {"formats": ["safetensors"], "latency_max_s": 1.0},
             "device": "cpu",
         }
     )
