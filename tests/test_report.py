@@ -357,7 +357,8 @@ def test_html_of_a_real_run_holds_the_reports_numbers_inline(real_run):
     assert "model.safetensors" in page and "pruned before finetune epoch 1" in page
     # self-contained: every image inline, nothing fetched
     assert page.count('src="data:image/png;base64,') == 2  # training.png, widths.png
-    assert "http" not in page.replace("&quot;", "") and "<link" not in page and "<script" not in page
+    assert "://" not in page and "href=" not in page and "url(" not in page  # no link, no fetch
+    assert "<link" not in page and "<script" not in page
     assert str(out) not in page
 
 
@@ -367,6 +368,7 @@ def test_html_escapes_what_the_user_controls(real_run):
     assert HOSTILE in report["data_summary"]["classes"] and HOSTILE in report["spec"]["data"]["root"]
     assert "<img src=x" not in page and "onerror=alert(1)>" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;&amp;" in page  # the class name, shown escaped
+    assert "Content-Security-Policy\" content=\"default-src 'none'; img-src data:;" in page
 
 
 def test_every_reader_shows_the_speedup_with_its_interval_and_verdict():
