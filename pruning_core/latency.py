@@ -189,6 +189,7 @@ def compare_latency(
     max_seconds: float = 20.0,
     rounds: int = 30,
     block_s: float = 0.005,
+    warmup_s: float | None = None,
     clock: Clock | None = None,
 ) -> LatencyComparison:
     """Time ``dense`` and ``pruned`` on random batches of ``sample_shape`` (C x H x W) per batch size.
@@ -198,10 +199,13 @@ def compare_latency(
     at least one). ``max_seconds`` bounds the whole call, split evenly between batch sizes; at least
     ``MIN_ROUNDS`` rounds run unless that takes twice the budget (then ``FLOOR_ROUNDS``). ``threads``
     (default: torch's current setting) is set for the timing and restored; so are each model's device
-    and mode.
+    and mode. ``warmup_s``: seconds of warm-up per batch size (default: 5 % of its share, at most
+    0.25 s); at least 3 forwards of each run regardless.
     """
     if rounds < 1 or max_seconds < 0 or block_s <= 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("need rounds >= 1, max_seconds >= 0, block_s > 0 and positive batch sizes")
+    if warmup_s is not None and warmup_s < 0:
+        raise ValueError("need warmup_s >= 0")
     device = torch.device(device)
     threads = threads or torch.get_num_threads()
     clock = clock or _block_clock(device)
@@ -219,6 +223,7 @@ def compare_latency(
                     share,
                     rounds,
                     block_s,
+                    min(0.25, 0.05 * share) if warmup_s is None else warmup_s,
                     clock,
                 )
                 for b in batch_sizes
@@ -246,11 +251,12 @@ def _time_pair(
     seconds: float,
     rounds: int,
     block_s: float,
+    warmup_s: float,
     clock: Clock,
 ) -> BatchTiming:
     """Warm up, size the blocks, then time ``rounds`` paired rounds within ``seconds`` (see above)."""
     t0 = time.perf_counter()
-    per_forward = _warm_up(nets, x, min(0.25, 0.05 * seconds), clock)  # seconds, (dense, pruned)
+    per_forward = _warm_up(nets, x, warmup_s, clock)  # seconds per forward, (dense, pruned)
     # Blocks as long as block_s, but short enough for `rounds` rounds in what is left of the share.
     left = max(0.0, seconds - (time.perf_counter() - t0))
     block = min(block_s, left / (2 * rounds)) if left else 0.0

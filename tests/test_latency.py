@@ -25,8 +25,12 @@ def _net(width: int) -> nn.Module:
     )
 
 
+FAKE = {"max_seconds": 10.0, "warmup_s": 0.0}  # with a fake clock: 3 warm-up forwards, 30 rounds, no deadline
+
+
 class FakeClock:
-    """Seconds per forward by module (``costs``), times seeded noise; logs who ran and at what threads."""
+    """Seconds per forward by module (``costs``), times seeded noise; logs who ran and at what threads.
+    With ``FAKE`` settings every draw, hence every result, is the same on every run."""
 
     def __init__(self, costs: dict[int, float], noise: float = 0.3, seed: int = 0):
         self.costs, self.noise, self.rng = costs, noise, random.Random(seed)
@@ -63,7 +67,7 @@ def test_same_network_as_dense_and_pruned_is_no_gain_with_a_real_clock():
 def test_same_cost_contains_one_and_is_flagged():
     a, b = _net(8), _net(8)
     clock = FakeClock({id(a): 0.002, id(b): 0.002})
-    result = compare_latency(a, b, (3, 8, 8), "cpu", batch_sizes=(1, 8), max_seconds=1.0, clock=clock)
+    result = compare_latency(a, b, (3, 8, 8), "cpu", batch_sizes=(1, 8), **FAKE, clock=clock)
     for t in result.batches:
         assert t.speedup.low < 1.0 < t.speedup.high and t.verdict == "no measurable gain"
         assert t.rounds == 30 and t.speedup.confidence >= latency.CONFIDENCE
@@ -72,11 +76,11 @@ def test_same_cost_contains_one_and_is_flagged():
 def test_a_quarter_of_the_work_is_a_gain_whose_interval_holds_the_true_speedup():
     dense, pruned = _net(16), _net(4)
     clock = FakeClock({id(dense): 0.004, id(pruned): 0.001})
-    result = compare_latency(dense, pruned, (3, 8, 8), "cpu", batch_sizes=(2,), max_seconds=1.0, clock=clock)
+    result = compare_latency(dense, pruned, (3, 8, 8), "cpu", batch_sizes=(2,), **FAKE, clock=clock)
     (t,) = result.batches
     assert t.verdict == "faster" and 1.0 < t.speedup.low < 4.0 < t.speedup.high
     assert t.dense_ms.low < 4.0 < t.dense_ms.high and t.pruned_ms.low < 1.0 < t.pruned_ms.high
-    slower = compare_latency(pruned, dense, (3, 8, 8), "cpu", batch_sizes=(2,), max_seconds=1.0, clock=clock)
+    slower = compare_latency(pruned, dense, (3, 8, 8), "cpu", batch_sizes=(2,), **FAKE, clock=clock)
     assert slower.batches[0].verdict == "slower" and slower.batches[0].speedup.high < 1.0
 
 
@@ -86,7 +90,7 @@ def test_rounds_alternate_at_the_stated_threads_and_everything_is_restored():
     clock = FakeClock({id(dense): 0.001, id(pruned): 0.001}, noise=0.0)
     threads = torch.get_num_threads()
     result = compare_latency(
-        dense, pruned, (3, 8, 8), "cpu", batch_sizes=(1,), threads=1, max_seconds=1.0, clock=clock
+        dense, pruned, (3, 8, 8), "cpu", batch_sizes=(1,), threads=1, **FAKE, clock=clock
     )
     assert result.threads == 1 and {c[2] for c in clock.calls} == {1}
     assert torch.get_num_threads() == threads and dense.training and not pruned.training
@@ -111,9 +115,7 @@ def test_busy_is_the_load_average_against_the_cores(monkeypatch):
     cpus = latency._cpus()
     for load, busy in ((cpus + 2.0, True), (0.1, False)):
         monkeypatch.setattr(latency.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
-        result = compare_latency(
-            model, model, (3, 8, 8), "cpu", batch_sizes=(1,), max_seconds=1.0, clock=clock
-        )
+        result = compare_latency(model, model, (3, 8, 8), "cpu", batch_sizes=(1,), **FAKE, clock=clock)
         assert result.busy is busy and result.load_1min == load
 
 
