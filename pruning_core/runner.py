@@ -327,7 +327,9 @@ def _compare_latency(
     """Dense vs pruned at batch 1 and the spec's throughput batch, within ``export.latency_max_s``."""
     batches = tuple(dict.fromkeys((1, spec.export.latency_batch_size)))
     budget = spec.export.latency_max_s
-    reporter.message(f"timing dense vs pruned at batch {', '.join(map(str, batches))} (about {budget:g} s)")
+    reporter.message(
+        f"timing dense vs pruned at batch {', '.join(map(str, batches))} (at most ~{budget:g} s)"
+    )
     result = compare_latency(
         dense, pruned, tuple(example.shape[1:]), device, batch_sizes=batches, max_seconds=budget
     )
