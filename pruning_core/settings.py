@@ -61,9 +61,7 @@ class Settings(BaseSettings):
         2, ge=0, description="Jobs of one owner that may run at once; the others wait queued (not a 429)."
     )
     quota_upload_bytes: int = Field(
-        10 * 1024**3,
-        ge=0,
-        description="Total bytes of one owner's uploads; past it POST /v1/uploads is a 429.",
+        10 * 1024**3, ge=0, description="Total bytes of one owner's uploads; past it POST /v1/uploads is a 429."
     )
     rate_per_s: float = Field(
         20.0, ge=0, description="Requests per second one API key may sustain (token bucket refill)."
