@@ -115,6 +115,9 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
     except Exception as err:
         if type(err).__name__ == "SoftTimeLimitExceeded":  # Celery's soft time limit, by name: no import
             return _fail(engine, job, reporter, "time_limit", "the job ran past its time limit", False)
+        if _out_of_memory(err):  # another attempt would run out the same way
+            log.warning("job %s attempt %d ran out of memory: %s", job.id, job.attempt, _one_line(err))
+            return _fail(engine, job, reporter, "out_of_memory", _oom_message(err, job.spec), False)
         log.exception("job %s attempt %d failed", job.id, job.attempt)
         return _fail(engine, job, reporter, "internal_error", _one_line(err), retryable=True)
 
@@ -275,6 +278,25 @@ def summarize(report: Any) -> dict[str, Any]:
         "dense": cost(report.dense),
         "pruned": cost(report.pruned),
     }
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Host memory (MemoryError) or GPU memory (torch.cuda.OutOfMemoryError, by name: no torch import;
+    older builds raise a RuntimeError that says so)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _oom_message(err: BaseException, spec: dict[str, Any]) -> str:
+    """What ran out and what the user can lower, with the values they asked for."""
+    where = "host" if isinstance(err, MemoryError) else "GPU"
+    data, schedule = spec.get("data") or {}, spec.get("schedule") or {}
+    sizes = f"batch_size {schedule.get('batch_size', 'default')}, image_size {data.get('image_size') or 'default'}"
+    return (
+        f"the job ran out of {where} memory ({sizes}); lower schedule.batch_size or data.image_size, "
+        "use fewer data.num_workers, or pick a smaller model"
+    )
 
 
 def _one_line(err: BaseException) -> str:

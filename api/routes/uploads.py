@@ -17,7 +17,7 @@ from .. import files
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
-from ..schemas import UploadOut, upload_out
+from ..schemas import UploadOut, echo, is_id, upload_out
 
 router = APIRouter(tags=["uploads"], responses={"4XX": PROBLEM_SCHEMA})
 
@@ -54,6 +54,7 @@ def _keep(
 
 @router.post(
     "/v1/uploads",
+    operation_id="create_upload",
     status_code=status.HTTP_201_CREATED,
     response_model=UploadOut,
     openapi_extra={
@@ -67,7 +68,7 @@ async def create_upload(
     sessions: SessionsDep,
     kind: Annotated[Literal["weights", "dataset"], Query()],
     filename: Annotated[str, Query(min_length=1, max_length=255)] = "upload",
-    content_length: Annotated[int | None, Header(include_in_schema=False)] = None,
+    content_length: Annotated[int | None, Header(ge=0, include_in_schema=False)] = None,
 ) -> UploadOut:
     """Send the file as the raw body (`curl --data-binary @model.safetensors`). Weights must be
     safetensors; datasets a .tar.gz/.tgz, .tar or .zip archive with train/ and test/ class folders."""
@@ -83,10 +84,10 @@ async def create_upload(
     return upload_out(up)
 
 
-@router.get("/v1/uploads/{upload_id}", response_model=UploadOut)
+@router.get("/v1/uploads/{upload_id}", response_model=UploadOut, operation_id="get_upload")
 def get_upload(upload_id: str, owner: OwnerDep, sessions: ReadSessionsDep) -> UploadOut:
     with sessions() as s:
-        up = repo.get_upload(s, upload_id, owner=owner)
+        up = repo.get_upload(s, upload_id, owner=owner) if is_id(upload_id) else None
     if up is None:
-        raise Problem(404, f"Upload {upload_id} not found.", slug="upload-not-found")
+        raise Problem(404, f"Upload {echo(upload_id)} not found.", slug="upload-not-found")
     return upload_out(up)
