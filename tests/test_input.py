@@ -153,6 +153,19 @@ def test_allow_list_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert Settings().allowed_torchvision_models == ("resnet18", "resnet50")
 
 
+def test_compose_passes_the_limits_with_their_defaults() -> None:
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    env = yaml.safe_load((root / "docker-compose.yml").read_text())["x-app-env"]
+    example = (root / "deploy" / "env.example").read_text()
+    for name in ("MAX_EPOCHS", "MAX_BATCH_SIZE", "MAX_IMAGE_SIZE", "MAX_IMAGES"):
+        default = Settings.model_fields[name.lower()].default
+        assert env[name] == f"${{{name}:-{default}}}" and re.search(rf"^{name}={default}$", example, re.M)
+
+
 def test_unreachable_target_refused_at_submit(api: Api) -> None:
     c = api.client
     spec = DIGITS | {"target": {"macs_ratio": 0.0001}}
@@ -378,6 +391,7 @@ def test_bad_input_is_a_4xx_problem(make_api, request: pytest.FixtureRequest, ba
         ("POST", "/v1/jobs", {"json": DIGITS, "headers": {"Idempotency-Key": "a\x00b"}}, 422),
         ("POST", "/v1/jobs", {"json": DIGITS, "headers": {"Idempotency-Key": "k" * 256}}, 422),
         ("POST", "/v1/uploads?kind=weights", {"content": b"x", "headers": {"Content-Length": "-1"}}, 422),
+        ("POST", "/v1/uploads?kind=weights", {"content": b"x", "headers": {"Content-Length": "9" * 30}}, 413),
         ("POST", f"/v1/uploads?kind=weights&filename={long}", {"content": b"x"}, 422),
         # JSON bodies: non-finite numbers, NUL, lone surrogates, deep nesting, huge numbers, not UTF-8
         ("POST", "/v1/jobs", {"content": b'{"seed": NaN}'}, 422),
