@@ -305,19 +305,18 @@ def test_worker_refuses_images_over_the_caps(tmp_path: Path) -> None:
 def test_out_of_memory_fails_not_retried(
     sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, oom: str
 ) -> None:
+    import torch
+
     from pruning_core import runner
     from store.db import make_engine, migrate
     from worker.execute import execute
 
-    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError, by name
-        pass
-
     def run_out(*_a: Any, **_k: Any) -> None:
         if oom == "host":
             raise MemoryError()
-        if oom == "gpu":
-            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        raise RuntimeError("CUDA error: out of memory")
+        if oom == "gpu":  # the class exists in CPU builds too; the worker knows it by name
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise RuntimeError("CUDA error: out of memory")  # older builds
 
     monkeypatch.setattr(runner, "run", run_out)
     migrate(sqlite_url)
@@ -378,6 +377,8 @@ def test_bad_input_is_a_4xx_problem(make_api, request: pytest.FixtureRequest, ba
         # cursors: a NUL or a non-id inside, a time out of range, over-long
         ("GET", f"/v1/jobs?cursor={_cursor('2020-01-01T00:00:00', 'a' + chr(0) + 'b')}", {}, 400),
         ("GET", f"/v1/jobs?cursor={_cursor('99999-01-01T00:00:00', jid)}", {}, 400),
+        ("GET", f"/v1/jobs?cursor={_cursor('0001-01-01T00:00:00+14:00', jid)}", {}, 400),
+        ("GET", f"/v1/jobs?cursor={_cursor('9999-12-31T23:59:59-14:00', jid)}", {}, 400),
         ("GET", f"/v1/jobs?cursor={_cursor('2020-01-01T00:00:00', 7)}", {}, 400),
         ("GET", f"/v1/jobs?cursor={long}", {}, 422),
         # numbers beyond the columns' range

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -57,9 +58,9 @@ def create_job(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(pattern=IDEMPOTENCY_KEY)] = None,
 ) -> JobOut:
-    """Queue a pruning job. Files are referenced as `upload:<id>` (POST /v1/uploads). Beyond the schema,
-    a spec is refused (422) when it names another owner's or a missing upload, or a target its model
-    can never reach."""
+    """Queue a pruning job. Files are referenced as `upload:<id>` (POST /v1/uploads). A spec is refused
+    (422, one item per field) past this server's limits (shown in the schema), or when it names a
+    missing or another owner's upload, or a target its model can never reach."""
     limits = [{"field": f, "message": m} for f, m in submit_problems(spec, settings)]
     with sessions() as s:
         if errors := limits + spec_errors(s, owner, spec):
@@ -98,9 +99,11 @@ def create_job(
 
 
 def _check_cursor(cursor: str) -> None:
-    """400 unless ``cursor`` decodes to what ``next_cursor`` holds (a time and a job id)."""
+    """400 unless ``cursor`` decodes to what ``next_cursor`` holds: a job id, and a time that exists in
+    UTC (0001-01-01T00:00+14:00 does not)."""
     try:
-        _, job_id = repo.decode_cursor(cursor)
+        created, job_id = repo.decode_cursor(cursor)
+        (created if created.tzinfo else created.replace(tzinfo=UTC)).astimezone(UTC)  # OverflowError
         ok = is_id(job_id)
     except (ValueError, OverflowError):
         ok = False
