@@ -18,6 +18,7 @@ from store.db import make_engine, read_sessions, sessions
 from . import openapi, problems, queue
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
+from .quotas import RateLimiter
 from .routes import artifacts, catalog, events, health, jobs, uploads
 
 DESCRIPTION = """Structured pruning as a service: submit a JobSpec, follow its events, download the
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         yield
         queue.close()
+        app.state.rate_limiter.close()
         engine.dispose()
 
     app = FastAPI(title="Pruning service", version="1", description=DESCRIPTION, lifespan=lifespan)
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessions(engine)
     app.state.read_sessions = read_sessions(engine)
     app.state.metrics = Metrics()
+    app.state.rate_limiter = RateLimiter(settings)
     problems.install(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -34,7 +34,8 @@ LINKS: dict[str, dict[str, dict[str, Any]]] = {
     "cancel_job": {"202": _job_links("get_job", "job_events")},
     "create_upload": {
         "201": {
-            "get_upload": {"operationId": "get_upload", "parameters": {"upload_id": "$response.body#/id"}}
+            op: {"operationId": op, "parameters": {"upload_id": "$response.body#/id"}}
+            for op in ("get_upload", "delete_upload")
         }
     },
 }

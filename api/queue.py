@@ -2,7 +2,12 @@
 
 The database row is the truth; the broker message is only a wake-up call. A failed send is logged and
 reported as False: the job stays ``queued`` and the reaper re-enqueues it later. With no ``REDIS_URL``
-(embedded mode) nothing is sent: the local runner polls the database.
+(embedded mode) nothing is sent: the local runner polls the database (in a fair order, store.repo).
+
+Fairness on the broker: a message's priority grows with the number of its owner's unfinished jobs
+ahead of it (``fair_priority``). Redis serves priority 0 first (kombu's default steps 0, 3, 6, 9, read
+in that order by every worker, no worker setting needed), so each owner's first job overtakes another
+owner's long queue; within one priority the order stays first in, first out.
 """
 
 from __future__ import annotations
@@ -55,14 +60,38 @@ def _client(settings: Settings) -> Celery:
         return app
 
 
-def enqueue(job_id: str, settings: Settings) -> bool:
-    """Send ``pruning.run_job(job_id)`` (task id = job id) to the ``pruning`` queue. True when sent."""
+# kombu's Redis transport keeps one list per priority step: the queue's own name for 0, then
+# "<queue>\x06\x16<step>" (its default separator) for the others. Whoever counts or clears a queue by
+# hand must look at all of them.
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def redis_keys(queue: str = QUEUE) -> list[str]:
+    """The Redis lists that hold ``queue``'s messages, served first to last."""
+    return [queue if p == 0 else f"{queue}\x06\x16{p}" for p in PRIORITY_STEPS]
+
+
+def fair_priority(ahead: int) -> int:
+    """The broker priority (0 first) of a job with ``ahead`` unfinished jobs of its owner before it:
+    its owner's 1st job 0, 2nd 3, 3rd and 4th 6, later ones 9 (kombu's Redis priority steps)."""
+    return 0 if ahead <= 0 else 3 if ahead == 1 else 6 if ahead <= 3 else 9
+
+
+def enqueue(job_id: str, settings: Settings, *, priority: int = 0) -> bool:
+    """Send ``pruning.run_job(job_id)`` (task id = job id) to the ``pruning`` queue with ``priority``
+    (0 is served first). True when sent."""
     if not settings.redis_url:
         return False
     retry: dict[str, Any] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
     try:
         _client(settings).send_task(
-            TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUE, retry=True, retry_policy=retry
+            TASK_NAME,
+            args=[job_id],
+            task_id=job_id,
+            queue=QUEUE,
+            priority=priority,
+            retry=True,
+            retry_policy=retry,
         )
     except Exception as err:  # the broker is down: the reaper re-enqueues the queued row later
         log.warning(

@@ -108,6 +108,11 @@ class UploadOut(BaseModel):
     ref: str = Field(description="Put this in model.weights, kd.teacher or data.root")
 
 
+class UploadPage(BaseModel):
+    items: list[UploadOut]
+    next_cursor: str | None
+
+
 def job_path(root: str, job_id: str) -> str:
     return f"{root}/v1/jobs/{job_id}"
 

@@ -193,6 +193,7 @@ def run_target(
     trained = [r for r in res.report.history if r.phase != "dense"]
     first = [r for r in trained if r.phase == trained[0].phase] if trained else []
     rows[method]["epoch_s"] = statistics.fmean(r.wall_s for r in first)  # the search (or only) phase
+    rows[method]["epoch_cpu_s"] = statistics.fmean(r.cpu_s or 0.0 for r in first)
     rows[method]["phase"] = trained[0].phase if trained else None
     rows[method]["wall_s"] = wall
     rows[method]["soft_top1"] = trained[-1].views.get("soft") if trained else None
@@ -243,6 +244,7 @@ def run_seed(
     dense.pop("latency")
     dense_macs = count_macs(fitted.model.cpu(), s.example)
     dense["epoch_s"] = statistics.fmean(r["wall_s"] for r in fitted.history)
+    dense["epoch_cpu_s"] = statistics.fmean(r.get("cpu_s") or 0.0 for r in fitted.history)
     dense["train_macs"] = sum(r["train_macs"] for r in fitted.history)
     dense["train_wall_s"] = sum(r["wall_s"] for r in fitted.history)
     targets = [
@@ -359,8 +361,14 @@ def render(results: dict[str, Any], source: Path) -> str:
             f"per seed {', '.join(f'{x:.2f}x' for x in _seed_ratios(runs, method))} "
             "(the training steps of an epoch, as its record's `wall_s` measures them: the evaluation at the epoch's "
             "end is not in it).",
-            "",
         ]
+        if all(r["dense"].get("epoch_cpu_s") for r in runs):  # results from before cpu_s have none
+            cpu = _seed_ratios(runs, method, "epoch_cpu_s")
+            lines.append(
+                f"In CPU time (`cpu_s`: the process's CPU seconds, which do not grow while other work holds the "
+                f"core): **{statistics.fmean(cpu):.2f}x**; per seed {', '.join(f'{x:.2f}x' for x in cpu)}."
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -376,12 +384,10 @@ def _all_dense(run: dict[str, Any], case: dict[str, Any]) -> float:
     return per_epoch * (case["dense_epochs"] + case["finetune_epochs"])
 
 
-def _seed_ratios(runs: list[dict[str, Any]], method: str) -> list[float]:
-    """Per seed: the method's mean seconds per epoch over its targets / the dense model's."""
-    return [
-        statistics.fmean(t["rows"][method]["epoch_s"] for t in r["targets"]) / r["dense"]["epoch_s"]
-        for r in runs
-    ]
+def _seed_ratios(runs: list[dict[str, Any]], method: str, key: str = "epoch_s") -> list[float]:
+    """Per seed: the method's mean seconds per epoch over its targets / the dense model's (``key``:
+    ``epoch_s`` wall-clock, ``epoch_cpu_s`` CPU)."""
+    return [statistics.fmean(t["rows"][method][key] for t in r["targets"]) / r["dense"][key] for r in runs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,8 @@ import httpx
 import psycopg
 import redis
 
+from api.queue import redis_keys
+
 from . import service_markdown
 from .service_load import get_jobs, post_jobs, run_level
 from .stack import cpu_model, free_port, process, tail, wait_ready, worker_command
@@ -123,8 +125,14 @@ def wait_log(proc: subprocess.Popen, log_path: Path, needle: str, timeout: float
     raise RuntimeError(f"no {needle!r} in {log_path} after {timeout:.0f} s:\n{tail(log_path)}")
 
 
+# One owner floods the service on purpose: the per-owner quotas (429s) are off, so the figures are the
+# service's capacity, not the quotas'.
+NO_QUOTAS = {"RATE_PER_S": "0", "QUOTA_QUEUED_JOBS": "0", "QUOTA_RUNNING_JOBS": "0"}
+
+
 def base_env(state_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "AUTH_DISABLED")}
+    env |= NO_QUOTAS
     return env | {"STATE_DIR": str(state_dir), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -440,8 +448,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 )
             )
             load["db"] = count_jobs(pg_url)
-            load["queued_messages"] = r.llen(QUEUE)
-            r.delete(QUEUE)  # nobody runs the load phase's jobs: their rows stay queued, their messages go
+            keys = redis_keys(QUEUE)  # one list per priority step (the API ranks each owner's jobs)
+            load["queued_messages"] = sum(r.llen(k) for k in keys)
+            r.delete(*keys)  # nobody runs the load phase's jobs: their rows stay queued, their messages go
             log(
                 f"load: {load['db']} in the database, {load['queued_messages']} message(s) in the queue (deleted)"
             )

@@ -6,6 +6,7 @@
     prune watch JOB_ID                               live progress; exit 0 succeeded, 1 failed/cancelled
     prune download JOB_ID [NAME ...] [--out DIR]     every artifact by default, sha256-verified
     prune cancel JOB_ID
+    prune uploads [list] | uploads delete ID        your uploads (newest first); delete one
     prune keys create --owner NAME [--name N] | keys list --owner NAME | keys revoke ID --owner NAME
 
 The service is ``--url`` (env PRUNE_URL, default http://127.0.0.1:8000) with ``--api-key`` (env
@@ -89,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", parents=[g], help="cancel a queued or running job")
     c.add_argument("job_id")
     c.set_defaults(func=cmd_cancel)
+
+    u = sub.add_parser("uploads", parents=[g], help="list your uploads, or delete one")
+    u.add_argument("action", nargs="?", choices=("list", "delete"), default="list")
+    u.add_argument("upload_id", nargs="?", help="for delete: the id (or upload:<id>)")
+    u.add_argument("--json", action="store_true", help="print the JSON resources")
+    u.set_defaults(func=cmd_uploads)
 
     k = sub.add_parser("keys", help="manage API keys (admin, on the server host)")
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -221,6 +228,24 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             else f"cancel requested (status {status})"
         )
     )
+    return 0
+
+
+def cmd_uploads(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "delete":
+            if not args.upload_id:
+                raise CliError("uploads delete needs an upload id")
+            client.delete_upload(args.upload_id)
+            print(f"deleted {args.upload_id}")
+            return 0
+        ups = list(client.uploads())
+    if args.json:
+        print(json.dumps(ups, indent=2))
+    for up in [] if args.json else ups:
+        print(f"{up['ref']}\t{up['kind']}\t{up['size']:,} bytes\t{up['filename']}\t{up['created_at']}")
+    if not ups and not args.json:
+        _note("no uploads yet")
     return 0
 
 

@@ -324,6 +324,21 @@ class Client:
             retry=False,
         ).json()
 
+    def uploads(self, limit: int = 50) -> Iterator[dict]:
+        """Every upload of the caller, newest first, fetched ``limit`` per page."""
+        params: dict[str, Any] = {"limit": limit}
+        while True:
+            page = self._send("GET", "/v1/uploads", params=params).json()
+            yield from _items(page, "uploads")
+            cursor = page.get("next_cursor") if isinstance(page, dict) else None
+            if not cursor:
+                return
+            params["cursor"] = cursor
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Delete one of the caller's uploads (ApiError 409 while a queued or running job uses it)."""
+        self._send("DELETE", f"/v1/uploads/{_seg(upload_id.removeprefix('upload:'))}").close()
+
     # --- plumbing ---
 
     def _delay(self, attempt: int) -> float:

@@ -221,7 +221,7 @@ def has_checkpoint(ctx: TrainContext, phase: str) -> bool:
 
 def _new_sums() -> dict[str, Any]:
     """An epoch's running sums; checkpointed mid-epoch so a resumed epoch reports the same numbers."""
-    return {"loss": 0.0, "steps": 0, "train_macs": 0, "wall_s": 0.0, "metrics": {}}
+    return {"loss": 0.0, "steps": 0, "train_macs": 0, "wall_s": 0.0, "cpu_s": 0.0, "metrics": {}}
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -352,8 +352,9 @@ def fit(
 
 def _train_epoch(run: _Run) -> EpochAction:
     ctx, s = run.ctx, run.s
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     before = run.sums.get("wall_s", 0.0)  # a resumed epoch's seconds before the interruption
+    cpu_before = run.sums.get("cpu_s", 0.0)
     plan = epoch_plan(len(ctx.train), s, ctx.seed, run.epoch, run.streams)
     if run.step_in_epoch and run.rng_state is not None:
         _set_rng_state(run.rng_state, run.device)
@@ -375,10 +376,11 @@ def _train_epoch(run: _Run) -> EpochAction:
             loss = _optimise(run, batches[0] if len(batches) == 1 else batches, sctx)
             run.sums["train_macs"] += meter.total
             run.sums["wall_s"] = before + time.perf_counter() - t0
+            run.sums["cpu_s"] = cpu_before + time.process_time() - c0
             run.step_in_epoch += 1
             run.rng_state = _rng_state(run.device)  # before the next batch is drawn: where a resume starts
             ctx.reporter.step(run.phase, run.epoch, run.step_in_epoch, loss)
-    record = _epoch_record(run, lrs, before + time.perf_counter() - t0)
+    record = _epoch_record(run, lrs, before + time.perf_counter() - t0, cpu_before + time.process_time() - c0)
     run.step_in_epoch, run.rng_state, run.sums = 0, None, _new_sums()
     action = _epoch_end(run, record)
     run.history.append(record)
@@ -429,12 +431,13 @@ def _evaluate(run: _Run, record: dict[str, Any]) -> None:
         record["views"] = {name: v["top1"] for name, v in views.items()}
 
 
-def _epoch_record(run: _Run, lrs: dict[str, float], wall_s: float) -> dict[str, Any]:
+def _epoch_record(run: _Run, lrs: dict[str, float], wall_s: float, cpu_s: float) -> dict[str, Any]:
     """The epoch's record before the method's epoch-end hook: losses, top-1 of every view, MACs."""
     sums, n = run.sums, max(1, run.sums["steps"])
     record: dict[str, Any] = {"phase": run.phase, "epoch": run.epoch, "train_loss": sums["loss"] / n}
     _evaluate(run, record)
-    record.update(train_macs=sums["train_macs"], lr=next(iter(lrs.values())) if lrs else None, wall_s=wall_s)
+    lr = next(iter(lrs.values())) if lrs else None
+    record.update(train_macs=sums["train_macs"], lr=lr, wall_s=wall_s, cpu_s=cpu_s)
     metrics = {k: v / n for k, v in sums["metrics"].items()}
     if metrics:
         record["metrics"] = metrics
@@ -454,7 +457,7 @@ def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
     if metrics:
         record["metrics"] = metrics
     if end.action is EpochAction.PRUNE:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         record["top1_before"], record["macs_before"] = record["top1"], record["macs"]
         run.model = run.hooks.prune_now(run.model).to(run.device)
         run.build_optimizers()
@@ -462,6 +465,7 @@ def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
         _evaluate(run, record)
         record["event"] = "pruned"
         record["wall_s"] += time.perf_counter() - t0
+        record["cpu_s"] += time.process_time() - c0
     return end.action
 
 

@@ -3,7 +3,9 @@
 A mask is one vector per group (``values[g]``, shape ``(group.size,)``): 1 keeps a channel, 0 removes
 it, anything between scales it (soft masks for S2H-style methods; gradients flow into ``values``).
 Masks act on the outputs of the group's BatchNorms, and on conv/linear outputs that no BatchNorm of the
-group follows: a scale applied before BN would be undone by BN.
+group follows: a scale applied before BN would be undone by BN. A mask on the whole output of an affine
+BatchNorm is folded into its affine parameters (``BN(x) * m`` computed as BN with weight ``w * m`` and
+bias ``b * m``): the same function and gradients without a full-size multiply and its backward.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ChannelMasks:
         )
         self._points = mask_points(graph)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._folded: list[nn.Module] = []  # BatchNorms whose forward folds the mask in
 
     @classmethod
     def from_keep(cls, graph: PruningGraph, keep_idx: Sequence[torch.Tensor]) -> ChannelMasks:
@@ -45,12 +48,38 @@ class ChannelMasks:
     def attach(self) -> None:
         for name, slots in self._points.items():
             module = self.graph.modules[name]
-            self._handles.append(module.register_forward_hook(self._hook(slots, module)))
+            if _foldable(module, slots):
+                module.forward = self._folded_forward(module, slots[0][0])  # the instance's, not the class's
+                self._folded.append(module)
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(slots, module)))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module in self._folded:
+            del module.forward  # back to the class's forward
+        self._folded.clear()
+
+    def _folded_forward(self, module: nn.Module, group: int):
+        """``module``'s own forward with weight ``w * m`` and bias ``b * m`` for group ``group``'s mask
+        ``m``: equal to ``BN(x) * m`` in every mode (batch or running statistics), in value and gradient.
+        The scaled tensors stand in for the parameters only for the call (as ``torch.func``'s
+        ``functional_call`` does), so checkpoints and optimisers see the parameters unchanged."""
+        forward = type(module).forward
+        params = module._parameters
+
+        def folded(x: torch.Tensor) -> torch.Tensor:
+            weight, bias = params["weight"], params["bias"]
+            m = self.values[group].to(device=weight.device, dtype=weight.dtype)
+            params["weight"], params["bias"] = weight * m, bias * m
+            try:
+                return forward(module, x)
+            finally:
+                params["weight"], params["bias"] = weight, bias
+
+        return folded
 
     @contextmanager
     def applied(self) -> Iterator[ChannelMasks]:
@@ -83,6 +112,16 @@ class ChannelMasks:
             return out * scale.view(shape)
 
         return hook
+
+
+def _foldable(module: nn.Module, slots: list[tuple[int, Slot]]) -> bool:
+    """An affine BatchNorm whose whole output, in order, is one group's: its mask folds into the affine."""
+    return (
+        isinstance(module, NORMS)
+        and module.affine
+        and len(slots) == 1
+        and _identity(slots[0][1], _width(module))
+    )
 
 
 def _width(module: nn.Module) -> int | None:

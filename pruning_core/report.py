@@ -92,7 +92,9 @@ class EpochRecord(_Record):
     ``train_loss``: mean training loss; ``top1`` (percent) and ``test_loss``: the method's main network
     on the test split; ``macs``: MACs per sample of that network at the epoch's end; ``train_macs``: the
     forward MACs its training really computed over the epoch (every sample, every forward; a backward
-    costs about twice as much again); ``lr``: the main parameter set's learning rate.
+    costs about twice as much again); ``lr``: the main parameter set's learning rate. ``wall_s``: the
+    epoch's training steps in seconds (not its evaluation); ``cpu_s``: the CPU seconds this process
+    spent on them (every thread): unlike ``wall_s``, it does not grow while other work holds the cores.
     ``views``: top-1 of every network the method evaluates (e.g. S2H's soft and hard networks).
     ``metrics``: the method's own numbers (scalars, or lists such as per-layer ratios).
     ``event`` names something that happened at the end of the epoch: ``"pruned"``, with ``top1_before``
@@ -109,6 +111,7 @@ class EpochRecord(_Record):
     train_macs: int | None = Field(None, ge=0)
     lr: float | None = None
     wall_s: float = Field(ge=0.0)
+    cpu_s: float | None = Field(None, ge=0.0)
     views: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     event: str | None = None

@@ -58,12 +58,36 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, description="How often a running job writes its heartbeat.")
     max_attempts: int = Field(3, description="Attempts before a job that keeps losing its worker fails.")
     job_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one job attempt.")
+    db_retry_s: float = Field(
+        120.0,
+        description="How long a worker retries a write (event, finish) while the database is unreachable.",
+    )
+    unqueued_after_s: float = Field(
+        30.0, description="The reaper enqueues a queued job the broker never got after this many seconds."
+    )
     bootstrap_api_key: str | None = Field(
         None, description="An API key accepted for owner `admin` (BOOTSTRAP_API_KEY)."
     )
     auth_disabled: bool = Field(
         False, description="Embedded mode on loopback only: accept requests without a key."
     )
+
+    # --- per-owner quotas and fairness (api/quotas.py, store/repo.py); 0 turns a limit off ---
+    quota_queued_jobs: int = Field(
+        100, ge=0, description="Jobs one owner may have waiting (queued); past it POST /v1/jobs is a 429."
+    )
+    quota_running_jobs: int = Field(
+        2, ge=0, description="Jobs of one owner that may run at once; the others wait queued (not a 429)."
+    )
+    quota_upload_bytes: int = Field(
+        10 * 1024**3,
+        ge=0,
+        description="Total bytes of one owner's uploads; past it POST /v1/uploads is a 429.",
+    )
+    rate_per_s: float = Field(
+        20.0, ge=0, description="Requests per second one API key may sustain (token bucket refill)."
+    )
+    rate_burst: int = Field(100, ge=1, description="Requests one API key may send at once (bucket size).")
 
     # --- job limits: the largest job a spec may ask for. The API refuses a spec beyond them at submit
     # (422, one item per field, and its OpenAPI schema shows them); the worker refuses what only the data

@@ -15,9 +15,9 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from .models import ApiKey, Artifact, Job, JobEvent, JobStatus, Upload, utcnow
 
@@ -59,6 +59,11 @@ def create_job(
         return existing, False
     append_event(s, job.id, "status", {"status": JobStatus.QUEUED})
     return job, True
+
+
+def idempotent_job(s: Session, owner: str, idempotency_key: str) -> Job | None:
+    """The owner's earlier job created with ``idempotency_key``, if any."""
+    return s.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
 
 
 def get_job(s: Session, job_id: str, owner: str | None = None) -> Job | None:
@@ -115,24 +120,74 @@ def queued_job_ids(s: Session, limit: int = 10) -> list[str]:
     return list(s.scalars(q))
 
 
+def fair_queued_job_ids(s: Session, limit: int = 10, *, max_running: int = 0) -> list[str]:
+    """Queued jobs a worker could claim now, fairest first: owners take turns.
+
+    Owners are ordered by how many of their jobs run now, then by when one of their jobs last started
+    (never first): the least recently served owner goes next, so owners alternate (A1, B1, C1, A2, B2,
+    ...) and one owner's long queue never holds another's first job behind it. Within an owner, oldest
+    first. Owners at ``max_running`` (0: no limit) are left out."""
+    claimable = and_(
+        Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False), Job.attempt < Job.max_attempts
+    )
+    waiting = select(Job.owner).where(claimable).distinct().scalar_subquery()
+    served = (
+        select(
+            Job.owner,
+            func.count().filter(Job.status == JobStatus.RUNNING).label("running"),
+            func.max(Job.started_at).label("last_start"),
+        )
+        .where(Job.owner.in_(waiting))
+        .group_by(Job.owner)
+        .subquery()
+    )
+    q = select(Job.id).join(served, served.c.owner == Job.owner).where(claimable)
+    if max_running > 0:
+        q = q.where(served.c.running < max_running)
+    q = q.order_by(served.c.running, served.c.last_start.asc().nulls_first(), Job.created_at, Job.id)
+    return list(s.scalars(q.limit(limit)))
+
+
+def count_jobs(s: Session, owner: str, *statuses: str) -> int:
+    """How many of ``owner``'s jobs are in one of ``statuses``."""
+    return s.scalar(select(func.count()).where(Job.owner == owner, Job.status.in_(statuses))) or 0
+
+
 def mark_enqueued(s: Session, job_id: str) -> None:
     s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
 
 
-def claim_job(s: Session, job_id: str, worker: str, lease_s: float) -> Job | None:
+def claim_job(s: Session, job_id: str, worker: str, lease_s: float, *, max_running: int = 0) -> Job | None:
     """Compare-and-set: queued (or running with an expired lease) -> running, attempt + 1.
 
     Returns the claimed job, or None when another worker holds it or it is finished or cancelled
-    (a duplicate delivery then does nothing).
+    (a duplicate delivery then does nothing), or when its owner already has ``max_running`` jobs
+    running (0: no limit); such a job stays queued and is marked unsent, so the reaper wakes it again
+    soon. The running quota is checked in the same UPDATE; two claims racing on PostgreSQL may overshoot
+    it by one, never more than the number of racing workers.
     """
     now = utcnow()
     claimable = or_(
         Job.status == JobStatus.QUEUED,
         and_(Job.status == JobStatus.RUNNING, Job.lease_until < now),
     )
+    conditions = [
+        Job.id == job_id,
+        claimable,
+        Job.cancel_requested.is_(False),
+        Job.attempt < Job.max_attempts,
+    ]
+    if max_running > 0:
+        other = aliased(Job)
+        running = (
+            select(func.count())
+            .where(other.owner == Job.owner, other.status == JobStatus.RUNNING, other.id != Job.id)
+            .scalar_subquery()
+        )
+        conditions.append(running < max_running)
     res = s.execute(
         update(Job)
-        .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False), Job.attempt < Job.max_attempts)
+        .where(*conditions)
         .values(
             status=JobStatus.RUNNING,
             attempt=Job.attempt + 1,
@@ -144,6 +199,12 @@ def claim_job(s: Session, job_id: str, worker: str, lease_s: float) -> Job | Non
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:
+        if max_running > 0:  # held back by the quota: unsent, so the reaper sends it again shortly
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
+                .values(enqueued_at=None)
+            )
         return None
     job = s.get(Job, job_id, populate_existing=True)
     append_event(s, job_id, "status", {"status": JobStatus.RUNNING, "attempt": job.attempt, "worker": worker})
@@ -164,8 +225,10 @@ def heartbeat(
     not finish the job."""
     now = utcnow()
     values: dict[str, Any] = {"heartbeat_at": now, "lease_until": now + timedelta(seconds=lease_s)}
-    if progress is not None:
-        values["progress"] = progress
+    if progress is not None:  # never backwards: a beat that waited for the lock may carry an older value
+        values["progress"] = case(
+            (or_(Job.progress.is_(None), Job.progress < progress), progress), else_=Job.progress
+        )
     if phase is not None:
         values["phase"] = phase
     res = s.execute(
@@ -436,6 +499,56 @@ def get_upload(s: Session, upload_id: str, owner: str | None = None) -> Upload |
     up = s.get(Upload, upload_id)
     if up is None or (owner is not None and up.owner != owner):
         return None
+    return up
+
+
+def list_uploads(
+    s: Session, owner: str, *, limit: int = 50, cursor: str | None = None
+) -> tuple[list[Upload], str | None]:
+    """The owner's uploads, newest first, keyset-paginated like ``list_jobs`` (ValueError on a bad
+    cursor). Returns the page and the next cursor (None on the last page)."""
+    limit = max(1, int(limit))
+    q = select(Upload).where(Upload.owner == owner)
+    if cursor:
+        created, upload_id = decode_cursor(cursor)
+        q = q.where(
+            or_(Upload.created_at < created, and_(Upload.created_at == created, Upload.id < upload_id))
+        )
+    rows = list(s.scalars(q.order_by(Upload.created_at.desc(), Upload.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return page, encode_cursor(page[-1]) if len(rows) > limit else None  # type: ignore[arg-type]
+
+
+def upload_bytes(s: Session, owner: str) -> int:
+    """The total size of ``owner``'s uploads, in bytes."""
+    return int(s.scalar(select(func.coalesce(func.sum(Upload.size), 0)).where(Upload.owner == owner)) or 0)
+
+
+# JobSpec (section, field) pairs that may hold ``upload:<id>``.
+UPLOAD_REF_FIELDS = (("model", "weights"), ("kd", "teacher"), ("data", "root"))
+
+
+def unfinished_jobs_using(s: Session, upload_id: str, owner: str) -> list[str]:
+    """Ids of ``owner``'s queued or running jobs whose spec names ``upload:<id>`` (a job may only name
+    its owner's uploads, so no one else's jobs need looking at)."""
+    ref = f"upload:{upload_id}"
+    q = select(Job.id, Job.spec).where(
+        Job.owner == owner, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
+    )
+    return [
+        job_id
+        for job_id, spec in s.execute(q.order_by(Job.created_at, Job.id))
+        if any((spec.get(sec) or {}).get(field) == ref for sec, field in UPLOAD_REF_FIELDS)
+    ]
+
+
+def delete_upload(s: Session, upload_id: str, owner: str) -> Upload | None:
+    """Delete the owner's upload row; returns it (its file is the caller's to remove after the commit),
+    or None if there is no such upload of this owner."""
+    up = get_upload(s, upload_id, owner=owner)
+    if up is None:
+        return None
+    s.execute(delete(Upload).where(Upload.id == upload_id, Upload.owner == owner))
     return up
 
 

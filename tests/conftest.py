@@ -91,3 +91,41 @@ def redis_url(redis_server: str) -> Iterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator:
+    """A redis-server of this test's own (nothing on disk), which the test may kill and restart."""
+    from tests.faultkit import RedisServer
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def private_pg() -> Iterator:
+    """A PostgreSQL instance of this test's own (initdb, a free port), which the test may restart."""
+    from tests.faultkit import PostgresServer
+
+    if not PostgresServer.available():
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not available")
+    server = PostgresServer()
+    server.init()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator:
+    """Subprocesses started by the test, all killed at its end."""
+    from tests.faultkit import Procs
+
+    p = Procs(tmp_path, {})
+    try:
+        yield p
+    finally:
+        p.close()

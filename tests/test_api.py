@@ -182,7 +182,8 @@ def test_bootstrap_key_and_auth(api: Api, make_api, sqlite_url: str) -> None:
 
 def test_auth_disabled_is_owner_local(make_api, tmp_path: Path) -> None:
     api = make_api(f"sqlite:///{tmp_path / 'local.db'}", auth_disabled=True)
-    r = api.client.post("/v1/jobs", json=DIGITS)
+    local = TestClient(api.client.app, client=("127.0.0.1", 50000))  # keyless only from loopback
+    r = local.post("/v1/jobs", json=DIGITS)
     assert r.status_code == 201
     with db.session_scope(api.engine) as s:
         assert s.get(Job, r.json()["id"]).owner == "local"
@@ -505,6 +506,8 @@ def test_artifacts(api: Api) -> None:
 
 def test_catalog(api: Api) -> None:
     c = api.client
+    assert_problem(c.get("/v1/methods"), 401)  # behind a key like all of /v1
+    c.headers.update(api.a)
     methods = c.get("/v1/methods").json()["items"]
     mag = next(m for m in methods if m["name"] == "magnitude")
     assert "p" in mag["options_schema"]["properties"] and mag["description"]
@@ -534,7 +537,8 @@ def test_health_and_metrics(api: Api) -> None:
     assert r.status_code == 200 and r.json()["checks"]["database"] == "ok"
     api.submit()
     c.get("/v1/jobs/unknown", headers=api.a)
-    text = c.get("/metrics").text
+    assert_problem(c.get("/metrics"), 401)
+    text = c.get("/metrics", headers=api.a).text
     assert "jobs_created_total 1.0" in text
     assert 'route="/v1/jobs",status="201"' in text
     assert 'route="/v1/jobs/{job_id}",status="404"' in text

@@ -91,7 +91,7 @@ def reference() -> tuple[dict[str, torch.Tensor], list[dict]]:
 
 
 def _untimed(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in history]
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "cpu_s")} for r in history]
 
 
 @pytest.mark.parametrize(("epoch", "step", "sigint"), [(1, 3, False), (0, 4, True), (2, 1, False)])
@@ -104,6 +104,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, reference, epoch
     assert resumed.resumed_from == epoch
     weights, history = reference
     assert _untimed(resumed.history) == _untimed(history), "the resumed epoch reports what it would have"
+    # CPU seconds of the training steps; the interrupted epoch's are those before and after the stop
+    assert all(0 < r["cpu_s"] for r in resumed.history)
+    assert resumed.history[epoch]["cpu_s"] > 0.5 * min(r["cpu_s"] for r in history)
     for k, v in _weights(resumed.model).items():
         assert torch.equal(v, weights[k]), f"{k} differs after resume"
 

@@ -131,7 +131,7 @@ def test_torchvision_models_only_from_the_allow_list(make_api, sqlite_url: str) 
     )
     assert [e["field"] for e in body["errors"]] == ["model.name"]
     # what the catalog and the schema list is what the check allows
-    assert c.get("/v1/models").json()["torchvision"]["allowed"] == ["resnet18", "mobilenet_v2"]
+    assert c.get("/v1/models", headers=api.a).json()["torchvision"]["allowed"] == ["resnet18", "mobilenet_v2"]
     enum = c.get("/openapi.json").json()["components"]["schemas"]["ModelSpec"]["properties"]["name"]["enum"]
     assert enum == [*spec_module.CIFAR_MODELS, "tv:resnet18", "tv:mobilenet_v2"]
 
@@ -372,6 +372,9 @@ def test_bad_input_is_a_4xx_problem(make_api, request: pytest.FixtureRequest, ba
         ("POST", "/v1/jobs/abc%00def/cancel", {}, 404),
         ("GET", "/v1/uploads/abc%00def", {}, 404),
         ("GET", f"/v1/uploads/{long}", {}, 404),
+        ("DELETE", "/v1/uploads/abc%00def", {}, 404),
+        ("GET", f"/v1/uploads?cursor={_cursor('2020-01-01T00:00:00', 'a' + chr(0) + 'b')}", {}, 400),
+        ("GET", f"/v1/uploads?cursor={_cursor('0001-01-01T00:00:00+14:00', jid)}", {}, 400),
         ("GET", f"/v1/jobs/{jid}/artifacts/a%00b", {}, 404),
         ("HEAD", f"/v1/jobs/{jid}/artifacts/{long}", {}, 404),
         # cursors: a NUL or a non-id inside, a time out of range, over-long
@@ -466,7 +469,11 @@ def test_metrics_labels_stay_bounded(api: Api) -> None:
         c.request(f"INVENT{i}", f"/v1/jobs/{i}", headers=api.a)
         c.get(f"/random/path/{i}", headers=api.a)
         c.request(f"X{i}", f"/nowhere/{i}")
-    lines = [ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("http_requests_total{")]
+    lines = [
+        ln
+        for ln in c.get("/metrics", headers=api.a).text.splitlines()
+        if ln.startswith("http_requests_total{")
+    ]
     methods = {ln.split('method="')[1].split('"')[0] for ln in lines}
     routes = {ln.split('route="')[1].split('"')[0] for ln in lines}
     assert methods <= {"GET", "OTHER"} and "OTHER" in methods, methods
@@ -505,7 +512,7 @@ def test_artifact_changed_on_disk_is_not_served(api: Api) -> None:
     path.write_bytes(bytes(b ^ 0xFF for b in blob))
     for method in ("GET", "HEAD"):
         r = c.request(method, url, headers=api.a)
-        assert r.status_code == 500 and r.headers["content-type"].startswith(PROBLEM), method
+        assert r.status_code == 410 and r.headers["content-type"].startswith(PROBLEM), method
         assert "etag" not in r.headers and "repr-digest" not in r.headers
     body = c.get(url, headers=api.a | {"Range": "bytes=0-9"}).json()
     assert body["type"].endswith("artifact-corrupt") and "changed" in body["detail"]

@@ -74,6 +74,7 @@ def _comparable(report) -> dict[str, Any]:
         d[cost].pop("latency")
     for row in d["phases"] + d["history"]:
         row.pop("wall_s")
+        row.pop("cpu_s", None)
     d["method_details"] = {k: v for k, v in d["method_details"].items() if "wall_s" not in k}  # EPI's
     return d
 

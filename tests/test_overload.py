@@ -48,6 +48,7 @@ def server(db_url: str, tmp_path: Path) -> Iterator[str]:
         k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BOOTSTRAP_API_KEY", "AUTH_DISABLED")
     }
     env |= {"DATABASE_URL": db_url, "STATE_DIR": str(tmp_path / "state")}
+    env["RATE_PER_S"] = "0"  # the burst tests the database's limits, not the rate quota's 429s
     args = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--port", str(port)]
     log = tmp_path / "api.log"
     with process(args + ["--log-level", "warning"], env, log) as proc:
@@ -132,7 +133,8 @@ def sqlite_api(tmp_path: Path, monkeypatch) -> Iterator[tuple[TestClient, str, s
     with db.session_scope(db.make_engine(url)) as s:
         _, key = repo.create_api_key(s, "alice")
         job, _ = repo.create_job(s, "alice", SPEC, "magnitude", max_attempts=3)
-    settings = Settings(state_dir=tmp_path / "state", database_url=url, redis_url=None)
+    # rate_per_s=0: the burst tests the database's limits, not the per-owner rate quota's 429s
+    settings = Settings(state_dir=tmp_path / "state", database_url=url, redis_url=None, rate_per_s=0)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         client.headers["Authorization"] = f"Bearer {key}"
         yield client, str(path), job.id

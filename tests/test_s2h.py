@@ -240,7 +240,11 @@ def test_each_epoch_reports_soft_and_hard_networks_gap_and_widths(runs) -> None:
         assert {"kl_soft_hard", "hard_macs_ratio", "expected_macs_ratio"} <= set(r.metrics)
         assert r.macs == round(r.metrics["hard_macs_ratio"] * result.report.dense.macs)
         assert len(r.metrics["expected_widths"]) == len(result.report.groups)
-    assert history[0].metrics["hard_macs_ratio"] > history[-1].metrics["hard_macs_ratio"]
+    # the widths move from the full network (where the search starts) to the target; whether the first
+    # epoch lands above or below the target depends on float summation order (threads), so not asserted
+    assert all(r.metrics["hard_macs_ratio"] < 0.9 for r in history)
+    assert abs(history[-1].metrics["hard_macs_ratio"] - TARGET) <= 0.02
+    assert history[0].metrics["expected_widths"] != history[-1].metrics["expected_widths"]
     assert (result.workdir / list_metric_file("expected_widths")).read_bytes().startswith(b"\x89PNG")
 
 

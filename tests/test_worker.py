@@ -3,7 +3,6 @@ process, and real Celery worker processes on Redis + PostgreSQL (killed mid-job,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -11,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from store import repo
 from store.db import make_engine, migrate, session_scope
 from store.files import resolve_under, sha256_file
 from store.models import Job, utcnow
+from tests.faultkit import Procs, service_env, wait_for
 from worker.celery_app import QUEUE, TASK_NAME, enqueuer, make_app
 from worker.execute import copy_checkpoints, execute, resolve_uploads
 from worker.reaper import reap_once
@@ -101,15 +101,6 @@ def messages(engine: Engine, job_id: str) -> list[str]:
 
 def statuses(engine: Engine, job_id: str) -> list[str]:
     return [d["status"] for _, k, d in events(engine, job_id) if k == "status"]
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def expire_lease(engine: Engine, job_id: str) -> None:
@@ -222,6 +213,7 @@ def test_cancel_while_running(settings: Settings, engine: Engine) -> None:
     assert any(m.startswith("cancelled") for m in messages(engine, job_id))
     with session_scope(engine) as s:
         assert repo.list_artifacts(s, job_id) == []
+    assert not (settings.artifacts_dir / job_id).exists(), "its checkpoints went with it"
     assert execute(job_id, worker_name="test", settings=settings) is None
 
 
@@ -308,7 +300,9 @@ def test_reaper_requeues_and_the_retry_resumes(
     assert execute(job_id, worker_name="second", settings=settings) == "succeeded"
     job = get(engine, job_id)
     assert (job.status, job.attempt, job.worker) == ("succeeded", 2, "second")
-    assert (settings.artifacts_dir / job_id / "attempt-2" / "checkpoints" / "finetune.pt").is_file()
+    # Once it succeeded, only its artifacts stay: no checkpoints, nothing of attempt 1.
+    assert [p.name for p in (settings.artifacts_dir / job_id).iterdir()] == ["attempt-2"]
+    assert not (settings.artifacts_dir / job_id / "attempt-2" / "checkpoints").exists()
     texts = messages(engine, job_id)
     assert "resuming from the checkpoints of attempt 1" in texts
     assert any("resuming at epoch 3" in t for t in texts)  # epochs 1-2 came from attempt 1
@@ -430,94 +424,6 @@ def test_celery_configuration() -> None:
 
 
 # --- real processes ---
-
-
-class Procs:
-    """Subprocesses in their own sessions, logs to files; all killed (group-wide) at the end."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str]):
-        self.tmp_path, self.env, self.procs = tmp_path, env, []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = (self.tmp_path / f"{name}.log").open("ab")
-        p = subprocess.Popen(
-            args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        p.log_path = self.tmp_path / f"{name}.log"  # type: ignore[attr-defined]
-        self.procs.append(p)
-        return p
-
-    def celery_worker(self, name: str) -> subprocess.Popen:
-        return self.start(
-            name,
-            str(BIN / "celery"),
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "-n",
-            f"{name}@%h",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        )
-
-    @staticmethod
-    def kill(p: subprocess.Popen) -> None:
-        """SIGKILL the process group, and any descendant in a group of its own (the local runner's jobs)."""
-        strays = _descendants(p.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        for pid in strays:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        p.wait(timeout=10)
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.log_path.name}\n{p.log_path.read_text(errors='replace')[-3000:]}"  # type: ignore[attr-defined]
-            for p in self.procs
-        )
-
-    def close(self) -> None:
-        for p in self.procs:
-            self.kill(p)
-
-
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        children = [c for c, pp in parents.items() if pp == parent]
-        out += children
-        todo += children
-    return out
-
-
-def service_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "STATE_DIR")}
-    env |= {
-        "STATE_DIR": str(tmp_path / "state"),
-        "HEARTBEAT_S": "0.5",
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    return env | extra
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path, {})
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

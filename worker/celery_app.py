@@ -11,11 +11,16 @@ Why these settings:
   in this module or the parent) and CUDA state never leak between jobs.
 - ``visibility_timeout`` above the hard time limit (in every place Celery reads it): Redis would
   otherwise redeliver a long job to a second worker while the first still runs it.
+- ``JobRequest``: when the child running a job dies (SIGKILL, out of memory), the parent gives the
+  attempt back in the database before Celery redelivers the message, so the redelivery resumes the job
+  at once instead of finding it held until its lease lapses.
 """
 
 from __future__ import annotations
 
 from celery import Celery
+from celery.exceptions import WorkerLostError
+from celery.worker.request import Request
 from sqlalchemy.exc import DBAPIError
 
 from pruning_core.settings import Settings, get_settings
@@ -67,10 +72,45 @@ def enqueuer(app: Celery):
     return enqueue
 
 
+class JobRequest(Request):
+    """A task request whose failure by a lost child hands the job on (runs in the worker's parent)."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):  # noqa: ANN001
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # billiard wraps it with its traceback
+        if isinstance(exc, WorkerLostError) and self.args:
+            _hand_on(str(self.args[0]), self.hostname or "celery")
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+HAND_ON_WAIT_S = 15.0
+
+
+def _hand_on(job_id: str, worker: str) -> None:
+    """In a thread, waited for at most ``HAND_ON_WAIT_S``: an unreachable database must not stall the
+    worker's consumer loop (the reaper hands the job on after its lease instead)."""
+    import threading
+
+    from store.db import make_engine
+
+    from .reaper import hand_on_lost
+
+    def run() -> None:
+        settings = get_settings()
+        engine = make_engine(settings.sqlalchemy_url, pool_size=1, max_overflow=0, wait_s=10)
+        try:
+            hand_on_lost(engine, job_id, worker, settings)
+        finally:
+            engine.dispose()
+
+    t = threading.Thread(target=run, name=f"hand-on-{job_id}", daemon=True)
+    t.start()
+    t.join(HAND_ON_WAIT_S)
+
+
 app = make_app()
 
 
-@app.task(name=TASK_NAME, bind=True, max_retries=DB_RETRIES)
+@app.task(name=TASK_NAME, bind=True, max_retries=DB_RETRIES, Request=JobRequest)
 def run_job(self, job_id: str) -> str | None:
     from .execute import execute  # imports no torch itself; the engine does, inside this child
 

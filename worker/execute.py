@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from pruning_core.errors import Cancelled, DataError, PruningError, WeightsError
 from pruning_core.settings import Settings, get_settings
 from pruning_core.spec import JobSpec, SpecError, parse_spec
 from store import repo
-from store.db import make_engine, session_scope
+from store.db import make_engine, read_sessions, session_scope
 from store.files import attempt_dir, media_type, relative_to_root, resolve_under, sha256_file
 from store.models import Job, JobStatus
 
+from .cleanup import clean_job_files
+from .dbretry import is_transient, retry_write
 from .reporter import StoreReporter
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,9 @@ def execute(job_id: str, *, worker_name: str, settings: Settings | None = None) 
 
 def _execute(engine: Engine, job_id: str, worker_name: str, settings: Settings) -> str | None:
     with session_scope(engine) as s:
-        job = repo.claim_job(s, job_id, worker_name, settings.lease_s)
+        job = repo.claim_job(
+            s, job_id, worker_name, settings.lease_s, max_running=settings.quota_running_jobs
+        )
         if job is None:
             log.info("job %s: nothing to claim (finished, cancelled or held by another worker)", job_id)
             return None
@@ -80,6 +85,7 @@ def _execute(engine: Engine, job_id: str, worker_name: str, settings: Settings) 
         lease_s=settings.lease_s,
         heartbeat_s=settings.heartbeat_s,
         planned_epochs=_planned_epochs(claimed.spec),
+        db_retry_s=settings.db_retry_s,
     ).start()
     try:
         return _run_claimed(engine, claimed, reporter, settings)
@@ -105,56 +111,90 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
         if reporter.lost:
             log.warning("job %s attempt %d is no longer ours; not recording it", job.id, job.attempt)
             return None
-        return _succeed(engine, job, result, settings.artifacts_dir)
     except Cancelled as err:
-        return _finish(engine, job, reporter, JobStatus.CANCELLED, message=str(err) or "cancelled")
+        return _finish(engine, job, reporter, settings, JobStatus.CANCELLED, message=str(err) or "cancelled")
     except PruningError as err:
-        return _fail(engine, job, reporter, err.code, _one_line(err), retryable=False)
+        return _fail(engine, job, reporter, settings, err.code, _one_line(err), retryable=False)
     except SpecError as err:
-        return _fail(engine, job, reporter, "invalid_spec", "; ".join(err.problems), retryable=False)
+        msg = "; ".join(err.problems)
+        return _fail(engine, job, reporter, settings, "invalid_spec", msg, retryable=False)
     except Exception as err:
         if type(err).__name__ == "SoftTimeLimitExceeded":  # Celery's soft time limit, by name: no import
-            return _fail(engine, job, reporter, "time_limit", "the job ran past its time limit", False)
+            msg = "the job ran past its time limit"
+            return _fail(engine, job, reporter, settings, "time_limit", msg, retryable=False)
         if _out_of_memory(err):  # another attempt would run out the same way
             log.warning("job %s attempt %d ran out of memory: %s", job.id, job.attempt, _one_line(err))
-            return _fail(engine, job, reporter, "out_of_memory", _oom_message(err, job.spec), False)
+            msg = _oom_message(err, job.spec)
+            return _fail(engine, job, reporter, settings, "out_of_memory", msg, retryable=False)
         log.exception("job %s attempt %d failed", job.id, job.attempt)
-        return _fail(engine, job, reporter, "internal_error", _one_line(err), retryable=True)
+        return _fail(engine, job, reporter, settings, "internal_error", _one_line(err), retryable=True)
+    # Outside the try: a database still unreachable after db_retry_s must not turn a trained job into
+    # a failed one; the error goes up (Celery retries the task; the lease lapses and the reaper resumes).
+    try:
+        return _succeed(engine, job, result, settings)
+    except Exception as err:
+        if is_transient(err):
+            raise
+        log.exception("job %s attempt %d: recording its results failed", job.id, job.attempt)
+        return _fail(engine, job, reporter, settings, "internal_error", _one_line(err), retryable=True)
 
 
 # --- finishing ---
 
 
-def _succeed(engine: Engine, job: Claimed, result: Any, artifacts_root: Path) -> str | None:
-    """Record every artifact and mark the row succeeded, in one transaction (all or nothing)."""
+def _succeed(engine: Engine, job: Claimed, result: Any, settings: Settings) -> str | None:
+    """Record every artifact and mark the row succeeded, in one transaction (all or nothing), retried
+    while the database is unreachable; then drop the job's checkpoints and other attempts' files."""
+    root = settings.artifacts_dir
     files = [(name, Path(path)) for name, path in sorted(result.artifacts.items())]
     records = [
-        (name, relative_to_root(artifacts_root, p), p.stat().st_size, sha256_file(p), media_type(name))
+        (name, relative_to_root(root, p), p.stat().st_size, sha256_file(p), media_type(name))
         for name, p in files
     ]
-    with session_scope(engine) as s:
+
+    def record(s: Session) -> bool:
         if not repo.finish_job(s, job.id, job.attempt, JobStatus.SUCCEEDED, result=summarize(result.report)):
-            log.warning(
-                "job %s attempt %d is no longer ours; its artifacts are not recorded", job.id, job.attempt
-            )
-            return None
+            return _already(s, job, JobStatus.SUCCEEDED)
         for name, rel, size, digest, mtype in records:
             repo.add_artifact(s, job.id, job.attempt, name, rel, size, digest, mtype)
+        return True
+
+    if not retry_write(engine, record, for_s=settings.db_retry_s, what=f"finishing job {job.id}"):
+        log.warning(
+            "job %s attempt %d is no longer ours; its artifacts are not recorded", job.id, job.attempt
+        )
+        return None
+    clean_job_files(root, job.id, keep={rel for _, rel, *_ in records})
     log.info("job %s attempt %d succeeded (%d artifacts)", job.id, job.attempt, len(records))
     return JobStatus.SUCCEEDED.value
 
 
+def _already(s: Session, job: Claimed, status: JobStatus) -> bool:
+    """After a retry: did our earlier try commit ``status`` (its COMMIT's answer was lost)?"""
+    row = s.get(Job, job.id, populate_existing=True)
+    return row is not None and row.attempt == job.attempt and row.status == status
+
+
 def _fail(
-    engine: Engine, job: Claimed, reporter: StoreReporter, code: str, message: str, retryable: bool
+    engine: Engine,
+    job: Claimed,
+    reporter: StoreReporter,
+    settings: Settings,
+    code: str,
+    message: str,
+    retryable: bool,
 ) -> str | None:
     log.warning("job %s attempt %d failed: %s: %s", job.id, job.attempt, code, message)
-    return _finish(engine, job, reporter, JobStatus.FAILED, message=message, code=code, retryable=retryable)
+    return _finish(
+        engine, job, reporter, settings, JobStatus.FAILED, message=message, code=code, retryable=retryable
+    )
 
 
 def _finish(
     engine: Engine,
     job: Claimed,
     reporter: StoreReporter,
+    settings: Settings,
     status: JobStatus,
     *,
     message: str,
@@ -168,7 +208,8 @@ def _finish(
         return None
     text = f"{status.value}: {message}" if code is None else f"failed ({code}): {message}"
     reporter.event("message", {"text": text})
-    with session_scope(engine) as s:
+
+    def record(s: Session) -> bool:
         done = repo.finish_job(
             s,
             job.id,
@@ -178,7 +219,12 @@ def _finish(
             error_message=message if code else None,
             retryable=retryable,
         )
-    return status.value if done else None
+        return done or _already(s, job, status)
+
+    if not retry_write(engine, record, for_s=settings.db_retry_s, what=f"finishing job {job.id}"):
+        return None
+    clean_job_files(settings.artifacts_dir, job.id, keep=set())  # no artifacts: checkpoints and all go
+    return status.value
 
 
 def _give_back(engine: Engine, job: Claimed) -> None:
@@ -213,7 +259,7 @@ def resolve_uploads(engine: Engine, spec: dict[str, Any], owner: str, uploads_di
         if not isinstance(value, str) or not value.startswith(UPLOAD_PREFIX):
             raise error(f"{section}.{field} must be an upload reference `upload:<id>`, not a path")
         upload_id = value.removeprefix(UPLOAD_PREFIX)
-        with session_scope(engine) as s:
+        with read_sessions(engine)() as s:
             up = repo.get_upload(s, upload_id, owner=owner)
             rel = up.path if up is not None else None
         if rel is None:

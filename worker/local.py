@@ -1,9 +1,15 @@
 """Embedded mode (no Redis): poll the database for queued jobs and run each in a fresh child process.
 
-``python -m worker.local``: oldest queued job first, one at a time, each through the same
+``python -m worker.local``: queued jobs in a fair order (round-robin across owners, owners at their
+running quota skipped: ``repo.fair_queued_job_ids``), one at a time, each through the same
 ``execute(job_id)`` as a Celery worker, in a child started with the ``spawn`` method (a clean
 interpreter: torch and CUDA state never outlive a job, and this process never imports torch). The
 reaper runs here too, with a no-op enqueue: the poll itself picks queued rows up.
+
+Time limit (``job_time_limit_s``, as Celery's): at the soft limit the child raises
+``SoftTimeLimitExceeded`` (Celery's name, so ``execute`` records it the same way: ``failed``,
+``time_limit``, not retryable); at the hard limit the parent kills the child's process group and fails
+the row itself.
 
 SIGTERM / SIGINT: stop polling; a running child gets one SIGINT, so the engine checkpoints at its next
 step and the job goes back to the queue (the next start resumes it); after a grace period it is killed
@@ -26,9 +32,11 @@ from sqlalchemy import Engine
 
 from pruning_core.settings import Settings, get_settings
 from store import repo
-from store.db import make_engine, migrate, session_scope
+from store.db import make_engine, migrate, read_sessions, session_scope
+from store.models import JobStatus
 
-from .reaper import interval_s, reap_once
+from .cleanup import sweep
+from .reaper import SWEEP_EVERY_S, hand_on_lost, interval_s, reap_once
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +44,47 @@ EXIT_DONE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 3, 4
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def next_queued(engine: Engine, skip: set[str] | frozenset[str] = frozenset()) -> str | None:
-    """The oldest queued job that can be claimed, skipping ``skip``."""
-    with session_scope(engine) as s:
-        ids = repo.queued_job_ids(s, limit=len(skip) + 1)
+TIME_LIMIT_CODE = "time_limit"
+
+
+class SoftTimeLimitExceeded(Exception):  # noqa: N818 (Celery's name: execute matches it by name)
+    """Raised in a job's child at its soft time limit."""
+
+
+def soft_limit_s(hard_s: float) -> float:
+    """A little below the hard limit (5 % of it, 5 s to 5 min), so the job can record its failure."""
+    return max(1.0, hard_s - min(300.0, max(5.0, hard_s / 20)))
+
+
+def next_queued(
+    engine: Engine, skip: set[str] | frozenset[str] = frozenset(), *, max_running: int = 0
+) -> str | None:
+    """The fairest queued job that can be claimed (``repo.fair_queued_job_ids``), skipping ``skip``."""
+    with read_sessions(engine)() as s:  # a poll only reads: it never waits for SQLite's write lock
+        ids = repo.fair_queued_job_ids(s, limit=len(skip) + 1, max_running=max_running)
     return next((i for i in ids if i not in skip), None)
+
+
+def _on_soft_limit(_signum: int, _frame: object) -> None:
+    raise SoftTimeLimitExceeded("the job ran past its time limit")
 
 
 def _child(job_id: str, worker_name: str, settings: Settings) -> None:
     """The child: its own process group (a terminal's Ctrl-C reaches only the parent, which forwards
-    exactly one SIGINT), then ``execute``. The exit code tells the parent what happened."""
+    exactly one SIGINT), the soft time limit armed, then ``execute``. The exit code tells the parent
+    what happened."""
     os.setpgrp()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     from .execute import execute
 
+    signal.signal(signal.SIGALRM, _on_soft_limit)
+    signal.setitimer(signal.ITIMER_REAL, soft_limit_s(settings.job_time_limit_s))
     try:
         status = execute(job_id, worker_name=worker_name, settings=settings)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     sys.exit(EXIT_DONE if status else EXIT_NOTHING)
 
 
@@ -64,6 +95,7 @@ class LocalRunner:
         self.engine = make_engine(settings.sqlalchemy_url)
         self.ctx = multiprocessing.get_context("spawn")
         self._last_reap = float("-inf")
+        self._next_sweep = 0.0  # monotonic time of the next sweep of ended jobs' files
         self._skip: dict[str, float] = {}  # job id -> until (monotonic): nothing was claimable
 
     def run(self, stop: threading.Event) -> None:
@@ -71,7 +103,9 @@ class LocalRunner:
         while not stop.is_set():
             try:
                 self._maybe_reap()
-                job_id = next_queued(self.engine, self._skipped())
+                job_id = next_queued(
+                    self.engine, self._skipped(), max_running=self.settings.quota_running_jobs
+                )
             except Exception:  # database unavailable: wait and try again
                 log.warning("poll failed", exc_info=True)
                 stop.wait(self.poll_s)
@@ -85,7 +119,9 @@ class LocalRunner:
             elif code == EXIT_INTERRUPTED:
                 log.info("job %s: interrupted", job_id)
             elif code != EXIT_DONE:
-                log.warning("job %s: child exited with %s; the reaper requeues it", job_id, code)
+                # The child died (killed, out of memory): its attempt goes back to the queue now.
+                log.warning("job %s: child exited with %s", job_id, code)
+                hand_on_lost(self.engine, job_id, self.worker_name, self.settings)
         self.engine.dispose()
         log.info("local runner stopped")
 
@@ -95,12 +131,18 @@ class LocalRunner:
             target=_child, args=(job_id, self.worker_name, self.settings), name=f"job-{job_id}"
         )
         p.start()
+        deadline = time.monotonic() + self.settings.job_time_limit_s
         interrupted_at: float | None = None
         while True:
             p.join(0.5)
             if p.exitcode is not None:
                 return p.exitcode
             now = time.monotonic()
+            if now > deadline:
+                log.warning("job %s ran past its hard time limit; killing it", job_id)
+                _kill_group(p)
+                self._fail_time_limit(job_id)
+                return p.exitcode
             if stop.is_set() and interrupted_at is None:
                 log.info("stopping: interrupting job %s (it checkpoints and goes back to the queue)", job_id)
                 _signal(p.pid, signal.SIGINT)
@@ -112,10 +154,34 @@ class LocalRunner:
                 return p.exitcode
             self._maybe_reap()
 
+    def _fail_time_limit(self, job_id: str) -> None:
+        """The killed child's attempt (still running under this runner) -> failed ``time_limit``."""
+        try:
+            with session_scope(self.engine) as s:
+                job = repo.get_job(s, job_id)
+                if job is not None and job.status == JobStatus.RUNNING and job.worker == self.worker_name:
+                    repo.finish_job(
+                        s,
+                        job_id,
+                        job.attempt,
+                        JobStatus.FAILED,
+                        error_code=TIME_LIMIT_CODE,
+                        error_message=f"the job ran past its time limit ({self.settings.job_time_limit_s} s)",
+                        retryable=False,
+                    )
+        except Exception:  # the lease then expires and the reaper acts on it
+            log.warning("job %s: could not record its time limit", job_id, exc_info=True)
+
     def _maybe_reap(self) -> None:
         if time.monotonic() - self._last_reap < interval_s(self.settings):
             return
         self._last_reap = time.monotonic()
+        if self._last_reap >= self._next_sweep:
+            self._next_sweep = self._last_reap + SWEEP_EVERY_S
+            try:
+                sweep(self.engine, self.settings.artifacts_dir)
+            except Exception:
+                log.warning("sweeping ended jobs' files failed", exc_info=True)
         try:
             counts = reap_once(self.engine, lambda _job_id: None, self.settings)
         except Exception:
@@ -128,6 +194,14 @@ class LocalRunner:
         now = time.monotonic()
         self._skip = {k: t for k, t in self._skip.items() if t > now}
         return set(self._skip)
+
+
+def _kill_group(p: multiprocessing.process.BaseProcess) -> None:
+    """SIGKILL the child and whatever it started (data loader workers): it leads its own group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    p.kill()  # in case it had not made its own group yet
+    p.join()
 
 
 def _signal(pid: int, sig: int) -> None:

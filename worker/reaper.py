@@ -4,9 +4,13 @@
   resumes from the last checkpoint), failed ``worker_lost`` once ``max_attempts`` are used up, or
   cancelled if its owner asked for that meanwhile (``repo.requeue`` decides, by compare-and-set);
 - queued, never enqueued (the API crashed between commit and enqueue, or the broker was down) for
-  ``UNQUEUED_AFTER_S``, or enqueued more than ``REENQUEUE_AFTER_S`` ago (a message lost by the broker):
+  ``unqueued_after_s`` (a setting), or enqueued more than ``REENQUEUE_AFTER_S`` ago (a message lost by the broker):
   enqueued again. A duplicate message is harmless (the claim is a compare-and-set), but not free, so a
-  row that merely waits behind busy workers is re-sent rarely.
+  row that merely waits behind busy workers is re-sent rarely;
+- every queued job, when the broker lost its messages (Redis restarted with nothing on disk, or was
+  flushed): ``BrokerMarker`` keeps a key in Redis, and finding it gone means the queue was lost too.
+
+A job the reaper ends (failed ``worker_lost``, cancelled) has its files cleaned up like any other.
 
 ``python -m worker.reaper`` runs it every ``lease_s / 4`` seconds against Celery (by task name).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -23,13 +28,16 @@ from sqlalchemy import Engine
 
 from pruning_core.settings import Settings, get_settings
 from store import repo
-from store.db import make_engine, session_scope
+from store.db import make_engine, read_sessions, session_scope
 from store.models import Job, JobStatus, utcnow
+
+from .cleanup import clean_job_files, sweep
 
 log = logging.getLogger(__name__)
 
-UNQUEUED_AFTER_S = 30.0
 REENQUEUE_AFTER_S = 3600.0
+BROKER_MARKER_KEY = "pruning:reaper:broker-marker"
+SWEEP_EVERY_S = 3600.0  # how often ended jobs' directories are swept (see cleanup.sweep)
 
 
 def reap_once(
@@ -37,7 +45,7 @@ def reap_once(
     enqueue: Callable[[str], None],
     settings: Settings,
     *,
-    unqueued_after_s: float = UNQUEUED_AFTER_S,
+    unqueued_after_s: float | None = None,
     reenqueue_after_s: float = REENQUEUE_AFTER_S,
     unsent: set[str] | None = None,
 ) -> dict[str, int]:
@@ -48,7 +56,9 @@ def reap_once(
     """
     counts = {"requeued": 0, "enqueued": 0, "failed": 0, "cancelled": 0, "enqueue_errors": 0}
     unsent = unsent if unsent is not None else set()
-    with session_scope(engine) as s:
+    if unqueued_after_s is None:
+        unqueued_after_s = settings.unqueued_after_s
+    with read_sessions(engine)() as s:  # reads only: no SQLite write lock while it looks
         jobs = repo.stale_jobs(s, unqueued_after_s=unqueued_after_s)
         retry = [j for j in (repo.get_job(s, i) for i in sorted(unsent)) if j is not None]
     resend = {j.id for j in retry if j.status == JobStatus.QUEUED}
@@ -67,6 +77,7 @@ def reap_once(
                 log.warning("job %s: attempt %d lost its worker; queued again", job.id, job.attempt)
             elif status in (JobStatus.FAILED, JobStatus.CANCELLED) and status != job.status:
                 counts["failed" if status == JobStatus.FAILED else "cancelled"] += 1
+                clean_job_files(settings.artifacts_dir, job.id, keep=set())
                 log.warning(
                     "job %s: worker lost (attempt %d of %d): %s",
                     job.id,
@@ -84,6 +95,28 @@ def reap_once(
             counts["enqueue_errors"] += 1
             unsent.add(job.id)
     return counts
+
+
+def hand_on_lost(engine: Engine, job_id: str, worker: str, settings: Settings) -> bool:
+    """The process running ``job_id`` for ``worker`` died, and its parent saw it: requeue the attempt now
+    rather than after its lease (failed ``worker_lost`` once ``max_attempts`` are used, cancelled if
+    asked). True when it is queued again (the caller sees that it gets a message). Never raises: if the
+    database is unreachable the reaper does it once the lease lapses."""
+    try:
+        with session_scope(engine) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status != JobStatus.RUNNING or job.worker != worker:
+                return False
+            attempt = job.attempt
+            send = repo.requeue(s, job)
+            status = s.get(Job, job_id, populate_existing=True).status
+    except Exception:
+        log.warning("job %s: could not hand it on after its process died", job_id, exc_info=True)
+        return False
+    if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        clean_job_files(settings.artifacts_dir, job_id, keep=set())
+    log.warning("job %s: the process of attempt %d died; now %s", job_id, attempt, status)
+    return send
 
 
 def _aware(t: datetime) -> datetime:
@@ -106,12 +139,49 @@ def interval_s(settings: Settings) -> float:
     return max(1.0, settings.lease_s / 4)
 
 
+class BrokerMarker:
+    """A key kept in the broker's Redis database. Its absence means Redis lost its data (restarted with
+    nothing on disk, flushed), and with it every queued message: ``lost()`` is then True once, and the
+    key is set again. True on the very first pass too, which costs one harmless message per queued job."""
+
+    def __init__(self, redis_url: str):
+        import redis
+
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+
+    def lost(self) -> bool:
+        return bool(self.client.set(BROKER_MARKER_KEY, utcnow().isoformat(), nx=True))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def queued_ids(engine: Engine) -> set[str]:
+    """Every queued job a worker could claim (all of them need a message after the broker lost its own)."""
+    with read_sessions(engine)() as s:
+        return set(repo.queued_job_ids(s, limit=1_000_000))
+
+
 def run_forever(
-    engine: Engine, enqueue: Callable[[str], None], settings: Settings, stop: threading.Event
+    engine: Engine,
+    enqueue: Callable[[str], None],
+    settings: Settings,
+    stop: threading.Event,
+    marker: BrokerMarker | None = None,
 ) -> None:
     unsent: set[str] = set()
+    next_sweep = 0.0
     while not stop.is_set():
         try:
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_EVERY_S
+                if n := sweep(engine, settings.artifacts_dir):
+                    log.info("reaper: deleted %d file(s) of ended jobs", n)
+            if marker is not None:
+                queued = queued_ids(engine)  # read before the marker is reset: a failure keeps it unset
+                if marker.lost():
+                    log.warning("the broker lost its messages: enqueueing %d queued job(s)", len(queued))
+                    unsent |= queued
             counts = reap_once(engine, enqueue, settings, unsent=unsent)
             if any(counts.values()):
                 log.info("reaper: %s", counts)
@@ -131,8 +201,10 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     engine = make_engine(settings.sqlalchemy_url)
+    marker = BrokerMarker(settings.redis_url)
     log.info("reaper: every %.1f s, lease %.0f s", interval_s(settings), settings.lease_s)
-    run_forever(engine, enqueuer(make_app(settings)), settings, stop)
+    run_forever(engine, enqueuer(make_app(settings)), settings, stop, marker)
+    marker.close()
     engine.dispose()
 
 

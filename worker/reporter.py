@@ -14,15 +14,15 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
 
 from store import repo
 from store.db import session_scope
+
+from .dbretry import retry_write
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ class StoreReporter:
         heartbeat_s: float,
         planned_epochs: int = 0,
         progress_every_s: float = PROGRESS_EVERY_S,
+        db_retry_s: float = 0.0,
     ):
         self.engine, self.job_id, self.attempt = engine, job_id, attempt
         self.lease_s, self.heartbeat_s = lease_s, max(0.05, heartbeat_s)
         self.progress_every_s = progress_every_s
+        self.db_retry_s = db_retry_s  # how long an event write waits out an unreachable database
         self.planned_epochs = planned_epochs  # an estimate: all phases' epochs from the spec
         self.lost = False  # the attempt was taken from us (reaped): write nothing final
         self.cancel_requested = False
@@ -147,24 +149,17 @@ class StoreReporter:
         self._progress = max(self._progress, min(0.99, done / total))
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
-        """Append one event unless the attempt was lost. Retried once on a seq race; never raises."""
+        """Append one event unless the attempt was lost; a seq race or an unreachable database is retried
+        for up to ``db_retry_s`` (the engine waits meanwhile). Never raises."""
         if self.lost:
             return
-        _write(self.engine, lambda s: repo.append_event(s, self.job_id, kind, _json_safe(data)))
-
-
-def _write(engine: Engine, fn: Callable[[Session], Any], tries: int = 3) -> bool:
-    """Run ``fn`` in its own transaction; retry a unique-seq race or a locked database, log otherwise."""
-    for i in range(tries):
         try:
-            with session_scope(engine) as s:
-                fn(s)
-            return True
-        except (IntegrityError, OperationalError):
-            if i == tries - 1:
-                log.warning("event write failed after %d tries", tries, exc_info=True)
-            time.sleep(0.05 * (i + 1))
+            retry_write(
+                self.engine,
+                lambda s: repo.append_event(s, self.job_id, kind, _json_safe(data)),
+                for_s=max(self.db_retry_s, 1.0),
+                what=f"event of job {self.job_id}",
+                also=(IntegrityError,),
+            )
         except Exception:
-            log.warning("event write failed", exc_info=True)
-            return False
-    return False
+            log.warning("event of job %s lost", self.job_id, exc_info=True)

@@ -4,8 +4,8 @@ Files are found only through their database row, resolved under the artifact roo
 
 A file is served only while it still is what its row says: the same size, and, once it has changed on
 disk since it was recorded (its ctime is later than the row), the same sha256, re-hashed once per
-change and remembered. A file that no longer matches is never served under its stale digest: 500
-``artifact-corrupt`` (the server's files are at fault, not the request), logged for the operator.
+change and remembered. A file that no longer matches is never served under its stale digest: 410
+``artifact-corrupt`` (what was recorded is gone), logged for the operator.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def download_artifact(
     if not check_unchanged(path, stat, art.size, art.sha256, art.created_at):
         log.error("artifact %s of job %s changed on disk (%s); not served", name, job_id, path)
         raise Problem(
-            500,
+            410,
             f"The file of artifact {name!r} has changed since it was recorded (its sha256 no longer "
             "matches); it is not served. Tell the operator, or run the job again.",
             slug="artifact-corrupt",

@@ -1,6 +1,7 @@
 """What can be asked for: methods with their option schemas, models, data sets (from the torch-free
 pruning_core.spec, so the API lists them without importing the engine), with this server's limits in
-the schemas (as in the OpenAPI document) and only the torchvision models it allows."""
+the schemas (as in the OpenAPI document) and only the torchvision models it allows. Behind a key like
+all of ``/v1`` (api/auth.py says why)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import inspect
 import typing
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from pruning_core import spec
 
+from ..auth import current_owner
 from ..deps import SettingsDep
+from ..problems import PROBLEM_SCHEMA
 
-router = APIRouter(tags=["catalog"])
+router = APIRouter(tags=["catalog"], dependencies=[Depends(current_owner)], responses={"4XX": PROBLEM_SCHEMA})
 
 DATASET_NOTES = {
     "digits": "scikit-learn's 8x8 digits, offline; the quickest smoke test.",

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
 from .. import queue
+from ..auth import OwnerDep
 from ..deps import SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
 
@@ -44,8 +45,9 @@ def readyz(request: Request, settings: SettingsDep) -> dict[str, Any]:
     return {"status": "ready", "checks": checks}
 
 
-@router.get("/metrics", response_class=Response)
-def metrics(request: Request) -> Response:
-    """Prometheus text format."""
+@router.get("/metrics", response_class=Response, responses={"4XX": PROBLEM_SCHEMA})
+def metrics(request: Request, _owner: OwnerDep) -> Response:
+    """Prometheus text format. Needs an API key (Prometheus: `authorization: {credentials: <key>}`): the
+    counts name no one, but they are no business of anonymous callers either."""
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)

@@ -12,7 +12,7 @@ from pruning_core.spec import JobSpec, submit_problems
 from store import repo
 from store.models import Job, JobStatus
 
-from .. import queue
+from .. import queue, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
@@ -71,6 +71,9 @@ def create_job(
                 title="Invalid request",
                 errors=errors,
             )
+        if not (idempotency_key and repo.idempotent_job(s, owner, idempotency_key)):  # replays pass
+            quotas.check_queued_jobs(s, owner, settings)
+        ahead = repo.count_jobs(s, owner, JobStatus.QUEUED, JobStatus.RUNNING)  # fairness on the broker
         try:
             job, created = repo.create_job(
                 s,
@@ -86,7 +89,7 @@ def create_job(
     metrics = request.app.state.metrics
     if created:
         metrics.jobs_created.inc()
-        if queue.enqueue(job.id, settings):  # no connection held while the broker answers
+        if queue.enqueue(job.id, settings, priority=queue.fair_priority(ahead)):  # no connection held
             with sessions() as s:
                 repo.mark_enqueued(s, job.id)
                 s.commit()
@@ -98,9 +101,9 @@ def create_job(
     return out
 
 
-def _check_cursor(cursor: str) -> None:
-    """400 unless ``cursor`` decodes to what ``next_cursor`` holds: a job id, and a time that exists in
-    UTC (0001-01-01T00:00+14:00 does not)."""
+def check_cursor(cursor: str) -> None:
+    """400 unless ``cursor`` decodes to what a ``next_cursor`` holds (of jobs or uploads): an id, and a
+    time that exists in UTC (0001-01-01T00:00+14:00 does not)."""
     try:
         created, job_id = repo.decode_cursor(cursor)
         (created if created.tzinfo else created.replace(tzinfo=UTC)).astimezone(UTC)  # OverflowError
@@ -122,7 +125,7 @@ def list_jobs(
 ) -> JobPage:
     """The caller's jobs, newest first. Pass `next_cursor` back as `cursor` for the next page."""
     if cursor:
-        _check_cursor(cursor)
+        check_cursor(cursor)
     with sessions() as s:
         jobs, next_cursor = repo.list_jobs(s, owner, status=status, limit=limit, cursor=cursor or None)
     root = root_path(request)

@@ -1,25 +1,32 @@
 """Uploads: the raw request body streamed to disk under a size cap and hashed, checked by content
-(safetensors weights, dataset archives), recorded for the caller and referenced as ``upload:<id>``."""
+(safetensors weights, dataset archives), recorded for the caller and referenced as ``upload:<id>``.
+An owner lists its uploads and deletes them (not while a queued or running job of its names one);
+their total size is held to the owner's quota (api/quotas.py)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.orm import Session, sessionmaker
 
+from pruning_core.settings import Settings
 from store import repo
+from store.files import resolve_under
 from store.models import Upload
 
-from .. import files
+from .. import files, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
-from ..schemas import UploadOut, echo, is_id, upload_out
+from ..schemas import UploadOut, UploadPage, echo, is_id, upload_out
+from .jobs import check_cursor
 
 router = APIRouter(tags=["uploads"], responses={"4XX": PROBLEM_SCHEMA})
+log = logging.getLogger("api.uploads")
 
 MEDIA = {
     ".safetensors": "application/octet-stream",
@@ -30,7 +37,13 @@ MEDIA = {
 
 
 def _keep(
-    got: files.Received, sessions: sessionmaker[Session], owner: str, kind: str, filename: str, root: Path
+    got: files.Received,
+    sessions: sessionmaker[Session],
+    owner: str,
+    kind: str,
+    filename: str,
+    root: Path,
+    settings: Settings,
 ) -> Upload:
     """Check the received file's type, move it into place and record it (the file goes if the row fails)."""
     if got.size == 0:
@@ -44,6 +57,7 @@ def _keep(
     placed, rel = files.place(got.path, root, name)
     try:
         with sessions() as s:
+            quotas.check_upload_bytes(s, owner, got.size, settings)
             up = repo.add_upload(s, owner, kind, name, rel, got.size, got.sha256, MEDIA[suffix])
             s.commit()
     except BaseException:
@@ -75,9 +89,11 @@ async def create_upload(
     limit, root = settings.max_upload_bytes, settings.uploads_dir
     if content_length is not None and content_length > limit:
         raise files.too_large(limit)
+    if content_length is not None:  # refuse before reading the body when the quota is plainly spent
+        await anyio.to_thread.run_sync(_check_quota, sessions, owner, content_length, settings)
     got = await files.receive(request.stream(), root, limit)
     try:
-        up = await anyio.to_thread.run_sync(_keep, got, sessions, owner, kind, filename, root)
+        up = await anyio.to_thread.run_sync(_keep, got, sessions, owner, kind, filename, root, settings)
     except BaseException:
         got.path.unlink(missing_ok=True)
         raise
@@ -91,3 +107,59 @@ def get_upload(upload_id: str, owner: OwnerDep, sessions: ReadSessionsDep) -> Up
     if up is None:
         raise Problem(404, f"Upload {echo(upload_id)} not found.", slug="upload-not-found")
     return upload_out(up)
+
+
+def _check_quota(sessions: sessionmaker[Session], owner: str, incoming: int, settings: Settings) -> None:
+    with sessions() as s:
+        quotas.check_upload_bytes(s, owner, incoming, settings)
+
+
+@router.get("/v1/uploads", response_model=UploadPage, operation_id="list_uploads")
+def list_uploads(
+    owner: OwnerDep,
+    sessions: ReadSessionsDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> UploadPage:
+    """The caller's uploads, newest first. Pass `next_cursor` back as `cursor` for the next page."""
+    if cursor:
+        check_cursor(cursor)
+    with sessions() as s:
+        ups, next_cursor = repo.list_uploads(s, owner, limit=limit, cursor=cursor or None)
+    return UploadPage(items=[upload_out(u) for u in ups], next_cursor=next_cursor)
+
+
+@router.delete(
+    "/v1/uploads/{upload_id}",
+    operation_id="delete_upload",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={409: PROBLEM_SCHEMA},
+)
+def delete_upload(upload_id: str, owner: OwnerDep, sessions: SessionsDep, settings: SettingsDep) -> Response:
+    """Delete one of your uploads and its file. Refused (409) while a queued or running job of yours
+    names it: cancel those first. Finished jobs keep their artifacts; only a rerun would need the file."""
+    with sessions() as s:
+        if not is_id(upload_id) or repo.get_upload(s, upload_id, owner=owner) is None:
+            raise Problem(404, f"Upload {echo(upload_id)} not found.", slug="upload-not-found")
+        if using := repo.unfinished_jobs_using(s, upload_id, owner):
+            raise Problem(
+                409,
+                f"Upload {upload_id} is used by {len(using)} queued or running job(s); cancel them first.",
+                slug="upload-in-use",
+                jobs=using,
+            )
+        up = repo.delete_upload(s, upload_id, owner)
+        s.commit()
+    if up is None:  # deleted by a concurrent request meanwhile
+        raise Problem(404, f"Upload {upload_id} not found.", slug="upload-not-found")
+    _remove_file(settings.uploads_dir, up.path)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _remove_file(root: Path, rel: str) -> None:
+    """The file and its directory, after the row is gone (a leftover file is only disk, never served)."""
+    try:
+        files.discard(resolve_under(root, rel))
+    except ValueError:
+        log.warning("upload file %r is not under the upload root; left alone", rel)

@@ -1,0 +1,63 @@
+"""Once a job has ended, its directory keeps only what its artifact rows point at: the checkpoints and
+the files of every attempt that did not finish it are deleted (a long job's checkpoints can weigh as
+much as its model, once per attempt)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+
+from store.db import read_sessions
+from store.models import Artifact, Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def clean_job_files(artifacts_root: Path, job_id: str, keep: set[str]) -> int:
+    """Delete every file under ``<artifacts_root>/<job_id>/`` but ``keep`` (paths relative to the root,
+    as the artifact rows store them), then the empty directories. Returns the number of files deleted;
+    never raises (a file left behind costs disk, not the job)."""
+    job_dir = artifacts_root / job_id
+    if not job_dir.is_dir() or job_dir.is_symlink():
+        return 0
+    deleted = 0
+    try:
+        for path in sorted(job_dir.rglob("*"), reverse=True):  # children before their directories
+            rel = path.relative_to(artifacts_root).as_posix()
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif rel not in keep:
+                path.unlink()
+                deleted += 1
+        if not keep:
+            shutil.rmtree(job_dir, ignore_errors=True)
+    except OSError:
+        log.warning("job %s: cleaning its files failed", job_id, exc_info=True)
+    return deleted
+
+
+def sweep(engine: Engine, artifacts_root: Path, batch: int = 500) -> int:
+    """Clean the directory of every job that has ended, keeping its artifacts: what the clean-up at a
+    job's end could not reach (a job cancelled while queued after a lost attempt, jobs that ended before
+    clean-up existed, a clean-up that failed). Reads only. Returns the number of files deleted."""
+    if not artifacts_root.is_dir():
+        return 0
+    ids = sorted(p.name for p in artifacts_root.iterdir() if p.is_dir() and not p.is_symlink())
+    deleted = 0
+    for i in range(0, len(ids), batch):
+        chunk = ids[i : i + batch]
+        with read_sessions(engine)() as s:
+            ended = set(s.scalars(select(Job.id).where(Job.id.in_(chunk), Job.status.in_(ENDED))))
+            rows = s.execute(select(Artifact.job_id, Artifact.path).where(Artifact.job_id.in_(ended)))
+            keep: dict[str, set[str]] = {j: set() for j in ended}
+            for job_id, path in rows:
+                keep[job_id].add(path)
+        for job_id, paths in keep.items():
+            deleted += clean_job_files(artifacts_root, job_id, paths)
+    return deleted
