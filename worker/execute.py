@@ -6,8 +6,9 @@ attempt works in ``<artifacts>/<job>/attempt-<n>/``; a retry first copies the la
 ``checkpoints/`` there, and the engine resumes from them. Torch is imported only when a job runs.
 
 Outcomes: ``succeeded``; ``cancelled`` (asked for while running); ``failed`` with the engine's code and
-``retryable`` False for a ``PruningError`` (bad data, unreachable target, ...) or a spec the engine no
-longer accepts; ``failed``/``internal_error`` with ``retryable`` True for anything else (the traceback
+``retryable`` False for a ``PruningError`` (bad data, unreachable target, ...), a spec the engine no
+longer accepts, or running out of host or GPU memory (``out_of_memory``: another attempt would too; the
+message says what to lower); ``failed``/``internal_error`` with ``retryable`` True for anything else (the traceback
 goes to the log, one line to the row). A KeyboardInterrupt/SystemExit (the local runner stopping) gives
 the attempt back to the queue, so the next start resumes it.
 """
