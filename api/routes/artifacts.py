@@ -154,8 +154,8 @@ def download_artifact(
         log.error("artifact %s of job %s changed on disk (%s); not served", name, job_id, path)
         raise Problem(
             410,
-            f"The file of artifact {name!r} has changed since it was recorded (its sha256 no longer "
-            "matches); it is not served. Tell the operator, or run the job again.",
+            f"The file of artifact {name!r} no longer matches its record (its size or sha256 changed on "
+            "disk); it is not served. Tell the operator, or run the job again.",
             slug="artifact-corrupt",
         )
     etag = f'"{art.sha256}"'
