@@ -63,6 +63,91 @@ def load_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _p(row: dict[str, Any]) -> str:
+    return f"{_ms(row['p50_ms'], 0)} / {_ms(row['p99_ms'], 0)}"
+
+
+def mixed_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| Concurrent clients | Requests | Throughput 2xx/s | Jobs submitted/s | POST p50 / p99 ms | "
+        "GET p50 / p99 ms | 503 | Other 5xx | Other errors | CPU cores: server / load generator | "
+        "Jobs the worker finished |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        other = str(r["other_errors"])
+        if r["other_errors"]:
+            kinds = {k: v for k, v in r["error_kinds"].items() if not k.startswith("5")}
+            other += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ")"
+        lines.append(
+            f"| {r['concurrency']} | {r['requests']:,} | {r['throughput_rps']:.0f} | {r['jobs_per_s']:.0f} | "
+            f"{_p(r['post'])} | {_p(r['get'])} | {r['unavailable_503']} | {r['server_errors']} | {other} | "
+            f"{_cores(r)} | {r['worker_finished']} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict_text(verdict: dict[str, Any] | None) -> str:
+    if verdict is None:
+        return "No collapse: not judged (it needs a level of 16 clients and a higher one)."
+    word = "**pass**" if verdict["pass"] else "**FAIL**"
+    sign = "≥" if verdict["pass"] else "<"
+    return (
+        f"No collapse (2xx/s at {verdict['high']} clients not below that at {verdict['low']}): {word}, "
+        f"{verdict['high_rps']:.0f} {sign} {verdict['low_rps']:.0f} 2xx/s ({verdict['ratio']:.2f}×)."
+    )
+
+
+def _codes(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v:,}" for k, v in sorted(counts.items())) or "none"
+
+
+def accounting_table(accounting: dict[str, Any]) -> str:
+    lines = [
+        "| Owner | Rows | Distinct ids | Distinct Idempotency-Keys | Status | Accounted for once | Lost | Duplicated |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for owner, a in accounting["owners"].items():
+        status = ", ".join(f"{k} {v:,}" for k, v in sorted(a["status"].items()))
+        lines.append(
+            f"| {owner} | {a['rows']:,} | {a['distinct_ids']:,} | {a['distinct_keys']:,} | {status} | "
+            f"{a['accounted_once']:,} | {a['lost']} | {a['duplicated']} |"
+        )
+    return "\n".join(lines)
+
+
+def burst_text(burst: dict[str, Any], accounting: dict[str, Any] | None) -> str:
+    text = (
+        f"{burst['jobs']:,} clients (one connection each) sent one `POST /v1/jobs` each at the same moment, "
+        f"each with an `Idempotency-Key` of its own (a 503 would be retried with the same key after its "
+        f"`Retry-After`). All answered in {burst['wall_s']:.1f} s; first answers {_codes(burst['first_answers'])}; "
+        f"final answers {_codes(burst['final_answers'])}: {burst['created']:,} jobs, {burst['distinct_ids']:,} "
+        f"distinct ids. Then {burst['replays']:,} of them were sent again at once with the same keys "
+        f"({burst['replay_wall_s']:.1f} s): answers {_codes(burst['replay_answers'])}, "
+        f"{burst['replays_same_job']:,} returned the job the first request created."
+    )
+    if accounting:
+        a = accounting["owners"].get(burst["owner"])
+        if a:
+            text += (
+                f" In the database afterwards: {a['rows']:,} rows for the burst's owner "
+                f"({a['distinct_ids']:,} distinct ids, {a['distinct_keys']:,} distinct keys)."
+            )
+    return text
+
+
+def accounting_text(accounting: dict[str, Any]) -> str:
+    strays = accounting["messages_without_a_job"]
+    return (
+        "Every job of the submit-and-poll owners and of the burst, counted once the worker had stopped (a "
+        "warm shutdown: the job in hand finished, the message it had taken went back): a *queued* job must "
+        "have exactly one message in the queue's Redis lists or kombu's `unacked` hash, a *running* one at "
+        "most one, a finished one none; a job with no message is *lost*, one with more *duplicated*. "
+        f"{accounting['messages']:,} messages in Redis in all, {len(strays)} without a job row. (The first "
+        "phase's jobs are left out: their messages were deleted on purpose.)"
+    )
+
+
 QUEUE_COLUMNS = (
     ("created_to_started_s", "created → started (server) ms"),
     ("post_answered_to_running_seen_s", "POST answered → `running` seen (client) ms"),
@@ -189,7 +274,32 @@ def render_section(results: dict[str, Any], source: Path) -> str:
             queue_table(queue),
         ]
         parts.append(queue_text(queue))
-    rows = load["post"] + load["get"]
+    mixed = results.get("mixed")
+    if mixed:
+        parts += [
+            f"### Submit and poll, the worker running ({mixed['duration_s']:g} s per level)",
+            "Each client, in a loop for the level's time: `POST /v1/jobs` (the tiny digits job, with an "
+            f"`Idempotency-Key` as the SDK sends), then {mixed['polls_per_job']} × `GET /v1/jobs/{{id}}` of "
+            "that job, back to back; requests in flight at the end are awaited and counted. Meanwhile the "
+            "Celery worker (as above) runs the queued jobs one after another, claiming, heartbeating and "
+            "writing events in the same database. Each level is an owner of its own with an API key from the "
+            "database (looked up on every request, as for any client but the bootstrap key), so each level's "
+            "per-owner counts start from zero. Throughput counts 2xx answers of both endpoints over the "
+            "level's wall time; a 503 (overloaded, with `Retry-After`, which the issue allows) is counted "
+            "apart from other 5xx (never allowed) and the client waits its `Retry-After`.",
+            mixed_table(mixed["levels"]),
+            verdict_text(mixed["no_collapse"]),
+        ]
+    burst = results.get("burst")
+    if burst:
+        parts += [
+            f"### Burst: {burst['jobs']:,} jobs submitted at once",
+            burst_text(burst, results.get("accounting")),
+        ]
+    accounting = results.get("accounting")
+    if accounting:
+        parts += ["### Every job accounted for", accounting_table(accounting), accounting_text(accounting)]
+    rows = load["post"] + load["get"] + (mixed["levels"] if mixed else [])
     peak = max((r["server_cpu_s"] or 0) / r["wall_s"] for r in rows if r["wall_s"])
     gen = max(r["client_cpu_s"] / r["wall_s"] for r in rows if r["wall_s"])
     server_kind = "the uvicorn process" if workers == 1 else "the uvicorn processes"
