@@ -170,6 +170,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "load_avg_1m_start": os.getloadavg()[0],
+        "nice": os.nice(0),  # this process's niceness, which the server and worker inherit
         "python": platform.python_version(),
         "versions": versions,
     }
@@ -485,7 +486,11 @@ async def mixed_phase(
         res = await run_mixed(
             base, headers, JOB_SPEC, n, duration_s, polls, server_cpu=lambda: cpu_seconds(server_pid)
         )
-        row = res.summary() | {"owner": f"mixed-{n}", "worker_finished": finished_jobs(pg_url) - done0}
+        row = res.summary() | {
+            "owner": f"mixed-{n}",
+            "worker_finished": finished_jobs(pg_url) - done0,
+            "load_avg_1m": os.getloadavg()[0],  # the machine is shared: how busy it was just then
+        }
         rows.append(row)
         log(f"  {_mixed_line(row)}")
         await asyncio.sleep(MIXED_PAUSE_S)

@@ -46,6 +46,11 @@ def _cores(row: dict[str, Any]) -> str:
     return f"{server} / {row['client_cpu_s'] / wall:.2f}"
 
 
+def _nice(machine: dict[str, Any]) -> str:
+    nice = machine.get("nice")
+    return f"; the benchmark and the processes it started ran at niceness {nice}" if nice else ""
+
+
 def load_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| Concurrent clients | Requests | Throughput req/s | p50 ms | p99 ms | Errors | CPU cores: server / load generator |",
@@ -71,8 +76,8 @@ def mixed_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| Concurrent clients | Requests | Throughput 2xx/s | Jobs submitted/s | POST p50 / p99 ms | "
         "GET p50 / p99 ms | 503 | Other 5xx | Other errors | CPU cores: server / load generator | "
-        "Jobs the worker finished |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Jobs the worker finished | Load average (1 min) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         other = str(r["other_errors"])
@@ -82,7 +87,7 @@ def mixed_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['concurrency']} | {r['requests']:,} | {r['throughput_rps']:.0f} | {r['jobs_per_s']:.0f} | "
             f"{_p(r['post'])} | {_p(r['get'])} | {r['unavailable_503']} | {r['server_errors']} | {other} | "
-            f"{_cores(r)} | {r['worker_finished']} |"
+            f"{_cores(r)} | {r['worker_finished']} | {r.get('load_avg_1m', float('nan')):.1f} |"
         )
     return "\n".join(lines)
 
@@ -242,7 +247,7 @@ def render_section(results: dict[str, Any], source: Path) -> str:
         f"## Service: HTTP API and queue (`{results['command']}`)",
         f"Run {results['date']}, {results['wall_s'] / 60:.1f} min in all; results file `{_shown(source)}`.  \n"
         f"Machine: {m['cpu']}, {m['cores']} cores, shared (1-minute load average {m['load_avg_1m_start']:.2f} "
-        f"at the start, {m['load_avg_1m_end']:.2f} at the end); Python {m['python']}; FastAPI {v['fastapi']}, "
+        f"at the start, {m['load_avg_1m_end']:.2f} at the end{_nice(m)}); Python {m['python']}; FastAPI {v['fastapi']}, "
         f"Starlette {v['starlette']}, uvicorn {v['uvicorn']}, SQLAlchemy {v['sqlalchemy']}, psycopg {v['psycopg']}, "
         f"Celery {v['celery']}, redis-py {v['redis']}, httpx {v['httpx']}; PostgreSQL {pg['server_version'].split()[0]} "
         f"(synchronous_commit {pg['synchronous_commit']}, fsync {pg['fsync']}), Redis {rd['version']} "
@@ -320,4 +325,25 @@ def render_section(results: dict[str, Any], source: Path) -> str:
         "processes (`--api-workers`), more cores, or a load generator on another machine would each move "
         "these figures."
     )
+    if mixed:
+        parts.append(mixed_reading(mixed))
     return f"{START}\n" + "\n\n".join(parts).rstrip() + f"\n{END}\n"
+
+
+def mixed_reading(mixed: dict[str, Any]) -> str:
+    """Where submit-and-poll saturates, from the figures."""
+    rows = mixed["levels"]
+    best = max(rows, key=lambda r: r["throughput_rps"])
+    top = rows[-1]
+    errors = sum(r["server_errors"] for r in rows)
+    unavailable = sum(r["unavailable_503"] for r in rows)
+    return (
+        f"Submit and poll: throughput peaked at {best['concurrency']} clients ({best['throughput_rps']:.0f} "
+        f"2xx/s, {best['jobs_per_s']:.0f} jobs/s); at {top['concurrency']} clients it was "
+        f"{top['throughput_rps']:.0f} 2xx/s with a POST p99 of {_ms(top['post']['p99_ms'], 0)} ms: past the "
+        f"saturation point the extra clients wait in the event loop for one of the API's threads (`API_THREADS`, api/app.py; each "
+        f"request holds one, and one database connection, only while it runs), so latency grows with the "
+        f"number of clients while the rate of answers holds. Over all levels: {errors} 5xx other than 503, "
+        f"{unavailable} 503s. The worker shares the cores: each tiny job forks a fresh process that imports "
+        f"torch, a few CPU seconds taken from the API while it runs."
+    )
