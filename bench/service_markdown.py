@@ -285,7 +285,8 @@ def render_section(results: dict[str, Any], source: Path) -> str:
             f"### Submit and poll, the worker running ({mixed['duration_s']:g} s per level)",
             "Each client, in a loop for the level's time: `POST /v1/jobs` (the tiny digits job, with an "
             f"`Idempotency-Key` as the SDK sends), then {mixed['polls_per_job']} × `GET /v1/jobs/{{id}}` of "
-            "that job, back to back; requests in flight at the end are awaited and counted. Meanwhile the "
+            "that job, back to back; no cycle starts after the level's time, and those under way are finished "
+            "and counted (so every level has the same mix of requests, and its wall time a tail). Meanwhile the "
             "Celery worker (as above) runs the queued jobs one after another, claiming, heartbeating and "
             "writing events in the same database. Each level is an owner of its own with an API key from the "
             "database (looked up on every request, as for any client but the bootstrap key), so each level's "
