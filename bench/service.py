@@ -740,7 +740,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="submit-and-poll levels, the worker running (default 1,16,64,256; 0 skips)",
     )
     p.add_argument(
-        "--mixed-seconds", type=float, default=20.0, help="seconds per submit-and-poll level (default 20)"
+        "--mixed-seconds", type=float, default=30.0, help="seconds per submit-and-poll level (default 30)"
     )
     p.add_argument("--polls", type=int, default=3, help="GETs of each submitted job (default 3)")
     p.add_argument(
