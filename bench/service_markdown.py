@@ -254,7 +254,10 @@ def render_section(results: dict[str, Any], source: Path) -> str:
         f"(appendonly {rd['appendonly']}).",
         f"Setup: {worker_text}, {s['uvicorn']}; PostgreSQL, Redis, the server, the Celery worker and the load "
         f"generator all on this machine, over loopback. A fresh database (migrated) and a Redis database index "
-        f"of its own per run. Clients authenticate with the bootstrap API key. The load generator is "
+        f"of its own per run. Clients authenticate with the bootstrap API key. The per-owner quotas are "
+        f"off (`RATE_PER_S=0`, `QUOTA_QUEUED_JOBS=0`, `QUOTA_RUNNING_JOBS=0`): each phase floods the service "
+        f"as one owner on purpose, so these figures are the service's capacity, not its quotas' (which would "
+        f"answer 429 with `Retry-After`). The load generator is "
         f"one asyncio process, one `httpx.AsyncClient` (one keep-alive connection) per simulated client: at "
         f"each level ({levels}) that many clients send their share of the requests back to back; each request is timed from send to the "
         f"end of the body. {load['warmup_requests']} untimed POSTs and GETs come first. Throughput is 2xx "
