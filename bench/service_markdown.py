@@ -327,11 +327,25 @@ def render_section(results: dict[str, Any], source: Path) -> str:
         + "once the server is saturated, more clients add queueing rather than throughput: latency then "
         "grows roughly in proportion to the number of clients (p50 ≈ clients / throughput). More API "
         "processes (`--api-workers`), more cores, or a load generator on another machine would each move "
-        "these figures."
+        "these figures." + _contention(m, peak)
     )
     if mixed:
         parts.append(mixed_reading(mixed))
     return f"{START}\n" + "\n\n".join(parts).rstrip() + f"\n{END}\n"
+
+
+def _contention(machine: dict[str, Any], peak: float) -> str:
+    """A warning when the machine had more runnable work than cores all along."""
+    low = min(machine["load_avg_1m_start"], machine["load_avg_1m_end"])
+    if low <= machine["cores"]:
+        return ""
+    nice = f", and the benchmark ran at niceness {machine['nice']}" if machine.get("nice") else ""
+    return (
+        f" In this run the machine was busy throughout (load average at least {low:.1f} on "
+        f"{machine['cores']} cores){nice}: the server never had "
+        f"more than {peak:.2f} of a core, so these figures measure the contention more than the service; "
+        f"compare them only with runs at a similar load."
+    )
 
 
 def mixed_reading(mixed: dict[str, Any]) -> str:
