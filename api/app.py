@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from pruning_core.settings import Settings, get_settings
 from store.db import make_engine, read_sessions, sessions
 
-from . import problems, queue
+from . import openapi, problems, queue
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .quotas import RateLimiter
@@ -57,4 +57,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for module in (jobs, events, artifacts, uploads, catalog, health):
         app.include_router(module.router)
+    openapi.install(app, settings)
     return app

@@ -1,7 +1,9 @@
 """Prometheus metrics: requests by route template and status, latency, jobs created.
 
 A registry per app (not the process-global one), so several apps in one process (tests) do not clash.
-The middleware is plain ASGI, so streamed responses (SSE, downloads) pass through untouched.
+The middleware is plain ASGI, so streamed responses (SSE, downloads) pass through untouched. Label values
+are bounded, whatever clients send: a method outside HTTP's own is counted as ``OTHER`` and a path no
+route matches as ``<unmatched>``, so invented methods and paths cannot grow the series without end.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+OTHER_METHOD = "OTHER"
+UNMATCHED = "<unmatched>"
 
 
 class Metrics:
@@ -62,7 +68,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "<unmatched>"
+            template = getattr(route, "path", None) or UNMATCHED
             method = scope.get("method", "")
+            method = method if method in KNOWN_METHODS else OTHER_METHOD
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

@@ -2,7 +2,8 @@
 
 Routes raise ``Problem``; the handlers installed by ``install`` also turn FastAPI's validation errors,
 Starlette's HTTP errors (unknown routes, 405) and unexpected exceptions into problems, so a client
-never has to parse a second error shape and never sees a traceback.
+never has to parse a second error shape and never sees a traceback. Input is checked before it reaches
+the database; a value the database still refuses (out of its range, a NUL) is a 400, not a 500.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
@@ -137,9 +138,24 @@ async def _on_validation(request: Request, exc: Exception) -> ProblemResponse:
     )
 
 
+# FastAPI's answer to a body its JSON parser gave up on (nested too deep, not UTF-8)
+UNPARSED_BODY = "There was an error parsing the body"
+
+
 async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if exc.status_code == 400 and detail == UNPARSED_BODY:
+        return problem_response(
+            request,
+            Problem(
+                400,
+                "The request body could not be parsed as JSON (nested too deeply, or not UTF-8).",
+                slug="malformed-json",
+                title="Malformed JSON",
+                errors=[{"field": "(body)", "message": "could not be parsed"}],
+            ),
+        )
     if exc.status_code == 404 and detail == HTTPStatus.NOT_FOUND.phrase:
         detail = f"No route for {request.method} {request.url.path}."
     headers = dict(exc.headers or {})
@@ -176,6 +192,16 @@ async def _on_database_busy(request: Request, exc: Exception) -> ProblemResponse
     )
 
 
+async def _on_data_error(request: Request, exc: Exception) -> ProblemResponse:
+    """A value the database refused (out of a column's range, a character it cannot store): the input's
+    fault. Validation should have caught it first, so it is logged to be checked there too."""
+    log.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request,
+        Problem(400, "A value in the request is outside what the server can store.", slug="invalid-value"),
+    )
+
+
 async def _on_crash(request: Request, exc: Exception) -> ProblemResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -190,6 +216,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(PoolTimeoutError, _on_database_busy)
     app.add_exception_handler(OperationalError, _on_database_busy)
+    app.add_exception_handler(DataError, _on_data_error)
     app.add_exception_handler(Exception, _on_crash)
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from pruning_core.spec import JobSpec
 from store import repo
 
-from .schemas import UPLOAD_PREFIX
+from .schemas import UPLOAD_PREFIX, echo, is_id
 
 # data sets whose loader reads a client-supplied root (an uploaded archive)
 ROOT_DATASETS = ("imagefolder",)
@@ -22,9 +22,10 @@ def _check_ref(s: Session, owner: str, field: str, value: str, kind: str) -> str
     """An error message for one reference, or None if it is the caller's upload of ``kind``."""
     if not value.startswith(UPLOAD_PREFIX):
         return f"only an upload reference `upload:<id>` (POST /v1/uploads?kind={kind}) is accepted here"
-    up = repo.get_upload(s, value.removeprefix(UPLOAD_PREFIX), owner=owner)
+    upload_id = value.removeprefix(UPLOAD_PREFIX)
+    up = repo.get_upload(s, upload_id, owner=owner) if is_id(upload_id) else None
     if up is None:
-        return f"upload {value!r} does not exist"
+        return f"upload '{echo(value)}' does not exist"
     if up.kind != kind:
         return f"upload {value!r} is a {up.kind} upload; {field} needs a {kind} upload"
     return None

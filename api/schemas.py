@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, Field
 
-from store.models import Artifact, Job, JobEvent, Upload
+from store.models import Artifact, Job, JobEvent, JobStatus, Upload
+
+# Job and upload ids are 32 lowercase hex digits (store.models.new_id): anything else names nothing, and
+# is answered 404 without asking the database (which may refuse it: NUL, over-long, ...).
+ID = re.compile(r"[0-9a-f]{32}")
+# An artifact name as the worker writes it: a relative path of printable characters.
+ARTIFACT_NAME = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,255}")
+
+
+def is_id(value: str) -> bool:
+    return ID.fullmatch(value) is not None
+
+
+def echo(value: str, limit: int = 80) -> str:
+    """A client's value quoted back in a message: printable, and cut short."""
+    text = value.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def utc(dt: datetime | None) -> datetime | None:
@@ -33,7 +50,7 @@ class JobUrls(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    status: JobStatus
     method: str
     spec: dict[str, Any]
     progress: float = Field(description="0..1")
@@ -82,7 +99,7 @@ class ArtifactList(BaseModel):
 
 class UploadOut(BaseModel):
     id: str
-    kind: str
+    kind: Literal["weights", "dataset"]
     filename: str
     size: int
     sha256: str

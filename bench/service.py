@@ -11,6 +11,15 @@
    started as deployed (concurrency 1, prefetch 1, a fresh pool process per job). ``--queue-jobs`` digits
    jobs go one at a time to an idle worker (each once the worker's fresh pool process is up, plus a
    second), then ``--back-to-back`` more, each as soon as the previous one was seen finished.
+5. Submit and poll, the worker still running jobs: at each level of ``--mixed`` (1, 16, 64, 256) that
+   many clients, for ``--mixed-seconds``, each submit a job and poll it ``--polls`` times, over and over
+   (each level as an owner of its own, with an API key from the database). Per level: requests, 2xx/s,
+   p50/p99 per endpoint, 503s apart from other 5xx, server CPU; "no collapse" when the 2xx/s at the
+   highest level is not below that at 16.
+6. Burst: ``--burst`` ``POST /v1/jobs`` at once (one client each, an Idempotency-Key each), then
+   ``--replays`` of them again with the same keys. The worker is then stopped and every job of every
+   owner is accounted for in PostgreSQL and Redis: one row per key, each queued job's message in the
+   queue exactly once, none for a finished one.
 
 Writes ``<out>/service-<time>.json`` and regenerates the ``<!-- bench:service -->`` section of
 BENCHMARKS.md (``--markdown`` for another file). Never imports torch (the worker's child does).
@@ -31,8 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -44,7 +55,7 @@ import redis
 from api.queue import redis_keys
 
 from . import service_markdown
-from .service_load import get_jobs, post_jobs, run_level
+from .service_load import get_jobs, post_jobs, run_burst, run_level, run_mixed
 from .stack import cpu_model, free_port, process, tail, wait_ready, worker_command
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -56,6 +67,7 @@ PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0
 # Index 15: the test fixtures take 1..14, so a benchmark never flushes a running test's queue.
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 QUEUE = "pruning"  # the Celery queue (a Redis list of that name)
+UNACKED = "unacked"  # kombu's hash of messages delivered to a worker and not yet acknowledged
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 # A tiny, valid digits job: a few seconds on a CPU when a worker runs it.
@@ -69,6 +81,7 @@ JOB_SPEC: dict[str, Any] = {
 WARMUP = 10  # untimed POSTs and GETs before the first level (first connections, lazy imports)
 SETTLE_S = 1.0  # idle time after the worker's fresh pool process appeared, before an "idle" job is sent
 RUNNING_POLL_S = 0.01  # how often the client polls for `running`
+MIXED_PAUSE_S = 2.0  # between submit-and-poll levels, so one level's tail does not overlap the next
 SERVICE_VERSIONS = (
     "fastapi",
     "starlette",
@@ -157,6 +170,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "load_avg_1m_start": os.getloadavg()[0],
+        "nice": os.nice(0),  # this process's niceness, which the server and worker inherit
         "python": platform.python_version(),
         "versions": versions,
     }
@@ -340,47 +354,53 @@ def wait_new_child(pid: int, old: set[int], timeout: float = 60.0) -> float:
     raise RuntimeError(f"the worker forked no new pool process in {timeout:.0f} s")
 
 
+@contextmanager
+def celery_worker(env: dict[str, str], work: Path) -> Iterator[tuple[subprocess.Popen, Path, float]]:
+    """One Celery worker as deployed: (process, its log, seconds until it was ready). Stopped on exit
+    with SIGTERM (a warm shutdown: the job in hand finishes, an unacknowledged message goes back)."""
+    worker_log = work / "worker.log"
+    name = f"bench-{secrets.token_hex(3)}"
+    with process(worker_command(name), env, worker_log) as proc:
+        ready_s = wait_log(proc, worker_log, " ready.")
+        log(f"worker {name} ready after {ready_s:.1f} s")
+        yield proc, worker_log, ready_s
+
+
 def queue_phase(
     base: str,
     headers: dict[str, str],
-    env: dict[str, str],
-    work: Path,
+    worker: tuple[subprocess.Popen, Path, float],
     idle_jobs: int,
     back_to_back: int,
     job_timeout_s: float,
 ) -> dict[str, Any]:
     """``idle_jobs`` jobs each sent once the worker's fresh child is up and idle; then ``back_to_back``
     jobs each sent as soon as the previous one was seen finished."""
-    worker_log = work / "worker.log"
-    name = f"bench-{secrets.token_hex(3)}"
+    proc, worker_log, ready_s = worker
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    with process(worker_command(name), env, worker_log) as proc:
-        ready_s = wait_log(proc, worker_log, " ready.")
-        log(
-            f"queue: worker {name} ready after {ready_s:.1f} s; {idle_jobs} + {back_to_back} job(s), one at a time"
-        )
-        used: set[int] = set()
-        with httpx.Client(base_url=base, headers=headers, timeout=60) as c:
-            for i in range(idle_jobs + back_to_back):
-                series = "idle" if i < idle_jobs else "back-to-back"
-                respawn_s = None
-                if series == "idle":
-                    respawn_s = wait_new_child(proc.pid, used)
-                    time.sleep(SETTLE_S)
-                used |= pool_children(proc.pid)
-                row = {"series": series, "child_wait_s": respawn_s, **one_queued_job(c, job_timeout_s)}
-                rows.append(row)
-                log(
-                    f"  job {i + 1} ({series}): {row['status']}, "
-                    f"created -> started {_fmt_s(row['created_to_started_s'])}, "
-                    f"POST answered -> running seen {_fmt_s(row['post_answered_to_running_seen_s'])}, "
-                    f"started -> first phase event {_fmt_s(row['started_to_first_phase_s'])}"
+    log(f"queue: {idle_jobs} + {back_to_back} job(s), one at a time")
+    used: set[int] = set()
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as c:
+        for i in range(idle_jobs + back_to_back):
+            series = "idle" if i < idle_jobs else "back-to-back"
+            respawn_s = None
+            if series == "idle":
+                respawn_s = wait_new_child(proc.pid, used)
+                time.sleep(SETTLE_S)
+            used |= pool_children(proc.pid)
+            row = {"series": series, "child_wait_s": respawn_s, **one_queued_job(c, job_timeout_s)}
+            rows.append(row)
+            log(
+                f"  job {i + 1} ({series}): {row['status']}, "
+                f"created -> started {_fmt_s(row['created_to_started_s'])}, "
+                f"POST answered -> running seen {_fmt_s(row['post_answered_to_running_seen_s'])}, "
+                f"started -> first phase event {_fmt_s(row['started_to_first_phase_s'])}"
+            )
+            if row["status"] not in TERMINAL:
+                raise RuntimeError(
+                    f"job {row['id']} did not finish in {job_timeout_s:.0f} s:\n{tail(worker_log)}"
                 )
-                if row["status"] not in TERMINAL:
-                    raise RuntimeError(
-                        f"job {row['id']} did not finish in {job_timeout_s:.0f} s:\n{tail(worker_log)}"
-                    )
     return {
         "worker_command": "celery " + " ".join(worker_command("bench")[3:]),
         "worker_ready_s": ready_s,
@@ -411,6 +431,181 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
             "n": len(values),
         }
     return out
+
+
+# --- phase 3: submit and poll, with the worker running ---
+
+
+def owner_key(pg_url: str, owner: str) -> dict[str, str]:
+    """Headers with a new API key of ``owner``, stored in the database as ``prune keys create`` does
+    (so each request also pays the key lookup a real client's does)."""
+    from store import repo
+    from store.db import make_engine, sessions
+
+    engine = make_engine(pg_url)
+    try:
+        with sessions(engine)() as s:
+            _, plaintext = repo.create_api_key(s, owner, "bench")
+            s.commit()
+    finally:
+        engine.dispose()
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+def finished_jobs(pg_url: str) -> int:
+    with psycopg.connect(pg_url) as conn:
+        return conn.execute("SELECT count(*) FROM jobs WHERE finished_at IS NOT NULL").fetchone()[0]
+
+
+def no_collapse(rows: list[dict[str, Any]], low: int = 16) -> dict[str, Any] | None:
+    """The issue's criterion: 2xx/s at the highest level not below that at ``low`` clients."""
+    by_level = {r["concurrency"]: r for r in rows}
+    high = max(by_level, default=0)
+    if low not in by_level or high <= low:
+        return None
+    a, b = by_level[low]["throughput_rps"], by_level[high]["throughput_rps"]
+    return {
+        "low": low,
+        "high": high,
+        "low_rps": a,
+        "high_rps": b,
+        "ratio": b / a if a else None,
+        "pass": b >= a,
+    }
+
+
+async def mixed_phase(
+    base: str, pg_url: str, levels: list[int], duration_s: float, polls: int, server_pid: int
+) -> dict[str, Any]:
+    """Each level as an owner of its own: per-owner counts (the broker priority) start from zero."""
+    rows = []
+    for n in levels:
+        headers = owner_key(pg_url, f"mixed-{n}")
+        done0 = finished_jobs(pg_url)
+        log(f"mixed: {n} client(s) submit and poll ({polls} GETs per job) for {duration_s:g} s")
+        res = await run_mixed(
+            base, headers, JOB_SPEC, n, duration_s, polls, server_cpu=lambda: cpu_seconds(server_pid)
+        )
+        row = res.summary() | {
+            "owner": f"mixed-{n}",
+            "worker_finished": finished_jobs(pg_url) - done0,
+            "load_avg_1m": os.getloadavg()[0],  # the machine is shared: how busy it was just then
+        }
+        rows.append(row)
+        log(f"  {_mixed_line(row)}")
+        await asyncio.sleep(MIXED_PAUSE_S)
+    verdict = no_collapse(rows)
+    if verdict:
+        log(f"mixed: no collapse {'PASS' if verdict['pass'] else 'FAIL'}: {verdict}")
+    return {"duration_s": duration_s, "polls_per_job": polls, "levels": rows, "no_collapse": verdict}
+
+
+def _mixed_line(row: dict[str, Any]) -> str:
+    p99 = {k: row[k]["p99_ms"] for k in ("post", "get")}
+    return (
+        f"{row['requests']} requests in {row['wall_s']:.1f} s: {row['throughput_rps']:.0f} 2xx/s "
+        f"({row['jobs_per_s']:.0f} jobs/s), p99 POST {_ms(p99['post'])} GET {_ms(p99['get'])} ms, "
+        f"503: {row['unavailable_503']}, other 5xx: {row['server_errors']}, other errors: "
+        f"{row['other_errors']}; the worker finished {row['worker_finished']} job(s)"
+    )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+# --- phase 4: a burst of submissions, then every job accounted for ---
+
+
+async def burst_phase(base: str, pg_url: str, jobs: int, replays: int) -> dict[str, Any]:
+    headers = owner_key(pg_url, "burst")
+    log(f"burst: {jobs} POST /v1/jobs at once, then {replays} replayed with the same Idempotency-Key")
+    res = await run_burst(base, headers, JOB_SPEC, jobs, replays)
+    log(
+        f"  {res['created']} created ({res['distinct_ids']} distinct) in {res['wall_s']:.1f} s, first answers "
+        f"{res['first_answers']}; replays {res['replay_answers']}, {res['replays_same_job']} gave the same job"
+    )
+    return res | {"owner": "burst"}
+
+
+def queued_messages(r: redis.Redis) -> tuple[Counter[str], Counter[str]]:
+    """Task ids of the messages waiting in the queue, and of those delivered but not acknowledged."""
+    keys = redis_keys(QUEUE)
+    with r.pipeline(transaction=True) as pipe:  # one snapshot of every list and the unacked hash
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(UNACKED)
+        *lists, unacked = pipe.execute()
+    waiting = Counter(json.loads(raw)["headers"]["id"] for raw in (m for lst in lists for m in lst))
+    delivered = Counter(json.loads(raw)[0]["headers"]["id"] for raw in unacked)
+    return waiting, delivered
+
+
+def account(pg_url: str, r: redis.Redis, owners: list[str]) -> dict[str, Any]:
+    """Each of ``owners``' jobs against its broker messages (run with the worker stopped, so nothing
+    moves): a queued job has exactly one message, waiting or delivered; a running one at most one; a
+    finished one none. Anything else is lost (no message) or duplicated (more than one). (The load
+    phase's jobs, owner admin, lost their messages on purpose and are left out.)"""
+    waiting, delivered = queued_messages(r)
+    with psycopg.connect(pg_url) as conn:
+        jobs = conn.execute(
+            "SELECT id, owner, status, idempotency_key, enqueued_at IS NOT NULL FROM jobs"
+        ).fetchall()
+    out = {o: JobCount() for o in owners}
+    for job_id, owner, status, key, enqueued in jobs:
+        if owner in out:
+            out[owner].add(job_id, status, key, enqueued, waiting[job_id] + delivered[job_id])
+    strays = sorted((set(waiting) | set(delivered)) - {job_id for job_id, *_ in jobs})
+    return {
+        "owners": {o: c.summary() for o, c in out.items()},
+        "messages": sum(waiting.values()) + sum(delivered.values()),
+        "messages_without_a_job": strays,
+    }
+
+
+@dataclass
+class JobCount:
+    """One owner's jobs, counted against their broker messages."""
+
+    ids: set[str] = field(default_factory=set)
+    keys: set[str] = field(default_factory=set)
+    rows: int = 0
+    status: Counter[str] = field(default_factory=Counter)
+    once: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    not_marked_enqueued: int = 0
+
+    def add(self, job_id: str, status: str, key: str | None, enqueued: bool, messages: int) -> None:
+        self.rows += 1
+        self.ids.add(job_id)
+        if key:
+            self.keys.add(key)
+        self.status[status] += 1
+        self.not_marked_enqueued += not enqueued
+        if status == "queued":
+            ok = messages == 1
+        elif status == "running":  # its message in hand, or back in the queue for a resumption
+            ok = messages <= 1
+        else:
+            ok = messages == 0
+        if ok:
+            self.once += 1
+        else:
+            (self.lost if messages == 0 else self.duplicated).append(job_id)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "distinct_ids": len(self.ids),
+            "distinct_keys": len(self.keys),
+            "status": dict(self.status),
+            "accounted_once": self.once,
+            "lost": len(self.lost),
+            "duplicated": len(self.duplicated),
+            "examples": (self.lost + self.duplicated)[:10],
+            "not_marked_enqueued": self.not_marked_enqueued,
+        }
 
 
 # --- the whole run ---
@@ -454,11 +649,22 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
             log(
                 f"load: {load['db']} in the database, {load['queued_messages']} message(s) in the queue (deleted)"
             )
-            queue = (
-                queue_phase(base, headers, env, work, args.queue_jobs, args.back_to_back, args.job_timeout)
-                if args.queue_jobs + args.back_to_back
-                else None
-            )
+            queue = mixed = burst = accounting = None
+            if args.queue_jobs + args.back_to_back or args.mixed or args.burst:
+                with celery_worker(env, work) as worker:
+                    if args.queue_jobs + args.back_to_back:
+                        queue = queue_phase(
+                            base, headers, worker, args.queue_jobs, args.back_to_back, args.job_timeout
+                        )
+                    if args.mixed:
+                        mixed = asyncio.run(
+                            mixed_phase(base, pg_url, args.mixed, args.mixed_seconds, args.polls, server.pid)
+                        )
+                    if args.burst:
+                        burst = asyncio.run(burst_phase(base, pg_url, args.burst, args.replays))
+                    log("stopping the worker (warm shutdown), then accounting for every job")
+                owners = [row["owner"] for row in mixed["levels"]] if mixed else []
+                accounting = account(pg_url, r, owners + (["burst"] if burst else []))
             if server.poll() is not None:
                 raise RuntimeError(f"the server died during the run:\n{tail(server_log)}")
             server_errors = tail(server_log, 20)
@@ -479,10 +685,18 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "posts_per_level": args.posts,
             "gets_per_level": args.gets,
             "max_seconds_per_level": args.max_seconds,
+            "mixed_levels": args.mixed,
+            "mixed_seconds": args.mixed_seconds,
+            "polls_per_job": args.polls,
+            "burst": args.burst,
+            "replays": args.replays,
             "job_spec": JOB_SPEC,
         },
         "load": load,
         "queue": queue,
+        "mixed": mixed,
+        "burst": burst,
+        "accounting": accounting,
         "server_log_tail": server_errors,
     }
 
@@ -495,6 +709,10 @@ def parse_levels(text: str) -> list[int]:
     if not levels or min(levels) < 1:
         raise argparse.ArgumentTypeError("concurrency levels are integers >= 1")
     return levels
+
+
+def parse_levels_or_none(text: str) -> list[int]:
+    return [] if text.strip() == "0" else parse_levels(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -514,6 +732,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=3,
         help="then jobs sent as soon as the previous finished (default 3)",
+    )
+    p.add_argument(
+        "--mixed",
+        type=parse_levels_or_none,
+        default=[1, 16, 64, 256],
+        help="submit-and-poll levels, the worker running (default 1,16,64,256; 0 skips)",
+    )
+    p.add_argument(
+        "--mixed-seconds", type=float, default=30.0, help="seconds per submit-and-poll level (default 30)"
+    )
+    p.add_argument("--polls", type=int, default=3, help="GETs of each submitted job (default 3)")
+    p.add_argument(
+        "--burst", type=int, default=1000, help="POST /v1/jobs sent at once (default 1000; 0 skips)"
+    )
+    p.add_argument(
+        "--replays", type=int, default=100, help="of those, sent again with the same key (default 100)"
     )
     p.add_argument("--job-timeout", type=float, default=180.0, help="seconds one of those jobs may take")
     p.add_argument(
@@ -538,6 +772,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         log(f"warning: --api-workers {args.api_workers}: {service_markdown.NODELAY_BUG}")
     if args.requests is not None:
         args.posts = args.gets = args.requests
+    if min(args.polls, args.burst, args.replays) < 0 or args.replays > args.burst or args.mixed_seconds <= 0:
+        p.error("--polls, --burst and --replays are >= 0, --replays <= --burst, --mixed-seconds > 0")
     if min(args.posts, args.gets) < 1 or args.api_workers < 1 or min(args.queue_jobs, args.back_to_back) < 0:
         p.error("--posts/--gets/--requests and --api-workers are >= 1, --queue-jobs and --back-to-back >= 0")
     return args

@@ -46,6 +46,11 @@ def _cores(row: dict[str, Any]) -> str:
     return f"{server} / {row['client_cpu_s'] / wall:.2f}"
 
 
+def _nice(machine: dict[str, Any]) -> str:
+    nice = machine.get("nice")
+    return f"; the benchmark and the processes it started ran at niceness {nice}" if nice else ""
+
+
 def load_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| Concurrent clients | Requests | Throughput req/s | p50 ms | p99 ms | Errors | CPU cores: server / load generator |",
@@ -61,6 +66,91 @@ def load_table(rows: list[dict[str, Any]]) -> str:
             f"{_ms(r['p99_ms'])} | {errors} | {_cores(r)} |"
         )
     return "\n".join(lines)
+
+
+def _p(row: dict[str, Any]) -> str:
+    return f"{_ms(row['p50_ms'], 0)} / {_ms(row['p99_ms'], 0)}"
+
+
+def mixed_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| Concurrent clients | Requests | Throughput 2xx/s | Jobs submitted/s | POST p50 / p99 ms | "
+        "GET p50 / p99 ms | 503 | Other 5xx | Other errors | CPU cores: server / load generator | "
+        "Jobs the worker finished | Load average (1 min) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        other = str(r["other_errors"])
+        if r["other_errors"]:
+            kinds = {k: v for k, v in r["error_kinds"].items() if not k.startswith("5")}
+            other += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ")"
+        lines.append(
+            f"| {r['concurrency']} | {r['requests']:,} | {r['throughput_rps']:.0f} | {r['jobs_per_s']:.0f} | "
+            f"{_p(r['post'])} | {_p(r['get'])} | {r['unavailable_503']} | {r['server_errors']} | {other} | "
+            f"{_cores(r)} | {r['worker_finished']} | {r.get('load_avg_1m', float('nan')):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict_text(verdict: dict[str, Any] | None) -> str:
+    if verdict is None:
+        return "No collapse: not judged (it needs a level of 16 clients and a higher one)."
+    word = "**pass**" if verdict["pass"] else "**FAIL**"
+    sign = "≥" if verdict["pass"] else "<"
+    return (
+        f"No collapse (2xx/s at {verdict['high']} clients not below that at {verdict['low']}): {word}, "
+        f"{verdict['high_rps']:.0f} {sign} {verdict['low_rps']:.0f} 2xx/s ({verdict['ratio']:.2f}×)."
+    )
+
+
+def _codes(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v:,}" for k, v in sorted(counts.items())) or "none"
+
+
+def accounting_table(accounting: dict[str, Any]) -> str:
+    lines = [
+        "| Owner | Rows | Distinct ids | Distinct Idempotency-Keys | Status | Accounted for once | Lost | Duplicated |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for owner, a in accounting["owners"].items():
+        status = ", ".join(f"{k} {v:,}" for k, v in sorted(a["status"].items()))
+        lines.append(
+            f"| {owner} | {a['rows']:,} | {a['distinct_ids']:,} | {a['distinct_keys']:,} | {status} | "
+            f"{a['accounted_once']:,} | {a['lost']} | {a['duplicated']} |"
+        )
+    return "\n".join(lines)
+
+
+def burst_text(burst: dict[str, Any], accounting: dict[str, Any] | None) -> str:
+    text = (
+        f"{burst['jobs']:,} clients (one connection each) sent one `POST /v1/jobs` each at the same moment, "
+        f"each with an `Idempotency-Key` of its own (a 503 would be retried with the same key after its "
+        f"`Retry-After`). All answered in {burst['wall_s']:.1f} s; first answers {_codes(burst['first_answers'])}; "
+        f"final answers {_codes(burst['final_answers'])}: {burst['created']:,} jobs, {burst['distinct_ids']:,} "
+        f"distinct ids. Then {burst['replays']:,} of them were sent again at once with the same keys "
+        f"({burst['replay_wall_s']:.1f} s): answers {_codes(burst['replay_answers'])}, "
+        f"{burst['replays_same_job']:,} returned the job the first request created."
+    )
+    if accounting:
+        a = accounting["owners"].get(burst["owner"])
+        if a:
+            text += (
+                f" In the database afterwards: {a['rows']:,} rows for the burst's owner "
+                f"({a['distinct_ids']:,} distinct ids, {a['distinct_keys']:,} distinct keys)."
+            )
+    return text
+
+
+def accounting_text(accounting: dict[str, Any]) -> str:
+    strays = accounting["messages_without_a_job"]
+    return (
+        "Every job of the submit-and-poll owners and of the burst, counted once the worker had stopped (a "
+        "warm shutdown: the job in hand finished, the message it had taken went back): a *queued* job must "
+        "have exactly one message in the queue's Redis lists or kombu's `unacked` hash, a *running* one at "
+        "most one, a finished one none; a job with no message is *lost*, one with more *duplicated*. "
+        f"{accounting['messages']:,} messages in Redis in all, {len(strays)} without a job row. (The first "
+        "phase's jobs are left out: their messages were deleted on purpose.)"
+    )
 
 
 QUEUE_COLUMNS = (
@@ -157,14 +247,17 @@ def render_section(results: dict[str, Any], source: Path) -> str:
         f"## Service: HTTP API and queue (`{results['command']}`)",
         f"Run {results['date']}, {results['wall_s'] / 60:.1f} min in all; results file `{_shown(source)}`.  \n"
         f"Machine: {m['cpu']}, {m['cores']} cores, shared (1-minute load average {m['load_avg_1m_start']:.2f} "
-        f"at the start, {m['load_avg_1m_end']:.2f} at the end); Python {m['python']}; FastAPI {v['fastapi']}, "
+        f"at the start, {m['load_avg_1m_end']:.2f} at the end{_nice(m)}); Python {m['python']}; FastAPI {v['fastapi']}, "
         f"Starlette {v['starlette']}, uvicorn {v['uvicorn']}, SQLAlchemy {v['sqlalchemy']}, psycopg {v['psycopg']}, "
         f"Celery {v['celery']}, redis-py {v['redis']}, httpx {v['httpx']}; PostgreSQL {pg['server_version'].split()[0]} "
         f"(synchronous_commit {pg['synchronous_commit']}, fsync {pg['fsync']}), Redis {rd['version']} "
         f"(appendonly {rd['appendonly']}).",
         f"Setup: {worker_text}, {s['uvicorn']}; PostgreSQL, Redis, the server, the Celery worker and the load "
         f"generator all on this machine, over loopback. A fresh database (migrated) and a Redis database index "
-        f"of its own per run. Clients authenticate with the bootstrap API key. The load generator is "
+        f"of its own per run. Clients authenticate with the bootstrap API key. The per-owner quotas are "
+        f"off (`RATE_PER_S=0`, `QUOTA_QUEUED_JOBS=0`, `QUOTA_RUNNING_JOBS=0`): each phase floods the service "
+        f"as one owner on purpose, so these figures are the service's capacity, not its quotas' (which would "
+        f"answer 429 with `Retry-After`). The load generator is "
         f"one asyncio process, one `httpx.AsyncClient` (one keep-alive connection) per simulated client: at "
         f"each level ({levels}) that many clients send their share of the requests back to back; each request is timed from send to the "
         f"end of the body. {load['warmup_requests']} untimed POSTs and GETs come first. Throughput is 2xx "
@@ -189,7 +282,33 @@ def render_section(results: dict[str, Any], source: Path) -> str:
             queue_table(queue),
         ]
         parts.append(queue_text(queue))
-    rows = load["post"] + load["get"]
+    mixed = results.get("mixed")
+    if mixed:
+        parts += [
+            f"### Submit and poll, the worker running ({mixed['duration_s']:g} s per level)",
+            "Each client, in a loop for the level's time: `POST /v1/jobs` (the tiny digits job, with an "
+            f"`Idempotency-Key` as the SDK sends), then {mixed['polls_per_job']} × `GET /v1/jobs/{{id}}` of "
+            "that job, back to back; no cycle starts after the level's time, and those under way are finished "
+            "and counted (so every level has the same mix of requests, and its wall time a tail). Meanwhile the "
+            "Celery worker (as above) runs the queued jobs one after another, claiming, heartbeating and "
+            "writing events in the same database. Each level is an owner of its own with an API key from the "
+            "database (looked up on every request, as for any client but the bootstrap key), so each level's "
+            "per-owner counts start from zero. Throughput counts 2xx answers of both endpoints over the "
+            "level's wall time; a 503 (overloaded, with `Retry-After`, which the issue allows) is counted "
+            "apart from other 5xx (never allowed) and the client waits its `Retry-After`.",
+            mixed_table(mixed["levels"]),
+            verdict_text(mixed["no_collapse"]),
+        ]
+    burst = results.get("burst")
+    if burst:
+        parts += [
+            f"### Burst: {burst['jobs']:,} jobs submitted at once",
+            burst_text(burst, results.get("accounting")),
+        ]
+    accounting = results.get("accounting")
+    if accounting:
+        parts += ["### Every job accounted for", accounting_table(accounting), accounting_text(accounting)]
+    rows = load["post"] + load["get"] + (mixed["levels"] if mixed else [])
     peak = max((r["server_cpu_s"] or 0) / r["wall_s"] for r in rows if r["wall_s"])
     gen = max(r["client_cpu_s"] / r["wall_s"] for r in rows if r["wall_s"])
     server_kind = "the uvicorn process" if workers == 1 else "the uvicorn processes"
@@ -208,6 +327,41 @@ def render_section(results: dict[str, Any], source: Path) -> str:
         + "once the server is saturated, more clients add queueing rather than throughput: latency then "
         "grows roughly in proportion to the number of clients (p50 ≈ clients / throughput). More API "
         "processes (`--api-workers`), more cores, or a load generator on another machine would each move "
-        "these figures."
+        "these figures." + _contention(m, peak)
     )
+    if mixed:
+        parts.append(mixed_reading(mixed))
     return f"{START}\n" + "\n\n".join(parts).rstrip() + f"\n{END}\n"
+
+
+def _contention(machine: dict[str, Any], peak: float) -> str:
+    """A warning when the machine had more runnable work than cores all along."""
+    low = min(machine["load_avg_1m_start"], machine["load_avg_1m_end"])
+    if low <= machine["cores"]:
+        return ""
+    nice = f", and the benchmark ran at niceness {machine['nice']}" if machine.get("nice") else ""
+    return (
+        f" In this run the machine was busy throughout (load average at least {low:.1f} on "
+        f"{machine['cores']} cores){nice}: the server never had "
+        f"more than {peak:.2f} of a core, so these figures measure the contention more than the service; "
+        f"compare them only with runs at a similar load."
+    )
+
+
+def mixed_reading(mixed: dict[str, Any]) -> str:
+    """Where submit-and-poll saturates, from the figures."""
+    rows = mixed["levels"]
+    best = max(rows, key=lambda r: r["throughput_rps"])
+    top = rows[-1]
+    errors = sum(r["server_errors"] for r in rows)
+    unavailable = sum(r["unavailable_503"] for r in rows)
+    return (
+        f"Submit and poll: throughput peaked at {best['concurrency']} clients ({best['throughput_rps']:.0f} "
+        f"2xx/s, {best['jobs_per_s']:.0f} jobs/s); at {top['concurrency']} clients it was "
+        f"{top['throughput_rps']:.0f} 2xx/s with a POST p99 of {_ms(top['post']['p99_ms'], 0)} ms: past the "
+        f"saturation point the extra clients wait in the event loop for one of the API's threads (`API_THREADS`, api/app.py; each "
+        f"request holds one, and one database connection, only while it runs), so latency grows with the "
+        f"number of clients while the rate of answers holds. Over all levels: {errors} 5xx other than 503, "
+        f"{unavailable} 503s. The worker shares the cores: each tiny job forks a fresh process that imports "
+        f"torch, a few CPU seconds taken from the API while it runs."
+    )

@@ -352,7 +352,13 @@ def _load_imagefolder(spec: DataSpec, ctx: LoadContext) -> Datasets:
     root = Path(spec.root or "").expanduser()
     folder = root if root.is_dir() else extract_archive(root, spec, ctx)
     layout = _plan_layout(_list_files(folder), root.name, spec.per_class, spec.test_per_class)
-    return _folder_datasets(folder, layout, spec)
+    n, cap = len(layout.train) + len(layout.test), ctx.settings.max_images
+    if n > cap:
+        raise DataError(
+            f"{root.name} has {n} images, over this server's {cap} (MAX_IMAGES); set data.per_class and "
+            "data.test_per_class to use fewer"
+        )
+    return _folder_datasets(folder, layout, spec, ctx.settings.max_image_size)
 
 
 def _list_files(folder: Path) -> list[str]:
@@ -415,11 +421,11 @@ def _take(groups: dict[str, list[str]], classes: list[str], n: int | None) -> li
     return [(f, label) for label, c in enumerate(classes) for f in groups[c][:n]]
 
 
-def _folder_datasets(folder: Path, layout: _Layout, spec: DataSpec) -> Datasets:
+def _folder_datasets(folder: Path, layout: _Layout, spec: DataSpec, max_side: int) -> Datasets:
     """Decode the chosen files once into memory when small enough, else wrap them for lazy decoding."""
     files = [folder / rel for rel, _ in layout.train + layout.test]
     labels = [y for _, y in layout.train + layout.test]
-    size = spec.image_size or _square_size(files[0])
+    size = spec.image_size or _square_size(files[0], max_side)
     n_train = len(layout.train)
     if len(files) * 3 * size * size > _EAGER_MAX_BYTES:
         return _lazy_datasets(files, labels, n_train, layout.classes, size, spec)
@@ -506,11 +512,17 @@ def _header(path: Path) -> tuple[bool, tuple[int, int]]:
         raise DataError(f"cannot decode image {path.parent.name}/{path.name}: {_one_line(err)}") from None
 
 
-def _square_size(path: Path) -> int:
-    """The side of the first image, which must be square when data.image_size is not set."""
+def _square_size(path: Path, max_side: int) -> int:
+    """The side of the first image, which must be square and at most ``max_side`` (MAX_IMAGE_SIZE) when
+    data.image_size is not set (the others must match it)."""
     _, (w, h) = _header(path)
     if w != h:
         raise DataError(f"images are {w}x{h}, not square; set data.image_size to resize them")
+    if w > max_side:
+        raise DataError(
+            f"images are {w}x{h}, larger than this server's {max_side} px (MAX_IMAGE_SIZE); set "
+            "data.image_size to resize them"
+        )
     return w
 
 

@@ -8,9 +8,28 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# torchvision classifiers a job may name as `tv:<name>` unless ALLOWED_TORCHVISION_MODELS says otherwise:
+# the CNNs that tests/test_torchvision_models.py shows pruning. Left out: the attention models and
+# ShuffleNet (refused by the engine anyway) and regnet_y_128gf (644M parameters).
+DEFAULT_TORCHVISION_MODELS: tuple[str, ...] = (
+    *("alexnet", "googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1"),
+    *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")),
+    *("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    *("resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"),
+    *("densenet121", "densenet161", "densenet169", "densenet201"),
+    *("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"),
+    *("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3"),
+    *(f"efficientnet_b{i}" for i in range(8)),
+    *("efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"),
+    *(f"regnet_x_{s}" for s in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf")),
+    *(f"regnet_y_{s}" for s in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf")),
+    *("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"),
+)
 
 
 class Settings(BaseSettings):
@@ -61,12 +80,45 @@ class Settings(BaseSettings):
         2, ge=0, description="Jobs of one owner that may run at once; the others wait queued (not a 429)."
     )
     quota_upload_bytes: int = Field(
-        10 * 1024**3, ge=0, description="Total bytes of one owner's uploads; past it POST /v1/uploads is a 429."
+        10 * 1024**3,
+        ge=0,
+        description="Total bytes of one owner's uploads; past it POST /v1/uploads is a 429.",
     )
     rate_per_s: float = Field(
         20.0, ge=0, description="Requests per second one API key may sustain (token bucket refill)."
     )
     rate_burst: int = Field(100, ge=1, description="Requests one API key may send at once (bucket size).")
+
+    # --- job limits: the largest job a spec may ask for. The API refuses a spec beyond them at submit
+    # (422, one item per field, and its OpenAPI schema shows them); the worker refuses what only the data
+    # tells (images larger than MAX_IMAGE_SIZE, more than MAX_IMAGES). Within the spec's own hard bounds.
+    max_epochs: int = Field(1000, ge=1, description="Cap on the epochs of each training phase.")
+    max_batch_size: int = Field(4096, ge=1, description="Cap on schedule.batch_size and the latency batch.")
+    max_batch_pixels: int = Field(
+        2**28, ge=1, description="Cap on batch_size x image_size^2 (one input batch, in pixels)."
+    )
+    max_image_size: int = Field(
+        1024, ge=8, description="Cap on data.image_size, and on images used at their own size."
+    )
+    max_num_classes: int = Field(10_000, ge=2, description="Cap on model.num_classes and data.num_classes.")
+    max_data_workers: int = Field(16, ge=0, description="Cap on data.num_workers (DataLoader processes).")
+    max_images: int = Field(
+        2_000_000, ge=1, description="Cap on the images one job loads (train + test), and on per_class."
+    )
+    max_dataset_bytes: int = Field(
+        8 * 1024**3, ge=1, description="Cap on a generated (synthetic) data set's size in memory."
+    )
+    allowed_torchvision_models: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_TORCHVISION_MODELS,
+        description="The torchvision builders a job may name as tv:<name> (comma-separated).",
+    )
+
+    @field_validator("allowed_torchvision_models", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(n.strip().removeprefix("tv:") for n in v.split(",") if n.strip())
+        return v
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -7,10 +7,23 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 # The catalogs below are the torch-free mirror of the registries in zoo.py and data.py; a test keeps
 # them equal, so the API can list what can be asked for without importing torch.
@@ -23,25 +36,49 @@ CIFAR_MODELS: tuple[str, ...] = (
     "mobilenet_v2",
 )
 TORCHVISION_PREFIX = "tv:"
+TORCHVISION_NAME = re.compile(r"tv:[a-z][a-z0-9_]{0,63}")
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused: JSON has no such numbers (PostgreSQL refuses them in a JSON column)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _plain_text(v: str) -> str:
+    """Refuse control characters (NUL above all: PostgreSQL cannot store it) and lone surrogates."""
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in v):
+        raise ValueError("must be plain text: no control characters or lone surrogates")
+    return v
+
+
+# A file: `upload:<id>` from HTTP clients (api.refs checks which), a path in CLI specs.
+FileRef = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_plain_text)]
 
 
 class ModelSpec(_Strict):
     """The dense network to prune."""
 
-    name: str = Field("resnet20", description=f"A zoo model {CIFAR_MODELS} or `tv:<torchvision builder>`.")
-    weights: str | None = Field(None, description="Path to a safetensors file with the dense weights.")
-    num_classes: int | None = Field(None, ge=2, description="Output classes; default: the data set's.")
-    in_channels: int | None = Field(None, ge=1, description="Input channels; default: the data set's.")
+    name: str = Field(
+        "resnet20",
+        max_length=67,
+        description=f"A zoo model {CIFAR_MODELS} or `tv:<torchvision builder>` (the server lists the "
+        "builders it allows: GET /v1/models).",
+        json_schema_extra={
+            "anyOf": [{"enum": list(CIFAR_MODELS)}, {"pattern": f"^{TORCHVISION_NAME.pattern}$"}]
+        },
+    )
+    weights: FileRef | None = Field(None, description="Path to a safetensors file with the dense weights.")
+    num_classes: int | None = Field(
+        None, ge=2, le=100_000, description="Output classes; default: the data set's."
+    )
+    in_channels: int | None = Field(None, ge=1, le=64, description="Input channels; default: the data set's.")
 
     @field_validator("name")
     @classmethod
     def _known_name(cls, v: str) -> str:
-        if v in CIFAR_MODELS or (v.startswith(TORCHVISION_PREFIX) and len(v) > len(TORCHVISION_PREFIX)):
+        if v in CIFAR_MODELS or TORCHVISION_NAME.fullmatch(v):
             return v
         raise ValueError(
             f"unknown model {v!r}; known: {', '.join(CIFAR_MODELS)}, or tv:<torchvision builder> "
@@ -52,18 +89,20 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     """Where the training and test images come from."""
 
-    name: str = Field("digits", description=f"One of {DATASETS}.")
-    root: str | None = Field(
+    name: str = Field("digits", description=f"One of {DATASETS}.", json_schema_extra={"enum": list(DATASETS)})
+    root: FileRef | None = Field(
         None, description="Data root (cifar*) or a directory / .tar.gz / .zip archive (imagefolder)."
     )
-    image_size: int | None = Field(None, ge=8, le=1024, description="Resize images to this many pixels.")
-    per_class: int | None = Field(None, ge=1, description="Take at most this many training images per class.")
+    image_size: int | None = Field(None, ge=8, le=4096, description="Resize images to this many pixels.")
+    per_class: int | None = Field(
+        None, ge=1, le=10**8, description="Take at most this many training images per class."
+    )
     test_per_class: int | None = Field(
-        None, ge=1, description="Take at most this many test images per class."
+        None, ge=1, le=10**8, description="Take at most this many test images per class."
     )
     augment: bool = Field(True, description="Random crop and flip on training images (not on digits).")
-    num_classes: int | None = Field(None, ge=2, description="synthetic only: number of classes.")
-    num_workers: int = Field(0, ge=0, le=32, description="DataLoader worker processes.")
+    num_classes: int | None = Field(None, ge=2, le=100_000, description="synthetic only: number of classes.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
 
     @field_validator("name")
     @classmethod
@@ -84,7 +123,9 @@ class MagnitudeOptions(_Strict):
 
     name: Literal["magnitude"] = "magnitude"
     p: int = Field(2, ge=1, le=2, description="Norm of the group magnitude (1 or 2).")
-    round_to: int = Field(1, ge=1, description="Keep channel counts a multiple of this (hardware-friendly).")
+    round_to: int = Field(
+        1, ge=1, le=1024, description="Keep channel counts a multiple of this (hardware-friendly)."
+    )
 
 
 class S2HOptions(_Strict):
@@ -126,6 +167,7 @@ class S2HOptions(_Strict):
     width_divisor: int | None = Field(
         None,
         ge=1,
+        le=65_536,
         description="d, the width step of each group's candidates (channels; rounded to a divisor of "
         "the group's width); default: about 8-16 candidates per group.",
     )
@@ -148,9 +190,10 @@ class TASOptions(_Strict):
 
     name: Literal["tas"] = "tas"
     search_epochs: int = Field(10, ge=1, le=10_000, description="Epochs of the architecture search.")
-    width_ratios: tuple[float, ...] = Field(
+    width_ratios: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = Field(
         (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
         min_length=1,
+        max_length=64,
         description="Width candidates of a group: int(ratio * channels), deduplicated (1.0 always added).",
     )
     depth: bool = Field(True, description="Search the depth of every stage of residual blocks (ResNets).")
@@ -161,7 +204,9 @@ class TASOptions(_Strict):
         0.05, ge=0.0, lt=1.0, description="t: the argmax MACs may lie in [target - t, target] (of dense)."
     )
     arch_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Adam LR (constant) of the architecture.")
-    arch_betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas of the architecture.")
+    arch_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (
+        Field((0.5, 0.999), description="Adam betas of the architecture.")
+    )
     arch_weight_decay: float = Field(1e-3, ge=0.0, le=1.0)
     init: Literal["random", "teacher"] = Field(
         "random",
@@ -172,8 +217,6 @@ class TASOptions(_Strict):
 
     @model_validator(mode="after")
     def _valid(self) -> TASOptions:
-        if any(not 0.0 < r <= 1.0 for r in self.width_ratios):
-            raise ValueError("width_ratios must lie in (0, 1]")
         if self.tau_min > self.tau_max:
             raise ValueError("tau_min cannot exceed tau_max")
         return self
@@ -285,7 +328,9 @@ class TargetSpec(_Strict):
     """The budget: the fraction of the dense model's MACs that remains after pruning."""
 
     macs_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Remaining MACs / dense MACs, in (0, 1].")
-    min_channels: int = Field(1, ge=1, description="Never keep fewer channels than this in a group.")
+    min_channels: int = Field(
+        1, ge=1, le=65_536, description="Never keep fewer channels than this in a group."
+    )
 
 
 class Schedule(_Strict):
@@ -301,10 +346,14 @@ class Schedule(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     nesterov: bool = Field(True, description="Nesterov momentum (SGD only; needs momentum > 0).")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
-    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up, in epochs (fractions allowed).")
+    warmup_epochs: float = Field(
+        0.0, ge=0.0, le=10_000, description="Linear warm-up, in epochs (fractions allowed)."
+    )
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (smoke runs).")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, le=10**9, description="Cap on steps per epoch (smoke runs)."
+    )
     bn_recalibration_batches: int = Field(
         20,
         ge=0,
@@ -326,7 +375,7 @@ class KDSpec(_Strict):
     """Knowledge distillation from a teacher (the dense model by default)."""
 
     enabled: bool = False
-    teacher: Literal["dense"] | str = Field("dense", description="`dense`, or a path to teacher weights.")
+    teacher: FileRef = Field("dense", description="`dense`, or a path to teacher weights.")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     weight: float = Field(0.9, ge=0.0, le=1.0, description="a in (1-a)·CE + a·T²·KL.")
 
@@ -335,7 +384,7 @@ ExportFormat = Literal["safetensors", "torchscript", "onnx"]
 
 
 class ExportSpec(_Strict):
-    formats: tuple[ExportFormat, ...] = ("safetensors", "torchscript", "onnx")
+    formats: tuple[ExportFormat, ...] = Field(("safetensors", "torchscript", "onnx"), max_length=8)
     latency_batch_size: int = Field(
         8, ge=1, le=4096, description="Throughput batch of the latency comparison; batch 1 is timed too."
     )
@@ -361,13 +410,17 @@ class JobSpec(_Strict):
     kd: KDSpec = KDSpec()
     export: ExportSpec = ExportSpec()
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    device: str = Field(
+        "auto",
+        max_length=16,
+        description="`auto`, `cpu`, `cuda` or `cuda:N`.",
+        json_schema_extra={"pattern": f"^({DEVICE.pattern})$"},
+    )
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
-        if not ok:
+        if not DEVICE.fullmatch(v):
             raise ValueError("device must be `auto`, `cpu`, `cuda` or `cuda:N`")
         return v
 
@@ -384,6 +437,128 @@ class JobSpec(_Strict):
                 "least 2 epochs"
             )
         return self
+
+
+# --- what a server accepts: the operator's limits (Settings), checked by the API at submit ---
+
+# Settings field -> the (section, options class, field) it caps. The API's OpenAPI schema shows each cap
+# as the field's `maximum` (schema_limits), and submit_problems refuses a spec beyond one: one table, so
+# the schema and the check cannot disagree.
+_Limited = tuple[tuple[str, type[BaseModel], str], ...]
+LIMITS: dict[str, _Limited] = {
+    "max_epochs": (
+        ("schedule", Schedule, "epochs"),
+        ("schedule", Schedule, "dense_epochs"),
+        ("schedule", Schedule, "warmup_epochs"),
+        ("method", S2HOptions, "finetune_epochs"),
+        ("method", TASOptions, "search_epochs"),
+        ("method", PSAPOptions, "finetune_epochs"),
+        ("method", EPIOptions, "min_epochs"),
+    ),
+    "max_batch_size": (("schedule", Schedule, "batch_size"), ("export", ExportSpec, "latency_batch_size")),
+    "max_image_size": (("data", DataSpec, "image_size"),),
+    "max_num_classes": (("model", ModelSpec, "num_classes"), ("data", DataSpec, "num_classes")),
+    "max_data_workers": (("data", DataSpec, "num_workers"),),
+    "max_images": (("data", DataSpec, "per_class"), ("data", DataSpec, "test_per_class")),
+}
+
+# The fewest MACs each zoo model can keep, as a share of its dense MACs (every group at one channel;
+# 2 classes, 1 input channel: the lowest floor of any data), rounded down. A lower target can never be
+# reached; tests/test_input.py recomputes them with the engine.
+ZOO_MIN_MACS_RATIO: dict[str, float] = {
+    "resnet20": 0.002,
+    "resnet32": 0.0018,
+    "resnet56": 0.0018,
+    "resnet110": 0.0017,
+    "vgg16_bn": 0.00008,
+    "mobilenet_v2": 0.00065,
+}
+# The side of a data set's images when data.image_size is not given (imagefolder: the files' own).
+NATIVE_IMAGE_SIZE: dict[str, int] = {"digits": 8, "cifar10": 32, "cifar100": 32, "synthetic": 32}
+
+
+def synthetic_images(data: DataSpec) -> int:
+    """How many images (train + test) the synthetic loader makes for ``data`` (data.py's formula)."""
+    k = data.num_classes or 10
+    train = min(max(20, -(-400 // k)), data.per_class or 10**9)
+    test = min(max(5, -(-100 // k)), data.test_per_class or 10**9)
+    return k * (train + test)
+
+
+def submit_problems(spec: JobSpec, settings: Settings) -> list[tuple[str, str]]:
+    """``(field, message)``, at most one per field, for each way ``spec`` goes beyond what this server
+    accepts: a size over one of ``settings``' limits, a torchvision model it does not allow, a target
+    the model can never reach."""
+    problems: dict[str, str] = {}
+
+    def refuse(field: str, message: str) -> None:
+        problems.setdefault(field, message)
+
+    for limit, fields in LIMITS.items():
+        cap = getattr(settings, limit)
+        for section, cls, name in fields:
+            part = getattr(spec, section)
+            value = getattr(part, name) if isinstance(part, cls) else None
+            if value is not None and value > cap:
+                refuse(f"{section}.{name}", f"must be at most {cap} on this server ({limit.upper()})")
+    model = spec.model.name
+    if model.startswith(TORCHVISION_PREFIX) and model[3:] not in settings.allowed_torchvision_models:
+        refuse(
+            "model.name", f"{model} is not one of the torchvision models this server allows (GET /v1/models)"
+        )
+    floor = ZOO_MIN_MACS_RATIO.get(model)
+    if floor is not None and spec.target.macs_ratio < floor:
+        refuse(
+            "target.macs_ratio",
+            f"{spec.target.macs_ratio:g} is unreachable: {model} keeps at least {floor:g} of its MACs with "
+            "one channel in every group",
+        )
+    side = spec.data.image_size or NATIVE_IMAGE_SIZE.get(spec.data.name)
+    batch = spec.schedule.batch_size
+    if side and batch * side * side > settings.max_batch_pixels:
+        refuse(
+            "schedule.batch_size",
+            f"a batch of {batch} images of {side}x{side} px is over this server's {settings.max_batch_pixels} "
+            "pixels (MAX_BATCH_PIXELS); lower schedule.batch_size or data.image_size",
+        )
+    if spec.data.name == "synthetic" and side:
+        n = synthetic_images(spec.data)
+        nbytes = n * 3 * side * side * 4  # generated as float32
+        field = "data.image_size" if spec.data.image_size else "data.num_classes"
+        if n > settings.max_images:
+            refuse(field, f"{n} synthetic images are over this server's {settings.max_images} (MAX_IMAGES)")
+        elif nbytes > settings.max_dataset_bytes:
+            refuse(
+                field,
+                f"{n} synthetic images of {side}x{side} px take {nbytes / 2**30:.1f} GiB to generate, over this "
+                f"server's {settings.max_dataset_bytes / 2**30:.1f} GiB (MAX_DATASET_BYTES)",
+            )
+    return list(problems.items())
+
+
+def _set_maximum(prop: dict[str, Any], cap: int) -> None:
+    """Lower a JSON schema property's maximum to ``cap`` (inside ``anyOf`` for optional fields)."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") in ("integer", "number"):
+            branch["maximum"] = min(branch.get("maximum", math.inf), cap)
+
+
+def schema_limits(schemas: dict[str, dict[str, Any]], settings: Settings) -> None:
+    """Write ``settings``' caps into JSON schemas keyed by model class name (OpenAPI components), and
+    list the allowed model names as ``model.name``'s enum."""
+    for limit, fields in LIMITS.items():
+        for _, cls, name in fields:
+            prop = schemas.get(cls.__name__, {}).get("properties", {}).get(name)
+            if prop is not None:
+                _set_maximum(prop, getattr(settings, limit))
+    name = schemas.get(ModelSpec.__name__, {}).get("properties", {}).get("name")
+    if name is not None:
+        name.pop("anyOf", None)
+        name["enum"] = allowed_models(settings)
+
+
+def allowed_models(settings: Settings) -> list[str]:
+    return [*CIFAR_MODELS, *(TORCHVISION_PREFIX + n for n in settings.allowed_torchvision_models)]
 
 
 class SpecError(ValueError):

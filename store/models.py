@@ -89,6 +89,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),
         Index("ix_jobs_status_lease", "status", "lease_until"),
+        Index("ix_jobs_owner_status", "owner", "status"),  # per-owner quotas and fair turns count by status
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

@@ -105,7 +105,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, reference, epoch
     weights, history = reference
     assert _untimed(resumed.history) == _untimed(history), "the resumed epoch reports what it would have"
     # CPU seconds of the training steps; the interrupted epoch's are those before and after the stop
-    assert all(0 < r["cpu_s"] for r in resumed.history)
+    assert all(r["cpu_s"] > 0 for r in resumed.history)
     assert resumed.history[epoch]["cpu_s"] > 0.5 * min(r["cpu_s"] for r in history)
     for k, v in _weights(resumed.model).items():
         assert torch.equal(v, weights[k]), f"{k} differs after resume"

@@ -6,8 +6,9 @@ attempt works in ``<artifacts>/<job>/attempt-<n>/``; a retry first copies the la
 ``checkpoints/`` there, and the engine resumes from them. Torch is imported only when a job runs.
 
 Outcomes: ``succeeded``; ``cancelled`` (asked for while running); ``failed`` with the engine's code and
-``retryable`` False for a ``PruningError`` (bad data, unreachable target, ...) or a spec the engine no
-longer accepts; ``failed``/``internal_error`` with ``retryable`` True for anything else (the traceback
+``retryable`` False for a ``PruningError`` (bad data, unreachable target, ...), a spec the engine no
+longer accepts, or running out of host or GPU memory (``out_of_memory``: another attempt would too; the
+message says what to lower); ``failed``/``internal_error`` with ``retryable`` True for anything else (the traceback
 goes to the log, one line to the row). A KeyboardInterrupt/SystemExit (the local runner stopping) gives
 the attempt back to the queue, so the next start resumes it.
 """
@@ -122,6 +123,10 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
         if type(err).__name__ == "SoftTimeLimitExceeded":  # Celery's soft time limit, by name: no import
             msg = "the job ran past its time limit"
             return _fail(engine, job, reporter, settings, "time_limit", msg, retryable=False)
+        if _out_of_memory(err):  # another attempt would run out the same way
+            log.warning("job %s attempt %d ran out of memory: %s", job.id, job.attempt, _one_line(err))
+            msg = _oom_message(err, job.spec)
+            return _fail(engine, job, reporter, settings, "out_of_memory", msg, retryable=False)
         log.exception("job %s attempt %d failed", job.id, job.attempt)
         return _fail(engine, job, reporter, settings, "internal_error", _one_line(err), retryable=True)
     # Outside the try: a database still unreachable after db_retry_s must not turn a trained job into
@@ -323,6 +328,25 @@ def summarize(report: Any) -> dict[str, Any]:
         "dense": cost(report.dense, at.dense_ms if at else None),
         "pruned": cost(report.pruned, at.pruned_ms if at else None),
     }
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Host memory (MemoryError) or GPU memory (torch.cuda.OutOfMemoryError, by name: no torch import;
+    older builds raise a RuntimeError that says so)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _oom_message(err: BaseException, spec: dict[str, Any]) -> str:
+    """What ran out and what the user can lower, with the values they asked for."""
+    where = "host" if isinstance(err, MemoryError) else "GPU"
+    data, schedule = spec.get("data") or {}, spec.get("schedule") or {}
+    sizes = f"batch_size {schedule.get('batch_size', 'default')}, image_size {data.get('image_size') or 'default'}"
+    return (
+        f"the job ran out of {where} memory ({sizes}); lower schedule.batch_size or data.image_size, "
+        "use fewer data.num_workers, or pick a smaller model"
+    )
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,10 +1,21 @@
 """A job's artifacts: the list, and each file with its sha256 as ETag and digest headers, conditional
 GETs (If-None-Match -> 304) and byte ranges (Starlette's FileResponse; 416 answered here as a problem).
-Files are found only through their database row, resolved under the artifact root."""
+Files are found only through their database row, resolved under the artifact root.
+
+A file is served only while it still is what its row says: the same size, and, once it has changed on
+disk since it was recorded (its ctime is later than the row), the same sha256, re-hashed once per
+change and remembered. A file that no longer matches is never served under its stale digest: 410
+``artifact-corrupt`` (what was recorded is gone), logged for the operator.
+"""
 
 from __future__ import annotations
 
 import base64
+import logging
+import os
+import threading
+from collections import OrderedDict
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -17,13 +28,15 @@ from store import files, repo
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
-from ..schemas import ArtifactList, artifact_out
+from ..schemas import ARTIFACT_NAME, ArtifactList, artifact_out, echo
 from .jobs import owned_job, root_path
+
+log = logging.getLogger("api.artifacts")
 
 router = APIRouter(tags=["artifacts"], responses={"4XX": PROBLEM_SCHEMA})
 
 
-@router.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList)
+@router.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList, operation_id="list_artifacts")
 def list_artifacts(job_id: str, request: Request, sessions: ReadSessionsDep, owner: OwnerDep) -> ArtifactList:
     with sessions() as s:
         owned_job(s, owner, job_id)
@@ -75,6 +88,37 @@ class _WholeFile(FileResponse):
 
 ARTIFACT_PATH = "/v1/jobs/{job_id}/artifacts/{name:path}"
 
+# (path, size, mtime, ctime, inode) -> the sha256 the file had then: each changed file is hashed once.
+_hashed: OrderedDict[tuple[str, int, int, int, int], str] = OrderedDict()
+_hashed_lock = threading.Lock()
+HASHED_MAX = 4096
+
+
+def _digest(path: Path, stat: os.stat_result) -> str:
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    with _hashed_lock:
+        if (known := _hashed.get(key)) is not None:
+            _hashed.move_to_end(key)
+            return known
+    digest = files.sha256_file(path)
+    with _hashed_lock:
+        _hashed[key] = digest
+        while len(_hashed) > HASHED_MAX:
+            _hashed.popitem(last=False)
+    return digest
+
+
+def _ns(dt: datetime) -> int:
+    return int(dt.timestamp()) * 10**9 + dt.microsecond * 1000
+
+
+def check_unchanged(path: Path, stat: os.stat_result, size: int, sha256: str, recorded: datetime) -> bool:
+    """Whether the file still is what its row records: its size, and its sha256 when it changed on disk
+    after the row was written (a file untouched since is trusted without reading it)."""
+    if stat.st_size != size:
+        return False
+    return stat.st_ctime_ns <= _ns(recorded) or _digest(path, stat) == sha256
+
 
 @router.head(ARTIFACT_PATH, operation_id="head_artifact", summary="Head artifact")
 @router.get(
@@ -98,17 +142,22 @@ def download_artifact(
 ) -> Response:
     with sessions() as s:  # closed before the download starts
         owned_job(s, owner, job_id)
-        art = repo.get_artifact(s, job_id, name)
+        art = repo.get_artifact(s, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
     if art is None:
-        raise Problem(404, f"Job {job_id} has no artifact {name!r}.", slug="artifact-not-found")
+        raise Problem(404, f"Job {job_id} has no artifact '{echo(name)}'.", slug="artifact-not-found")
     try:
         path: Path = files.resolve_under(settings.artifacts_dir, art.path)
         stat = path.stat()
     except (ValueError, OSError):
         raise Problem(404, f"The file of artifact {name!r} is missing.", slug="artifact-not-found") from None
-    if stat.st_size != art.size:  # changed on disk since it was recorded: never serve it as recorded
-        detail = f"The file of artifact {name!r} no longer matches its record ({art.size} bytes)."
-        raise Problem(410, detail, slug="artifact-corrupt")
+    if not check_unchanged(path, stat, art.size, art.sha256, art.created_at):
+        log.error("artifact %s of job %s changed on disk (%s); not served", name, job_id, path)
+        raise Problem(
+            410,
+            f"The file of artifact {name!r} no longer matches its record (its size or sha256 changed on "
+            "disk); it is not served. Tell the operator, or run the job again.",
+            slug="artifact-corrupt",
+        )
     etag = f'"{art.sha256}"'
     b64 = base64.b64encode(bytes.fromhex(art.sha256)).decode()
     headers = {

@@ -1,6 +1,7 @@
 """What can be asked for: methods with their option schemas, models, data sets (from the torch-free
-pruning_core.spec, so the API lists them without importing the engine). Behind a key like all of
-``/v1`` (api/auth.py says why)."""
+pruning_core.spec, so the API lists them without importing the engine), with this server's limits in
+the schemas (as in the OpenAPI document) and only the torchvision models it allows. Behind a key like
+all of ``/v1`` (api/auth.py says why)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from pruning_core import spec
 
 from ..auth import current_owner
+from ..deps import SettingsDep
 from ..problems import PROBLEM_SCHEMA
 
 router = APIRouter(tags=["catalog"], dependencies=[Depends(current_owner)], responses={"4XX": PROBLEM_SCHEMA})
@@ -38,39 +40,49 @@ def _doc(cls: type) -> str:
     return inspect.cleandoc(cls.__doc__ or "")
 
 
+def _schema(cls: type[BaseModel], settings: Any) -> dict[str, Any]:
+    """``cls``'s JSON schema with this server's limits written in."""
+    schema = cls.model_json_schema()
+    spec.schema_limits({cls.__name__: schema}, settings)
+    return schema
+
+
 @router.get("/v1/methods")
-def methods() -> dict[str, Any]:
+def methods(settings: SettingsDep) -> dict[str, Any]:
     """Pruning methods and the JSON schema of each one's options (the JobSpec's `method`)."""
     opts = method_options()
     return {
         "items": [
-            {"name": name, "description": _doc(opts[name]), "options_schema": opts[name].model_json_schema()}
+            {"name": name, "description": _doc(opts[name]), "options_schema": _schema(opts[name], settings)}
             for name in spec.METHODS
         ]
     }
 
 
 @router.get("/v1/models")
-def models() -> dict[str, Any]:
-    """Zoo models by name, plus any torchvision classification builder as `tv:<name>`."""
+def models(settings: SettingsDep) -> dict[str, Any]:
+    """Zoo models by name, plus the torchvision classification builders this server allows as `tv:<name>`."""
+    allowed = list(settings.allowed_torchvision_models)
     return {
         "items": [{"name": n, "family": "cifar"} for n in spec.CIFAR_MODELS],
         "torchvision": {
             "prefix": spec.TORCHVISION_PREFIX,
-            "description": "Any torchvision classification model builder, e.g. tv:resnet18, tv:mobilenet_v3_small.",
-            "example": f"{spec.TORCHVISION_PREFIX}resnet18",
+            "description": "The torchvision classification model builders this server allows "
+            "(ALLOWED_TORCHVISION_MODELS), e.g. tv:resnet18.",
+            "example": f"{spec.TORCHVISION_PREFIX}{allowed[0] if allowed else 'resnet18'}",
+            "allowed": allowed,
         },
-        "schema": spec.ModelSpec.model_json_schema(),
+        "schema": _schema(spec.ModelSpec, settings),
     }
 
 
 @router.get("/v1/datasets")
-def datasets() -> dict[str, Any]:
+def datasets(settings: SettingsDep) -> dict[str, Any]:
     """Data sets and the JSON schema of the JobSpec's `data`."""
     return {
         "items": [
             {"name": n, "needs_root": n == "imagefolder", "description": DATASET_NOTES.get(n, "")}
             for n in spec.DATASETS
         ],
-        "schema": spec.DataSpec.model_json_schema(),
+        "schema": _schema(spec.DataSpec, settings),
     }

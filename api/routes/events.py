@@ -20,13 +20,14 @@ from ..auth import OwnerDep
 from ..deps import ReadSessionsDep
 from ..problems import PROBLEM_SCHEMA
 from ..schemas import EventOut, EventPage, event_out
-from .jobs import not_found
+from .jobs import owned_job
 
 router = APIRouter(tags=["events"], responses={"4XX": PROBLEM_SCHEMA})
 
 POLL_S = 0.5
 PING_S = 15
 BATCH = 500
+MAX_SEQ = 2**31 - 1  # job_events.seq is a 32-bit integer column
 
 
 def _fetch(
@@ -55,6 +56,7 @@ async def _stream(sessions: sessionmaker[Session], job_id: str, after: int) -> A
 
 @router.get(
     "/v1/jobs/{job_id}/events",
+    operation_id="job_events",
     response_model=EventPage,
     responses={200: {"content": {"text/event-stream": {}}, "description": "A page, or a live stream"}},
 )
@@ -63,16 +65,17 @@ def job_events(
     request: Request,
     sessions: ReadSessionsDep,
     owner: OwnerDep,
-    after: Annotated[int, Query(ge=0, description="Events with a sequence number above this")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_SEQ, description="Events with a sequence number above this")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     accept: Annotated[str | None, Header()] = None,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_SEQ)] = None,
 ):
     """With `Accept: text/event-stream`: a live stream (`id` = sequence number, `event` = kind, `data` =
     JSON) from `Last-Event-ID` (or `after`), ending when the job has finished. Otherwise a JSON page."""
     with sessions() as s:
-        if repo.get_job(s, job_id, owner=owner) is None:
-            raise not_found(job_id)
+        owned_job(s, owner, job_id)
     if accept and "text/event-stream" in accept:
         start = last_event_id if last_event_id is not None else after
         return EventSourceResponse(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
-from pruning_core.spec import JobSpec
+from pruning_core.spec import JobSpec, submit_problems
 from store import repo
 from store.models import Job, JobStatus
 
@@ -16,18 +17,22 @@ from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
 from ..refs import spec_errors
-from ..schemas import JobOut, JobPage, job_out
+from ..schemas import JobOut, JobPage, echo, is_id, job_out
 
 router = APIRouter(tags=["jobs"], responses={"4XX": PROBLEM_SCHEMA})
 
+# An Idempotency-Key: printable ASCII (RFC 9110 field values; the database stores it as text).
+IDEMPOTENCY_KEY = r"^[ -~]{1,255}$"
+
 
 def not_found(job_id: str) -> Problem:
-    return Problem(404, f"Job {job_id} not found.", slug="job-not-found")
+    return Problem(404, f"Job {echo(job_id)} not found.", slug="job-not-found")
 
 
 def owned_job(s: Session, owner: str, job_id: str) -> Job:
-    """The caller's job, or 404 (another owner's job is answered exactly like an unknown one)."""
-    job = repo.get_job(s, job_id, owner=owner)
+    """The caller's job, or 404 (another owner's job is answered exactly like an unknown one, and a
+    malformed id like both, without a query)."""
+    job = repo.get_job(s, job_id, owner=owner) if is_id(job_id) else None
     if job is None:
         raise not_found(job_id)
     return job
@@ -39,6 +44,7 @@ def root_path(request: Request) -> str:
 
 @router.post(
     "/v1/jobs",
+    operation_id="create_job",
     status_code=status.HTTP_201_CREATED,
     response_model=JobOut,
     responses={200: {"model": JobOut, "description": "An earlier job with the same Idempotency-Key"}},
@@ -50,11 +56,14 @@ def create_job(
     sessions: SessionsDep,
     owner: OwnerDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(pattern=IDEMPOTENCY_KEY)] = None,
 ) -> JobOut:
-    """Queue a pruning job. Files are referenced as `upload:<id>` (POST /v1/uploads)."""
+    """Queue a pruning job. Files are referenced as `upload:<id>` (POST /v1/uploads). A spec is refused
+    (422, one item per field) past this server's limits (shown in the schema), or when it names a
+    missing or another owner's upload, or a target its model can never reach."""
+    limits = [{"field": f, "message": m} for f, m in submit_problems(spec, settings)]
     with sessions() as s:
-        if errors := spec_errors(s, owner, spec):
+        if errors := limits + spec_errors(s, owner, spec):
             raise Problem(
                 422,
                 f"{len(errors)} invalid field(s): {', '.join(e['field'] for e in errors)}.",
@@ -92,35 +101,50 @@ def create_job(
     return out
 
 
-@router.get("/v1/jobs", response_model=JobPage)
+def check_cursor(cursor: str) -> None:
+    """400 unless ``cursor`` decodes to what a ``next_cursor`` holds (of jobs or uploads): an id, and a
+    time that exists in UTC (0001-01-01T00:00+14:00 does not)."""
+    try:
+        created, job_id = repo.decode_cursor(cursor)
+        (created if created.tzinfo else created.replace(tzinfo=UTC)).astimezone(UTC)  # OverflowError
+        ok = is_id(job_id)
+    except (ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise Problem(400, "The cursor is malformed; use `next_cursor` as given.", slug="bad-cursor")
+
+
+@router.get("/v1/jobs", response_model=JobPage, operation_id="list_jobs")
 def list_jobs(
     request: Request,
     sessions: ReadSessionsDep,
     owner: OwnerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
     status: JobStatus | None = None,
 ) -> JobPage:
     """The caller's jobs, newest first. Pass `next_cursor` back as `cursor` for the next page."""
-    try:
-        with sessions() as s:
-            jobs, next_cursor = repo.list_jobs(s, owner, status=status, limit=limit, cursor=cursor or None)
-    except ValueError:
-        raise Problem(
-            400, "The cursor is malformed; use `next_cursor` as given.", slug="bad-cursor"
-        ) from None
+    if cursor:
+        check_cursor(cursor)
+    with sessions() as s:
+        jobs, next_cursor = repo.list_jobs(s, owner, status=status, limit=limit, cursor=cursor or None)
     root = root_path(request)
     return JobPage(items=[job_out(j, root) for j in jobs], next_cursor=next_cursor)
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, operation_id="get_job")
 def get_job(job_id: str, request: Request, sessions: ReadSessionsDep, owner: OwnerDep) -> JobOut:
     with sessions() as s:
         job = owned_job(s, owner, job_id)
     return job_out(job, root_path(request))
 
 
-@router.post("/v1/jobs/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post(
+    "/v1/jobs/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    operation_id="cancel_job",
+)
 def cancel_job(job_id: str, request: Request, sessions: SessionsDep, owner: OwnerDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step (`cancel_requested`);
     a finished one is returned unchanged."""

@@ -22,7 +22,8 @@ from .. import files, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
-from ..schemas import UploadOut, UploadPage, upload_out
+from ..schemas import UploadOut, UploadPage, echo, is_id, upload_out
+from .jobs import check_cursor
 
 router = APIRouter(tags=["uploads"], responses={"4XX": PROBLEM_SCHEMA})
 log = logging.getLogger("api.uploads")
@@ -67,6 +68,7 @@ def _keep(
 
 @router.post(
     "/v1/uploads",
+    operation_id="create_upload",
     status_code=status.HTTP_201_CREATED,
     response_model=UploadOut,
     openapi_extra={
@@ -80,7 +82,7 @@ async def create_upload(
     sessions: SessionsDep,
     kind: Annotated[Literal["weights", "dataset"], Query()],
     filename: Annotated[str, Query(min_length=1, max_length=255)] = "upload",
-    content_length: Annotated[int | None, Header(include_in_schema=False)] = None,
+    content_length: Annotated[int | None, Header(ge=0, include_in_schema=False)] = None,
 ) -> UploadOut:
     """Send the file as the raw body (`curl --data-binary @model.safetensors`). Weights must be
     safetensors; datasets a .tar.gz/.tgz, .tar or .zip archive with train/ and test/ class folders."""
@@ -98,12 +100,12 @@ async def create_upload(
     return upload_out(up)
 
 
-@router.get("/v1/uploads/{upload_id}", response_model=UploadOut)
+@router.get("/v1/uploads/{upload_id}", response_model=UploadOut, operation_id="get_upload")
 def get_upload(upload_id: str, owner: OwnerDep, sessions: ReadSessionsDep) -> UploadOut:
     with sessions() as s:
-        up = repo.get_upload(s, upload_id, owner=owner)
+        up = repo.get_upload(s, upload_id, owner=owner) if is_id(upload_id) else None
     if up is None:
-        raise Problem(404, f"Upload {upload_id} not found.", slug="upload-not-found")
+        raise Problem(404, f"Upload {echo(upload_id)} not found.", slug="upload-not-found")
     return upload_out(up)
 
 
@@ -112,7 +114,7 @@ def _check_quota(sessions: sessionmaker[Session], owner: str, incoming: int, set
         quotas.check_upload_bytes(s, owner, incoming, settings)
 
 
-@router.get("/v1/uploads", response_model=UploadPage)
+@router.get("/v1/uploads", response_model=UploadPage, operation_id="list_uploads")
 def list_uploads(
     owner: OwnerDep,
     sessions: ReadSessionsDep,
@@ -120,18 +122,16 @@ def list_uploads(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> UploadPage:
     """The caller's uploads, newest first. Pass `next_cursor` back as `cursor` for the next page."""
-    try:
-        with sessions() as s:
-            ups, next_cursor = repo.list_uploads(s, owner, limit=limit, cursor=cursor or None)
-    except ValueError:
-        raise Problem(
-            400, "The cursor is malformed; use `next_cursor` as given.", slug="bad-cursor"
-        ) from None
+    if cursor:
+        check_cursor(cursor)
+    with sessions() as s:
+        ups, next_cursor = repo.list_uploads(s, owner, limit=limit, cursor=cursor or None)
     return UploadPage(items=[upload_out(u) for u in ups], next_cursor=next_cursor)
 
 
 @router.delete(
     "/v1/uploads/{upload_id}",
+    operation_id="delete_upload",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     responses={409: PROBLEM_SCHEMA},
@@ -140,8 +140,8 @@ def delete_upload(upload_id: str, owner: OwnerDep, sessions: SessionsDep, settin
     """Delete one of your uploads and its file. Refused (409) while a queued or running job of yours
     names it: cancel those first. Finished jobs keep their artifacts; only a rerun would need the file."""
     with sessions() as s:
-        if repo.get_upload(s, upload_id, owner=owner) is None:
-            raise Problem(404, f"Upload {upload_id} not found.", slug="upload-not-found")
+        if not is_id(upload_id) or repo.get_upload(s, upload_id, owner=owner) is None:
+            raise Problem(404, f"Upload {echo(upload_id)} not found.", slug="upload-not-found")
         if using := repo.unfinished_jobs_using(s, upload_id, owner):
             raise Problem(
                 409,
