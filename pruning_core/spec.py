@@ -38,6 +38,10 @@ CIFAR_MODELS: tuple[str, ...] = (
 TORCHVISION_PREFIX = "tv:"
 TORCHVISION_NAME = re.compile(r"tv:[a-z][a-z0-9_]{0,63}")
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+# A module or data set handed to pruning_core.prune() in a Python process, registered for that call
+# only: valid in a JobSpec (the engine runs it), refused by a server (submit_problems).
+PYTHON_PREFIX = "python:"
+PYTHON_NAME = re.compile(r"python:[A-Za-z_][A-Za-z0-9_.-]{0,59}")
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
 
 
@@ -78,7 +82,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_name(cls, v: str) -> str:
-        if v in CIFAR_MODELS or TORCHVISION_NAME.fullmatch(v):
+        if v in CIFAR_MODELS or TORCHVISION_NAME.fullmatch(v) or PYTHON_NAME.fullmatch(v):
             return v
         raise ValueError(
             f"unknown model {v!r}; known: {', '.join(CIFAR_MODELS)}, or tv:<torchvision builder> "
@@ -107,7 +111,7 @@ class DataSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_name(cls, v: str) -> str:
-        if v not in DATASETS:
+        if v not in DATASETS and not PYTHON_NAME.fullmatch(v):
             raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASETS)}")
         return v
 
@@ -496,6 +500,12 @@ def submit_problems(spec: JobSpec, settings: Settings) -> list[tuple[str, str]]:
             value = getattr(part, name) if isinstance(part, cls) else None
             if value is not None and value > cap:
                 refuse(f"{section}.{name}", f"must be at most {cap} on this server ({limit.upper()})")
+    for field, name in (("model.name", spec.model.name), ("data.name", spec.data.name)):
+        if name.startswith(PYTHON_PREFIX):
+            refuse(
+                field,
+                f"{name} names an object given to pruning_core.prune() in Python; a server cannot load it",
+            )
     model = spec.model.name
     if model.startswith(TORCHVISION_PREFIX) and model[3:] not in settings.allowed_torchvision_models:
         refuse(
