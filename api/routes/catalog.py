@@ -61,10 +61,12 @@ def methods(settings: SettingsDep) -> dict[str, Any]:
 
 @router.get("/v1/models")
 def models(settings: SettingsDep) -> dict[str, Any]:
-    """Zoo models by name, plus the torchvision classification builders this server allows as `tv:<name>`."""
+    """Zoo models and models from installed plugin packages by name, plus the torchvision classification
+    builders this server allows as `tv:<name>`."""
     allowed = list(settings.allowed_torchvision_models)
+    plugins = [{"name": n, "family": "plugin", "entry_point": v} for n, v in spec.plugin_models().items()]
     return {
-        "items": [{"name": n, "family": "cifar"} for n in spec.CIFAR_MODELS],
+        "items": [*({"name": n, "family": "cifar"} for n in spec.CIFAR_MODELS), *plugins],
         "torchvision": {
             "prefix": spec.TORCHVISION_PREFIX,
             "description": "The torchvision classification model builders this server allows "
