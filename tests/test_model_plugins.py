@@ -21,7 +21,7 @@ from pruning_core.zoo import MODELS
 from store import db, repo
 from worker.execute import execute
 
-PLUGIN = '''
+PLUGIN = """
 import torch
 from torch import nn
 
@@ -52,7 +52,7 @@ def build_raises(num_classes, in_channels):
 
 def build_untraceable(num_classes, in_channels):
     return Untraceable(num_classes, in_channels)
-'''
+"""
 ENTRY_POINTS = """
 [pruning_service.models]
 plugnet = tinyplug:build
