@@ -40,6 +40,9 @@ CIFAR_MODELS: tuple[str, ...] = (
 TORCHVISION_PREFIX = "tv:"
 TORCHVISION_NAME = re.compile(r"tv:[a-z][a-z0-9_]{0,63}")
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+# timm (the optional extra `timm`) classifiers as `timm:<name>`; which a server allows is a setting.
+TIMM_PREFIX = "timm:"
+TIMM_NAME = re.compile(r"timm:[a-z][a-z0-9_.]{0,61}")
 # Models from installed packages: each entry point in this group names a builder
 # ``(num_classes, in_channels) -> nn.Module``. Only the names are read here (importlib.metadata reads
 # them from the packages' metadata without importing anything); zoo.py loads a builder when a job runs.
@@ -68,12 +71,12 @@ def plugin_models() -> dict[str, str]:
 
 
 def known_model(name: str) -> bool:
-    """Whether a JobSpec may name ``name``: a zoo model, an installed plugin, ``tv:<builder>`` or a
-    ``python:`` module (which torchvision builders a server allows is checked at submit)."""
+    """Whether a JobSpec may name ``name``: a zoo model, an installed plugin, ``tv:<builder>``,
+    ``timm:<model>`` or a ``python:`` module (which tv/timm models a server allows is checked at submit)."""
     return (
         name in CIFAR_MODELS
         or name in plugin_models()
-        or bool(TORCHVISION_NAME.fullmatch(name) or PYTHON_NAME.fullmatch(name))
+        or bool(TORCHVISION_NAME.fullmatch(name) or TIMM_NAME.fullmatch(name) or PYTHON_NAME.fullmatch(name))
     )
 
 
@@ -120,7 +123,7 @@ class ModelSpec(_Strict):
             return v
         raise ValueError(
             f"unknown model {v!r}; known: {', '.join([*CIFAR_MODELS, *plugin_models()])}, or "
-            "tv:<torchvision builder> such as tv:resnet18"
+            "tv:<torchvision builder> such as tv:resnet18, or timm:<timm model> such as timm:resnet18"
         )
 
 
@@ -545,6 +548,8 @@ def submit_problems(spec: JobSpec, settings: Settings) -> list[tuple[str, str]]:
         refuse(
             "model.name", f"{model} is not one of the torchvision models this server allows (GET /v1/models)"
         )
+    if model.startswith(TIMM_PREFIX) and model[len(TIMM_PREFIX) :] not in settings.allowed_timm_models:
+        refuse("model.name", f"{model} is not one of the timm models this server allows (GET /v1/models)")
     floor = ZOO_MIN_MACS_RATIO.get(model)
     if floor is not None and spec.target.macs_ratio < floor:
         refuse(
@@ -601,6 +606,7 @@ def allowed_models(settings: Settings) -> list[str]:
         *CIFAR_MODELS,
         *plugin_models(),
         *(TORCHVISION_PREFIX + n for n in settings.allowed_torchvision_models),
+        *(TIMM_PREFIX + n for n in settings.allowed_timm_models),
     ]
 
 

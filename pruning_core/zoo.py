@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import ModelError, WeightsError
 from .registry import Registry, UnknownNameError
-from .spec import MODEL_ENTRY_POINTS, TORCHVISION_PREFIX, plugin_models
+from .spec import MODEL_ENTRY_POINTS, TIMM_PREFIX, TORCHVISION_PREFIX, plugin_models
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,26 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     raise ModelError("could not find a 3-channel input convolution to adapt to the data's channels")
 
 
+# --- timm (optional extra): built with random weights, never downloaded ---
+
+
+def _timm_entry(name: str) -> ZooEntry:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(
+            f"{TIMM_PREFIX}{name} needs timm, which is not installed here (the `timm` extra)"
+        ) from None
+    if not timm.is_model(name):
+        raise UnknownNameError(f"unknown timm model '{TIMM_PREFIX}{name}' (timm.list_models() lists them)")
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        # timm adapts the stem to in_channels itself; pretrained=False: no download at run time
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+    return ZooEntry(build, min_input_size=32)
+
+
 # --- models from installed packages (entry points), registered the first time a job names one ---
 
 
@@ -258,9 +278,12 @@ def _plugin_entry(name: str) -> ZooEntry:
 
 
 def get_entry(name: str) -> ZooEntry:
-    """The zoo entry for a spec's model name (a zoo name, an installed plugin or ``tv:<builder>``)."""
+    """The zoo entry for a spec's model name (a zoo name, an installed plugin, ``tv:<builder>`` or
+    ``timm:<model>``)."""
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_entry(name[len(TORCHVISION_PREFIX) :])
+    if name.startswith(TIMM_PREFIX):
+        return _timm_entry(name[len(TIMM_PREFIX) :])
     if name not in MODELS and name in plugin_models():
         entry = _plugin_entry(name)
         with contextlib.suppress(ValueError):  # another thread registered it first: same entry point

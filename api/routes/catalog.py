@@ -5,6 +5,7 @@ all of ``/v1`` (api/auth.py says why)."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import typing
 from typing import Any
@@ -73,6 +74,13 @@ def models(settings: SettingsDep) -> dict[str, Any]:
             "(ALLOWED_TORCHVISION_MODELS), e.g. tv:resnet18.",
             "example": f"{spec.TORCHVISION_PREFIX}{allowed[0] if allowed else 'resnet18'}",
             "allowed": allowed,
+        },
+        "timm": {
+            "prefix": spec.TIMM_PREFIX,
+            "description": "The timm models this server allows (ALLOWED_TIMM_MODELS), with random weights; "
+            "`installed` says whether the timm extra is installed beside the API.",
+            "installed": importlib.util.find_spec("timm") is not None,  # found, not imported (torch)
+            "allowed": list(settings.allowed_timm_models),
         },
         "schema": _schema(spec.ModelSpec, settings),
     }
