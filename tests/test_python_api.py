@@ -126,3 +126,12 @@ def test_a_server_refuses_python_names_at_submit() -> None:
     spec = parse_spec({"model": {"name": "python:TinyNet"}, "data": {"name": "python:TinyNet"}})
     fields = dict(submit_problems(spec, Settings()))
     assert "pruning_core.prune()" in fields["model.name"] and "data.name" in fields
+
+
+@pytest.mark.parametrize("method", ["psap", "epi"])  # tas and s2h run too (each slower: searches)
+def test_prune_runs_the_paper_methods_on_a_user_module(method: str) -> None:
+    train, test = _digits()
+    example = torch.zeros(1, 1, 8, 8)
+    out = pruning_core.prune(TinyNet(), example, train, test, method=method, **{**FAST, "epochs": 2})
+    assert out.report["method"] == method
+    assert count_macs(out.model, example) == out.report["pruned"]["macs"] <= 0.5 * out.report["dense"]["macs"]
