@@ -103,9 +103,14 @@ class ModelSpec(_Strict):
         "resnet20",
         max_length=67,
         description=f"A zoo model {CIFAR_MODELS}, a model from an installed plugin package (entry-point "
-        f"group `{MODEL_ENTRY_POINTS}`) or `tv:<torchvision builder>` (the server lists them: GET /v1/models).",
+        f"group `{MODEL_ENTRY_POINTS}`), `tv:<torchvision builder>` or `timm:<timm model>` (the server "
+        "lists the ones it accepts: GET /v1/models).",
         json_schema_extra={
-            "anyOf": [{"enum": list(CIFAR_MODELS)}, {"pattern": f"^{TORCHVISION_NAME.pattern}$"}]
+            "anyOf": [
+                {"enum": list(CIFAR_MODELS)},
+                {"pattern": f"^{TORCHVISION_NAME.pattern}$"},
+                {"pattern": f"^{TIMM_NAME.pattern}$"},
+            ]
         },
     )
     weights: FileRef | None = Field(None, description="Path to a safetensors file with the dense weights.")
