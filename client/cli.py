@@ -120,7 +120,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     data = build_spec(args)
-    parse_spec(data)  # one line per bad field, before any request
+    parse_spec(data, remote_models=True)  # one line per bad field, before any request
     local = _local_files(data)
     with _client(args) as client:
         for path, (file, kind) in local.items():

@@ -14,6 +14,8 @@ _LAZY = {
     "JobSpec": "pruning_core.spec",
     "parse_spec": "pruning_core.spec",
     "run": "pruning_core.runner",
+    "prune": "pruning_core.python_api",
+    "Pruned": "pruning_core.python_api",
     "load_pruned": "pruning_core.export",
     "build_model": "pruning_core.zoo",
     "count_macs": "pruning_core.macs",

@@ -36,6 +36,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (entries registered for one call, e.g. ``pruning_core.prune``'s module)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]

@@ -31,6 +31,14 @@ DEFAULT_TORCHVISION_MODELS: tuple[str, ...] = (
     *("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"),
 )
 
+# timm models a job may name as `timm:<name>` (with the `timm` extra installed) unless
+# ALLOWED_TIMM_MODELS says otherwise: one or two small members of each family that
+# tests/test_timm_models.py shows pruning.
+DEFAULT_TIMM_MODELS: tuple[str, ...] = (
+    *("resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv3_large_100"),
+    *("regnetx_002", "regnety_002", "convnext_atto"),
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")
@@ -113,11 +121,17 @@ class Settings(BaseSettings):
         description="The torchvision builders a job may name as tv:<name> (comma-separated).",
     )
 
-    @field_validator("allowed_torchvision_models", mode="before")
+    allowed_timm_models: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_TIMM_MODELS,
+        description="The timm models a job may name as timm:<name> (comma-separated; needs the timm extra).",
+    )
+
+    @field_validator("allowed_torchvision_models", "allowed_timm_models", mode="before")
     @classmethod
     def _comma_separated(cls, v: object) -> object:
         if isinstance(v, str):
-            return tuple(n.strip().removeprefix("tv:") for n in v.split(",") if n.strip())
+            names = (n.strip() for n in v.split(","))
+            return tuple(n.removeprefix("tv:").removeprefix("timm:") for n in names if n)
         return v
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -38,7 +40,44 @@ CIFAR_MODELS: tuple[str, ...] = (
 TORCHVISION_PREFIX = "tv:"
 TORCHVISION_NAME = re.compile(r"tv:[a-z][a-z0-9_]{0,63}")
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+# timm (the optional extra `timm`) classifiers as `timm:<name>`; which a server allows is a setting.
+TIMM_PREFIX = "timm:"
+TIMM_NAME = re.compile(r"timm:[a-z][a-z0-9_.]{0,61}")
+# Models from installed packages: each entry point in this group names a builder
+# ``(num_classes, in_channels) -> nn.Module``. Only the names are read here (importlib.metadata reads
+# them from the packages' metadata without importing anything); zoo.py loads a builder when a job runs.
+MODEL_ENTRY_POINTS = "pruning_service.models"
+PLUGIN_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+# A module or data set handed to pruning_core.prune() in a Python process, registered for that call
+# only: valid in a JobSpec (the engine runs it), refused by a server (submit_problems).
+PYTHON_PREFIX = "python:"
+PYTHON_NAME = re.compile(r"python:[A-Za-z_][A-Za-z0-9_.-]{0,59}")
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
+
+
+@lru_cache
+def plugin_models() -> dict[str, str]:
+    """Installed model plugins: entry-point name -> ``module:builder``, sorted by name. A name that is
+    not a plain lower-case name, or that a zoo model already holds, is left out. Cached: call
+    ``plugin_models.cache_clear()`` after installing a package into a running process."""
+    from importlib.metadata import entry_points
+
+    eps = entry_points(group=MODEL_ENTRY_POINTS)
+    return {
+        ep.name: ep.value
+        for ep in sorted(eps, key=lambda e: e.name)
+        if PLUGIN_NAME.fullmatch(ep.name) and ep.name not in CIFAR_MODELS
+    }
+
+
+def known_model(name: str) -> bool:
+    """Whether a JobSpec may name ``name``: a zoo model, an installed plugin, ``tv:<builder>``,
+    ``timm:<model>`` or a ``python:`` module (which tv/timm models a server allows is checked at submit)."""
+    return (
+        name in CIFAR_MODELS
+        or name in plugin_models()
+        or bool(TORCHVISION_NAME.fullmatch(name) or TIMM_NAME.fullmatch(name) or PYTHON_NAME.fullmatch(name))
+    )
 
 
 class _Strict(BaseModel):
@@ -63,10 +102,15 @@ class ModelSpec(_Strict):
     name: str = Field(
         "resnet20",
         max_length=67,
-        description=f"A zoo model {CIFAR_MODELS} or `tv:<torchvision builder>` (the server lists the "
-        "builders it allows: GET /v1/models).",
+        description=f"A zoo model {CIFAR_MODELS}, a model from an installed plugin package (entry-point "
+        f"group `{MODEL_ENTRY_POINTS}`), `tv:<torchvision builder>` or `timm:<timm model>` (the server "
+        "lists the ones it accepts: GET /v1/models).",
         json_schema_extra={
-            "anyOf": [{"enum": list(CIFAR_MODELS)}, {"pattern": f"^{TORCHVISION_NAME.pattern}$"}]
+            "anyOf": [
+                {"enum": list(CIFAR_MODELS)},
+                {"pattern": f"^{TORCHVISION_NAME.pattern}$"},
+                {"pattern": f"^{TIMM_NAME.pattern}$"},
+            ]
         },
     )
     weights: FileRef | None = Field(None, description="Path to a safetensors file with the dense weights.")
@@ -77,12 +121,14 @@ class ModelSpec(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _known_name(cls, v: str) -> str:
-        if v in CIFAR_MODELS or TORCHVISION_NAME.fullmatch(v):
+    def _known_name(cls, v: str, info: ValidationInfo) -> str:
+        # A client checking a spec before sending it cannot see the server's plugins: it lets any
+        # plugin-shaped name through, and the server decides.
+        if known_model(v) or ((info.context or {}).get("remote_models") and PLUGIN_NAME.fullmatch(v)):
             return v
         raise ValueError(
-            f"unknown model {v!r}; known: {', '.join(CIFAR_MODELS)}, or tv:<torchvision builder> "
-            "such as tv:resnet18"
+            f"unknown model {v!r}; known: {', '.join([*CIFAR_MODELS, *plugin_models()])}, or "
+            "tv:<torchvision builder> such as tv:resnet18, or timm:<timm model> such as timm:resnet18"
         )
 
 
@@ -107,7 +153,7 @@ class DataSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_name(cls, v: str) -> str:
-        if v not in DATASETS:
+        if v not in DATASETS and not PYTHON_NAME.fullmatch(v):
             raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASETS)}")
         return v
 
@@ -501,11 +547,19 @@ def submit_problems(spec: JobSpec, settings: Settings) -> list[tuple[str, str]]:
             value = getattr(part, name) if isinstance(part, cls) else None
             if value is not None and value > cap:
                 refuse(f"{section}.{name}", f"must be at most {cap} on this server ({limit.upper()})")
+    for field, name in (("model.name", spec.model.name), ("data.name", spec.data.name)):
+        if name.startswith(PYTHON_PREFIX):
+            refuse(
+                field,
+                f"{name} names an object given to pruning_core.prune() in Python; a server cannot load it",
+            )
     model = spec.model.name
     if model.startswith(TORCHVISION_PREFIX) and model[3:] not in settings.allowed_torchvision_models:
         refuse(
             "model.name", f"{model} is not one of the torchvision models this server allows (GET /v1/models)"
         )
+    if model.startswith(TIMM_PREFIX) and model[len(TIMM_PREFIX) :] not in settings.allowed_timm_models:
+        refuse("model.name", f"{model} is not one of the timm models this server allows (GET /v1/models)")
     floor = ZOO_MIN_MACS_RATIO.get(model)
     if floor is not None and spec.target.macs_ratio < floor:
         refuse(
@@ -558,7 +612,12 @@ def schema_limits(schemas: dict[str, dict[str, Any]], settings: Settings) -> Non
 
 
 def allowed_models(settings: Settings) -> list[str]:
-    return [*CIFAR_MODELS, *(TORCHVISION_PREFIX + n for n in settings.allowed_torchvision_models)]
+    return [
+        *CIFAR_MODELS,
+        *plugin_models(),
+        *(TORCHVISION_PREFIX + n for n in settings.allowed_torchvision_models),
+        *(TIMM_PREFIX + n for n in settings.allowed_timm_models),
+    ]
 
 
 class SpecError(ValueError):
@@ -579,10 +638,12 @@ def describe_errors(err: ValidationError) -> list[str]:
     return lines
 
 
-def parse_spec(data: dict[str, Any]) -> JobSpec:
-    """Validate a mapping into a JobSpec, raising SpecError with one line per problem."""
+def parse_spec(data: dict[str, Any], *, remote_models: bool = False) -> JobSpec:
+    """Validate a mapping into a JobSpec, raising SpecError with one line per problem.
+    ``remote_models``: a client's check, which accepts any plugin-shaped model name (the server's
+    plugins are not installed here)."""
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(data, context={"remote_models": remote_models})
     except ValidationError as err:
         raise SpecError(describe_errors(err)) from None
 

@@ -6,6 +6,7 @@ Every builder takes ``num_classes`` and ``in_channels``. Weights come only from 
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch import nn
 
 from .errors import ModelError, WeightsError
 from .registry import Registry, UnknownNameError
-from .spec import TORCHVISION_PREFIX
+from .spec import MODEL_ENTRY_POINTS, TIMM_PREFIX, TORCHVISION_PREFIX, plugin_models
 
 
 @dataclass(frozen=True)
@@ -224,10 +225,69 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     raise ModelError("could not find a 3-channel input convolution to adapt to the data's channels")
 
 
+# --- timm (optional extra): built with random weights, never downloaded ---
+
+
+def _timm_entry(name: str) -> ZooEntry:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(
+            f"{TIMM_PREFIX}{name} needs timm, which is not installed here (the `timm` extra)"
+        ) from None
+    if not timm.is_model(name):
+        raise UnknownNameError(f"unknown timm model '{TIMM_PREFIX}{name}' (timm.list_models() lists them)")
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        # timm adapts the stem to in_channels itself; pretrained=False: no download at run time
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+    return ZooEntry(build, min_input_size=32)
+
+
+# --- models from installed packages (entry points), registered the first time a job names one ---
+
+
+def _plugin_entry(name: str) -> ZooEntry:
+    """Load plugin ``name``'s builder; every failure (import, not callable, raising, not a module) is
+    one ModelError line naming the plugin."""
+    from importlib.metadata import entry_points
+
+    ep = next(iter(entry_points(group=MODEL_ENTRY_POINTS, name=name)), None)
+    if ep is None:  # uninstalled since plugin_models() was cached
+        raise ModelError(f"model plugin {name!r} is no longer installed")
+    try:
+        builder = ep.load()
+    except Exception as err:  # whatever the plugin's import raises, the job fails with one line
+        raise ModelError(f"model plugin {name!r} ({ep.value}) does not load: {_err_line(err)}") from None
+    if not callable(builder):
+        raise ModelError(f"model plugin {name!r} ({ep.value}) is not a builder: {type(builder).__name__}")
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        try:
+            model = builder(num_classes, in_channels)
+        except Exception as err:
+            raise ModelError(f"model plugin {name!r}: its builder raised {_err_line(err)}") from None
+        if not isinstance(model, nn.Module):
+            raise ModelError(
+                f"model plugin {name!r}: its builder returned a {type(model).__name__}, not a module"
+            )
+        return model
+
+    return ZooEntry(build, min_input_size=1)
+
+
 def get_entry(name: str) -> ZooEntry:
-    """The zoo entry for a spec's model name (a zoo name or ``tv:<builder>``)."""
+    """The zoo entry for a spec's model name (a zoo name, an installed plugin, ``tv:<builder>`` or
+    ``timm:<model>``)."""
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_entry(name[len(TORCHVISION_PREFIX) :])
+    if name.startswith(TIMM_PREFIX):
+        return _timm_entry(name[len(TIMM_PREFIX) :])
+    if name not in MODELS and name in plugin_models():
+        entry = _plugin_entry(name)
+        with contextlib.suppress(ValueError):  # another thread registered it first: same entry point
+            MODELS.add(name, entry)
     return MODELS.get(name)
 
 
@@ -262,6 +322,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         model.load_state_dict(state_with_versions, strict=True)
     except RuntimeError as err:
         raise WeightsError(f"{path.name} does not match the model: {_first_line(err, 2)}") from None
+
+
+def _err_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {_first_line(err)}"
 
 
 def _first_line(err: Exception, lines: int = 1) -> str:

@@ -115,9 +115,11 @@ def test_several_limits_one_item_per_field(capped: Api) -> None:
 
 
 def test_torchvision_models_only_from_the_allow_list(make_api, sqlite_url: str) -> None:
-    api = make_api(sqlite_url, allowed_torchvision_models=("resnet18", "mobilenet_v2"))
+    api = make_api(
+        sqlite_url, allowed_torchvision_models=("resnet18", "mobilenet_v2"), allowed_timm_models=("resnet18",)
+    )
     c = api.client
-    for name in ("tv:resnet50", "tv:vit_b_16", "tv:no_such_net"):
+    for name in ("tv:resnet50", "tv:vit_b_16", "tv:no_such_net", "timm:resnet50"):
         body = assert_problem(c.post("/v1/jobs", json=DIGITS | {"model": {"name": name}}, headers=api.a), 422)
         assert [e["field"] for e in body["errors"]] == ["model.name"] and "/v1/models" in body["errors"][0][
             "message"
@@ -133,7 +135,8 @@ def test_torchvision_models_only_from_the_allow_list(make_api, sqlite_url: str) 
     # what the catalog and the schema list is what the check allows
     assert c.get("/v1/models", headers=api.a).json()["torchvision"]["allowed"] == ["resnet18", "mobilenet_v2"]
     enum = c.get("/openapi.json").json()["components"]["schemas"]["ModelSpec"]["properties"]["name"]["enum"]
-    assert enum == [*spec_module.CIFAR_MODELS, "tv:resnet18", "tv:mobilenet_v2"]
+    assert enum == [*spec_module.CIFAR_MODELS, "tv:resnet18", "tv:mobilenet_v2", "timm:resnet18"]
+    assert c.get("/v1/models", headers=api.a).json()["timm"]["allowed"] == ["resnet18"]
 
 
 def test_default_allow_list_is_vetted_torchvision_cnns() -> None:

@@ -5,6 +5,7 @@ all of ``/v1`` (api/auth.py says why)."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import typing
 from typing import Any
@@ -61,16 +62,25 @@ def methods(settings: SettingsDep) -> dict[str, Any]:
 
 @router.get("/v1/models")
 def models(settings: SettingsDep) -> dict[str, Any]:
-    """Zoo models by name, plus the torchvision classification builders this server allows as `tv:<name>`."""
+    """Zoo models and models from installed plugin packages by name, plus the torchvision classification
+    builders this server allows as `tv:<name>`."""
     allowed = list(settings.allowed_torchvision_models)
+    plugins = [{"name": n, "family": "plugin", "entry_point": v} for n, v in spec.plugin_models().items()]
     return {
-        "items": [{"name": n, "family": "cifar"} for n in spec.CIFAR_MODELS],
+        "items": [*({"name": n, "family": "cifar"} for n in spec.CIFAR_MODELS), *plugins],
         "torchvision": {
             "prefix": spec.TORCHVISION_PREFIX,
             "description": "The torchvision classification model builders this server allows "
             "(ALLOWED_TORCHVISION_MODELS), e.g. tv:resnet18.",
             "example": f"{spec.TORCHVISION_PREFIX}{allowed[0] if allowed else 'resnet18'}",
             "allowed": allowed,
+        },
+        "timm": {
+            "prefix": spec.TIMM_PREFIX,
+            "description": "The timm models this server allows (ALLOWED_TIMM_MODELS), with random weights; "
+            "`installed` says whether the timm extra is installed beside the API.",
+            "installed": importlib.util.find_spec("timm") is not None,  # found, not imported (torch)
+            "allowed": list(settings.allowed_timm_models),
         },
         "schema": _schema(spec.ModelSpec, settings),
     }
