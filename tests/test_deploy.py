@@ -481,14 +481,16 @@ def test_dockerfile_installs_the_project_without_replacing_torch() -> None:
     runs = dockerfile_instruction("RUN")
     (install,) = [r for r in runs if "pip install" in r]
     (pip,) = [c for c in shell_steps(install) if c[:2] == ["pip", "install"]]
-    assert ".[flower]" in pip, "installs the project with the flower extra"
+    (target,) = [a for a in pip if a.startswith(".[")]
+    extras = set(target.removeprefix(".[").removesuffix("]").split(","))
+    assert {"flower", "timm"} <= extras, "installs the project with the flower and timm extras"
     constraint = option(pip, "-c", "--constraint")
     assert constraint or "--no-deps" in pip, "pip must be kept from replacing the base's CUDA build of torch"
     if constraint:
         writes = [c for c in shell_steps(install) if c[-2:] == [">", constraint]]
         assert writes and "torch==" in " ".join(writes[0]), "the constraint file pins the installed torch"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "flower" in project["optional-dependencies"]
+    assert {"flower", "timm"} <= set(project["optional-dependencies"])
 
     copied = [
         s for rest in dockerfile_instruction("COPY") for s in rest.split()[:-1] if not s.startswith("--")

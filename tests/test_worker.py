@@ -196,6 +196,22 @@ def test_unexpected_error_is_internal_and_retryable(
     engine.dispose()
 
 
+def test_a_lost_soft_limit_exception_still_stops_the_job_as_time_limit(
+    sqlite_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soft limit's exception can be swallowed where the signal lands (a weakref callback); its
+    flag then stops the job at the next training step, recorded as ``time_limit``, not ``cancelled``."""
+    from worker import reporter
+
+    monkeypatch.setattr(reporter.TIME_UP, "is_set", lambda: True)  # the flag of a limit already past
+    settings, engine = make_settings(sqlite_db, tmp_path), make_engine(sqlite_db)
+    job_id = submit(engine, digits_spec(epochs=300))  # ~30 s if the flag were ignored
+    assert execute(job_id, worker_name="test", settings=settings) == "failed"
+    job = get(engine, job_id)
+    assert (job.status, job.error_code, job.retryable) == ("failed", "time_limit", False)
+    engine.dispose()
+
+
 def test_cancel_while_running(settings: Settings, engine: Engine) -> None:
     job_id = submit(engine, digits_spec(epochs=300))  # ~30 s if the cancel were ignored
 

@@ -34,11 +34,12 @@ from store.models import Job, JobStatus
 
 from .cleanup import clean_job_files
 from .dbretry import is_transient, retry_write
-from .reporter import StoreReporter
+from .reporter import TIME_UP, StoreReporter
 
 log = logging.getLogger(__name__)
 
 UPLOAD_PREFIX = "upload:"
+TIME_LIMIT_MESSAGE = "the job ran past its time limit"
 # (section, field) of the JobSpec that may name a file, and the error a bad reference raises.
 UPLOAD_FIELDS: tuple[tuple[str, str, type[PruningError]], ...] = (
     ("model", "weights", WeightsError),
@@ -113,6 +114,8 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
             log.warning("job %s attempt %d is no longer ours; not recording it", job.id, job.attempt)
             return None
     except Cancelled as err:
+        if TIME_UP.is_set():  # stopped by the soft time limit's flag, not by a user
+            return _fail(engine, job, reporter, settings, "time_limit", TIME_LIMIT_MESSAGE, retryable=False)
         return _finish(engine, job, reporter, settings, JobStatus.CANCELLED, message=str(err) or "cancelled")
     except PruningError as err:
         return _fail(engine, job, reporter, settings, err.code, _one_line(err), retryable=False)
@@ -121,8 +124,7 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
         return _fail(engine, job, reporter, settings, "invalid_spec", msg, retryable=False)
     except Exception as err:
         if type(err).__name__ == "SoftTimeLimitExceeded":  # Celery's soft time limit, by name: no import
-            msg = "the job ran past its time limit"
-            return _fail(engine, job, reporter, settings, "time_limit", msg, retryable=False)
+            return _fail(engine, job, reporter, settings, "time_limit", TIME_LIMIT_MESSAGE, retryable=False)
         if _out_of_memory(err):  # another attempt would run out the same way
             log.warning("job %s attempt %d ran out of memory: %s", job.id, job.attempt, _one_line(err))
             msg = _oom_message(err, job.spec)

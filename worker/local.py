@@ -37,6 +37,7 @@ from store.models import JobStatus
 
 from .cleanup import sweep
 from .reaper import SWEEP_EVERY_S, hand_on_lost, interval_s, reap_once
+from .reporter import TIME_UP
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def next_queued(
 
 
 def _on_soft_limit(_signum: int, _frame: object) -> None:
+    TIME_UP.set()  # the job's next cancel check stops it, should the exception below be lost
     raise SoftTimeLimitExceeded("the job ran past its time limit")
 
 

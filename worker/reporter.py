@@ -27,6 +27,10 @@ from .dbretry import retry_write
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 2.0
+# Set by a soft time limit (worker/local.py). Its signal handler also raises, but an exception raised
+# from a signal handler is lost where it lands in a weakref callback or __del__; the flag still stops
+# the job at its next training step, through the engine's cooperative cancel check.
+TIME_UP = threading.Event()
 
 
 def _json_safe(value: Any) -> Any:
@@ -138,7 +142,7 @@ class StoreReporter:
         # Normally the heartbeat thread keeps the flag fresh; beat here too if it fell behind.
         if time.monotonic() - self._last_try > 2 * self.heartbeat_s:
             self.beat()
-        return self.cancel_requested or self.lost
+        return self.cancel_requested or self.lost or TIME_UP.is_set()
 
     # --- helpers ---
 
