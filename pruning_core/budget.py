@@ -35,9 +35,23 @@ def check_reachable(graph: PruningGraph, macs_ratio: float, min_channels: int = 
         )
 
 
+def group_step(size: int, ch_groups: int, round_to: int) -> int:
+    """A group's keep-count step (channels): its channel grouping (grouped convolutions keep their own
+    blocks), else ``round_to`` where the group is at least that wide, else 1 (narrow groups stay exact)."""
+    if ch_groups > 1:
+        return ch_groups
+    return round_to if size >= round_to else 1
+
+
 def _steps(graph: PruningGraph, round_to: int) -> list[int]:
-    """Each group's keep-count step: its channel grouping, else ``round_to`` where the group is that wide."""
-    return [g.ch_groups if g.ch_groups > 1 else (round_to if g.size >= round_to else 1) for g in graph.groups]
+    return [group_step(g.size, g.ch_groups, round_to) for g in graph.groups]
+
+
+def _floors(graph: PruningGraph, min_channels: int, step: list[int]) -> list[int]:
+    """The fewest channels each group may keep: ``min_keep`` rounded up to the group's step (so a group
+    pruned to its floor still has a hardware-friendly width), never above the group's size."""
+    lows = graph.min_keep(min_channels)
+    return [min(g.size, -(-lo // r) * r) for g, lo, r in zip(graph.groups, lows, step, strict=True)]
 
 
 def _counts(scores: Sequence[torch.Tensor], threshold: float, floor: list[int], step: list[int]) -> list[int]:
@@ -63,8 +77,8 @@ def select_to_budget(
     set whose predicted MACs are <= target_macs. Counts are multiples of ``round_to`` (and of a group's
     channel grouping) where the group is large enough.
     """
-    floor = graph.min_keep(min_channels)
     step = _steps(graph, round_to)
+    floor = _floors(graph, min_channels, step)
     if graph.cost.macs(floor) > target_macs:
         raise TargetError(f"cannot reach {target_macs} MACs; the minimum is {graph.cost.macs(floor)}")
     cands = torch.cat([s.detach().flatten().float() for s in scores]).unique().sort().values
@@ -116,7 +130,8 @@ def counts_for_ratios(
     """
     if len(ratios) != len(graph.groups) or any(r < 0 for r in ratios):
         raise ValueError("need one non-negative ratio per group")
-    floor, step = graph.min_keep(min_channels), _steps(graph, round_to)
+    step = _steps(graph, round_to)
+    floor = _floors(graph, min_channels, step)
     if graph.cost.macs(_ratio_counts(graph, ratios, 0.0, max_ratio, floor, step)) <= target_macs:
         return _ratio_counts(graph, ratios, 0.0, max_ratio, floor, step)
     positive = [r for r in ratios if r > 0]

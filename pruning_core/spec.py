@@ -123,8 +123,11 @@ class MagnitudeOptions(_Strict):
 
     name: Literal["magnitude"] = "magnitude"
     p: int = Field(2, ge=1, le=2, description="Norm of the group magnitude (1 or 2).")
-    round_to: int = Field(
-        1, ge=1, le=1024, description="Keep channel counts a multiple of this (hardware-friendly)."
+    round_to: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Deprecated alias of `target.round_to` (which wins when both are given).",
     )
 
 
@@ -324,12 +327,29 @@ MethodSpec = Annotated[
 METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 
 
+# The channel step per device type when `target.round_to` is not given. CPU: measured (BENCHMARKS.md,
+# "speed"): oneDNN's convolutions run 8-channel blocks (AVX2), and widths in multiples of 8 brought
+# MobileNetV2 and ResNet-18 closer to their MAC-implied speed-up. CUDA: NOT measured (no GPU was at hand);
+# 8 is the channel multiple fp16/bf16 tensor cores need under AMP without padding. A larger step (16,
+# 32) might align better with cuDNN's tiles but makes narrow groups (the 16-channel stages of CIFAR
+# ResNets) unprunable; measure before raising it.
+CHANNEL_STEP_DEFAULTS: dict[str, int] = {"cpu": 8, "cuda": 8}
+
+
 class TargetSpec(_Strict):
     """The budget: the fraction of the dense model's MACs that remains after pruning."""
 
     macs_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Remaining MACs / dense MACs, in (0, 1].")
     min_channels: int = Field(
         1, ge=1, le=65_536, description="Never keep fewer channels than this in a group."
+    )
+    round_to: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Channel step: every method keeps channel counts a multiple of this in groups at "
+        f"least this wide (grouped convolutions keep their own step); default per device type "
+        f"{CHANNEL_STEP_DEFAULTS}; 1: any width.",
     )
 
 
@@ -411,6 +431,14 @@ class JobSpec(_Strict):
         description="`auto`, `cpu`, `cuda` or `cuda:N`.",
         json_schema_extra={"pattern": f"^({DEVICE.pattern})$"},
     )
+
+    def channel_step(self, device_type: str) -> int:
+        """The channel step (channels) of this job on a device of ``device_type`` (``cpu``, ``cuda``):
+        ``target.round_to``, else magnitude's deprecated ``round_to``, else the device type's default."""
+        if self.target.round_to is not None:
+            return self.target.round_to
+        legacy = getattr(self.method, "round_to", None)
+        return legacy if legacy is not None else CHANNEL_STEP_DEFAULTS.get(device_type, 1)
 
     @field_validator("device")
     @classmethod
