@@ -172,7 +172,8 @@ class S2HOptions(_Strict):
         ge=1,
         le=65_536,
         description="d, the width step of each group's candidates (channels; rounded to a divisor of "
-        "the group's width); default: about 8-16 candidates per group.",
+        "the group's width, in units of the job's channel step `target.round_to`); default: about 8-16 "
+        "candidates per group.",
     )
     max_init: bool = Field(
         True, description="Start near full width: the full-width candidate's probability is (C - d) / C."
@@ -197,7 +198,8 @@ class TASOptions(_Strict):
         (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
         min_length=1,
         max_length=64,
-        description="Width candidates of a group: int(ratio * channels), deduplicated (1.0 always added).",
+        description="Width candidates of a group: int(ratio * channels) rounded down to the job's channel "
+        "step (`target.round_to`), deduplicated (1.0 always added).",
     )
     depth: bool = Field(True, description="Search the depth of every stage of residual blocks (ResNets).")
     tau_max: float = Field(5.0, gt=0.0, le=100.0, description="Gumbel-softmax temperature at the start.")

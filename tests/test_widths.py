@@ -1,0 +1,86 @@
+"""The channel step (``target.round_to``): one job setting, defaulting per device type, applied by every
+method's allocation; narrow groups, grouped convolutions and the classifier head stay exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning_core.budget import counts_for_ratios, select_to_budget
+from pruning_core.groups import PruningGraph
+from pruning_core.importance import magnitude
+from pruning_core.methods.psap import allocate
+from pruning_core.methods.s2h import build_spaces, width_step
+from pruning_core.spec import CHANNEL_STEP_DEFAULTS, JobSpec, PSAPOptions, parse_spec
+from pruning_core.tas_space import width_candidates
+from pruning_core.zoo import build_model
+
+STEP = 8
+
+
+@pytest.fixture(scope="module", params=[("mobilenet_v2", 32), ("tv:resnet18", 32)])
+def graph(request) -> PruningGraph:
+    """CIFAR MobileNetV2 (groups of 16 to 1280 channels, depthwise couplings) and ResNet-18 (64-512)."""
+    name, side = request.param
+    torch.manual_seed(0)
+    return PruningGraph(build_model(name, 10, 3).eval(), torch.zeros(1, 3, side, side), 10)
+
+
+def _in_steps(graph: PruningGraph, counts: list[int], step: int) -> bool:
+    """Every count a multiple of its group's step: the channel grouping, else ``step`` where the group
+    is at least that wide (its full width allowed)."""
+    for g, k in zip(graph.groups, counts, strict=True):
+        unit = g.ch_groups if g.ch_groups > 1 else (step if g.size >= step else 1)
+        if k % unit and k != g.size:
+            return False
+    return True
+
+
+def test_the_step_defaults_per_device_type_and_stays_an_option() -> None:
+    assert JobSpec().channel_step("cpu") == CHANNEL_STEP_DEFAULTS["cpu"] == 8
+    assert JobSpec().channel_step("cuda") == CHANNEL_STEP_DEFAULTS["cuda"]
+    assert JobSpec().channel_step("mps") == 1  # a device type nobody measured: any width
+    assert parse_spec({"target": {"round_to": 1}}).channel_step("cpu") == 1
+    legacy = parse_spec({"method": {"name": "magnitude", "round_to": 4}})
+    assert legacy.channel_step("cuda") == 4  # magnitude's old option still works
+    both = parse_spec({"method": {"name": "magnitude", "round_to": 4}, "target": {"round_to": 16}})
+    assert both.channel_step("cpu") == 16
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_global_allocator_keeps_steps_and_the_target(graph: PruningGraph, ratio: float) -> None:
+    target = int(ratio * graph.dense_macs)
+    free = [len(k) for k in select_to_budget(graph, magnitude(graph), target)]
+    stepped = [len(k) for k in select_to_budget(graph, magnitude(graph), target, round_to=STEP)]
+    assert not _in_steps(graph, free, STEP), "without a step some width is off it (or the test is moot)"
+    assert _in_steps(graph, stepped, STEP)
+    assert graph.cost.macs(stepped) <= target
+
+
+def test_ratio_allocator_and_psap_keep_steps_and_the_target(graph: PruningGraph) -> None:
+    target = int(0.4 * graph.dense_macs)
+    ratios = [float(i % 5) / 4 for i in range(len(graph.groups))]
+    counts = counts_for_ratios(graph, ratios, target, round_to=STEP)
+    assert _in_steps(graph, counts, STEP) and graph.cost.macs(counts) <= target
+    sparsity = [0.1 + 0.8 * (i % 3) / 2 for i in range(len(graph.groups))]
+    counts = allocate(graph, sparsity, target, PSAPOptions(), round_to=STEP)
+    assert _in_steps(graph, counts, STEP) and graph.cost.macs(counts) <= target
+
+
+def test_s2h_candidates_are_multiples_of_the_step(graph: PruningGraph) -> None:
+    for s in build_spaces(graph, None, 1, round_to=STEP):
+        widths = [int(w) for w in s.widths]
+        assert widths[-1] == s.positions and widths == sorted(set(widths))
+        if s.group.ch_groups == 1 and s.positions >= STEP:
+            assert all(w % STEP == 0 for w in widths[:-1]) and s.step % STEP == 0
+            assert len(widths) >= min(s.positions // STEP, 8) - 1  # still a search, not one choice
+    # step 1 is the method's own rule: d, 2d, ..., C with 8-16 candidates
+    for s in build_spaces(graph, None, 1, round_to=1):
+        assert s.step == width_step(s.positions)
+
+
+def test_tas_candidates_are_multiples_of_the_step() -> None:
+    assert width_candidates(64, step=8) == [16, 24, 32, 40, 48, 56, 64]
+    assert width_candidates(100, step=8) == [24, 40, 48, 56, 64, 80, 88, 100]
+    assert width_candidates(6, step=8) == width_candidates(6)  # narrower than the step: exact
+    assert width_candidates(64, least=20, step=8)[0] == 24
