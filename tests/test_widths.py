@@ -81,6 +81,6 @@ def test_s2h_candidates_are_multiples_of_the_step(graph: PruningGraph) -> None:
 
 def test_tas_candidates_are_multiples_of_the_step() -> None:
     assert width_candidates(64, step=8) == [16, 24, 32, 40, 48, 56, 64]
-    assert width_candidates(100, step=8) == [24, 40, 48, 56, 64, 80, 88, 100]
+    assert width_candidates(100, step=8) == [24, 40, 48, 56, 64, 80, 88, 96, 100]
     assert width_candidates(6, step=8) == width_candidates(6)  # narrower than the step: exact
     assert width_candidates(64, least=20, step=8)[0] == 24
