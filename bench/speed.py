@@ -50,13 +50,13 @@ from .stack import cpu_model
 
 FORMAT = "pruning-core/bench-speed-v1"
 SECTION = "speed-cpu"
-MODELS: dict[str, int] = {  # model -> input side (pixels)
-    "resnet20": 32,
-    "resnet56": 32,
-    "tv:resnet18": 224,
-    "tv:resnet50": 224,
+MODELS: dict[str, int] = {  # model -> input side (pixels); the goal's 224 px models first
     "tv:mobilenet_v2": 224,
     "tv:efficientnet_b0": 224,
+    "tv:resnet18": 224,
+    "tv:resnet50": 224,
+    "resnet20": 32,
+    "resnet56": 32,
 }
 GOAL = 0.9  # measured / MAC-implied speed-up at the throughput batch, for every 224 px model
 GOAL_BATCH = 8
@@ -245,6 +245,13 @@ def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _missing(results: dict[str, Any]) -> list[str]:
+    """A line naming the planned cases the run did not reach (interrupted), if any."""
+    done = {(c["model"], c["ratio"]) for c in results["cases"]}
+    left = [f"`{m}` at {r:g}" for m, r in results.get("planned", []) if (m, r) not in done]
+    return ["", "Not measured (the run stopped before them): " + ", ".join(left) + "."] if left else []
+
+
 def render(results: dict[str, Any], source: Path) -> str:
     m = results["machine"]
     met = [r for r in goal_rows(results) if r["efficiency"] >= GOAL]
@@ -278,9 +285,19 @@ def render(results: dict[str, Any], source: Path) -> str:
             table(results),
             "",
             verdict,
+            *_missing(results),
             "",
         ]
     )
+
+
+def publish(results: dict[str, Any], path: Path, markdown: Path) -> None:
+    """Write the results so far (JSON) and the BENCHMARKS.md section rendered from them."""
+    results["load_avg_end"] = os.getloadavg()[0]
+    results["finished"] = dt.datetime.now(dt.UTC).isoformat()
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
+    update_markdown(markdown, SECTION, f"{start}\n{render(results, path)}{end}\n")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -311,8 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": [1, args.step],
         "batches": args.batches,
         "repeats": args.repeats,
+        "planned": [[name, ratio] for name in args.models for ratio in args.ratios],
         "cases": [],
     }
+    path = args.out / f"speed-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         for ratio in args.ratios:
             log(f"{name} at {ratio:g} (load {os.getloadavg()[0]:.2f})")
@@ -330,13 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"{name} at {ratio:g} failed: {err!r}")
                 case = {"model": name, "side": MODELS[name], "ratio": ratio, "error": repr(err)[:300]}
             results["cases"].append(case)
-    results["load_avg_end"] = os.getloadavg()[0]
-    results["finished"] = dt.datetime.now(dt.UTC).isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"speed-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    update_markdown(args.markdown, SECTION, f"{start}\n{render(results, path)}{end}\n")
+            publish(results, path, args.markdown)  # after every case: an interrupted run keeps its figures
     log(f"wrote {path} and {args.markdown}")
     return 0
 
