@@ -20,18 +20,19 @@ from .errors import TargetError
 from .groups import PruningGraph, top_channels
 
 
-def min_macs(graph: PruningGraph, min_channels: int = 1) -> int:
-    """The fewest MACs the graph can reach: every group at its minimum width."""
-    return int(graph.cost.macs(graph.min_keep(min_channels)))
+def min_macs(graph: PruningGraph, min_channels: int = 1, round_to: int = 1) -> int:
+    """The fewest MACs the graph can reach: every group at its minimum width (in its channel step)."""
+    return int(graph.cost.macs(_floors(graph, min_channels, _steps(graph, round_to))))
 
 
-def check_reachable(graph: PruningGraph, macs_ratio: float, min_channels: int = 1) -> None:
+def check_reachable(graph: PruningGraph, macs_ratio: float, min_channels: int = 1, round_to: int = 1) -> None:
     """Refuse, before any training, a target below what removing channels can reach."""
-    floor = min_macs(graph, min_channels) / graph.dense_macs
+    floor = min_macs(graph, min_channels, round_to) / graph.dense_macs
     if macs_ratio < floor:
+        step = f", widths in steps of {round_to} (target.round_to)" if round_to > 1 else ""
         raise TargetError(
             f"target macs_ratio {macs_ratio:g} is unreachable: this model keeps at least {floor:.3f} of its "
-            f"MACs (layers that cannot be pruned, {min_channels} channel(s) per group minimum)"
+            f"MACs (layers that cannot be pruned, {min_channels} channel(s) per group minimum{step})"
         )
 
 

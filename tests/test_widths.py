@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_core.budget import counts_for_ratios, select_to_budget
+from pruning_core.budget import check_reachable, counts_for_ratios, min_macs, select_to_budget
+from pruning_core.errors import TargetError
 from pruning_core.groups import PruningGraph
 from pruning_core.importance import magnitude
 from pruning_core.methods.psap import allocate
@@ -84,3 +85,13 @@ def test_tas_candidates_are_multiples_of_the_step() -> None:
     assert width_candidates(100, step=8) == [24, 40, 48, 56, 64, 80, 88, 96, 100]
     assert width_candidates(6, step=8) == width_candidates(6)  # narrower than the step: exact
     assert width_candidates(64, least=20, step=8)[0] == 24
+
+
+def test_the_step_raises_the_reachable_floor_and_the_check_says_so() -> None:
+    graph = PruningGraph(build_model("resnet20", 10, 3), torch.zeros(1, 3, 32, 32), 10)
+    free, stepped = min_macs(graph), min_macs(graph, round_to=STEP)
+    assert stepped > free
+    between = (free + stepped) / 2 / graph.dense_macs
+    check_reachable(graph, between)
+    with pytest.raises(TargetError, match="steps of 8"):
+        check_reachable(graph, between, round_to=STEP)
