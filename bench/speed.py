@@ -291,13 +291,13 @@ def render(results: dict[str, Any], source: Path) -> str:
     )
 
 
-def publish(results: dict[str, Any], path: Path, markdown: Path) -> None:
+def publish(results: dict[str, Any], path: Path, markdown: Path, section: str = SECTION) -> None:
     """Write the results so far (JSON) and the BENCHMARKS.md section rendered from them."""
     results["load_avg_end"] = os.getloadavg()[0]
     results["finished"] = dt.datetime.now(dt.UTC).isoformat()
     path.write_text(json.dumps(results, indent=1) + "\n")
-    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    update_markdown(markdown, SECTION, f"{start}\n{render(results, path)}{end}\n")
+    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    update_markdown(markdown, section, f"{start}\n{render(results, path)}{end}\n")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -309,6 +309,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--min-sample-ms", type=float, default=30.0)
+    p.add_argument("--section", default=SECTION, help="the BENCHMARKS.md section (marker name) to write")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
     return p.parse_args(argv)
@@ -350,7 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"{name} at {ratio:g} failed: {err!r}")
                 case = {"model": name, "side": MODELS[name], "ratio": ratio, "error": repr(err)[:300]}
             results["cases"].append(case)
-            publish(results, path, args.markdown)  # after every case: an interrupted run keeps its figures
+            publish(
+                results, path, args.markdown, args.section
+            )  # after every case: an interrupted run keeps its figures
     log(f"wrote {path} and {args.markdown}")
     return 0
 
