@@ -329,9 +329,11 @@ MethodSpec = Annotated[
 METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 
 
-# The channel step per device type when `target.round_to` is not given. CPU: measured (BENCHMARKS.md,
-# "speed"): oneDNN's convolutions run 8-channel blocks (AVX2), and widths in multiples of 8 brought
-# MobileNetV2 and ResNet-18 closer to their MAC-implied speed-up. CUDA: NOT measured (no GPU was at hand);
+# The channel step per device type when `target.round_to` is not given. CPU: oneDNN's convolutions work
+# in blocks of 8 channels (AVX2; 16 with AVX-512), and on an idle machine widths in multiples of 8 brought
+# MobileNetV2 at half the MACs from 0.81 to 0.99 of its MAC-implied speed-up and ResNet-18 from 0.76 to
+# 0.82 (issue 12); `python -m bench.speed` compares steps 1 and 8 (BENCHMARKS.md, "Speed"; its runs so far
+# were on a busy machine). 16 was not measured. CUDA: NOT measured (no GPU was at hand);
 # 8 is the channel multiple fp16/bf16 tensor cores need under AMP without padding. A larger step (16,
 # 32) might align better with cuDNN's tiles but makes narrow groups (the 16-channel stages of CIFAR
 # ResNets) unprunable; measure before raising it.
