@@ -103,8 +103,9 @@ def test_the_devices_channel_step_shapes_every_methods_widths(name: str, tmp_pat
     16, 32 and 64 wide, so every pruned conv is a multiple of it) and still meets the MAC target."""
     step = CHANNEL_STEP_DEFAULTS["cpu"]
     result = run(_spec(name, round_to=None), tmp_path)
-    # S2H rounds its expected width UP to a multiple of d (METHODS.md: "within 0.02 (+ rounding by d)");
-    # in resnet20's 16-wide groups d is the whole step of 8, half the group, so it may land above the band.
+    # S2H's hard widths are its expected widths rounded up to a multiple of d (METHODS.md: "within 0.02
+    # (+ rounding by d)"); at step 8, d is half of resnet20's 16-wide groups, and the contract's 8 steps do
+    # not settle such coarse candidates (measured: 0.58 for a 0.5 target), so the band grows by 0.1.
     above = BAND.get(name, (0.02, 0.0))[1] + (0.1 if name == "s2h" else 0.0)
     assert result.report.achieved_macs_ratio <= TARGET + above
     widths = [m.out_channels for m in load_pruned(result.workdir).modules() if isinstance(m, nn.Conv2d)]
