@@ -261,7 +261,7 @@ def render(results: dict[str, Any], source: Path) -> str:
         f"{max(results['steps'])}, BatchNorm folded): met in {len(met)} of {len(met) + len(missed)} cells"
         + (
             "; missed: "
-            + ", ".join(f"`{r['model']}` at {r['ratio']:g} ({r['efficiency']:.2f})" for r in missed)
+            + ", ".join(f"`{r['model']}` at {r['ratio']:g} ({r['efficiency']:.3f})" for r in missed)
             if missed
             else ""
         )
