@@ -321,3 +321,25 @@ def test_deployment_formats_hold_batchnorm_folded_into_convolutions(exported):
     assert np.abs(out - ref.numpy()).max() <= scale
     saved = load_file(str(paths["safetensors"]))
     assert all(f"{n}.running_var" in saved for n in norms)
+
+
+def test_inference_preparation_folds_and_picks_the_memory_format_by_device() -> None:
+    """CPU: contiguous, BatchNorm folded, same logits. CUDA would get channels_last (unmeasured choice;
+    only the decision is tested here, no GPU needed)."""
+    from pruning_core.inference import (
+        count_batchnorms,
+        memory_format,
+        prepare_for_inference,
+        to_inference_input,
+    )
+
+    assert memory_format("cuda") == torch.channels_last and memory_format("cuda:1") == torch.channels_last
+    assert memory_format("cpu") == torch.contiguous_format
+    model, _, x, _ = _pruned("resnet20", 32)
+    ready = prepare_for_inference(model, "cpu")
+    assert count_batchnorms(model) > 0 and count_batchnorms(ready) == 0
+    with torch.no_grad():
+        ref = model.eval()(x)
+        assert (
+            ready(to_inference_input(x, "cpu")) - ref
+        ).abs().max().item() <= 1e-5 + 1e-4 * ref.abs().max().item()
