@@ -43,3 +43,12 @@ def quick_spec(
             "device": device,
         }
     )
+
+
+# A job that runs in a few seconds (one short epoch on digits): for tests of the service around it.
+TINY_SPEC = {
+    "model": {"name": "resnet20"},
+    "data": {"name": "digits"},
+    "target": {"macs_ratio": 0.5},
+    "schedule": {"epochs": 1, "batch_size": 64, "max_steps_per_epoch": 5},
+}

@@ -20,15 +20,10 @@ from api.queue import fair_priority
 from pruning_core.settings import Settings
 from store import db, repo
 from store.models import Job, JobStatus
+from tests.specs import TINY_SPEC as SPEC
 from worker.local import EXIT_DONE, LocalRunner, next_queued
 
 PROBLEM = "application/problem+json"
-SPEC = {
-    "model": {"name": "resnet20"},
-    "data": {"name": "digits"},
-    "target": {"macs_ratio": 0.5},
-    "schedule": {"epochs": 1, "batch_size": 64, "max_steps_per_epoch": 5},
-}
 
 
 def safetensors_bytes(n: int = 16) -> bytes:

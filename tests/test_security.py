@@ -21,14 +21,9 @@ from store import cli as store_cli
 from store import db, repo
 from store.files import attempt_dir, relative_to_root, sha256_file
 from store.models import ApiKey, JobStatus
+from tests.specs import TINY_SPEC as SPEC
 
 PROBLEM = "application/problem+json"
-SPEC = {
-    "model": {"name": "resnet20"},
-    "data": {"name": "digits"},
-    "target": {"macs_ratio": 0.5},
-    "schedule": {"epochs": 1, "batch_size": 64, "max_steps_per_epoch": 5},
-}
 # Routes anyone may call, and why: probes (they reveal no one's data) and the API's description (the
 # same for everyone; a browser needs /docs before it can send a key).
 PUBLIC = {"/healthz", "/readyz"}
