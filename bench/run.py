@@ -94,7 +94,8 @@ def job_spec(case: Case, data: DataSpec, seed: int, profile: Profile, weights: P
     return JobSpec(
         model=ModelSpec(name=case.model, weights=str(weights) if weights else None),
         data=data,
-        target=TargetSpec(macs_ratio=profile.target),
+        # any width, as the peer (Torch-Pruning) prunes: the two rows compare the same decisions
+        target=TargetSpec(macs_ratio=profile.target, round_to=1),
         schedule=schedule(case, finetune=True),
         export=ExportSpec(formats=("safetensors",)),
         seed=seed,

@@ -5,7 +5,9 @@ The export directory always holds ``model.safetensors`` (the state dict) and ``a
 (``load_pruned``); a failure there raises ``ExportError``. ``model.torchscript.pt`` and ``model.onnx``
 are optional deployment artefacts: each is checked against the eager model's eval output, and one that
 cannot be written or fails its check is left out and reported in ``ExportResult.failed`` (a job whose
-training is done is never failed for a deployment format).
+training is done is never failed for a deployment format). Both hold the network with BatchNorm folded
+into the convolutions before it (``inference.fold_batchnorm``): fewer operators to run; the safetensors
+weights stay unfolded, so that the reloaded network is the trainable zoo architecture.
 
 ONNX goes through the TorchScript-based exporter (``dynamo=False``): torch 2.14 still ships it, and the
 default dynamo exporter needs ``onnxscript``, which is not a dependency.
@@ -18,7 +20,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import PruningError, WeightsError
+from .inference import count_batchnorms, fold_batchnorm
 from .surgery import rebuild
 from .zoo import load_weights
 
@@ -57,6 +60,7 @@ class ExportResult:
 
     paths: dict[str, Path]
     failed: dict[str, str] = field(default_factory=dict)
+    folded_batchnorms: int = 0  # BatchNorm layers folded away in the TorchScript and ONNX networks
 
 
 def export_model(
@@ -92,12 +96,14 @@ def export_model(
         result = ExportResult({"safetensors": _save_weights(state, out_dir / WEIGHTS_FILE)})
         result.paths["architecture"] = _save_arch(arch, out_dir / ARCH_FILE)
         tol = atol + rtol * (reference.abs().max().item() if reference.numel() else 0.0)
+        deployed = fold_batchnorm(model)  # checked below against the unfolded model's logits
+        result = replace(result, folded_batchnorms=count_batchnorms(model) - count_batchnorms(deployed))
         savers = {"torchscript": (_save_torchscript, TORCHSCRIPT_FILE), "onnx": (_save_onnx, ONNX_FILE)}
         for fmt, (save, name) in savers.items():
             if fmt not in formats:
                 continue
             try:
-                result.paths[fmt] = save(model, x, reference, out_dir / name, tol)
+                result.paths[fmt] = save(deployed, x, reference, out_dir / name, tol)
             except ExportError as err:  # a deployment format is optional: report it, keep the rest
                 result.failed[fmt] = str(err)
     return result

@@ -125,7 +125,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     example = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     dense_graph_t = time.perf_counter()
     graph = PruningGraph(model, example, shape.num_classes, settings.graph_timeout_s)
-    check_reachable(graph, spec.target.macs_ratio, spec.target.min_channels)
+    check_reachable(graph, spec.target.macs_ratio, spec.target.min_channels, spec.channel_step(device.type))
     dense_arch = shape.describe(model)
     model.to(device)  # before anything measures it: with no dense phase, nothing else moves it
     phases: list[PhaseTime] = [

@@ -169,8 +169,11 @@ class MagnitudeOptions(_Strict):
 
     name: Literal["magnitude"] = "magnitude"
     p: int = Field(2, ge=1, le=2, description="Norm of the group magnitude (1 or 2).")
-    round_to: int = Field(
-        1, ge=1, le=1024, description="Keep channel counts a multiple of this (hardware-friendly)."
+    round_to: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Deprecated alias of `target.round_to` (which wins when both are given).",
     )
 
 
@@ -215,7 +218,8 @@ class S2HOptions(_Strict):
         ge=1,
         le=65_536,
         description="d, the width step of each group's candidates (channels; rounded to a divisor of "
-        "the group's width); default: about 8-16 candidates per group.",
+        "the group's width, in units of the job's channel step `target.round_to`); default: about 8-16 "
+        "candidates per group.",
     )
     max_init: bool = Field(
         True, description="Start near full width: the full-width candidate's probability is (C - d) / C."
@@ -240,7 +244,8 @@ class TASOptions(_Strict):
         (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
         min_length=1,
         max_length=64,
-        description="Width candidates of a group: int(ratio * channels), deduplicated (1.0 always added).",
+        description="Width candidates of a group: int(ratio * channels) rounded down to the job's channel "
+        "step (`target.round_to`), deduplicated (1.0 always added).",
     )
     depth: bool = Field(True, description="Search the depth of every stage of residual blocks (ResNets).")
     tau_max: float = Field(5.0, gt=0.0, le=100.0, description="Gumbel-softmax temperature at the start.")
@@ -370,12 +375,31 @@ MethodSpec = Annotated[
 METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 
 
+# The channel step per device type when `target.round_to` is not given. CPU: oneDNN's convolutions work
+# in blocks of 8 channels (AVX2; 16 with AVX-512), and on an idle machine widths in multiples of 8 brought
+# MobileNetV2 at half the MACs from 0.81 to 0.99 of its MAC-implied speed-up and ResNet-18 from 0.76 to
+# 0.82 (issue 12); `python -m bench.speed` compares steps 1 and 8 (BENCHMARKS.md, "Speed"; its runs so far
+# were on a busy machine). 16 was not measured. CUDA: NOT measured (no GPU was at hand);
+# 8 is the channel multiple fp16/bf16 tensor cores need under AMP without padding. A larger step (16,
+# 32) might align better with cuDNN's tiles but makes narrow groups (the 16-channel stages of CIFAR
+# ResNets) unprunable; measure before raising it.
+CHANNEL_STEP_DEFAULTS: dict[str, int] = {"cpu": 8, "cuda": 8}
+
+
 class TargetSpec(_Strict):
     """The budget: the fraction of the dense model's MACs that remains after pruning."""
 
     macs_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Remaining MACs / dense MACs, in (0, 1].")
     min_channels: int = Field(
         1, ge=1, le=65_536, description="Never keep fewer channels than this in a group."
+    )
+    round_to: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Channel step: every method keeps channel counts a multiple of this in groups at "
+        f"least this wide (grouped convolutions keep their own step); default per device type "
+        f"{CHANNEL_STEP_DEFAULTS}; 1: any width.",
     )
 
 
@@ -462,6 +486,14 @@ class JobSpec(_Strict):
         description="`auto`, `cpu`, `cuda` or `cuda:N`.",
         json_schema_extra={"pattern": f"^({DEVICE.pattern})$"},
     )
+
+    def channel_step(self, device_type: str) -> int:
+        """The channel step (channels) of this job on a device of ``device_type`` (``cpu``, ``cuda``):
+        ``target.round_to``, else magnitude's deprecated ``round_to``, else the device type's default."""
+        if self.target.round_to is not None:
+            return self.target.round_to
+        legacy = getattr(self.method, "round_to", None)
+        return legacy if legacy is not None else CHANNEL_STEP_DEFAULTS.get(device_type, 1)
 
     @field_validator("device")
     @classmethod

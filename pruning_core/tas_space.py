@@ -24,11 +24,16 @@ from .groups import PruningGraph
 WIDTH_RATIOS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the official CIFAR list
 
 
-def width_candidates(channels: int, ratios: Sequence[float] = WIDTH_RATIOS, least: int = 1) -> list[int]:
-    """``int(r * channels)`` for every ratio (floored, as the official code), at least ``least``,
-    deduplicated, increasing; always ends with ``channels``."""
-    widths = {max(least, min(channels, int(r * channels))) for r in ratios} | {channels}
-    return sorted(w for w in widths if w >= 1)
+def width_candidates(
+    channels: int, ratios: Sequence[float] = WIDTH_RATIOS, least: int = 1, step: int = 1
+) -> list[int]:
+    """``int(r * channels)`` for every ratio (floored, as the official code) and then down to a multiple
+    of ``step`` (the job's channel step; 1 in groups narrower than it), at least ``least`` (rounded up to
+    the step), deduplicated, increasing; always ends with ``channels``."""
+    step = step if channels >= step else 1
+    least = -(-least // step) * step
+    widths = {max(least, min(channels, int(r * channels) // step * step)) for r in ratios} | {channels}
+    return sorted(w for w in widths if 1 <= w <= channels)
 
 
 def depth_candidates(blocks: int) -> list[int]:

@@ -15,11 +15,13 @@ def quick_spec(
     target: float = 0.6,
     per_class: int = 8,
     device: str = "cpu",
+    round_to: int | None = 1,
     **schedule: Any,
 ) -> JobSpec:
     """``model`` pruned by ``method`` on 4 classes of synthetic ``size``-pixel images: one epoch of at
     most 3 steps (``schedule`` overrides), BatchNorm re-estimated on one batch, safetensors only,
-    latency timed for at most a second."""
+    latency timed for at most a second. Any width (``round_to`` 1), so the method's own precision is
+    tested; None: the device's channel step (tests/test_widths.py and the method contract test it)."""
     return parse_spec(
         {
             "model": {"name": model},
@@ -31,7 +33,7 @@ def quick_spec(
                 "image_size": size,
             },
             "method": method,
-            "target": {"macs_ratio": target},
+            "target": {"macs_ratio": target, "round_to": round_to},
             "schedule": {
                 "epochs": 1,
                 "batch_size": 8,

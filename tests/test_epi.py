@@ -75,7 +75,7 @@ def _digits(options: dict[str, Any], epochs: int = 14, **schedule: Any) -> Any:
             "model": {"name": "resnet20"},
             "data": {"name": "digits"},
             "method": {"name": "epi", **options},
-            "target": {"macs_ratio": 0.5},
+            "target": {"macs_ratio": 0.5, "round_to": 1},
             "schedule": {"epochs": epochs, "batch_size": 64, **schedule},
             "export": {"formats": ["safetensors"]},
             "seed": 0,

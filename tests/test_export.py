@@ -299,3 +299,47 @@ def test_latency_stops_at_the_time_limit_after_three_iterations(resnet20):
 def test_latency_refuses_bad_shapes(resnet20):
     with pytest.raises(ValueError):
         measure_latency(resnet20[0], (0, 3, 32, 32), "cpu")
+
+
+def test_deployment_formats_hold_batchnorm_folded_into_convolutions(exported):
+    """TorchScript and ONNX run the folded network (no BatchNorm operator left) and still match the
+    model's logits; the safetensors weights keep every BatchNorm, so the trainable network reloads."""
+    model, x, _out, paths, _ = exported
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms  # otherwise there is nothing to fold and the test proves nothing
+    scripted = torch.jit.load(str(paths["torchscript"]))
+    assert "batch_norm" not in str(scripted.inlined_graph)
+    ops = {node.op_type for node in onnx.load(str(paths["onnx"])).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    with torch.no_grad():
+        ref = model.eval()(x)
+        scale = 1e-5 + 1e-4 * ref.abs().max().item()
+        assert (scripted(x) - ref).abs().max().item() <= scale
+    out = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input": x.numpy()}
+    )[0]
+    assert np.abs(out - ref.numpy()).max() <= scale
+    saved = load_file(str(paths["safetensors"]))
+    assert all(f"{n}.running_var" in saved for n in norms)
+
+
+def test_inference_preparation_folds_and_picks_the_memory_format_by_device() -> None:
+    """CPU: contiguous, BatchNorm folded, same logits. CUDA would get channels_last (unmeasured choice;
+    only the decision is tested here, no GPU needed)."""
+    from pruning_core.inference import (
+        count_batchnorms,
+        memory_format,
+        prepare_for_inference,
+        to_inference_input,
+    )
+
+    assert memory_format("cuda") == torch.channels_last and memory_format("cuda:1") == torch.channels_last
+    assert memory_format("cpu") == torch.contiguous_format
+    model, _, x, _ = _pruned("resnet20", 32)
+    ready = prepare_for_inference(model, "cpu")
+    assert count_batchnorms(model) > 0 and count_batchnorms(ready) == 0
+    with torch.no_grad():
+        ref = model.eval()(x)
+        assert (
+            ready(to_inference_input(x, "cpu")) - ref
+        ).abs().max().item() <= 1e-5 + 1e-4 * ref.abs().max().item()

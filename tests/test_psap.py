@@ -163,7 +163,7 @@ def _digits(options: dict[str, Any], seed: int = 0, target: float = 0.5, epochs:
             "model": {"name": "resnet20"},
             "data": {"name": "digits"},
             "method": {"name": "psap", **options},
-            "target": {"macs_ratio": target},
+            "target": {"macs_ratio": target, "round_to": 1},
             "schedule": {"dense_epochs": 3, "epochs": epochs, "batch_size": 64},
             "export": {"formats": ["safetensors"]},
             "seed": seed,

@@ -208,7 +208,7 @@ def _run_spec(gap_weight: float) -> JobSpec:
             "model": {"name": "resnet20"},
             "data": {"name": "digits"},
             "method": {"name": "s2h", "gap_weight": gap_weight},
-            "target": {"macs_ratio": TARGET},
+            "target": {"macs_ratio": TARGET, "round_to": 1},
             "schedule": {"dense_epochs": 3, "epochs": 8, "batch_size": 64},
             "export": {"formats": ["safetensors"]},
             "seed": 1,

@@ -74,6 +74,12 @@ class MethodContext:
     def target_macs(self) -> int:
         return int(self.spec.target.macs_ratio * self.dense_macs)
 
+    @property
+    def round_to(self) -> int:
+        """The job's channel step (channels) on its device: every method's widths are multiples of it
+        in groups at least that wide (``JobSpec.channel_step``)."""
+        return self.spec.channel_step(self.device.type)
+
     def graph(self, model: nn.Module) -> PruningGraph:
         """A fresh dependency graph of ``model`` (build again after any physical change)."""
         return PruningGraph(

@@ -137,7 +137,11 @@ class EPI(Method):
         t0 = time.perf_counter()
         o, graph = self.options, self.graph
         keep = select_to_budget(
-            graph, self._scores(), self.ctx.target_macs, min_channels=self.ctx.spec.target.min_channels
+            graph,
+            self._scores(),
+            self.ctx.target_macs,
+            min_channels=self.ctx.spec.target.min_channels,
+            round_to=self.ctx.round_to,
         )
         self._account({**metrics, "wall_s": metrics.get("wall_s", 0.0) + time.perf_counter() - t0})
         if self.taylor is not None:

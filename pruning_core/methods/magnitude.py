@@ -28,7 +28,7 @@ class Magnitude(Method):
             magnitude(graph, self.options.p),
             self.ctx.target_macs,
             min_channels=self.ctx.spec.target.min_channels,
-            round_to=self.options.round_to,
+            round_to=self.ctx.round_to,
         )
         self.ctx.details["predicted_macs"] = int(graph.cost.macs([len(k) for k in keep]))
         return remove_channels(graph, keep)

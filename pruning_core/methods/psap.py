@@ -94,14 +94,21 @@ def allocate(
     options: PSAPOptions,
     min_channels: int = 1,
     fixed: Sequence[bool] = (),
+    round_to: int = 1,
 ) -> list[int]:
     """Keep counts per group for one prune step: pruning ratios proportional to the groups' sparsity
     ratios (at least ``SPARSITY_FLOOR``; equal ones if not ``adaptive``), clipped to ``max_ratio``,
-    scaled to fit ``target_macs``. ``fixed`` groups (no filters to zero) keep every channel."""
+    scaled to fit ``target_macs``, counts multiples of ``round_to`` (channels) in groups that wide.
+    ``fixed`` groups (no filters to zero) keep every channel."""
     weights = [max(s, SPARSITY_FLOOR) for s in sparsity] if options.adaptive else [1.0] * len(sparsity)
     weights = [0.0 if fixed and fixed[g] else w for g, w in enumerate(weights)]
     return counts_for_ratios(
-        graph, weights, target_macs, max_ratio=options.max_ratio, min_channels=min_channels
+        graph,
+        weights,
+        target_macs,
+        max_ratio=options.max_ratio,
+        min_channels=min_channels,
+        round_to=round_to,
     )
 
 
@@ -173,7 +180,15 @@ class PSAP(Method):
         assert self.graph is not None
         n = len(self.graph.groups)
         o, target = self.options, self.ctx.spec.target
-        allocate(self.graph, [1.0] * n, self.ctx.target_macs, o, target.min_channels, self._fixed())
+        allocate(
+            self.graph,
+            [1.0] * n,
+            self.ctx.target_macs,
+            o,
+            target.min_channels,
+            self._fixed(),
+            self.ctx.round_to,
+        )
 
     def _fixed(self) -> list[bool]:
         assert self.filters is not None
@@ -287,7 +302,8 @@ class PSAP(Method):
         ratio = step_target(self.steps_done, len(self._marks), self.ctx.spec.target.macs_ratio, o)
         sparsity = self.filters.sparsity(o.sparsity_eps)
         target = int(ratio * self.ctx.dense_macs)
-        counts = allocate(graph, sparsity, target, o, self.ctx.spec.target.min_channels, self._fixed())
+        min_channels, step = self.ctx.spec.target.min_channels, self.ctx.round_to
+        counts = allocate(graph, sparsity, target, o, min_channels, self._fixed(), step)
         norms = self.filters.norms()
         was = [z.cpu() for z in self.zeroed]
         protected = [p.cpu() for p in self.protected]

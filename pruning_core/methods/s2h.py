@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import Batch
+from ..budget import group_step
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import NORMS, ChannelGroup, PruningGraph
@@ -90,13 +91,25 @@ def _filters(graph: PruningGraph, g: ChannelGroup) -> list[tuple[str, torch.Tens
     ]
 
 
-def build_spaces(graph: PruningGraph, divisor: int | None, min_channels: int) -> list[_Space]:
+def space_step(positions: int, divisor: int | None = None, unit: int = 1) -> int:
+    """d (positions) for a group of ``positions``: ``width_step`` counted in units of ``unit`` channels
+    (the job's channel step), so every candidate but the full width is a multiple of ``unit``."""
+    if unit <= 1 or positions < unit:
+        return width_step(positions, divisor)
+    return unit * width_step(positions // unit, None if divisor is None else max(1, divisor // unit))
+
+
+def build_spaces(
+    graph: PruningGraph, divisor: int | None, min_channels: int, round_to: int = 1
+) -> list[_Space]:
+    """One width search per group: candidates d, 2d, ... and the full width (positions)."""
     spaces = []
     for g in graph.groups:
         p = g.block
-        d = width_step(p, divisor)
+        d = space_step(p, divisor, group_step(p, 1, round_to) if g.ch_groups == 1 else 1)  # grouped: exact
         least = -(-max(1, min_channels) // g.ch_groups)  # positions every candidate keeps at least
-        widths = [w for w in range(d, p + 1, d) if w >= least] or [p]
+        widths = [w for w in range(d, p + 1, d) if w >= least]
+        widths = [*widths, p] if not widths or widths[-1] != p else widths  # p need not be a multiple
         w = torch.tensor(widths, dtype=torch.float32)
         cover = (w.unsqueeze(1) > torch.arange(p).unsqueeze(0)).float()
         spaces.append(_Space(g, d, w, cover, _filters(graph, g)))
@@ -141,9 +154,16 @@ class StepMasks:
 class WidthSearch:
     """The learnable widths of every group, and the masks they give; applied to the model with hooks."""
 
-    def __init__(self, graph: PruningGraph, options: S2HOptions, min_channels: int, device: torch.device):
+    def __init__(
+        self,
+        graph: PruningGraph,
+        options: S2HOptions,
+        min_channels: int,
+        device: torch.device,
+        round_to: int = 1,
+    ):
         self.graph, self.options = graph, options
-        self.spaces = build_spaces(graph, options.width_divisor, min_channels)
+        self.spaces = build_spaces(graph, options.width_divisor, min_channels, round_to)
         init = max_init_logits if options.max_init else (lambda s, t: torch.zeros(len(s.widths)))
         self.logits = [init(s, options.temperature).to(device).requires_grad_() for s in self.spaces]
         # on the device once, not every step
@@ -257,7 +277,9 @@ class S2H(Method):
     def _attach(self, model: nn.Module, logits: list[torch.Tensor] | None) -> None:
         graph = self.ctx.graph(model)
         spec = self.ctx.spec
-        self.search = WidthSearch(graph, self.options, spec.target.min_channels, self.ctx.device)
+        self.search = WidthSearch(
+            graph, self.options, spec.target.min_channels, self.ctx.device, self.ctx.round_to
+        )
         if logits is not None:
             for u, saved in zip(self.search.logits, logits, strict=True):
                 u.data.copy_(saved)

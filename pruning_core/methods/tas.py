@@ -31,6 +31,7 @@ from torch import nn
 
 from ..batches import Batch, Streams
 from ..blocks import find_stages, keep_blocks
+from ..budget import group_step
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import NORMS, ChannelGroup, PruningGraph
@@ -68,7 +69,7 @@ class Supernet(nn.Module):
     "off" (the plain model). A module so its candidate BatchNorms move, train/eval and checkpoint with it.
     """
 
-    def __init__(self, graph: PruningGraph, options: TASOptions, min_channels: int):
+    def __init__(self, graph: PruningGraph, options: TASOptions, min_channels: int, round_to: int = 1):
         super().__init__()
         self.graph, self.mode, self.tau = graph, "search", options.tau_max
         points = mask_points(graph)
@@ -82,7 +83,8 @@ class Supernet(nn.Module):
             if why:
                 self.fixed[g.root] = why
                 continue
-            cands = width_candidates(g.size, options.width_ratios, least=max(1, min_channels))
+            step = group_step(g.size, 1, round_to) if g.ch_groups == 1 else 1  # grouped: exact widths
+            cands = width_candidates(g.size, options.width_ratios, least=max(1, min_channels), step=step)
             group_points = []
             for module, _slot in points_of(points, g):
                 m = graph.modules[module]
@@ -343,7 +345,8 @@ class TAS(Method):
 
     def _attach(self, model: nn.Module, state: dict[str, Any] | None) -> None:
         graph = self.ctx.graph(model)
-        net = Supernet(graph, self.options, self.ctx.spec.target.min_channels).to(self.ctx.device)
+        net = Supernet(graph, self.options, self.ctx.spec.target.min_channels, self.ctx.round_to)
+        net = net.to(self.ctx.device)
         if state is not None:
             net.load_state_dict(state)
         net.attach()

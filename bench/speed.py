@@ -1,0 +1,362 @@
+"""``python -m bench.speed``: measured speed-up of pruned networks against the MAC-implied one.
+
+Per model and remaining-MAC ratio, the dense network (random weights: speed does not depend on trained
+values) is pruned with the engine's allocator (``budget.select_to_budget`` on ``importance.magnitude``
+scores, i.e. the ``magnitude`` method's decision) twice: with any width (channel step 1) and with the
+device's channel step (``spec.CHANNEL_STEP_DEFAULTS``). Each network is timed as is and with BatchNorm
+folded into the convolutions (``inference.fold_batchnorm``, what TorchScript/ONNX exports hold), against
+the dense network in the same form. Timing: in one process, at a fixed thread count, after a warm-up, in
+rounds that time every network of a model once (dense first, pruned after, rotating the pruned order); a
+speed-up is the median over rounds of (dense time / pruned time) within the round, with a bootstrap 95%
+interval, so load that drifts between rounds cancels. Each timed sample runs enough forwards to last
+``--min-sample-ms``.
+
+Writes ``<out>/speed-<time>.json`` and regenerates the ``<!-- bench:speed-cpu -->`` section of
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruning_core.budget import select_to_budget
+from pruning_core.groups import PruningGraph
+from pruning_core.importance import magnitude
+from pruning_core.inference import fold_batchnorm
+from pruning_core.macs import count_macs
+from pruning_core.spec import CHANNEL_STEP_DEFAULTS
+from pruning_core.surgery import remove_channels
+from pruning_core.zoo import build_model
+
+from .markdown import update_markdown
+from .profiles import REPO_DIR, RESULTS_DIR
+from .stack import cpu_model
+
+FORMAT = "pruning-core/bench-speed-v1"
+SECTION = "speed-cpu"
+MODELS: dict[str, int] = {  # model -> input side (pixels); the goal's 224 px models first
+    "tv:mobilenet_v2": 224,
+    "tv:efficientnet_b0": 224,
+    "tv:resnet18": 224,
+    "tv:resnet50": 224,
+    "resnet20": 32,
+    "resnet56": 32,
+}
+GOAL = 0.9  # measured / MAC-implied speed-up at the throughput batch, for every 224 px model
+GOAL_BATCH = 8
+
+
+def log(text: str) -> None:
+    print(f"[speed {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def pruned_variants(
+    name: str, side: int, ratio: float, steps: Sequence[int], num_classes: int = 1000
+) -> tuple[nn.Module, dict[int, nn.Module], int]:
+    """The dense network and, per channel step, a copy physically pruned to ``ratio`` of its MACs by the
+    magnitude allocator; also the dense MACs per sample."""
+    torch.manual_seed(0)
+    dense = build_model(name, num_classes if name.startswith("tv:") else 10, 3).eval()
+    x = torch.randn(1, 3, side, side)
+    dense_macs = count_macs(dense, x)
+    pruned = {}
+    for step in steps:
+        model = copy.deepcopy(dense)
+        graph = PruningGraph(model, x, num_classes=num_classes if name.startswith("tv:") else 10)
+        keep = select_to_budget(graph, magnitude(graph), int(ratio * dense_macs), round_to=step)
+        pruned[step] = remove_channels(graph, keep).eval()
+    return dense, pruned, dense_macs
+
+
+def off_step_share(model: nn.Module, step: int) -> float:
+    """Share of conv layers (ungrouped, at least ``step`` outputs) whose output count is not a multiple
+    of ``step``: 0 for a network pruned with that step, apart from layers the allocator keeps exact."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    wide = [m for m in convs if m.out_channels >= step]
+    return sum(m.out_channels % step != 0 for m in wide) / max(1, len(wide))
+
+
+def _sample(fn: Callable[[], Any], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _inner(fn: Callable[[], Any], min_sample_s: float) -> int:
+    """Forwards per timed sample so that one lasts at least ``min_sample_s`` (after a warm-up)."""
+    for _ in range(3):
+        fn()
+    once = _sample(fn, 2)
+    return max(1, math.ceil(min_sample_s / max(once, 1e-6)))
+
+
+def median_interval(values: Sequence[float], rng: random.Random, n: int = 2000) -> tuple[float, float, float]:
+    """Median of ``values`` and a percentile-bootstrap 95% interval for it."""
+    med = statistics.median(values)
+    if len(values) < 3:
+        return med, min(values), max(values)
+    boots = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return med, boots[int(0.025 * n)], boots[int(0.975 * n) - 1]
+
+
+@torch.inference_mode()
+def time_alternating(
+    nets: dict[str, nn.Module], x: torch.Tensor, repeats: int, min_sample_s: float
+) -> dict[str, list[float]]:
+    """Seconds per forward of each net, one sample per round, ``dense`` first in every round and the
+    others in a rotating order (so none is always timed right after the dense one)."""
+    fns = {k: (lambda m=m: m(x)) for k, m in nets.items()}
+    inner = {k: _inner(f, min_sample_s) for k, f in fns.items()}
+    others = [k for k in nets if k != "dense"]
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for r in range(repeats):
+        order = ["dense", *others[r % len(others) :], *others[: r % len(others)]]
+        for k in order:
+            times[k].append(_sample(fns[k], inner[k]))
+    return times
+
+
+def measure_case(
+    name: str,
+    side: int,
+    ratio: float,
+    steps: Sequence[int],
+    batches: Sequence[int],
+    repeats: int,
+    min_sample_s: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every variant of one (model, ratio): MACs, and per batch and folding the speed-ups."""
+    rng = random.Random(seed)
+    dense, pruned, dense_macs = pruned_variants(name, side, ratio, steps)
+    x1 = torch.randn(1, 3, side, side)
+    variants = {
+        step: {
+            "macs": count_macs(model, x1),
+            "params": sum(p.numel() for p in model.parameters()),
+            "off_step_share": off_step_share(model, max(steps)),
+        }
+        for step, model in pruned.items()
+    }
+    for v in variants.values():
+        v["macs_ratio"] = v["macs"] / dense_macs
+        v["implied_speedup"] = dense_macs / v["macs"]
+        v["timing"] = {}
+    forms = {False: lambda m: m, True: fold_batchnorm}
+    for batch in batches:
+        x = torch.randn(batch, 3, side, side)
+        for folded, form in forms.items():
+            nets = {"dense": form(dense), **{f"step{s}": form(m) for s, m in pruned.items()}}
+            times = time_alternating(nets, x, repeats, min_sample_s)
+            for step, v in variants.items():
+                ratios = [d / p for d, p in zip(times["dense"], times[f"step{step}"], strict=True)]
+                med, lo, hi = median_interval(ratios, rng)
+                v["timing"][f"b{batch}-{'folded' if folded else 'plain'}"] = {
+                    "batch": batch,
+                    "folded": folded,
+                    "dense_ms": 1e3 * statistics.median(times["dense"]),
+                    "pruned_ms": 1e3 * statistics.median(times[f"step{step}"]),
+                    "speedup": med,
+                    "speedup_lo": lo,
+                    "speedup_hi": hi,
+                    "efficiency": med / v["implied_speedup"],
+                }
+    return {
+        "model": name,
+        "side": side,
+        "ratio": ratio,
+        "dense_macs": dense_macs,
+        "variants": {str(s): v for s, v in variants.items()},
+    }
+
+
+def machine(threads: int) -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "threads": threads,
+        "load_avg_1m": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "nice": os.nice(0),
+    }
+
+
+# --- BENCHMARKS.md ---
+
+
+def _cell(t: dict[str, Any]) -> str:
+    return f"{t['speedup']:.2f}× [{t['speedup_lo']:.2f}, {t['speedup_hi']:.2f}] ({t['efficiency']:.2f})"
+
+
+def table(results: dict[str, Any]) -> str:
+    """One row per model, ratio and batch; per channel step and folding: measured speed-up, its
+    interval and (in parentheses) measured / MAC-implied."""
+    steps = results["steps"]
+    head = ["model", "px", "MACs kept", "batch"]
+    for s in steps:
+        head.append(f"MAC-implied, step {s}")
+        head += [f"step {s}, BN as is", f"step {s}, BN folded"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case in results["cases"]:
+        if "error" in case:
+            lines.append(
+                f"| `{case['model']}` | {case['side']} | {case['ratio']:g} | failed: {case['error']} |"
+            )
+            continue
+        for batch in results["batches"]:
+            row = [f"`{case['model']}`", str(case["side"]), f"{case['ratio']:g}", str(batch)]
+            for s in steps:
+                v = case["variants"][str(s)]
+                row.append(f"{v['implied_speedup']:.2f}× ({v['macs_ratio']:.3f})")
+                row += [_cell(v["timing"][f"b{batch}-{form}"]) for form in ("plain", "folded")]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goal's cells: 224 px models at the throughput batch, device step, BatchNorm folded."""
+    step = str(max(results["steps"]))
+    rows = []
+    for case in results["cases"]:
+        if "error" in case:
+            continue
+        t = case["variants"][step]["timing"].get(f"b{GOAL_BATCH}-folded")
+        if case["side"] >= 224 and t is not None:
+            rows.append({"model": case["model"], "ratio": case["ratio"], **t})
+    return rows
+
+
+def _missing(results: dict[str, Any]) -> list[str]:
+    """A line naming the planned cases the run did not reach (interrupted), if any."""
+    done = {(c["model"], c["ratio"]) for c in results["cases"]}
+    left = [f"`{m}` at {r:g}" for m, r in results.get("planned", []) if (m, r) not in done]
+    return ["", "Not measured (the run stopped before them): " + ", ".join(left) + "."] if left else []
+
+
+def render(results: dict[str, Any], source: Path) -> str:
+    m = results["machine"]
+    met = [r for r in goal_rows(results) if r["efficiency"] >= GOAL]
+    missed = [r for r in goal_rows(results) if r["efficiency"] < GOAL]
+    verdict = (
+        f"Goal (≥ {GOAL} of the MAC-implied speed-up at batch {GOAL_BATCH} for every 224 px model, step "
+        f"{max(results['steps'])}, BatchNorm folded): met in {len(met)} of {len(met) + len(missed)} cells"
+        + (
+            "; missed: "
+            + ", ".join(f"`{r['model']}` at {r['ratio']:g} ({r['efficiency']:.3f})" for r in missed)
+            if missed
+            else ""
+        )
+        + "."
+    )
+    return "\n".join(
+        [
+            "## Speed: measured vs MAC-implied speed-up (`python -m bench.speed`)",
+            "",
+            f"`{results['command']}` on {m['cpu']} ({m['cores']} cores; pinned to CPUs {m['affinity']}, "
+            f"{m['threads']} torch thread(s)), torch {m['torch']}, {results['finished'][:16]} UTC; 1-minute "
+            f"load average {results['load_avg_start']:.2f} at the start and {results['load_avg_end']:.2f} at "
+            f"the end; {results['repeats']} alternating rounds per cell. Results: `{source.name}`.",
+            "",
+            "Random weights, magnitude allocation (`budget.select_to_budget`) to the remaining-MAC ratio, "
+            "physically pruned. Each cell: median over rounds of dense time / pruned time within the round, "
+            "[bootstrap 95% interval], (measured / MAC-implied). Folded cells compare the folded pruned "
+            "network with the folded dense one. MAC-implied: dense MACs / pruned MACs (the pruned share of "
+            "dense MACs in parentheses).",
+            "",
+            table(results),
+            "",
+            verdict,
+            *_missing(results),
+            "",
+        ]
+    )
+
+
+def publish(results: dict[str, Any], path: Path, markdown: Path, section: str = SECTION) -> None:
+    """Write the results so far (JSON) and the BENCHMARKS.md section rendered from them."""
+    results["load_avg_end"] = os.getloadavg()[0]
+    results["finished"] = dt.datetime.now(dt.UTC).isoformat()
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    update_markdown(markdown, section, f"{start}\n{render(results, path)}{end}\n")
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), help=f"from {list(MODELS)}")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--step", type=int, default=CHANNEL_STEP_DEFAULTS["cpu"], help="the device's channel step")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--min-sample-ms", type=float, default=30.0)
+    p.add_argument("--section", default=SECTION, help="the BENCHMARKS.md section (marker name) to write")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"bench.speed: unknown model(s) {unknown}; known: {list(MODELS)}")
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {
+        "format": FORMAT,
+        "command": "python -m bench.speed " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(args.threads),
+        "load_avg_start": os.getloadavg()[0],
+        "steps": [1, args.step],
+        "batches": args.batches,
+        "repeats": args.repeats,
+        "planned": [[name, ratio] for name in args.models for ratio in args.ratios],
+        "cases": [],
+    }
+    path = args.out / f"speed-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        for ratio in args.ratios:
+            log(f"{name} at {ratio:g} (load {os.getloadavg()[0]:.2f})")
+            try:
+                case = measure_case(
+                    name,
+                    MODELS[name],
+                    ratio,
+                    [1, args.step],
+                    args.batches,
+                    args.repeats,
+                    args.min_sample_ms / 1e3,
+                )
+            except Exception as err:  # one model that cannot be pruned must not lose the others' figures
+                log(f"{name} at {ratio:g} failed: {err!r}")
+                case = {"model": name, "side": MODELS[name], "ratio": ratio, "error": repr(err)[:300]}
+            results["cases"].append(case)
+            publish(
+                results, path, args.markdown, args.section
+            )  # after every case: an interrupted run keeps its figures
+    log(f"wrote {path} and {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

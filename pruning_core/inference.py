@@ -1,0 +1,66 @@
+"""A trained network made ready for inference: BatchNorm folded into the convolutions before it, and on
+CUDA the channels_last memory format.
+
+Used by ``export.py`` (TorchScript and ONNX hold the folded network; the safetensors weights stay
+unfolded so that ``load_pruned`` rebuilds the trainable zoo architecture) and available to whoever times
+inference (``prepare_for_inference``), so that measured and deployed networks are the same.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    """BatchNorm modules in ``model``."""
+    return sum(isinstance(m, BATCHNORMS) for m in model.modules())
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm that directly follows a convolution (or linear
+    layer) whose output nothing else reads folded into its weights and bias (``torch.fx`` fusion).
+
+    A model that ``torch.fx`` cannot trace (data-dependent control flow) comes back as an unfolded eval
+    copy: folding is an optimisation, never a reason to fail. ``model`` itself is not changed.
+    """
+    plain = copy.deepcopy(model).eval()
+    try:
+        fused = fuse(plain, inplace=False)
+    except Exception:  # symbolic tracing fails in many ways (control flow, unsupported ops)
+        return plain
+    return fused.eval()
+
+
+def channels_last_helps(device: torch.device | str) -> bool:
+    """Whether 4-D convolutions should run in channels_last on ``device``.
+
+    CUDA: yes. cuDNN's tensor-core convolution kernels (fp16/bf16 under AMP, TF32) read NHWC natively;
+    in NCHW it transposes around each convolution. NOT measured in this project (no GPU was at hand):
+    PyTorch's channels_last tutorial reports 8-35% on Volta/Ampere for torchvision CNNs. CPU: no;
+    oneDNN picks its own blocked layout for either format, and the CPU benchmark uses the default.
+    """
+    return torch.device(device).type == "cuda"
+
+
+def memory_format(device: torch.device | str) -> torch.memory_format:
+    """The memory format of inference inputs and weights on ``device``."""
+    return torch.channels_last if channels_last_helps(device) else torch.contiguous_format
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device | str, *, fold: bool = True) -> nn.Module:
+    """An eval copy of ``model`` on ``device``: BatchNorm folded (``fold``) and in ``memory_format``.
+    Feed it inputs converted with ``to_inference_input``."""
+    ready = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
+    return ready.to(device=device, memory_format=memory_format(device))
+
+
+def to_inference_input(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` (N, C, H, W) on ``device`` in its inference memory format (other ranks only moved)."""
+    x = x.to(device)
+    return x.contiguous(memory_format=memory_format(device)) if x.dim() == 4 else x
