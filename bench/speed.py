@@ -11,13 +11,18 @@ speed-up is the median over rounds of (dense time / pruned time) within the roun
 interval, so load that drifts between rounds cancels. Each timed sample runs enough forwards to last
 ``--min-sample-ms``.
 
-Writes ``<out>/speed-<time>.json`` and regenerates the ``<!-- bench:speed-cpu -->`` section of
-BENCHMARKS.md.
+On CUDA (``--device cuda``) every forward runs under AMP (fp16 autocast) with cuDNN's autotuner on, the
+timer synchronises the device, and a third form times the folded networks in channels_last
+(``inference.prepare_for_inference``, what the service's CUDA inference uses).
+
+Writes ``<out>/speed-<time>.json`` and regenerates the ``<!-- bench:speed-cpu -->`` (or ``--section``)
+section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -35,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning_core.budget import select_to_budget
+from pruning_core.budget import MIN_WIDTH_CHOICES, select_to_budget
 from pruning_core.groups import PruningGraph
 from pruning_core.importance import magnitude
 from pruning_core.inference import fold_batchnorm
@@ -85,17 +90,25 @@ def pruned_variants(
 
 
 def off_step_share(model: nn.Module, step: int) -> float:
-    """Share of conv layers (ungrouped, at least ``step`` outputs) whose output count is not a multiple
-    of ``step``: 0 for a network pruned with that step, apart from layers the allocator keeps exact."""
+    """Share of conv layers (ungrouped, at least ``MIN_WIDTH_CHOICES * step`` outputs, so from groups that
+    take the whole step: ``budget.group_step``) whose output count is not a multiple of ``step``: 0 for a
+    network pruned with that step, apart from layers the allocator keeps exact."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    wide = [m for m in convs if m.out_channels >= step]
+    wide = [m for m in convs if m.out_channels >= MIN_WIDTH_CHOICES * step]
     return sum(m.out_channels % step != 0 for m in wide) / max(1, len(wide))
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _sample(fn: Callable[[], Any], inner: int) -> float:
+    _sync()
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
+    _sync()  # CUDA launches are asynchronous: the sample ends when the device is done
     return (time.perf_counter() - t0) / inner
 
 
@@ -122,7 +135,7 @@ def time_alternating(
 ) -> dict[str, list[float]]:
     """Seconds per forward of each net, one sample per round, ``dense`` first in every round and the
     others in a rotating order (so none is always timed right after the dense one)."""
-    fns = {k: (lambda m=m: m(x)) for k, m in nets.items()}
+    fns = {k: (lambda m=m, x=x: m(x)) for k, m in nets.items()}
     inner = {k: _inner(f, min_sample_s) for k, f in fns.items()}
     others = [k for k in nets if k != "dense"]
     times: dict[str, list[float]] = {k: [] for k in nets}
@@ -142,8 +155,9 @@ def measure_case(
     repeats: int,
     min_sample_s: float,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Every variant of one (model, ratio): MACs, and per batch and folding the speed-ups."""
+    """Every variant of one (model, ratio): MACs, and per batch and form the speed-ups."""
     rng = random.Random(seed)
     dense, pruned, dense_macs = pruned_variants(name, side, ratio, steps)
     x1 = torch.randn(1, 3, side, side)
@@ -151,7 +165,7 @@ def measure_case(
         step: {
             "macs": count_macs(model, x1),
             "params": sum(p.numel() for p in model.parameters()),
-            "off_step_share": off_step_share(model, max(steps)),
+            "off_step_share": off_step_share(model, step),
         }
         for step, model in pruned.items()
     }
@@ -159,18 +173,20 @@ def measure_case(
         v["macs_ratio"] = v["macs"] / dense_macs
         v["implied_speedup"] = dense_macs / v["macs"]
         v["timing"] = {}
-    forms = {False: lambda m: m, True: fold_batchnorm}
     for batch in batches:
-        x = torch.randn(batch, 3, side, side)
-        for folded, form in forms.items():
+        for form_name, (form, layout) in FORMS[device].items():
+            x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=layout)
             nets = {"dense": form(dense), **{f"step{s}": form(m) for s, m in pruned.items()}}
-            times = time_alternating(nets, x, repeats, min_sample_s)
+            nets = {k: _on(m, device, layout) for k, m in nets.items()}
+            with _autocast(device):
+                times = time_alternating(nets, x, repeats, min_sample_s)
             for step, v in variants.items():
                 ratios = [d / p for d, p in zip(times["dense"], times[f"step{step}"], strict=True)]
                 med, lo, hi = median_interval(ratios, rng)
-                v["timing"][f"b{batch}-{'folded' if folded else 'plain'}"] = {
+                v["timing"][f"b{batch}-{form_name}"] = {
                     "batch": batch,
-                    "folded": folded,
+                    "folded": form_name != "plain",
+                    "form": form_name,
                     "dense_ms": 1e3 * statistics.median(times["dense"]),
                     "pruned_ms": 1e3 * statistics.median(times[f"step{step}"]),
                     "speedup": med,
@@ -187,8 +203,33 @@ def measure_case(
     }
 
 
-def machine(threads: int) -> dict[str, Any]:
+def _on(model: nn.Module, device: str, layout: torch.memory_format) -> nn.Module:
+    return model.to(device=device, memory_format=layout)
+
+
+def _autocast(device: str) -> Any:
+    """fp16 autocast on CUDA (the throughput setting the issue asks for), nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else contextlib.nullcontext()
+
+
+# form name -> (network transform, memory format of inputs and weights), per device type
+FORMS: dict[str, dict[str, tuple[Callable[[nn.Module], nn.Module], torch.memory_format]]] = {
+    "cpu": {
+        "plain": (lambda m: m, torch.contiguous_format),
+        "folded": (fold_batchnorm, torch.contiguous_format),
+    },
+    "cuda": {
+        "plain": (lambda m: m, torch.contiguous_format),
+        "folded": (fold_batchnorm, torch.contiguous_format),
+        "folded-cl": (fold_batchnorm, torch.channels_last),
+    },
+}
+FORM_TITLES = {"plain": "BN as is", "folded": "BN folded", "folded-cl": "BN folded, channels_last"}
+
+
+def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
     return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "affinity": sorted(os.sched_getaffinity(0)),
@@ -211,10 +252,11 @@ def table(results: dict[str, Any]) -> str:
     """One row per model, ratio and batch; per channel step and folding: measured speed-up, its
     interval and (in parentheses) measured / MAC-implied."""
     steps = results["steps"]
+    forms = results.get("forms", ["plain", "folded"])
     head = ["model", "px", "MACs kept", "batch"]
     for s in steps:
         head.append(f"MAC-implied, step {s}")
-        head += [f"step {s}, BN as is", f"step {s}, BN folded"]
+        head += [f"step {s}, {FORM_TITLES[f]}" for f in forms]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in results["cases"]:
         if "error" in case:
@@ -227,19 +269,22 @@ def table(results: dict[str, Any]) -> str:
             for s in steps:
                 v = case["variants"][str(s)]
                 row.append(f"{v['implied_speedup']:.2f}× ({v['macs_ratio']:.3f})")
-                row += [_cell(v["timing"][f"b{batch}-{form}"]) for form in ("plain", "folded")]
+                row += [_cell(v["timing"][f"b{batch}-{form}"]) for form in forms]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The goal's cells: 224 px models at the throughput batch, device step, BatchNorm folded."""
-    step = str(max(results["steps"]))
+    """The goal's cells: 224 px models at the throughput batch, device step, BatchNorm folded (in
+    channels_last on CUDA)."""
+    step = str(results.get("device_step", max(results["steps"])))
+    form = results.get("forms", ["plain", "folded"])[-1]
+    batch = results.get("goal_batch", GOAL_BATCH)
     rows = []
     for case in results["cases"]:
         if "error" in case:
             continue
-        t = case["variants"][step]["timing"].get(f"b{GOAL_BATCH}-folded")
+        t = case["variants"][step]["timing"].get(f"b{batch}-{form}")
         if case["side"] >= 224 and t is not None:
             rows.append({"model": case["model"], "ratio": case["ratio"], **t})
     return rows
@@ -256,9 +301,17 @@ def render(results: dict[str, Any], source: Path) -> str:
     m = results["machine"]
     met = [r for r in goal_rows(results) if r["efficiency"] >= GOAL]
     missed = [r for r in goal_rows(results) if r["efficiency"] < GOAL]
+    form = FORM_TITLES[results.get("forms", ["plain", "folded"])[-1]]
+    where = (
+        f"on {m['device']}, fp16 autocast (AMP)"
+        if m.get("device", "cpu") != "cpu"
+        else f"on {m['cpu']} ({m['cores']} cores; pinned to CPUs {m['affinity']}, {m['threads']} torch "
+        "thread(s))"
+    )
     verdict = (
-        f"Goal (≥ {GOAL} of the MAC-implied speed-up at batch {GOAL_BATCH} for every 224 px model, step "
-        f"{max(results['steps'])}, BatchNorm folded): met in {len(met)} of {len(met) + len(missed)} cells"
+        f"Goal (≥ {GOAL} of the MAC-implied speed-up at batch {results.get('goal_batch', GOAL_BATCH)} for "
+        f"every 224 px model, step {results.get('device_step', max(results['steps']))}, {form}): met in "
+        f"{len(met)} of {len(met) + len(missed)} cells"
         + (
             "; missed: "
             + ", ".join(f"`{r['model']}` at {r['ratio']:g} ({r['efficiency']:.3f})" for r in missed)
@@ -271,8 +324,7 @@ def render(results: dict[str, Any], source: Path) -> str:
         [
             "## Speed: measured vs MAC-implied speed-up (`python -m bench.speed`)",
             "",
-            f"`{results['command']}` on {m['cpu']} ({m['cores']} cores; pinned to CPUs {m['affinity']}, "
-            f"{m['threads']} torch thread(s)), torch {m['torch']}, {results['finished'][:16]} UTC; 1-minute "
+            f"`{results['command']}` {where}, torch {m['torch']}, {results['finished'][:16]} UTC; 1-minute "
             f"load average {results['load_avg_start']:.2f} at the start and {results['load_avg_end']:.2f} at "
             f"the end; {results['repeats']} alternating rounds per cell. Results: `{source.name}`.",
             "",
@@ -305,7 +357,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(MODELS), help=f"from {list(MODELS)}")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--step", type=int, default=CHANNEL_STEP_DEFAULTS["cpu"], help="the device's channel step")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: AMP, synchronised timer")
+    p.add_argument("--step", type=int, default=None, help="the device's channel step (default: its default)")
+    p.add_argument("--extra-steps", nargs="*", type=int, default=[], help="more channel steps to compare")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--min-sample-ms", type=float, default=30.0)
@@ -321,12 +375,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"bench.speed: unknown model(s) {unknown}; known: {list(MODELS)}")
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # what a deployment sets: the fastest kernel per shape
+    step = args.step if args.step is not None else CHANNEL_STEP_DEFAULTS[args.device]
+    steps = sorted({1, step, *args.extra_steps})
     results: dict[str, Any] = {
         "format": FORMAT,
         "command": "python -m bench.speed " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(args.threads),
+        "machine": machine(args.threads, args.device),
         "load_avg_start": os.getloadavg()[0],
-        "steps": [1, args.step],
+        "steps": steps,
+        "device_step": step,
+        "forms": list(FORMS[args.device]),
+        "goal_batch": max(args.batches),
         "batches": args.batches,
         "repeats": args.repeats,
         "planned": [[name, ratio] for name in args.models for ratio in args.ratios],
@@ -342,10 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     name,
                     MODELS[name],
                     ratio,
-                    [1, args.step],
+                    steps,
                     args.batches,
                     args.repeats,
                     args.min_sample_ms / 1e3,
+                    device=args.device,
                 )
             except Exception as err:  # one model that cannot be pruned must not lose the others' figures
                 log(f"{name} at {ratio:g} failed: {err!r}")

@@ -178,6 +178,9 @@ class LatencyComparison:
     wall_s: float
     batches: tuple[BatchTiming, ...]
     noise_floor: float = NOISE_FLOOR
+    memory_format: str = "contiguous"  # "channels_last": inputs and weights in NHWC
+    folded: bool = False  # set by a caller that timed BatchNorm-folded networks
+    amp: bool = False  # forwards under fp16 autocast (CUDA)
 
 
 def compare_latency(
@@ -193,6 +196,8 @@ def compare_latency(
     block_s: float = 0.005,
     warmup_s: float | None = None,
     clock: Clock | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    amp: bool = False,
 ) -> LatencyComparison:
     """Time ``dense`` and ``pruned`` on random batches of ``sample_shape`` (C x H x W) per batch size.
 
@@ -202,7 +207,9 @@ def compare_latency(
     ``MIN_ROUNDS`` rounds run unless that takes twice the budget (then ``FLOOR_ROUNDS``). ``threads``
     (default: torch's current setting) is set for the timing and restored; so are each model's device
     and mode. ``warmup_s``: seconds of warm-up per batch size (default: 5 % of its share, at most
-    0.25 s); at least 3 forwards of each run regardless.
+    0.25 s); at least 3 forwards of each run regardless. ``memory_format``: of the batches and the
+    models' weights during the timing (``inference.memory_format``); ``amp``: forwards under fp16
+    autocast (CUDA only).
     """
     if rounds < 1 or max_seconds < 0 or block_s <= 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("need rounds >= 1, max_seconds >= 0, block_s > 0 and positive batch sizes")
@@ -217,11 +224,16 @@ def compare_latency(
     saved_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        with _placed(dense, device) as d_dtype, _placed(pruned, device):
+        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
+        with (
+            _placed(dense, device, memory_format) as d_dtype,
+            _placed(pruned, device, memory_format),
+            autocast,
+        ):
             batches = tuple(
                 _time_pair(
                     (dense, pruned),
-                    _batch((b, *sample_shape), device, d_dtype),
+                    _batch((b, *sample_shape), device, d_dtype).contiguous(memory_format=memory_format),
                     share,
                     rounds,
                     block_s,
@@ -243,6 +255,8 @@ def compare_latency(
         budget_s=max_seconds,
         wall_s=time.perf_counter() - start,
         batches=batches,
+        memory_format="channels_last" if memory_format == torch.channels_last else "contiguous",
+        amp=amp and device.type == "cuda",
     )
 
 
@@ -351,17 +365,20 @@ def _block_clock(device: torch.device) -> Clock:
 
 
 @contextmanager
-def _placed(model: nn.Module, device: torch.device) -> Iterator[torch.dtype]:
-    """``model`` on ``device`` in eval mode for the block (yields its floating dtype); then back."""
+def _placed(
+    model: nn.Module, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+) -> Iterator[torch.dtype]:
+    """``model`` on ``device`` (in ``memory_format``) in eval mode for the block (yields its floating
+    dtype); then back."""
     first = next((t for t in (*model.parameters(), *model.buffers())), None)
     home = first.device if first is not None else device
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     was_training = model.training
     try:
-        model.to(device).eval()
+        model.to(device=device, memory_format=memory_format).eval()
         yield dtype
     finally:
-        model.to(home).train(was_training)
+        model.to(device=home, memory_format=torch.contiguous_format).train(was_training)
 
 
 def _batch(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -75,6 +75,9 @@ class LatencyReport(_Record):
     wall_s: float = Field(ge=0.0)
     batches: list[BatchLatency] = Field(min_length=1)
     noise_floor: float = Field(0.02, ge=0.0, description="How far the speed-up must clear 1 to count.")
+    folded: bool = Field(False, description="Both networks timed with BatchNorm folded, as exported.")
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    amp: bool = Field(False, description="Forwards under fp16 autocast (CUDA jobs with schedule.amp).")
 
 
 class Cost(_Record):

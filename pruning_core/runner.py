@@ -13,6 +13,7 @@ Layout of ``workdir``: ``model.safetensors`` + ``architecture.json`` (+ ``model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -32,6 +33,7 @@ from .errors import ModelError
 from .evaluation import evaluate, logits
 from .export import export_model
 from .groups import PruningGraph
+from .inference import memory_format, prepare_for_inference
 from .latency import LatencyComparison, compare_latency
 from .macs import measure
 from .methods import METHODS, DenseTraining, Method, MethodContext
@@ -330,9 +332,19 @@ def _compare_latency(
     reporter.message(
         f"timing dense vs pruned at batch {', '.join(map(str, batches))} (at most ~{budget:g} s)"
     )
+    # Timed as deployed: BatchNorm folded (TorchScript/ONNX hold the folded network) and, on CUDA,
+    # channels_last (BENCHMARKS.md "speed-cuda": faster for dense and stepped widths alike).
     result = compare_latency(
-        dense, pruned, tuple(example.shape[1:]), device, batch_sizes=batches, max_seconds=budget
+        prepare_for_inference(dense, "cpu"),
+        prepare_for_inference(pruned, "cpu"),
+        tuple(example.shape[1:]),
+        device,
+        batch_sizes=batches,
+        max_seconds=budget,
+        memory_format=memory_format(device),
+        amp=spec.schedule.amp,
     )
+    result = dataclasses.replace(result, folded=True)
     if result.busy:
         reporter.message(
             f"the machine was busy while timing (load {result.load_1min:.1f} on {result.cpus} cores): "

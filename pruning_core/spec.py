@@ -375,15 +375,14 @@ MethodSpec = Annotated[
 METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 
 
-# The channel step per device type when `target.round_to` is not given. CPU: oneDNN's convolutions work
-# in blocks of 8 channels (AVX2; 16 with AVX-512), and on an idle machine widths in multiples of 8 brought
-# MobileNetV2 at half the MACs from 0.81 to 0.99 of its MAC-implied speed-up and ResNet-18 from 0.76 to
-# 0.82 (issue 12); `python -m bench.speed` compares steps 1 and 8 (BENCHMARKS.md, "Speed"; its runs so far
-# were on a busy machine). 16 was not measured. CUDA: NOT measured (no GPU was at hand);
-# 8 is the channel multiple fp16/bf16 tensor cores need under AMP without padding. A larger step (16,
-# 32) might align better with cuDNN's tiles but makes narrow groups (the 16-channel stages of CIFAR
-# ResNets) unprunable; measure before raising it.
-CHANNEL_STEP_DEFAULTS: dict[str, int] = {"cpu": 8, "cuda": 8}
+# The channel step per device type when `target.round_to` is not given (a group narrower than four steps
+# takes a finer one: `budget.group_step`). Measured with `python -m bench.speed` (BENCHMARKS.md, "Speed").
+# CPU: oneDNN's convolutions work in blocks of 8 channels (AVX2); on an idle machine widths in multiples
+# of 8 brought MobileNetV2 at half the MACs from 0.81 to 0.99 of its MAC-implied speed-up and ResNet-18
+# from 0.76 to 0.82 (issue 12). CUDA (H200, fp16 AMP, batch 256, channels_last): step 1 wastes most of
+# pruning (ResNet-50 at 0.3 of the MACs: 1.15x; step 8: 1.70x; step 16: 1.80x), and 16 beat 8 by 0-6 %
+# on every 224 px model ("speed-cuda").
+CHANNEL_STEP_DEFAULTS: dict[str, int] = {"cpu": 8, "cuda": 16}
 
 
 class TargetSpec(_Strict):

@@ -103,6 +103,33 @@ def test_rounds_alternate_at_the_stated_threads_and_everything_is_restored():
     assert [first for first, _ in rounds] == [id(dense), id(pruned)] * 15  # ABBA: who goes first alternates
 
 
+def test_channels_last_reaches_the_batches_and_weights_and_is_undone():
+    dense, pruned = _net(8), _net(4)
+    seen: list[bool] = []
+
+    def clock(model: nn.Module, x: torch.Tensor, n: int) -> float:
+        w = model[0].weight
+        seen.append(
+            x.is_contiguous(memory_format=torch.channels_last)
+            and w.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+        )
+        return 0.001 * n
+
+    result = compare_latency(
+        dense,
+        pruned,
+        (3, 8, 8),
+        "cpu",
+        batch_sizes=(2,),
+        **FAKE,
+        clock=clock,
+        memory_format=torch.channels_last,
+    )
+    assert result.memory_format == "channels_last" and not result.amp and seen and all(seen)
+    assert dense[0].weight.is_contiguous() and pruned[2].weight.is_contiguous()  # back to NCHW
+
+
 def test_the_budget_bounds_the_rounds():
     model = _net(4)
     result = compare_latency(model, model, (3, 8, 8), "cpu", batch_sizes=(1, 2), max_seconds=0.0)
