@@ -30,6 +30,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
     "per_class": (("data", "per_class"), int),
     "method": (("method", "name"), str),
     "target": (("target", "macs_ratio"), float),
+    "speedup": (("target", "speedup"), float),
     "epochs": (("schedule", "epochs"), int),
     "dense_epochs": (("schedule", "dense_epochs"), int),
     "batch_size": (("schedule", "batch_size"), int),
@@ -76,7 +77,8 @@ def _out_dir(args: argparse.Namespace, spec) -> Path:
         return args.out
     if args.spec:
         return Path("runs") / Path(args.spec).stem
-    return Path("runs") / f"{spec.model.name.replace(':', '_')}-{spec.method.name}-{spec.target.macs_ratio:g}"
+    goal = f"x{spec.target.speedup:g}" if spec.target.speedup else f"{spec.target.macs_ratio:g}"
+    return Path("runs") / f"{spec.model.name.replace(':', '_')}-{spec.method.name}-{goal}"
 
 
 def _claim_out_dir(out: Path, spec_json: dict[str, Any], fresh: bool) -> bool:

@@ -53,7 +53,7 @@ def prune(
     test_data: Dataset,
     *,
     method: str = "magnitude",
-    target: float = 0.5,
+    target: float | Mapping[str, Any] = 0.5,
     epochs: int = 3,
     lr: float = 0.05,
     batch_size: int = 64,
@@ -68,7 +68,8 @@ def prune(
     cancel: threading.Event | Callable[[], bool] | None = None,
     **options: Any,
 ) -> Pruned:
-    """Prune ``model`` to ``target`` (remaining MACs / dense MACs) with a registered ``method``.
+    """Prune ``model`` to ``target`` (remaining MACs / dense MACs, or a ``TargetSpec`` mapping such as
+    ``{"speedup": 2.0}``: a measured speed-up on ``device``) with a registered ``method``.
 
     ``example_input``: one batch (N, C, S, S) of what the model eats; ``train_data`` / ``test_data``:
     datasets of ``(image C x S x S float tensor, int label)``, already normalised. ``epochs``, ``lr``,
@@ -114,7 +115,7 @@ def method_options() -> dict[str, type[BaseModel]]:
 
 def _spec(
     method: str,
-    target: float,
+    target: float | Mapping[str, Any],
     epochs: int,
     lr: float,
     batch_size: int,
@@ -142,7 +143,7 @@ def _spec(
         raise TypeError(f"prune(): give {', '.join(twice)} as keyword(s), not in schedule")
     body = {
         "method": {"name": method, **options},
-        "target": {"macs_ratio": target},
+        "target": dict(target) if isinstance(target, Mapping) else {"macs_ratio": target},
         "schedule": {**(schedule or {}), **sched},
         "kd": dict(kd or {}),
         "data": {"augment": False},  # the caller's datasets are used as given

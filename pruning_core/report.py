@@ -80,6 +80,28 @@ class LatencyReport(_Record):
     amp: bool = Field(False, description="Forwards under fp16 autocast (CUDA jobs with schedule.amp).")
 
 
+class SpeedProbeRecord(_Record):
+    """One timed candidate of a speed target's search (``speed_target.SpeedProbe``)."""
+
+    macs_ratio: float = Field(gt=0.0, le=1.0)
+    achieved_macs_ratio: float = Field(gt=0.0, le=1.0)
+    speedup: float = Field(gt=0.0)
+    speedup_low: float = Field(gt=0.0)
+    speedup_high: float = Field(gt=0.0)
+
+
+class SpeedTarget(_Record):
+    """A job's ``target.speedup``: the speed-up ``requested`` at ``batch_size`` on ``device``, the
+    remaining-MAC ratio the search chose for it (``macs_ratio``, the job's ``target_macs_ratio``) and its
+    probes. The achieved speed-up is the report's latency at that batch (``latency_speedup``)."""
+
+    requested: float = Field(gt=1.0)
+    batch_size: int = Field(ge=1)
+    device: str
+    macs_ratio: float = Field(gt=0.0, le=1.0)
+    probes: list[SpeedProbeRecord] = Field(min_length=1)
+
+
 class Cost(_Record):
     """MACs per input sample, parameter count, test top-1 in percent (0..100), and the bytes of the
     weights (every tensor of the state dict, as safetensors stores them)."""
@@ -188,6 +210,7 @@ class Report(_Record):
     dense: Cost
     pruned: Cost
     latency: LatencyReport | None = None
+    speed_target: SpeedTarget | None = None
     data_summary: DataSummary | None = None
     files: dict[str, int] = Field(default_factory=dict)
     groups: list[GroupWidth]
@@ -232,6 +255,7 @@ class Report(_Record):
         pruned: Cost | Any,
         spec: dict[str, Any],
         latency: LatencyReport | Any | None = None,
+        speed_target: SpeedTarget | Any | None = None,
         data_summary: DataSummary | Any | None = None,
         files: dict[str, int] | None = None,
         groups: Iterable[GroupWidth | Any] = (),
@@ -264,6 +288,7 @@ class Report(_Record):
             dense=dense,
             pruned=pruned,
             latency=latency,
+            speed_target=SpeedTarget.model_validate(speed_target) if speed_target is not None else None,
             data_summary=data_summary,
             files=files or {},
             groups=list(groups),

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import methods  # noqa: F401  (registers the methods)
+from . import (
+    methods,  # noqa: F401  (registers the methods)
+    speed_target,
+)
 from .budget import check_reachable
 from .data import Datasets, load_data
 from .engine import NullReporter, Reporter, TrainContext, fit, has_checkpoint
@@ -49,6 +52,7 @@ from .report import (
 )
 from .settings import get_settings
 from .spec import JobSpec
+from .speed_target import SpeedSearch
 from .surgery import describe, rebuild
 from .zoo import build_model, get_entry, load_weights
 
@@ -127,6 +131,13 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     example = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     dense_graph_t = time.perf_counter()
     graph = PruningGraph(model, example, shape.num_classes, settings.graph_timeout_s)
+    asked = spec  # as given: the report's spec (a speed target's MAC ratio is chosen below)
+    speed: SpeedSearch | None = None
+    if spec.target.speedup is not None:
+        speed = _speed_target(spec, model, example, shape, device, workdir, reporter)
+        spec = spec.model_copy(
+            update={"target": spec.target.model_copy(update={"macs_ratio": speed.macs_ratio})}
+        )
     check_reachable(graph, spec.target.macs_ratio, spec.target.min_channels, spec.channel_step(device.type))
     dense_arch = shape.describe(model)
     model.to(device)  # before anything measures it: with no dense phase, nothing else moves it
@@ -205,11 +216,12 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         dense=dense_cost,
         pruned=pruned_cost,
         latency=latency,
+        speed_target=speed,
         data_summary=DataSummary(
             train_images=len(data.train), test_images=len(data.test), classes=list(data.classes)
         ),
         files=files,
-        spec=spec.model_dump(mode="json"),
+        spec=asked.model_dump(mode="json"),
         groups=pruned_graph_keep,
         excluded_groups=graph.excluded,
         blocks=block_counts(dense_arch, pruned_arch),
@@ -351,6 +363,48 @@ def _compare_latency(
             "latency figures are noisier than usual"
         )
     return result
+
+
+def _speed_target(
+    spec: JobSpec,
+    model: nn.Module,
+    example: torch.Tensor,
+    shape: _Shape,
+    device: torch.device,
+    workdir: Path,
+    reporter: Reporter,
+) -> SpeedSearch:
+    """The remaining-MAC ratio for ``target.speedup`` on ``device`` (``speed_target``); a resumed job
+    reuses the ratio its first attempt chose."""
+    requested, batch = spec.target.speedup, spec.export.latency_batch_size
+    assert requested is not None
+    reporter.message(
+        f"timing candidate prunings for a {requested:g}x speed-up at batch {batch} on {device} "
+        f"(at most ~{spec.target.speedup_search_s:g} s)"
+    )
+    found = speed_target.load_or_search(
+        workdir,
+        requested,
+        lambda: speed_target.search(
+            model,
+            example,
+            shape.num_classes,
+            requested,
+            device,
+            batch_size=batch,
+            round_to=spec.channel_step(device.type),
+            min_channels=spec.target.min_channels,
+            seconds=spec.target.speedup_search_s,
+            amp=spec.schedule.amp,
+            graph_timeout_s=get_settings().graph_timeout_s,
+        ),
+    )
+    best = max((p for p in found.probes if p.macs_ratio == found.macs_ratio), key=lambda p: p.speedup)
+    reporter.message(
+        f"pruning to {found.macs_ratio:.3f} of the MACs: a candidate there measured {best.speedup:.2f}x "
+        f"[{best.speedup_low:.2f}, {best.speedup_high:.2f}] for the {requested:g}x asked"
+    )
+    return found
 
 
 def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.device) -> nn.Module:

@@ -386,9 +386,21 @@ CHANNEL_STEP_DEFAULTS: dict[str, int] = {"cpu": 8, "cuda": 16}
 
 
 class TargetSpec(_Strict):
-    """The budget: the fraction of the dense model's MACs that remains after pruning."""
+    """The budget: the fraction of the dense model's MACs that remains after pruning, or a measured
+    speed-up on the job's device that the runner turns into that fraction (``speed_target``)."""
 
     macs_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Remaining MACs / dense MACs, in (0, 1].")
+    speedup: float | None = Field(
+        None,
+        gt=1.0,
+        le=100.0,
+        description="Instead of `macs_ratio`: the measured speed-up (dense / pruned time at "
+        "`export.latency_batch_size`, on the job's device) to prune for. The MAC ratio is found by timing "
+        "candidate prunings before training; the report gives the requested and the achieved speed-up.",
+    )
+    speedup_search_s: float = Field(
+        30.0, gt=0.0, le=600.0, description="Seconds the timing of candidates for `speedup` may take."
+    )
     min_channels: int = Field(
         1, ge=1, le=65_536, description="Never keep fewer channels than this in a group."
     )
@@ -400,6 +412,12 @@ class TargetSpec(_Strict):
         f"least this wide (grouped convolutions keep their own step); default per device type "
         f"{CHANNEL_STEP_DEFAULTS}; 1: any width.",
     )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TargetSpec:
+        if self.speedup is not None and "macs_ratio" in self.model_fields_set:
+            raise ValueError("give target.macs_ratio or target.speedup, not both")
+        return self
 
 
 class Schedule(_Strict):
@@ -592,7 +610,7 @@ def submit_problems(spec: JobSpec, settings: Settings) -> list[tuple[str, str]]:
     if model.startswith(TIMM_PREFIX) and model[len(TIMM_PREFIX) :] not in settings.allowed_timm_models:
         refuse("model.name", f"{model} is not one of the timm models this server allows (GET /v1/models)")
     floor = ZOO_MIN_MACS_RATIO.get(model)
-    if floor is not None and spec.target.macs_ratio < floor:
+    if floor is not None and spec.target.speedup is None and spec.target.macs_ratio < floor:
         refuse(
             "target.macs_ratio",
             f"{spec.target.macs_ratio:g} is unreachable: {model} keeps at least {floor:g} of its MACs with "
