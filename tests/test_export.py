@@ -441,3 +441,20 @@ def test_the_contract_reproduces_the_data_pipeline(tmp_path):
     assert (s.channels, s.color, s.classes) == (3, "RGB", ("class0", "class1", "class2"))
     assert s.mean == synthetic.mean and len(s.mean) == 3
     assert InputContract.from_text(s.to_text()) == s and InputContract.from_metadata(s.metadata()) == s
+
+
+def test_a_pt2_that_cannot_be_exported_is_reported_and_leaves_no_file(resnet20, tmp_path, monkeypatch):
+    model, arch, x = resnet20
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("data-dependent guard\non the batch size")
+
+    monkeypatch.setattr(torch.export, "export", broken)
+    result = export_model(model, arch, tmp_path, ["torch_export", "onnx"], x, contract=_contract())
+    assert set(result.paths) == {"safetensors", "architecture", "onnx"}
+    assert result.failed == {"torch_export": "torch.export failed: data-dependent guard on the batch size"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "architecture.json",
+        "model.onnx",
+        "model.safetensors",
+    ]
