@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     for flag, (path, typ) in FLAGS.items():
         s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, help=f"sets {'.'.join(path)}")
     s.add_argument("--kd", action="store_true", default=None, help="fine-tune with KD from the dense model")
-    s.add_argument("--formats", help="export formats, comma-separated (safetensors,torchscript,onnx)")
+    s.add_argument(
+        "--formats", help="export formats, comma-separated (safetensors,torch_export,torchscript,onnx)"
+    )
     s.add_argument("--idempotency-key", help="reuse to make a repeated submit return the same job")
     follow = s.add_mutually_exclusive_group()
     follow.add_argument("--wait", action="store_true", help="wait until the job ends")

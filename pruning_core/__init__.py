@@ -17,6 +17,9 @@ _LAZY = {
     "prune": "pruning_core.python_api",
     "Pruned": "pruning_core.python_api",
     "load_pruned": "pruning_core.export",
+    "load_exported": "pruning_core.export",
+    "read_contract": "pruning_core.export",
+    "InputContract": "pruning_core.contract",
     "build_model": "pruning_core.zoo",
     "count_macs": "pruning_core.macs",
 }

@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     for flag, (path, typ) in FLAGS.items():
         r.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, help=f"sets {'.'.join(path)}")
     r.add_argument("--kd", action="store_true", default=None, help="fine-tune with KD from the dense model")
-    r.add_argument("--formats", help="export formats, comma-separated (safetensors,torchscript,onnx)")
+    r.add_argument(
+        "--formats", help="export formats, comma-separated (safetensors,torch_export,torchscript,onnx)"
+    )
     r.add_argument("--out", type=Path, help="output directory (default: runs/<model>-<method>-<target>)")
     r.add_argument("--fresh", action="store_true", help="discard checkpoints in --out instead of resuming")
     r.add_argument("--quiet", action="store_true", help="no progress bar")

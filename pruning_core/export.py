@@ -1,13 +1,20 @@
-"""Export a (pruned) model as safetensors + architecture JSON, TorchScript and ONNX; load it back.
+"""Export a (pruned) model as safetensors + architecture JSON, ``torch.export`` (.pt2), TorchScript and
+ONNX; load it back.
 
 The export directory always holds ``model.safetensors`` (the state dict) and ``architecture.json``
 (``surgery.describe``): together they rebuild the pruned network with no pickled code
-(``load_pruned``); a failure there raises ``ExportError``. ``model.torchscript.pt`` and ``model.onnx``
-are optional deployment artefacts: each is checked against the eager model's eval output, and one that
-cannot be written or fails its check is left out and reported in ``ExportResult.failed`` (a job whose
-training is done is never failed for a deployment format). Both hold the network with BatchNorm folded
-into the convolutions before it (``inference.fold_batchnorm``): fewer operators to run; the safetensors
-weights stay unfolded, so that the reloaded network is the trainable zoo architecture.
+(``load_pruned``); a failure there raises ``ExportError``. ``model.pt2``, ``model.torchscript.pt`` and
+``model.onnx`` are optional deployment artefacts: each is checked against the eager model's eval
+output, and one that cannot be written or fails its check is left out and reported in
+``ExportResult.failed`` (a job whose training is done is never failed for a deployment format). They
+hold the network with BatchNorm folded into the convolutions before it (``inference.fold_batchnorm``):
+fewer operators to run; the safetensors weights stay unfolded, so that the reloaded network is the
+trainable zoo architecture.
+
+Every format carries the job's ``InputContract`` (normalisation, size, channels, value range, class
+names): ``architecture.json`` as its ``input`` object, ONNX as ``metadata_props``, TorchScript and .pt2
+as the extra file ``input_contract.json``; ``read_contract`` reads it back from any of them.
+TorchScript is deprecated in PyTorch: ``load_torchscript`` says so and points to ``load_exported``.
 
 ONNX goes through the TorchScript-based exporter (``dynamo=False``): torch 2.14 still ships it, and the
 default dynamo exporter needs ``onnxscript``, which is not a dependency.
@@ -27,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .contract import CONTRACT_FILE, InputContract
 from .errors import PruningError, WeightsError
 from .inference import count_batchnorms, fold_batchnorm
 from .surgery import rebuild
@@ -36,7 +44,8 @@ WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "architecture.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
-FORMATS = ("safetensors", "torchscript", "onnx")
+TORCH_EXPORT_FILE = "model.pt2"
+FORMATS = ("safetensors", "torch_export", "torchscript", "onnx")
 ONNX_OPSET = 17
 # A TorchScript/ONNX output passes when max|out - ref| <= CHECK_ATOL + CHECK_RTOL * max|ref| on the
 # example batch. Relative, because float32 reordering (fused kernels, BatchNorm folded into convs) errs in
@@ -54,13 +63,14 @@ class ExportError(PruningError):
 class ExportResult:
     """What ``export_model`` wrote.
 
-    ``paths``: artefact -> file, ``safetensors`` and ``architecture`` always, ``torchscript`` and
-    ``onnx`` when written and checked. ``failed``: format -> one-line reason it was left out.
+    ``paths``: artefact -> file, ``safetensors`` and ``architecture`` always, ``torch_export``,
+    ``torchscript`` and ``onnx`` when written and checked. ``failed``: format -> one-line reason it was
+    left out.
     """
 
     paths: dict[str, Path]
     failed: dict[str, str] = field(default_factory=dict)
-    folded_batchnorms: int = 0  # BatchNorm layers folded away in the TorchScript and ONNX networks
+    folded_batchnorms: int = 0  # BatchNorm layers folded away in the .pt2, TorchScript and ONNX networks
 
 
 def export_model(
@@ -70,14 +80,17 @@ def export_model(
     formats: Sequence[str],
     example: torch.Tensor,
     *,
+    contract: InputContract | None = None,
     rtol: float = CHECK_RTOL,
     atol: float = CHECK_ATOL,
 ) -> ExportResult:
     """Write ``model`` to ``out_dir`` in the requested formats.
 
     ``example`` is an input batch (N x C x H x W, float) used to trace and to check the exports.
-    safetensors + ``architecture.json`` are always written; a problem with them (or an unknown format)
-    raises ``ExportError``. TorchScript and ONNX outputs must match torch's eval logits within
+    ``contract``: the input contract and class names, stored in every format written (without one,
+    ``architecture.json`` records only channels and size). safetensors + ``architecture.json`` are
+    always written; a problem with them (or an unknown format) raises ``ExportError``. The .pt2,
+    TorchScript and ONNX outputs must match torch's eval logits within
     ``atol + rtol * max|logits|`` (max abs difference); a format that fails to export or to match is
     reported in ``ExportResult.failed`` and its file is not left behind. The model is exported on the
     CPU in eval mode and returned to its original device and mode. Nothing is written outside
@@ -87,6 +100,8 @@ def export_model(
     if unknown:
         raise ExportError(f"unknown export format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
+    if contract is not None:  # a superset of describe()'s {channels, size}: old readers still work
+        arch = {**arch, "input": contract.to_json()}
     with _on_cpu_eval(model):
         x = example.detach().to("cpu")
         state = _cpu_state(model)
@@ -98,12 +113,16 @@ def export_model(
         tol = atol + rtol * (reference.abs().max().item() if reference.numel() else 0.0)
         deployed = fold_batchnorm(model)  # checked below against the unfolded model's logits
         result = replace(result, folded_batchnorms=count_batchnorms(model) - count_batchnorms(deployed))
-        savers = {"torchscript": (_save_torchscript, TORCHSCRIPT_FILE), "onnx": (_save_onnx, ONNX_FILE)}
+        savers = {
+            "torch_export": (_save_torch_export, TORCH_EXPORT_FILE),
+            "torchscript": (_save_torchscript, TORCHSCRIPT_FILE),
+            "onnx": (_save_onnx, ONNX_FILE),
+        }
         for fmt, (save, name) in savers.items():
             if fmt not in formats:
                 continue
             try:
-                result.paths[fmt] = save(deployed, x, reference, out_dir / name, tol)
+                result.paths[fmt] = save(deployed, x, reference, out_dir / name, tol, contract)
             except ExportError as err:  # a deployment format is optional: report it, keep the rest
                 result.failed[fmt] = str(err)
     return result
@@ -126,6 +145,65 @@ def load_pruned(path: str | Path) -> nn.Module:
         raise WeightsError(f"weights file not found: {weights}")
     load_weights(model, weights)
     return model.eval()
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """The network of a ``model.pt2`` (``torch.export``; BatchNorm folded), as a callable module.
+
+    ``path``: the file or its export directory. Inputs: float N x C x S x S, any N >= 1.
+    """
+    path = Path(path)
+    path = path / TORCH_EXPORT_FILE if path.is_dir() else path
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as err:  # a missing file, a corrupt archive, an opset mismatch
+        raise ExportError(f"cannot load {path.name} with torch.export.load: {_one_line(err)}") from None
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    """The network of a ``model.torchscript.pt`` (``path``: the file or its export directory).
+
+    Warns (``DeprecationWarning``): TorchScript is deprecated in PyTorch; ``load_exported`` reads the
+    same network from ``model.pt2``.
+    """
+    warnings.warn(
+        "TorchScript is deprecated in PyTorch; load model.pt2 with pruning_core.export.load_exported "
+        "(export.formats: torch_export) or use model.onnx",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    path = Path(path)
+    path = path / TORCHSCRIPT_FILE if path.is_dir() else path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own notice; ours is above
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:
+        raise ExportError(f"cannot load {path.name} with torch.jit.load: {_one_line(err)}") from None
+
+
+def read_contract(path: str | Path) -> InputContract:
+    """The input contract stored with an export: ``path`` is the export directory (its
+    ``architecture.json``) or any one file: ``architecture.json``, ``model.onnx`` (metadata),
+    ``model.pt2`` or ``model.torchscript.pt`` (extra file). An export without one raises ``ExportError``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / ARCH_FILE
+    readers = {
+        ".json": _contract_from_arch,
+        ".onnx": _contract_from_onnx,
+        ".pt2": _contract_from_pt2,
+        ".pt": _contract_from_torchscript,
+    }
+    if path.suffix not in readers:
+        raise ExportError(f"{path.name}: no input contract is stored in {path.suffix or 'this'} files")
+    if not path.is_file():
+        raise ExportError(f"export file not found: {path}")
+    try:
+        return readers[path.suffix](path)
+    except PruningError as err:
+        raise ExportError(f"{path.name}: {err}") from None
 
 
 def read_architecture(path: str | Path) -> dict[str, Any]:
@@ -181,6 +259,44 @@ def _check_arch(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         raise ExportError(f"architecture description does not match the model; first differences: {diff}")
 
 
+def _contract_from_arch(path: Path) -> InputContract:
+    stored = read_architecture(path).get("input")
+    if not isinstance(stored, dict) or "format" not in stored:
+        raise ExportError("architecture.json records no input contract (exported before contracts were)")
+    return InputContract.from_json(stored)
+
+
+def _contract_from_onnx(path: Path) -> InputContract:
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if "format" not in props:
+        raise ExportError("the ONNX metadata holds no input contract")
+    return InputContract.from_metadata(props)
+
+
+def _contract_from_pt2(path: Path) -> InputContract:
+    extra = {CONTRACT_FILE: ""}
+    try:
+        torch.export.load(str(path), extra_files=extra)
+    except Exception as err:
+        raise ExportError(f"cannot read it with torch.export.load: {_one_line(err)}") from None
+    if not extra[CONTRACT_FILE]:
+        raise ExportError(f"it holds no {CONTRACT_FILE}")
+    return InputContract.from_text(extra[CONTRACT_FILE])
+
+
+def _contract_from_torchscript(path: Path) -> InputContract:
+    extra = {CONTRACT_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as err:  # includes an archive without the extra file
+        raise ExportError(f"cannot read its {CONTRACT_FILE}: {_one_line(err)}") from None
+    return InputContract.from_text(extra[CONTRACT_FILE])
+
+
 @torch.inference_mode()
 def _eager_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
@@ -207,14 +323,47 @@ def _save_arch(arch: dict[str, Any], path: Path) -> Path:
     return _commit(tmp, path)
 
 
-def _save_torchscript(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path, tol: float) -> Path:
+def _save_torch_export(
+    model: nn.Module,
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    path: Path,
+    tol: float,
+    contract: InputContract | None,
+) -> Path:
+    """``torch.export`` with a dynamic batch axis; checked by loading the file back and running it."""
     tmp = _tmp(path)
+    extra = {CONTRACT_FILE: contract.to_text()} if contract is not None else None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(tmp), extra_files=extra)
+            out = torch.export.load(str(tmp)).module()(x)
+    except Exception as err:  # export raises many types (unsupported ops, guards on the batch size)
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"torch.export failed: {_one_line(err)}") from None
+    _compare("torch.export", out, ref, tol, tmp)
+    return _commit(tmp, path)
+
+
+def _save_torchscript(
+    model: nn.Module,
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    path: Path,
+    tol: float,
+    contract: InputContract | None,
+) -> Path:
+    tmp = _tmp(path)
+    extra = {CONTRACT_FILE: contract.to_text()} if contract is not None else {}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # deprecation notices and tracer warnings
             # No check_trace: it traces a second time to compare graphs; the logits are compared below.
             traced = torch.jit.trace(model, (x,), check_trace=False)
-            torch.jit.save(traced, str(tmp))
+            torch.jit.save(traced, str(tmp), _extra_files=extra)
             out = traced(x)
     except Exception as err:  # tracing failures come as many exception types
         tmp.unlink(missing_ok=True)
@@ -223,7 +372,14 @@ def _save_torchscript(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path
     return _commit(tmp, path)
 
 
-def _save_onnx(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path, tol: float) -> Path:
+def _save_onnx(
+    model: nn.Module,
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    path: Path,
+    tol: float,
+    contract: InputContract | None,
+) -> Path:
     tmp = _tmp(path)
     try:
         import onnx
@@ -242,7 +398,11 @@ def _save_onnx(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, path: Path,
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                 do_constant_folding=True,
             )
-        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+        proto = onnx.load(str(tmp))
+        if contract is not None:  # readable with onnxruntime's get_modelmeta().custom_metadata_map
+            onnx.helper.set_model_props(proto, contract.metadata())
+            onnx.save(proto, str(tmp))
+        onnx.checker.check_model(proto, full_check=True)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         out = torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
     except Exception as err:  # exporter, checker and runtime each raise their own types
@@ -268,7 +428,8 @@ def _compare(what: str, out: torch.Tensor, ref: torch.Tensor, tol: float, tmp: P
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+    """A hidden temporary beside ``path`` with the same suffix (``torch.export`` insists on .pt2)."""
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
 
 
 def _commit(tmp: Path, path: Path) -> Path:

@@ -182,7 +182,16 @@ def _datasets(model: nn.Module, example: torch.Tensor, train: Dataset, test: Dat
                 f"{name}'s images are {tuple(image.shape)} but example_input's are {tuple(example.shape[1:])}"
             )
     classes = int(out.shape[1])
-    return Datasets(train, test, classes, int(channels), int(side), [str(i) for i in range(classes)])
+    return Datasets(train, test, classes, int(channels), int(side), _class_names(train, classes))
+
+
+def _class_names(train: Dataset, k: int) -> list[str]:
+    """The data set's own names when it has ``k`` of them (torchvision's ImageFolder, CIFAR: ``.classes``);
+    else the indices. They go into every exported file's input contract."""
+    names = getattr(train, "classes", None)
+    if isinstance(names, Sequence) and not isinstance(names, str) and len(names) == k:
+        return [str(n) for n in names]
+    return [str(i) for i in range(k)]
 
 
 @contextmanager

@@ -5,9 +5,10 @@ dense model if asked; run the method's phases through the one training loop; mea
 (MACs, params, top-1), then time them against each other; export and report. Every phase checkpoints under
 ``workdir/checkpoints``, so the same call again resumes where an interrupted one stopped.
 
-Layout of ``workdir``: ``model.safetensors`` + ``architecture.json`` (+ ``model.torchscript.pt``,
-``model.onnx``), ``report.json``, ``report.html``, ``training.png``, ``widths.png``, ``checkpoints/``,
-``.data/``.
+Layout of ``workdir``: ``model.safetensors`` + ``architecture.json`` (+ ``model.pt2``,
+``model.torchscript.pt``, ``model.onnx``), ``MODEL_CARD.md``, ``report.json``, ``report.html``,
+``training.png``, ``widths.png``, ``checkpoints/``, ``.data/``. Every model file carries the input
+contract (``contract.InputContract``: the data pipeline's own mean, std, size, channels, class names).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from . import (
     speed_target,
 )
 from .budget import check_reachable
+from .card import write_card
+from .contract import InputContract
 from .data import Datasets, load_data
 from .engine import NullReporter, Reporter, TrainContext, fit, has_checkpoint
 from .errors import ModelError
@@ -199,7 +202,8 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     del dense_copy
     t_export = time.perf_counter()
     pruned_arch = shape.describe(model)
-    exported = export_model(model, pruned_arch, workdir, spec.export.formats, check_input)
+    contract = InputContract.from_datasets(data)  # the normalisation and names the network was trained with
+    exported = export_model(model, pruned_arch, workdir, spec.export.formats, check_input, contract=contract)
     for fmt, why in exported.failed.items():  # the job's training is done: report, never fail it
         reporter.message(f"{fmt} export left out: {why}")
     artifacts = {p.name: p for p in exported.paths.values()}
@@ -234,6 +238,10 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         export_failures=exported.failed,
         total_wall_s=time.perf_counter() - t_start,
     )
+    # The card quotes the report's numbers, and the report lists the card among its files.
+    card = write_card(report, contract, files, workdir)
+    artifacts[card.name] = card
+    report = report.model_copy(update={"files": {**files, card.name: card.stat().st_size}})
     for path in write_report(report, workdir):
         artifacts[path.name] = path
     return Result(report, workdir, artifacts)

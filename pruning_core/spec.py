@@ -467,11 +467,15 @@ class KDSpec(_Strict):
     weight: float = Field(0.9, ge=0.0, le=1.0, description="a in (1-a)·CE + a·T²·KL.")
 
 
-ExportFormat = Literal["safetensors", "torchscript", "onnx"]
+ExportFormat = Literal["safetensors", "torch_export", "torchscript", "onnx"]
 
 
 class ExportSpec(_Strict):
-    formats: tuple[ExportFormat, ...] = Field(("safetensors", "torchscript", "onnx"), max_length=8)
+    formats: tuple[ExportFormat, ...] = Field(
+        ("safetensors", "torch_export", "torchscript", "onnx"),
+        max_length=8,
+        description="`torch_export` writes model.pt2 (torch.export); TorchScript is deprecated in PyTorch.",
+    )
     latency_batch_size: int = Field(
         8, ge=1, le=4096, description="Throughput batch of the latency comparison; batch 1 is timed too."
     )

@@ -12,6 +12,8 @@ MEDIA_TYPES = {
     ".json": "application/json",
     ".onnx": "application/onnx",
     ".pt": "application/octet-stream",
+    ".pt2": "application/octet-stream",
+    ".md": "text/markdown",
     ".png": "image/png",
     ".yaml": "application/yaml",
 }

@@ -84,7 +84,7 @@ def test_a_shallower_and_narrower_network_exports_and_reloads(name: str, size: i
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in model.state_dict().items()
     }
-    result = export_model(model, arch, tmp_path, ("safetensors", "torchscript", "onnx"), x)
+    result = export_model(model, arch, tmp_path, ("safetensors", "torch_export", "torchscript", "onnx"), x)
     assert not result.failed
     with torch.no_grad():
         assert torch.allclose(load_pruned(tmp_path)(x), model(x), atol=1e-5)

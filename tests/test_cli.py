@@ -65,7 +65,9 @@ def test_report_and_artifacts_agree(finished: Path) -> None:
         "model.safetensors",
         "architecture.json",
         "model.onnx",
+        "model.pt2",  # the default formats include torch.export
         "model.torchscript.pt",
+        "MODEL_CARD.md",
         "training.png",
         "widths.png",
         "report.html",

@@ -1,4 +1,5 @@
-"""Export of physically pruned models (safetensors + architecture JSON, TorchScript, ONNX), reload, latency."""
+"""Export of physically pruned models (safetensors + architecture JSON, torch.export, TorchScript, ONNX),
+the input contract in every format, reload, latency."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pruning_core.contract import InputContract
 from pruning_core.errors import PruningError, WeightsError
-from pruning_core.export import ExportError, ExportResult, export_model, load_pruned
+from pruning_core.export import (
+    ExportError,
+    ExportResult,
+    export_model,
+    load_exported,
+    load_pruned,
+    load_torchscript,
+    read_contract,
+)
 from pruning_core.groups import PruningGraph, top_channels
 from pruning_core.latency import LatencyStats, measure_latency
 from pruning_core.macs import count_macs
@@ -27,6 +37,21 @@ CASES = {  # model name -> input size (pixels)
     "tv:resnet18": 64,
     "mobilenet_v2": 16,  # depthwise convs: the architecture must record their new groups
 }
+
+
+ALL_FORMATS = ["safetensors", "torch_export", "torchscript", "onnx"]
+
+
+def _contract(channels: int = 3, size: int = 32) -> InputContract:
+    """A contract with values no default would produce, so a lost or swapped field shows."""
+    return InputContract(
+        channels=channels,
+        size=size,
+        classes=tuple(f'cls-{i}, "quoted" é' for i in range(10)),  # commas, quotes, non-ASCII survive
+        mean=tuple(0.1 + 0.2 * c for c in range(channels)),
+        std=tuple(0.3 - 0.05 * c for c in range(channels)),
+        value_range=(0.0, 1.0),
+    )
 
 
 def _randomize_norms(model: nn.Module) -> None:
@@ -59,7 +84,7 @@ def exported(request, tmp_path_factory):
     name = request.param
     model, arch, x, dense_macs = _pruned(name, CASES[name])
     out = tmp_path_factory.mktemp(name.replace(":", "_"))
-    result = export_model(model, arch, out, ["safetensors", "torchscript", "onnx"], x)
+    result = export_model(model, arch, out, ALL_FORMATS, x, contract=_contract(3, CASES[name]))
     assert result.failed == {}
     return model, x, out, result.paths, dense_macs
 
@@ -80,8 +105,8 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_export_writes_the_requested_files_only(exported):
     _, _, out, paths, _ = exported
-    assert set(paths) == {"safetensors", "architecture", "torchscript", "onnx"}
-    names = {"model.safetensors", "architecture.json", "model.torchscript.pt", "model.onnx"}
+    assert set(paths) == {"safetensors", "architecture", "torch_export", "torchscript", "onnx"}
+    names = {"model.safetensors", "architecture.json", "model.pt2", "model.torchscript.pt", "model.onnx"}
     assert {p.name for p in paths.values()} == names
     assert all(p.parent == out and p.stat().st_size > 0 for p in paths.values())
     assert set(os.listdir(out)) == names  # no temporary files left behind
@@ -343,3 +368,93 @@ def test_inference_preparation_folds_and_picks_the_memory_format_by_device() -> 
         assert (
             ready(to_inference_input(x, "cpu")) - ref
         ).abs().max().item() <= 1e-5 + 1e-4 * ref.abs().max().item()
+
+
+# --- torch.export (.pt2), the TorchScript deprecation, the input contract in every format ---
+
+
+def test_pt2_holds_the_folded_network_and_matches_the_pruned_model(exported):
+    """model.pt2 reloads (dynamic batch) to the BatchNorm-folded network with the pruned model's logits."""
+    model, x, out, paths, _ = exported
+    assert paths["torch_export"] == out / "model.pt2"
+    program = torch.export.load(str(paths["torch_export"]))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert not [t for t in targets if "batch_norm" in t] and any("conv2d" in t for t in targets)
+    loaded = load_exported(out)
+    for batch in (x, torch.randn(5, *x.shape[1:]), torch.randn(1, *x.shape[1:])):  # not only the traced N
+        with torch.no_grad():
+            ref = model.eval()(batch)
+            got = loaded(batch)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() <= 1e-5 + 1e-4 * ref.abs().max().item()
+
+
+def test_the_torchscript_loader_warns_that_torchscript_is_deprecated(exported):
+    model, x, out, _, _ = exported
+    with pytest.warns(DeprecationWarning, match="TorchScript is deprecated.*model.pt2"):
+        scripted = load_torchscript(out)
+    with torch.no_grad():
+        ref = model.eval()(x)
+        assert (scripted(x) - ref).abs().max().item() <= 1e-5 + 1e-4 * ref.abs().max().item()
+
+
+def test_every_format_carries_the_same_input_contract(exported):
+    """architecture.json, ONNX metadata (as onnxruntime shows it), TorchScript and .pt2 extra files."""
+    _, x, out, paths, _ = exported
+    want = _contract(3, x.shape[-1])
+    files = [out, *(paths[k] for k in ("architecture", "torch_export", "torchscript", "onnx"))]
+    assert [read_contract(f) for f in files] == [want] * len(files)
+    meta = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"]).get_modelmeta()
+    props = {k: json.loads(v) for k, v in meta.custom_metadata_map.items()}
+    assert props["classes"] == list(want.classes) and props["mean"] == list(want.mean)
+    assert (props["size"], props["channels"], props["color"]) == (x.shape[-1], 3, "RGB")
+    arch = json.loads(paths["architecture"].read_text())
+    assert (arch["input"]["channels"], arch["input"]["size"]) == (3, x.shape[-1])  # what describe() wrote
+
+
+def test_an_export_without_a_contract_says_so(resnet20, tmp_path):
+    model, arch, x = resnet20
+    paths = export_model(model, arch, tmp_path, ["onnx"], x).paths
+    for path in (tmp_path, paths["onnx"]):
+        with pytest.raises(ExportError, match="no input contract"):
+            read_contract(path)
+    with pytest.raises(ExportError, match="no input contract is stored in .safetensors"):
+        read_contract(paths["safetensors"])
+
+
+def test_the_contract_reproduces_the_data_pipeline(tmp_path):
+    """Preprocessing by the contract (pixels / 255, minus mean, over std) gives the tensors the pipeline
+    trained on, for the digits (grayscale, the split's statistics) and synthetic (RGB) data sets."""
+    from pruning_core.data import _digits_arrays, digits_split, load_data
+    from pruning_core.spec import DataSpec
+
+    digits = load_data(DataSpec(name="digits", test_per_class=1), cache_dir=tmp_path)
+    c = InputContract.from_datasets(digits)
+    assert (c.channels, c.size, c.color, c.classes) == (1, 8, "L", tuple(str(d) for d in range(10)))
+    raw = _digits_arrays()[0][digits_split()[1][0]].float() / 255  # the first test image, 1 x 8 x 8
+    mean, std = torch.tensor(c.mean).view(-1, 1, 1), torch.tensor(c.std).view(-1, 1, 1)
+    assert torch.allclose((raw - mean) / std, digits.test[0][0], atol=1e-6)
+    assert c.std is not None and all(s != 1.0 for s in c.std)  # a real normalisation, not the identity
+
+    synthetic = load_data(DataSpec(name="synthetic", num_classes=3), cache_dir=tmp_path)
+    s = InputContract.from_datasets(synthetic)
+    assert (s.channels, s.color, s.classes) == (3, "RGB", ("class0", "class1", "class2"))
+    assert s.mean == synthetic.mean and len(s.mean) == 3
+    assert InputContract.from_text(s.to_text()) == s and InputContract.from_metadata(s.metadata()) == s
+
+
+def test_a_pt2_that_cannot_be_exported_is_reported_and_leaves_no_file(resnet20, tmp_path, monkeypatch):
+    model, arch, x = resnet20
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("data-dependent guard\non the batch size")
+
+    monkeypatch.setattr(torch.export, "export", broken)
+    result = export_model(model, arch, tmp_path, ["torch_export", "onnx"], x, contract=_contract())
+    assert set(result.paths) == {"safetensors", "architecture", "onnx"}
+    assert result.failed == {"torch_export": "torch.export failed: data-dependent guard on the batch size"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "architecture.json",
+        "model.onnx",
+        "model.safetensors",
+    ]

@@ -135,3 +135,31 @@ def test_prune_runs_the_paper_methods_on_a_user_module(method: str) -> None:
     out = pruning_core.prune(TinyNet(), example, train, test, method=method, **{**FAST, "epochs": 2})
     assert out.report["method"] == method
     assert count_macs(out.model, example) == out.report["pruned"]["macs"] <= 0.5 * out.report["dense"]["macs"]
+
+
+class _NamedDigits(TensorDataset):
+    """A data set with its own class names, as torchvision's ImageFolder and CIFAR have."""
+
+    classes = [f"digit-{i}" for i in range(10)]
+
+
+def test_the_exports_name_the_datasets_classes_and_leave_the_normalisation_unrecorded(tmp_path) -> None:
+    from pruning_core.export import read_contract
+
+    train, test = _digits()
+    named = _NamedDigits(*train.tensors)
+    pruning_core.prune(
+        TinyNet(),
+        torch.zeros(1, 1, 8, 8),
+        named,
+        test,
+        target=0.6,
+        workdir=tmp_path,
+        export=("onnx",),
+        **FAST,
+    )
+    contract = read_contract(tmp_path / "model.onnx")
+    assert contract.classes == tuple(named.classes) and (contract.channels, contract.size) == (1, 8)
+    assert contract.mean is None and contract.std is None  # the caller normalised: nothing to claim
+    assert "not recorded" in (tmp_path / "MODEL_CARD.md").read_text()
+    assert read_contract(tmp_path) == contract

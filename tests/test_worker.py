@@ -39,6 +39,7 @@ ARTIFACT_NAMES = {
     "report.html",
     "training.png",
     "widths.png",
+    "MODEL_CARD.md",
 }
 
 
@@ -134,6 +135,7 @@ def test_execute_succeeds_and_records_artifacts(settings: Settings, engine: Engi
         assert (a.size, a.sha256) == (path.stat().st_size, sha256_file(path))
     assert {a.name: a.media_type for a in arts}["report.json"] == "application/json"
     assert {a.name: a.media_type for a in arts}["report.html"] == "text/html"
+    assert {a.name: a.media_type for a in arts}["MODEL_CARD.md"] == "text/markdown"
 
     report = json.loads((settings.artifacts_dir / job_id / "attempt-1" / "report.json").read_text())
     assert job.result["pruned"]["macs"] == report["pruned"]["macs"]
