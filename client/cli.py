@@ -222,7 +222,8 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
         print(render.artifacts_table(arts))
     if arts:
         return 0
-    _note(f"job {args.job_id} has no artifacts yet (status {status})")
+    yet = " yet" if status in ("queued", "running") else ""
+    _note(f"job {args.job_id} has no artifacts{yet} (status {status})")
     return 1
 
 
