@@ -2,8 +2,9 @@
 
     prune run spec.yaml [--out DIR]                  the local engine run (pruning_core.cli)
     prune submit spec.yaml [--wait | --watch] [--model M --target 0.5 ...]
-    prune status [JOB_ID]                            one job, or a table of recent jobs
+    prune status [JOB_ID] | list                     one job, or a table of recent jobs (1: none match)
     prune watch JOB_ID                               live progress; exit 0 succeeded, 1 failed/cancelled
+    prune artifacts JOB_ID                           a job's files: name, size, media type
     prune download JOB_ID [NAME ...] [--out DIR]     every artifact by default, sha256-verified
     prune cancel JOB_ID
     prune uploads [list] | uploads delete ID        your uploads (newest first); delete one
@@ -12,7 +13,8 @@
 The service is ``--url`` (env PRUNE_URL, default http://127.0.0.1:8000) with ``--api-key`` (env
 PRUNE_API_KEY). ``keys`` are admin commands for the server host: they use the database directly
 (DATABASE_URL / STATE_DIR). Every error is one line on stderr (one per bad field for a spec), exit 2.
-Nothing here imports torch except ``prune run``.
+A closed pipe (``prune list | head -1``) ends the command quietly. Nothing here imports torch except
+``prune run``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     follow.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
     s.set_defaults(func=cmd_submit)
 
-    st = sub.add_parser("status", parents=[g], help="show a job, or a table of recent jobs")
+    st = sub.add_parser(
+        "status", aliases=["list"], parents=[g], help="show a job, or a table of recent jobs (alias: list)"
+    )
     st.add_argument("job_id", nargs="?")
     st.add_argument("--status", dest="status_filter", choices=STATUSES, help="only jobs in this state")
     st.add_argument("--limit", type=int, default=20, help="rows in the table (default 20)")
@@ -82,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", parents=[g], help="follow a job live")
     w.add_argument("job_id")
     w.set_defaults(func=cmd_watch)
+
+    a = sub.add_parser("artifacts", parents=[g], help="list a job's artifacts (name, size, media type)")
+    a.add_argument("job_id")
+    a.add_argument("--json", action="store_true", help="print the JSON resources")
+    a.set_defaults(func=cmd_artifacts)
 
     d = sub.add_parser("download", parents=[g], help="download a job's artifacts (sha256-verified)")
     d.add_argument("job_id")
@@ -190,9 +201,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(jobs, indent=2))
     elif jobs:
         print(render.jobs_table(jobs))
-    else:
-        _note("no jobs yet")
-    return 0
+    if jobs:
+        return 0
+    _note(f"no {args.status_filter} jobs" if args.status_filter else "no jobs yet")
+    return 1  # like grep: nothing matched
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -200,6 +212,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
         job = render.watch(client, args.job_id)
     print(render.final_line(job))
     return 0 if job.get("status") == "succeeded" else 1
+
+
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        arts = client.artifacts(args.job_id)
+        status = None if arts else client.get(args.job_id).get("status")  # a 404 for an unknown job
+    if args.json:
+        print(json.dumps(arts, indent=2))
+    elif arts:
+        print(render.artifacts_table(arts))
+    if arts:
+        return 0
+    yet = " yet" if status in ("queued", "running") else ""
+    _note(f"job {args.job_id} has no artifacts{yet} (status {status})")
+    return 1
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -303,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(local)
     args = _parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except SpecError as err:
         for line in err.problems:
             _error(f"invalid spec: {line}")
@@ -323,6 +354,15 @@ def main(argv: list[str] | None = None) -> int:
             _note("stopped following; the job goes on (prune cancel JOB_ID stops it)")
         return 130
     return 2
+
+
+def _closed_pipe() -> int:
+    """The reader went away (``prune list | head -1``): not an error. Point stdout at /dev/null so the
+    flush at exit cannot fail again, and exit as a process killed by SIGPIPE would (128 + 13)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -51,6 +51,12 @@ def jobs_table(jobs: Sequence[dict]) -> str:
     return table(rows, ("ID", "STATUS", "PROGRESS", "MODEL", "DATA", "METHOD", "TARGET", "CREATED"))
 
 
+def artifacts_table(arts: Sequence[dict]) -> str:
+    """NAME, SIZE (bytes), MEDIA TYPE: one row per artifact, as ``GET /v1/jobs/{id}/artifacts`` lists them."""
+    rows = [(a.get("name"), f"{a.get('size', 0):,}", a.get("media_type", "")) for a in arts]
+    return table(rows, ("NAME", "SIZE", "MEDIA TYPE"))
+
+
 def result_line(result: dict | None) -> str:
     """``MACs 40.55M -> 20.21M (ratio 0.498), params ..., top-1 ...`` from Job.result."""
     if not result:
@@ -127,22 +133,48 @@ def final_line(job: dict) -> str:
     return f"{job['id']} {status}"
 
 
+class _NoBar:
+    """Stands in for the tqdm bar where stderr is not a terminal: a bar there is ``\r`` frames in a
+    log file, so only the lines are printed."""
+
+    n = 0
+
+    def refresh(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def set_description(self, desc: str, refresh: bool = True) -> None: ...
+
+    def set_postfix(self, **kw: Any) -> None: ...
+
+
+def _print_line(text: str) -> None:
+    print(text, flush=True)
+
+
 class Watcher:
-    """One tqdm bar for the job (0-100 %, described by the current phase) plus a line per phase,
-    epoch (loss, top-1, MACs), message and status change."""
+    """One tqdm bar for the job (0-100 %, described by the current phase, on a terminal only) plus a
+    line per phase, epoch (loss, top-1, MACs), message and status change."""
 
-    def __init__(self, job: dict):
-        from tqdm import tqdm  # only `prune watch` needs it
+    def __init__(self, job: dict, bar: bool | None = None):
+        """``bar``: draw the progress bar (default: when stderr, where it goes, is a terminal)."""
+        if bar is None:
+            bar = sys.stderr.isatty()
+        self.bar: Any
+        if bar:
+            from tqdm import tqdm  # only `prune watch` on a terminal needs it
 
-        self.write = tqdm.write
-        self.bar = tqdm(
-            total=100,
-            desc=job.get("phase") or job.get("status") or "job",
-            unit="%",
-            dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| [{elapsed}{postfix}]",
-            file=sys.stderr,
-        )
+            self.write = tqdm.write
+            self.bar = tqdm(
+                total=100,
+                desc=job.get("phase") or job.get("status") or "job",
+                unit="%",
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| [{elapsed}{postfix}]",
+                file=sys.stderr,
+            )
+        else:
+            self.write, self.bar = _print_line, _NoBar()
         self._set(job.get("progress") or 0)
 
     def _set(self, progress: float) -> None:

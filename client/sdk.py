@@ -3,7 +3,8 @@
     from client.sdk import Client
 
     with Client("http://127.0.0.1:8000", api_key="pk_...") as c:
-        spec = {"model": {"name": "resnet20"}, "data": {"name": "digits"}, "target": {"macs_ratio": 0.5}}
+        spec = {"model": {"name": "resnet20"}, "data": {"name": "digits"}, "target": {"macs_ratio": 0.5},
+                "schedule": {"dense_epochs": 3, "epochs": 3}}  # no weights: train, then prune
         job = c.submit(spec)
         for ev in c.events(job["id"]):
             print(ev["seq"], ev["kind"], ev["data"])

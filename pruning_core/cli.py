@@ -105,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .progress import TqdmReporter  # torch-heavy imports only once the spec is valid
     from .runner import run
 
-    reporter = TqdmReporter(enabled=not args.quiet)
+    reporter = TqdmReporter(enabled=not args.quiet, bar=sys.stderr.isatty())  # tqdm draws on stderr
     if resuming:
         reporter.message(f"resuming from {out / 'checkpoints'}")
     try:

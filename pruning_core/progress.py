@@ -10,13 +10,15 @@ from .report import epoch_line
 
 
 class TqdmReporter:
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, bar: bool = True):
+        """``enabled``: print anything at all; ``bar``: draw the per-phase bar (its ``\r`` frames are
+        noise in a log file, so ``prune run`` draws it only on a terminal)."""
+        self.enabled, self.draw_bar = enabled, bar
         self.bar: tqdm | None = None
 
     def phase(self, name: str, epochs: int, steps_per_epoch: int) -> None:
         self.close()
-        if self.enabled and epochs:
+        if self.enabled and self.draw_bar and epochs:
             self.bar = tqdm(
                 total=epochs * steps_per_epoch, desc=name, unit="step", dynamic_ncols=True, leave=True
             )

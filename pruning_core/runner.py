@@ -191,6 +191,12 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
             "warning: the KD teacher is the dense model, which is untrained here (no model.weights, no "
             "schedule.dense_epochs): distilling from it teaches noise"
         )
+    if method.ranks_given_weights and not spec.model.weights and not spec.schedule.dense_epochs:
+        reporter.message(
+            f"warning: {spec.method.name} ranks channels by the model's weights, which are untrained here "
+            "(no model.weights, no schedule.dense_epochs): it prunes at random; set schedule.dense_epochs "
+            "or give weights"
+        )
     model = _run_phases(method, model, train_ctx, shape, phases, history, bn_points)
     # A random batch, not zeros: the physically pruned network and its exports are checked against it.
     check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))

@@ -152,14 +152,16 @@ def test_ctrl_c_then_same_command_resumes_to_same_weights(tmp_path: Path) -> Non
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-    )
-    for line in proc.stdout:  # the progress bar goes to the same pipe; wait for the first epoch
-        if "finetune epoch 1:" in line:
+    )  # bytes: text mode would turn a "\r" into "\n"
+    seen = []
+    for line in proc.stdout:  # wait for the first epoch
+        seen.append(line)
+        if b"finetune epoch 1:" in line:
             proc.send_signal(signal.SIGINT)
             break
-    rest = proc.stdout.read()
+    rest = proc.stdout.read().decode()
     assert proc.wait(timeout=120) == 130, rest
+    assert "\r" not in b"".join(seen).decode() + rest, "into a pipe: epoch lines, no progress-bar frames"
     assert "run the same command to resume" in rest
     assert (tmp_path / "out" / "checkpoints" / "finetune.pt").exists()
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import http.server
 import json
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -127,7 +130,8 @@ class FakeService:
     def list(self, request: httpx.Request) -> httpx.Response:
         limit = int(request.url.params["limit"])
         start = int(request.url.params.get("cursor", 0))
-        ids = sorted(self.jobs, reverse=True)
+        wanted = request.url.params.get("status")
+        ids = sorted((i for i in self.jobs if wanted in (None, self.jobs[i]["status"])), reverse=True)
         nxt = str(start + limit) if start + limit < len(ids) else None
         return httpx.Response(
             200, json={"items": [self.jobs[i] for i in ids[start : start + limit]], "next_cursor": nxt}
@@ -154,6 +158,10 @@ class FakeService:
         return httpx.Response(200, headers=headers, content=b"".join(body))
 
     def artifacts(self, request: httpx.Request, job_id: str) -> httpx.Response:
+        if self.jobs and job_id not in self.jobs:  # (the SDK tests download without creating a job)
+            return problem(404, "Not Found", f"job {job_id} not found")
+        if self.jobs.get(job_id, {}).get("status") in ("queued", "running"):
+            return httpx.Response(200, json={"items": []})
         art = {"name": "model.safetensors", "size": len(self.blob), "sha256": SHA, "media_type": "x"}
         return httpx.Response(200, json={"items": [art]})
 
@@ -359,6 +367,104 @@ def test_watch_status_download_cancel(
 
     assert cli.main(["status", "j9"]) == 2
     assert capsys.readouterr().err == "prune: error: 404 Not Found: job j9 not found\n"
+
+
+def test_watch_into_a_file_prints_plain_lines_without_carriage_returns(
+    use_fake: FakeService, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_fake.jobs["j1"] = use_fake.job("j1", "running")
+    assert cli.main(["watch", "j1"]) == 0  # capsys: neither stdout nor stderr is a terminal
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err, "no progress-bar frames in a log file"
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert lines[:2] == ["status: queued", "status: running"] and lines[-1].startswith("j1 succeeded: MACs")
+    assert "phase finetune: 1 epochs x 5 steps" in lines
+
+    # on a terminal the bar is drawn (on stderr), so the rule above is not "never a bar"
+    use_fake.jobs["j1"] = use_fake.job("j1", "running")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli.main(["watch", "j1"]) == 0
+    assert "\r" in capsys.readouterr().err
+
+
+def test_status_with_no_match_says_so_in_one_line(
+    use_fake: FakeService, capsys: pytest.CaptureFixture
+) -> None:
+    assert cli.main(["status"]) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "prune: no jobs yet\n")
+
+    use_fake.jobs["j1"] = use_fake.job("j1", "succeeded")
+    assert cli.main(["list", "--status", "failed"]) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "prune: no failed jobs\n")
+    assert cli.main(["list", "--status", "succeeded"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["j1", "succeeded"]
+
+
+def test_artifacts_lists_name_size_and_media_type(
+    use_fake: FakeService, capsys: pytest.CaptureFixture
+) -> None:
+    use_fake.jobs["j1"] = use_fake.job("j1", "succeeded")
+    assert cli.main(["artifacts", "j1"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "SIZE", "MEDIA", "TYPE"]
+    assert row.split() == ["model.safetensors", f"{len(BLOB):,}", "x"]
+
+    use_fake.jobs["j2"] = use_fake.job("j2", "running")
+    assert cli.main(["artifacts", "j2"]) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "prune: job j2 has no artifacts yet (status running)\n")
+    assert cli.main(["artifacts", "j9"]) == 2
+    assert capsys.readouterr().err == "prune: error: 404 Not Found: job j9 not found\n"
+
+
+class _JobsHandler(http.server.BaseHTTPRequestHandler):
+    """A real HTTP server's ``GET /v1/jobs``: many jobs, so the table is longer than one line."""
+
+    def do_GET(self) -> None:
+        jobs = [FakeService().job(f"j{i}", "succeeded") for i in range(200)]
+        body = json.dumps({"items": jobs, "next_cursor": None}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None: ...
+
+
+@pytest.fixture
+def jobs_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JobsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_closed_pipe_is_not_an_error(jobs_server: str) -> None:
+    cmd = [sys.executable, "-m", "client.cli", "--url", jobs_server, "list", "--limit", "200"]
+    root = Path(__file__).parents[1]
+    # The reader is gone before prune writes a byte: its first write meets a closed pipe.
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err  # 128 + SIGPIPE, as `yes | head -1` ends
+    assert err == "", "no traceback, no 'Exception ignored' at exit"
+
+    # and as people type it
+    shell = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", " ".join(cmd) + " | head -1"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shell.stdout.split()[:2] == ["ID", "STATUS"] and shell.stderr == ""
+    assert shell.returncode in (0, 141), shell.returncode  # 0 when prune wrote it all before head left
 
 
 def test_run_is_the_local_engine_command(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,6 +104,9 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
             job_id = r.json()["id"]
             events = _stream_until_done(c, job_id)
             _check_finished_job(c, job_id, events, tmp_path / "dl")
+    # JOB gives no weights and no dense epochs: the user is told over HTTP that magnitude prunes at random
+    texts = [e["data"].get("text", "") for e in events if e["kind"] == "message"]
+    assert any(t.startswith("warning: magnitude ranks channels") for t in texts), texts
 
 
 @pytest.fixture

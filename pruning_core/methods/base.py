@@ -91,6 +91,9 @@ class Method:
     """Base class: supervised training (+ KD from ``ctx.teacher``), no pruning of its own."""
 
     name: ClassVar[str]
+    # True for a method that picks its channels from the weights it is given before training them
+    # (one-shot): from untrained weights that pick is random, and the runner warns the job.
+    ranks_given_weights: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel, ctx: MethodContext):
         self.options = options

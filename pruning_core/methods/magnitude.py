@@ -20,6 +20,7 @@ from .base import METHODS, Method, Phase
 @METHODS.register("magnitude")
 class Magnitude(Method):
     options: MagnitudeOptions
+    ranks_given_weights = True
 
     def start_phase(self, phase: Phase, model: nn.Module) -> nn.Module:
         graph = self.ctx.graph(model)
