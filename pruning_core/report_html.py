@@ -53,6 +53,7 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
         f'<p class="note">Target {r.target_macs_ratio:g} of the dense MACs; achieved '
         f"{r.achieved_macs_ratio:.3f}. Trained and evaluated on {escape(r.device)}; input "
         f"{escape(' x '.join(map(str, r.input_shape)))} per sample.</p>",
+        _speed_target(r),
         "<h2>Dense vs pruned</h2>",
         _summary(r),
         _latency(r),
@@ -107,6 +108,27 @@ def _summary(r: Report) -> str:
         f"<tr><td class=l>{label}</td><td>{d}</td><td>{p}</td><td>{x}</td></tr>" for label, d, p, x in rows
     )
     return f"<table>{head}{body}</table>"
+
+
+def _speed_target(r: Report) -> str:
+    st = r.speed_target
+    if st is None:
+        return ""
+    reached = (
+        next((b for b in r.latency.batches if b.batch_size == st.batch_size), None) if r.latency else None
+    )
+    achieved = (
+        f"achieved {reached.speedup.median:.2f}x [{reached.speedup.low:.2f}, {reached.speedup.high:.2f}] "
+        f"({escape(reached.verdict)})"
+        if reached
+        else "achieved: not measured"
+    )
+    probes = ", ".join(f"{p.achieved_macs_ratio:.3f} of the MACs: {p.speedup:.2f}x" for p in st.probes)
+    return (
+        f'<p class="note">Speed target: {st.requested:g}x at batch {st.batch_size} on {escape(st.device)}, '
+        f"{achieved}. The MAC target {st.macs_ratio:.3f} was chosen by timing candidate prunings "
+        f"({probes}).</p>"
+    )
 
 
 def _latency(r: Report) -> str:

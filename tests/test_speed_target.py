@@ -119,6 +119,8 @@ def test_a_job_prunes_to_the_searched_ratio_and_resumes_without_timing_again(
     assert r.achieved_macs_ratio <= r.target_macs_ratio + 1e-9
     assert r.spec["target"]["speedup"] == 1.5  # the spec as asked
     assert r.latency is not None and r.latency.folded  # the achieved speed-up, timed as deployed
+    page = (tmp_path / "report.html").read_text()
+    assert "Speed target: 1.5x at batch 2" in page and f"MAC target {r.target_macs_ratio:.3f}" in page
 
     def no_timing(*_: object) -> float:
         raise AssertionError("a resumed job must reuse its search, not time again")
