@@ -374,6 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         raise SystemExit(f"bench.speed: unknown model(s) {unknown}; known: {list(MODELS)}")
+    threads, autotune = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:
+        return _run(args, argv)
+    finally:  # called in-process (its test): leave torch's settings as found
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = autotune
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True  # what a deployment sets: the fastest kernel per shape

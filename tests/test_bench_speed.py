@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from bench.speed import SECTION, main
 
 
@@ -13,10 +15,12 @@ def test_speed_section_and_results_have_every_cell(tmp_path: Path) -> None:
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nkept as is\n")
     args = ["--models", "resnet20", "--ratios", "0.5", "--batches", "1", "--repeats", "3"]
+    threads = torch.get_num_threads()
     assert (
-        main([*args, "--threads", "1", "--min-sample-ms", "1", "--out", str(tmp_path), "--markdown", str(md)])
+        main([*args, "--threads", "7", "--min-sample-ms", "1", "--out", str(tmp_path), "--markdown", str(md)])
         == 0
     )
+    assert torch.get_num_threads() == threads  # in-process callers (this test) keep their setting
     (path,) = tmp_path.glob("speed-*.json")
     results = json.loads(path.read_text())
     (case,) = results["cases"]
