@@ -19,6 +19,7 @@ from torch import nn
 from .errors import ModelError, WeightsError
 from .registry import Registry, UnknownNameError
 from .spec import MODEL_ENTRY_POINTS, TIMM_PREFIX, TORCHVISION_PREFIX, plugin_models
+from .weights import mismatch
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     # their own versions apply.
     state_with_versions: dict[str, torch.Tensor] = OrderedDict(state)
     state_with_versions._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    # every wrong key named (torch's own message is cut to a line here, and users fix all at once)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if diff := mismatch(want, {k: tuple(v.shape) for k, v in state.items()}):
+        raise WeightsError(f"{path.name} does not match the model: {diff}")
     try:
         model.load_state_dict(state_with_versions, strict=True)
     except RuntimeError as err:
