@@ -27,6 +27,7 @@ MAX_SAFETENSORS_HEADER = 100 * 1024**2  # the safetensors format's own cap on th
 # safetensors loader parses it (a bad one fails the job as `bad_weights`).
 PARSED_SAFETENSORS_HEADER = 1024**2
 DATASET_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+PYTORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # converted to .safetensors
 
 
 @dataclass
@@ -96,6 +97,13 @@ def check_safetensors(path: Path, size: int) -> None:
         raise bad
 
 
+def is_pytorch(path: Path) -> bool:
+    """Whether the file looks like ``torch.save`` output by its first bytes: a zip archive (the format
+    since PyTorch 1.6) or a pickle stream (the legacy format). Only a look: it is read in a child."""
+    head = _read_head(path, 4)
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def _is_tar(block: bytes) -> bool:
     return len(block) >= 262 and block[257:262] == b"ustar"
 
@@ -138,7 +146,7 @@ def safe_name(filename: str, suffix: str, default: str) -> str:
     content was sniffed as, which the engine's loaders go by)."""
     base = _UNSAFE.sub("_", os.path.basename(filename.replace("\\", "/"))).strip("._")[:200] or default
     low = base.lower()
-    for known in (*DATASET_SUFFIXES, ".safetensors"):
+    for known in (*DATASET_SUFFIXES, *PYTORCH_SUFFIXES, ".safetensors"):
         if low.endswith(known):
             base = base[: -len(known)] or default
             break
