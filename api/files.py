@@ -97,13 +97,6 @@ def check_safetensors(path: Path, size: int) -> None:
         raise bad
 
 
-def is_pytorch(path: Path) -> bool:
-    """Whether the file looks like ``torch.save`` output by its first bytes: a zip archive (the format
-    since PyTorch 1.6) or a pickle stream (the legacy format). Only a look: it is read in a child."""
-    head = _read_head(path, 4)
-    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
 def _is_tar(block: bytes) -> bool:
     return len(block) >= 262 and block[257:262] == b"ustar"
 

@@ -101,19 +101,33 @@ def _load_refusal(err: Exception) -> str:
     return f"not a PyTorch file torch.load can read ({type(err).__name__}: {first})"
 
 
-def convert(src: Path, dst: Path) -> int:
-    """Read the state dict in ``src`` (torch.load with weights_only=True, on the CPU) and write it to
-    ``dst`` as safetensors. Returns the number of tensors; WeightsError (one line) when refused."""
+def is_pytorch_file(path: Path) -> bool:
+    """Whether ``path`` starts like ``torch.save`` output: a zip archive or a pickle stream."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The state dict in a ``torch.save`` file, read with torch.load(weights_only=True) on the CPU;
+    WeightsError (one line) when refused."""
     import torch
-    from safetensors.torch import save_file
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns about pickle protocols; the answer is the line
         try:
-            obj = torch.load(src, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # any failure of an untrusted file is a refusal, never a crash
             raise WeightsError(_load_refusal(err)) from None
-    state = state_dict_of(obj)
+    return state_dict_of(obj)
+
+
+def convert(src: Path, dst: Path) -> int:
+    """Read the state dict in ``src`` (``load_state``) and write it to ``dst`` as safetensors.
+    Returns the number of tensors; WeightsError (one line) when refused."""
+    from safetensors.torch import save_file
+
+    state = load_state(src)
     # safetensors refuses tensors that share storage (tied weights): independent contiguous copies
     save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}, str(dst))
     return len(state)

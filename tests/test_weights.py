@@ -204,3 +204,21 @@ def test_load_weights_names_every_missing_key(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as info:
         build_model("resnet20", 10, 3, weights=path)
     assert "\n" not in str(info.value) and all(k in str(info.value) for k in gone)
+
+
+def test_the_engine_reads_a_pth_only_as_weights(tmp_path: Path) -> None:
+    """``prune run`` and ``pruning_core.prune`` take a .pth as well: the same weights-only reading."""
+    src = build_model("resnet20", 10, 3)
+    good = tmp_path / "dense.pth"
+    torch.save(src.state_dict(), good)
+    dst = build_model("resnet20", 10, 3, weights=good)
+    assert all(
+        torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True)
+    )
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "x": CreatesAFile(marker)}, evil)
+    with pytest.raises(
+        WeightsError, match=r"evil.pth: it pickles \S*open, .* refused without running it"
+    ) as info:
+        build_model("resnet20", 10, 3, weights=evil)
+    assert not marker.exists() and "\n" not in str(info.value)

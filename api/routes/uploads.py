@@ -14,6 +14,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.orm import Session, sessionmaker
 
 from pruning_core.settings import Settings
+from pruning_core.weights import is_pytorch_file
 from store import repo
 from store.files import resolve_under, sha256_file
 from store.models import Upload
@@ -57,7 +58,7 @@ def _keep(
             return earlier, False
     stored = got
     if kind == "weights":
-        if files.is_pytorch(got.path):
+        if is_pytorch_file(got.path):  # only its first bytes: a child reads it
             stored = _convert(got, settings)
         files.check_safetensors(stored.path, stored.size)
         suffix = ".safetensors"
