@@ -67,9 +67,10 @@ def _read_head(path: Path, n: int) -> bytes:
         return f.read(n)
 
 
-def check_safetensors(path: Path, size: int) -> None:
+def check_safetensors(path: Path, size: int) -> dict[str, list[int]] | None:
     """415 unless the file is a safetensors file: an 8-byte little-endian header length, then a JSON
-    object header that fits in the file (parsed when at most PARSED_SAFETENSORS_HEADER bytes)."""
+    object header that fits in the file (parsed when at most PARSED_SAFETENSORS_HEADER bytes). Returns
+    the tensors' names and shapes from a parsed header, None from one that was not parsed."""
     bad = Problem(
         415,
         "Weights must be a safetensors file (8-byte header length, then a JSON header).",
@@ -86,7 +87,7 @@ def check_safetensors(path: Path, size: int) -> None:
             f.seek(8 + n - 1)
             if f.read(1) not in (b"}", b" "):  # the format pads the header with spaces
                 raise bad
-            return
+            return None
         f.seek(8)
         raw = f.read(n)
     try:
@@ -95,6 +96,14 @@ def check_safetensors(path: Path, size: int) -> None:
         raise bad from None
     if not isinstance(header, dict):
         raise bad
+    return {
+        name: [int(n) for n in entry["shape"]]
+        for name, entry in header.items()
+        if name != "__metadata__"
+        and isinstance(entry, dict)
+        and isinstance(entry.get("shape"), list)
+        and all(isinstance(n, int) for n in entry["shape"])
+    }
 
 
 def _is_tar(block: bytes) -> bool:

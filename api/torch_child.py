@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ log = logging.getLogger("api.torch_child")
 # The child imports the same pruning_core as this process (the directory that holds the package).
 _IMPORT_ROOT = Path(pruning_core.__file__).resolve().parent.parent
 _ENV_KEEP = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+KEYS_CACHED = 128  # (model, classes, channels) answers kept, least recently used dropped
 _slots: dict[int, threading.BoundedSemaphore] = {}
 _slots_lock = threading.Lock()
 
@@ -76,3 +78,23 @@ def run(args: list[str], settings: Settings) -> dict[str, Any]:
     if "error" in out:
         raise Refused(str(out["error"]), str(out.get("code", "")))
     return out
+
+
+_keys_cache: OrderedDict[tuple[str, int, int], list[dict[str, Any]]] = OrderedDict()
+_keys_lock = threading.Lock()
+
+
+def expected_keys(name: str, num_classes: int, in_channels: int, settings: Settings) -> list[dict[str, Any]]:
+    """``[{"key", "shape", "dtype"}]`` of model ``name``'s state dict, from a child that builds it;
+    kept, as the answer changes only with the code and a child takes seconds. Raises like ``run``."""
+    key = (name, num_classes, in_channels)
+    with _keys_lock:
+        if (hit := _keys_cache.get(key)) is not None:
+            _keys_cache.move_to_end(key)
+            return hit
+    keys = run(["keys", name, str(num_classes), str(in_channels)], settings)["keys"]
+    with _keys_lock:
+        _keys_cache[key] = keys
+        while len(_keys_cache) > KEYS_CACHED:
+            _keys_cache.popitem(last=False)
+    return keys

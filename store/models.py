@@ -163,5 +163,7 @@ class Upload(Base):
     sha256: Mapped[str] = mapped_column(String(64))  # of the stored file
     # of the body as sent: differs from sha256 when the server converted it (.pth -> safetensors)
     source_sha256: Mapped[str] = mapped_column(String(64))
+    # weights: tensor name -> shape, when the API read the safetensors header (small headers only)
+    tensors: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     media_type: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -495,9 +495,10 @@ def add_upload(
     media_type: str,
     *,
     source_sha256: str | None = None,
+    tensors: dict[str, list[int]] | None = None,
 ) -> Upload:
     """Record a stored upload. ``sha256`` is the stored file's; ``source_sha256`` the body's as sent,
-    when the server converted it (default: the same)."""
+    when the server converted it (default: the same); ``tensors`` a weights file's name -> shape."""
     up = Upload(
         owner=owner,
         kind=kind,
@@ -506,6 +507,7 @@ def add_upload(
         size=size,
         sha256=sha256,
         source_sha256=source_sha256 or sha256,
+        tensors=tensors,
         media_type=media_type,
     )
     s.add(up)

@@ -21,6 +21,7 @@ from pruning_core.settings import Settings
 from store import db, repo
 from store.models import Job, JobStatus
 from tests.specs import TINY_SPEC as SPEC
+from tests.specs import tiny_spec_weights
 from worker.local import EXIT_DONE, LocalRunner, next_queued
 
 PROBLEM = "application/problem+json"
@@ -253,8 +254,9 @@ def test_uploads_list_and_delete(env_factory) -> None:
     env = env_factory()
     c = env.client
     ids = [
-        c.post("/v1/uploads?kind=weights", content=safetensors_bytes(key=k), headers=env.a).json()["id"]
-        for k in "abc"
+        c.post("/v1/uploads?kind=weights", content=body, headers=env.a).json()["id"]
+        # the first is used by a job: weights that match its model (checked at submit)
+        for body in (tiny_spec_weights(), safetensors_bytes(key="b"), safetensors_bytes(key="c"))
     ]
     page = c.get("/v1/uploads?limit=2", headers=env.a).json()
     rest = c.get(f"/v1/uploads?limit=2&cursor={page['next_cursor']}", headers=env.a).json()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import struct
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from pruning_core.errors import WeightsError
@@ -167,14 +168,56 @@ def test_mismatch_lists_every_key() -> None:
     assert mismatch(want, dict(want)) is None
 
 
-def test_weights_with_wrong_keys_fail_the_job_naming_all(big_api: Api, tmp_path: Path) -> None:
-    from worker.execute import execute
-
+def _wrong_state() -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """resnet20's state dict for digits (10 classes, 1 channel) without layer3 (42 keys) and with 25
+    keys of its own, one misshapen: (state, missing keys, extra keys)."""
     state = build_model("resnet20", 10, 1).state_dict()
     dropped = [k for k in state if k.startswith("layer3.")]
     extra = [f"head.extra{i}.weight" for i in range(25)]
     bad = {k: v for k, v in state.items() if k not in dropped} | {k: torch.zeros(1) for k in extra}
+    bad["conv1.weight"] = torch.zeros(16, 3, 3, 3)
+    return bad, dropped, extra
+
+
+def test_weights_with_wrong_keys_are_refused_at_submit_naming_all(big_api: Api) -> None:
+    bad, dropped, extra = _wrong_state()
     up = big_api.client.post("/v1/uploads?kind=weights", content=torch_bytes(bad), headers=big_api.a)
+    assert up.status_code == 201, up.text
+    ref = up.json()["ref"]
+    spec = DIGITS | {"model": {"name": "resnet20", "weights": ref}, "kd": {"enabled": True, "teacher": ref}}
+    body = assert_problem(big_api.client.post("/v1/jobs", json=spec, headers=big_api.a), 422)
+    assert [e["field"] for e in body["errors"]] == ["model.weights", "kd.teacher"]
+    message = body["errors"][0]["message"]
+    assert "\n" not in message and "resnet20 (10 classes, 1 input channels)" in message
+    assert all(k in message for k in [*dropped, *extra]), message
+    assert "conv1.weight 16x3x3x3 (model: 16x1x3x3)" in message
+    # the same file for the model it fits (3 channels, but layer3 still missing) names only that
+    spec = DIGITS | {"model": {"name": "resnet20", "weights": ref, "in_channels": 3}}
+    body = assert_problem(big_api.client.post("/v1/jobs", json=spec, headers=big_api.a), 422)
+    assert "wrong shapes" not in body["errors"][0]["message"]
+    # matching weights pass
+    good = big_api.client.post(
+        "/v1/uploads?kind=weights", content=state_bytes(build_model("resnet20", 10, 1)), headers=big_api.a
+    ).json()["ref"]
+    big_api.submit(DIGITS | {"model": {"name": "resnet20", "weights": good}})
+
+
+def _pad_header(blob: bytes, pad: int) -> bytes:
+    """The same safetensors file with its JSON header padded by ``pad`` spaces (the format allows it)."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = blob[8 : 8 + n] + b" " * pad
+    return struct.pack("<Q", len(header)) + header + blob[8 + n :]
+
+
+def test_weights_with_wrong_keys_fail_the_job_naming_all(big_api: Api) -> None:
+    """A header too large for the API to read (files.PARSED_SAFETENSORS_HEADER) is checked by the
+    worker: the job fails, not retried, with one line naming every key."""
+    from api import files
+    from worker.execute import execute
+
+    bad, dropped, extra = _wrong_state()
+    blob = _pad_header(save({k: v.contiguous() for k, v in bad.items()}), files.PARSED_SAFETENSORS_HEADER)
+    up = big_api.client.post("/v1/uploads?kind=weights", content=blob, headers=big_api.a)
     assert up.status_code == 201, up.text
     job = big_api.submit(DIGITS | {"model": {"name": "resnet20", "weights": up.json()["ref"]}})
     settings = big_api.settings.model_copy(update={"heartbeat_s": 0.2})

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import threading
 import typing
-from collections import OrderedDict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from pruning_core import spec
-from pruning_core.settings import Settings
 
 from .. import torch_child
 from ..auth import current_owner
@@ -121,34 +118,17 @@ def model_keys(
             slug="model-not-found",
         )
     try:
-        keys = _expected_keys(model_name, num_classes, in_channels, settings)
+        keys = torch_child.expected_keys(model_name, num_classes, in_channels, settings)
     except torch_child.Refused as err:
         raise Problem(422, f"{model_name} cannot be built: {err}", slug="bad-model") from None
     except torch_child.ChildFailed as err:
         raise Problem(503, f"Listing the keys failed: the model builder {err}.", slug="unavailable") from None
-    return ModelKeys(name=model_name, num_classes=num_classes, in_channels=in_channels, keys=keys)
-
-
-_keys_cache: OrderedDict[tuple[str, int, int], list[StateKey]] = OrderedDict()
-_keys_lock = threading.Lock()
-KEYS_CACHED = 128  # (model, classes, channels) answers kept, least recently used dropped
-
-
-def _expected_keys(name: str, num_classes: int, in_channels: int, settings: Settings) -> list[StateKey]:
-    """The keys from a child process that builds the model (torch); kept, as they change only with
-    the code (a child takes seconds)."""
-    key = (name, num_classes, in_channels)
-    with _keys_lock:
-        if (hit := _keys_cache.get(key)) is not None:
-            _keys_cache.move_to_end(key)
-            return hit
-    out = torch_child.run(["keys", name, str(num_classes), str(in_channels)], settings)
-    keys = [StateKey.model_validate(k) for k in out["keys"]]
-    with _keys_lock:
-        _keys_cache[key] = keys
-        while len(_keys_cache) > KEYS_CACHED:
-            _keys_cache.popitem(last=False)
-    return keys
+    return ModelKeys(
+        name=model_name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        keys=[StateKey.model_validate(k) for k in keys],
+    )
 
 
 @router.get("/v1/datasets")

@@ -56,11 +56,11 @@ def _keep(
         if (earlier := repo.find_upload(s, owner, kind, got.sha256)) is not None:
             got.path.unlink(missing_ok=True)
             return earlier, False
-    stored = got
+    stored, tensors = got, None
     if kind == "weights":
         if is_pytorch_file(got.path):  # only its first bytes: a child reads it
             stored = _convert(got, settings)
-        files.check_safetensors(stored.path, stored.size)
+        tensors = files.check_safetensors(stored.path, stored.size)
         suffix = ".safetensors"
     else:
         suffix = files.dataset_suffix(got.path)
@@ -70,7 +70,16 @@ def _keep(
         with sessions() as s:
             quotas.check_upload_bytes(s, owner, stored.size, settings)
             up = repo.add_upload(
-                s, owner, kind, name, rel, stored.size, stored.sha256, MEDIA[suffix], source_sha256=got.sha256
+                s,
+                owner,
+                kind,
+                name,
+                rel,
+                stored.size,
+                stored.sha256,
+                MEDIA[suffix],
+                source_sha256=got.sha256,
+                tensors=tensors,
             )
             s.commit()
     except BaseException:
