@@ -101,7 +101,9 @@ class ModelKeys(BaseModel):
     keys: list[StateKey]
 
 
-@router.get("/v1/models/{model_name}", response_model=ModelKeys, responses={404: PROBLEM_SCHEMA})
+@router.get(
+    "/v1/models/{model_name}", response_model=ModelKeys, responses={404: PROBLEM_SCHEMA, 503: PROBLEM_SCHEMA}
+)
 def model_keys(
     model_name: str,
     settings: SettingsDep,
