@@ -27,6 +27,7 @@ MAX_SAFETENSORS_HEADER = 100 * 1024**2  # the safetensors format's own cap on th
 # safetensors loader parses it (a bad one fails the job as `bad_weights`).
 PARSED_SAFETENSORS_HEADER = 1024**2
 DATASET_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+PYTORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # converted to .safetensors
 
 
 @dataclass
@@ -66,9 +67,10 @@ def _read_head(path: Path, n: int) -> bytes:
         return f.read(n)
 
 
-def check_safetensors(path: Path, size: int) -> None:
+def check_safetensors(path: Path, size: int) -> dict[str, list[int]] | None:
     """415 unless the file is a safetensors file: an 8-byte little-endian header length, then a JSON
-    object header that fits in the file (parsed when at most PARSED_SAFETENSORS_HEADER bytes)."""
+    object header that fits in the file (parsed when at most PARSED_SAFETENSORS_HEADER bytes). Returns
+    the tensors' names and shapes from a parsed header, None from one that was not parsed."""
     bad = Problem(
         415,
         "Weights must be a safetensors file (8-byte header length, then a JSON header).",
@@ -85,7 +87,7 @@ def check_safetensors(path: Path, size: int) -> None:
             f.seek(8 + n - 1)
             if f.read(1) not in (b"}", b" "):  # the format pads the header with spaces
                 raise bad
-            return
+            return None
         f.seek(8)
         raw = f.read(n)
     try:
@@ -94,6 +96,14 @@ def check_safetensors(path: Path, size: int) -> None:
         raise bad from None
     if not isinstance(header, dict):
         raise bad
+    return {
+        name: [int(n) for n in entry["shape"]]
+        for name, entry in header.items()
+        if name != "__metadata__"
+        and isinstance(entry, dict)
+        and isinstance(entry.get("shape"), list)
+        and all(isinstance(n, int) for n in entry["shape"])
+    }
 
 
 def _is_tar(block: bytes) -> bool:
@@ -138,7 +148,7 @@ def safe_name(filename: str, suffix: str, default: str) -> str:
     content was sniffed as, which the engine's loaders go by)."""
     base = _UNSAFE.sub("_", os.path.basename(filename.replace("\\", "/"))).strip("._")[:200] or default
     low = base.lower()
-    for known in (*DATASET_SUFFIXES, ".safetensors"):
+    for known in (*DATASET_SUFFIXES, *PYTORCH_SUFFIXES, ".safetensors"):
         if low.endswith(known):
             base = base[: -len(known)] or default
             break

@@ -7,11 +7,16 @@ cifar loaders unpickle whatever lies under a root). The worker resolves the refe
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.orm import Session
 
-from pruning_core.spec import JobSpec
+from pruning_core.settings import Settings
+from pruning_core.spec import JobSpec, model_shape
+from pruning_core.weights import mismatch
 from store import repo
 
+from . import torch_child
 from .schemas import UPLOAD_PREFIX, echo, is_id
 
 # data sets whose loader reads a client-supplied root (an uploaded archive)
@@ -53,3 +58,43 @@ def spec_errors(s: Session, owner: str, spec: JobSpec) -> list[dict[str, str]]:
     else:
         check("data.root", spec.data.root, "dataset")
     return errors
+
+
+def _weights_refs(spec: JobSpec) -> dict[str, str]:
+    refs = {"model.weights": spec.model.weights}
+    if spec.kd.teacher != "dense":  # the teacher is the same architecture
+        refs["kd.teacher"] = spec.kd.teacher
+    return {f: v for f, v in refs.items() if v and v.startswith(UPLOAD_PREFIX)}
+
+
+def weights_to_check(s: Session, owner: str, spec: JobSpec) -> dict[str, tuple[str, dict[str, Any]]]:
+    """field -> (reference, tensor name -> shape) for the spec's weights uploads whose header the API
+    read at upload (large headers are left to the worker)."""
+    found = {}
+    for field, ref in _weights_refs(spec).items():
+        up = repo.get_upload(s, ref.removeprefix(UPLOAD_PREFIX), owner=owner)
+        if up is not None and up.tensors is not None:
+            found[field] = (ref, up.tensors)
+    return found
+
+
+def weights_errors(
+    spec: JobSpec, known: dict[str, tuple[str, dict[str, Any]]], settings: Settings
+) -> list[dict[str, str]]:
+    """One ``{"field", "message"}`` per weights upload whose tensors do not match the model, naming
+    every missing, unexpected and misshapen key. Only when the model's classes and channels are known
+    before the data is loaded; a model that cannot be built here is left to the worker to report."""
+    shape = model_shape(spec)
+    if not known or shape is None:
+        return []
+    try:
+        expected = torch_child.expected_keys(spec.model.name, *shape, settings)
+    except (torch_child.Refused, torch_child.ChildFailed):
+        return []
+    want = {k["key"]: k["shape"] for k in expected}
+    what = f"{spec.model.name} ({shape[0]} classes, {shape[1]} input channels)"
+    return [
+        {"field": field, "message": f"{ref} does not match {what}: {diff}"}
+        for field, (ref, tensors) in known.items()
+        if (diff := mismatch(want, tensors))
+    ]

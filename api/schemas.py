@@ -102,7 +102,10 @@ class UploadOut(BaseModel):
     kind: Literal["weights", "dataset"]
     filename: str
     size: int
-    sha256: str
+    sha256: str = Field(description="sha256 of the stored file")
+    source_sha256: str = Field(
+        description="sha256 of the body as sent (differs from sha256 when the server converted a .pth)"
+    )
     media_type: str
     created_at: datetime
     ref: str = Field(description="Put this in model.weights, kd.teacher or data.root")
@@ -171,6 +174,7 @@ def upload_out(up: Upload) -> UploadOut:
         filename=up.filename,
         size=up.size,
         sha256=up.sha256,
+        source_sha256=up.source_sha256,
         media_type=up.media_type,
         created_at=utc(up.created_at),
         ref=UPLOAD_PREFIX + up.id,

@@ -8,6 +8,7 @@
     prune download JOB_ID [NAME ...] [--out DIR]     every artifact by default, sha256-verified
     prune cancel JOB_ID
     prune uploads [list] | uploads delete ID        your uploads (newest first); delete one
+    prune model NAME [--classes N] [--channels C]    the state-dict keys and shapes weights must hold
     prune keys create --owner NAME [--name N] | keys list --owner NAME | keys revoke ID --owner NAME
 
 The service is ``--url`` (env PRUNE_URL, default http://127.0.0.1:8000) with ``--api-key`` (env
@@ -110,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true", help="print the JSON resources")
     u.set_defaults(func=cmd_uploads)
 
+    m = sub.add_parser(
+        "model", parents=[g], help="the state-dict keys and shapes a model's weights must hold"
+    )
+    m.add_argument("name", help="a model name (prune lists them: GET /v1/models), e.g. resnet20, tv:resnet18")
+    m.add_argument("--classes", type=int, default=10, help="output classes (default 10)")
+    m.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
+    m.add_argument("--json", action="store_true", help="print the JSON resource")
+    m.set_defaults(func=cmd_model)
+
     k = sub.add_parser("keys", help="manage API keys (admin, on the server host)")
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     kc = ks.add_parser("create", help="create a key; prints it once")
@@ -140,7 +150,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             upload = client.upload(file, kind)
             ref = upload.get("ref") or f"upload:{upload['id']}"
             _set(data, path, ref)
-            _note(f"uploaded {file} as {ref} ({'.'.join(path)})")
+            done = "already uploaded" if upload.get("reused") else "uploaded"
+            _note(f"{done} {file} as {ref} ({'.'.join(path)})")
         job = client.submit(data, idempotency_key=args.idempotency_key)
         print(job["id"], flush=True)
         if args.watch:
@@ -275,6 +286,20 @@ def cmd_uploads(args: argparse.Namespace) -> int:
         print(f"{up['ref']}\t{up['kind']}\t{up['size']:,} bytes\t{up['filename']}\t{up['created_at']}")
     if not ups and not args.json:
         _note("no uploads yet")
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.model_keys(args.name, args.classes, args.channels)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [(k["key"], "x".join(map(str, k["shape"])) or "scalar", k["dtype"]) for k in info["keys"]]
+    print(render.table(rows, ("key", "shape", "dtype")))
+    _note(
+        f"{len(rows)} keys for {info['name']} with {info['num_classes']} classes, {info['in_channels']} channels"
+    )
     return 0
 
 

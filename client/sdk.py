@@ -306,11 +306,16 @@ class Client:
                 return str(art["sha256"]).lower()
         raise IntegrityError(f"{name}: the server announced no sha256 to verify the download against")
 
-    def upload(self, path: str | Path, kind: str, filename: str | None = None) -> dict:
-        """Stream a local file (``kind``: ``weights`` or ``dataset``); returns the upload resource,
-        whose id goes into a JobSpec as ``upload:<id>``. Not retried (each try is a new upload)."""
+    def upload(self, path: str | Path, kind: str, filename: str | None = None, *, reuse: bool = True) -> dict:
+        """Stream a local file (``kind``: ``weights`` — safetensors or a PyTorch ``.pt``/``.pth`` state
+        dict, which the server converts — or ``dataset``); returns the upload resource, whose id goes
+        into a JobSpec as ``upload:<id>``. With ``reuse`` the file's sha256 is computed here first and
+        the caller's earlier upload of the same bytes is returned without sending them again (with
+        ``"reused": True``). Not retried (each try is a new upload)."""
         path = Path(path)
         size = path.stat().st_size
+        if reuse and (earlier := self.find_upload(file_sha256(path), kind)) is not None:
+            return earlier | {"reused": True}
 
         def body() -> Iterator[bytes]:
             with path.open("rb") as f:
@@ -324,6 +329,25 @@ class Client:
             content=body(),
             retry=False,
         ).json()
+
+    def find_upload(self, sha256: str, kind: str | None = None) -> dict | None:
+        """The caller's upload whose bytes as sent had this sha256 (hex), of ``kind`` if given, or
+        None. Only the caller's own uploads are ever found."""
+        sha256 = sha256.lower()
+        page = self._send("GET", "/v1/uploads", params={"sha256": sha256, "limit": 200}).json()
+        for up in _items(page, "uploads"):
+            # checked here too: a server without the filter answers with the newest uploads
+            same = sha256 in (up.get("source_sha256"), up.get("sha256"))
+            if same and kind in (None, up.get("kind")):
+                return up
+        return None
+
+    def model_keys(self, name: str, num_classes: int = 10, in_channels: int = 3) -> dict:
+        """The state dict that weights for model ``name`` must hold, for ``num_classes`` classes and
+        ``in_channels`` input channels: ``{"name", "num_classes", "in_channels", "keys": [{"key",
+        "shape", "dtype"}]}`` in the model's order (ApiError 404 for a model the server lacks)."""
+        params = {"num_classes": num_classes, "in_channels": in_channels}
+        return self._send("GET", f"/v1/models/{_seg(name)}", params=params).json()
 
     def uploads(self, limit: int = 50) -> Iterator[dict]:
         """Every upload of the caller, newest first, fetched ``limit`` per page."""
@@ -372,6 +396,15 @@ class Client:
                 return r
             _sleep(self._delay(attempt))
         raise AssertionError("unreachable")
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a local file, read in CHUNK-byte blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _seg(value: str) -> str:

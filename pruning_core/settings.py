@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     artifact_root: Path | None = Field(None, description="Job artifacts; default STATE_DIR/artifacts.")
     upload_root: Path | None = Field(None, description="Uploaded files; default STATE_DIR/uploads.")
     max_upload_bytes: int = Field(1024**3, description="Cap on one upload, in bytes.")
+    torch_child_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Bound on the child process that converts a .pt/.pth upload to safetensors or lists "
+        "a model's state-dict keys (the API itself never imports torch), in seconds.",
+    )
+    torch_children: int = Field(
+        2, ge=1, description="Such child processes (torch loaded in each) the API runs at once."
+    )
     lease_s: float = Field(120.0, description="A running job whose heartbeat is older than this is stale.")
     heartbeat_s: float = Field(10.0, description="How often a running job writes its heartbeat.")
     max_attempts: int = Field(3, description="Attempts before a job that keeps losing its worker fails.")

@@ -574,6 +574,18 @@ ZOO_MIN_MACS_RATIO: dict[str, float] = {
 }
 # The side of a data set's images when data.image_size is not given (imagefolder: the files' own).
 NATIVE_IMAGE_SIZE: dict[str, int] = {"digits": 8, "cifar10": 32, "cifar100": 32, "synthetic": 32}
+# (classes, channels) of the data sets whose shape is known before loading them (pruning_core.data).
+NATIVE_SHAPE: dict[str, tuple[int, int]] = {"digits": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
+
+
+def model_shape(spec: JobSpec) -> tuple[int, int] | None:
+    """(classes, input channels) the job's model is built for, when known without loading the data
+    (an imagefolder's classes are its folders): the model's own fields, else the data set's."""
+    data = spec.data
+    native = (data.num_classes or 10, 3) if data.name == "synthetic" else NATIVE_SHAPE.get(data.name)
+    classes = spec.model.num_classes or (native[0] if native else None)
+    channels = spec.model.in_channels or (native[1] if native else None)
+    return (classes, channels) if classes and channels else None
 
 
 def synthetic_images(data: DataSpec) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 from .errors import ModelError, WeightsError
 from .registry import Registry, UnknownNameError
 from .spec import MODEL_ENTRY_POINTS, TIMM_PREFIX, TORCHVISION_PREFIX, plugin_models
+from .weights import is_pytorch_file, load_state, mismatch
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,8 @@ def build_model(
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a safetensors state dict strictly; every problem is one WeightsError line."""
+    """Load a state dict strictly from safetensors, or from a PyTorch ``.pt``/``.pth`` file read with
+    ``torch.load(weights_only=True)``; every problem is one WeightsError line."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -310,7 +312,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        state = load_file(str(path))
+        if is_pytorch_file(path):
+            try:
+                state = load_state(path)
+            except WeightsError as err:
+                raise WeightsError(f"{path.name}: {err}") from None
+        else:
+            state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise WeightsError(f"{path.name} is not a valid safetensors file ({_first_line(err)})") from None
     # safetensors keeps no per-module ``_metadata`` (state-dict versions); some modules (torchvision's
@@ -318,6 +326,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     # their own versions apply.
     state_with_versions: dict[str, torch.Tensor] = OrderedDict(state)
     state_with_versions._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    # every wrong key named (torch's own message is cut to a line here, and users fix all at once)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if diff := mismatch(want, {k: tuple(v.shape) for k, v in state.items()}):
+        raise WeightsError(f"{path.name} does not match the model: {diff}")
     try:
         model.load_state_dict(state_with_versions, strict=True)
     except RuntimeError as err:

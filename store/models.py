@@ -151,6 +151,8 @@ class Artifact(Base):
 
 class Upload(Base):
     __tablename__ = "uploads"
+    # finding an owner's earlier upload of the same bytes (clients skip sending a file twice)
+    __table_args__ = (Index("ix_uploads_owner_source_sha256", "owner", "source_sha256"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(128), index=True)
@@ -158,6 +160,10 @@ class Upload(Base):
     filename: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(String(1024))  # relative to the upload root
     size: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the stored file
+    # of the body as sent: differs from sha256 when the server converted it (.pth -> safetensors)
+    source_sha256: Mapped[str] = mapped_column(String(64))
+    # weights: tensor name -> shape, when the API read the safetensors header (small headers only)
+    tensors: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     media_type: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -485,14 +485,43 @@ def get_artifact(s: Session, job_id: str, name: str) -> Artifact | None:
 
 
 def add_upload(
-    s: Session, owner: str, kind: str, filename: str, path: str, size: int, sha256: str, media_type: str
+    s: Session,
+    owner: str,
+    kind: str,
+    filename: str,
+    path: str,
+    size: int,
+    sha256: str,
+    media_type: str,
+    *,
+    source_sha256: str | None = None,
+    tensors: dict[str, list[int]] | None = None,
 ) -> Upload:
+    """Record a stored upload. ``sha256`` is the stored file's; ``source_sha256`` the body's as sent,
+    when the server converted it (default: the same); ``tensors`` a weights file's name -> shape."""
     up = Upload(
-        owner=owner, kind=kind, filename=filename, path=path, size=size, sha256=sha256, media_type=media_type
+        owner=owner,
+        kind=kind,
+        filename=filename,
+        path=path,
+        size=size,
+        sha256=sha256,
+        source_sha256=source_sha256 or sha256,
+        tensors=tensors,
+        media_type=media_type,
     )
     s.add(up)
     s.flush()
     return up
+
+
+def find_upload(s: Session, owner: str, kind: str, source_sha256: str) -> Upload | None:
+    """``owner``'s oldest upload of ``kind`` whose body as sent had this sha256 (lowercase hex), if any;
+    never another owner's."""
+    q = select(Upload).where(
+        Upload.owner == owner, Upload.source_sha256 == source_sha256.lower(), Upload.kind == kind
+    )
+    return s.scalar(q.order_by(Upload.created_at, Upload.id).limit(1))
 
 
 def get_upload(s: Session, upload_id: str, owner: str | None = None) -> Upload | None:
@@ -503,12 +532,15 @@ def get_upload(s: Session, upload_id: str, owner: str | None = None) -> Upload |
 
 
 def list_uploads(
-    s: Session, owner: str, *, limit: int = 50, cursor: str | None = None
+    s: Session, owner: str, *, limit: int = 50, cursor: str | None = None, sha256: str | None = None
 ) -> tuple[list[Upload], str | None]:
     """The owner's uploads, newest first, keyset-paginated like ``list_jobs`` (ValueError on a bad
-    cursor). Returns the page and the next cursor (None on the last page)."""
+    cursor); only those whose body as sent had ``sha256`` when given. Returns the page and the next
+    cursor (None on the last page)."""
     limit = max(1, int(limit))
     q = select(Upload).where(Upload.owner == owner)
+    if sha256:
+        q = q.where(Upload.source_sha256 == sha256.lower())
     if cursor:
         created, upload_id = decode_cursor(cursor)
         q = q.where(

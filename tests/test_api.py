@@ -266,8 +266,11 @@ def test_server_paths_refused(api: Api) -> None:
     up = c.post("/v1/uploads?kind=weights&filename=w.safetensors", content=safetensors_bytes(), headers=api.b)
     assert up.status_code == 201
     spec = DIGITS | {"model": {"name": "resnet20", "weights": up.json()["ref"]}}
-    assert_problem(c.post("/v1/jobs", json=spec, headers=api.a), 422)
-    assert c.post("/v1/jobs", json=spec, headers=api.b).status_code == 201
+    (err,) = assert_problem(c.post("/v1/jobs", json=spec, headers=api.a), 422)["errors"]
+    assert "does not exist" in err["message"], err  # another owner's upload, like an unknown one
+    # its owner may name it: what is refused then is its content (one tensor "w", not resnet20's)
+    (err,) = assert_problem(c.post("/v1/jobs", json=spec, headers=api.b), 422)["errors"]
+    assert err["field"] == "model.weights" and "does not match resnet20" in err["message"], err
     # a dataset upload where weights are expected
     ds = c.post("/v1/uploads?kind=dataset&filename=d.zip", content=zip_bytes(), headers=api.b).json()
     spec = DIGITS | {"model": {"name": "resnet20", "weights": ds["ref"]}}
@@ -339,8 +342,12 @@ def test_uploads(make_api, sqlite_url: str) -> None:
             yield b"y" * 1000
 
     assert_problem(c.post("/v1/uploads?kind=weights", content=chunks(), headers=api.a), 413)
-    # wrong type: 415
-    assert_problem(c.post("/v1/uploads?kind=weights", content=b"\x80\x02pickle" * 10, headers=api.a), 415)
+    # wrong type: 415; a pickle goes to the converter (tests/test_weights.py), which refuses this one
+    assert_problem(c.post("/v1/uploads?kind=weights", content=b"GGUF" + bytes(60), headers=api.a), 415)
+    body = assert_problem(
+        c.post("/v1/uploads?kind=weights", content=b"\x80\x02pickle" * 10, headers=api.a), 422
+    )
+    assert "refused" in body["detail"] and "\n" not in body["detail"]
     bad_header = struct.pack("<Q", 9999) + b"{}"
     assert_problem(c.post("/v1/uploads?kind=weights", content=bad_header, headers=api.a), 415)
     assert_problem(c.post("/v1/uploads?kind=dataset", content=b"PK\x05\x06" + bytes(18), headers=api.a), 415)
@@ -351,7 +358,8 @@ def test_uploads(make_api, sqlite_url: str) -> None:
     # the database refuses the row: the placed file goes too
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(repo, "add_upload", lambda *a, **k: 1 / 0)
-        assert_problem(c.post("/v1/uploads?kind=weights", content=data, headers=api.a), 500)
+        other = safetensors_bytes(32)  # not `data`, which would be answered with the earlier upload
+        assert_problem(c.post("/v1/uploads?kind=weights", content=other, headers=api.a), 500)
     assert sorted(leftover_files(root)) == before
     assert sorted(p for p in root.iterdir() if p.name != ".tmp") == sorted({p.parent for p in before})
     with db.session_scope(api.engine) as s:

@@ -76,6 +76,7 @@ class FakeService:
         self.drop_events_after = 0  # first SSE connection drops after this many events (0: never)
         self.blob, self.announced_sha = BLOB, SHA
         self.uploads: list[bytes] = []
+        self.ignore_sha256_filter = False  # as a server from before GET /v1/uploads?sha256= would
         self.drop_download_after: int | None = None  # the next full download drops after this many bytes
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -92,6 +93,8 @@ class FakeService:
             ("GET", r"/v1/jobs/(\w+)/artifacts", self.artifacts),
             ("GET", r"/v1/jobs/(\w+)/artifacts/(.+)", self.artifact),
             ("POST", r"/v1/uploads", self.upload),
+            ("GET", r"/v1/uploads", self.list_uploads),
+            ("GET", r"/v1/models/(.+)", self.model_keys),
         ]
         for m, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
@@ -182,7 +185,40 @@ class FakeService:
 
     def upload(self, request: httpx.Request) -> httpx.Response:
         self.uploads.append(request.read())
-        return httpx.Response(201, json={"id": f"u{len(self.uploads)}", "kind": request.url.params["kind"]})
+        return httpx.Response(201, json=self._upload(len(self.uploads) - 1, request.url.params["kind"]))
+
+    def _upload(self, i: int, kind: str) -> dict:
+        digest = hashlib.sha256(self.uploads[i]).hexdigest()
+        return {
+            "id": f"u{i + 1}",
+            "ref": f"upload:u{i + 1}",
+            "kind": kind,
+            "sha256": digest,
+            "source_sha256": digest,
+        }
+
+    def list_uploads(self, request: httpx.Request) -> httpx.Response:
+        ups = [self._upload(i, "weights") for i in range(len(self.uploads))][::-1]
+        if (want := request.url.params.get("sha256")) and not self.ignore_sha256_filter:
+            ups = [u for u in ups if u["source_sha256"] == want]
+        return httpx.Response(200, json={"items": ups, "next_cursor": None})
+
+    def model_keys(self, request: httpx.Request, name: str) -> httpx.Response:
+        if name != "resnet20":
+            return problem(404, "Not Found", f"Model {name} is not one this server offers (GET /v1/models).")
+        classes = int(request.url.params["num_classes"])
+        keys = [
+            {
+                "key": "conv1.weight",
+                "shape": [16, int(request.url.params["in_channels"]), 3, 3],
+                "dtype": "float32",
+            },
+            {"key": "bn1.num_batches_tracked", "shape": [], "dtype": "int64"},
+            {"key": "linear.weight", "shape": [classes, 64], "dtype": "float32"},
+        ]
+        return httpx.Response(
+            200, json={"name": name, "num_classes": classes, "in_channels": 1, "keys": keys}
+        )
 
 
 @pytest.fixture
@@ -338,6 +374,41 @@ def test_submit_uploads_local_files_then_waits(
     assert use_fake.uploads == [b"weights"]
     sent = json.loads(next(r for r in use_fake.requests if r.url.path == "/v1/jobs").content)
     assert sent["model"]["weights"] == "upload:u1" and sent["data"]["name"] == "digits"
+
+
+def test_submit_does_not_send_the_same_file_twice(
+    tmp_path: Path, use_fake: FakeService, capsys: pytest.CaptureFixture
+) -> None:
+    weights = tmp_path / "dense.pth"
+    weights.write_bytes(b"the same weights")
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"other weights")
+    for file in (weights, weights, other):
+        assert cli.main(["submit", "--data", "digits", "--weights", str(file)]) == 0
+    assert use_fake.uploads == [b"the same weights", b"other weights"]  # sent once each
+    err = capsys.readouterr().err
+    assert f"already uploaded {weights} as upload:u1" in err and f"uploaded {other} as upload:u2" in err
+    sent = [json.loads(r.content) for r in use_fake.requests if r.url.path == "/v1/jobs"]
+    assert [s["model"]["weights"] for s in sent] == ["upload:u1", "upload:u1", "upload:u2"]
+    # a server that ignores the filter (listing every upload) is not trusted with the match
+    use_fake.ignore_sha256_filter = True
+    with cli.Client("http://fake", api_key="k") as c:
+        assert c.find_upload("0" * 64, "weights") is None
+        assert c.find_upload(hashlib.sha256(b"other weights").hexdigest(), "weights")["id"] == "u2"
+        assert c.upload(weights, "weights", reuse=False)["id"] == "u3"
+
+
+def test_model_keys_command(use_fake: FakeService, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["model", "resnet20", "--classes", "7", "--channels", "1"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["key", "shape", "dtype"]
+    assert lines[1].split() == ["conv1.weight", "16x1x3x3", "float32"]
+    assert lines[2].split() == ["bn1.num_batches_tracked", "scalar", "int64"]
+    assert lines[3].split() == ["linear.weight", "7x64", "float32"] and "3 keys" in err
+    assert cli.main(["model", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Model nosuch is not one this server offers" in err, err
 
 
 def test_watch_status_download_cancel(

@@ -21,13 +21,16 @@ from pruning_core.settings import Settings
 from store import db, repo
 from store.models import Job, JobStatus
 from tests.specs import TINY_SPEC as SPEC
+from tests.specs import tiny_spec_weights
 from worker.local import EXIT_DONE, LocalRunner, next_queued
 
 PROBLEM = "application/problem+json"
 
 
-def safetensors_bytes(n: int = 16) -> bytes:
-    header = json.dumps({"w": {"dtype": "F32", "shape": [n // 4], "data_offsets": [0, n]}}).encode()
+def safetensors_bytes(n: int = 16, key: str = "w") -> bytes:
+    """A valid safetensors file of one tensor ``key``; another key is other bytes of the same size
+    (the same bytes again would be answered with the earlier upload)."""
+    header = json.dumps({key: {"dtype": "F32", "shape": [n // 4], "data_offsets": [0, n]}}).encode()
     return struct.pack("<Q", len(header)) + header + bytes(n)
 
 
@@ -125,17 +128,21 @@ def test_queued_jobs_quota(env_factory) -> None:
 
 
 def test_upload_bytes_quota(env_factory) -> None:
-    data = safetensors_bytes(64)
+    data, data2, data3 = (safetensors_bytes(64, key) for key in "abc")
     env = env_factory(quota_upload_bytes=2 * len(data) + 10)
     c = env.client
     up = c.post("/v1/uploads?kind=weights", content=data, headers=env.a)
     assert up.status_code == 201
-    assert c.post("/v1/uploads?kind=weights", content=data, headers=env.a).status_code == 201
-    body = too_many(c.post("/v1/uploads?kind=weights", content=data, headers=env.a), "upload-quota")
+    assert c.post("/v1/uploads?kind=weights", content=data2, headers=env.a).status_code == 201
+    body = too_many(c.post("/v1/uploads?kind=weights", content=data3, headers=env.a), "upload-quota")
     assert body["used"] == 2 * len(data)
 
-    def chunks() -> Iterator[bytes]:  # no Content-Length: caught after the body was read
-        yield data
+    def chunks(blob: bytes = data3) -> Iterator[bytes]:  # no Content-Length: caught after the body was read
+        yield blob
+
+    # the same bytes again cost nothing once read (the earlier upload is the answer); a Content-Length
+    # past the quota is refused before the body, whose hash is not known yet
+    assert c.post("/v1/uploads?kind=weights", content=chunks(data), headers=env.a).status_code == 200
 
     too_many(c.post("/v1/uploads?kind=weights", content=chunks(), headers=env.a), "upload-quota")
     leftovers = [p for p in env.settings.uploads_dir.rglob("*") if p.is_file()]
@@ -247,8 +254,9 @@ def test_uploads_list_and_delete(env_factory) -> None:
     env = env_factory()
     c = env.client
     ids = [
-        c.post("/v1/uploads?kind=weights", content=safetensors_bytes(), headers=env.a).json()["id"]
-        for _ in range(3)
+        c.post("/v1/uploads?kind=weights", content=body, headers=env.a).json()["id"]
+        # the first is used by a job: weights that match its model (checked at submit)
+        for body in (tiny_spec_weights(), safetensors_bytes(key="b"), safetensors_bytes(key="c"))
     ]
     page = c.get("/v1/uploads?limit=2", headers=env.a).json()
     rest = c.get(f"/v1/uploads?limit=2&cursor={page['next_cursor']}", headers=env.a).json()
@@ -334,10 +342,10 @@ def test_sdk_and_cli_list_and_delete_uploads(env_factory, monkeypatch, capsys) -
     client = functools.partial(Client, transport=env.client._transport)
     with client("http://testserver", api_key=key) as sdk:
         ids = [
-            env.client.post("/v1/uploads?kind=weights", content=safetensors_bytes(), headers=env.a).json()[
-                "id"
-            ]
-            for _ in range(3)
+            env.client.post(
+                "/v1/uploads?kind=weights", content=safetensors_bytes(key=k), headers=env.a
+            ).json()["id"]
+            for k in "abc"
         ]
         assert [u["id"] for u in sdk.uploads(limit=2)] == ids[::-1]  # follows the cursor
         sdk.delete_upload(f"upload:{ids[0]}")

@@ -118,7 +118,8 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
             return _fail(engine, job, reporter, settings, "time_limit", TIME_LIMIT_MESSAGE, retryable=False)
         return _finish(engine, job, reporter, settings, JobStatus.CANCELLED, message=str(err) or "cancelled")
     except PruningError as err:
-        return _fail(engine, job, reporter, settings, err.code, _one_line(err), retryable=False)
+        msg = _one_line(err, USER_MESSAGE_MAX)
+        return _fail(engine, job, reporter, settings, err.code, msg, retryable=False)
     except SpecError as err:
         msg = "; ".join(err.problems)
         return _fail(engine, job, reporter, settings, "invalid_spec", msg, retryable=False)
@@ -351,9 +352,14 @@ def _oom_message(err: BaseException, spec: dict[str, Any]) -> str:
     )
 
 
-def _one_line(err: BaseException) -> str:
+# A PruningError's message is the engine's own and may list every wrong key of a weights file: kept
+# whole up to a bound; any other exception's text is cut shorter (it is not written for users).
+USER_MESSAGE_MAX = 64 * 1024
+
+
+def _one_line(err: BaseException, limit: int = 500) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 500 else text[:497] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["execute", "resolve_uploads", "copy_checkpoints", "summarize"]

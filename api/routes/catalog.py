@@ -8,16 +8,18 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import typing
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from pruning_core import spec
 
+from .. import torch_child
 from ..auth import current_owner
 from ..deps import SettingsDep
-from ..problems import PROBLEM_SCHEMA
+from ..problems import PROBLEM_SCHEMA, Problem
+from ..schemas import echo
 
 router = APIRouter(tags=["catalog"], dependencies=[Depends(current_owner)], responses={"4XX": PROBLEM_SCHEMA})
 
@@ -84,6 +86,51 @@ def models(settings: SettingsDep) -> dict[str, Any]:
         },
         "schema": _schema(spec.ModelSpec, settings),
     }
+
+
+class StateKey(BaseModel):
+    key: str
+    shape: list[int]
+    dtype: str
+
+
+class ModelKeys(BaseModel):
+    name: str
+    num_classes: int
+    in_channels: int
+    keys: list[StateKey]
+
+
+@router.get(
+    "/v1/models/{model_name}", response_model=ModelKeys, responses={404: PROBLEM_SCHEMA, 503: PROBLEM_SCHEMA}
+)
+def model_keys(
+    model_name: str,
+    settings: SettingsDep,
+    num_classes: Annotated[int, Query(ge=2, le=100_000, description="Output classes")] = 10,
+    in_channels: Annotated[int, Query(ge=1, le=64, description="Input channels")] = 3,
+) -> ModelKeys:
+    """The state dict that weights for `model_name` must hold, built for `num_classes` classes and
+    `in_channels` input channels: every key with its shape and dtype, in the model's order (a file
+    with a missing or extra key, or another shape, fails the job with all of them listed)."""
+    if model_name not in spec.allowed_models(settings):
+        raise Problem(
+            404,
+            f"Model {echo(model_name)} is not one this server offers (GET /v1/models).",
+            slug="model-not-found",
+        )
+    try:
+        keys = torch_child.expected_keys(model_name, num_classes, in_channels, settings)
+    except torch_child.Refused as err:
+        raise Problem(422, f"{model_name} cannot be built: {err}", slug="bad-model") from None
+    except torch_child.ChildFailed as err:
+        raise Problem(503, f"Listing the keys failed: the model builder {err}.", slug="unavailable") from None
+    return ModelKeys(
+        name=model_name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        keys=[StateKey.model_validate(k) for k in keys],
+    )
 
 
 @router.get("/v1/datasets")

@@ -16,7 +16,7 @@ from .. import queue, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
-from ..refs import spec_errors
+from ..refs import spec_errors, weights_errors, weights_to_check
 from ..schemas import JobOut, JobPage, echo, is_id, job_out
 
 router = APIRouter(tags=["jobs"], responses={"4XX": PROBLEM_SCHEMA})
@@ -60,17 +60,22 @@ def create_job(
 ) -> JobOut:
     """Queue a pruning job. Files are referenced as `upload:<id>` (POST /v1/uploads). A spec is refused
     (422, one item per field) past this server's limits (shown in the schema), or when it names a
-    missing or another owner's upload, or a target its model can never reach."""
+    missing or another owner's upload, or a target its model can never reach, or weights whose tensor
+    names and shapes (read from a small safetensors header) do not match the model."""
     limits = [{"field": f, "message": m} for f, m in submit_problems(spec, settings)]
     with sessions() as s:
-        if errors := limits + spec_errors(s, owner, spec):
-            raise Problem(
-                422,
-                f"{len(errors)} invalid field(s): {', '.join(e['field'] for e in errors)}.",
-                slug="validation-error",
-                title="Invalid request",
-                errors=errors,
-            )
+        errors = limits + spec_errors(s, owner, spec)
+        known = {} if errors else weights_to_check(s, owner, spec)
+    errors += weights_errors(spec, known, settings)  # may run a child process: no connection held
+    if errors:
+        raise Problem(
+            422,
+            f"{len(errors)} invalid field(s): {', '.join(e['field'] for e in errors)}.",
+            slug="validation-error",
+            title="Invalid request",
+            errors=errors,
+        )
+    with sessions() as s:
         if not (idempotency_key and repo.idempotent_job(s, owner, idempotency_key)):  # replays pass
             quotas.check_queued_jobs(s, owner, settings)
         ahead = repo.count_jobs(s, owner, JobStatus.QUEUED, JobStatus.RUNNING)  # fairness on the broker

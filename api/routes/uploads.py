@@ -14,11 +14,12 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.orm import Session, sessionmaker
 
 from pruning_core.settings import Settings
+from pruning_core.weights import is_pytorch_file
 from store import repo
-from store.files import resolve_under
+from store.files import resolve_under, sha256_file
 from store.models import Upload
 
-from .. import files, quotas
+from .. import files, quotas, torch_child
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
@@ -28,6 +29,7 @@ from .jobs import check_cursor
 router = APIRouter(tags=["uploads"], responses={"4XX": PROBLEM_SCHEMA})
 log = logging.getLogger("api.uploads")
 
+SHA256_HEX = r"^[0-9a-fA-F]{64}$"
 MEDIA = {
     ".safetensors": "application/octet-stream",
     ".zip": "application/zip",
@@ -44,26 +46,66 @@ def _keep(
     filename: str,
     root: Path,
     settings: Settings,
-) -> Upload:
-    """Check the received file's type, move it into place and record it (the file goes if the row fails)."""
+) -> tuple[Upload, bool]:
+    """Check the received file's type, convert a PyTorch state dict to safetensors, move it into place
+    and record it (the file goes if the row fails). Returns (upload, created): the owner's earlier
+    upload of the same bytes and kind is returned instead of storing a second copy."""
     if got.size == 0:
         raise Problem(422, "The upload is empty.", slug="empty-upload")
+    with sessions() as s:
+        if (earlier := repo.find_upload(s, owner, kind, got.sha256)) is not None:
+            got.path.unlink(missing_ok=True)
+            return earlier, False
+    stored, tensors = got, None
     if kind == "weights":
-        files.check_safetensors(got.path, got.size)
+        if is_pytorch_file(got.path):  # only its first bytes: a child reads it
+            stored = _convert(got, settings)
+        tensors = files.check_safetensors(stored.path, stored.size)
         suffix = ".safetensors"
     else:
         suffix = files.dataset_suffix(got.path)
     name = files.safe_name(filename, suffix, kind)
-    placed, rel = files.place(got.path, root, name)
+    placed, rel = files.place(stored.path, root, name)
     try:
         with sessions() as s:
-            quotas.check_upload_bytes(s, owner, got.size, settings)
-            up = repo.add_upload(s, owner, kind, name, rel, got.size, got.sha256, MEDIA[suffix])
+            quotas.check_upload_bytes(s, owner, stored.size, settings)
+            up = repo.add_upload(
+                s,
+                owner,
+                kind,
+                name,
+                rel,
+                stored.size,
+                stored.sha256,
+                MEDIA[suffix],
+                source_sha256=got.sha256,
+                tensors=tensors,
+            )
             s.commit()
     except BaseException:
         files.discard(placed)
         raise
-    return up
+    return up, True
+
+
+def _convert(got: files.Received, settings: Settings) -> files.Received:
+    """The state dict in a ``torch.save`` file as a safetensors temp file beside it, read by a child
+    process with ``torch.load(weights_only=True)``; 422 with the child's one line when refused. The
+    PyTorch file is removed either way."""
+    dst = got.path.with_suffix(".safetensors")
+    try:
+        torch_child.run(["convert", str(got.path), str(dst)], settings)
+        return files.Received(dst, dst.stat().st_size, sha256_file(dst))
+    except torch_child.Refused as err:
+        dst.unlink(missing_ok=True)
+        raise Problem(422, f"The weights were refused: {err}.", slug="bad-weights") from None
+    except torch_child.ChildFailed as err:
+        dst.unlink(missing_ok=True)
+        raise Problem(
+            422, f"The weights could not be converted: the converter {err}.", slug="bad-weights"
+        ) from None
+    finally:
+        got.path.unlink(missing_ok=True)
 
 
 @router.post(
@@ -71,12 +113,14 @@ def _keep(
     operation_id="create_upload",
     status_code=status.HTTP_201_CREATED,
     response_model=UploadOut,
+    responses={200: {"model": UploadOut, "description": "Your earlier upload of the same bytes"}},
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {}}}}
     },
 )
 async def create_upload(
     request: Request,
+    response: Response,
     owner: OwnerDep,
     settings: SettingsDep,
     sessions: SessionsDep,
@@ -84,8 +128,13 @@ async def create_upload(
     filename: Annotated[str, Query(min_length=1, max_length=255)] = "upload",
     content_length: Annotated[int | None, Header(ge=0, include_in_schema=False)] = None,
 ) -> UploadOut:
-    """Send the file as the raw body (`curl --data-binary @model.safetensors`). Weights must be
-    safetensors; datasets a .tar.gz/.tgz, .tar or .zip archive with train/ and test/ class folders."""
+    """Send the file as the raw body (`curl --data-binary @model.safetensors`). Weights are safetensors,
+    or a PyTorch state dict (`torch.save(model.state_dict(), "model.pth")`), which the server reads with
+    `torch.load(weights_only=True)` in a separate process and stores as safetensors (anything else in
+    it, such as a pickled module or code, is refused with a 422 and never run). Datasets are a
+    .tar.gz/.tgz, .tar or .zip archive with train/ and test/ class folders. The same bytes sent again
+    by the same owner answer 200 with the earlier upload (its `sha256` is the stored file's,
+    `source_sha256` the body's); `GET /v1/uploads?sha256=` finds it before sending."""
     limit, root = settings.max_upload_bytes, settings.uploads_dir
     if content_length is not None and content_length > limit:
         raise files.too_large(limit)
@@ -93,10 +142,14 @@ async def create_upload(
         await anyio.to_thread.run_sync(_check_quota, sessions, owner, content_length, settings)
     got = await files.receive(request.stream(), root, limit)
     try:
-        up = await anyio.to_thread.run_sync(_keep, got, sessions, owner, kind, filename, root, settings)
+        up, created = await anyio.to_thread.run_sync(
+            _keep, got, sessions, owner, kind, filename, root, settings
+        )
     except BaseException:
         got.path.unlink(missing_ok=True)
         raise
+    if not created:
+        response.status_code = status.HTTP_200_OK
     return upload_out(up)
 
 
@@ -120,12 +173,14 @@ def list_uploads(
     sessions: ReadSessionsDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
+    sha256: Annotated[str | None, Query(pattern=SHA256_HEX, description="the file's sha256 as sent")] = None,
 ) -> UploadPage:
-    """The caller's uploads, newest first. Pass `next_cursor` back as `cursor` for the next page."""
+    """The caller's uploads, newest first. Pass `next_cursor` back as `cursor` for the next page.
+    `sha256` keeps those whose body as sent had that hash: a client asks before sending a file twice."""
     if cursor:
         check_cursor(cursor)
     with sessions() as s:
-        ups, next_cursor = repo.list_uploads(s, owner, limit=limit, cursor=cursor or None)
+        ups, next_cursor = repo.list_uploads(s, owner, limit=limit, cursor=cursor or None, sha256=sha256)
     return UploadPage(items=[upload_out(u) for u in ups], next_cursor=next_cursor)
 
 
