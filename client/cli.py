@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,14 +209,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(job, indent=2) if args.json else render.job_details(job))
             return 0
         jobs = list(itertools.islice(client.list(args.status_filter, limit=min(args.limit, 100)), args.limit))
-    if args.json:
-        print(json.dumps(jobs, indent=2))
-    elif jobs:
-        print(render.jobs_table(jobs))
-    if jobs:
-        return 0
-    _note(f"no {args.status_filter} jobs" if args.status_filter else "no jobs yet")
-    return 1  # like grep: nothing matched
+    return _listing(
+        jobs,
+        args.json,
+        render.jobs_table,
+        f"no {args.status_filter} jobs" if args.status_filter else "no jobs yet",
+    )
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -229,14 +228,22 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
     with _client(args) as client:
         arts = client.artifacts(args.job_id)
         status = None if arts else client.get(args.job_id).get("status")  # a 404 for an unknown job
-    if args.json:
-        print(json.dumps(arts, indent=2))
-    elif arts:
-        print(render.artifacts_table(arts))
-    if arts:
-        return 0
     yet = " yet" if status in ("queued", "running") else ""
-    _note(f"job {args.job_id} has no artifacts{yet} (status {status})")
+    return _listing(
+        arts, args.json, render.artifacts_table, f"job {args.job_id} has no artifacts{yet} (status {status})"
+    )
+
+
+def _listing(rows: list[dict], as_json: bool, table: Callable[[list[dict]], str], empty: str) -> int:
+    """Print ``rows`` as JSON or as ``table``; with none, also the one line ``empty`` and exit 1 (like
+    grep: nothing matched)."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(table(rows))
+    if rows:
+        return 0
+    _note(empty)
     return 1
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -323,6 +323,29 @@ def _save_arch(arch: dict[str, Any], path: Path) -> Path:
     return _commit(tmp, path)
 
 
+def _write_checked(
+    label: str,
+    compare_as: str,
+    path: Path,
+    ref: torch.Tensor,
+    tol: float,
+    write: Callable[[Path], torch.Tensor],
+) -> Path:
+    """Write ``path`` through a hidden temporary with ``write`` (which returns the logits of the file it
+    wrote, loaded back), keep it only if they match ``ref`` within ``tol``; else ``ExportError`` with one
+    line and no file. Warnings are silenced: exporters announce deprecations and tracer caveats."""
+    tmp = _tmp(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            out = write(tmp)
+    except Exception as err:  # exporters, checkers and runtimes each raise many types
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{label} failed: {_one_line(err)}") from None
+    _compare(compare_as, out, ref, tol, tmp)
+    return _commit(tmp, path)
+
+
 def _save_torch_export(
     model: nn.Module,
     x: torch.Tensor,
@@ -332,20 +355,15 @@ def _save_torch_export(
     contract: InputContract | None,
 ) -> Path:
     """``torch.export`` with a dynamic batch axis; checked by loading the file back and running it."""
-    tmp = _tmp(path)
     extra = {CONTRACT_FILE: contract.to_text()} if contract is not None else None
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(tmp), extra_files=extra)
-            out = torch.export.load(str(tmp)).module()(x)
-    except Exception as err:  # export raises many types (unsupported ops, guards on the batch size)
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"torch.export failed: {_one_line(err)}") from None
-    _compare("torch.export", out, ref, tol, tmp)
-    return _commit(tmp, path)
+
+    def write(tmp: Path) -> torch.Tensor:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(tmp), extra_files=extra)
+        return torch.export.load(str(tmp)).module()(x)
+
+    return _write_checked("torch.export", "torch.export", path, ref, tol, write)
 
 
 def _save_torchscript(
@@ -356,20 +374,15 @@ def _save_torchscript(
     tol: float,
     contract: InputContract | None,
 ) -> Path:
-    tmp = _tmp(path)
     extra = {CONTRACT_FILE: contract.to_text()} if contract is not None else {}
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # deprecation notices and tracer warnings
-            # No check_trace: it traces a second time to compare graphs; the logits are compared below.
-            traced = torch.jit.trace(model, (x,), check_trace=False)
-            torch.jit.save(traced, str(tmp), _extra_files=extra)
-            out = traced(x)
-    except Exception as err:  # tracing failures come as many exception types
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"TorchScript export failed: {_one_line(err)}") from None
-    _compare("TorchScript", out, ref, tol, tmp)
-    return _commit(tmp, path)
+
+    def write(tmp: Path) -> torch.Tensor:
+        # No check_trace: it traces a second time to compare graphs; the logits are compared instead.
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        torch.jit.save(traced, str(tmp), _extra_files=extra)
+        return traced(x)
+
+    return _write_checked("TorchScript export", "TorchScript", path, ref, tol, write)
 
 
 def _save_onnx(
@@ -380,36 +393,30 @@ def _save_onnx(
     tol: float,
     contract: InputContract | None,
 ) -> Path:
-    tmp = _tmp(path)
-    try:
+    def write(tmp: Path) -> torch.Tensor:
         import onnx
         import onnxruntime as ort
 
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
-            torch.onnx.export(
-                model,
-                (x,),
-                str(tmp),
-                dynamo=False,
-                opset_version=ONNX_OPSET,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                do_constant_folding=True,
-            )
+        torch.onnx.export(
+            model,
+            (x,),
+            str(tmp),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
+        )
         proto = onnx.load(str(tmp))
         if contract is not None:  # readable with onnxruntime's get_modelmeta().custom_metadata_map
             onnx.helper.set_model_props(proto, contract.metadata())
             onnx.save(proto, str(tmp))
         onnx.checker.check_model(proto, full_check=True)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        out = torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
-    except Exception as err:  # exporter, checker and runtime each raise their own types
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export failed: {_one_line(err)}") from None
-    _compare("ONNX Runtime", out, ref, tol, tmp)
-    return _commit(tmp, path)
+        return torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
+
+    return _write_checked("ONNX export", "ONNX Runtime", path, ref, tol, write)
 
 
 def _compare(what: str, out: torch.Tensor, ref: torch.Tensor, tol: float, tmp: Path) -> None:
