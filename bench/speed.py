@@ -320,6 +320,10 @@ def render(results: dict[str, Any], source: Path) -> str:
         )
         + "."
     )
+    if not met and not missed:
+        verdict = (
+            f"No 224 px model in this run: the goal (≥ {GOAL} of the MAC-implied speed-up) is not assessed."
+        )
     return "\n".join(
         [
             "## Speed: measured vs MAC-implied speed-up (`python -m bench.speed`)",
