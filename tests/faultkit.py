@@ -13,14 +13,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
 
+from pruning_core.settings import Settings
 from store import repo
-from store.db import read_sessions
+from store.db import make_engine, migrate, read_sessions, session_scope
 from store.files import resolve_under, sha256_file
 from store.models import Job
 
@@ -290,3 +291,43 @@ class PostgresServer:
         with contextlib.suppress(subprocess.SubprocessError, RuntimeError):
             self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- jobs sent as the API sends them, to real Celery workers ---
+
+
+def submit(engine: Engine, job_spec: dict[str, Any], owner: str = "alice", max_attempts: int = 3) -> str:
+    """A queued job row for ``owner`` (the API's commit, without the enqueue); its id."""
+    with session_scope(engine) as s:
+        job, _ = repo.create_job(s, owner, job_spec, "magnitude", max_attempts=max_attempts)
+        return job.id
+
+
+@contextlib.contextmanager
+def celery_stack(
+    pg_url: str, redis_url: str, tmp_path: Path, procs: Procs, env: dict[str, str], **settings: Any
+) -> Iterator[tuple[Settings, Engine, Callable[..., str], Callable[[str], None]]]:
+    """A migrated database, ``procs`` set up to start workers (``env`` on top of the service's), and
+    (settings, engine, ``send(spec, max_attempts=3) -> job id``, enqueue): ``send`` commits, enqueues
+    and marks the job enqueued, as the API does. ``settings``: fields of this process's ``Settings``."""
+    from worker.celery_app import enqueuer, make_app  # Celery only for the tests that use it
+
+    migrate(pg_url)
+    procs.env = service_env(tmp_path, DATABASE_URL=pg_url, REDIS_URL=redis_url, **env)
+    config = Settings(database_url=pg_url, redis_url=redis_url, state_dir=tmp_path / "state", **settings)
+    engine = make_engine(pg_url)
+    app = make_app(config)
+    enqueue = enqueuer(app)
+
+    def send(job_spec: dict[str, Any], max_attempts: int = 3) -> str:
+        job_id = submit(engine, job_spec, max_attempts=max_attempts)
+        enqueue(job_id)
+        with session_scope(engine) as s:
+            repo.mark_enqueued(s, job_id)
+        return job_id
+
+    try:
+        yield config, engine, send, enqueue
+    finally:
+        app.close()
+        engine.dispose()

@@ -32,8 +32,10 @@ from tests.faultkit import (
     get,
     kill_children,
     service_env,
+    submit,
     wait_for,
 )
+from tests.faultkit import celery_stack as start_celery_stack
 from worker.celery_app import QUEUE, enqueuer, make_app
 from worker.execute import execute
 from worker.reaper import BrokerMarker, reap_once, run_forever
@@ -47,12 +49,6 @@ def spec(epochs: int = 1, steps: int = 5) -> dict[str, Any]:
         "schedule": {"epochs": epochs, "batch_size": 64, "max_steps_per_epoch": steps},
         "export": {"formats": ["safetensors"]},
     }
-
-
-def submit(engine: Engine, job_spec: dict[str, Any], max_attempts: int = 3) -> str:
-    with session_scope(engine) as s:
-        job, _ = repo.create_job(s, "alice", job_spec, "magnitude", max_attempts=max_attempts)
-        return job.id
 
 
 def epochs_seen(engine: Engine, job_id: str) -> list[int]:
@@ -366,26 +362,10 @@ def test_reaper_cleans_up_the_files_of_a_job_it_fails(sqlite_db: str, tmp_path: 
 
 @pytest.fixture
 def celery_stack(pg_url: str, private_redis: RedisServer, tmp_path: Path, procs: Procs):
-    """Settings, engine and ``send(spec) -> job id`` (commit, enqueue, mark enqueued, as the API does)."""
-    migrate(pg_url)
-    procs.env = service_env(
-        tmp_path, DATABASE_URL=pg_url, REDIS_URL=private_redis.url, LEASE_S="60", UNQUEUED_AFTER_S="1"
-    )
-    settings = Settings(database_url=pg_url, redis_url=private_redis.url, state_dir=tmp_path / "state")
-    engine = make_engine(pg_url)
-    app = make_app(settings)
-    enqueue = enqueuer(app)
-
-    def send(job_spec: dict[str, Any], max_attempts: int = 3) -> str:
-        job_id = submit(engine, job_spec, max_attempts=max_attempts)
-        enqueue(job_id)
-        with session_scope(engine) as s:
-            repo.mark_enqueued(s, job_id)
-        return job_id
-
-    yield settings, engine, send, enqueue
-    app.close()
-    engine.dispose()
+    """On a private Redis (a test may kill it); workers with a 60 s lease (``faultkit.celery_stack``)."""
+    env = {"LEASE_S": "60", "UNQUEUED_AFTER_S": "1"}
+    with start_celery_stack(pg_url, private_redis.url, tmp_path, procs, env) as stack:
+        yield stack
 
 
 @pytest.mark.slow

@@ -24,8 +24,9 @@ from store import repo
 from store.db import make_engine, migrate, session_scope
 from store.files import resolve_under, sha256_file
 from store.models import Job, utcnow
-from tests.faultkit import Procs, service_env, wait_for
-from worker.celery_app import QUEUE, TASK_NAME, enqueuer, make_app
+from tests.faultkit import Procs, done, get, service_env, submit, wait_for
+from tests.faultkit import celery_stack as start_celery_stack
+from worker.celery_app import QUEUE, TASK_NAME, make_app
 from worker.execute import copy_checkpoints, execute, resolve_uploads
 from worker.reaper import reap_once
 from worker.reporter import StoreReporter
@@ -85,17 +86,6 @@ def engine(settings: Settings) -> Iterator[Engine]:
     eng = make_engine(settings.sqlalchemy_url)
     yield eng
     eng.dispose()
-
-
-def submit(engine: Engine, spec: dict[str, Any], owner: str = "alice", max_attempts: int = 3) -> str:
-    with session_scope(engine) as s:
-        job, _ = repo.create_job(s, owner, spec, "magnitude", max_attempts=max_attempts)
-        return job.id
-
-
-def get(engine: Engine, job_id: str) -> Job:
-    with session_scope(engine) as s:
-        return repo.get_job(s, job_id)
 
 
 def events(engine: Engine, job_id: str) -> list[tuple[int, str, dict[str, Any]]]:
@@ -454,28 +444,9 @@ def test_celery_configuration() -> None:
 
 @pytest.fixture
 def celery_stack(pg_url: str, redis_url: str, tmp_path: Path, procs: Procs):
-    migrate(pg_url)
-    procs.env = service_env(tmp_path, DATABASE_URL=pg_url, REDIS_URL=redis_url, LEASE_S="3")
-    settings = Settings(database_url=pg_url, redis_url=redis_url, state_dir=tmp_path / "state", lease_s=3)
-    engine = make_engine(pg_url)
-    app = make_app(settings)
-    enqueue = enqueuer(app)
-
-    def send(spec: dict[str, Any]) -> str:
-        job_id = submit(engine, spec)
-        enqueue(job_id)
-        with session_scope(engine) as s:
-            repo.mark_enqueued(s, job_id)
-        return job_id
-
-    yield settings, engine, send, enqueue
-    app.close()
-    engine.dispose()
-
-
-def _done(engine: Engine, job_id: str) -> Job | None:
-    job = get(engine, job_id)
-    return job if job.status in ("succeeded", "failed", "cancelled") else None
+    """Workers with a 3 s lease on the shared Redis (``faultkit.celery_stack``)."""
+    with start_celery_stack(pg_url, redis_url, tmp_path, procs, {"LEASE_S": "3"}, lease_s=3) as stack:
+        yield stack
 
 
 def test_celery_worker_runs_jobs_and_survives_a_kill(celery_stack, procs: Procs) -> None:
@@ -483,7 +454,7 @@ def test_celery_worker_runs_jobs_and_survives_a_kill(celery_stack, procs: Procs)
     w1 = procs.celery_worker("w1")
     try:
         first = send(digits_spec())
-        job = wait_for(lambda: _done(engine, first), 90, "the first job")
+        job = wait_for(lambda: done(engine, first), 90, "the first job")
         assert (job.status, job.attempt, job.worker) == ("succeeded", 1, f"w1@{os.uname().nodename}")
         with session_scope(engine) as s:
             arts = repo.list_artifacts(s, first)
@@ -506,7 +477,7 @@ def test_celery_worker_runs_jobs_and_survives_a_kill(celery_stack, procs: Procs)
             lambda: (c := reap_once(engine, enqueue, settings))["requeued"] and c, 20, "the lease to expire"
         )
         assert counts["enqueued"] == 1
-        job = wait_for(lambda: _done(engine, long), 120, "the resumed job")
+        job = wait_for(lambda: done(engine, long), 120, "the resumed job")
     except AssertionError as err:
         raise AssertionError(f"{err}\n{procs.logs()}") from None
     assert (job.status, job.attempt, job.worker) == ("succeeded", 2, f"w2@{os.uname().nodename}")
@@ -522,7 +493,7 @@ def test_two_celery_workers_run_six_jobs_exactly_once(celery_stack, procs: Procs
     procs.celery_worker("b")
     jobs = [send(digits_spec()) for _ in range(6)]
     try:
-        wait_for(lambda: all(_done(engine, j) for j in jobs), 150, "six jobs", every=0.5)
+        wait_for(lambda: all(done(engine, j) for j in jobs), 150, "six jobs", every=0.5)
     except AssertionError as err:
         raise AssertionError(f"{err}\n{procs.logs()}") from None
     for j in jobs:
@@ -540,7 +511,7 @@ def test_local_runner_runs_queue_and_stops_cleanly(sqlite_db: str, tmp_path: Pat
     long = submit(engine, digits_spec(epochs=60))
     runner = procs.start("local", sys.executable, "-m", "worker.local")
     try:
-        job = wait_for(lambda: _done(engine, quick), 90, "the first job")
+        job = wait_for(lambda: done(engine, quick), 90, "the first job")
         assert (job.status, job.attempt) == ("succeeded", 1)
         wait_for(
             lambda: any(k == "epoch" and d["epoch"] >= 1 for _, k, d in events(engine, long)),
@@ -554,7 +525,7 @@ def test_local_runner_runs_queue_and_stops_cleanly(sqlite_db: str, tmp_path: Pat
         # given back at once, not left running; a deliberate stop does not use up an attempt
         assert (job.status, job.attempt) == ("queued", 0)
         procs.start("local2", sys.executable, "-m", "worker.local")
-        job = wait_for(lambda: _done(engine, long), 120, "the resumed job")
+        job = wait_for(lambda: done(engine, long), 120, "the resumed job")
     except (AssertionError, subprocess.TimeoutExpired) as err:
         raise AssertionError(f"{err}\n{procs.logs()}") from None
     assert (job.status, job.attempt) == ("succeeded", 1)
