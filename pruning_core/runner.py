@@ -137,7 +137,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     asked = spec  # as given: the report's spec (a speed target's MAC ratio is chosen below)
     speed: SpeedSearch | None = None
     if spec.target.speedup is not None:
-        speed = _speed_target(spec, model, example, shape, device, workdir, reporter)
+        speed = _speed_target(spec, model, graph, example, shape, device, workdir, reporter)
         spec = spec.model_copy(
             update={"target": spec.target.model_copy(update={"macs_ratio": speed.macs_ratio})}
         )
@@ -382,6 +382,7 @@ def _compare_latency(
 def _speed_target(
     spec: JobSpec,
     model: nn.Module,
+    graph: PruningGraph,
     example: torch.Tensor,
     shape: _Shape,
     device: torch.device,
@@ -411,6 +412,7 @@ def _speed_target(
             seconds=spec.target.speedup_search_s,
             amp=spec.schedule.amp,
             graph_timeout_s=get_settings().graph_timeout_s,
+            graph=graph,  # built once for the job: it gives the floor
         ),
     )
     best = max((p for p in found.probes if p.macs_ratio == found.macs_ratio), key=lambda p: p.speedup)

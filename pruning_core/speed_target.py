@@ -111,10 +111,13 @@ def search(
     seconds: float = 30.0,
     amp: bool = False,
     graph_timeout_s: float | None = None,
+    graph: PruningGraph | None = None,
 ) -> SpeedSearch:
     """Bisect the remaining-MAC ratio of ``model`` (left unchanged) for ``requested`` measured speed-up
-    at ``batch_size`` on ``device`` (see the module's docstring); ``seconds`` bounds the timing."""
-    graph = PruningGraph(copy.deepcopy(model).cpu().eval(), example, num_classes, graph_timeout_s)
+    at ``batch_size`` on ``device`` (see the module's docstring); ``seconds`` bounds the timing.
+    ``graph``: the dense model's graph where the caller has one (it gives the floor), else built here."""
+    if graph is None:
+        graph = PruningGraph(copy.deepcopy(model).cpu().eval(), example, num_classes, graph_timeout_s)
     # a hair above the floor: the allocator's own rounding must still fit under it
     floor = min(1.0, min_macs(graph, min_channels, round_to) / graph.dense_macs + 1e-6)
     dense = prepare_for_inference(model, "cpu")
