@@ -2,7 +2,7 @@
 
 Per model and remaining-MAC ratio, the dense network (random weights: speed does not depend on trained
 values) is pruned with the engine's allocator (``budget.select_to_budget`` on ``importance.magnitude``
-scores, i.e. the ``magnitude`` method's decision) twice: with any width (channel step 1) and with the
+scores, i.e. the ``magnitude`` method's decision): with any width (channel step 1) and with the
 device's channel step (``spec.CHANNEL_STEP_DEFAULTS``). Each network is timed as is and with BatchNorm
 folded into the convolutions (``inference.fold_batchnorm``, what TorchScript/ONNX exports hold), against
 the dense network in the same form. Timing: in one process, at a fixed thread count, after a warm-up, in
@@ -11,9 +11,13 @@ speed-up is the median over rounds of (dense time / pruned time) within the roun
 interval, so load that drifts between rounds cancels. Each timed sample runs enough forwards to last
 ``--min-sample-ms``.
 
-On CUDA (``--device cuda``) every forward runs under AMP (fp16 autocast) with cuDNN's autotuner on, the
-timer synchronises the device, and a third form times the folded networks in channels_last
-(``inference.prepare_for_inference``, what the service's CUDA inference uses).
+A third form times the folded networks in channels_last (``inference.prepare_for_inference``, what the
+service's inference uses on CPU and CUDA); the goal is judged on it. On CUDA (``--device cuda``) every
+forward runs under AMP (fp16 autocast) with cuDNN's autotuner on, and the timer synchronises the device.
+
+A third variant (``--latency-allocation``, on by default) prunes in the device step with
+``target.allocation: latency``: the dense network's layers are timed on the device at the largest batch
+(``layer_times``) and each group's scores weighed by its latency rate.
 
 Writes ``<out>/speed-<time>.json`` and regenerates the ``<!-- bench:speed-cpu -->`` (or ``--section``)
 section of BENCHMARKS.md.
@@ -44,6 +48,7 @@ from pruning_core.budget import MIN_WIDTH_CHOICES, select_to_budget
 from pruning_core.groups import PruningGraph
 from pruning_core.importance import magnitude
 from pruning_core.inference import fold_batchnorm
+from pruning_core.layer_times import latency_rates, measure_layer_times, weigh_scores
 from pruning_core.macs import count_macs
 from pruning_core.spec import CHANNEL_STEP_DEFAULTS
 from pruning_core.surgery import remove_channels
@@ -72,21 +77,42 @@ def log(text: str) -> None:
 
 
 def pruned_variants(
-    name: str, side: int, ratio: float, steps: Sequence[int], num_classes: int = 1000
-) -> tuple[nn.Module, dict[int, nn.Module], int]:
-    """The dense network and, per channel step, a copy physically pruned to ``ratio`` of its MACs by the
-    magnitude allocator; also the dense MACs per sample."""
+    name: str,
+    side: int,
+    ratio: float,
+    steps: Sequence[int],
+    num_classes: int = 1000,
+    latency: tuple[int, str, int] | None = None,
+) -> tuple[nn.Module, dict[str, nn.Module], int]:
+    """The dense network and, per channel step (key ``"8"``), a copy physically pruned to ``ratio`` of its
+    MACs by the magnitude allocator; with ``latency`` = (step, device, batch) also one allocated by
+    latency (``target.allocation: latency``, key ``"8-latency"``: scores weighed by the rates of the
+    dense network's layers timed on that device at that batch). Also the dense MACs per sample."""
     torch.manual_seed(0)
-    dense = build_model(name, num_classes if name.startswith("tv:") else 10, 3).eval()
+    classes = num_classes if name.startswith("tv:") else 10
+    dense = build_model(name, classes, 3).eval()
     x = torch.randn(1, 3, side, side)
     dense_macs = count_macs(dense, x)
+    plans = [(str(s), s, None) for s in steps]
+    if latency is not None:
+        step, device, batch = latency
+        graph = PruningGraph(copy.deepcopy(dense), x, num_classes=classes)
+        times = measure_layer_times(
+            dense, (3, side, side), graph.cost.layer_names, device, batch_size=batch, amp=device == "cuda"
+        )
+        plans.append((f"{step}-latency", step, latency_rates(graph, times)))
     pruned = {}
-    for step in steps:
-        model = copy.deepcopy(dense)
-        graph = PruningGraph(model, x, num_classes=num_classes if name.startswith("tv:") else 10)
-        keep = select_to_budget(graph, magnitude(graph), int(ratio * dense_macs), round_to=step)
-        pruned[step] = remove_channels(graph, keep).eval()
+    for key, step, rates in plans:
+        graph = PruningGraph(copy.deepcopy(dense), x, num_classes=classes)
+        scores = magnitude(graph) if rates is None else weigh_scores(magnitude(graph), rates)
+        keep = select_to_budget(graph, scores, int(ratio * dense_macs), round_to=step)
+        pruned[key] = remove_channels(graph, keep).eval()
     return dense, pruned, dense_macs
+
+
+def variant_step(key: str) -> int:
+    """The channel step of a variant key (``"8"``, ``"8-latency"``)."""
+    return int(key.split("-")[0])
 
 
 def off_step_share(model: nn.Module, step: int) -> float:
@@ -156,18 +182,21 @@ def measure_case(
     min_sample_s: float,
     seed: int = 0,
     device: str = "cpu",
+    latency_step: int | None = None,
 ) -> dict[str, Any]:
-    """Every variant of one (model, ratio): MACs, and per batch and form the speed-ups."""
+    """Every variant of one (model, ratio): MACs, and per batch and form the speed-ups. ``latency_step``:
+    also the latency allocation in that step (layers timed at the largest batch)."""
     rng = random.Random(seed)
-    dense, pruned, dense_macs = pruned_variants(name, side, ratio, steps)
+    latency = None if latency_step is None else (latency_step, device, max(batches))
+    dense, pruned, dense_macs = pruned_variants(name, side, ratio, steps, latency=latency)
     x1 = torch.randn(1, 3, side, side)
     variants = {
-        step: {
+        key: {
             "macs": count_macs(model, x1),
             "params": sum(p.numel() for p in model.parameters()),
-            "off_step_share": off_step_share(model, step),
+            "off_step_share": off_step_share(model, variant_step(key)),
         }
-        for step, model in pruned.items()
+        for key, model in pruned.items()
     }
     for v in variants.values():
         v["macs_ratio"] = v["macs"] / dense_macs
@@ -176,7 +205,7 @@ def measure_case(
     for batch in batches:
         for form_name, (form, layout) in FORMS[device].items():
             x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=layout)
-            nets = {"dense": form(dense), **{f"step{s}": form(m) for s, m in pruned.items()}}
+            nets = {"dense": form(dense), **{f"step{k}": form(m) for k, m in pruned.items()}}
             nets = {k: _on(m, device, layout) for k, m in nets.items()}
             with _autocast(device):
                 times = time_alternating(nets, x, repeats, min_sample_s)
@@ -199,7 +228,7 @@ def measure_case(
         "side": side,
         "ratio": ratio,
         "dense_macs": dense_macs,
-        "variants": {str(s): v for s, v in variants.items()},
+        "variants": variants,
     }
 
 
@@ -217,6 +246,7 @@ FORMS: dict[str, dict[str, tuple[Callable[[nn.Module], nn.Module], torch.memory_
     "cpu": {
         "plain": (lambda m: m, torch.contiguous_format),
         "folded": (fold_batchnorm, torch.contiguous_format),
+        "folded-cl": (fold_batchnorm, torch.channels_last),
     },
     "cuda": {
         "plain": (lambda m: m, torch.contiguous_format),
@@ -251,12 +281,12 @@ def _cell(t: dict[str, Any]) -> str:
 def table(results: dict[str, Any]) -> str:
     """One row per model, ratio and batch; per channel step and folding: measured speed-up, its
     interval and (in parentheses) measured / MAC-implied."""
-    steps = results["steps"]
+    keys = variant_keys(results)
     forms = results.get("forms", ["plain", "folded"])
     head = ["model", "px", "MACs kept", "batch"]
-    for s in steps:
-        head.append(f"MAC-implied, step {s}")
-        head += [f"step {s}, {FORM_TITLES[f]}" for f in forms]
+    for k in keys:
+        head.append(f"MAC-implied, {variant_title(k)}")
+        head += [f"{variant_title(k)}, {FORM_TITLES[f]}" for f in forms]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in results["cases"]:
         if "error" in case:
@@ -266,25 +296,38 @@ def table(results: dict[str, Any]) -> str:
             continue
         for batch in results["batches"]:
             row = [f"`{case['model']}`", str(case["side"]), f"{case['ratio']:g}", str(batch)]
-            for s in steps:
-                v = case["variants"][str(s)]
+            for k in keys:
+                v = case["variants"][k]
                 row.append(f"{v['implied_speedup']:.2f}× ({v['macs_ratio']:.3f})")
                 row += [_cell(v["timing"][f"b{batch}-{form}"]) for form in forms]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The goal's cells: 224 px models at the throughput batch, device step, BatchNorm folded (in
-    channels_last on CUDA)."""
-    step = str(results.get("device_step", max(results["steps"])))
+def variant_keys(results: dict[str, Any]) -> list[str]:
+    """The variants of a run, in table order: each channel step, then the latency allocation."""
+    return [str(s) for s in results["steps"]] + (
+        [f"{results['device_step']}-latency"] if results.get("latency_allocation") else []
+    )
+
+
+def variant_title(key: str) -> str:
+    step, _, alloc = key.partition("-")
+    return f"step {step}" + (f", {alloc} allocation" if alloc else "")
+
+
+def goal_rows(results: dict[str, Any], key: str | None = None) -> list[dict[str, Any]]:
+    """The goal's cells: 224 px models at the throughput batch, BatchNorm folded, in channels_last, of
+    variant ``key`` (default: the device step, MAC allocation)."""
+    step = key or str(results.get("device_step", max(results["steps"])))
     form = results.get("forms", ["plain", "folded"])[-1]
     batch = results.get("goal_batch", GOAL_BATCH)
     rows = []
     for case in results["cases"]:
         if "error" in case:
             continue
-        t = case["variants"][step]["timing"].get(f"b{batch}-{form}")
+        v = case["variants"].get(step)
+        t = None if v is None else v["timing"].get(f"b{batch}-{form}")
         if case["side"] >= 224 and t is not None:
             rows.append({"model": case["model"], "ratio": case["ratio"], **t})
     return rows
@@ -297,21 +340,20 @@ def _missing(results: dict[str, Any]) -> list[str]:
     return ["", "Not measured (the run stopped before them): " + ", ".join(left) + "."] if left else []
 
 
-def render(results: dict[str, Any], source: Path) -> str:
-    m = results["machine"]
-    met = [r for r in goal_rows(results) if r["efficiency"] >= GOAL]
-    missed = [r for r in goal_rows(results) if r["efficiency"] < GOAL]
+def verdict(results: dict[str, Any], key: str | None = None) -> str:
+    """One line: the goal's cells of variant ``key`` (default: the device step), met and missed."""
+    rows = goal_rows(results, key)
+    met = [r for r in rows if r["efficiency"] >= GOAL]
+    missed = [r for r in rows if r["efficiency"] < GOAL]
     form = FORM_TITLES[results.get("forms", ["plain", "folded"])[-1]]
-    where = (
-        f"on {m['device']}, fp16 autocast (AMP)"
-        if m.get("device", "cpu") != "cpu"
-        else f"on {m['cpu']} ({m['cores']} cores; pinned to CPUs {m['affinity']}, {m['threads']} torch "
-        "thread(s))"
-    )
-    verdict = (
+    if not rows:
+        return (
+            f"No 224 px model in this run: the goal (≥ {GOAL} of the MAC-implied speed-up) is not assessed."
+        )
+    title = variant_title(key or str(results.get("device_step", max(results["steps"]))))
+    return (
         f"Goal (≥ {GOAL} of the MAC-implied speed-up at batch {results.get('goal_batch', GOAL_BATCH)} for "
-        f"every 224 px model, step {results.get('device_step', max(results['steps']))}, {form}): met in "
-        f"{len(met)} of {len(met) + len(missed)} cells"
+        f"every 224 px model, {title}, {form}): met in {len(met)} of {len(rows)} cells"
         + (
             "; missed: "
             + ", ".join(f"`{r['model']}` at {r['ratio']:g} ({r['efficiency']:.3f})" for r in missed)
@@ -320,10 +362,19 @@ def render(results: dict[str, Any], source: Path) -> str:
         )
         + "."
     )
-    if not met and not missed:
-        verdict = (
-            f"No 224 px model in this run: the goal (≥ {GOAL} of the MAC-implied speed-up) is not assessed."
-        )
+
+
+def render(results: dict[str, Any], source: Path) -> str:
+    m = results["machine"]
+    where = (
+        f"on {m['device']}, fp16 autocast (AMP)"
+        if m.get("device", "cpu") != "cpu"
+        else f"on {m['cpu']} ({m['cores']} cores; pinned to CPUs {m['affinity']}, {m['threads']} torch "
+        "thread(s))"
+    )
+    verdicts = [verdict(results)]
+    if results.get("latency_allocation"):
+        verdicts += ["", verdict(results, f"{results['device_step']}-latency")]
     return "\n".join(
         [
             "## Speed: measured vs MAC-implied speed-up (`python -m bench.speed`)",
@@ -333,14 +384,16 @@ def render(results: dict[str, Any], source: Path) -> str:
             f"the end; {results['repeats']} alternating rounds per cell. Results: `{source.name}`.",
             "",
             "Random weights, magnitude allocation (`budget.select_to_budget`) to the remaining-MAC ratio, "
-            "physically pruned. Each cell: median over rounds of dense time / pruned time within the round, "
+            "physically pruned; the latency allocation weighs each group's scores by its latency rate "
+            "(`layer_times.latency_rates`, the dense network's layers timed on the device at the largest "
+            "batch, as `target.allocation: latency` does). Each cell: median over rounds of dense time / pruned time within the round, "
             "[bootstrap 95% interval], (measured / MAC-implied). Folded cells compare the folded pruned "
             "network with the folded dense one. MAC-implied: dense MACs / pruned MACs (the pruned share of "
             "dense MACs in parentheses).",
             "",
             table(results),
             "",
-            verdict,
+            *verdicts,
             *_missing(results),
             "",
         ]
@@ -364,6 +417,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: AMP, synchronised timer")
     p.add_argument("--step", type=int, default=None, help="the device's channel step (default: its default)")
     p.add_argument("--extra-steps", nargs="*", type=int, default=[], help="more channel steps to compare")
+    p.add_argument(
+        "--latency-allocation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also prune with target.allocation latency in the device step",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--min-sample-ms", type=float, default=30.0)
@@ -399,6 +458,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "load_avg_start": os.getloadavg()[0],
         "steps": steps,
         "device_step": step,
+        "latency_allocation": args.latency_allocation,
         "forms": list(FORMS[args.device]),
         "goal_batch": max(args.batches),
         "batches": args.batches,
@@ -421,6 +481,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                     args.repeats,
                     args.min_sample_ms / 1e3,
                     device=args.device,
+                    latency_step=step if args.latency_allocation else None,
                 )
             except Exception as err:  # one model that cannot be pruned must not lose the others' figures
                 log(f"{name} at {ratio:g} failed: {err!r}")

@@ -31,6 +31,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
     "method": (("method", "name"), str),
     "target": (("target", "macs_ratio"), float),
     "speedup": (("target", "speedup"), float),
+    "allocation": (("target", "allocation"), str),
     "epochs": (("schedule", "epochs"), int),
     "dense_epochs": (("schedule", "dense_epochs"), int),
     "batch_size": (("schedule", "batch_size"), int),

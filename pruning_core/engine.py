@@ -195,6 +195,14 @@ def _ckpt_path(ctx: TrainContext, phase: str) -> Path | None:
     return ctx.checkpoint_dir / f"{phase}.pt" if ctx.checkpoint_dir else None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never half of one
+    (a job's decisions that must not move under a resume: the speed target's search, layer times)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)

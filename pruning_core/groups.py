@@ -178,15 +178,24 @@ class CostModel:
             w = w if w.is_floating_point() else w.double()
         else:
             w = torch.tensor([float(k) for k in keep], dtype=torch.float64)
-        t = self._on(w.device, w.dtype)
-        removed = t["sizes"] - w
-        out = t["out"] - t["a_out"] @ removed
-        per_output = (t["in"] - t["a_in"] @ removed) * t["in_scale"] + t["in_const"]
-        per_layer = out * per_output * t["positions"]
+        out, per_output = self.layer_widths(w)
+        per_layer = out * per_output * self._on(w.device, w.dtype)["positions"]
         if layer_weights is not None:
             per_layer = per_layer * torch.as_tensor(layer_weights, device=w.device, dtype=w.dtype)
         total = per_layer.sum()
         return total if soft else round(total.item())
+
+    def layer_widths(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer (``layer_names`` order), for float keep counts ``keep`` (G,): output channels, and
+        input channels each output reads (in / groups; 1 for a depthwise conv). Differentiable."""
+        t = self._on(keep.device, keep.dtype)
+        removed = t["sizes"] - keep
+        out = t["out"] - t["a_out"] @ removed
+        return out, (t["in"] - t["a_in"] @ removed) * t["in_scale"] + t["in_const"]
+
+    def positions(self) -> torch.Tensor:
+        """Per layer: kernel volume x output positions (float64), the MACs per (output, input) pair."""
+        return self._terms["positions"]
 
     def _width(self, dense: int, terms, keep) -> int:
         for g, mult in terms:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import (
+    layer_times,
     methods,  # noqa: F401  (registers the methods)
     speed_target,
 )
@@ -135,9 +136,10 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     dense_graph_t = time.perf_counter()
     graph = PruningGraph(model, example, shape.num_classes, settings.graph_timeout_s)
     asked = spec  # as given: the report's spec (a speed target's MAC ratio is chosen below)
+    rates = _latency_rates(spec, model, graph, example, device, workdir, reporter)
     speed: SpeedSearch | None = None
     if spec.target.speedup is not None:
-        speed = _speed_target(spec, model, graph, example, shape, device, workdir, reporter)
+        speed = _speed_target(spec, model, graph, example, shape, device, workdir, reporter, rates)
         spec = spec.model_copy(
             update={"target": spec.target.model_copy(update={"macs_ratio": speed.macs_ratio})}
         )
@@ -168,7 +170,13 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         device=device,
         dense_macs=graph.dense_macs,
         graph_timeout_s=settings.graph_timeout_s,
+        latency_rates=rates,
     )
+    if rates is not None:
+        mctx.details["allocation"] = "latency"
+        mctx.details["latency_rates"] = {
+            g.root: round(r, 3) for g, r in zip(graph.groups, rates, strict=True)
+        }
     history: list[dict[str, Any]] = []
     bn_points: list[str] = []
     if spec.schedule.dense_epochs:
@@ -358,8 +366,8 @@ def _compare_latency(
     reporter.message(
         f"timing dense vs pruned at batch {', '.join(map(str, batches))} (at most ~{budget:g} s)"
     )
-    # Timed as deployed: BatchNorm folded (TorchScript/ONNX hold the folded network) and, on CUDA,
-    # channels_last (BENCHMARKS.md "speed-cuda": faster for dense and stepped widths alike).
+    # Timed as deployed: BatchNorm folded (TorchScript/ONNX hold the folded network) and channels_last
+    # (BENCHMARKS.md "speed-cuda" and "speed-cpu-cl": faster on both device types).
     result = compare_latency(
         prepare_for_inference(dense, "cpu"),
         prepare_for_inference(pruned, "cpu"),
@@ -388,6 +396,7 @@ def _speed_target(
     device: torch.device,
     workdir: Path,
     reporter: Reporter,
+    latency_rates: list[float] | None,
 ) -> SpeedSearch:
     """The remaining-MAC ratio for ``target.speedup`` on ``device`` (``speed_target``); a resumed job
     reuses the ratio its first attempt chose."""
@@ -413,6 +422,7 @@ def _speed_target(
             amp=spec.schedule.amp,
             graph_timeout_s=get_settings().graph_timeout_s,
             graph=graph,  # built once for the job: it gives the floor
+            latency_rates=latency_rates,
         ),
     )
     best = max((p for p in found.probes if p.macs_ratio == found.macs_ratio), key=lambda p: p.speedup)
@@ -421,6 +431,36 @@ def _speed_target(
         f"[{best.speedup_low:.2f}, {best.speedup_high:.2f}] for the {requested:g}x asked"
     )
     return found
+
+
+def _latency_rates(
+    spec: JobSpec,
+    model: nn.Module,
+    graph: PruningGraph,
+    example: torch.Tensor,
+    device: torch.device,
+    workdir: Path,
+    reporter: Reporter,
+) -> list[float] | None:
+    """Per group of the dense graph, its latency rate for ``target.allocation: latency`` (None for
+    ``macs``): every layer of the dense network timed once on ``device`` at the throughput batch; a
+    resumed job reuses its first attempt's times."""
+    if spec.target.allocation != "latency":
+        return None
+    batch = spec.export.latency_batch_size
+    reporter.message(f"timing each layer of the dense network at batch {batch} on {device}")
+    times = layer_times.load_or_measure(
+        workdir,
+        lambda: layer_times.measure_layer_times(
+            model,
+            tuple(example.shape[1:]),
+            graph.cost.layer_names,
+            device,
+            batch_size=batch,
+            amp=spec.schedule.amp,
+        ),
+    )
+    return layer_times.latency_rates(graph, times)
 
 
 def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.device) -> nn.Module:

@@ -385,6 +385,12 @@ METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 CHANNEL_STEP_DEFAULTS: dict[str, int] = {"cpu": 8, "cuda": 16}
 
 
+# Methods whose allocator takes per-group score weights (``layer_times.latency_rates``): the global
+# allocator's (magnitude, EPI) and PSAP's per-group ratios. S2H's and TAS's budgets are differentiable MAC
+# losses of their own.
+LATENCY_ALLOCATION_METHODS = frozenset({"magnitude", "epi", "psap"})
+
+
 class TargetSpec(_Strict):
     """The budget: the fraction of the dense model's MACs that remains after pruning, or a measured
     speed-up on the job's device that the runner turns into that fraction (``speed_target``)."""
@@ -411,6 +417,15 @@ class TargetSpec(_Strict):
         description="Channel step: every method keeps channel counts a multiple of this in groups at "
         f"least this wide (grouped convolutions keep their own step); default per device type "
         f"{CHANNEL_STEP_DEFAULTS}; 1: any width.",
+    )
+
+    allocation: Literal["macs", "latency"] = Field(
+        "macs",
+        description="How the budget is spent across layers. `macs`: by the channels' scores alone. "
+        "`latency`: each group's scores are weighed by the MACs its channels cost per second they take on "
+        "the job's device (each layer timed once in the dense network before pruning), so channels that "
+        "cost more time than their MACs suggest go first: the same MACs, a faster network. For methods "
+        f"{sorted(LATENCY_ALLOCATION_METHODS)}.",
     )
 
     @model_validator(mode="after")
@@ -522,6 +537,15 @@ class JobSpec(_Strict):
         if not DEVICE.fullmatch(v):
             raise ValueError("device must be `auto`, `cpu`, `cuda` or `cuda:N`")
         return v
+
+    @model_validator(mode="after")
+    def _latency_allocation(self) -> JobSpec:
+        if self.target.allocation == "latency" and self.method.name not in LATENCY_ALLOCATION_METHODS:
+            raise ValueError(
+                f"target.allocation: `latency` is for methods {sorted(LATENCY_ALLOCATION_METHODS)}; "
+                f"{self.method.name} spends its budget through its own MAC loss"
+            )
+        return self
 
     @model_validator(mode="after")
     def _prunes_while_training(self) -> JobSpec:

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from .budget import min_macs, select_to_budget
+from .engine import write_text_atomic
 from .errors import TargetError
 from .groups import PruningGraph
 from .importance import magnitude
 from .inference import memory_format, prepare_for_inference
 from .latency import Clock, compare_latency
+from .layer_times import weigh_scores
 from .surgery import remove_channels
 
 FILE = "speed-target.json"
@@ -112,10 +114,13 @@ def search(
     amp: bool = False,
     graph_timeout_s: float | None = None,
     graph: PruningGraph | None = None,
+    latency_rates: list[float] | None = None,
 ) -> SpeedSearch:
     """Bisect the remaining-MAC ratio of ``model`` (left unchanged) for ``requested`` measured speed-up
     at ``batch_size`` on ``device`` (see the module's docstring); ``seconds`` bounds the timing.
-    ``graph``: the dense model's graph where the caller has one (it gives the floor), else built here."""
+    ``graph``: the dense model's graph where the caller has one (it gives the floor), else built here.
+    ``latency_rates``: the job's latency allocation (``layer_times.latency_rates``), which the candidates
+    then follow as the method will."""
     if graph is None:
         graph = PruningGraph(copy.deepcopy(model).cpu().eval(), example, num_classes, graph_timeout_s)
     # a hair above the floor: the allocator's own rounding must still fit under it
@@ -127,7 +132,9 @@ def search(
         pruned_graph = PruningGraph(copy.deepcopy(model).cpu().eval(), example, num_classes, graph_timeout_s)
         keep = select_to_budget(
             pruned_graph,
-            magnitude(pruned_graph),
+            magnitude(pruned_graph)
+            if latency_rates is None
+            else weigh_scores(magnitude(pruned_graph), latency_rates),
             int(ratio * pruned_graph.dense_macs),
             min_channels=min_channels,
             round_to=round_to,
@@ -172,7 +179,5 @@ def load_or_search(workdir: Path, requested: float, run_search: Callable[[], Spe
         if done.requested == requested:
             return done
     result = run_search()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(result.to_json())
-    tmp.replace(path)  # atomic: a crash leaves the old file or the new one, never half of one
+    write_text_atomic(path, result.to_json())
     return result

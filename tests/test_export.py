@@ -349,8 +349,8 @@ def test_deployment_formats_hold_batchnorm_folded_into_convolutions(exported):
 
 
 def test_inference_preparation_folds_and_picks_the_memory_format_by_device() -> None:
-    """CPU: contiguous, BatchNorm folded, same logits. CUDA would get channels_last (unmeasured choice;
-    only the decision is tested here, no GPU needed)."""
+    """CPU and CUDA: channels_last (both measured, BENCHMARKS.md), other devices contiguous; BatchNorm
+    folded, same logits, and the CPU copy's 4-D weights really in channels_last."""
     from pruning_core.inference import (
         count_batchnorms,
         memory_format,
@@ -359,10 +359,13 @@ def test_inference_preparation_folds_and_picks_the_memory_format_by_device() -> 
     )
 
     assert memory_format("cuda") == torch.channels_last and memory_format("cuda:1") == torch.channels_last
-    assert memory_format("cpu") == torch.contiguous_format
+    assert memory_format("cpu") == torch.channels_last  # max pooling is 10x faster in it (BENCHMARKS.md)
+    assert memory_format("mps") == torch.contiguous_format
     model, _, x, _ = _pruned("resnet20", 32)
     ready = prepare_for_inference(model, "cpu")
     assert count_batchnorms(model) > 0 and count_batchnorms(ready) == 0
+    convs = [m for m in ready.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     with torch.no_grad():
         ref = model.eval()(x)
         assert (

@@ -37,9 +37,12 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..batches import Batch, Streams
+from ..budget import select_to_budget
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import PruningGraph
+from ..importance import Scores
+from ..layer_times import weigh_scores
 from ..losses import kd_loss
 from ..macs import count_macs
 from ..optim import ParamSet
@@ -69,6 +72,9 @@ class MethodContext:
     teacher: nn.Module | None = None
     graph_timeout_s: float = 120.0
     details: dict[str, Any] = field(default_factory=dict)  # method-specific facts for report.json
+    # ``target.allocation: latency``: per group of the dense graph, the MACs its channels cost per second
+    # they take, relative to the network (``layer_times.latency_rates``); None allocates by MACs alone.
+    latency_rates: list[float] | None = None
 
     @property
     def target_macs(self) -> int:
@@ -79,6 +85,29 @@ class MethodContext:
         """The job's channel step (channels) on its device: every method's widths are multiples of it
         in groups at least that wide (``JobSpec.channel_step``)."""
         return self.spec.channel_step(self.device.type)
+
+    def select(self, graph: PruningGraph, scores: Scores) -> list[torch.Tensor]:
+        """Keep indices per group: the global allocator (``budget.select_to_budget``) on ``scores`` at
+        the job's MAC target, channel step and minimum width, the scores weighed by ``latency_rates``
+        when the job allocates by latency."""
+        return select_to_budget(
+            graph,
+            self.weigh(graph, scores),
+            self.target_macs,
+            min_channels=self.spec.target.min_channels,
+            round_to=self.round_to,
+        )
+
+    def weigh(self, graph: PruningGraph, scores: Scores) -> Scores:
+        """``scores`` times each group's latency rate (unchanged when allocating by MACs)."""
+        if self.latency_rates is None:
+            return scores
+        if len(self.latency_rates) != len(graph.groups):
+            raise ValueError(
+                f"latency rates were measured for {len(self.latency_rates)} groups, the graph has "
+                f"{len(graph.groups)}"
+            )
+        return weigh_scores(scores, self.latency_rates)
 
     def graph(self, model: nn.Module) -> PruningGraph:
         """A fresh dependency graph of ``model`` (build again after any physical change)."""

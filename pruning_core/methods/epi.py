@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import select_to_budget
 from ..engine import EpochAction, EpochEnd, StepContext
 from ..groups import PruningGraph
 from ..importance import Scores, TaylorAccumulator, neuron_l2
@@ -136,13 +135,7 @@ class EPI(Method):
             return EpochEnd()
         t0 = time.perf_counter()
         o, graph = self.options, self.graph
-        keep = select_to_budget(
-            graph,
-            self._scores(),
-            self.ctx.target_macs,
-            min_channels=self.ctx.spec.target.min_channels,
-            round_to=self.ctx.round_to,
-        )
+        keep = self.ctx.select(graph, self._scores())
         self._account({**metrics, "wall_s": metrics.get("wall_s", 0.0) + time.perf_counter() - t0})
         if self.taylor is not None:
             self.taylor.reset()

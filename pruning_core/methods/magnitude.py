@@ -2,7 +2,8 @@
 
 Scores come from ``importance.magnitude`` (Torch-Pruning's ``GroupMagnitudeImportance``: the L_p norm
 of every coupled tensor slice of a channel, mean-normalised per group so channels compare across
-groups); the keep set is the global top that fits the budget (``budget.select_to_budget``).
+groups); the keep set is the global top that fits the budget (``budget.select_to_budget``, the
+scores weighed by latency under ``target.allocation: latency``).
 Fine-tuning uses KD when the job asks.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..budget import select_to_budget
 from ..importance import magnitude
 from ..spec import MagnitudeOptions
 from ..surgery import remove_channels
@@ -24,12 +24,6 @@ class Magnitude(Method):
 
     def start_phase(self, phase: Phase, model: nn.Module) -> nn.Module:
         graph = self.ctx.graph(model)
-        keep = select_to_budget(
-            graph,
-            magnitude(graph, self.options.p),
-            self.ctx.target_macs,
-            min_channels=self.ctx.spec.target.min_channels,
-            round_to=self.ctx.round_to,
-        )
+        keep = self.ctx.select(graph, magnitude(graph, self.options.p))
         self.ctx.details["predicted_macs"] = int(graph.cost.macs([len(k) for k in keep]))
         return remove_channels(graph, keep)

@@ -95,12 +95,17 @@ def allocate(
     min_channels: int = 1,
     fixed: Sequence[bool] = (),
     round_to: int = 1,
+    latency_rates: Sequence[float] | None = None,
 ) -> list[int]:
     """Keep counts per group for one prune step: pruning ratios proportional to the groups' sparsity
     ratios (at least ``SPARSITY_FLOOR``; equal ones if not ``adaptive``), clipped to ``max_ratio``,
     scaled to fit ``target_macs``, counts multiples of ``round_to`` (channels) in groups that wide.
-    ``fixed`` groups (no filters to zero) keep every channel."""
+    ``fixed`` groups (no filters to zero) keep every channel. ``latency_rates`` (``target.allocation:
+    latency``) divide each group's ratio: a group whose channels cost more time than their MACs suggest
+    is pruned more."""
     weights = [max(s, SPARSITY_FLOOR) for s in sparsity] if options.adaptive else [1.0] * len(sparsity)
+    if latency_rates is not None:
+        weights = [w / r for w, r in zip(weights, latency_rates, strict=True)]
     weights = [0.0 if fixed and fixed[g] else w for g, w in enumerate(weights)]
     return counts_for_ratios(
         graph,
@@ -303,7 +308,9 @@ class PSAP(Method):
         sparsity = self.filters.sparsity(o.sparsity_eps)
         target = int(ratio * self.ctx.dense_macs)
         min_channels, step = self.ctx.spec.target.min_channels, self.ctx.round_to
-        counts = allocate(graph, sparsity, target, o, min_channels, self._fixed(), step)
+        counts = allocate(
+            graph, sparsity, target, o, min_channels, self._fixed(), step, self.ctx.latency_rates
+        )
         norms = self.filters.norms()
         was = [z.cpu() for z in self.zeroed]
         protected = [p.cpu() for p in self.protected]
