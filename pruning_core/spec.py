@@ -424,7 +424,8 @@ class TargetSpec(_Strict):
         description="How the budget is spent across layers. `macs`: by the channels' scores alone. "
         "`latency`: each group's scores are weighed by the MACs its channels cost per second they take on "
         "the job's device (each layer timed once in the dense network before pruning), so channels that "
-        "cost more time than their MACs suggest go first: the same MACs, a faster network. For methods "
+        "cost more time than their MACs suggest go first: the same MACs, a faster network, and less "
+        "accuracy (early layers are pruned hardest; BENCHMARKS.md). For methods "
         f"{sorted(LATENCY_ALLOCATION_METHODS)}.",
     )
 

@@ -198,3 +198,13 @@ def test_a_job_allocates_by_latency_within_its_mac_target_and_resumes_without_ti
 
     monkeypatch.setattr(layer_times, "measure_layer_times", no_timing)
     assert run(spec, tmp_path).report.method_details["latency_rates"] == rates
+
+
+def test_the_cli_sets_the_allocation_and_names_the_choices_for_an_unknown_one() -> None:
+    from pruning_core.cli import _parser, build_spec
+
+    args = _parser().parse_args(["run", "--method", "epi", "--allocation", "latency", "--epochs", "2"])
+    assert parse_spec(build_spec(args)).target.allocation == "latency"
+    bad = _parser().parse_args(["run", "--allocation", "fastest"])
+    with pytest.raises(SpecError, match="target.allocation: Input should be 'macs' or 'latency'"):
+        parse_spec(build_spec(bad))
