@@ -80,6 +80,14 @@ def test_the_time_after_a_layer_is_charged_to_it_and_a_shared_layer_per_call(
     assert max(t.conv_s) < 0.5 * SLEEP_S
 
 
+def test_every_layer_of_a_folded_network_is_found_and_timed() -> None:
+    """Folding rebuilds the network with torch.fx: its layers must keep the names the cost model uses."""
+    graph = _resnet20()
+    t = measure_layer_times(graph.model, (3, 32, 32), graph.cost.layer_names, "cpu", batch_size=2, repeats=2)
+    assert len(t.conv_s) == len(graph.cost.layers) and all(c > 0 for c in t.conv_s)
+    assert sum(t.rest_s) > 0  # activations, additions and pooling between the layers are charged too
+
+
 def _resnet20() -> PruningGraph:
     torch.manual_seed(0)
     return PruningGraph(build_model("resnet20", 10, 3).eval(), torch.zeros(1, 3, 32, 32), 10)

@@ -44,6 +44,10 @@ ARTIFACT_NAMES = {
 }
 
 
+# A job long enough to be stopped after its second epoch and resumed (each epoch: 5 steps and an eval).
+LONG_EPOCHS = 20
+
+
 def digits_spec(epochs: int = 1, **target: Any) -> dict[str, Any]:
     return {
         "model": {"name": "resnet20"},
@@ -463,7 +467,7 @@ def test_celery_worker_runs_jobs_and_survives_a_kill(celery_stack, procs: Procs)
             assert sha256_file(resolve_under(settings.artifacts_dir, a.path)) == a.sha256
 
         # Kill the worker (and its child) mid-job, as a lost machine would.
-        long = send(digits_spec(epochs=60))
+        long = send(digits_spec(epochs=LONG_EPOCHS))
         wait_for(
             lambda: any(k == "epoch" and d["epoch"] >= 1 for _, k, d in events(engine, long)),
             60,
@@ -484,7 +488,9 @@ def test_celery_worker_runs_jobs_and_survives_a_kill(celery_stack, procs: Procs)
     assert statuses(engine, long) == ["queued", "running", "queued", "running", "succeeded"]
     assert "resuming from the checkpoints of attempt 1" in messages(engine, long)
     epochs = [d["epoch"] for _, k, d in events(engine, long) if k == "epoch"]
-    assert epochs[-1] == 59 and len(epochs) < 60 + 2  # at most the epoch in flight was trained twice
+    assert (
+        epochs[-1] == LONG_EPOCHS - 1 and len(epochs) < LONG_EPOCHS + 2
+    )  # at most the epoch in flight twice
 
 
 def test_two_celery_workers_run_six_jobs_exactly_once(celery_stack, procs: Procs) -> None:
@@ -508,7 +514,7 @@ def test_local_runner_runs_queue_and_stops_cleanly(sqlite_db: str, tmp_path: Pat
     procs.env = service_env(tmp_path, DATABASE_URL=sqlite_db, LEASE_S="30")
     engine = make_engine(sqlite_db)
     quick = submit(engine, digits_spec())
-    long = submit(engine, digits_spec(epochs=60))
+    long = submit(engine, digits_spec(epochs=LONG_EPOCHS))
     runner = procs.start("local", sys.executable, "-m", "worker.local")
     try:
         job = wait_for(lambda: done(engine, quick), 90, "the first job")
