@@ -199,9 +199,7 @@ class TimeModel:
         if tuple(cost.layer_names) != times.names:
             raise ValueError("layer times were measured for another network")
         self.cost = cost
-        dense = torch.ones(len(cost.sizes), dtype=torch.float64) * torch.tensor(
-            cost.sizes, dtype=torch.float64
-        )
+        dense = torch.tensor(cost.sizes, dtype=torch.float64)
         out, per_output = cost.layer_widths(dense)
         macs = out * per_output * cost.positions()
         self.per_mac = torch.tensor(times.conv_s, dtype=torch.float64) / macs.clamp_min(1.0)
@@ -223,7 +221,6 @@ def latency_rates(graph: PruningGraph, times: LayerTimes, keep: Sequence[float] 
     at = torch.tensor(list(keep) if keep is not None else graph.full_keep(), dtype=torch.float64)
     at.requires_grad_(True)
     (d_macs,) = torch.autograd.grad(graph.cost.macs(at), at)
-    at = at.detach().requires_grad_(True)
     (d_time,) = torch.autograd.grad(model.seconds(at), at)
     network = graph.dense_macs / max(times.total_s, 1e-12)
     rates = []
