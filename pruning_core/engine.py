@@ -22,12 +22,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -39,8 +39,7 @@ from .evaluation import MacMeter, View, evaluate_views, recalibrate_bn
 from .optim import Optimizers, ParamSet, lr_factor
 from .spec import Schedule
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
+T = TypeVar("T")
 
 
 class EpochAction(Enum):
@@ -201,6 +200,25 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def reuse_or_make(
+    path: Path,
+    decode: Callable[[str], T],
+    make: Callable[[], T],
+    encode: Callable[[T], str],
+    fits: Callable[[T], bool] = lambda _: True,
+) -> T:
+    """What a previous attempt of the job wrote to ``path`` (when it ``fits`` this attempt), else
+    ``make()``, written there (atomically) before it is used: a timed decision must not move under a
+    resume."""
+    if path.exists():
+        done = decode(path.read_text())
+        if fits(done):
+            return done
+    made = make()
+    write_text_atomic(path, encode(made))
+    return made
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -178,8 +178,7 @@ class CostModel:
             w = w if w.is_floating_point() else w.double()
         else:
             w = torch.tensor([float(k) for k in keep], dtype=torch.float64)
-        out, per_output = self.layer_widths(w)
-        per_layer = out * per_output * self._on(w.device, w.dtype)["positions"]
+        per_layer = self.layer_macs(w)
         if layer_weights is not None:
             per_layer = per_layer * torch.as_tensor(layer_weights, device=w.device, dtype=w.dtype)
         total = per_layer.sum()
@@ -193,9 +192,11 @@ class CostModel:
         out = t["out"] - t["a_out"] @ removed
         return out, (t["in"] - t["a_in"] @ removed) * t["in_scale"] + t["in_const"]
 
-    def positions(self) -> torch.Tensor:
-        """Per layer: kernel volume x output positions (float64), the MACs per (output, input) pair."""
-        return self._terms["positions"]
+    def layer_macs(self, keep: torch.Tensor) -> torch.Tensor:
+        """Per layer (``layer_names`` order), MACs per sample for float keep counts ``keep`` (G,):
+        outputs x inputs per output x kernel volume x output positions. Differentiable."""
+        out, per_output = self.layer_widths(keep)
+        return out * per_output * self._on(keep.device, keep.dtype)["positions"]
 
     def _width(self, dense: int, terms, keep) -> int:
         for g, mult in terms:

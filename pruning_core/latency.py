@@ -83,7 +83,7 @@ def _time_forwards(
 ) -> list[float]:
     """Milliseconds of each timed forward (unsorted)."""
     x = torch.randn(shape, device=device, dtype=dtype)
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     deadline = time.perf_counter() + max_seconds
     for _ in range(warmup):
         model(x)
@@ -103,7 +103,8 @@ def _time_forwards(
     return times
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits until ``device`` has finished its queued work (nothing on the CPU)."""
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     if device.type == "mps":
@@ -351,7 +352,7 @@ def median_interval(values: Sequence[float], level: float = CONFIDENCE) -> Estim
 
 
 def _block_clock(device: torch.device) -> Clock:
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
 
     def clock(model: nn.Module, x: torch.Tensor, n: int) -> float:
         sync()

@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import write_text_atomic
+from .engine import reuse_or_make
 from .groups import CostModel, PruningGraph
 from .inference import prepare_for_inference, to_inference_input
+from .latency import synchronizer
 from .macs import COUNTED
 
 FILE = "layer-times.json"
@@ -72,16 +73,7 @@ class LayerTimes:
 def load_or_measure(workdir: Path, measure: Callable[[], LayerTimes]) -> LayerTimes:
     """The layer times a previous attempt of this job wrote to ``workdir``, else new ones, written there
     before use: timings are noisy, and a resumed job must allocate as its first attempt did."""
-    path = workdir / FILE
-    if path.exists():
-        return LayerTimes.from_json(path.read_text())
-    times = measure()
-    write_text_atomic(path, times.to_json())
-    return times
-
-
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return reuse_or_make(workdir / FILE, LayerTimes.from_json, measure, LayerTimes.to_json)
 
 
 @torch.no_grad()
@@ -108,7 +100,7 @@ def measure_layer_times(
     x = to_inference_input(torch.randn(batch_size, *sample_shape), device)
     names = {m: n for n, m in ready.named_modules()}
     counted = {m for m in ready.modules() if isinstance(m, COUNTED)}
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     events: list[tuple[float, nn.Module, bool]] = []  # (time, module, is_start)
 
     def pre(m: nn.Module, _inp) -> None:
@@ -200,17 +192,16 @@ class TimeModel:
             raise ValueError("layer times were measured for another network")
         self.cost = cost
         dense = torch.tensor(cost.sizes, dtype=torch.float64)
-        out, per_output = cost.layer_widths(dense)
-        macs = out * per_output * cost.positions()
+        out, _ = cost.layer_widths(dense)
+        macs = cost.layer_macs(dense)
         self.per_mac = torch.tensor(times.conv_s, dtype=torch.float64) / macs.clamp_min(1.0)
         self.per_out = torch.tensor(times.rest_s, dtype=torch.float64) / out.clamp_min(1.0)
         self.dense_s = times.total_s
 
     def seconds(self, keep: torch.Tensor) -> torch.Tensor:
         """Predicted seconds for fractional keep counts ``keep`` (G,), differentiable."""
-        out, per_output = self.cost.layer_widths(keep)
-        macs = out * per_output * self.cost.positions().to(keep)
-        return (self.per_mac.to(keep) * macs + self.per_out.to(keep) * out).sum()
+        out, _ = self.cost.layer_widths(keep)
+        return (self.per_mac.to(keep) * self.cost.layer_macs(keep) + self.per_out.to(keep) * out).sum()
 
 
 def latency_rates(graph: PruningGraph, times: LayerTimes, keep: Sequence[float] | None = None) -> list[float]:

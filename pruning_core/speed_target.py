@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .budget import min_macs, select_to_budget
-from .engine import write_text_atomic
+from .engine import reuse_or_make
 from .errors import TargetError
 from .groups import PruningGraph
 from .importance import magnitude
@@ -173,11 +173,10 @@ def search(
 def load_or_search(workdir: Path, requested: float, run_search: Callable[[], SpeedSearch]) -> SpeedSearch:
     """The search a previous attempt of this job wrote to ``workdir`` (for the same request), else a
     new one, written there before it is used."""
-    path = workdir / FILE
-    if path.exists():
-        done = SpeedSearch.from_json(path.read_text())
-        if done.requested == requested:
-            return done
-    result = run_search()
-    write_text_atomic(path, result.to_json())
-    return result
+    return reuse_or_make(
+        workdir / FILE,
+        SpeedSearch.from_json,
+        run_search,
+        SpeedSearch.to_json,
+        fits=lambda done: done.requested == requested,
+    )
