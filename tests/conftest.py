@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 
-# Several torch processes share 2 cores in these tests (server, workers, CLI runs): OpenMP's default
-# spin-waiting makes each slow the others down ~100x, so threads sleep when idle instead. Set before
-# torch is imported here, and inherited by every subprocess the tests start.
+# Several torch processes share 2 cores in these tests (server, workers, CLI runs): with two OpenMP
+# threads each, a thread spin-waiting for a preempted partner slows every process down (~100x seen), so
+# the processes the tests start run one thread each (no partner to wait for). Only those: OpenMP reads
+# the variables once, when torch loads it, so torch is imported here first and this process keeps its
+# two threads and the default waiting. (Sleeping threads instead, OMP_WAIT_POLICY=PASSIVE, made this
+# process's own digits training runs 2x slower: each of their many tiny parallel regions then pays a
+# thread wake-up; an S2H run took 139 s instead of 55 s.)
+import torch  # noqa: E402,F401  (before the variables below, on purpose)
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")

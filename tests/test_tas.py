@@ -47,12 +47,12 @@ def test_at_full_width_and_depth_the_search_network_is_the_model() -> None:
     assert not torch.allclose(model(x), reference), "a sampled architecture is narrower"
 
 
-def _spec(cost_weight: float = 2.0, **schedule: Any) -> Any:
+def _spec(cost_weight: float = 2.0, arch_lr: float = 0.05, **schedule: Any) -> Any:
     return parse_spec(
         {
             "model": {"name": "resnet20"},
             "data": {"name": "digits"},
-            "method": {"name": "tas", "search_epochs": 4, "arch_lr": 0.05, "cost_weight": cost_weight},
+            "method": {"name": "tas", "search_epochs": 4, "arch_lr": arch_lr, "cost_weight": cost_weight},
             "target": {"macs_ratio": 0.5},
             "schedule": {"dense_epochs": 1, "epochs": 1, "batch_size": 64, **schedule},
             "export": {"formats": ["safetensors"]},
@@ -64,7 +64,13 @@ def _spec(cost_weight: float = 2.0, **schedule: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> dict[float, Any]:
-    return {w: run(_spec(w), tmp_path_factory.mktemp(f"tas-{w}")) for w in (2.0, 0.0)}
+    # Without the cost loss, a 4x larger architecture step: the cross-entropy's pull on the widths is weak on
+    # digits, and at the default step four epochs moved the expected MACs by about as much as the float
+    # summation order does (0.26 -> 0.28 on one CPU; the order differs between CPUs and thread counts).
+    return {
+        2.0: run(_spec(2.0), tmp_path_factory.mktemp("tas-2.0")),
+        0.0: run(_spec(0.0, arch_lr=0.2), tmp_path_factory.mktemp("tas-0.0")),
+    }
 
 
 def test_the_cost_loss_lands_the_architecture_in_the_band_and_without_it_the_expected_macs_grow(
@@ -74,9 +80,9 @@ def test_the_cost_loss_lands_the_architecture_in_the_band_and_without_it_the_exp
     assert 0.45 <= with_cost.achieved_macs_ratio <= 0.5
     # without the cost loss only the cross-entropy moves the architecture: toward wider networks
     expected = [r.metrics["expected_macs_ratio"] for r in without.history if r.phase == "search"]
-    # Over the whole search, not epoch by epoch, and on the expected MACs, not the argmax: in four short
-    # epochs both wobble with the float summation order (one torch thread or two).
-    assert expected[-1] > expected[0] + 0.02, expected
+    # Over the whole search, not epoch by epoch, and on the expected MACs, not the argmax (one torch thread
+    # and two: 0.30 -> 0.63 and 0.31 -> 0.67 on this machine's CPU).
+    assert expected[-1] > expected[0] + 0.1, expected
     # and yet the job's result meets its target (stepped down if the last argmax was above it)
     assert without.achieved_macs_ratio <= 0.5, without.method_details["architecture_from"]
 
