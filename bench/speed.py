@@ -17,7 +17,8 @@ forward runs under AMP (fp16 autocast) with cuDNN's autotuner on, and the timer 
 
 A third variant (``--latency-allocation``, on by default) prunes in the device step with
 ``target.allocation: latency``: the dense network's layers are timed on the device at the largest batch
-(``layer_times``) and each group's scores weighed by its latency rate.
+(``layer_times``) and each group's pruned share divided by its latency rate (``budget.select_by_rates``).
+``--forms`` and ``--no-any-width`` time fewer networks per case (the goal needs only ``folded-cl``).
 
 Writes ``<out>/speed-<time>.json`` and regenerates the ``<!-- bench:speed-cpu -->`` (or ``--section``)
 section of BENCHMARKS.md.
@@ -44,11 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning_core.budget import MIN_WIDTH_CHOICES, select_to_budget
+from pruning_core.budget import MIN_WIDTH_CHOICES, select_by_rates
 from pruning_core.groups import PruningGraph
 from pruning_core.importance import magnitude
 from pruning_core.inference import fold_batchnorm
-from pruning_core.layer_times import latency_rates, measure_layer_times, weigh_scores
+from pruning_core.layer_times import latency_rates, measure_layer_times
 from pruning_core.macs import count_macs
 from pruning_core.spec import CHANNEL_STEP_DEFAULTS
 from pruning_core.surgery import remove_channels
@@ -104,8 +105,7 @@ def pruned_variants(
     pruned = {}
     for key, step, rates in plans:
         graph = PruningGraph(copy.deepcopy(dense), x, num_classes=classes)
-        scores = magnitude(graph) if rates is None else weigh_scores(magnitude(graph), rates)
-        keep = select_to_budget(graph, scores, int(ratio * dense_macs), round_to=step)
+        keep = select_by_rates(graph, magnitude(graph), rates, int(ratio * dense_macs), round_to=step)
         pruned[key] = remove_channels(graph, keep).eval()
     return dense, pruned, dense_macs
 
@@ -183,9 +183,11 @@ def measure_case(
     seed: int = 0,
     device: str = "cpu",
     latency_step: int | None = None,
+    forms: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Every variant of one (model, ratio): MACs, and per batch and form the speed-ups. ``latency_step``:
-    also the latency allocation in that step (layers timed at the largest batch)."""
+    """Every variant of one (model, ratio): MACs, and per batch and form (default: every form of the
+    device) the speed-ups. ``latency_step``: also the latency allocation in that step (layers timed at
+    the largest batch)."""
     rng = random.Random(seed)
     latency = None if latency_step is None else (latency_step, device, max(batches))
     dense, pruned, dense_macs = pruned_variants(name, side, ratio, steps, latency=latency)
@@ -204,6 +206,8 @@ def measure_case(
         v["timing"] = {}
     for batch in batches:
         for form_name, (form, layout) in FORMS[device].items():
+            if forms is not None and form_name not in forms:
+                continue
             x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=layout)
             nets = {"dense": form(dense), **{f"step{k}": form(m) for k, m in pruned.items()}}
             nets = {k: _on(m, device, layout) for k, m in nets.items()}
@@ -384,9 +388,10 @@ def render(results: dict[str, Any], source: Path) -> str:
             f"the end; {results['repeats']} alternating rounds per cell. Results: `{source.name}`.",
             "",
             "Random weights, magnitude allocation (`budget.select_to_budget`) to the remaining-MAC ratio, "
-            "physically pruned; the latency allocation weighs each group's scores by its latency rate "
-            "(`layer_times.latency_rates`, the dense network's layers timed on the device at the largest "
-            "batch, as `target.allocation: latency` does). Each cell: median over rounds of dense time / pruned time within the round, "
+            "physically pruned; the latency allocation divides each group's pruned share by its latency rate "
+            "and rescales the shares to the budget (`budget.select_by_rates` with `layer_times.latency_rates`, "
+            "the dense network's layers timed on the device at the largest batch, as "
+            "`target.allocation: latency` does). Each cell: median over rounds of dense time / pruned time within the round, "
             "[bootstrap 95% interval], (measured / MAC-implied). Folded cells compare the folded pruned "
             "network with the folded dense one. MAC-implied: dense MACs / pruned MACs (the pruned share of "
             "dense MACs in parentheses).",
@@ -423,6 +428,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=True,
         help="also prune with target.allocation latency in the device step",
     )
+    p.add_argument(
+        "--any-width",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also prune in step 1 (any width), to compare with the device's step",
+    )
+    p.add_argument(
+        "--forms", nargs="+", default=None, help="the forms to time (default: all of the device's)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--min-sample-ms", type=float, default=30.0)
@@ -450,7 +464,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True  # what a deployment sets: the fastest kernel per shape
     step = args.step if args.step is not None else CHANNEL_STEP_DEFAULTS[args.device]
-    steps = sorted({1, step, *args.extra_steps})
+    steps = sorted({step, *args.extra_steps, *([1] if args.any_width else [])})
+    forms = args.forms or list(FORMS[args.device])
+    if set(forms) - set(FORMS[args.device]):
+        raise SystemExit(f"bench.speed: forms on {args.device}: {list(FORMS[args.device])}")
     results: dict[str, Any] = {
         "format": FORMAT,
         "command": "python -m bench.speed " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -459,7 +476,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "steps": steps,
         "device_step": step,
         "latency_allocation": args.latency_allocation,
-        "forms": list(FORMS[args.device]),
+        "forms": [f for f in FORMS[args.device] if f in forms],  # the goal reads the last
         "goal_batch": max(args.batches),
         "batches": args.batches,
         "repeats": args.repeats,
@@ -482,6 +499,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                     args.min_sample_ms / 1e3,
                     device=args.device,
                     latency_step=step if args.latency_allocation else None,
+                    forms=results["forms"],
                 )
             except Exception as err:  # one model that cannot be pruned must not lose the others' figures
                 log(f"{name} at {ratio:g} failed: {err!r}")

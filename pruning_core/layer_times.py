@@ -13,14 +13,18 @@ layer's own time (``conv_s``) and the time of everything after it until the next
 from those shares: a layer's own time scales with its MACs, its rest with its output width.
 
 ``latency_rates`` gives each group the MACs its channels cost per second they cost, relative to the whole
-network (1 where time is proportional to MACs). Multiplying a group's scores by its rate before the
-global allocator (``budget.select_to_budget``) prunes first the channels that cost the most time for
-their importance; the MAC budget is met as before, so the network lands at the same MACs and runs faster.
-With time proportional to MACs everywhere the rates are all 1 and the allocation is the MAC allocation.
+network (1 where time is proportional to MACs). The allocation (``budget.select_by_rates``) starts from
+the MAC allocation, divides each group's pruned share by its rate and rescales the shares to the MAC
+budget: groups whose channels cost more time than their MACs suggest are pruned more, in proportion,
+and the network lands at the same MACs and runs faster. With time proportional to MACs the rates are
+all 1 and the allocation is the MAC allocation.
 
-The cost is accuracy. Scores are mean-normalised per group, so their spread is narrow and even rates
-between 0.9 and 1.5 move whole stages (BENCHMARKS.md: a trained CIFAR ResNet-20 at 0.35 of the MACs lost
-7.6 points of top-1 for 14 % more speed). Hence an option, not the default.
+An earlier form weighed the scores themselves by the rates before the one global threshold. Scores are
+mean-normalised per group, so their spread is narrow and rates between 0.9 and 1.5 moved whole groups
+(a trained CIFAR ResNet-20 at 0.35 of the MACs: one group from 64 channels to 8, the first stage to 4;
+7.6 points of top-1 lost for 14 % more speed, and less accurate than the MAC allocation at 0.25 of the
+MACs, which is faster still; BENCHMARKS.md). Moving shares in proportion keeps each group near what its
+scores chose; it gains less speed where the rates are near 1 (the ResNets).
 """
 
 from __future__ import annotations
@@ -219,8 +223,3 @@ def latency_rates(graph: PruningGraph, times: LayerTimes, keep: Sequence[float] 
         rate = RATE_CLIP if dt <= 0 else (dm / dt) / network
         rates.append(min(RATE_CLIP, max(1.0 / RATE_CLIP, rate)))
     return rates
-
-
-def weigh_scores(scores: Sequence[torch.Tensor], rates: Sequence[float]) -> list[torch.Tensor]:
-    """Each group's scores times its latency rate (``latency_rates``), for ``budget.select_to_budget``."""
-    return [s * r for s, r in zip(scores, rates, strict=True)]

@@ -385,8 +385,8 @@ METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 CHANNEL_STEP_DEFAULTS: dict[str, int] = {"cpu": 8, "cuda": 16}
 
 
-# Methods whose allocator takes per-group score weights (``layer_times.latency_rates``): the global
-# allocator's (magnitude, EPI) and PSAP's per-group ratios. S2H's and TAS's budgets are differentiable MAC
+# Methods whose allocation takes per-group latency rates (``layer_times.latency_rates``): the global
+# allocator's (magnitude, EPI: ``budget.select_by_rates``) and PSAP's per-group ratios. S2H's and TAS's budgets are differentiable MAC
 # losses of their own.
 LATENCY_ALLOCATION_METHODS = frozenset({"magnitude", "epi", "psap"})
 
@@ -422,10 +422,11 @@ class TargetSpec(_Strict):
     allocation: Literal["macs", "latency"] = Field(
         "macs",
         description="How the budget is spent across layers. `macs`: by the channels' scores alone. "
-        "`latency`: each group's scores are weighed by the MACs its channels cost per second they take on "
-        "the job's device (each layer timed once in the dense network before pruning), so channels that "
-        "cost more time than their MACs suggest go first: the same MACs, a faster network, and less "
-        "accuracy (early layers are pruned hardest; BENCHMARKS.md). For methods "
+        "`latency`: each group's pruned share is divided by the MACs its channels cost per second they "
+        "take on the job's device, relative to the network (each layer timed once in the dense network "
+        "before pruning), and the shares rescaled to the budget: groups that cost more time than their "
+        "MACs suggest are pruned more, in proportion. The same MACs, a faster network (BENCHMARKS.md). "
+        "For methods "
         f"{sorted(LATENCY_ALLOCATION_METHODS)}.",
     )
 

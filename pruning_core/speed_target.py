@@ -3,7 +3,8 @@ device before any training.
 
 MACs are a poor proxy for time (BENCHMARKS.md "speed-cuda": half the MACs gave 1.08-1.59x on an H200),
 so the runner asks the device. Candidate prunings of the dense network are made by the engine's global
-allocator (``budget.select_to_budget`` on magnitude scores, in the job's channel step), physically pruned
+allocator (``budget.select_by_rates`` on magnitude scores, in the job's channel step and allocation),
+physically pruned
 and timed against the dense network as the report times them (``latency.compare_latency``: paired
 rounds, BatchNorm folded, the device's memory format, at the job's throughput batch). The remaining-MAC
 ratio is bisected to the largest one whose median measured speed-up reaches the request; the method then
@@ -25,14 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .budget import min_macs, select_to_budget
+from .budget import min_macs, select_by_rates
 from .engine import reuse_or_make
 from .errors import TargetError
 from .groups import PruningGraph
 from .importance import magnitude
 from .inference import memory_format, prepare_for_inference
 from .latency import Clock, compare_latency
-from .layer_times import weigh_scores
 from .surgery import remove_channels
 
 FILE = "speed-target.json"
@@ -130,11 +130,10 @@ def search(
 
     def probe(ratio: float) -> SpeedProbe:
         pruned_graph = PruningGraph(copy.deepcopy(model).cpu().eval(), example, num_classes, graph_timeout_s)
-        keep = select_to_budget(
+        keep = select_by_rates(
             pruned_graph,
-            magnitude(pruned_graph)
-            if latency_rates is None
-            else weigh_scores(magnitude(pruned_graph), latency_rates),
+            magnitude(pruned_graph),
+            latency_rates,
             int(ratio * pruned_graph.dense_macs),
             min_channels=min_channels,
             round_to=round_to,

@@ -37,12 +37,11 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..batches import Batch, Streams
-from ..budget import select_to_budget
+from ..budget import select_by_rates
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import PruningGraph
 from ..importance import Scores
-from ..layer_times import weigh_scores
 from ..losses import kd_loss
 from ..macs import count_macs
 from ..optim import ParamSet
@@ -88,26 +87,21 @@ class MethodContext:
 
     def select(self, graph: PruningGraph, scores: Scores) -> list[torch.Tensor]:
         """Keep indices per group: the global allocator (``budget.select_to_budget``) on ``scores`` at
-        the job's MAC target, channel step and minimum width, the scores weighed by ``latency_rates``
-        when the job allocates by latency."""
-        return select_to_budget(
-            graph,
-            self.weigh(graph, scores),
-            self.target_macs,
-            min_channels=self.spec.target.min_channels,
-            round_to=self.round_to,
-        )
-
-    def weigh(self, graph: PruningGraph, scores: Scores) -> Scores:
-        """``scores`` times each group's latency rate (unchanged when allocating by MACs)."""
-        if self.latency_rates is None:
-            return scores
-        if len(self.latency_rates) != len(graph.groups):
+        the job's MAC target, channel step and minimum width; when the job allocates by latency, its
+        per-group pruned shares reshaped by ``latency_rates`` (``budget.select_by_rates``)."""
+        if self.latency_rates is not None and len(self.latency_rates) != len(graph.groups):
             raise ValueError(
                 f"latency rates were measured for {len(self.latency_rates)} groups, the graph has "
                 f"{len(graph.groups)}"
             )
-        return weigh_scores(scores, self.latency_rates)
+        return select_by_rates(
+            graph,
+            scores,
+            self.latency_rates,
+            self.target_macs,
+            min_channels=self.spec.target.min_channels,
+            round_to=self.round_to,
+        )
 
     def graph(self, model: nn.Module) -> PruningGraph:
         """A fresh dependency graph of ``model`` (build again after any physical change)."""

@@ -5,7 +5,8 @@ re-implementations agree (``../shared/docs/METHODS.md`` section 4).
 
 - At the end of every epoch, the **dominant architecture** ``A_t``: the keep counts per coupled group
   that pruning to the target would give now, from the engine's global allocator
-  (``budget.select_to_budget``) on the importance module's scores (``criterion``: ``magnitude`` is
+  (``ctx.select``: ``budget.select_to_budget``, reshaped by the latency rates under
+  ``target.allocation: latency``) on the importance module's scores (``criterion``: ``magnitude`` is
   ``importance.neuron_l2``, ``||W_n||_2 / sqrt(P_l)`` as the paper; ``taylor`` is first-order Taylor
   ``(sum g*w)^2`` summed over the epoch's steps, mean-normalised per group). Nothing is pruned.
 - Structural similarity ``psi(A, B) = 1 - mean_l |a_l - b_l| / (a_l + b_l)``; the indicator

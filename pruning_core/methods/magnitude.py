@@ -2,8 +2,9 @@
 
 Scores come from ``importance.magnitude`` (Torch-Pruning's ``GroupMagnitudeImportance``: the L_p norm
 of every coupled tensor slice of a channel, mean-normalised per group so channels compare across
-groups); the keep set is the global top that fits the budget (``budget.select_to_budget``, the
-scores weighed by latency under ``target.allocation: latency``).
+groups); the keep set is the global top that fits the budget (``budget.select_to_budget``; under
+``target.allocation: latency`` each group's pruned share then reshaped by its latency rate,
+``budget.select_by_rates``).
 Fine-tuning uses KD when the job asks.
 """
 
