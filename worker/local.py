@@ -6,10 +6,13 @@ running quota skipped: ``repo.fair_queued_job_ids``), one at a time, each throug
 interpreter: torch and CUDA state never outlive a job, and this process never imports torch). The
 reaper runs here too, with a no-op enqueue: the poll itself picks queued rows up.
 
-Time limit (``job_time_limit_s``, as Celery's): at the soft limit the child raises
-``SoftTimeLimitExceeded`` (Celery's name, so ``execute`` records it the same way: ``failed``,
-``time_limit``, not retryable); at the hard limit the parent kills the child's process group and fails
-the row itself.
+Time limit (``job_time_limit_s``, as Celery's): at the soft limit the child sets ``TIME_UP``, so the
+job's next cancel check (every training step) stops it and ``execute`` records it as Celery's soft limit:
+``failed``, ``time_limit``, not retryable. It does not raise from the signal handler: an exception raised
+there can land in Python code that C++ called (torch's import, autograd hooks), and pybind11 then aborts
+the process ("terminate called after throwing an instance of 'pybind11::error_already_set'"), leaving
+the row running. At the hard limit the parent kills the child's process group and fails the row itself
+(a phase with no cancel check that outlasts the soft limit ends there).
 
 SIGTERM / SIGINT: stop polling; a running child gets one SIGINT, so the engine checkpoints at its next
 step and the job goes back to the queue (the next start resumes it); after a grace period it is killed
@@ -48,10 +51,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TIME_LIMIT_CODE = "time_limit"
 
 
-class SoftTimeLimitExceeded(Exception):  # noqa: N818 (Celery's name: execute matches it by name)
-    """Raised in a job's child at its soft time limit."""
-
-
 def soft_limit_s(hard_s: float) -> float:
     """A little below the hard limit (5 % of it, 5 s to 5 min), so the job can record its failure."""
     return max(1.0, hard_s - min(300.0, max(5.0, hard_s / 20)))
@@ -67,8 +66,7 @@ def next_queued(
 
 
 def _on_soft_limit(_signum: int, _frame: object) -> None:
-    TIME_UP.set()  # the job's next cancel check stops it, should the exception below be lost
-    raise SoftTimeLimitExceeded("the job ran past its time limit")
+    TIME_UP.set()  # the job's next cancel check stops it (no exception: see the module docstring)
 
 
 def _child(job_id: str, worker_name: str, settings: Settings) -> None:
