@@ -124,11 +124,14 @@ def select_by_rates(
     themselves by the rates moved whole groups: mean-normalised scores have a narrow spread, so a rate of
     1.3 against 1.0 took one of a ResNet-20's groups from 64 channels to 8.)
     """
+    if rates is not None and (len(rates) != len(graph.groups) or any(r <= 0 for r in rates)):
+        raise ValueError(
+            f"need one positive rate per group: the graph has {len(graph.groups)} groups, got {len(rates)} "
+            "rates (measured for another network?)"
+        )
     base = select_to_budget(graph, scores, target_macs, min_channels=min_channels, round_to=round_to)
     if rates is None or all(r == 1.0 for r in rates):
         return base
-    if len(rates) != len(graph.groups) or any(r <= 0 for r in rates):
-        raise ValueError(f"need one positive rate per group ({len(graph.groups)}), got {len(rates)}")
     shares = [(g.size - len(k)) / g.size / r for g, k, r in zip(graph.groups, base, rates, strict=True)]
     counts = counts_for_ratios(
         graph, shares, target_macs, max_ratio=1.0, min_channels=min_channels, round_to=round_to

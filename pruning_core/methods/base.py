@@ -89,11 +89,6 @@ class MethodContext:
         """Keep indices per group: the global allocator (``budget.select_to_budget``) on ``scores`` at
         the job's MAC target, channel step and minimum width; when the job allocates by latency, its
         per-group pruned shares reshaped by ``latency_rates`` (``budget.select_by_rates``)."""
-        if self.latency_rates is not None and len(self.latency_rates) != len(graph.groups):
-            raise ValueError(
-                f"latency rates were measured for {len(self.latency_rates)} groups, the graph has "
-                f"{len(graph.groups)}"
-            )
         return select_by_rates(
             graph,
             scores,
