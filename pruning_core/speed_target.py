@@ -4,9 +4,9 @@ device before any training.
 MACs are a poor proxy for time (BENCHMARKS.md "speed-cuda": half the MACs gave 1.08-1.59x on an H200),
 so the runner asks the device. Candidate prunings of the dense network are made by the engine's global
 allocator (``budget.select_by_rates`` on magnitude scores, in the job's channel step and allocation),
-physically pruned
-and timed against the dense network as the report times them (``latency.compare_latency``: paired
-rounds, BatchNorm folded, the device's memory format, at the job's throughput batch). The remaining-MAC
+physically pruned and timed against the dense network as the report times them
+(``latency.compare_latency``: paired rounds, BatchNorm folded, the device's memory format, at the job's
+throughput batch). The remaining-MAC
 ratio is bisected to the largest one whose median measured speed-up reaches the request; the method then
 runs to that ratio like any ``target.macs_ratio``, and the report gives the requested and the achieved
 measured speed-up.
