@@ -23,7 +23,6 @@ from store import db, repo
 from store.models import Job, JobStatus
 from tests.specs import TINY_SPEC as SPEC
 from tests.specs import tiny_spec_weights
-from worker import local
 from worker.local import EXIT_DONE, LocalRunner, next_queued
 
 PROBLEM = "application/problem+json"
@@ -321,9 +320,11 @@ def test_the_soft_limit_only_raises_the_flag(monkeypatch: pytest.MonkeyPatch) ->
     handler that lands in Python code called from C++ (torch's import, autograd hooks) makes pybind11
     abort the child, and the row stays ``running`` (seen: "terminate called after throwing an instance
     of 'pybind11::error_already_set'" while the child imported torch)."""
+    from worker import reporter
+
     event = threading.Event()
-    monkeypatch.setattr(local, "TIME_UP", event)
-    local._on_soft_limit(signal.SIGALRM, None)
+    monkeypatch.setattr(reporter, "TIME_UP", event)
+    reporter.on_soft_time_limit(signal.SIGALRM, None)
     assert event.is_set()
 
 

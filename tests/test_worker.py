@@ -443,6 +443,34 @@ def test_celery_configuration() -> None:
     assert TASK_NAME == "pruning.run_job" and TASK_NAME in module_app.tasks
 
 
+def test_celerys_soft_limit_signal_only_flags_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a prefork child, billiard's SIGUSR1 handler raises ``SoftTimeLimitExceeded`` wherever the
+    signal lands; inside torch's C++ that aborts the child (pybind11 terminate) and the row stays
+    running. The task swaps it for the flag: the signal then raises nothing and sets ``TIME_UP``. Any
+    other SIGUSR1 handler (a solo worker's traceback dump) is left alone."""
+    from billiard.pool import soft_timeout_sighandler
+
+    from worker import reporter
+    from worker.celery_app import flag_soft_time_limit
+
+    event = threading.Event()
+    monkeypatch.setattr(reporter, "TIME_UP", event)
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, soft_timeout_sighandler)  # as billiard's child has it
+        assert flag_soft_time_limit() is True
+        signal.raise_signal(signal.SIGUSR1)  # raised here, it would fail this test
+        assert event.is_set()
+
+        def dump(_signum: int, _frame: object) -> None:
+            pass
+
+        signal.signal(signal.SIGUSR1, dump)
+        assert flag_soft_time_limit() is False and signal.getsignal(signal.SIGUSR1) is dump
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 # --- real processes ---
 
 

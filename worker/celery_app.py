@@ -14,9 +14,14 @@ Why these settings:
 - ``JobRequest``: when the child running a job dies (SIGKILL, out of memory), the parent gives the
   attempt back in the database before Celery redelivers the message, so the redelivery resumes the job
   at once instead of finding it held until its lease lapses.
+- The soft time limit only flags the job (``flag_soft_time_limit``): billiard's handler raises
+  ``SoftTimeLimitExceeded`` wherever the signal lands, and inside torch's C++ that aborts the child.
 """
 
 from __future__ import annotations
+
+import signal
+import threading
 
 from celery import Celery
 from celery.exceptions import WorkerLostError
@@ -107,6 +112,23 @@ def _hand_on(job_id: str, worker: str) -> None:
     t.join(HAND_ON_WAIT_S)
 
 
+def flag_soft_time_limit() -> bool:
+    """In a prefork child, make Celery's soft time limit (SIGUSR1) set ``TIME_UP`` instead of raising
+    ``SoftTimeLimitExceeded`` (``reporter.on_soft_time_limit`` says why); the job then stops at its next
+    training step as ``time_limit``. Only billiard's own handler is replaced: elsewhere (a solo
+    worker) SIGUSR1 is Celery's traceback dump and stays. True when it was replaced."""
+    from billiard.pool import SIG_SOFT_TIMEOUT, soft_timeout_sighandler
+
+    from .reporter import on_soft_time_limit
+
+    if SIG_SOFT_TIMEOUT is None or threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(SIG_SOFT_TIMEOUT) is not soft_timeout_sighandler:
+        return False
+    signal.signal(SIG_SOFT_TIMEOUT, on_soft_time_limit)
+    return True
+
+
 app = make_app()
 
 
@@ -114,6 +136,7 @@ app = make_app()
 def run_job(self, job_id: str) -> str | None:
     from .execute import execute  # imports no torch itself; the engine does, inside this child
 
+    flag_soft_time_limit()  # a fresh child per job (max_tasks_per_child=1): nothing to restore
     try:
         return execute(job_id, worker_name=self.request.hostname or "celery")
     except DBAPIError as err:

@@ -124,7 +124,7 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
         msg = "; ".join(err.problems)
         return _fail(engine, job, reporter, settings, "invalid_spec", msg, retryable=False)
     except Exception as err:
-        if type(err).__name__ == "SoftTimeLimitExceeded":  # Celery's soft time limit, by name: no import
+        if type(err).__name__ == "SoftTimeLimitExceeded":  # a Celery soft limit that still raises, by name
             return _fail(engine, job, reporter, settings, "time_limit", TIME_LIMIT_MESSAGE, retryable=False)
         if _out_of_memory(err):  # another attempt would run out the same way
             log.warning("job %s attempt %d ran out of memory: %s", job.id, job.attempt, _one_line(err))

@@ -6,12 +6,10 @@ running quota skipped: ``repo.fair_queued_job_ids``), one at a time, each throug
 interpreter: torch and CUDA state never outlive a job, and this process never imports torch). The
 reaper runs here too, with a no-op enqueue: the poll itself picks queued rows up.
 
-Time limit (``job_time_limit_s``, as Celery's): at the soft limit the child sets ``TIME_UP``, so the
-job's next cancel check (every training step) stops it and ``execute`` records it as Celery's soft limit:
-``failed``, ``time_limit``, not retryable. It does not raise from the signal handler: an exception raised
-there can land in Python code that C++ called (torch's import, autograd hooks), and pybind11 then aborts
-the process ("terminate called after throwing an instance of 'pybind11::error_already_set'"), leaving
-the row running. At the hard limit the parent kills the child's process group and fails the row itself
+Time limit (``job_time_limit_s``, as Celery's): at the soft limit the child sets ``TIME_UP``
+(``reporter.on_soft_time_limit``, which raises nothing), so the job's next cancel check (every training
+step) stops it and ``execute`` records it as Celery's soft limit: ``failed``, ``time_limit``, not
+retryable. At the hard limit the parent kills the child's process group and fails the row itself
 (a phase with no cancel check that outlasts the soft limit ends there).
 
 SIGTERM / SIGINT: stop polling; a running child gets one SIGINT, so the engine checkpoints at its next
@@ -40,7 +38,7 @@ from store.models import JobStatus
 
 from .cleanup import sweep
 from .reaper import SWEEP_EVERY_S, hand_on_lost, interval_s, reap_once
-from .reporter import TIME_UP
+from .reporter import on_soft_time_limit
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +63,6 @@ def next_queued(
     return next((i for i in ids if i not in skip), None)
 
 
-def _on_soft_limit(_signum: int, _frame: object) -> None:
-    TIME_UP.set()  # the job's next cancel check stops it (no exception: see the module docstring)
-
-
 def _child(job_id: str, worker_name: str, settings: Settings) -> None:
     """The child: its own process group (a terminal's Ctrl-C reaches only the parent, which forwards
     exactly one SIGINT), the soft time limit armed, then ``execute``. The exit code tells the parent
@@ -77,7 +71,7 @@ def _child(job_id: str, worker_name: str, settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     from .execute import execute
 
-    signal.signal(signal.SIGALRM, _on_soft_limit)
+    signal.signal(signal.SIGALRM, on_soft_time_limit)
     signal.setitimer(signal.ITIMER_REAL, soft_limit_s(settings.job_time_limit_s))
     try:
         status = execute(job_id, worker_name=worker_name, settings=settings)

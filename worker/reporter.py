@@ -27,10 +27,17 @@ from .dbretry import retry_write
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 2.0
-# Set by a soft time limit (worker/local.py). Its signal handler also raises, but an exception raised
-# from a signal handler is lost where it lands in a weakref callback or __del__; the flag still stops
-# the job at its next training step, through the engine's cooperative cancel check.
+# Set by a soft time limit (the local runner's SIGALRM, Celery's SIGUSR1): the job's next cancel check
+# (every training step) stops it and ``execute`` records ``time_limit``. Nothing is raised from the
+# signal handler: an exception raised there can land in Python code that C++ called (torch's import,
+# autograd hooks), and pybind11 then aborts the process ("terminate called after throwing an instance
+# of 'pybind11::error_already_set'"), leaving the row running.
 TIME_UP = threading.Event()
+
+
+def on_soft_time_limit(_signum: int, _frame: object) -> None:
+    """The soft time limit's signal handler: sets ``TIME_UP``, raises nothing (see above)."""
+    TIME_UP.set()
 
 
 def _json_safe(value: Any) -> Any:
