@@ -3,6 +3,7 @@ fresh databases per test session, SQLite files per test."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -25,6 +26,12 @@ import torch  # noqa: E402,F401  (before the variables below, on purpose)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Under pytest-xdist (`make test` runs two workers) each worker is one of two processes training on 2
+# cores: one thread each, for the same reason.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... or None
+if XDIST_WORKER:
+    torch.set_num_threads(1)
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -74,6 +81,16 @@ def pg_url(pg_server: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _redis_dbs() -> Iterator[int]:
+    """Redis database indexes 1-15, split between the xdist workers so that two never share one."""
+    index = int(XDIST_WORKER[2:]) if XDIST_WORKER else 0
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return itertools.cycle(range(1 + index, 16, max(1, count)))
+
+
+_REDIS_DBS = _redis_dbs()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> str:
     if shutil.which("redis-server"):
@@ -86,7 +103,7 @@ def redis_url(redis_server: str) -> Iterator[str]:
     """A Redis database index of its own (flushed before and after)."""
     import redis
 
-    db = 1 + (uuid.uuid4().int % 14)
+    db = next(_REDIS_DBS)
     url = f"{redis_server}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()

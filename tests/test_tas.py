@@ -102,13 +102,40 @@ def test_an_architecture_above_the_target_steps_down_where_the_logits_mind_least
             b[-1] = 10.0
     widths, depths = net.argmax()
     full = net.argmax_macs(widths, depths)
-    small, same_depths, macs = net.shrink(widths, depths, full - 1)
+    small, same_depths, macs = net.fit(widths, depths, 0, full - 1)
     assert macs < full and same_depths == depths
     assert [i for i, (a, b) in enumerate(zip(widths, small, strict=True)) if a != b] == [loose]
     budget = 0.3 * full  # far below: everything gives way, and the result fits
-    small, fewer, macs = net.shrink(widths, depths, budget)
+    small, fewer, macs = net.fit(widths, depths, 0, budget)
     assert macs <= budget == pytest.approx(0.3 * full)
     assert macs == net.argmax_macs(small, fewer)
+
+
+def test_an_architecture_below_the_band_steps_up_where_the_logits_favour_most() -> None:
+    """A short search can end below [target - t, target] (seen: 0.443 for a target of 0.5 with one
+    thread); the job then grows its argmax into the band, first where the logits favour it."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4, 3)
+    net = Supernet(PruningGraph(model, torch.randn(1, 3, 8, 8), 4), TASOptions(), 1)
+    keen = 5  # a group whose logits nearly favour its next larger width
+    with torch.no_grad():
+        for i, a in enumerate(net.alpha):
+            a.zero_()
+            a[0] = 10.0  # every group at its smallest width
+            if i == keen:
+                a[1] = 9.99
+        for b in net.beta:
+            b.zero_()
+            b[0] = 10.0
+    widths, depths = net.argmax()
+    least = net.argmax_macs(widths, depths)
+    bigger, same_depths, macs = net.fit(widths, depths, least + 1, 10 * least)
+    assert macs > least and same_depths == depths
+    assert [i for i, (a, b) in enumerate(zip(widths, bigger, strict=True)) if a != b] == [keen]
+    full = net.argmax_macs([c[-1] for c in net.widths], {sl.stage.name: sl.depths[-1] for sl in net.stages})
+    low, high = 0.45 * full, 0.5 * full  # far above: everything grows, and the result lands in the band
+    grown, deeper, macs = net.fit(widths, depths, low, high)
+    assert low <= macs <= high and macs == net.argmax_macs(grown, deeper)
 
 
 def test_the_built_network_is_the_searched_architecture(searched) -> None:

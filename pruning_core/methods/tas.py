@@ -214,42 +214,45 @@ class Supernet(nn.Module):
         weights = layer_weights(self.graph, self.stages, onehots)
         return round(float(self.graph.cost.macs(self.keep_counts(widths), weights)))
 
-    def shrink(
-        self, widths: list[int], depths: dict[str, int], budget: float
+    def fit(
+        self, widths: list[int], depths: dict[str, int], low: float, high: float
     ) -> tuple[list[int], dict[str, int], int]:
-        """Step an architecture down until its MACs are within ``budget`` [ours: a job's result must
-        meet its target, and a short search may end above it]. Each step lowers one group's width or
-        one stage's depth to its next smaller candidate: the step whose logit drop per MAC saved is
-        least, i.e. the one the search minds least. Returns widths, depths and MACs."""
-        w_at = [c.index(w) for c, w in zip(self.widths, widths, strict=True)]
-        d_at = [sl.depths.index(depths[sl.stage.name]) for sl in self.stages]
+        """Step an architecture into ``[low, high]`` MACs [ours: a job's result must meet its target band,
+        and a short search may end outside it]. Above ``high``, each step lowers one group's width or one
+        stage's depth to its next smaller candidate: the one whose logit drop per MAC saved is least, i.e.
+        the one the search minds least. Below ``low``, each step raises one to its next larger candidate
+        without passing ``high``: the one whose logit rise per MAC added is largest. Returns widths,
+        depths and MACs (outside the band only when no step is left)."""
+        at = {"w": [c.index(w) for c, w in zip(self.widths, widths, strict=True)]}
+        at["d"] = [sl.depths.index(depths[sl.stage.name]) for sl in self.stages]
+        sizes = {"w": [len(c) for c in self.widths], "d": [len(sl.depths) for sl in self.stages]}
+        logits = {"w": self.alpha, "d": self.beta}
 
         def arch(wi: list[int], di: list[int]) -> tuple[list[int], dict[str, int]]:
             ws = [c[i] for c, i in zip(self.widths, wi, strict=True)]
             ds = {sl.stage.name: sl.depths[i] for sl, i in zip(self.stages, di, strict=True)}
             return ws, ds
 
-        macs = self.argmax_macs(*arch(w_at, d_at))
-        while macs > budget:
-            best: tuple[float, list[int], list[int], int] | None = None
-            moves = [(a, w_at, i) for i, a in enumerate(self.alpha)]
-            moves += [(b, d_at, i) for i, b in enumerate(self.beta)]
-            for logits, at, i in moves:
-                if at[i] == 0:
+        macs = self.argmax_macs(*arch(at["w"], at["d"]))
+        while macs > high or macs < low:
+            down = macs > high
+            best: tuple[float, dict[str, list[int]], int] | None = None
+            for kind, i in [("w", i) for i in range(len(at["w"]))] + [("d", i) for i in range(len(at["d"]))]:
+                j = at[kind][i] + (-1 if down else 1)
+                if not 0 <= j < sizes[kind][i]:
                     continue
-                trial = list(at)
-                trial[i] -= 1
-                wi, di = (trial, d_at) if at is w_at else (w_at, trial)
-                m = self.argmax_macs(*arch(wi, di))
-                if m >= macs:
+                trial = {**at, kind: [*at[kind][:i], j, *at[kind][i + 1 :]]}
+                m = self.argmax_macs(*arch(trial["w"], trial["d"]))
+                if (m >= macs) if down else (m <= macs or m > high):
                     continue
-                score = float((logits[trial[i]] - logits[at[i]]).detach()) / (macs - m)
+                gain = float((logits[kind][i][j] - logits[kind][i][at[kind][i]]).detach())
+                score = gain / abs(m - macs)  # logit change per MAC: the largest rise, the least drop
                 if best is None or score > best[0]:
-                    best = (score, wi, di, m)
-            if best is None:  # every group and stage at its smallest candidate
+                    best = (score, trial, m)
+            if best is None:  # nothing left to step (every candidate at its end, or past the band)
                 break
-            _, w_at, d_at, macs = best
-        widths, depths = arch(w_at, d_at)
+            _, at, macs = best
+        widths, depths = arch(at["w"], at["d"])
         return widths, depths, macs
 
 
@@ -368,8 +371,8 @@ class TAS(Method):
     def _choose(self, net: Supernet) -> tuple[list[int], dict[str, int], int, str]:
         """The architecture to build: widths, depths, its MACs and where it came from. The last epoch's
         argmax if within [target - t, target]; else, as the official code's "best" architecture, the
-        in-band epoch the search scored best; else (none was in band) the last argmax, stepped down to
-        the target when above it."""
+        in-band epoch the search scored best; else (none was in band) the last argmax, stepped into the
+        band (``Supernet.fit``)."""
         widths, depths = net.argmax()
         predicted = net.argmax_macs()
         ratio = predicted / self.ctx.dense_macs
@@ -379,18 +382,18 @@ class TAS(Method):
             widths, depths = self._best["widths"], self._best["depths"]
             chosen = f"epoch {self._best['epoch'] + 1} (the last epoch's was outside the band)"
             return widths, depths, net.argmax_macs(widths, depths), chosen
-        if predicted <= self.ctx.target_macs:
-            return (
-                widths,
-                depths,
-                predicted,
-                "last epoch, below target - t (no epoch's argmax was in the band)",
-            )
-        widths, depths, predicted = net.shrink(widths, depths, self.ctx.target_macs)
+        low = self.ctx.target_macs - self.options.tolerance * self.ctx.dense_macs
+        above = predicted > self.ctx.target_macs
+        widths, depths, predicted = net.fit(widths, depths, low, self.ctx.target_macs)
+        where = (
+            "down to the target where the logits mind least"
+            if above
+            else "up into the band where the logits favour most"
+        )
         chosen = (
             f"last epoch ({ratio:.3f} of the dense MACs: no epoch's argmax was within [target - t, target]), "
-            "stepped down to the target where the logits mind least; the search needs more epochs "
-            "(search_epochs) or a faster architecture LR (arch_lr)"
+            f"stepped {where}; the search needs more epochs (search_epochs) or a faster architecture LR "
+            "(arch_lr)"
         )
         return widths, depths, predicted, chosen
 
