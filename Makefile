@@ -25,9 +25,12 @@ demo: $(STAMP)
 	$(VENV)/bin/prune run --model resnet20 --data digits --method magnitude --target 0.5 \
 		--dense-epochs 3 --epochs 3 --kd --out runs/demo
 
-# CI's suite: everything but the tests marked slow (kept under about 15 minutes on 2 cores).
+# CI's suite: everything but the tests marked slow (kept under about 15 minutes on 2 cores). Two
+# pytest-xdist workers, one torch thread each (tests/conftest.py), a test file per worker at a time (its
+# module fixtures train once): half the suite waits on processes and sockets, not on the CPU.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # The longer runs (large torchvision models, longer training); still CPU.
 test-slow: $(STAMP)
