@@ -471,6 +471,27 @@ def test_celerys_soft_limit_signal_only_flags_the_job(monkeypatch: pytest.Monkey
         signal.signal(signal.SIGUSR1, before)
 
 
+def test_the_celery_task_runs_its_job_with_the_flagging_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task body swaps billiard's handler before ``execute`` runs the job."""
+    from billiard.pool import soft_timeout_sighandler
+
+    from worker import execute as execute_module
+    from worker import reporter
+    from worker.celery_app import run_job
+
+    seen = []
+    monkeypatch.setattr(
+        execute_module, "execute", lambda job_id, **kw: seen.append(signal.getsignal(signal.SIGUSR1))
+    )
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, soft_timeout_sighandler)
+        run_job.run("some-job")
+        assert seen == [reporter.on_soft_time_limit]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 # --- real processes ---
 
 
