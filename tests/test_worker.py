@@ -542,6 +542,26 @@ def test_celery_worker_runs_jobs_and_survives_a_kill(celery_stack, procs: Procs)
     )  # at most the epoch in flight twice
 
 
+@pytest.mark.slow
+def test_a_celery_worker_at_its_soft_limit_fails_the_job_as_time_limit(
+    pg_url: str, redis_url: str, tmp_path: Path, procs: Procs
+) -> None:
+    """A real worker with a 60 s limit (soft at 57 s) and a job that would train for minutes: the soft
+    limit's flag stops it in the same attempt, recorded ``time_limit``, before billiard's hard kill
+    (which would give the attempt back instead)."""
+    env = {"JOB_TIME_LIMIT_S": "60"}
+    with start_celery_stack(pg_url, redis_url, tmp_path, procs, env, job_time_limit_s=60) as stack:
+        _settings, engine, send, _enqueue = stack
+        procs.celery_worker("w1")
+        job_id = send(digits_spec(epochs=1000))
+        try:
+            job = wait_for(lambda: done(engine, job_id), 120, "the soft limit")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{procs.logs()}") from None
+        assert (job.status, job.error_code, job.retryable, job.attempt) == ("failed", "time_limit", False, 1)
+        assert "terminate called" not in procs.logs()
+
+
 def test_two_celery_workers_run_six_jobs_exactly_once(celery_stack, procs: Procs) -> None:
     _settings, engine, send, _enqueue = celery_stack
     procs.celery_worker("a")
