@@ -78,6 +78,8 @@ def test_the_cost_loss_lands_the_architecture_in_the_band_and_without_it_the_exp
 ) -> None:
     with_cost, without = searched[2.0].report, searched[0.0].report
     assert 0.45 <= with_cost.achieved_macs_ratio <= 0.5
+    # by the search itself: an in-band argmax, not one stepped into the band afterwards (Supernet.fit)
+    assert "stepped" not in with_cost.method_details["architecture_from"], with_cost.method_details
     # without the cost loss only the cross-entropy moves the architecture: toward wider networks
     expected = [r.metrics["expected_macs_ratio"] for r in without.history if r.phase == "search"]
     # Over the whole search, not epoch by epoch, and on the expected MACs, not the argmax (one torch thread
