@@ -6,10 +6,9 @@ so the runner asks the device. Candidate prunings of the dense network are made 
 allocator (``budget.select_by_rates`` on magnitude scores, in the job's channel step and allocation),
 physically pruned and timed against the dense network as the report times them
 (``latency.compare_latency``: paired rounds, BatchNorm folded, the device's memory format, at the job's
-throughput batch). The remaining-MAC
-ratio is bisected to the largest one whose median measured speed-up reaches the request; the method then
-runs to that ratio like any ``target.macs_ratio``, and the report gives the requested and the achieved
-measured speed-up.
+throughput batch). The remaining-MAC ratio is bisected to the largest one whose median measured speed-up
+reaches the request; the method then runs to that ratio like any ``target.macs_ratio``, and the report
+gives the requested and the achieved measured speed-up.
 
 The search is written to the job's directory, so a resumed job prunes to the same ratio instead of
 timing again (timings are noisy, the choice must not move under a checkpoint).

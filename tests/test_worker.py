@@ -443,38 +443,45 @@ def test_celery_configuration() -> None:
     assert TASK_NAME == "pruning.run_job" and TASK_NAME in module_app.tasks
 
 
-def test_celerys_soft_limit_signal_only_flags_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def billiard_sigusr1() -> Iterator[None]:
+    """SIGUSR1 handled by billiard's raising soft-limit handler, as in a prefork child; restored after."""
+    from billiard.pool import soft_timeout_sighandler
+
+    before = signal.signal(signal.SIGUSR1, soft_timeout_sighandler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def test_celerys_soft_limit_signal_only_flags_the_job(
+    monkeypatch: pytest.MonkeyPatch, billiard_sigusr1
+) -> None:
     """In a prefork child, billiard's SIGUSR1 handler raises ``SoftTimeLimitExceeded`` wherever the
     signal lands; inside torch's C++ that aborts the child (pybind11 terminate) and the row stays
     running. The task swaps it for the flag: the signal then raises nothing and sets ``TIME_UP``. Any
     other SIGUSR1 handler (a solo worker's traceback dump) is left alone."""
-    from billiard.pool import soft_timeout_sighandler
-
     from worker import reporter
     from worker.celery_app import flag_soft_time_limit
 
     event = threading.Event()
     monkeypatch.setattr(reporter, "TIME_UP", event)
-    before = signal.getsignal(signal.SIGUSR1)
-    try:
-        signal.signal(signal.SIGUSR1, soft_timeout_sighandler)  # as billiard's child has it
-        assert flag_soft_time_limit() is True
-        signal.raise_signal(signal.SIGUSR1)  # raised here, it would fail this test
-        assert event.is_set()
+    assert flag_soft_time_limit() is True
+    signal.raise_signal(signal.SIGUSR1)  # raised here, it would fail this test
+    assert event.is_set()
 
-        def dump(_signum: int, _frame: object) -> None:
-            pass
+    def dump(_signum: int, _frame: object) -> None:
+        pass
 
-        signal.signal(signal.SIGUSR1, dump)
-        assert flag_soft_time_limit() is False and signal.getsignal(signal.SIGUSR1) is dump
-    finally:
-        signal.signal(signal.SIGUSR1, before)
+    signal.signal(signal.SIGUSR1, dump)
+    assert flag_soft_time_limit() is False and signal.getsignal(signal.SIGUSR1) is dump
 
 
-def test_the_celery_task_runs_its_job_with_the_flagging_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_celery_task_runs_its_job_with_the_flagging_handler(
+    monkeypatch: pytest.MonkeyPatch, billiard_sigusr1
+) -> None:
     """The task body swaps billiard's handler before ``execute`` runs the job."""
-    from billiard.pool import soft_timeout_sighandler
-
     from worker import execute as execute_module
     from worker import reporter
     from worker.celery_app import run_job
@@ -483,13 +490,8 @@ def test_the_celery_task_runs_its_job_with_the_flagging_handler(monkeypatch: pyt
     monkeypatch.setattr(
         execute_module, "execute", lambda job_id, **kw: seen.append(signal.getsignal(signal.SIGUSR1))
     )
-    before = signal.getsignal(signal.SIGUSR1)
-    try:
-        signal.signal(signal.SIGUSR1, soft_timeout_sighandler)
-        run_job.run("some-job")
-        assert seen == [reporter.on_soft_time_limit]
-    finally:
-        signal.signal(signal.SIGUSR1, before)
+    run_job.run("some-job")
+    assert seen == [reporter.on_soft_time_limit]
 
 
 # --- real processes ---
