@@ -17,7 +17,9 @@ network (1 where time is proportional to MACs). The allocation (``budget.select_
 the MAC allocation, divides each group's pruned share by its rate and rescales the shares to the MAC
 budget: groups whose channels cost more time than their MACs suggest are pruned more, in proportion,
 and the network lands at the same MACs and runs faster. With time proportional to MACs the rates are
-all 1 and the allocation is the MAC allocation.
+all 1 and the allocation is the MAC allocation. Time is not linear in MACs on a GPU (narrow layers stay
+bound by memory and kernel tiles), so a job keeps the rates only where the network they give measures
+faster than the MAC allocation's (``speed_target.check_allocation``).
 
 An earlier form weighed the scores themselves by the rates before the one global threshold. Scores are
 mean-normalised per group, so their spread is narrow and rates between 0.9 and 1.5 moved whole groups

@@ -182,6 +182,10 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     if spec.schedule.dense_epochs:
         dense = DenseTraining(spec.method, mctx)
         model = _run_phases(dense, model, train_ctx, shape, phases, history, bn_points)
+    if rates is not None:  # on the weights the method starts from: the allocations' widths depend on them
+        mctx.latency_rates = _check_allocation(
+            spec, model, example, shape, device, workdir, reporter, rates, mctx
+        )
 
     reporter.message("measuring the dense model")
     dense_cost = _measure(model, data, example, device)
@@ -461,6 +465,59 @@ def _latency_rates(
         ),
     )
     return layer_times.latency_rates(graph, times)
+
+
+def _check_allocation(
+    spec: JobSpec,
+    model: nn.Module,
+    example: torch.Tensor,
+    shape: _Shape,
+    device: torch.device,
+    workdir: Path,
+    reporter: Reporter,
+    rates: list[float],
+    mctx: MethodContext,
+) -> list[float] | None:
+    """The rates when the latency allocation of ``model`` runs measurably faster on ``device`` than its
+    MAC allocation (``speed_target.check_allocation``), else None: the job allocates by MACs. A resumed
+    job reuses its first attempt's verdict."""
+    batch, ratio = spec.export.latency_batch_size, spec.target.macs_ratio
+    seconds = min(speed_target.ALLOCATION_CHECK_S, spec.export.latency_max_s)
+    reporter.message(
+        f"timing the latency allocation against the MAC allocation at batch {batch} on {device} "
+        f"(at most ~{seconds:g} s)"
+    )
+    check = speed_target.load_or_check(
+        workdir,
+        ratio,
+        lambda: speed_target.check_allocation(
+            model,
+            example,
+            shape.num_classes,
+            rates,
+            ratio,
+            device,
+            batch_size=batch,
+            round_to=spec.channel_step(device.type),
+            min_channels=spec.target.min_channels,
+            seconds=seconds,
+            amp=spec.schedule.amp,
+            graph_timeout_s=get_settings().graph_timeout_s,
+        ),
+    )
+    mctx.details["allocation"] = check.chosen
+    mctx.details["allocation_check"] = {
+        "speedup": round(check.speedup, 3),
+        "speedup_low": round(check.speedup_low, 3),
+        "speedup_high": round(check.speedup_high, 3),
+        "batch_size": check.batch_size,
+    }
+    if check.chosen == "macs":
+        reporter.message(
+            f"allocating by MACs: the latency allocation measured {check.speedup:.2f}x "
+            f"[{check.speedup_low:.2f}, {check.speedup_high:.2f}] against it, no faster"
+        )
+    return rates if check.chosen == "latency" else None
 
 
 def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.device) -> nn.Module:

@@ -425,8 +425,9 @@ class TargetSpec(_Strict):
         "`latency`: each group's pruned share is divided by the MACs its channels cost per second they "
         "take on the job's device, relative to the network (each layer timed once in the dense network "
         "before pruning), and the shares rescaled to the budget: groups that cost more time than their "
-        "MACs suggest are pruned more, in proportion. The same MACs, a faster network (BENCHMARKS.md). "
-        "For methods "
+        "MACs suggest are pruned more, in proportion. The same MACs, a faster network (BENCHMARKS.md), "
+        "kept only where it times faster than the MAC allocation on the job's device; else the job "
+        "allocates by MACs (`method_details.allocation`). For methods "
         f"{sorted(LATENCY_ALLOCATION_METHODS)}.",
     )
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from pruning_core import speed_target
 from pruning_core.errors import TargetError
+from pruning_core.groups import PruningGraph
 from pruning_core.macs import count_macs
 from pruning_core.methods import METHODS
 from pruning_core.runner import run
@@ -138,3 +139,90 @@ def test_every_method_runs_to_a_speed_target(method: str, mac_clock: MacClock, t
     assert report.target_macs_ratio < 1 / 1.4 + 1e-3
     # the method's own precision (METHODS.md bands; S2H rounds up by its width step d)
     assert report.achieved_macs_ratio <= report.target_macs_ratio + (0.12 if method == "s2h" else 0.02)
+
+
+# --- target.allocation: latency, kept only where it measures faster than the MAC allocation ---
+
+
+def _convs(model: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+class WidthClock:
+    """Seconds for ``n`` forwards = n x (MACs x 1e-9 + 1e-4 per output channel of the first conv
+    (``stem``) or of every other conv (``rest``)): a device where those channels cost time beyond
+    their MACs. Counts calls."""
+
+    def __init__(self, slow: str) -> None:
+        self.slow = slow
+        self.calls = 0
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, n: int) -> float:
+        self.calls += 1
+        convs = _convs(model)
+        widths = convs[:1] if self.slow == "stem" else convs[1:]
+        macs = count_macs(model, x[:1].float().contiguous())
+        return n * (macs * 1e-9 + 1e-4 * sum(c.out_channels for c in widths))
+
+
+def _stem_first_rates(graph: PruningGraph) -> list[float]:
+    """Rates that prune the stem's group harder (rate 0.25) and every other group at 1."""
+    stem = _convs(graph.model)[0]
+    return [0.25 if graph.modules[g.root] is stem else 1.0 for g in graph.groups]
+
+
+@pytest.mark.parametrize(("slow", "chosen"), [("stem", "latency"), ("rest", "macs")])
+def test_the_latency_allocation_is_kept_only_where_it_measures_faster(
+    slow: str, chosen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build_model("resnet20", 10, 3).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    rates = _stem_first_rates(PruningGraph(model, example, 10))
+    clock = WidthClock(slow)
+    monkeypatch.setattr(speed_target, "CLOCK", clock)
+    check = speed_target.check_allocation(
+        model, example, 10, rates, 0.5, torch.device("cpu"), batch_size=2, round_to=1, seconds=0.5
+    )
+    assert clock.calls > 0 and check.chosen == chosen
+    # the speed-up is the MAC-allocated time over the latency-allocated one: above 1 where it was kept
+    assert (check.speedup_low > 1.02) == (chosen == "latency")
+
+
+def test_allocations_that_keep_the_same_widths_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("resnet20", 10, 3).eval()
+    clock = WidthClock("stem")
+    monkeypatch.setattr(speed_target, "CLOCK", clock)
+    n = len(speed_target.pruned_copy(model, torch.zeros(1, 3, 32, 32), 10, 0.5, None, 1).widths)
+    check = speed_target.check_allocation(
+        model, torch.zeros(1, 3, 32, 32), 10, [1.0] * n, 0.5, torch.device("cpu"), batch_size=2, round_to=1
+    )
+    assert check.chosen == "latency" and check.speedup == 1.0 and clock.calls == 0
+
+
+@pytest.mark.parametrize(("slow", "chosen"), [("stem", "latency"), ("rest", "macs")])
+def test_a_latency_job_whose_allocation_is_no_faster_prunes_as_the_macs_job_does(
+    slow: str, chosen: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pruning_core import layer_times
+
+    spec = quick_spec("resnet20", {"name": "magnitude"}, size=32)
+    macs_job = run(spec, tmp_path / "macs").report
+    monkeypatch.setattr(layer_times, "latency_rates", lambda graph, _times: _stem_first_rates(graph))
+    monkeypatch.setattr(speed_target, "CLOCK", WidthClock(slow))
+    raw = spec.model_dump(mode="json")
+    raw["target"]["allocation"] = "latency"
+    latency_spec = parse_spec(raw)
+    report = run(latency_spec, tmp_path / "latency").report
+    assert report.method_details["allocation"] == chosen
+    assert report.method_details["allocation_check"]["batch_size"] == spec.export.latency_batch_size
+    same = [g.pruned for g in report.groups] == [g.pruned for g in macs_job.groups]
+    assert same == (chosen == "macs")
+    assert report.achieved_macs_ratio <= spec.target.macs_ratio + 0.02
+
+    def no_timing(*_: object, **__: object) -> None:
+        raise AssertionError("a resumed job reuses its allocation check")
+
+    monkeypatch.setattr(speed_target, "compare_latency", no_timing)
+    monkeypatch.setattr(layer_times, "measure_layer_times", no_timing)
+    again = run(latency_spec, tmp_path / "latency").report
+    assert again.method_details["allocation"] == chosen
