@@ -148,6 +148,10 @@ def _speed(rows: list[dict[str, Any]], key: str) -> str:
     return "; ".join(f"{c['speedup']:.2f}× [{c['lo']:.2f}, {c['hi']:.2f}]" for c in cells)
 
 
+def _epochs(n: int, kind: str) -> str:
+    return f"{n} {kind} epoch{'' if n == 1 else 's'}"
+
+
 def _check(check: dict[str, Any] | None) -> str:
     if not check:
         return ""
@@ -160,15 +164,15 @@ def render(results: dict[str, Any], source: Path) -> str:
     batch = results["batch"]
     dense = [r["dense_top1"] for r in runs if r["allocation"] == ALLOCATIONS[0]]
     lines = [
-        "## Allocation: `macs` against `latency` on a trained network (`python -m bench.allocation`)",
+        "## Allocation: `macs` against `latency`, one network trained and pruned both ways (`python -m bench.allocation`)",
         "",
         f"`{results['command']}` on {m['device']} ({m['cpu']}, {m['cores']} cores), torch {m['torch']}, "
         f"{results['started'][:16]} UTC; 1-minute load average {results['load_avg_start']:.2f} at the start "
         f"and {results.get('load_avg_end', float('nan')):.2f} at the end. Results: `{source.name}`.",
         "",
         f"`{results['model']}` at {results['size']} px on CIFAR-10 (JPEG), {runs[0]['train_images']} training "
-        f"and {runs[0]['test_images']} test images; {results['dense_epochs']} dense epochs, then `magnitude` + KD "
-        f"to {results['ratio']:g} of the MACs and {results['epochs']} fine-tuning epochs; both allocations of a "
+        f"and {runs[0]['test_images']} test images; {_epochs(results['dense_epochs'], 'dense')}, then `magnitude` "
+        f"+ KD to {results['ratio']:g} of the MACs and {_epochs(results['epochs'], 'fine-tuning')}; both allocations of a "
         "seed prune the same dense weights. Speed-ups: the job report's dense / pruned time, both folded in "
         "the device's inference layout, timed alternately, [95% interval], one per seed. Kept share: the "
         "narrowest and widest group, pruned / dense channels. A `latency` job keeps that allocation only where "
