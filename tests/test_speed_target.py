@@ -215,6 +215,7 @@ def test_a_latency_job_whose_allocation_is_no_faster_prunes_as_the_macs_job_does
     report = run(latency_spec, tmp_path / "latency").report
     assert report.method_details["allocation"] == chosen
     assert report.method_details["allocation_check"]["batch_size"] == spec.export.latency_batch_size
+    assert "allocation check" in [p.name for p in report.phases]
     same = [g.pruned for g in report.groups] == [g.pruned for g in macs_job.groups]
     assert same == (chosen == "macs")
     assert report.achieved_macs_ratio <= spec.target.macs_ratio + 0.02
