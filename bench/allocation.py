@@ -257,9 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for seed in args.seeds:
         results["runs"].extend(run_seed(args, seed, root))
-        publish(
-            results, path, args.markdown, args.section
-        )  # after every seed: a stopped run keeps its figures
+        publish(results, path, args.markdown, args.section)  # after every seed: a stopped run keeps them
     log(f"wrote {path} and {args.markdown}")
     return 0
 

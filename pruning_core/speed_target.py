@@ -35,7 +35,7 @@ from .errors import TargetError
 from .groups import PruningGraph
 from .importance import magnitude
 from .inference import memory_format, prepare_for_inference
-from .latency import Clock, compare_latency
+from .latency import BatchTiming, Clock, compare_latency
 from .surgery import remove_channels
 
 FILE = "speed-target.json"
@@ -86,6 +86,31 @@ class PrunedCopy:
     net: nn.Module
     widths: tuple[int, ...]
     macs_ratio: float
+
+
+def time_pair(
+    first: nn.Module,
+    second: nn.Module,
+    example: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    seconds: float,
+    amp: bool,
+) -> BatchTiming:
+    """``first``'s time over ``second``'s (``speedup``) at ``batch_size`` on ``device``, as the report
+    times dense against pruned (``latency.compare_latency``: paired rounds, the device's memory format);
+    ``CLOCK`` instead of the device in tests."""
+    return compare_latency(
+        first,
+        second,
+        tuple(example.shape[1:]),
+        device,
+        batch_sizes=(batch_size,),
+        max_seconds=seconds,
+        memory_format=memory_format(device),
+        amp=amp,
+        clock=CLOCK,
+    ).batches[0]
 
 
 def pruned_copy(
@@ -171,17 +196,7 @@ def search(
         pruned = pruned_copy(
             model, example, num_classes, ratio, latency_rates, round_to, min_channels, graph_timeout_s
         )
-        timing = compare_latency(
-            dense,
-            pruned.net,
-            tuple(example.shape[1:]),
-            device,
-            batch_sizes=(batch_size,),
-            max_seconds=share,
-            memory_format=memory_format(device),
-            amp=amp,
-            clock=CLOCK,
-        ).batches[0]
+        timing = time_pair(dense, pruned.net, example, device, batch_size, share, amp)
         return SpeedProbe(
             macs_ratio=ratio,
             achieved_macs_ratio=pruned.macs_ratio,
@@ -272,17 +287,7 @@ def check_allocation(
     )
     if by_macs.widths == by_rates.widths:
         return AllocationCheck(macs_ratio, batch_size, str(device), 1.0, 1.0, 1.0, "latency")
-    timing = compare_latency(
-        by_macs.net,
-        by_rates.net,
-        tuple(example.shape[1:]),
-        device,
-        batch_sizes=(batch_size,),
-        max_seconds=seconds,
-        memory_format=memory_format(device),
-        amp=amp,
-        clock=CLOCK,
-    ).batches[0]
+    timing = time_pair(by_macs.net, by_rates.net, example, device, batch_size, seconds, amp)
     return AllocationCheck(
         macs_ratio=macs_ratio,
         batch_size=batch_size,
