@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -247,7 +248,7 @@ class AllocationCheck:
     speedup: float
     speedup_low: float
     speedup_high: float
-    chosen: str  # "latency" or "macs"
+    chosen: Literal["latency", "macs"]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
