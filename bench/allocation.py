@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import sys
@@ -35,7 +34,7 @@ import torch
 from pruning_core.runner import run
 from pruning_core.spec import DataSpec, JobSpec
 
-from .markdown import mean_std, update_markdown
+from .markdown import mean_std, publish_results
 from .profiles import CIFAR_ARCHIVE, REPO_DIR, RESULTS_DIR
 from .speed import machine
 
@@ -201,14 +200,6 @@ def render(results: dict[str, Any], source: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(results: dict[str, Any], path: Path, markdown: Path, section: str) -> None:
-    """Write the results so far (JSON) and the BENCHMARKS.md section rendered from them."""
-    results["load_avg_end"] = os.getloadavg()[0]
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
-    update_markdown(markdown, section, f"{start}\n{render(results, path)}{end}\n")
-
-
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.allocation", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tv:resnet18")
@@ -257,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for seed in args.seeds:
         results["runs"].extend(run_seed(args, seed, root))
-        publish(results, path, args.markdown, args.section)  # after every seed: a stopped run keeps them
+        publish_results(results, path, args.markdown, args.section, render)  # after every seed
     log(f"wrote {path} and {args.markdown}")
     return 0
 

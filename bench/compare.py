@@ -410,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         results = json.loads(args.render.read_text())
         section = f"compare-{results['method']}-{results['profile']}"
-        markdown.update_markdown(
-            args.markdown, section, markdown._wrap(section, render(results, args.render.resolve()))
-        )
+        markdown.write_section(args.markdown, section, render(results, args.render.resolve()))
         return 0
     if not args.method:
         p.error("--method is required (unless --render)")
@@ -463,9 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 results["wall_s"] = time.perf_counter() - t0
                 path.write_text(json.dumps(results, indent=1) + "\n")
-                markdown.update_markdown(
-                    args.markdown, section, markdown._wrap(section, render(results, path))
-                )
+                markdown.write_section(args.markdown, section, render(results, path))
                 log(f"results so far: {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

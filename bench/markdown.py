@@ -6,9 +6,11 @@ CPU run keeps the GPU section (and the hand-written introduction) as they are.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,25 @@ def update_markdown(path: Path, profile: str, section: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def write_section(path: Path, section: str, body: str) -> Path:
+    """``body`` between ``section``'s markers, replacing (or appended to) that section of ``path``."""
+    return update_markdown(path, section, _wrap(section, body))
+
+
+def publish_results(
+    results: dict[str, Any],
+    path: Path,
+    markdown: Path,
+    section: str,
+    render: Callable[[dict[str, Any], Path], str],
+) -> None:
+    """Write the results so far (JSON, with the load average at the end) and regenerate ``section`` of
+    ``markdown`` from them (``render(results, path)``): a run stopped later keeps what it measured."""
+    results["load_avg_end"] = os.getloadavg()[0]
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_section(markdown, section, render(results, path))
 
 
 # --- numbers ---

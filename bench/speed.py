@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
-import json
 import math
 import os
 import platform
@@ -55,7 +54,7 @@ from pruning_core.spec import CHANNEL_STEP_DEFAULTS
 from pruning_core.surgery import remove_channels
 from pruning_core.zoo import build_model
 
-from .markdown import update_markdown
+from .markdown import publish_results
 from .profiles import REPO_DIR, RESULTS_DIR
 from .stack import cpu_model
 
@@ -407,11 +406,8 @@ def render(results: dict[str, Any], source: Path) -> str:
 
 def publish(results: dict[str, Any], path: Path, markdown: Path, section: str = SECTION) -> None:
     """Write the results so far (JSON) and the BENCHMARKS.md section rendered from them."""
-    results["load_avg_end"] = os.getloadavg()[0]
     results["finished"] = dt.datetime.now(dt.UTC).isoformat()
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
-    update_markdown(markdown, section, f"{start}\n{render(results, path)}{end}\n")
+    publish_results(results, path, markdown, section, render)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:

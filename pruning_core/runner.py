@@ -172,8 +172,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         graph_timeout_s=settings.graph_timeout_s,
         latency_rates=rates,
     )
-    if rates is not None:
-        mctx.details["allocation"] = "latency"
+    if rates is not None:  # ``allocation``: what the allocation check below keeps
         mctx.details["latency_rates"] = {
             g.root: round(r, 3) for g, r in zip(graph.groups, rates, strict=True)
         }
