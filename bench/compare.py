@@ -126,11 +126,13 @@ CONTENDERS: dict[str, Contender] = {
         prune_at_init=True,
         cost=True,
     ),
+    # From scratch, beside `magnitude` at the initial weights with the same total epochs (as EPI's).
     "psap-scratch": Contender(
         one_stage=True,
         targets={"smoke": (0.5,), "cpu": (0.5, 0.25), "gpu": (0.5, 0.25)},
         options={},
         method="psap",
+        prune_at_init=True,
     ),
 }
 

@@ -14,6 +14,7 @@ differentiable MAC cost of fractional widths.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,19 +23,22 @@ from .errors import TargetError
 from .groups import PruningGraph, top_channels
 
 
-def min_macs(graph: PruningGraph, min_channels: int = 1, round_to: int = 1) -> int:
+def min_macs(graph: PruningGraph, min_channels: int = 1, round_to: int = 1, min_share: float = 0.0) -> int:
     """The fewest MACs the graph can reach: every group at its minimum width (in its channel step)."""
-    return int(graph.cost.macs(_floors(graph, min_channels, _steps(graph, round_to))))
+    return int(graph.cost.macs(floors(graph, min_channels, round_to, min_share)))
 
 
-def check_reachable(graph: PruningGraph, macs_ratio: float, min_channels: int = 1, round_to: int = 1) -> None:
+def check_reachable(
+    graph: PruningGraph, macs_ratio: float, min_channels: int = 1, round_to: int = 1, min_share: float = 0.0
+) -> None:
     """Refuse, before any training, a target below what removing channels can reach."""
-    floor = min_macs(graph, min_channels, round_to) / graph.dense_macs
+    floor = min_macs(graph, min_channels, round_to, min_share) / graph.dense_macs
     if macs_ratio < floor:
         step = f", widths in steps of {round_to} (target.round_to)" if round_to > 1 else ""
+        share = f", at least {min_share:g} of each group's width (target.min_width)" if min_share else ""
         raise TargetError(
             f"target macs_ratio {macs_ratio:g} is unreachable: this model keeps at least {floor:.3f} of its "
-            f"MACs (layers that cannot be pruned, {min_channels} channel(s) per group minimum{step})"
+            f"MACs (layers that cannot be pruned, {min_channels} channel(s) per group minimum{share}{step})"
         )
 
 
@@ -58,11 +62,24 @@ def _steps(graph: PruningGraph, round_to: int) -> list[int]:
     return [group_step(g.size, g.ch_groups, round_to) for g in graph.groups]
 
 
-def _floors(graph: PruningGraph, min_channels: int, step: list[int]) -> list[int]:
-    """The fewest channels each group may keep: ``min_keep`` rounded up to the group's step (so a group
-    pruned to its floor still has a hardware-friendly width), never above the group's size."""
+def floors(
+    graph: PruningGraph, min_channels: int = 1, round_to: int = 1, min_share: float = 0.0
+) -> list[int]:
+    """The fewest channels each group of ``graph`` may keep (the width floor every allocator honours):
+    ``min_channels`` (at least one per channel block), and at least ``min_share`` of the group's width in
+    ``graph`` (its dense width: allocators run on the dense graph), rounded up to the group's channel
+    step, never above the group's size."""
+    return _floors(graph, min_channels, _steps(graph, round_to), min_share)
+
+
+def _floors(graph: PruningGraph, min_channels: int, step: list[int], min_share: float = 0.0) -> list[int]:
+    """``floors`` with the groups' steps given: rounded up to the step, so a group pruned to its floor
+    still has a hardware-friendly width."""
     lows = graph.min_keep(min_channels)
-    return [min(g.size, -(-lo // r) * r) for g, lo, r in zip(graph.groups, lows, step, strict=True)]
+    return [
+        min(g.size, -(-max(lo, math.ceil(min_share * g.size - 1e-9)) // r) * r)
+        for g, lo, r in zip(graph.groups, lows, step, strict=True)
+    ]
 
 
 def _counts(scores: Sequence[torch.Tensor], threshold: float, floor: list[int], step: list[int]) -> list[int]:
@@ -81,15 +98,16 @@ def select_to_budget(
     *,
     min_channels: int = 1,
     round_to: int = 1,
+    min_share: float = 0.0,
 ) -> list[torch.Tensor]:
     """Keep indices per group: the highest-scoring channels globally, as many as fit ``target_macs``.
 
     scores[g]: (group.size,) comparable across groups (normalise them first). Returns the largest keep
     set whose predicted MACs are <= target_macs. Counts are multiples of ``round_to`` (and of a group's
-    channel grouping) where the group is large enough.
+    channel grouping) where the group is large enough, and no group keeps fewer than ``floors``.
     """
     step = _steps(graph, round_to)
-    floor = _floors(graph, min_channels, step)
+    floor = _floors(graph, min_channels, step, min_share)
     if graph.cost.macs(floor) > target_macs:
         raise TargetError(f"cannot reach {target_macs} MACs; the minimum is {graph.cost.macs(floor)}")
     cands = torch.cat([s.detach().flatten().float() for s in scores]).unique().sort().values
@@ -113,6 +131,7 @@ def select_by_rates(
     *,
     min_channels: int = 1,
     round_to: int = 1,
+    min_share: float = 0.0,
 ) -> list[torch.Tensor]:
     """Keep indices per group: the MAC allocation (``select_to_budget``) reshaped by per-group rates
     (``None``, or all 1: the MAC allocation itself).
@@ -129,15 +148,23 @@ def select_by_rates(
             f"need one positive rate per group: the graph has {len(graph.groups)} groups, got {len(rates)} "
             "rates (measured for another network?)"
         )
-    base = select_to_budget(graph, scores, target_macs, min_channels=min_channels, round_to=round_to)
+    floor = {"min_channels": min_channels, "round_to": round_to, "min_share": min_share}
+    base = select_to_budget(graph, scores, target_macs, **floor)
     if rates is None or all(r == 1.0 for r in rates):
         return base
     shares = [(g.size - len(k)) / g.size / r for g, k, r in zip(graph.groups, base, rates, strict=True)]
-    counts = counts_for_ratios(
-        graph, shares, target_macs, max_ratio=1.0, min_channels=min_channels, round_to=round_to
-    )
+    counts = counts_for_ratios(graph, shares, target_macs, max_ratio=1.0, **floor)
     counts = _top_up(graph, scores, counts, _steps(graph, round_to), target_macs)
     return [top_channels(g, s, k) for g, s, k in zip(graph.groups, scores, counts, strict=True)]
+
+
+def top_up(graph: PruningGraph, counts: list[int], target_macs: int, *, round_to: int = 1) -> list[int]:
+    """``counts`` widened one channel step at a time while the budget allows, cheapest MACs first: a
+    ratio allocation moves every group's width together, so with coarse steps (grouped convolutions)
+    one scale can stop well under the budget."""
+    return _top_up(
+        graph, [torch.ones(g.size) for g in graph.groups], counts, _steps(graph, round_to), target_macs
+    )
 
 
 def _top_up(
@@ -193,6 +220,7 @@ def counts_for_ratios(
     max_ratio: float = 0.9,
     min_channels: int = 1,
     round_to: int = 1,
+    min_share: float = 0.0,
     iters: int = 60,
 ) -> list[int]:
     """Keep counts per group from relative pruning ratios scaled to meet ``target_macs``.
@@ -205,7 +233,7 @@ def counts_for_ratios(
     if len(ratios) != len(graph.groups) or any(r < 0 for r in ratios):
         raise ValueError("need one non-negative ratio per group")
     step = _steps(graph, round_to)
-    floor = _floors(graph, min_channels, step)
+    floor = _floors(graph, min_channels, step, min_share)
     if graph.cost.macs(_ratio_counts(graph, ratios, 0.0, max_ratio, floor, step)) <= target_macs:
         return _ratio_counts(graph, ratios, 0.0, max_ratio, floor, step)
     positive = [r for r in ratios if r > 0]

@@ -2,19 +2,21 @@
 
 A group's *filters* are the output-channel slices of the conv and linear layers whose outputs carry the
 group's channels (weight rows and bias entries; several layers per channel where a residual sum couples
-them). BatchNorms and the consumers' input slices are not filters: soft filter pruning zeroes the
-producing weights and keeps everything else trainable, so a zeroed filter still receives gradients and
-can regrow.
+them). Zeroing a channel also zeroes its BatchNorms' weight and bias: a zeroed filter in front of a live
+BatchNorm still emits the constant ReLU(beta), which the physically pruned network does not have, so the
+network that trained would not be the network that is cut. The consumers' input slices are left alone.
 
 ``GroupFilters`` reads and edits them per group, in root-channel order:
 
 - ``norms()``: L2 norm per channel over all its filter slices;
-- ``sparsity(eps)``: the fraction of a group's filter weights below ``eps`` times their mean magnitude;
-- ``zero_(masks)`` / ``mask_grads_(masks)``: zero the weights (or gradients) of the masked channels;
-- ``temper_grads_(masks, live)``: scale regrowing filters' gradients down to a live filter's size;
-- ``attach()`` / ``grad_signal()``: record each BatchNorm-fed layer's batch std in the forward, and a
-  per-channel gradient norm that is comparable between zeroed and live filters (see its docstring;
-  the raw gradient norm is not).
+- ``sparsity(norms, live, eps)``: the share of a group's filters whose norm is below ``eps`` times the
+  median norm of its live filters, read from the weights;
+- ``zero_(masks)`` / ``mask_grads_(masks)``: zero the filters and BatchNorm affine entries (or their
+  gradients) of the masked channels;
+- ``save_(masks)`` / ``restore_(masks)``: keep the masked channels' values before a zeroing, and put
+  them back (PSAP's reconstruction of a pruned filter that proved useful);
+- ``attach()`` / ``signal()``: the gradient of the loss at each channel's output activation, read where
+  the consumers take it in (see ``signal``).
 """
 
 from __future__ import annotations
@@ -26,46 +28,51 @@ import torch
 from torch import nn
 
 from .groups import NORMS, PruningGraph
-from .masks import _layers_followed_by_norm
+
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 @dataclass
-class _FilterSlot:
-    """One layer's rows that carry a group's channels: ``rows[i]`` is root channel ``roots[i]``."""
+class _RowSlot:
+    """One layer's slices that carry a group's channels: ``rows[i]`` (of dim 0 for producers and
+    BatchNorms, dim 1 for consumers) is root channel ``roots[i]``."""
 
     name: str
     module: nn.Module
-    rows: torch.Tensor  # LongTensor (n,), output-channel indices in the module
+    rows: torch.Tensor  # LongTensor (n,), channel indices in the module
     roots: torch.Tensor  # LongTensor (n,), the group's channel of each row
-    norm_eps: float | None  # eps of the BatchNorm right after the layer, None if there is none
-    identity: bool  # row i is root channel i for every row of the layer: no indexing needed
 
 
 class GroupFilters:
-    """Per group, the filter slices of its producing layers (build again after physical pruning)."""
+    """Per group, the filter slices of its producing layers, its BatchNorms and its consumers (build
+    again after physical pruning)."""
 
     def __init__(self, graph: PruningGraph):
         self.graph = graph
-        self.slots: list[list[_FilterSlot]] = []
+        self.slots: list[list[_RowSlot]] = []  # producing conv/linear layers: the filters
+        self.norm_slots: list[list[_RowSlot]] = []  # the group's BatchNorms
+        self.input_slots: list[list[_RowSlot]] = []  # conv/linear layers that take the channels in
         for g in graph.groups:
-            normed = _layers_followed_by_norm(graph, g)
-            slots = []
+            filters, norms = [], []
             for s in g.outputs:
                 m = graph.modules[s.module]
-                if isinstance(m, NORMS) or not isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear):
-                    continue
-                eps = _next_norm_eps(graph, m) if s.module in normed else None
-                n = m.weight.shape[0]
-                identity = (
-                    len(s.module_idx) == n == g.size
-                    and torch.equal(s.module_idx, torch.arange(n))
-                    and torch.equal(s.root_idx, torch.arange(n))
-                )
-                slots.append(_FilterSlot(s.module, m, s.module_idx, s.root_idx, eps, identity))
-            self.slots.append(slots)
-        self._std: dict[str, torch.Tensor] = {}  # layer -> per-row std of its output, last forward
+                slot = _RowSlot(s.module, m, s.module_idx, s.root_idx)
+                if isinstance(m, NORMS) and m.affine:
+                    norms.append(slot)
+                elif isinstance(m, LAYERS):
+                    filters.append(slot)
+            self.slots.append(filters)
+            self.norm_slots.append(norms)
+            self.input_slots.append(
+                [
+                    _RowSlot(s.module, graph.modules[s.module], s.module_idx, s.root_idx)
+                    for s in g.inputs
+                    if isinstance(graph.modules[s.module], LAYERS)
+                ]
+            )
+        self._grad_sq: dict[str, torch.Tensor] = {}  # consumer -> per input channel sum of grad^2
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._indices: dict[tuple[str, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[str, int, torch.device], torch.Tensor] = {}
 
     # --- reading ---
     @torch.no_grad()
@@ -79,155 +86,133 @@ class GroupFilters:
             out.append(sq.sqrt())
         return out
 
-    @torch.no_grad()
-    def sparsity(self, eps: float) -> list[float]:
-        """Per group: the fraction of its filter weights with ``|w| < eps * mean|w|`` (zeroed filters
-        count whole). A group without filters gets 0."""
-        out = []
-        for slots in self.slots:
-            w = [s.module.weight.detach()[s.rows].abs().flatten().float() for s in slots]
-            if not w:
-                out.append(0.0)
-                continue
-            flat = torch.cat(w)
-            out.append(float((flat < eps * flat.mean()).float().mean()))
-        return out
-
-    # --- editing ---
     def has_filters(self, group: int) -> bool:
         return bool(self.slots[group])
 
+    # --- editing (every per-channel parameter of the group: filters, biases, BatchNorm affine) ---
+    def _params(self, group: int) -> list[tuple[_RowSlot, str, nn.Parameter]]:
+        out = []
+        for s in [*self.slots[group], *self.norm_slots[group]]:
+            for name in ("weight", "bias"):
+                p = getattr(s.module, name, None)
+                if isinstance(p, torch.Tensor):
+                    out.append((s, name, p))
+        return out
+
+    def _row_mask(self, s: _RowSlot, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bool, broadcastable to ``t``: the rows (dim 0) of ``t`` that carry a masked channel of ``s``."""
+        per_row = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+        per_row[s.rows.to(t.device)] = mask.to(t.device)[s.roots.to(t.device)]
+        return per_row.view(-1, *([1] * (t.dim() - 1)))
+
     @torch.no_grad()
     def zero_(self, masks: Sequence[torch.Tensor], only: Sequence[int] | None = None) -> None:
-        """Zero the filter weights and biases of the channels where ``masks[g]`` (bool, (size,), on any
-        device) is true; ``only``: just these groups (the others have nothing masked). Multiplies
-        rather than indexes by the mask: no host sync on a GPU."""
-        self._scale(masks, False, only)
+        """Zero the filters and BatchNorm weight and bias of the channels where ``masks[g]`` (bool,
+        (size,), any device) is true; ``only``: just these groups (the others have nothing masked)."""
+        for g in range(len(self.slots)) if only is None else only:
+            for s, _, p in self._params(g):
+                p.data.masked_fill_(self._row_mask(s, p.data, masks[g]), 0.0)
 
     @torch.no_grad()
     def mask_grads_(self, masks: Sequence[torch.Tensor], only: Sequence[int] | None = None) -> None:
-        """Zero the gradients of the masked channels' filters (so momentum does not build up there)."""
-        self._scale(masks, True, only)
-
-    def _scale(self, masks: Sequence[torch.Tensor], grads: bool, only: Sequence[int] | None) -> None:
+        """Zero the gradients of the masked channels' parameters (frozen pruning: nothing regrows)."""
         for g in range(len(self.slots)) if only is None else only:
-            mask = masks[g]
-            for s in self.slots[g]:
-                for p in (s.module.weight, s.module.bias):
-                    t = None if p is None else (p.grad if grads else p.data)
-                    if t is not None:
-                        self._mul_rows(s, t, (~mask.to(t.device)).to(t.dtype))
-
-    def _mul_rows(self, s: _FilterSlot, t: torch.Tensor, per_root: torch.Tensor) -> None:
-        """``t``'s rows (dim 0) of slot ``s`` times ``per_root`` (one factor per group channel), in place."""
-        shape = (-1, *([1] * (t.dim() - 1)))
-        if s.identity:
-            t.mul_(per_root.view(shape))
-            return
-        rows, roots = self._on(s, t.device)
-        t[rows] = t[rows] * per_root[roots].view(shape)
+            for s, _, p in self._params(g):
+                if p.grad is not None:
+                    p.grad.masked_fill_(self._row_mask(s, p.grad, masks[g]), 0.0)
 
     @torch.no_grad()
-    def temper_grads_(
-        self, masks: Sequence[torch.Tensor], live: Sequence[torch.Tensor], only: Sequence[int] | None = None
-    ) -> None:
-        """Scale the gradients of the masked channels' filters by ``min(1, std / median std of the live
-        channels)`` of their layer's output (the std their BatchNorm divides by). A zeroed filter that
-        starts to regrow has a gradient hundreds of times a live one's (its std is sqrt(eps));
-        tempered, its first steps are the size of a live filter's and it comes back gradually. Layers
-        without a BatchNorm after them are left alone (their gradients have no such factor)."""
-        for g in range(len(self.slots)) if only is None else only:
-            mask, alive = masks[g], live[g]
-            for s in self.slots[g]:
-                std, grad = self._std.get(s.name), s.module.weight.grad
-                if std is None or not std.numel() or grad is None:
-                    continue
-                rows, roots = self._on(s, grad.device)
-                row_std = std[rows]
-                on = alive.to(grad.device)[roots]
-                # the median of the live rows' std, without a host sync: the dead rows sort last
-                ref = torch.where(on, row_std, torch.full_like(row_std, float("inf"))).sort().values
-                median = ref[(on.sum() - 1).clamp(min=0) // 2]
-                factor = (row_std / median).clamp(max=1.0)
-                factor = torch.where(mask.to(grad.device)[roots], factor, torch.ones_like(factor))
-                grad[rows] = grad[rows] * factor.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+    def save_(self, bank: dict[str, torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
+        """Copy the masked channels' current parameter values into ``bank`` (``module.param`` -> a tensor
+        of the parameter's shape; entries are made on first use)."""
+        for g in range(len(self.slots)):
+            if not bool(masks[g].any()):
+                continue
+            for s, name, p in self._params(g):
+                key = f"{s.name}.{name}"
+                kept = bank.setdefault(key, torch.zeros_like(p.data))
+                kept.copy_(torch.where(self._row_mask(s, p.data, masks[g]), p.data, kept))
 
-    def _on(self, s: _FilterSlot, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slot's (rows, roots) index tensors on ``device``, moved once."""
-        key = (s.name, id(s), device)
-        if key not in self._indices:
-            self._indices[key] = (s.rows.to(device), s.roots.to(device))
-        return self._indices[key]
+    @torch.no_grad()
+    def restore_(self, bank: dict[str, torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
+        """Put the masked channels' values saved in ``bank`` back into the parameters."""
+        for g in range(len(self.slots)):
+            if not bool(masks[g].any()):
+                continue
+            for s, name, p in self._params(g):
+                kept = bank.get(f"{s.name}.{name}")
+                if kept is not None:
+                    p.data.copy_(torch.where(self._row_mask(s, p.data, masks[g]), kept.to(p.device), p.data))
 
     # --- the gradient signal ---
     def attach(self) -> None:
-        """Record, at every training forward, the batch std of each layer's output that a BatchNorm
-        normalises (what ``grad_signal`` scales by)."""
-        for slots in self.slots:
+        """Record, at every training backward, the gradient of the loss at each consumer's input (the
+        group's output activations, what ``signal`` reads)."""
+        seen = set()
+        for slots in self.input_slots:
             for s in slots:
-                if s.norm_eps is not None and s.name not in self._std:
-                    self._std[s.name] = torch.ones(0)
-                    self._handles.append(s.module.register_forward_hook(self._record(s.name, s.norm_eps)))
+                if s.name not in seen:
+                    seen.add(s.name)
+                    self._handles.append(s.module.register_forward_pre_hook(self._record(s.name)))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._std.clear()
+        self._grad_sq.clear()
 
-    def _record(self, name: str, eps: float):
-        def hook(module: nn.Module, _inp, out: torch.Tensor) -> None:
-            if module.training:
-                dims = [0, *range(2, out.dim())]
-                self._std[name] = (out.detach().var(dim=dims, unbiased=False).float() + eps).sqrt()
+    def _record(self, name: str):
+        def keep(grad: torch.Tensor) -> None:
+            dims = [0, *range(2, grad.dim())]
+            sq = grad.detach().float().pow(2).sum(dims)
+            self._grad_sq[name] = self._grad_sq[name] + sq if name in self._grad_sq else sq
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if module.training and isinstance(x, torch.Tensor) and x.requires_grad:
+                x.register_hook(keep)
 
         return hook
 
     @torch.no_grad()
-    def grad_signal(self) -> list[torch.Tensor]:
-        """Per group, (size,) on the model's device: each channel's filter-gradient norm, scale-free.
+    def signal(self) -> list[torch.Tensor]:
+        """Per group, (size,) on the model's device: the norm of the loss's gradient at each channel's
+        output activation over the last backward(s), summed over its consumers, then cleared.
 
-        A BatchNorm in train mode divides its input channel by the batch std, so the gradient reaching
-        a filter is the gradient at the normalised output times gamma/std. For a zeroed filter the
-        channel is constant, std is sqrt(eps) and its raw gradient is hundreds of times that of a live
-        filter (measured here: ~150x) though nothing about it is more important. Multiplying by the std
-        recorded in the forward cancels that factor: what remains is the gradient the filter would get
-        with its output normalised, comparable between zeroed and live filters. Layers without a
-        BatchNorm after them are read raw (no such division). Channels of a gradient-less layer get 0.
-        """
-        out = []
+        Read at the consumers' input rather than at the filter: a zeroed channel (filter and BatchNorm
+        affine at zero) emits zeros, its ReLU passes no gradient and its filter gets none, yet the
+        gradient at its activation says how much the loss would move if it came back. It does not
+        depend on the channel's own weights (scale-free: a small live filter and a zeroed one compare
+        with the group's others). Channels without a consumer that saw a gradient get 0."""
         device = next(iter(self.graph.model.parameters())).device
-        for g, slots in zip(self.graph.groups, self.slots, strict=True):
+        out = []
+        for g, slots in zip(self.graph.groups, self.input_slots, strict=True):
             sq = torch.zeros(g.size, device=device)
             for s in slots:
-                grad = s.module.weight.grad
-                if grad is None:
-                    continue
-                per_row = grad.flatten(1).float().pow(2).sum(1)  # (out,) every row of the layer
-                if s.module.bias is not None and s.module.bias.grad is not None:
-                    per_row = per_row + s.module.bias.grad.float().pow(2)
-                std = self._std.get(s.name)
-                if std is not None and std.numel():
-                    per_row = per_row * std.pow(2)
-                if s.identity:
-                    sq += per_row.to(device)
-                else:
-                    rows, roots = self._on(s, grad.device)
-                    sq.index_add_(0, roots.to(device), per_row[rows].to(device))
+                per_in = self._grad_sq.get(s.name)
+                if per_in is not None:
+                    rows, roots = s.rows.to(per_in.device), s.roots.to(per_in.device)
+                    sq.index_add_(0, roots.to(device), per_in[rows].to(device))
             out.append(sq.sqrt())
+        self._grad_sq.clear()
         return out
 
 
-def _rows_sq(s: _FilterSlot) -> torch.Tensor:
+def sparsity(norms: Sequence[torch.Tensor], live: Sequence[torch.Tensor], eps: float) -> list[float]:
+    """Per group: the share of its filters whose norm is below ``eps`` times the median norm of its
+    ``live`` ones (bool (size,); all of them where none is live), read from the weights as trained:
+    a zeroed filter that regrew past that is not sparse, a live one that shrank by itself is."""
+    out = []
+    for n, alive in zip(norms, live, strict=True):
+        alive = alive.cpu()
+        ref = n[alive] if bool(alive.any()) else n
+        median = float(ref.median()) if ref.numel() else 0.0
+        out.append(float((n < eps * median).float().mean()) if median > 0 else 0.0)
+    return out
+
+
+def _rows_sq(s: _RowSlot) -> torch.Tensor:
     w = s.module.weight.detach()[s.rows].float().flatten(1).pow(2).sum(1)
     if s.module.bias is not None:
         w = w + s.module.bias.detach()[s.rows].float().pow(2)
     return w
-
-
-def _next_norm_eps(graph: PruningGraph, module: nn.Module) -> float | None:
-    node = graph.dg.module2node.get(module)
-    if node is None or not node.outputs:
-        return None
-    norm = node.outputs[0].module
-    return float(norm.eps) if isinstance(norm, NORMS) else None

@@ -127,6 +127,8 @@ class GroupWidth(_Record):
     root: str
     dense: int = Field(ge=1)
     pruned: int = Field(ge=0)
+    floor: int = Field(0, ge=0, description="The fewest channels the allocation may keep (target.min_width).")
+    on_floor: bool = Field(False, description="Pruned as far as the width floor allows.")
 
 
 class LayerWidth(_Record):

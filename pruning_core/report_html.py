@@ -226,6 +226,12 @@ def _notes(r: Report) -> str:
     if r.excluded_groups:
         items = "".join(f"<li>{escape(k)}: {escape(v)}</li>" for k, v in sorted(r.excluded_groups.items()))
         notes.append(f"<p>Channel groups left unpruned:</p><ul>{items}</ul>")
+    floored = [g for g in r.groups if g.on_floor]
+    if floored:
+        items = "".join(f"<li>{escape(g.root)}: {g.pruned} of {g.dense}</li>" for g in floored)
+        notes.append(
+            f"<p>Channel groups on the width floor (<code>target.min_width</code>):</p><ul>{items}</ul>"
+        )
     if r.bn_recalibration:
         notes.append(f"<p>BatchNorm statistics re-estimated at: {escape(', '.join(r.bn_recalibration))}.</p>")
     if r.finalize_rel_diff is not None:

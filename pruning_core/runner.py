@@ -31,7 +31,7 @@ from . import (
     methods,  # noqa: F401  (registers the methods)
     speed_target,
 )
-from .budget import check_reachable
+from .budget import check_reachable, floors
 from .card import write_card
 from .contract import InputContract
 from .data import Datasets, load_data
@@ -143,7 +143,8 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         spec = spec.model_copy(
             update={"target": spec.target.model_copy(update={"macs_ratio": speed.macs_ratio})}
         )
-    check_reachable(graph, spec.target.macs_ratio, spec.target.min_channels, spec.channel_step(device.type))
+    t = spec.target
+    check_reachable(graph, t.macs_ratio, t.min_channels, spec.channel_step(device.type), t.min_width)
     dense_arch = shape.describe(model)
     model.to(device)  # before anything measures it: with no dense phase, nothing else moves it
     phases: list[PhaseTime] = [
@@ -228,7 +229,8 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     artifacts = {p.name: p for p in exported.paths.values()}
     files = {p.name: p.stat().st_size for p in exported.paths.values()}
     phases.append(PhaseTime(name="export", wall_s=time.perf_counter() - t_export, epochs=0))
-    pruned_graph_keep = _group_widths(graph, dense_arch, pruned_arch)
+    floor = floors(graph, spec.target.min_channels, spec.channel_step(device.type), spec.target.min_width)
+    pruned_graph_keep = _group_widths(graph, dense_arch, pruned_arch, floor)
     report = Report.build(
         method=spec.method.name,
         model=spec.model.name,
@@ -423,6 +425,7 @@ def _speed_target(
             batch_size=batch,
             round_to=spec.channel_step(device.type),
             min_channels=spec.target.min_channels,
+            min_share=spec.target.min_width,
             seconds=spec.target.speedup_search_s,
             amp=spec.schedule.amp,
             graph_timeout_s=get_settings().graph_timeout_s,
@@ -501,6 +504,7 @@ def _check_allocation(
             batch_size=batch,
             round_to=spec.channel_step(device.type),
             min_channels=spec.target.min_channels,
+            min_share=spec.target.min_width,
             seconds=seconds,
             amp=spec.schedule.amp,
             graph_timeout_s=get_settings().graph_timeout_s,
@@ -535,12 +539,17 @@ def _teacher(spec: JobSpec, dense: nn.Module, shape: _Shape, device: torch.devic
 
 
 def _group_widths(
-    graph: PruningGraph, dense_arch: dict[str, Any], pruned_arch: dict[str, Any]
+    graph: PruningGraph, dense_arch: dict[str, Any], pruned_arch: dict[str, Any], floor: list[int]
 ) -> list[GroupWidth]:
-    """Each group's width before and after, read from its root layer's output channels."""
+    """Each group's width before and after, read from its root layer's output channels, and its floor."""
     out = []
-    for g in graph.groups:
+    for g, lo in zip(graph.groups, floor, strict=True):
         d, p = dense_arch["layers"][g.root], pruned_arch["layers"].get(g.root)
         key = "out_channels" if "out_channels" in d else "out_features"
-        out.append(GroupWidth(root=g.root, dense=d[key], pruned=p[key] if p else 0))
+        kept = p[key] if p else 0
+        out.append(
+            GroupWidth(
+                root=g.root, dense=d[key], pruned=kept, floor=lo, on_floor=kept < d[key] and kept <= lo
+            )
+        )
     return out

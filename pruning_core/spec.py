@@ -275,13 +275,16 @@ class TASOptions(_Strict):
 
 class PSAPOptions(_Strict):
     """PSAP (arXiv 2303.11881): iterative soft filter pruning within training. Every `interval` epochs
-    a prune step zeroes the lowest-norm filters of each coupled group, at per-group ratios proportional
-    to the group's weight sparsity and scaled so that the step's MAC target is met; zeroed filters stay
-    at zero unless their (scale-free) gradient pulses above `pulse_factor` times that of the group's
-    kept filters, which protects them: they regrow and are spared at the next step. The step targets
-    tighten from the dense MACs to the job's target over the first `ramp` of the steps. The last step is
-    the final cut: the zeroed filters are removed physically, BatchNorm is re-estimated, and the pruned
-    network trains for the last `settle` of the epochs (then `finetune_epochs`, if any).
+    a prune step zeroes the lowest-norm filters of each coupled group (the conv/linear rows and their
+    BatchNorm weight and bias, so the network that trains is the network that would be cut), at
+    per-group ratios proportional to the group's weight sparsity (read from the trained weights) and
+    scaled so that the step's MAC target is met. Zeroed filters stay trainable (`reconstruct`): one that
+    regrew is judged by its norm at the next step, and one the next step keeps gets back its values. A
+    filter whose gradient signal (at its output activation, over its group's mean) stands above
+    `pulse_factor` is exempt from the step's cut, small norm or zeroed. The step targets tighten from
+    the dense MACs to the job's target over the first `ramp` of the steps. The last step is the final
+    cut: the zeroed filters are removed physically, BatchNorm is re-estimated, and the pruned network
+    trains for the last `settle` of the epochs (then `finetune_epochs`, if any).
     From scratch: give no `model.weights` and `schedule.dense_epochs: 0`; from given weights: the job's
     `model.weights` (or dense epochs first). The paper's text is not public: which rules follow its
     abstract and which are ours is in the method's docstring.
@@ -301,14 +304,28 @@ class PSAPOptions(_Strict):
         True, description="Per-group ratios from weight sparsity; false: one ratio for every group."
     )
     sparsity_eps: float = Field(
-        0.1, gt=0.0, lt=1.0, description="A weight is sparse below this times its group's mean |w|."
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="A filter is sparse when its norm is below this times the median norm of its group's "
+        "live filters (those the last step did not zero).",
     )
     max_ratio: float = Field(
         0.8, gt=0.0, lt=1.0, description="The largest share of a group pruned (at any step)."
     )
-    protect: bool = Field(True, description="Protect zeroed filters whose gradient pulses.")
+    reconstruct: bool = Field(
+        True,
+        description="Zeroed filters stay trainable until the next step (soft pruning); false freezes them "
+        "at zero (their gradients masked, re-zeroed after every optimizer step): the ablation.",
+    )
+    protect: bool = Field(
+        True, description="Exempt filters whose gradient signal pulses from a step's cut (live or zeroed)."
+    )
     pulse_factor: float = Field(
-        2.0, gt=0.0, le=1000.0, description="A pulse: gradient EMA above this times the kept filters' mean."
+        1.5,
+        gt=0.0,
+        le=1000.0,
+        description="A pulse: the EMA of a channel's gradient signal above this times its group's mean.",
     )
     grad_ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay of the gradient signal, per step.")
     settle: float = Field(
@@ -323,7 +340,9 @@ class PSAPOptions(_Strict):
     )
 
 
-EPI_THRESHOLDS = {"magnitude": 0.983, "taylor": 0.944}  # one re-implementation's values (unverified)
+# tau per criterion: `neuron_l2` and `taylor` are one re-implementation's values (unverified); `magnitude`
+# (per-group normalised) was chosen on a validation split (BENCHMARKS.md, "compare-epi-cpu").
+EPI_THRESHOLDS = {"magnitude": 0.983, "neuron_l2": 0.983, "taylor": 0.944}
 
 
 class EPIOptions(_Strict):
@@ -336,9 +355,12 @@ class EPIOptions(_Strict):
     """
 
     name: Literal["epi"] = "epi"
-    criterion: Literal["magnitude", "taylor"] = Field(
+    criterion: Literal["magnitude", "neuron_l2", "taylor"] = Field(
         "magnitude",
-        description="Neuron importance: group L2 magnitude, or first-order Taylor summed over the epoch.",
+        description="Neuron importance: `magnitude`, group L2 magnitude normalised per group (the scores "
+        "the `magnitude` method ranks by); `neuron_l2`, the paper's ||W_n|| / sqrt(P) compared across "
+        "layers unnormalised (it collapses late layers after initialisation); `taylor`, first-order "
+        "Taylor summed over the epoch, normalised per group.",
     )
     window: int = Field(5, ge=1, le=100, description="r: the indicator averages over the last r epochs.")
     threshold: float | None = Field(
@@ -391,6 +413,12 @@ CHANNEL_STEP_DEFAULTS: dict[str, int] = {"cpu": 8, "cuda": 16}
 LATENCY_ALLOCATION_METHODS = frozenset({"magnitude", "epi", "psap"})
 
 
+# The width floor (`target.min_width`). Without one, a global ranking whose scores differ in scale from
+# layer to layer can leave a group 1 channel wide (EPI's unnormalised criterion at initialisation gave
+# ResNet-20 `[..., 1, 64, 1, 1]` at 0.5 of the MACs), a bottleneck no training recovers from.
+MIN_WIDTH_DEFAULT = 0.1
+
+
 class TargetSpec(_Strict):
     """The budget: the fraction of the dense model's MACs that remains after pruning, or a measured
     speed-up on the job's device that the runner turns into that fraction (``speed_target``)."""
@@ -409,6 +437,13 @@ class TargetSpec(_Strict):
     )
     min_channels: int = Field(
         1, ge=1, le=65_536, description="Never keep fewer channels than this in a group."
+    )
+    min_width: float = Field(
+        MIN_WIDTH_DEFAULT,
+        ge=0.0,
+        le=1.0,
+        description="The width floor of every method's allocation: no coupled group keeps less than this "
+        "share of its dense width (rounded up to the channel step). The report lists the groups on it.",
     )
     round_to: int | None = Field(
         None,

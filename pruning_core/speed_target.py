@@ -123,6 +123,7 @@ def pruned_copy(
     round_to: int,
     min_channels: int = 1,
     graph_timeout_s: float | None = None,
+    min_share: float = 0.0,
 ) -> PrunedCopy:
     """``model`` (left unchanged) pruned to ``macs_ratio`` of its MACs as a job with these settings
     prunes it: the global allocator (``budget.select_by_rates``) on magnitude scores of its weights."""
@@ -134,6 +135,7 @@ def pruned_copy(
         int(macs_ratio * graph.dense_macs),
         min_channels=min_channels,
         round_to=round_to,
+        min_share=min_share,
     )
     widths = tuple(len(k) for k in keep)
     achieved = graph.cost.macs(list(widths)) / graph.dense_macs
@@ -180,6 +182,7 @@ def search(
     graph_timeout_s: float | None = None,
     graph: PruningGraph | None = None,
     latency_rates: list[float] | None = None,
+    min_share: float = 0.0,
 ) -> SpeedSearch:
     """Bisect the remaining-MAC ratio of ``model`` (left unchanged) for ``requested`` measured speed-up
     at ``batch_size`` on ``device`` (see the module's docstring); ``seconds`` bounds the timing.
@@ -189,13 +192,21 @@ def search(
     if graph is None:
         graph = PruningGraph(copy.deepcopy(model).cpu().eval(), example, num_classes, graph_timeout_s)
     # a hair above the floor: the allocator's own rounding must still fit under it
-    floor = min(1.0, min_macs(graph, min_channels, round_to) / graph.dense_macs + 1e-6)
+    floor = min(1.0, min_macs(graph, min_channels, round_to, min_share) / graph.dense_macs + 1e-6)
     dense = prepare_for_inference(model, "cpu")
     share = seconds / (BISECTIONS + 1)
 
     def probe(ratio: float) -> SpeedProbe:
         pruned = pruned_copy(
-            model, example, num_classes, ratio, latency_rates, round_to, min_channels, graph_timeout_s
+            model,
+            example,
+            num_classes,
+            ratio,
+            latency_rates,
+            round_to,
+            min_channels,
+            graph_timeout_s,
+            min_share,
         )
         timing = time_pair(dense, pruned.net, example, device, batch_size, share, amp)
         return SpeedProbe(
@@ -272,6 +283,7 @@ def check_allocation(
     seconds: float = ALLOCATION_CHECK_S,
     amp: bool = False,
     graph_timeout_s: float | None = None,
+    min_share: float = 0.0,
 ) -> AllocationCheck:
     """Prune copies of ``model`` (left unchanged) both ways and time them against each other.
 
@@ -280,12 +292,9 @@ def check_allocation(
     allocation can lose to the MAC allocation. A trained ResNet-18 at 224 px on an H200 at 0.3 of the
     MACs ran 1.52x against 1.74x (BENCHMARKS.md "allocation-cuda"). The job keeps it only where it
     measures faster."""
-    by_macs = pruned_copy(
-        model, example, num_classes, macs_ratio, None, round_to, min_channels, graph_timeout_s
-    )
-    by_rates = pruned_copy(
-        model, example, num_classes, macs_ratio, latency_rates, round_to, min_channels, graph_timeout_s
-    )
+    floor = (round_to, min_channels, graph_timeout_s, min_share)
+    by_macs = pruned_copy(model, example, num_classes, macs_ratio, None, *floor)
+    by_rates = pruned_copy(model, example, num_classes, macs_ratio, latency_rates, *floor)
     if by_macs.widths == by_rates.widths:
         return AllocationCheck(macs_ratio, batch_size, str(device), 1.0, 1.0, 1.0, "latency")
     timing = time_pair(by_macs.net, by_rates.net, example, device, batch_size, seconds, amp)

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from pruning_core.budget import check_reachable, counts_for_ratios, min_macs, select_to_budget, soft_macs
+from pruning_core.budget import (
+    check_reachable,
+    counts_for_ratios,
+    floors,
+    min_macs,
+    select_to_budget,
+    soft_macs,
+)
 from pruning_core.errors import TargetError
 from pruning_core.groups import PruningGraph, top_channels
 from pruning_core.importance import magnitude
@@ -101,3 +108,40 @@ def test_soft_macs_is_exact_at_integer_widths_and_differentiable(name: str, size
             diff = (soft_macs(graph, widths + step) - soft_macs(graph, widths - step)).item()
             assert widths.grad[g].item() == pytest.approx(diff, rel=1e-9, abs=1e-6)
     assert (widths.grad > 0).all(), "every group's width costs MACs"
+
+
+def test_no_allocator_leaves_a_group_below_the_width_floor() -> None:
+    model = build_model("resnet20", 10, 3)
+    graph = PruningGraph(model, torch.zeros(1, 3, 32, 32), 10)
+    # one group's channels score far below every other's: a global ranking empties it
+    scores = [
+        torch.full((g.size,), 1e-3 if i == 5 else 1.0) + torch.rand(g.size) * 1e-4
+        for i, g in enumerate(graph.groups)
+    ]
+    target = int(0.5 * graph.dense_macs)
+    bare = select_to_budget(graph, scores, target)
+    assert len(bare[5]) == 1, "without a floor the group keeps one channel"
+    for share, step in ((0.1, 1), (0.25, 1), (0.25, 8)):
+        keep = select_to_budget(graph, scores, target, min_share=share, round_to=step)
+        floor = floors(graph, 1, step, share)
+        assert all(len(k) >= lo >= share * g.size for k, lo, g in zip(keep, floor, graph.groups, strict=True))
+        assert len(keep[5]) == floor[5] and graph.cost.macs([len(k) for k in keep]) <= target
+    ratios = [10.0 if i == 5 else 0.1 for i in range(len(graph.groups))]
+    counts = counts_for_ratios(graph, ratios, target, max_ratio=0.99, min_share=0.25)
+    assert counts[5] == floors(graph, 1, 1, 0.25)[5] and graph.cost.macs(counts) <= target
+    with pytest.raises(TargetError, match="target.min_width"):
+        check_reachable(graph, 0.1, min_share=0.5)
+
+
+def test_the_report_lists_the_groups_on_the_width_floor(tmp_path) -> None:
+    from pruning_core.runner import run
+    from tests.specs import quick_spec
+
+    spec = quick_spec("resnet20", {"name": "magnitude"}, size=16, target=0.3)
+    spec = spec.model_copy(update={"target": spec.target.model_copy(update={"min_width": 0.45})})
+    result = run(spec, tmp_path)
+    on_floor = [g for g in result.report.groups if g.on_floor]
+    assert on_floor and all(g.pruned == g.floor >= 0.45 * g.dense for g in on_floor)
+    assert all(not g.on_floor for g in result.report.groups if g.pruned > g.floor)
+    html = (tmp_path / "report.html").read_text()
+    assert "width floor" in html and on_floor[0].root in html

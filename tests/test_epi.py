@@ -16,9 +16,12 @@ from pruning_core.errors import Cancelled
 from pruning_core.evaluation import evaluate
 from pruning_core.export import load_pruned
 from pruning_core.groups import PruningGraph
-from pruning_core.methods.epi import deadline_epoch, fires, indicator, similarity
+from pruning_core.macs import count_macs
+from pruning_core.methods import MethodContext, Phase
+from pruning_core.methods.epi import EPI, deadline_epoch, fires, indicator, similarity
 from pruning_core.runner import prepare, run
 from pruning_core.spec import SpecError, parse_spec
+from pruning_core.zoo import build_model
 from tests.specs import quick_spec
 from tests.test_method_contract import CancelAt, _comparable
 
@@ -106,6 +109,41 @@ def test_a_digits_run_prunes_on_the_indicator_after_the_window_and_before_the_de
     assert widths == d["architecture"]
 
 
+def test_the_dominant_architecture_at_the_trigger_differs_from_the_initial_one_and_every_epoch_says_so(
+    finished,
+) -> None:
+    d = finished.report.method_details
+    sims = d["similarity"]
+    assert [s["epoch"] for s in sims] == list(range(1, d["trigger_epoch"] + 1))
+    at_trigger = sims[-1]
+    assert at_trigger["similarity_initial"] < 0.99, "a learned structure, not the initialisation's"
+    assert len(at_trigger["similarity_previous"]) == d["window"]
+    records = [r for r in finished.report.history if r.phase == "epi"][: d["trigger_epoch"]]
+    assert [r.metrics["similarity_initial"] for r in records] == [s["similarity_initial"] for s in sims]
+
+
+def test_at_initialisation_no_group_of_the_dominant_sub_network_is_under_the_width_floor() -> None:
+    spec = parse_spec(
+        {"model": {"name": "resnet20"}, "method": {"name": "epi"}, "target": {"macs_ratio": 0.5}}
+    )
+    assert spec.method.criterion == "magnitude" and spec.target.min_width > 0  # type: ignore[union-attr]
+    for criterion in ("magnitude", "neuron_l2"):
+        torch.manual_seed(0)
+        s = spec.model_copy(update={"method": spec.method.model_copy(update={"criterion": criterion})})
+        model = build_model("resnet20", 10, 3)
+        example = torch.zeros(1, 3, 32, 32)
+        ctx = MethodContext(s, example, 10, torch.device("cpu"), count_macs(model, example))
+        method = EPI(s.method, ctx)
+        method.start_phase(Phase("epi", 1), model)
+        assert method.graph is not None
+        keep = ctx.select(method.graph, method._scores())
+        shares = [len(k) / g.size for k, g in zip(keep, method.graph.groups, strict=True)]
+        assert min(shares) >= spec.target.min_width, (criterion, shares)
+        assert method.graph.cost.macs([len(k) for k in keep]) <= ctx.target_macs
+        if criterion == "magnitude":  # normalised per group: nowhere near the floor
+            assert min(shares) > 0.3, shares
+
+
 def test_the_reported_training_macs_are_what_every_epoch_trained(finished) -> None:
     report = finished.report
     epochs = [r for r in report.history if r.phase == "epi"]
@@ -175,3 +213,4 @@ def test_an_epi_job_needs_two_epochs_and_defaults_tau_per_criterion() -> None:
         parse_spec({"method": {"name": "epi"}, "schedule": {"epochs": 1}})
     assert parse_spec({"method": {"name": "epi", "criterion": "taylor"}}).method.tau == 0.944  # type: ignore[union-attr]
     assert parse_spec({"method": {"name": "epi"}}).method.tau == 0.983  # type: ignore[union-attr]
+    assert parse_spec({"method": {"name": "epi"}}).method.criterion == "magnitude"  # type: ignore[union-attr]

@@ -96,6 +96,7 @@ class MethodContext:
             self.target_macs,
             min_channels=self.spec.target.min_channels,
             round_to=self.round_to,
+            min_share=self.spec.target.min_width,
         )
 
     def graph(self, model: nn.Module) -> PruningGraph:

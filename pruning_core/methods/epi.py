@@ -5,10 +5,16 @@ re-implementations agree (``../shared/docs/METHODS.md`` section 4).
 
 - At the end of every epoch, the **dominant architecture** ``A_t``: the keep counts per coupled group
   that pruning to the target would give now, from the engine's global allocator
-  (``ctx.select``: ``budget.select_to_budget``, reshaped by the latency rates under
-  ``target.allocation: latency``) on the importance module's scores (``criterion``: ``magnitude`` is
-  ``importance.neuron_l2``, ``||W_n||_2 / sqrt(P_l)`` as the paper; ``taylor`` is first-order Taylor
-  ``(sum g*w)^2`` summed over the epoch's steps, mean-normalised per group). Nothing is pruned.
+  (``ctx.select``: ``budget.select_to_budget`` with the job's width floor, reshaped by the latency
+  rates under ``target.allocation: latency``) on the importance module's scores. ``criterion``:
+  ``magnitude`` (default) is ``importance.magnitude``, group L2 magnitude mean-normalised per group,
+  the scores the ``magnitude`` method ranks by; ``neuron_l2`` is the paper's ``||W_n||_2 / sqrt(P_l)``
+  compared across layers unnormalised; ``taylor`` is first-order Taylor ``(sum g*w)^2`` summed over
+  the epoch's steps, mean-normalised per group. Nothing is pruned. Why not the paper's default:
+  after initialisation (std ~ 1/sqrt(fan-in)) ``||W||/sqrt(P)`` is smallest in the wide late layers,
+  so the global cut left ResNet-20's last groups 1 channel wide at 0.5 of the MACs, the architecture
+  barely moved from its initial one and the indicator fired at the first epoch it could: it measured
+  the initialisation's scale, not a learned structure (``../shared/docs/METHODS.md`` section 4).
 - Structural similarity ``psi(A, B) = 1 - mean_l |a_l - b_l| / (a_l + b_l)``; the indicator
   ``EPI_t = mean_{j=1..r} psi(A_t, A_{t-j})``.
 - Trigger: the first epoch (not before ``min_epochs``) with ``EPI_t >= tau`` and ``EPI_t >= EPI_{t-j}``
@@ -38,7 +44,7 @@ from torch import nn
 
 from ..engine import EpochAction, EpochEnd, StepContext
 from ..groups import PruningGraph
-from ..importance import Scores, TaylorAccumulator, neuron_l2
+from ..importance import Scores, TaylorAccumulator, magnitude, neuron_l2
 from ..spec import EPIOptions
 from ..surgery import remove_channels
 from .base import METHODS, Method, Phase
@@ -128,7 +134,9 @@ class EPI(Method):
     # --- per epoch ---
     def _scores(self) -> Scores:
         assert self.graph is not None
-        return self.taylor.scores() if self.taylor is not None else neuron_l2(self.graph)
+        if self.taylor is not None:
+            return self.taylor.scores()
+        return neuron_l2(self.graph) if self.options.criterion == "neuron_l2" else magnitude(self.graph)
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> EpochEnd:
         if self.graph is None:  # pruned: the rest of the budget trains the pruned network
@@ -142,7 +150,7 @@ class EPI(Method):
             self.taylor.reset()
         self.archs.append([len(k) for k in keep])
         self.values.append(indicator(self.archs, o.window))
-        numbers: dict[str, Any] = {"epi_threshold": o.tau}
+        numbers: dict[str, Any] = {"epi_threshold": o.tau, **self._similarities()}
         if self.values[-1] is not None:
             numbers["epi"] = self.values[-1]
         by_indicator = epoch + 1 >= self.min_epochs and fires(self.values, o.tau, o.window)
@@ -155,6 +163,15 @@ class EPI(Method):
             architecture=self.archs[-1],
         )
         return EpochEnd(EpochAction.PRUNE, numbers)
+
+    def _similarities(self) -> dict[str, Any]:
+        """The last dominant architecture's similarity to the first one and to each of the ``window``
+        before it (latest first), into the report's ``similarity`` list and the epoch's record."""
+        last = self.archs[-1]
+        before = [similarity(last, a) for a in reversed(self.archs[-1 - self.options.window : -1])]
+        sims = {"similarity_initial": similarity(last, self.archs[0]), "similarity_previous": before}
+        self.ctx.details.setdefault("similarity", []).append({"epoch": len(self.archs), **sims})
+        return sims
 
     def _account(self, metrics: dict[str, float]) -> None:
         """Training cost so far, and dense-then-prune's for the same epochs, into the report."""
