@@ -223,7 +223,8 @@ class PSAP(Method):
         else:
             self.zeroed = [t.to(device) for t in state["zeroed"]]
             self.ema = [t.to(device) for t in state["ema"]]
-            self.bank = {k: t.to(device) for k, t in state["bank"].items()}
+            # a checkpoint from before reconstruction has no bank: its zeroed filters come back at zero
+            self.bank = {k: t.to(device) for k, t in state.get("bank", {}).items()}
             self.steps_done = int(state["steps_done"])
         self._active = [g for g, m in enumerate(self.zeroed) if bool(m.any())]
         self.ctx.details.setdefault("prune_epochs", [e + 1 for e in self._marks])
