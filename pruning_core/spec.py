@@ -183,8 +183,12 @@ class S2HOptions(_Strict):
 
     Per coupled channel group: width candidates d, 2d, ..., C with one learnable logit each; the soft mask
     is their softmax's reverse cumulative sum, the hard mask keeps the expected width's most important
-    (L1) channels. Defaults marked [ours] are our choices where the official configuration was not
-    released. The performance loss is cross-entropy, or KD from the dense teacher when `kd.enabled`.
+    (L1) channels; the hard forward keeps those channels and applies no mask (the official demo). The
+    hard network's MACs end within 0.02 of the dense MACs under the target (its widths stepped there,
+    least soft keep-probability per MAC first, where the search's expected widths missed). Defaults
+    marked [ours] are our choices where the official configuration was not released. The performance
+    loss is cross-entropy, or KD from the dense teacher when `kd.enabled` (give `model.weights` or
+    `schedule.dense_epochs` so that the teacher is trained).
     """
 
     name: Literal["s2h"] = "s2h"
@@ -227,6 +231,13 @@ class S2HOptions(_Strict):
     finetune_epochs: int = Field(
         0, ge=0, le=10_000, description="Optional fine-tuning of the pruned network afterwards (off)."
     )
+    hard_grad: Literal["none", "ste"] = Field(
+        "none",
+        description="`none` (the official demo): the hard forward keeps the chosen channels and applies no "
+        "mask, so the gap loss toward the soft network reaches the mask logits only through KL(s || sg(h)); "
+        "`ste`: the hard forward multiplies by a straight-through mask, (m - w).detach() + w, through which "
+        "KL(sg(s) || h) reaches the mask logits too.",
+    )
 
 
 class TASOptions(_Strict):
@@ -234,7 +245,11 @@ class TASOptions(_Strict):
     of residual blocks (Gumbel-softmax over two sampled widths joined by channel-wise interpolation, a
     piecewise expected-MAC loss), weights and architecture updated in turn on the two halves of the
     training data; then the argmax network is built for real (fewer channels and blocks), initialised
-    at random or from the teacher, and trained `schedule.epochs` with KD from the dense teacher.
+    at random, from the teacher or from the searched supernet, and trained `schedule.epochs` with KD
+    from the dense teacher (`kd`). Before the search each coupled group's channels are sorted by
+    importance (`sort_channels`), so that a width candidate's first k channels are the k most important
+    of the weights it starts from. The built network's MACs lie within 0.02 of the dense MACs under the
+    target (stepped there in the logits' order of preference where the search ended outside).
     Defaults are the official code's CIFAR settings.
     """
 
@@ -259,12 +274,24 @@ class TASOptions(_Strict):
         Field((0.5, 0.999), description="Adam betas of the architecture.")
     )
     arch_weight_decay: float = Field(1e-3, ge=0.0, le=1.0)
-    init: Literal["random", "teacher"] = Field(
+    init: Literal["random", "teacher", "supernet"] = Field(
         "random",
-        description="The found network's weights: random (the paper) or the teacher's first channels "
-        "and blocks (the `w/ Init` variant).",
+        description="The found network's weights: random (the paper); the teacher's most important "
+        "channels and first blocks; or the searched supernet's (the paper's `w/ Init` variant: its "
+        "weights after the search, each group's BatchNorm that of its chosen width).",
     )
-    kd: bool = Field(True, description="Train the found network with KD (`kd.temperature`, `kd.weight`).")
+    kd: bool = Field(
+        True,
+        description="Train the found network with KD from the teacher (`kd.temperature`, `kd.weight`); "
+        "false: cross-entropy only, whatever `init` and `kd.enabled` say.",
+    )
+    sort_channels: bool = Field(
+        True,
+        description="Before the search, sort each coupled group's channels by importance (group L2 "
+        "magnitude, as `magnitude` ranks them; the function is unchanged), so that a width candidate's "
+        "first k channels are the k most important. [ours] The official search starts from scratch, "
+        "where training puts the important channels first; from trained weights the first k are arbitrary.",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> TASOptions:

@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from pruning_core.budget import check_reachable, counts_for_ratios, min_macs, select_to_budget, soft_macs
+from pruning_core.budget import (
+    TARGET_BAND,
+    check_reachable,
+    counts_for_ratios,
+    fit_widths,
+    min_macs,
+    select_to_budget,
+    soft_macs,
+    width_levels,
+)
 from pruning_core.errors import TargetError
 from pruning_core.groups import PruningGraph, top_channels
 from pruning_core.importance import magnitude
@@ -101,3 +110,38 @@ def test_soft_macs_is_exact_at_integer_widths_and_differentiable(name: str, size
             diff = (soft_macs(graph, widths + step) - soft_macs(graph, widths - step)).item()
             assert widths.grad[g].item() == pytest.approx(diff, rel=1e-9, abs=1e-6)
     assert (widths.grad > 0).all(), "every group's width costs MACs"
+
+
+@pytest.mark.parametrize(("name", "size"), [("resnet20", 32), ("tv:mobilenet_v2", 32)])
+@pytest.mark.parametrize("start", ["full", "floor"])
+def test_fit_widths_lands_in_the_band_from_either_side_in_steps_and_above_floors(
+    name: str, size: int, start: str
+) -> None:
+    """From the full network (S2H's 1.000 on a large model) or from every group at its floor, the fit
+    ends in [target - TARGET_BAND, target], and the physically pruned network counts what it predicted."""
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3).eval()
+    x = torch.zeros(1, 3, size, size)
+    graph = PruningGraph(model, x, 10)
+    target = int(0.5 * graph.dense_macs)
+    levels = width_levels(graph, [g.size for g in graph.groups], 1, 8)
+    counts = [lv[-1] if start == "full" else lv[0] for lv in levels]
+    pref = [torch.rand(g.size) for g in graph.groups]
+    fitted = fit_widths(graph, counts, pref, target, round_to=8)
+    predicted = graph.cost.macs(fitted)
+    assert target - TARGET_BAND * graph.dense_macs <= predicted <= target
+    assert all(k in lv for k, lv in zip(fitted, levels, strict=True)), "widths in the group's steps"
+    keep = [top_channels(g, p, k) for g, p, k in zip(graph.groups, pref, fitted, strict=True)]
+    remove_channels(graph, keep)
+    assert count_macs(model, x) == predicted
+
+
+def test_fit_widths_gives_up_least_preference_per_mac_first() -> None:
+    model = build_model("resnet20", 10, 3)
+    graph = PruningGraph(model, torch.zeros(1, 3, 32, 32), 10)
+    full = [g.size for g in graph.groups]
+    loose = 5  # a group whose channels the method does not care about
+    pref = [torch.full((g.size,), 0.0 if i == loose else 1.0) for i, g in enumerate(graph.groups)]
+    fitted = fit_widths(graph, full, pref, graph.cost.macs(full) - 1, band=0.5)
+    assert [i for i, (a, b) in enumerate(zip(full, fitted, strict=True)) if a != b] == [loose]
+    assert fit_widths(graph, fitted, pref, graph.cost.macs(full) - 1, band=0.5) == fitted, "in band: kept"

@@ -4,11 +4,12 @@ Every step forwards the same batch through two networks that share the weights: 
 (channels scaled by a relaxed keep-probability) and the *hard* network it stands for (binary masks on
 the expected width's most important channels). Losses, in the official code's order:
 
-- performance loss on the soft output (cross-entropy, or KD from the dense teacher), into the weights
-  and the mask logits;
-- gap loss, decoupled: ``KL(sg(s) || h)`` into everything (the weights through the hard branch, the
-  logits through the straight-through mask), ``KL(s || sg(h))`` into the mask logits only, so the gap
-  never pulls the weights toward the soft network;
+- performance loss on the soft output (cross-entropy, or KD from the dense teacher when the job's
+  ``kd.enabled``: the dense weights given or trained first), into the weights and the mask logits;
+- gap loss, decoupled: ``KL(sg(s) || h)`` through the hard branch, which keeps the chosen channels and
+  applies no mask (the official demo's hard forward), so into the weights only (``hard_grad: ste``
+  multiplies by a straight-through mask instead, which also reaches the logits); ``KL(s || sg(h))``
+  into the mask logits only, so the gap never pulls the weights toward the soft network;
 - resource loss ``c * (M / M_dense - target)^2`` on the hard network's MACs (straight-through ceil, so
   the loss sees the integer widths and its gradient the expected ones), into the mask logits only.
 
@@ -16,7 +17,9 @@ The logits train with SGD at the weights' current LR (``mask_lr_scale`` times it
 gradient is scaled to the gap gradient's norm and the resource gradient balanced against their sum, and
 it fades out once the hard network is within ``flops_relax`` of the target (the official "default"
 fusion). The result is the hard network with the jointly trained weights, physically pruned, BatchNorm
-statistics re-estimated by the runner.
+statistics re-estimated by the runner. Its widths are first stepped into ``[target - TARGET_BAND,
+target]`` where the search's expected widths missed (a short run, a large model): ``budget.fit_widths``,
+giving up the channels of least soft keep-probability per MAC first.
 
 Per coupled group (``groups.ChannelGroup``) of C channels in ``ch_groups`` blocks of P positions (P = C
 unless a grouped convolution ties blocks together), widths are counted in positions: candidates
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import Batch
-from ..budget import group_step
+from ..budget import fit_widths, group_step
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import NORMS, ChannelGroup, PruningGraph
@@ -140,9 +143,10 @@ class _CeilTo(torch.autograd.Function):
 
 @dataclass
 class StepMasks:
-    """The masks of one step, per group: soft ``(C,)``, hard as used ``(C,)`` (binary forward,
-    gradient into the soft mask), expected and hard widths (positions; hard is differentiable
-    straight-through), and the importance rank of each position."""
+    """The masks of one step, per group: soft ``(C,)``, hard as used ``(C,)`` (binary; a constant, or
+    with ``hard_grad: ste`` a straight-through mask whose gradient reaches the soft one), expected and
+    hard widths (positions; hard is differentiable straight-through), and the importance rank of each
+    position."""
 
     soft: list[torch.Tensor]
     hard: list[torch.Tensor]
@@ -173,6 +177,8 @@ class WidthSearch:
         ]
         self.masks = ChannelMasks(graph)
         self.masks.attach()
+        # Hard widths (positions) fixed once the search is over and they were stepped into the band.
+        self.fitted: torch.Tensor | None = None
 
     def probs(self) -> list[torch.Tensor]:
         return [F.softmax(u / self.options.temperature, dim=0) for u in self.logits]
@@ -197,14 +203,18 @@ class WidthSearch:
         """This step's soft and hard masks and widths, differentiable in the logits."""
         ranks = self.ranks()
         soft, hard, expected, hard_w = [], [], [], []
-        for s, p, rank in zip(self.spaces, self.probs(), ranks, strict=True):
+        ste = self.options.hard_grad == "ste"
+        for i, (s, p, rank) in enumerate(zip(self.spaces, self.probs(), ranks, strict=True)):
             widths, cover = self._dev[id(s)]
             e = p @ widths
             n = _CeilTo.apply(e, float(s.step), float(s.widths[0]), float(s.positions))  # CPU: no sync
+            if self.fitted is not None:
+                n = self.fitted[i].to(n)
             w = (p @ cover)[rank]  # soft keep-probability per position, (P,)
             m = (rank < n.detach()).to(w.dtype)
+            # The official hard forward computes the kept channels only: a 0/1 constant, no gradient to u.
             soft.append(w.repeat(s.group.ch_groups))
-            hard.append(((m - w).detach() + w).repeat(s.group.ch_groups))
+            hard.append(((m - w).detach() + w if ste else m).repeat(s.group.ch_groups))
             expected.append(e)
             hard_w.append(n)
         return StepMasks(soft, hard, torch.stack(expected), torch.stack(hard_w), ranks)
@@ -287,9 +297,36 @@ class S2H(Method):
         self.ctx.details.setdefault("candidates", [len(s.widths) for s in self.search.spaces])
         self.ctx.details.setdefault("width_step", [s.step for s in self.search.spaces])
 
+    @torch.no_grad()
+    def fit_to_target(self) -> None:
+        """Fix the hard widths, stepped into ``[target - TARGET_BAND, target]`` where the search's missed
+        (``budget.fit_widths``: channels of least soft keep-probability per MAC go first, or come back
+        first); the hard network the job returns must meet its target whatever the run's length."""
+        search = self.search
+        assert search is not None
+        st = search.step_masks()
+        blocks = [s.group.ch_groups for s in search.spaces]
+        counts = [int(n) * b for n, b in zip(st.hard_widths.tolist(), blocks, strict=True)]
+        fitted = fit_widths(
+            search.graph,
+            counts,
+            [w.cpu() for w in st.soft],
+            self.ctx.target_macs,
+            min_channels=self.ctx.spec.target.min_channels,
+            round_to=self.ctx.round_to,
+        )
+        before = float(search.macs(st.hard_widths)) / self.ctx.dense_macs
+        search.fitted = torch.tensor(
+            [k // b for k, b in zip(fitted, blocks, strict=True)], dtype=torch.float32
+        )
+        if fitted != counts:
+            self.ctx.details["search_macs_ratio"] = before
+            self.ctx.details["fitted_groups"] = sum(a != b for a, b in zip(fitted, counts, strict=True))
+
     def _prune(self, model: nn.Module) -> nn.Module:
         search = self.search
         assert search is not None
+        self.fit_to_target()
         keep = search.hard_keep()
         with torch.no_grad():
             st = search.step_masks()
@@ -332,8 +369,7 @@ class S2H(Method):
         soft, hard = soft.float(), hard.float()
         ratio = search.macs(st.hard_widths) / self.ctx.dense_macs
         resource = o.resource_weight * (ratio - self.ctx.spec.target.macs_ratio) ** 2
-        to_hard = o.gap_weight * kl_divergence(soft.detach(), hard)  # KL(sg(s) || h): weights and logits
-        to_soft = o.gap_weight * kl_divergence(soft, hard.detach())  # KL(s || sg(h)): logits only
+        to_hard, to_soft = (o.gap_weight * g for g in gap_losses(soft, hard))
         gap_on = o.gap_weight > 0
         if o.balance == "norms":
             ctx.backward(task, retain_graph=True)
@@ -468,3 +504,10 @@ def balance(
     m = torch.maximum(dn, rn)
     d = d * torch.where(dn > 0, m / dn.clamp_min(1e-30), one)
     return d + resource * torch.where(rn > 0, m * fade.to(m.dtype) / rn.clamp_min(1e-30), one)
+
+
+def gap_losses(soft: torch.Tensor, hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """S2H's decoupled gap loss on logits (N, K): ``KL(sg(s) || h)``, whose gradient reaches the hard
+    output only (the hard network learns toward the soft one), and ``KL(s || sg(h))``, whose gradient
+    reaches the soft output only (the caller sends it to the mask logits alone)."""
+    return kl_divergence(soft.detach(), hard), kl_divergence(soft, hard.detach())
