@@ -315,13 +315,12 @@ class S2H(Method):
             min_channels=self.ctx.spec.target.min_channels,
             round_to=self.ctx.round_to,
         )
-        before = float(search.macs(st.hard_widths)) / self.ctx.dense_macs
+        if search.fitted is None:  # what the search itself ended at, and how many widths the fit moved
+            self.ctx.details["search_macs_ratio"] = float(search.macs(st.hard_widths)) / self.ctx.dense_macs
+            self.ctx.details["fitted_groups"] = sum(a != b for a, b in zip(fitted, counts, strict=True))
         search.fitted = torch.tensor(
             [k // b for k, b in zip(fitted, blocks, strict=True)], dtype=torch.float32
         )
-        if fitted != counts:
-            self.ctx.details["search_macs_ratio"] = before
-            self.ctx.details["fitted_groups"] = sum(a != b for a, b in zip(fitted, counts, strict=True))
 
     def _prune(self, model: nn.Module) -> nn.Module:
         search = self.search
@@ -464,6 +463,10 @@ class S2H(Method):
                 "top1_gap": metrics["top1_soft"] - metrics["top1_hard"],
                 "expected_widths": search.channels(st.expected).tolist(),
             }
+        if epoch + 1 == self.ctx.spec.schedule.epochs:
+            # The search is over: the widths the job returns, fixed now so that the hard network checked
+            # against the pruned one (and fine-tuned, if asked) is the one in the band.
+            self.fit_to_target()
         return EpochEnd(metrics=numbers)
 
     # --- resume ---
@@ -471,6 +474,8 @@ class S2H(Method):
         state = super().state_dict()
         if self.search is not None:
             state["logits"] = [u.detach().cpu().clone() for u in self.search.logits]
+            if self.search.fitted is not None:
+                state["fitted"] = self.search.fitted.clone()
         state["init_norm"] = self._init_norm
         return state
 
@@ -482,6 +487,7 @@ class S2H(Method):
             self.search = None
         if "logits" in state:
             self._attach(model, state["logits"])
+            self.search.fitted = state.get("fitted")
 
 
 def balance(
