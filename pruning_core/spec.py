@@ -267,7 +267,11 @@ class TASOptions(_Strict):
     tau_min: float = Field(0.1, gt=0.0, le=100.0, description="... and at the end (cosine decay).")
     cost_weight: float = Field(2.0, ge=0.0, le=1000.0, description="lambda of the expected-MAC loss.")
     tolerance: float = Field(
-        0.05, ge=0.0, lt=1.0, description="t: the argmax MACs may lie in [target - t, target] (of dense)."
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="t of the piecewise cost loss: no cost gradient while the argmax MACs lie in "
+        "[target - t, target] (of dense). The result itself lies in [target - 0.02, target].",
     )
     arch_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Adam LR (constant) of the architecture.")
     arch_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (

@@ -12,9 +12,15 @@ training data; then the architecture (Adam, constant LR) learns from the other h
 cross-entropy plus ``cost_weight`` times the piecewise log expected-MAC loss, whose sign the argmax
 architecture's MACs choose. Tau decays by a cosine each epoch.
 
-Phase ``kd`` builds the argmax architecture for real: the dense model with the stages cut to their
-depths and every group cut to its first k channels, initialised at random (or from the teacher), trained
-with KD from the dense teacher. Groups whose channels are not the whole output of plain layers (a slice
+Before the search, each reorderable group's channels are sorted by importance (``sort_channels``; the
+group magnitude ``magnitude`` ranks by, one permutation for the group's layers and consumers, the
+function unchanged): from trained weights a candidate's first k channels are then the k most important.
+
+Phase ``kd`` builds the architecture for real: the last argmax (or the best in-band epoch's), stepped
+into ``[target - TARGET_BAND, target]`` where it lies outside (``Supernet.fit``), i.e. the dense model
+with the stages cut to their depths and every group cut to its first k channels, initialised at random,
+from the teacher (its channels sorted likewise) or from the searched supernet (``init``), trained with
+KD from the dense teacher (or cross-entropy alone with ``kd: false``). Groups whose channels are not the whole output of plain layers (a slice
 of a concatenation) keep their width; models without stages of residual blocks are searched in width
 only; the report says which.
 """
