@@ -231,6 +231,15 @@ class S2HOptions(_Strict):
     finetune_epochs: int = Field(
         0, ge=0, le=10_000, description="Optional fine-tuning of the pruned network afterwards (off)."
     )
+    fit_epochs: int = Field(
+        1,
+        ge=0,
+        le=10_000,
+        description="[ours] The last this many epochs train the hard network at its widths fixed in "
+        "[target - 0.02, target] (stepped there, least soft keep-probability per MAC first, where the "
+        "search's widths missed); 0: fixed after the last epoch, untrained at them. At least one epoch "
+        "searches.",
+    )
     hard_grad: Literal["none", "ste"] = Field(
         "none",
         description="`none` (the official demo): the hard forward keeps the chosen channels and applies no "

@@ -17,9 +17,10 @@ The logits train with SGD at the weights' current LR (``mask_lr_scale`` times it
 gradient is scaled to the gap gradient's norm and the resource gradient balanced against their sum, and
 it fades out once the hard network is within ``flops_relax`` of the target (the official "default"
 fusion). The result is the hard network with the jointly trained weights, physically pruned, BatchNorm
-statistics re-estimated by the runner. Its widths are first stepped into ``[target - TARGET_BAND,
-target]`` where the search's expected widths missed (a short run, a large model): ``budget.fit_widths``,
-giving up the channels of least soft keep-probability per MAC first.
+statistics re-estimated by the runner. Its widths are stepped into ``[target - TARGET_BAND, target]``
+where the search's expected widths missed (a short run, a large model): ``budget.fit_widths``, giving up
+the channels of least soft keep-probability per MAC first; then fixed there for the last ``fit_epochs``,
+which train the hard network at those widths (the MAC loss, constant then, is left out).
 
 Per coupled group (``groups.ChannelGroup``) of C channels in ``ch_groups`` blocks of P positions (P = C
 unless a grouped convolution ties blocks together), widths are counted in positions: candidates
@@ -322,6 +323,12 @@ class S2H(Method):
             [k // b for k, b in zip(fitted, blocks, strict=True)], dtype=torch.float32
         )
 
+    def _fit_after(self) -> int:
+        """The epochs of the search before the hard widths are fixed in the band: all but the last
+        ``fit_epochs``, at least one."""
+        epochs = self.ctx.spec.schedule.epochs
+        return max(1, epochs - self.options.fit_epochs)
+
     def _prune(self, model: nn.Module) -> nn.Module:
         search = self.search
         assert search is not None
@@ -378,13 +385,15 @@ class S2H(Method):
                 ctx.backward(to_hard, retain_graph=True)
                 ctx.backward(to_soft, "masks", retain_graph=True)
                 gap_g = ctx.take_grads("masks")
-            ctx.backward(resource.float(), "masks")
+            if search.fitted is None:  # fixed widths (``fit_epochs``): the MAC loss is a constant
+                ctx.backward(resource.float(), "masks")
             self._parts = (task_g, gap_g, resource.detach())
         else:
             ctx.backward(task + to_hard, retain_graph=True)
             if gap_on:
                 ctx.backward(to_soft, "masks", retain_graph=True)
-            ctx.backward(resource.float(), "masks")
+            if search.fitted is None:  # fixed widths (``fit_epochs``): the MAC loss is a constant
+                ctx.backward(resource.float(), "masks")
         with torch.no_grad():
             agree = (soft.argmax(1) == hard.argmax(1)).float().mean()
         loss = task.detach() + to_hard.detach() + to_soft.detach() + resource.detach().float()
@@ -463,9 +472,10 @@ class S2H(Method):
                 "top1_gap": metrics["top1_soft"] - metrics["top1_hard"],
                 "expected_widths": search.channels(st.expected).tolist(),
             }
-        if epoch + 1 == self.ctx.spec.schedule.epochs:
-            # The search is over: the widths the job returns, fixed now so that the hard network checked
-            # against the pruned one (and fine-tuned, if asked) is the one in the band.
+        if search.fitted is None and epoch + 1 >= self._fit_after():
+            # The widths the job returns, fixed in the band now: the last ``fit_epochs`` train the hard
+            # network at them (a fit far from the search's widths costs accuracy that training recovers),
+            # and the hard network checked against the pruned one is the one in the band.
             self.fit_to_target()
         return EpochEnd(metrics=numbers)
 
