@@ -302,6 +302,21 @@ def width_levels(
     ]
 
 
+def _log_share(preference: torch.Tensor) -> torch.Tensor:
+    """(size + 1,) float64: entry k is ``log`` of the share of ``preference``'s sum that its k largest
+    values hold (0 at the full width; an all-zero group is free to cut).
+
+    A share, so that groups of any width and scale compare; a log, so that each further channel a group
+    gives up costs more than the last (diminishing returns): with plain sums, about equal preferences
+    within a group and a cost that is linear in its width, the group whose channels cost the most MACs
+    went down to its floor before any other moved (measured: ResNet-20's first residual group, 14
+    channels to 1, after an epoch of S2H; top-1 at chance)."""
+    top = preference.detach().flatten().double().clamp_min(0).sort(descending=True).values
+    kept = torch.cat([top.new_zeros(1), top.cumsum(0)])
+    eps = 1e-12 * max(float(kept[-1]), 1.0)
+    return ((kept + eps) / (kept[-1] + eps)).log()
+
+
 def fit_widths(
     graph: PruningGraph,
     counts: Sequence[int],
@@ -314,16 +329,14 @@ def fit_widths(
 ) -> list[int]:
     """Keep counts per group moved from ``counts`` into ``[target_macs - band * dense, target_macs]``.
 
-    preference[g]: (group.size,) how much the method wants each channel of group g kept (S2H: its soft
-    keep-probabilities); keeping k channels is worth the sum of the k largest. Steps go through
+    preference[g]: (group.size,) how much the method wants each channel of group g kept (>= 0; S2H: its
+    soft keep-probabilities times the channels' importance); keeping k channels is worth the log of the
+    share of the group's preference its k largest hold (``_log_share``). Steps go through
     ``fit_levels`` over ``width_levels``, so they keep the channel step and the floors (a count below its
     floor is raised to it first). Counts already in the band (and above their floors) come back unchanged.
     """
     levels = width_levels(graph, counts, min_channels, round_to)
-    worth = [
-        torch.cat([p.new_zeros(1), p.detach().flatten().double().sort(descending=True).values.cumsum(0)])
-        for p in preference
-    ]
+    worth = [_log_share(p) for p in preference]
 
     def macs_of(states: list[list[int]]) -> list[float]:
         keep = torch.tensor([[lv[s] for lv, s in zip(levels, st, strict=True)] for st in states])

@@ -145,3 +145,14 @@ def test_fit_widths_gives_up_least_preference_per_mac_first() -> None:
     fitted = fit_widths(graph, full, pref, graph.cost.macs(full) - 1, band=0.5)
     assert [i for i, (a, b) in enumerate(zip(full, fitted, strict=True)) if a != b] == [loose]
     assert fit_widths(graph, fitted, pref, graph.cost.macs(full) - 1, band=0.5) == fitted, "in band: kept"
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tv:mobilenet_v2"])
+def test_fit_widths_with_equal_preferences_spreads_the_cut(name: str) -> None:
+    """Every channel equally wanted (S2H early in its search): each further channel a group gives up
+    costs more than the last, so no group is taken to its floor while others stay whole (with plain sums
+    per MAC, ResNet-20's first residual group went from 14 channels to 1)."""
+    graph = PruningGraph(build_model(name, 10, 3), torch.zeros(1, 3, 32, 32), 10)
+    full = [g.size for g in graph.groups]
+    fitted = fit_widths(graph, full, [torch.ones(g.size) for g in graph.groups], graph.dense_macs // 2)
+    assert min(k / g.size for k, g in zip(fitted, graph.groups, strict=True)) >= 0.25, fitted

@@ -185,8 +185,9 @@ class WidthSearch:
         return [F.softmax(u / self.options.temperature, dim=0) for u in self.logits]
 
     @torch.no_grad()
-    def ranks(self) -> list[torch.Tensor]:
-        """Per group, the importance rank of each position (0 = largest L1 of the group's filters)."""
+    @torch.no_grad()
+    def l1(self) -> list[torch.Tensor]:
+        """Per group, the L1 norm of each channel's filters (C,): the importance the hard mask ranks by."""
         out = []
         for s, u, filters in zip(self.spaces, self.logits, self._filters_dev, strict=True):
             l1 = torch.zeros(s.group.size, device=u.device)
@@ -194,6 +195,14 @@ class WidthSearch:
                 w = self.graph.modules[name].weight
                 per = w.detach().abs().flatten(1).sum(1).float() if w.dim() > 1 else w.detach().abs().float()
                 l1.index_add_(0, root_idx, per[module_idx])
+            out.append(l1)
+        return out
+
+    @torch.no_grad()
+    def ranks(self) -> list[torch.Tensor]:
+        """Per group, the importance rank of each position (0 = largest L1 of the group's filters)."""
+        out = []
+        for s, l1 in zip(self.spaces, self.l1(), strict=True):
             order = l1.reshape(s.group.ch_groups, s.positions).sum(0).argsort(descending=True, stable=True)
             rank = torch.empty_like(order)
             rank[order] = torch.arange(len(order), device=order.device)
@@ -302,7 +311,11 @@ class S2H(Method):
     def fit_to_target(self) -> None:
         """Fix the hard widths, stepped into ``[target - TARGET_BAND, target]`` where the search's missed
         (``budget.fit_widths``: channels of least soft keep-probability per MAC go first, or come back
-        first); the hard network the job returns must meet its target whatever the run's length."""
+        first); the hard network the job returns must meet its target whatever the run's length.
+
+        A channel's worth is its soft keep-probability times its L1 importance (the hard mask's ranking),
+        so that early in a search, when the keep-probabilities are about equal within a group, the
+        weaker channels still go first; ``fit_widths`` compares each group's shares of it."""
         search = self.search
         assert search is not None
         st = search.step_masks()
@@ -311,7 +324,7 @@ class S2H(Method):
         fitted = fit_widths(
             search.graph,
             counts,
-            [w.cpu() for w in st.soft],
+            [w.cpu() * i.cpu() for w, i in zip(st.soft, search.l1(), strict=True)],
             self.ctx.target_macs,
             min_channels=self.ctx.spec.target.min_channels,
             round_to=self.ctx.round_to,
