@@ -185,7 +185,7 @@ class S2HOptions(_Strict):
     is their softmax's reverse cumulative sum, the hard mask keeps the expected width's most important
     (L1) channels; the hard forward keeps those channels and applies no mask (the official demo). The
     hard network's MACs end within 0.02 of the dense MACs under the target (its widths stepped there,
-    least soft keep-probability per MAC first, where the search's expected widths missed). Defaults
+    least soft keep-probability x importance per MAC first, where the search's expected widths missed). Defaults
     marked [ours] are our choices where the official configuration was not released. The performance
     loss is cross-entropy, or KD from the dense teacher when `kd.enabled` (give `model.weights` or
     `schedule.dense_epochs` so that the teacher is trained).
@@ -236,7 +236,8 @@ class S2HOptions(_Strict):
         ge=0,
         le=10_000,
         description="[ours] The last this many epochs train the hard network at its widths fixed in "
-        "[target - 0.02, target] (stepped there, least soft keep-probability per MAC first, where the "
+        "[target - 0.02, target] (stepped there, least soft keep-probability x L1 importance per MAC first, "
+        "where the "
         "search's widths missed); 0: fixed after the last epoch, untrained at them. At least one epoch "
         "searches.",
     )

@@ -19,7 +19,7 @@ it fades out once the hard network is within ``flops_relax`` of the target (the 
 fusion). The result is the hard network with the jointly trained weights, physically pruned, BatchNorm
 statistics re-estimated by the runner. Its widths are stepped into ``[target - TARGET_BAND, target]``
 where the search's expected widths missed (a short run, a large model): ``budget.fit_widths``, giving up
-the channels of least soft keep-probability per MAC first; then fixed there for the last ``fit_epochs``,
+the channels of least soft keep-probability x L1 importance per MAC first; then fixed there for the last ``fit_epochs``,
 which train the hard network at those widths (the MAC loss, constant then, is left out).
 
 Per coupled group (``groups.ChannelGroup``) of C channels in ``ch_groups`` blocks of P positions (P = C
@@ -310,7 +310,7 @@ class S2H(Method):
     @torch.no_grad()
     def fit_to_target(self) -> None:
         """Fix the hard widths, stepped into ``[target - TARGET_BAND, target]`` where the search's missed
-        (``budget.fit_widths``: channels of least soft keep-probability per MAC go first, or come back
+        (``budget.fit_widths``: channels of least worth per MAC go first, or come back
         first); the hard network the job returns must meet its target whatever the run's length.
 
         A channel's worth is its soft keep-probability times its L1 importance (the hard mask's ranking),
