@@ -19,8 +19,8 @@ it fades out once the hard network is within ``flops_relax`` of the target (the 
 fusion). The result is the hard network with the jointly trained weights, physically pruned, BatchNorm
 statistics re-estimated by the runner. Its widths are stepped into ``[target - TARGET_BAND, target]``
 where the search's expected widths missed (a short run, a large model): ``budget.fit_widths``, giving up
-the channels of least soft keep-probability x L1 importance per MAC first; then fixed there for the last ``fit_epochs``,
-which train the hard network at those widths (the MAC loss, constant then, is left out).
+first the channels of least soft keep-probability x L1 importance per MAC; then fixed there for the last
+``fit_epochs``, which train the hard network at those widths (the MAC loss, constant then, is left out).
 
 Per coupled group (``groups.ChannelGroup``) of C channels in ``ch_groups`` blocks of P positions (P = C
 unless a grouped convolution ties blocks together), widths are counted in positions: candidates
@@ -185,7 +185,6 @@ class WidthSearch:
         return [F.softmax(u / self.options.temperature, dim=0) for u in self.logits]
 
     @torch.no_grad()
-    @torch.no_grad()
     def l1(self) -> list[torch.Tensor]:
         """Per group, the L1 norm of each channel's filters (C,): the importance the hard mask ranks by."""
         out = []
@@ -219,7 +218,7 @@ class WidthSearch:
             e = p @ widths
             n = _CeilTo.apply(e, float(s.step), float(s.widths[0]), float(s.positions))  # CPU: no sync
             if self.fitted is not None:
-                n = self.fitted[i].to(n)
+                n = self.fitted[i]
             w = (p @ cover)[rank]  # soft keep-probability per position, (P,)
             m = (rank < n.detach()).to(w.dtype)
             # The official hard forward computes the kept channels only: a 0/1 constant, no gradient to u.
@@ -310,8 +309,8 @@ class S2H(Method):
     @torch.no_grad()
     def fit_to_target(self) -> None:
         """Fix the hard widths, stepped into ``[target - TARGET_BAND, target]`` where the search's missed
-        (``budget.fit_widths``: channels of least worth per MAC go first, or come back
-        first); the hard network the job returns must meet its target whatever the run's length.
+        (``budget.fit_widths``: channels of least worth per MAC go first, or come back first); the hard
+        network the job returns must meet its target whatever the run's length.
 
         A channel's worth is its soft keep-probability times its L1 importance (the hard mask's ranking),
         so that early in a search, when the keep-probabilities are about equal within a group, the
@@ -332,9 +331,8 @@ class S2H(Method):
         if search.fitted is None:  # what the search itself ended at, and how many widths the fit moved
             self.ctx.details["search_macs_ratio"] = float(search.macs(st.hard_widths)) / self.ctx.dense_macs
             self.ctx.details["fitted_groups"] = sum(a != b for a, b in zip(fitted, counts, strict=True))
-        search.fitted = torch.tensor(
-            [k // b for k, b in zip(fitted, blocks, strict=True)], dtype=torch.float32
-        )
+        positions = [k // b for k, b in zip(fitted, blocks, strict=True)]
+        search.fitted = torch.tensor(positions, dtype=torch.float32, device=search.logits[0].device)
 
     def _fit_after(self) -> int:
         """The epochs of the search before the hard widths are fixed in the band: all but the last
@@ -498,7 +496,7 @@ class S2H(Method):
         if self.search is not None:
             state["logits"] = [u.detach().cpu().clone() for u in self.search.logits]
             if self.search.fitted is not None:
-                state["fitted"] = self.search.fitted.clone()
+                state["fitted"] = self.search.fitted.cpu().clone()
         state["init_norm"] = self._init_norm
         return state
 
@@ -510,7 +508,8 @@ class S2H(Method):
             self.search = None
         if "logits" in state:
             self._attach(model, state["logits"])
-            self.search.fitted = state.get("fitted")
+            fitted = state.get("fitted")
+            self.search.fitted = None if fitted is None else fitted.to(self.ctx.device)
 
 
 def balance(

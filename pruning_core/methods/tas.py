@@ -20,9 +20,9 @@ Phase ``kd`` builds the architecture for real: the last argmax (or the best in-b
 into ``[target - TARGET_BAND, target]`` where it lies outside (``Supernet.fit``), i.e. the dense model
 with the stages cut to their depths and every group cut to its first k channels, initialised at random,
 from the teacher (its channels sorted likewise) or from the searched supernet (``init``), trained with
-KD from the dense teacher (or cross-entropy alone with ``kd: false``). Groups whose channels are not the whole output of plain layers (a slice
-of a concatenation) keep their width; models without stages of residual blocks are searched in width
-only; the report says which.
+KD from the dense teacher (or cross-entropy alone with ``kd: false``). Groups whose channels are not
+the whole output of plain layers (a slice of a concatenation) keep their width; models without stages
+of residual blocks are searched in width only; the report says which.
 """
 
 from __future__ import annotations
