@@ -8,7 +8,12 @@ Per data set, seed and MAC target, from one dense training (the engine, ``profil
   the same epochs, no KD);
 - the method through ``runner.run``, at the same total epochs: a one-stage method (S2H) trains from the
   same initial weights as the dense model for dense + fine-tune epochs at the dense LR, with no dense
-  teacher (it never had one); a method that prunes a trained network starts from the dense weights.
+  teacher (it never had one), beside ``magnitude`` at the initial weights trained as long; a method that
+  prunes a trained network starts from the dense weights (``s2h-dense``: S2H from the dense weights with
+  KD from them, beside ``magnitude`` + KD).
+
+Every contender's result lies in ``[target - 0.02, target]`` of the dense MACs (``budget.TARGET_BAND``),
+so the rows compare accuracy at (nearly) equal MACs.
 
 Every model is measured the same way (``bench.measure``: top-1, MACs, params). The method's seconds per
 epoch stand beside the dense model's, from the same run. Results go to ``bench/results/compare-<method>-
@@ -92,15 +97,28 @@ def profile_named(name: str) -> Profile:
 
 
 CONTENDERS: dict[str, Contender] = {
+    # S2H both ways: from scratch in one stage (the paper), beside magnitude after the dense training
+    # and magnitude at the initial weights, all at the same total epochs; and from the dense weights with
+    # KD from them (a user with a trained model), beside magnitude + KD.
     "s2h": Contender(
         one_stage=True,
         targets={"smoke": (0.5,), "cpu": (0.35, 0.55), "gpu": (0.47,)},
         options={},
+        prune_at_init=True,
+    ),
+    "s2h-dense": Contender(
+        one_stage=False,
+        targets={"smoke": (0.5,), "cpu": (0.35, 0.55), "gpu": (0.47,)},
+        options={},
+        method="s2h",
+        kd=True,
     ),
     # At these schedules the search gets 8 (digits) or 2 (CIFAR) epochs of about 11 and 16 architecture
     # steps: the official Adam LR (1e-3, for 600 search epochs) leaves the logits at their random start,
     # and the found network cannot be trained from random initialisation in 7 or 3 epochs; so a faster
-    # architecture LR and the paper's `w/ Init` variant (BENCHMARKS.md has the paper's defaults beside).
+    # architecture LR and the found network started from the teacher's most important channels (the
+    # search starts from them too: `sort_channels`); `--options '{"init": "supernet"}'` starts it from
+    # the searched weights instead, the paper's `w/ Init` (BENCHMARKS.md has the paper's defaults beside).
     "tas": Contender(
         one_stage=False,
         targets={"smoke": (0.47,), "cpu": (0.47,), "gpu": (0.47,)},

@@ -15,7 +15,7 @@ differentiable MAC cost of fractional widths.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -265,3 +265,121 @@ def soft_macs(graph: PruningGraph, widths: torch.Tensor) -> torch.Tensor:
     if widths.shape != (len(graph.groups),):
         raise ValueError(f"need one width per group ({len(graph.groups)}), got shape {tuple(widths.shape)}")
     return graph.cost.macs(widths)
+
+
+# --- landing on the target ---
+
+# Where every method's returned network must lie, as a share of the dense MACs: [target - band, target].
+TARGET_BAND = 0.02
+
+
+def fit_levels(
+    at: Sequence[int],
+    sizes: Sequence[int],
+    preference: Callable[[int, int], float],
+    macs_of: Callable[[list[list[int]]], list[float]],
+    low: float,
+    high: float,
+) -> tuple[list[int], float]:
+    """Step knobs along their levels until the predicted MACs lie in ``[low, high]``.
+
+    Knob i stands at level ``at[i]`` of ``sizes[i]`` levels, ordered by increasing MACs (a group's
+    widths, a stage's depths); ``preference(i, level)`` is how much the method wants knob i at that level
+    (higher: keep); ``macs_of(states)`` predicts the MACs of each list of levels (one call per round, so
+    a caller can evaluate them together). Above ``high`` each round lowers the knob that loses the least
+    preference per MAC saved; below ``low`` it raises the knob that gains the most preference per MAC
+    added without passing ``high``; a step that lands in the band is taken first, and going down one that
+    stays above it before one that jumps below. Returns the levels and their MACs, outside the band only
+    when no step is left (every knob at an end, or every rise past ``high``).
+    """
+    at = list(at)
+    macs = macs_of([at])[0]
+    while macs > high or macs < low:
+        down = macs > high
+        moves = [(i, at[i] + (-1 if down else 1)) for i in range(len(at))]
+        moves = [(i, j) for i, j in moves if 0 <= j < sizes[i]]
+        trials = [[*at[:i], j, *at[i + 1 :]] for i, j in moves]
+        best: dict[
+            int, tuple[float, list[int], float]
+        ] = {}  # by how a move ends: 0 in band, 1 above, 2 below
+        for (i, j), trial, m in zip(moves, trials, macs_of(trials) if trials else [], strict=True):
+            if (m >= macs) if down else (m <= macs or m > high):
+                continue
+            score = (preference(i, j) - preference(i, at[i])) / abs(m - macs)  # per MAC
+            where = 0 if low <= m <= high else 1 if m > high else 2
+            if where not in best or score > best[where][0]:
+                best[where] = (score, trial, m)
+        if not best:
+            break
+        # A step that lands in the band ends the fit; going down, a smaller step that stays above it comes
+        # before one that jumps below (a wide group's step can be larger than the band).
+        _, at, macs = best[min(best)]
+    return at, macs
+
+
+def width_levels(
+    graph: PruningGraph, counts: Sequence[int], min_channels: int, round_to: int, min_share: float = 0.0
+) -> list[list[int]]:
+    """Per group, the keep counts a fit may choose: from the floor (``_floors``, the width floor
+    included) up in the group's step (``_steps``), the full width, and the current count (raised to the
+    floor)."""
+    step = _steps(graph, round_to)
+    floor = _floors(graph, min_channels, step, min_share)
+    return [
+        sorted({*range(lo, g.size + 1, r), g.size, max(lo, min(g.size, int(k)))})
+        for g, lo, r, k in zip(graph.groups, floor, step, counts, strict=True)
+    ]
+
+
+def _log_share(preference: torch.Tensor) -> torch.Tensor:
+    """(size + 1,) float64: entry k is ``log`` of the share of ``preference``'s sum that its k largest
+    values hold (0 at the full width; an all-zero group is free to cut).
+
+    A share, so that groups of any width and scale compare; a log, so that each further channel a group
+    gives up costs more than the last (diminishing returns): with plain sums, about equal preferences
+    within a group and a cost that is linear in its width, the group whose channels cost the most MACs
+    went down to its floor before any other moved (measured: ResNet-20's first residual group, 14
+    channels to 1, after an epoch of S2H; top-1 at chance)."""
+    top = preference.detach().flatten().double().clamp_min(0).sort(descending=True).values
+    kept = torch.cat([top.new_zeros(1), top.cumsum(0)])
+    eps = 1e-12 * max(float(kept[-1]), 1.0)
+    return ((kept + eps) / (kept[-1] + eps)).log()
+
+
+def fit_widths(
+    graph: PruningGraph,
+    counts: Sequence[int],
+    preference: Sequence[torch.Tensor],
+    target_macs: int,
+    *,
+    band: float = TARGET_BAND,
+    min_channels: int = 1,
+    round_to: int = 1,
+    min_share: float = 0.0,
+) -> list[int]:
+    """Keep counts per group moved from ``counts`` into ``[target_macs - band * dense, target_macs]``.
+
+    preference[g]: (group.size,) how much the method wants each channel of group g kept (>= 0; S2H: its
+    soft keep-probabilities times the channels' importance); keeping k channels is worth the log of the
+    share of the group's preference its k largest hold (``_log_share``). Steps go through
+    ``fit_levels`` over ``width_levels``, so they keep the channel step and the floors (a count below its
+    floor is raised to it first). Counts already in the band (and above their floors) come back unchanged.
+    """
+    levels = width_levels(graph, counts, min_channels, round_to, min_share)
+    worth = [_log_share(p) for p in preference]
+
+    def macs_of(states: list[list[int]]) -> list[float]:
+        keep = torch.tensor([[lv[s] for lv, s in zip(levels, st, strict=True)] for st in states])
+        return torch.vmap(graph.cost.layer_macs)(keep.double()).sum(1).tolist()
+
+    at = [lv.index(max(lv[0], min(lv[-1], int(k)))) for lv, k in zip(levels, counts, strict=True)]
+    low = target_macs - band * graph.dense_macs
+    at, _ = fit_levels(
+        at,
+        [len(lv) for lv in levels],
+        lambda g, s: float(worth[g][levels[g][s]]),
+        macs_of,
+        low,
+        target_macs,
+    )
+    return [lv[s] for lv, s in zip(levels, at, strict=True)]

@@ -183,8 +183,12 @@ class S2HOptions(_Strict):
 
     Per coupled channel group: width candidates d, 2d, ..., C with one learnable logit each; the soft mask
     is their softmax's reverse cumulative sum, the hard mask keeps the expected width's most important
-    (L1) channels. Defaults marked [ours] are our choices where the official configuration was not
-    released. The performance loss is cross-entropy, or KD from the dense teacher when `kd.enabled`.
+    (L1) channels; the hard forward keeps those channels and applies no mask (the official demo). The
+    hard network's MACs end within 0.02 of the dense MACs under the target (its widths stepped there,
+    least soft keep-probability x importance per MAC first, where the search's expected widths missed). Defaults
+    marked [ours] are our choices where the official configuration was not released. The performance
+    loss is cross-entropy, or KD from the dense teacher when `kd.enabled` (give `model.weights` or
+    `schedule.dense_epochs` so that the teacher is trained).
     """
 
     name: Literal["s2h"] = "s2h"
@@ -227,6 +231,23 @@ class S2HOptions(_Strict):
     finetune_epochs: int = Field(
         0, ge=0, le=10_000, description="Optional fine-tuning of the pruned network afterwards (off)."
     )
+    fit_epochs: int = Field(
+        1,
+        ge=0,
+        le=10_000,
+        description="[ours] The last this many epochs train the hard network at its widths fixed in "
+        "[target - 0.02, target] (stepped there, least soft keep-probability x L1 importance per MAC first, "
+        "where the "
+        "search's widths missed); 0: fixed after the last epoch, untrained at them. At least one epoch "
+        "searches.",
+    )
+    hard_grad: Literal["none", "ste"] = Field(
+        "none",
+        description="`none` (the official demo): the hard forward keeps the chosen channels and applies no "
+        "mask, so the gap loss toward the soft network reaches the mask logits only through KL(s || sg(h)); "
+        "`ste`: the hard forward multiplies by a straight-through mask, (m - w).detach() + w, through which "
+        "KL(sg(s) || h) reaches the mask logits too.",
+    )
 
 
 class TASOptions(_Strict):
@@ -234,7 +255,11 @@ class TASOptions(_Strict):
     of residual blocks (Gumbel-softmax over two sampled widths joined by channel-wise interpolation, a
     piecewise expected-MAC loss), weights and architecture updated in turn on the two halves of the
     training data; then the argmax network is built for real (fewer channels and blocks), initialised
-    at random or from the teacher, and trained `schedule.epochs` with KD from the dense teacher.
+    at random, from the teacher or from the searched supernet, and trained `schedule.epochs` with KD
+    from the dense teacher (`kd`). Before the search each coupled group's channels are sorted by
+    importance (`sort_channels`), so that a width candidate's first k channels are the k most important
+    of the weights it starts from. The built network's MACs lie within 0.02 of the dense MACs under the
+    target (stepped there in the logits' order of preference where the search ended outside).
     Defaults are the official code's CIFAR settings.
     """
 
@@ -252,19 +277,35 @@ class TASOptions(_Strict):
     tau_min: float = Field(0.1, gt=0.0, le=100.0, description="... and at the end (cosine decay).")
     cost_weight: float = Field(2.0, ge=0.0, le=1000.0, description="lambda of the expected-MAC loss.")
     tolerance: float = Field(
-        0.05, ge=0.0, lt=1.0, description="t: the argmax MACs may lie in [target - t, target] (of dense)."
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="t of the piecewise cost loss: no cost gradient while the argmax MACs lie in "
+        "[target - t, target] (of dense). The result itself lies in [target - 0.02, target].",
     )
     arch_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Adam LR (constant) of the architecture.")
     arch_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (
         Field((0.5, 0.999), description="Adam betas of the architecture.")
     )
     arch_weight_decay: float = Field(1e-3, ge=0.0, le=1.0)
-    init: Literal["random", "teacher"] = Field(
+    init: Literal["random", "teacher", "supernet"] = Field(
         "random",
-        description="The found network's weights: random (the paper) or the teacher's first channels "
-        "and blocks (the `w/ Init` variant).",
+        description="The found network's weights: random (the paper); the teacher's most important "
+        "channels and first blocks; or the searched supernet's (the paper's `w/ Init` variant: its "
+        "weights after the search, each group's BatchNorm that of its chosen width).",
     )
-    kd: bool = Field(True, description="Train the found network with KD (`kd.temperature`, `kd.weight`).")
+    kd: bool = Field(
+        True,
+        description="Train the found network with KD from the teacher (`kd.temperature`, `kd.weight`); "
+        "false: cross-entropy only, whatever `init` and `kd.enabled` say.",
+    )
+    sort_channels: bool = Field(
+        True,
+        description="Before the search, sort each coupled group's channels by importance (group L2 "
+        "magnitude, as `magnitude` ranks them; the function is unchanged), so that a width candidate's "
+        "first k channels are the k most important. [ours] The official search starts from scratch, "
+        "where training puts the important channels first; from trained weights the first k are arbitrary.",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> TASOptions:

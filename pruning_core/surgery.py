@@ -4,10 +4,13 @@
 surgery). ``describe`` / ``rebuild`` round-trip the pruned shapes through plain JSON, so a pruned model
 can be loaded from safetensors with no pickled code: the dense model is built from the registry and its
 layers are resized to the recorded shapes (and stages of residual blocks cut to their recorded depth).
+``permute_channels`` reorders groups' channels in a copy that computes the same function (TAS sorts each
+group by importance, so that its "first k channels" are the k most important).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +19,7 @@ from torch import nn
 
 from .blocks import depths, keep_blocks
 from .errors import ModelError
-from .groups import NORMS, PruningGraph, all_trainable
+from .groups import NORMS, ChannelGroup, PruningGraph, Slot, all_trainable
 from .macs import count_macs
 from .zoo import build_model
 
@@ -129,3 +132,65 @@ def _resize(m: nn.Module, s: dict[str, Any]) -> None:
 def _new_param(m: nn.Module, attr: str, shape: tuple[int, ...]) -> None:
     if getattr(m, attr, None) is not None:
         setattr(m, attr, nn.Parameter(torch.empty(shape)))
+
+
+# --- reordering channels ---
+
+_OUT_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def permutable(graph: PruningGraph, g: ChannelGroup) -> bool:
+    """Whether ``permute_channels`` can reorder group ``g``: ungrouped channels, and every consumer a
+    plain (groups = 1) conv, a depthwise conv (its filters are permuted as outputs) or a linear layer."""
+    if g.ch_groups > 1:
+        return False
+    for s in g.inputs:
+        m = graph.modules[s.module]
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups not in (1, m.in_channels):
+            return False
+    return True
+
+
+def _source_index(slot: Slot, order: torch.Tensor, length: int) -> torch.Tensor:
+    """Per index of a module dimension of ``length``, where its new value comes from: the module index
+    carrying root channel r takes the one carrying ``order[r]`` (several per root channel after a
+    flatten, matched in order); indices outside the slot stay."""
+    src = torch.arange(length)
+    by_root: dict[int, list[int]] = {}
+    for mi, ri in zip(slot.module_idx.tolist(), slot.root_idx.tolist(), strict=True):
+        by_root.setdefault(ri, []).append(mi)
+    for r, targets in by_root.items():
+        for t, s in zip(targets, by_root[int(order[r])], strict=True):
+            src[t] = s
+    return src
+
+
+@torch.no_grad()
+def permute_channels(graph: PruningGraph, orders: Sequence[torch.Tensor | None]) -> nn.Module:
+    """A copy of ``graph.model`` whose group g has its root channels in ``orders[g]`` (a permutation of
+    ``range(group.size)``: new channel i is old channel ``orders[g][i]``; None leaves the group as it
+    is), applied to every layer that produces the group's channels and every layer that consumes them,
+    so the copy computes the same function. ``graph.model`` is left untouched. Groups must be
+    ``permutable``."""
+    model = copy.deepcopy(graph.model)
+    modules = dict(model.named_modules())
+    for g, order in zip(graph.groups, orders, strict=True):
+        if order is None:
+            continue
+        if not permutable(graph, g):
+            raise ValueError(f"group {g.root} cannot be reordered (grouped channels)")
+        for slots, out_dim in ((g.outputs, True), (g.inputs, False)):
+            for slot in slots:
+                m = modules[slot.module]
+                depthwise = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+                if not out_dim and depthwise:
+                    continue  # a depthwise conv's one input per filter moves with its output slot
+                names = _OUT_TENSORS if out_dim else ("weight",)
+                dim = 0 if out_dim else 1
+                for name in names:
+                    t = getattr(m, name, None)
+                    if t is None or t.dim() <= dim:
+                        continue
+                    src = _source_index(slot, order.cpu(), t.shape[dim]).to(t.device)
+                    t.copy_(t.index_select(dim, src))
+    return model

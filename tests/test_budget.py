@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from pruning_core.budget import (
+    TARGET_BAND,
     check_reachable,
     counts_for_ratios,
+    fit_widths,
     floors,
     min_macs,
     select_to_budget,
     soft_macs,
+    width_levels,
 )
 from pruning_core.errors import TargetError
 from pruning_core.groups import PruningGraph, top_channels
@@ -145,3 +148,49 @@ def test_the_report_lists_the_groups_on_the_width_floor(tmp_path) -> None:
     assert all(not g.on_floor for g in result.report.groups if g.pruned > g.floor)
     html = (tmp_path / "report.html").read_text()
     assert "width floor" in html and on_floor[0].root in html
+
+
+@pytest.mark.parametrize(("name", "size"), [("resnet20", 32), ("tv:mobilenet_v2", 32)])
+@pytest.mark.parametrize("start", ["full", "floor"])
+def test_fit_widths_lands_in_the_band_from_either_side_in_steps_and_above_floors(
+    name: str, size: int, start: str
+) -> None:
+    """From the full network (S2H's 1.000 on a large model) or from every group at its floor, the fit
+    ends in [target - TARGET_BAND, target], and the physically pruned network counts what it predicted."""
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3).eval()
+    x = torch.zeros(1, 3, size, size)
+    graph = PruningGraph(model, x, 10)
+    target = int(0.5 * graph.dense_macs)
+    levels = width_levels(graph, [g.size for g in graph.groups], 1, 8)
+    counts = [lv[-1] if start == "full" else lv[0] for lv in levels]
+    pref = [torch.rand(g.size) for g in graph.groups]
+    fitted = fit_widths(graph, counts, pref, target, round_to=8)
+    predicted = graph.cost.macs(fitted)
+    assert target - TARGET_BAND * graph.dense_macs <= predicted <= target
+    assert all(k in lv for k, lv in zip(fitted, levels, strict=True)), "widths in the group's steps"
+    keep = [top_channels(g, p, k) for g, p, k in zip(graph.groups, pref, fitted, strict=True)]
+    remove_channels(graph, keep)
+    assert count_macs(model, x) == predicted
+
+
+def test_fit_widths_gives_up_least_preference_per_mac_first() -> None:
+    model = build_model("resnet20", 10, 3)
+    graph = PruningGraph(model, torch.zeros(1, 3, 32, 32), 10)
+    full = [g.size for g in graph.groups]
+    loose = 5  # a group whose channels the method does not care about
+    pref = [torch.full((g.size,), 0.0 if i == loose else 1.0) for i, g in enumerate(graph.groups)]
+    fitted = fit_widths(graph, full, pref, graph.cost.macs(full) - 1, band=0.5)
+    assert [i for i, (a, b) in enumerate(zip(full, fitted, strict=True)) if a != b] == [loose]
+    assert fit_widths(graph, fitted, pref, graph.cost.macs(full) - 1, band=0.5) == fitted, "in band: kept"
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tv:mobilenet_v2"])
+def test_fit_widths_with_equal_preferences_spreads_the_cut(name: str) -> None:
+    """Every channel equally wanted (S2H early in its search): each further channel a group gives up
+    costs more than the last, so no group is taken to its floor while others stay whole (with plain sums
+    per MAC, ResNet-20's first residual group went from 14 channels to 1)."""
+    graph = PruningGraph(build_model(name, 10, 3), torch.zeros(1, 3, 32, 32), 10)
+    full = [g.size for g in graph.groups]
+    fitted = fit_widths(graph, full, [torch.ones(g.size) for g in graph.groups], graph.dense_macs // 2)
+    assert min(k / g.size for k, g in zip(fitted, graph.groups, strict=True)) >= 0.25, fitted

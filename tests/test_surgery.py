@@ -10,7 +10,7 @@ from pruning_core.groups import PruningGraph, top_channels
 from pruning_core.macs import count_macs
 from pruning_core.masks import ChannelMasks
 from pruning_core.spec import CIFAR_MODELS
-from pruning_core.surgery import remove_channels
+from pruning_core.surgery import permutable, permute_channels, remove_channels
 from pruning_core.zoo import build_model
 
 CASES = [(n, 32) for n in CIFAR_MODELS]  # torchvision's models: tests/test_torchvision_models.py
@@ -186,3 +186,24 @@ def test_unsupported_models_are_refused_in_one_line(kind: str, why: str) -> None
     with pytest.raises(GraphError) as info:
         PruningGraph(model, torch.randn(2, 3, size, size), num_classes=10)
     assert why in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("resnet20", 16), ("vgg16_bn", 32), ("tv:mobilenet_v2", 32), ("tv:densenet121", 32)]
+)
+def test_permuting_channels_keeps_the_logits_and_leaves_the_model(name: str, size: int) -> None:
+    """Every reorderable group reversed (residual sums, depthwise convs, concatenations, a flatten into
+    the classifier): the copy computes the same logits, the original keeps its weights."""
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3).eval()
+    _randomise_norms(model)
+    x = torch.randn(2, 3, size, size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = PruningGraph(model, x[:1], 10)
+    orders = [torch.randperm(g.size) if permutable(graph, g) else None for g in graph.groups]
+    assert sum(o is not None for o in orders) >= len(orders) // 2
+    permuted = permute_channels(graph, orders).eval()
+    assert torch.allclose(permuted(x), model(x), atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    moved = [k for k, v in permuted.state_dict().items() if v.dim() and not torch.equal(v, before[k])]
+    assert len(moved) > len(before) // 4, "the channels really moved"

@@ -4,11 +4,12 @@ Every step forwards the same batch through two networks that share the weights: 
 (channels scaled by a relaxed keep-probability) and the *hard* network it stands for (binary masks on
 the expected width's most important channels). Losses, in the official code's order:
 
-- performance loss on the soft output (cross-entropy, or KD from the dense teacher), into the weights
-  and the mask logits;
-- gap loss, decoupled: ``KL(sg(s) || h)`` into everything (the weights through the hard branch, the
-  logits through the straight-through mask), ``KL(s || sg(h))`` into the mask logits only, so the gap
-  never pulls the weights toward the soft network;
+- performance loss on the soft output (cross-entropy, or KD from the dense teacher when the job's
+  ``kd.enabled``: the dense weights given or trained first), into the weights and the mask logits;
+- gap loss, decoupled: ``KL(sg(s) || h)`` through the hard branch, which keeps the chosen channels and
+  applies no mask (the official demo's hard forward), so into the weights only (``hard_grad: ste``
+  multiplies by a straight-through mask instead, which also reaches the logits); ``KL(s || sg(h))``
+  into the mask logits only, so the gap never pulls the weights toward the soft network;
 - resource loss ``c * (M / M_dense - target)^2`` on the hard network's MACs (straight-through ceil, so
   the loss sees the integer widths and its gradient the expected ones), into the mask logits only.
 
@@ -16,7 +17,10 @@ The logits train with SGD at the weights' current LR (``mask_lr_scale`` times it
 gradient is scaled to the gap gradient's norm and the resource gradient balanced against their sum, and
 it fades out once the hard network is within ``flops_relax`` of the target (the official "default"
 fusion). The result is the hard network with the jointly trained weights, physically pruned, BatchNorm
-statistics re-estimated by the runner.
+statistics re-estimated by the runner. Its widths are stepped into ``[target - TARGET_BAND, target]``
+where the search's expected widths missed (a short run, a large model): ``budget.fit_widths``, giving up
+first the channels of least soft keep-probability x L1 importance per MAC; then fixed there for the last
+``fit_epochs``, which train the hard network at those widths (the MAC loss, constant then, is left out).
 
 Per coupled group (``groups.ChannelGroup``) of C channels in ``ch_groups`` blocks of P positions (P = C
 unless a grouped convolution ties blocks together), widths are counted in positions: candidates
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import Batch
-from ..budget import group_step
+from ..budget import fit_widths, group_step
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import NORMS, ChannelGroup, PruningGraph
@@ -100,14 +104,15 @@ def space_step(positions: int, divisor: int | None = None, unit: int = 1) -> int
 
 
 def build_spaces(
-    graph: PruningGraph, divisor: int | None, min_channels: int, round_to: int = 1
+    graph: PruningGraph, divisor: int | None, min_channels: int, round_to: int = 1, min_share: float = 0.0
 ) -> list[_Space]:
-    """One width search per group: candidates d, 2d, ... and the full width (positions)."""
+    """One width search per group: candidates d, 2d, ... and the full width (positions), none below the
+    width floor (``min_channels``, ``min_share`` of the group)."""
     spaces = []
     for g in graph.groups:
         p = g.block
         d = space_step(p, divisor, group_step(p, 1, round_to) if g.ch_groups == 1 else 1)  # grouped: exact
-        least = -(-max(1, min_channels) // g.ch_groups)  # positions every candidate keeps at least
+        least = max(-(-max(1, min_channels) // g.ch_groups), math.ceil(min_share * p - 1e-9))  # kept by all
         widths = [w for w in range(d, p + 1, d) if w >= least]
         widths = [*widths, p] if not widths or widths[-1] != p else widths  # p need not be a multiple
         w = torch.tensor(widths, dtype=torch.float32)
@@ -140,9 +145,10 @@ class _CeilTo(torch.autograd.Function):
 
 @dataclass
 class StepMasks:
-    """The masks of one step, per group: soft ``(C,)``, hard as used ``(C,)`` (binary forward,
-    gradient into the soft mask), expected and hard widths (positions; hard is differentiable
-    straight-through), and the importance rank of each position."""
+    """The masks of one step, per group: soft ``(C,)``, hard as used ``(C,)`` (binary; a constant, or
+    with ``hard_grad: ste`` a straight-through mask whose gradient reaches the soft one), expected and
+    hard widths (positions; hard is differentiable straight-through), and the importance rank of each
+    position."""
 
     soft: list[torch.Tensor]
     hard: list[torch.Tensor]
@@ -161,9 +167,10 @@ class WidthSearch:
         min_channels: int,
         device: torch.device,
         round_to: int = 1,
+        min_share: float = 0.0,
     ):
         self.graph, self.options = graph, options
-        self.spaces = build_spaces(graph, options.width_divisor, min_channels, round_to)
+        self.spaces = build_spaces(graph, options.width_divisor, min_channels, round_to, min_share)
         init = max_init_logits if options.max_init else (lambda s, t: torch.zeros(len(s.widths)))
         self.logits = [init(s, options.temperature).to(device).requires_grad_() for s in self.spaces]
         # on the device once, not every step
@@ -173,13 +180,15 @@ class WidthSearch:
         ]
         self.masks = ChannelMasks(graph)
         self.masks.attach()
+        # Hard widths (positions) fixed once the search is over and they were stepped into the band.
+        self.fitted: torch.Tensor | None = None
 
     def probs(self) -> list[torch.Tensor]:
         return [F.softmax(u / self.options.temperature, dim=0) for u in self.logits]
 
     @torch.no_grad()
-    def ranks(self) -> list[torch.Tensor]:
-        """Per group, the importance rank of each position (0 = largest L1 of the group's filters)."""
+    def l1(self) -> list[torch.Tensor]:
+        """Per group, the L1 norm of each channel's filters (C,): the importance the hard mask ranks by."""
         out = []
         for s, u, filters in zip(self.spaces, self.logits, self._filters_dev, strict=True):
             l1 = torch.zeros(s.group.size, device=u.device)
@@ -187,6 +196,14 @@ class WidthSearch:
                 w = self.graph.modules[name].weight
                 per = w.detach().abs().flatten(1).sum(1).float() if w.dim() > 1 else w.detach().abs().float()
                 l1.index_add_(0, root_idx, per[module_idx])
+            out.append(l1)
+        return out
+
+    @torch.no_grad()
+    def ranks(self) -> list[torch.Tensor]:
+        """Per group, the importance rank of each position (0 = largest L1 of the group's filters)."""
+        out = []
+        for s, l1 in zip(self.spaces, self.l1(), strict=True):
             order = l1.reshape(s.group.ch_groups, s.positions).sum(0).argsort(descending=True, stable=True)
             rank = torch.empty_like(order)
             rank[order] = torch.arange(len(order), device=order.device)
@@ -197,14 +214,18 @@ class WidthSearch:
         """This step's soft and hard masks and widths, differentiable in the logits."""
         ranks = self.ranks()
         soft, hard, expected, hard_w = [], [], [], []
-        for s, p, rank in zip(self.spaces, self.probs(), ranks, strict=True):
+        ste = self.options.hard_grad == "ste"
+        for i, (s, p, rank) in enumerate(zip(self.spaces, self.probs(), ranks, strict=True)):
             widths, cover = self._dev[id(s)]
             e = p @ widths
             n = _CeilTo.apply(e, float(s.step), float(s.widths[0]), float(s.positions))  # CPU: no sync
+            if self.fitted is not None:
+                n = self.fitted[i]
             w = (p @ cover)[rank]  # soft keep-probability per position, (P,)
             m = (rank < n.detach()).to(w.dtype)
+            # The official hard forward computes the kept channels only: a 0/1 constant, no gradient to u.
             soft.append(w.repeat(s.group.ch_groups))
-            hard.append(((m - w).detach() + w).repeat(s.group.ch_groups))
+            hard.append(((m - w).detach() + w if ste else m).repeat(s.group.ch_groups))
             expected.append(e)
             hard_w.append(n)
         return StepMasks(soft, hard, torch.stack(expected), torch.stack(hard_w), ranks)
@@ -277,8 +298,9 @@ class S2H(Method):
     def _attach(self, model: nn.Module, logits: list[torch.Tensor] | None) -> None:
         graph = self.ctx.graph(model)
         spec = self.ctx.spec
+        t = spec.target
         self.search = WidthSearch(
-            graph, self.options, spec.target.min_channels, self.ctx.device, self.ctx.round_to
+            graph, self.options, t.min_channels, self.ctx.device, self.ctx.round_to, t.min_width
         )
         if logits is not None:
             for u, saved in zip(self.search.logits, logits, strict=True):
@@ -287,9 +309,45 @@ class S2H(Method):
         self.ctx.details.setdefault("candidates", [len(s.widths) for s in self.search.spaces])
         self.ctx.details.setdefault("width_step", [s.step for s in self.search.spaces])
 
+    @torch.no_grad()
+    def fit_to_target(self) -> None:
+        """Fix the hard widths, stepped into ``[target - TARGET_BAND, target]`` where the search's missed
+        (``budget.fit_widths``: channels of least worth per MAC go first, or come back first); the hard
+        network the job returns must meet its target whatever the run's length.
+
+        A channel's worth is its soft keep-probability times its L1 importance (the hard mask's ranking),
+        so that early in a search, when the keep-probabilities are about equal within a group, the
+        weaker channels still go first; ``fit_widths`` compares each group's shares of it."""
+        search = self.search
+        assert search is not None
+        st = search.step_masks()
+        blocks = [s.group.ch_groups for s in search.spaces]
+        counts = [int(n) * b for n, b in zip(st.hard_widths.tolist(), blocks, strict=True)]
+        fitted = fit_widths(
+            search.graph,
+            counts,
+            [w.cpu() * i.cpu() for w, i in zip(st.soft, search.l1(), strict=True)],
+            self.ctx.target_macs,
+            min_channels=self.ctx.spec.target.min_channels,
+            round_to=self.ctx.round_to,
+            min_share=self.ctx.spec.target.min_width,
+        )
+        if search.fitted is None:  # what the search itself ended at, and how many widths the fit moved
+            self.ctx.details["search_macs_ratio"] = float(search.macs(st.hard_widths)) / self.ctx.dense_macs
+            self.ctx.details["fitted_groups"] = sum(a != b for a, b in zip(fitted, counts, strict=True))
+        positions = [k // b for k, b in zip(fitted, blocks, strict=True)]
+        search.fitted = torch.tensor(positions, dtype=torch.float32, device=search.logits[0].device)
+
+    def _fit_after(self) -> int:
+        """The epochs of the search before the hard widths are fixed in the band: all but the last
+        ``fit_epochs``, at least one."""
+        epochs = self.ctx.spec.schedule.epochs
+        return max(1, epochs - self.options.fit_epochs)
+
     def _prune(self, model: nn.Module) -> nn.Module:
         search = self.search
         assert search is not None
+        self.fit_to_target()
         keep = search.hard_keep()
         with torch.no_grad():
             st = search.step_masks()
@@ -332,8 +390,7 @@ class S2H(Method):
         soft, hard = soft.float(), hard.float()
         ratio = search.macs(st.hard_widths) / self.ctx.dense_macs
         resource = o.resource_weight * (ratio - self.ctx.spec.target.macs_ratio) ** 2
-        to_hard = o.gap_weight * kl_divergence(soft.detach(), hard)  # KL(sg(s) || h): weights and logits
-        to_soft = o.gap_weight * kl_divergence(soft, hard.detach())  # KL(s || sg(h)): logits only
+        to_hard, to_soft = (o.gap_weight * g for g in gap_losses(soft, hard))
         gap_on = o.gap_weight > 0
         if o.balance == "norms":
             ctx.backward(task, retain_graph=True)
@@ -343,13 +400,15 @@ class S2H(Method):
                 ctx.backward(to_hard, retain_graph=True)
                 ctx.backward(to_soft, "masks", retain_graph=True)
                 gap_g = ctx.take_grads("masks")
-            ctx.backward(resource.float(), "masks")
+            if search.fitted is None:  # fixed widths (``fit_epochs``): the MAC loss is a constant
+                ctx.backward(resource.float(), "masks")
             self._parts = (task_g, gap_g, resource.detach())
         else:
             ctx.backward(task + to_hard, retain_graph=True)
             if gap_on:
                 ctx.backward(to_soft, "masks", retain_graph=True)
-            ctx.backward(resource.float(), "masks")
+            if search.fitted is None:  # fixed widths (``fit_epochs``): the MAC loss is a constant
+                ctx.backward(resource.float(), "masks")
         with torch.no_grad():
             agree = (soft.argmax(1) == hard.argmax(1)).float().mean()
         loss = task.detach() + to_hard.detach() + to_soft.detach() + resource.detach().float()
@@ -428,6 +487,11 @@ class S2H(Method):
                 "top1_gap": metrics["top1_soft"] - metrics["top1_hard"],
                 "expected_widths": search.channels(st.expected).tolist(),
             }
+        if search.fitted is None and epoch + 1 >= self._fit_after():
+            # The widths the job returns, fixed in the band now: the last ``fit_epochs`` train the hard
+            # network at them (a fit far from the search's widths costs accuracy that training recovers),
+            # and the hard network checked against the pruned one is the one in the band.
+            self.fit_to_target()
         return EpochEnd(metrics=numbers)
 
     # --- resume ---
@@ -435,6 +499,8 @@ class S2H(Method):
         state = super().state_dict()
         if self.search is not None:
             state["logits"] = [u.detach().cpu().clone() for u in self.search.logits]
+            if self.search.fitted is not None:
+                state["fitted"] = self.search.fitted.cpu().clone()
         state["init_norm"] = self._init_norm
         return state
 
@@ -446,6 +512,8 @@ class S2H(Method):
             self.search = None
         if "logits" in state:
             self._attach(model, state["logits"])
+            fitted = state.get("fitted")
+            self.search.fitted = None if fitted is None else fitted.to(self.ctx.device)
 
 
 def balance(
@@ -468,3 +536,10 @@ def balance(
     m = torch.maximum(dn, rn)
     d = d * torch.where(dn > 0, m / dn.clamp_min(1e-30), one)
     return d + resource * torch.where(rn > 0, m * fade.to(m.dtype) / rn.clamp_min(1e-30), one)
+
+
+def gap_losses(soft: torch.Tensor, hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """S2H's decoupled gap loss on logits (N, K): ``KL(sg(s) || h)``, whose gradient reaches the hard
+    output only (the hard network learns toward the soft one), and ``KL(s || sg(h))``, whose gradient
+    reaches the soft output only (the caller sends it to the mask logits alone)."""
+    return kl_divergence(soft.detach(), hard), kl_divergence(soft, hard.detach())

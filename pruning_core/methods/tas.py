@@ -12,16 +12,23 @@ training data; then the architecture (Adam, constant LR) learns from the other h
 cross-entropy plus ``cost_weight`` times the piecewise log expected-MAC loss, whose sign the argmax
 architecture's MACs choose. Tau decays by a cosine each epoch.
 
-Phase ``kd`` builds the argmax architecture for real: the dense model with the stages cut to their
-depths and every group cut to its first k channels, initialised at random (or from the teacher), trained
-with KD from the dense teacher. Groups whose channels are not the whole output of plain layers (a slice
-of a concatenation) keep their width; models without stages of residual blocks are searched in width
-only; the report says which.
+Before the search, each reorderable group's channels are sorted by importance (``sort_channels``; the
+group magnitude ``magnitude`` ranks by, one permutation for the group's layers and consumers, the
+function unchanged): from trained weights a candidate's first k channels are then the k most important.
+
+Phase ``kd`` builds the architecture for real: the last argmax (or the best in-band epoch's), stepped
+into ``[target - TARGET_BAND, target]`` where it lies outside (``Supernet.fit``), i.e. the dense model
+with the stages cut to their depths and every group cut to its first k channels, initialised at random,
+from the teacher (its channels sorted likewise) or from the searched supernet (``init``), trained with
+KD from the dense teacher (or cross-entropy alone with ``kd: false``). Groups whose channels are not
+the whole output of plain layers (a slice of a concatenation) keep their width; models without stages
+of residual blocks are searched in width only; the report says which.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +38,15 @@ from torch import nn
 
 from ..batches import Batch, Streams
 from ..blocks import find_stages, keep_blocks
-from ..budget import group_step
+from ..budget import TARGET_BAND, fit_levels, group_step
 from ..engine import EpochEnd, StepContext, StepOutput
 from ..evaluation import View
 from ..groups import NORMS, ChannelGroup, PruningGraph
+from ..importance import magnitude
 from ..masks import mask_points
 from ..optim import OptimizerConfig, ParamSet
 from ..spec import TASOptions
-from ..surgery import remove_channels
+from ..surgery import permutable, permute_channels, remove_channels
 from ..tas_space import (
     StageLayers,
     channel_wise_interpolation,
@@ -69,7 +77,14 @@ class Supernet(nn.Module):
     "off" (the plain model). A module so its candidate BatchNorms move, train/eval and checkpoint with it.
     """
 
-    def __init__(self, graph: PruningGraph, options: TASOptions, min_channels: int, round_to: int = 1):
+    def __init__(
+        self,
+        graph: PruningGraph,
+        options: TASOptions,
+        min_channels: int,
+        round_to: int = 1,
+        min_share: float = 0.0,
+    ):
         super().__init__()
         self.graph, self.mode, self.tau = graph, "search", options.tau_max
         points = mask_points(graph)
@@ -84,7 +99,8 @@ class Supernet(nn.Module):
                 self.fixed[g.root] = why
                 continue
             step = group_step(g.size, 1, round_to) if g.ch_groups == 1 else 1  # grouped: exact widths
-            cands = width_candidates(g.size, options.width_ratios, least=max(1, min_channels), step=step)
+            least = max(1, min_channels, math.ceil(min_share * g.size - 1e-9))  # the width floor
+            cands = width_candidates(g.size, options.width_ratios, least=least, step=step)
             group_points = []
             for module, _slot in points_of(points, g):
                 m = graph.modules[module]
@@ -217,43 +233,33 @@ class Supernet(nn.Module):
     def fit(
         self, widths: list[int], depths: dict[str, int], low: float, high: float
     ) -> tuple[list[int], dict[str, int], int]:
-        """Step an architecture into ``[low, high]`` MACs [ours: a job's result must meet its target band,
-        and a short search may end outside it]. Above ``high``, each step lowers one group's width or one
-        stage's depth to its next smaller candidate: the one whose logit drop per MAC saved is least, i.e.
-        the one the search minds least. Below ``low``, each step raises one to its next larger candidate
-        without passing ``high``: the one whose logit rise per MAC added is largest. Returns widths,
-        depths and MACs (outside the band only when no step is left)."""
-        at = {"w": [c.index(w) for c, w in zip(self.widths, widths, strict=True)]}
-        at["d"] = [sl.depths.index(depths[sl.stage.name]) for sl in self.stages]
-        sizes = {"w": [len(c) for c in self.widths], "d": [len(sl.depths) for sl in self.stages]}
-        logits = {"w": self.alpha, "d": self.beta}
+        """Step an architecture into ``[low, high]`` MACs (a job's result must meet its target band, and a
+        short search may end outside it): ``budget.fit_levels`` over every group's width candidates and
+        every stage's depth candidates, the logits as the preference. Above ``high``, each step lowers
+        the width or depth whose logit drop per MAC saved is least (what the search minds least); below
+        ``low``, it raises the one whose logit rise per MAC added is largest. Returns widths, depths and
+        MACs (outside the band only when no step is left)."""
+        choices = [*self.widths, *(sl.depths for sl in self.stages)]
+        logits = [*self.alpha, *self.beta]
+        at = [c.index(w) for c, w in zip(self.widths, widths, strict=True)]
+        at += [sl.depths.index(depths[sl.stage.name]) for sl in self.stages]
 
-        def arch(wi: list[int], di: list[int]) -> tuple[list[int], dict[str, int]]:
-            ws = [c[i] for c, i in zip(self.widths, wi, strict=True)]
-            ds = {sl.stage.name: sl.depths[i] for sl, i in zip(self.stages, di, strict=True)}
-            return ws, ds
+        def arch(levels: list[int]) -> tuple[list[int], dict[str, int]]:
+            n = len(self.widths)
+            ws = [c[i] for c, i in zip(self.widths, levels[:n], strict=True)]
+            rest = levels[n:]
+            return ws, {sl.stage.name: sl.depths[i] for sl, i in zip(self.stages, rest, strict=True)}
 
-        macs = self.argmax_macs(*arch(at["w"], at["d"]))
-        while macs > high or macs < low:
-            down = macs > high
-            best: tuple[float, dict[str, list[int]], int] | None = None
-            for kind, i in [("w", i) for i in range(len(at["w"]))] + [("d", i) for i in range(len(at["d"]))]:
-                j = at[kind][i] + (-1 if down else 1)
-                if not 0 <= j < sizes[kind][i]:
-                    continue
-                trial = {**at, kind: [*at[kind][:i], j, *at[kind][i + 1 :]]}
-                m = self.argmax_macs(*arch(trial["w"], trial["d"]))
-                if (m >= macs) if down else (m <= macs or m > high):
-                    continue
-                gain = float((logits[kind][i][j] - logits[kind][i][at[kind][i]]).detach())
-                score = gain / abs(m - macs)  # logit change per MAC: the largest rise, the least drop
-                if best is None or score > best[0]:
-                    best = (score, trial, m)
-            if best is None:  # nothing left to step (every candidate at its end, or past the band)
-                break
-            _, at, macs = best
-        widths, depths = arch(at["w"], at["d"])
-        return widths, depths, macs
+        at, macs = fit_levels(
+            at,
+            [len(c) for c in choices],
+            lambda i, j: float(logits[i][j].detach()),
+            lambda states: [self.argmax_macs(*arch(st)) for st in states],
+            low,
+            high,
+        )
+        widths, depths = arch(at)
+        return widths, depths, round(macs)
 
 
 def points_of(points: dict[str, list], g: ChannelGroup) -> list[tuple[str, Any]]:
@@ -328,11 +334,20 @@ class TAS(Method):
         self._best: dict[str, Any] = {}  # the best-top-1 search epoch whose argmax was within the band
 
     def _in_band(self, ratio: float) -> bool:
+        """Whether a network at ``ratio`` of the dense MACs may be the job's result: within
+        ``budget.TARGET_BAND`` under the target (the search's own tolerance t may be wider)."""
         target = self.ctx.spec.target.macs_ratio
-        return target - self.options.tolerance <= ratio <= target
+        return target - TARGET_BAND <= ratio <= target
 
     def wants_teacher(self) -> bool:
         return self.options.kd or self.options.init == "teacher"
+
+    def supervised_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The found network's loss: KD from the teacher when ``kd`` (a teacher loaded only for
+        ``init: teacher`` teaches nothing), else cross-entropy."""
+        if not self.options.kd:
+            return F.cross_entropy(logits, y)
+        return super().supervised_loss(logits, x, y)
 
     def phases(self) -> list[Phase]:
         return [
@@ -342,13 +357,16 @@ class TAS(Method):
 
     def start_phase(self, phase: Phase, model: nn.Module) -> nn.Module:
         if phase.name == "search":
+            if self.options.sort_channels:
+                model = sort_by_importance(self.ctx.graph(model)).to(self.ctx.device)
             self._attach(model, None)
             return model
         return self._build(model)
 
     def _attach(self, model: nn.Module, state: dict[str, Any] | None) -> None:
         graph = self.ctx.graph(model)
-        net = Supernet(graph, self.options, self.ctx.spec.target.min_channels, self.ctx.round_to)
+        t = self.ctx.spec.target
+        net = Supernet(graph, self.options, t.min_channels, self.ctx.round_to, t.min_width)
         net = net.to(self.ctx.device)
         if state is not None:
             net.load_state_dict(state)
@@ -370,9 +388,10 @@ class TAS(Method):
 
     def _choose(self, net: Supernet) -> tuple[list[int], dict[str, int], int, str]:
         """The architecture to build: widths, depths, its MACs and where it came from. The last epoch's
-        argmax if within [target - t, target]; else, as the official code's "best" architecture, the
-        in-band epoch the search scored best; else (none was in band) the last argmax, stepped into the
-        band (``Supernet.fit``)."""
+        argmax if within [target - TARGET_BAND, target]; else, as the official code's "best"
+        architecture, the in-band epoch the search scored best; else (none was in band) the last argmax,
+        stepped into the band (``Supernet.fit``). The search's own band (tolerance t) steers the cost loss
+        only: a result at target - t would spend less than the budget allows."""
         widths, depths = net.argmax()
         predicted = net.argmax_macs()
         ratio = predicted / self.ctx.dense_macs
@@ -382,7 +401,7 @@ class TAS(Method):
             widths, depths = self._best["widths"], self._best["depths"]
             chosen = f"epoch {self._best['epoch'] + 1} (the last epoch's was outside the band)"
             return widths, depths, net.argmax_macs(widths, depths), chosen
-        low = self.ctx.target_macs - self.options.tolerance * self.ctx.dense_macs
+        low = self.ctx.target_macs - TARGET_BAND * self.ctx.dense_macs
         above = predicted > self.ctx.target_macs
         widths, depths, predicted = net.fit(widths, depths, low, self.ctx.target_macs)
         where = (
@@ -391,7 +410,8 @@ class TAS(Method):
             else "up into the band where the logits favour most"
         )
         chosen = (
-            f"last epoch ({ratio:.3f} of the dense MACs: no epoch's argmax was within [target - t, target]), "
+            f"last epoch ({ratio:.3f} of the dense MACs: no epoch's argmax was within {TARGET_BAND} under the "
+            "target), "
             f"stepped {where}; the search needs more epochs (search_epochs) or a faster architecture LR "
             "(arch_lr)"
         )
@@ -404,12 +424,8 @@ class TAS(Method):
         widths, depths, predicted, chosen = self._choose(net)
         net.detach()
         self.supernet = None
-        spec, example = self.ctx.spec, self.ctx.example
-        with torch.random.fork_rng():  # the same initial weights whether or not the search was resumed
-            torch.manual_seed(spec.seed)
-            source = build_model(spec.model.name, self.ctx.num_classes, example.shape[1])
-        if self.options.init == "teacher" and self.ctx.teacher is not None:
-            source.load_state_dict(copy.deepcopy(self.ctx.teacher).cpu().state_dict())
+        source = self._source(model, net, widths)
+        example = self.ctx.example
         by_root = dict(zip((g.root for g in net.searched), widths, strict=True))
         keep_blocks(source, depths)
         graph = PruningGraph(source, example, self.ctx.num_classes, self.ctx.graph_timeout_s)
@@ -422,6 +438,25 @@ class TAS(Method):
             architecture_from=chosen,
         )
         return built.to(self.ctx.device)
+
+    def _source(self, model: nn.Module, net: Supernet, widths: list[int]) -> nn.Module:
+        """The full network the found one is cut from (on the CPU), by ``init``: random weights (the
+        same whether or not the search was resumed); the teacher's, its channels sorted by importance
+        as the search's were; or the searched supernet's, each group's BatchNorms those of its chosen
+        width candidate."""
+        spec, example = self.ctx.spec, self.ctx.example
+        if self.options.init == "supernet":
+            source = copy.deepcopy(model).cpu()
+            _take_candidate_norms(source, net, widths)
+            return source
+        with torch.random.fork_rng():
+            torch.manual_seed(spec.seed)
+            source = build_model(spec.model.name, self.ctx.num_classes, example.shape[1])
+        if self.options.init == "teacher" and self.ctx.teacher is not None:
+            source.load_state_dict(copy.deepcopy(self.ctx.teacher).cpu().state_dict())
+            if self.options.sort_channels:
+                source = sort_by_importance(PruningGraph(source, example, self.ctx.num_classes))
+        return source
 
     # --- training ---
     def param_sets(self, model: nn.Module) -> list[ParamSet]:
@@ -515,3 +550,35 @@ def _width_for(g: ChannelGroup, by_root: dict[str, int], net: Supernet) -> int:
         if any(s.module in names for s in g.outputs):
             return min(g.size, width)
     return g.size
+
+
+def sort_by_importance(graph: PruningGraph) -> nn.Module:
+    """A copy of ``graph.model`` computing the same function, each reorderable group's channels sorted
+    by the group magnitude ``magnitude`` ranks them by (most important first), one permutation for every
+    layer of the group and its consumers: TAS's candidates keep a group's first k channels, which from
+    trained weights would be an arbitrary subset (the official search trains from scratch, where
+    training makes the first channels the important ones)."""
+    scores = magnitude(graph)
+    orders = [
+        s.argsort(descending=True, stable=True) if permutable(graph, g) else None
+        for g, s in zip(graph.groups, scores, strict=True)
+    ]
+    return permute_channels(graph, orders)
+
+
+@torch.no_grad()
+def _take_candidate_norms(model: nn.Module, net: Supernet, widths: list[int]) -> None:
+    """Copy into ``model``'s BatchNorms, over each searched group's first k channels, the affine
+    parameters and statistics of the candidate BatchNorm of its chosen width k (``init: supernet``:
+    the search trained those, not the model's own)."""
+    modules = dict(model.named_modules())
+    for cands, points, k in zip(net.widths, net.points, widths, strict=True):
+        j = cands.index(k)
+        for p in points:
+            if p.norms is None:
+                continue
+            target, chosen = modules[p.module], p.norms[j]
+            for name, value in chosen.state_dict().items():
+                mine = getattr(target, name)
+                if value.dim():
+                    mine[:k].copy_(value.to(mine.device))
