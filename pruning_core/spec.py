@@ -382,7 +382,7 @@ class PSAPOptions(_Strict):
 
 
 # tau per criterion: `neuron_l2` and `taylor` are one re-implementation's values (unverified); `magnitude`
-# (per-group normalised) was chosen on a validation split (BENCHMARKS.md, "compare-epi-cpu").
+# (per-group normalised) keeps the same 0.983: not re-tuned for it (BENCHMARKS.md, "compare-epi-cpu").
 EPI_THRESHOLDS = {"magnitude": 0.983, "neuron_l2": 0.983, "taylor": 0.944}
 
 
