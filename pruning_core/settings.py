@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     archive_max_members: int = Field(200_000, description="Cap on the number of files in a dataset archive.")
     archive_max_ratio: float = Field(200.0, description="Cap on unpacked/packed size (zip bombs).")
     graph_timeout_s: float = Field(120.0, description="Bound on building a model's dependency graph.")
+    divergence_factor: float = Field(
+        100.0,
+        gt=1.0,
+        description="A training step whose loss is above this many times its phase's first step's loss "
+        "(at least 1) stops the job as failed / diverged, not retried (DIVERGENCE_FACTOR).",
+    )
 
     # --- service ---
     state_dir: Path = Field(
