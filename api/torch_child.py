@@ -28,11 +28,12 @@ _slots_lock = threading.Lock()
 
 
 class Refused(Exception):
-    """The child refused the input; the message is one line for the user, ``code`` the engine's."""
+    """The child refused the input; the message is one line for the user, ``code`` the engine's,
+    ``needed`` the bytes a conversion would have made (code ``too_large`` only)."""
 
-    def __init__(self, line: str, code: str):
+    def __init__(self, line: str, code: str, needed: int | None = None):
         super().__init__(line)
-        self.code = code
+        self.code, self.needed = code, needed
 
 
 class ChildFailed(Exception):
@@ -76,7 +77,10 @@ def run(args: list[str], settings: Settings) -> dict[str, Any]:
     if not isinstance(out, dict):
         raise ChildFailed("answered something other than a JSON object")
     if "error" in out:
-        raise Refused(str(out["error"]), str(out.get("code", "")))
+        needed = out.get("bytes")
+        raise Refused(
+            str(out["error"]), str(out.get("code", "")), needed if isinstance(needed, int) else None
+        )
     return out
 
 
