@@ -77,6 +77,18 @@ class Settings(BaseSettings):
     torch_children: int = Field(
         2, ge=1, description="Such child processes (torch loaded in each) the API runs at once."
     )
+    torch_child_wait_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long a request waits for a free torch child before a 503 with Retry-After, in "
+        "seconds (TORCH_CHILD_WAIT_S).",
+    )
+    torch_child_per_owner: int = Field(
+        2,
+        ge=1,
+        description="An owner's requests waiting for or running a torch child at once; more get a 429 "
+        "(TORCH_CHILD_PER_OWNER).",
+    )
     lease_s: float = Field(120.0, description="A running job whose heartbeat is older than this is stale.")
     heartbeat_s: float = Field(10.0, description="How often a running job writes its heartbeat.")
     max_attempts: int = Field(3, description="Attempts before a job that keeps losing its worker fails.")

@@ -124,9 +124,7 @@ def test_an_owner_at_her_quota_costs_no_conversion(make_api, sqlite_url: str, mo
     assert r.status_code == 201, r.text
     runs: list[list[str]] = []
     real_run = torch_child.run
-    monkeypatch.setattr(
-        torch_child, "run", lambda args, settings: runs.append(args) or real_run(args, settings)
-    )
+    monkeypatch.setattr(torch_child, "run", lambda args, *rest: runs.append(args) or real_run(args, *rest))
     pt = torch_bytes({"w": torch.zeros(1).expand(2**16)})
     too_many(c.post("/v1/uploads?kind=weights&filename=m.pt", content=pt, headers=api.a), "upload-quota")
     assert runs == []

@@ -6,10 +6,10 @@ their total size is held to the owner's quota (api/quotas.py)."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
-import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,11 +47,13 @@ def _keep(
     filename: str,
     root: Path,
     settings: Settings,
+    cancel: threading.Event,
 ) -> tuple[Upload, bool]:
     """Check the received file's type, convert a PyTorch state dict to safetensors, move it into place
     and record it (the file goes if the row fails). Returns (upload, created): the owner's earlier
     upload of the same bytes and kind is returned instead of storing a second copy, before any quota
-    check, and also when a concurrent upload of them committed first (the unique constraint)."""
+    check, and also when a concurrent upload of them committed first (the unique constraint).
+    ``cancel``: set when the client hangs up (a conversion then stops)."""
     if got.size == 0:
         raise Problem(422, "The upload is empty.", slug="empty-upload")
     if (earlier := _earlier(sessions, owner, kind, got.sha256)) is not None:
@@ -64,7 +66,7 @@ def _keep(
     stored, tensors = got, None
     if kind == "weights":
         if is_pytorch_file(got.path):  # only its first bytes: a child reads it
-            stored = _convert(got, sessions, owner, settings, room)
+            stored = _convert(got, sessions, owner, settings, room, cancel)
         tensors = files.check_safetensors(stored.path, stored.size)
         suffix = ".safetensors"
     else:
@@ -109,18 +111,22 @@ def _convert(
     owner: str,
     settings: Settings,
     room: int | None,
+    cancel: threading.Event,
 ) -> files.Received:
     """The state dict in a ``torch.save`` file as a safetensors temp file beside it, read by a child
     process with ``torch.load(weights_only=True)``, which never makes more than ``MAX_UPLOAD_BYTES`` nor
     the owner's ``room`` left under her quota (it refuses by the tensors' sizes before making any): 413
-    or 429 then, 422 with the child's one line when refused otherwise. The PyTorch file is removed
-    either way."""
+    or 429 then, 422 with the child's one line when refused otherwise; 503 or 429 when no child can be
+    had (``torch_child.Busy``). The PyTorch file is removed either way."""
     dst = got.path.with_suffix(".safetensors")
     limit = settings.max_upload_bytes
     cap = limit if room is None else min(limit, room)
     try:
-        torch_child.run(["convert", str(got.path), str(dst), str(cap)], settings)
+        torch_child.run(["convert", str(got.path), str(dst), str(cap)], settings, owner, cancel)
         return files.Received(dst, dst.stat().st_size, sha256_file(dst))
+    except (torch_child.Busy, torch_child.Gone) as err:
+        dst.unlink(missing_ok=True)
+        raise torch_child.problem(err) from None
     except torch_child.Refused as err:
         dst.unlink(missing_ok=True)
         if err.code == "too_large" and err.needed is not None:
@@ -176,8 +182,8 @@ async def create_upload(
     # upload whatever the quota, and only their hash tells them apart (the body is capped at `limit`).
     got = await files.receive(request.stream(), root, limit)
     try:
-        up, created = await anyio.to_thread.run_sync(
-            _keep, got, sessions, owner, kind, filename, root, settings
+        up, created = await torch_child.run_watched(
+            request, lambda cancel: _keep(got, sessions, owner, kind, filename, root, settings, cancel)
         )
     except BaseException:
         got.path.unlink(missing_ok=True)
