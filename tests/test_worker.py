@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -218,10 +217,10 @@ def test_cancel_while_running(settings: Settings, engine: Engine) -> None:
 
     t = threading.Thread(target=cancel_when_running, daemon=True)
     t.start()
-    t0 = time.monotonic()
-    assert execute(job_id, worker_name="test", settings=settings) == "cancelled"
+    assert (
+        execute(job_id, worker_name="test", settings=settings) == "cancelled"
+    )  # an ignored cancel: succeeded
     t.join(5)
-    assert time.monotonic() - t0 < 20
     job = get(engine, job_id)
     assert (job.status, job.cancel_requested, job.error_code, job.lease_until) == (
         "cancelled",
