@@ -29,7 +29,8 @@ import struct
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -244,28 +245,55 @@ def _first(err: BaseException) -> str:
     return " ".join(str(err).split())[:200] or type(err).__name__
 
 
+@contextmanager
+def _weights_on_meta() -> Iterator[None]:
+    """Every parameter and buffer a module registers goes to the meta device (shapes only), while the
+    builder's own arithmetic stays on the CPU: for builders that compute with tensors and read them
+    back (torchvision's RegNets derive their widths with ``.tolist()``), which a meta default device
+    refuses. Tensors are created empty and moved at once, so no weights' memory is ever touched."""
+    import torch
+    from torch import nn
+
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self: nn.Module, name: str, param: Any) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
+        register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
+
+
 def expected_keys(name: str, num_classes: int, in_channels: int) -> list[dict[str, Any]]:
     """``[{"key", "shape", "dtype"}]`` of the state dict that model ``name`` built for ``num_classes``
     classes and ``in_channels`` input channels expects, in the model's order. Built on the meta device
-    (shapes only, no memory for weights)."""
+    (shapes only, no memory for weights); a builder that computes with tensors, with only its weights
+    there (``_weights_on_meta``); one that needs real weights, for real (the child's limits bound it)."""
     import torch
 
     from .zoo import get_entry
 
     entry = get_entry(name)
-    try:
-        with torch.device("meta"):
-            model = entry.build(num_classes, in_channels)
-    except PruningError:
-        raise
-    except Exception:  # a builder that cannot run on meta tensors is built for real
+    builds: tuple[Callable[[], Any], ...] = (lambda: torch.device("meta"), _weights_on_meta, nullcontext)
+    for i, where in enumerate(builds):
         try:
-            model = entry.build(num_classes, in_channels)
+            with where():
+                model = entry.build(num_classes, in_channels)
+            break
         except PruningError:
             raise
-        except Exception as err:
-            why = " ".join(str(err).split())[:300]
-            raise ModelError(f"{name} cannot be built: {type(err).__name__}: {why}") from None
+        except Exception as err:  # try the next way; the last one's error is the answer
+            if i == len(builds) - 1:
+                why = " ".join(str(err).split())[:300]
+                raise ModelError(f"{name} cannot be built: {type(err).__name__}: {why}") from None
     return [
         {"key": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
         for k, v in model.state_dict().items()
