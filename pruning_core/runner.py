@@ -364,8 +364,8 @@ def _measure(
     if bad := int(scores["non_finite"]):
         raise NonFiniteModelError(
             f"the {what} network's logits are NaN or infinite on {bad} of {len(data.test)} test images "
-            "(diverged weights or BatchNorm statistics); lower schedule.lr, or raise "
-            "schedule.bn_recalibration_batches or the epochs"
+            "(its weights or BatchNorm statistics are broken); check model.weights, lower schedule.lr, or "
+            "raise schedule.bn_recalibration_batches or the epochs"
         )
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return Cost(macs=cost.macs, params=cost.params, top1=scores["top1"], weights_bytes=weights)

@@ -54,6 +54,9 @@ SAFETENSORS_DTYPES = {
 # Address space the converter may use beyond what it holds after importing torch, besides the input
 # file's size and twice the output cap (the loaded storages and one tensor's contiguous copy): bytes.
 CONVERT_HEADROOM = 1024**3
+# Address space a keys child may use beyond torch's import: a build on the meta device takes little; a
+# builder that needs real weights for a huge model fails (bad_model) rather than grow the child.
+KEYS_HEADROOM = 2 * 1024**3
 
 
 class TooLargeError(WeightsError):
@@ -308,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cap = int(args[3]) if len(args) == 4 else None
             out: dict[str, Any] = {"tensors": convert(Path(args[1]), Path(args[2]), cap)}
         elif args[:1] == ["keys"] and len(args) == 4:
+            import torchvision  # noqa: F401  (mapped before the limit is measured, like torch)
+
+            limit_address_space(KEYS_HEADROOM)
             out = {"keys": expected_keys(args[1], int(args[2]), int(args[3]))}
         else:
             print(json.dumps({"error": "usage: convert SRC DST [MAX_BYTES] | keys NAME CLASSES CHANNELS"}))

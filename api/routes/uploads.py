@@ -59,13 +59,14 @@ def _keep(
     if (earlier := _earlier(sessions, owner, kind, got.sha256)) is not None:
         got.path.unlink(missing_ok=True)
         return earlier, False
+    pytorch = kind == "weights" and is_pytorch_file(got.path)  # only its first bytes: a child reads it
     with sessions() as s:  # before any work on the file: an owner at her quota costs no conversion
         # a .pth's stored size is known only once converted: it needs at least one byte of room
-        quotas.check_upload_bytes(s, owner, 1 if is_pytorch_file(got.path) else got.size, settings)
+        quotas.check_upload_bytes(s, owner, 1 if pytorch else got.size, settings)
         room = quotas.upload_room(s, owner, settings)
     stored, tensors = got, None
     if kind == "weights":
-        if is_pytorch_file(got.path):  # only its first bytes: a child reads it
+        if pytorch:
             stored = _convert(got, sessions, owner, settings, room, cancel)
         tensors = files.check_safetensors(stored.path, stored.size)
         suffix = ".safetensors"
