@@ -175,7 +175,10 @@ async def create_upload(
     it, such as a pickled module or code, is refused with a 422 and never run). Datasets are a
     .tar.gz/.tgz, .tar or .zip archive with train/ and test/ class folders. The same bytes sent again
     by the same owner answer 200 with the earlier upload (its `sha256` is the stored file's,
-    `source_sha256` the body's); `GET /v1/uploads?sha256=` finds it before sending."""
+    `source_sha256` the body's), whatever your quota; `GET /v1/uploads?sha256=` finds it before sending.
+    A PyTorch file that would be larger than the upload limit as safetensors (its tensors' declared
+    sizes) is a 413, larger than your quota's room a 429; its converter answers 503 with Retry-After
+    when none is free within a few seconds, 429 when you already have a few requests waiting for one."""
     limit, root = settings.max_upload_bytes, settings.uploads_dir
     if content_length is not None and content_length > limit:
         raise files.too_large(limit)
