@@ -380,8 +380,8 @@ def test_uploads_resolve_for_their_owner_only(sqlite_db: str, tmp_path: Path) ->
     with session_scope(engine) as s:
         w = repo.add_upload(s, "alice", "weights", "w.safetensors", "u/w.safetensors", 1, "0" * 64, "x")
         d = repo.add_upload(s, "alice", "dataset", "data.zip", "u/data.zip", 1, "0" * 64, "x")
-        gone = repo.add_upload(s, "alice", "weights", "g.safetensors", "u/g.safetensors", 1, "0" * 64, "x")
-        escape = repo.add_upload(s, "alice", "weights", "e", "../../etc/passwd", 1, "0" * 64, "x")
+        gone = repo.add_upload(s, "alice", "weights", "g.safetensors", "u/g.safetensors", 1, "1" * 64, "x")
+        escape = repo.add_upload(s, "alice", "weights", "e", "../../etc/passwd", 1, "2" * 64, "x")
     spec = {
         **digits_spec(),
         "model": {"name": "resnet20", "weights": f"upload:{w.id}"},
