@@ -459,9 +459,12 @@ def _check_divergence(run: _Run, loss: float) -> None:
         if not math.isfinite(loss)
         else f"rose to {loss:.3g}, over {factor:g}x its start ({start:.3g})"
     )
+    lower = f"schedule.lr (now {run.s.lr:g})"
+    if run.s.optimizer == "sgd" and run.s.momentum:
+        lower += f" or schedule.momentum (now {run.s.momentum:g})"
     raise DivergedError(
         f"training diverged in {run.phase}, epoch {run.epoch + 1}, step {run.step_in_epoch + 1}: the loss "
-        f"{why}; lower schedule.lr (now {run.s.lr:g}) or schedule.momentum (now {run.s.momentum:g})"
+        f"{why}; lower {lower}"
     )
 
 

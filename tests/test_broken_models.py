@@ -5,13 +5,15 @@ job ``failed`` with a code of their own, not retried, saying which in one line."
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from sqlalchemy import Engine
 
-from pruning_core.errors import NonFiniteModelError, TargetMissedError, WeightsError
+from pruning_core.engine import _check_divergence
+from pruning_core.errors import DivergedError, NonFiniteModelError, TargetMissedError, WeightsError
 from pruning_core.methods.magnitude import Magnitude
 from pruning_core.runner import TARGET_BAND, check_target, run
 from pruning_core.settings import Settings
@@ -75,7 +77,8 @@ def test_training_that_diverges_fails_diverged_not_retried(job_db) -> None:
     ).model_dump(mode="json")  # fmt: skip
     job, texts = _execute(settings, engine, spec)
     assert (job.status, job.error_code, job.retryable, job.attempt) == ("failed", "diverged", False, 1)
-    assert "epoch 1, step " in job.error_message and "lower schedule.lr (now 10)" in job.error_message
+    assert "epoch 1, step " in job.error_message
+    assert job.error_message.endswith("lower schedule.lr (now 10) or schedule.momentum (now 0.99)")
     assert "x its start" in job.error_message and "\n" not in job.error_message
     assert texts[-1] == f"failed (diverged): {job.error_message}"
 
@@ -118,3 +121,34 @@ def test_the_target_band(achieved: float, ok: bool) -> None:
         with pytest.raises(TargetMissedError) as err:
             check_target(0.5, achieved, "magnitude")
         assert err.value.code == "target_missed"
+
+
+def _run(first_loss: float | None) -> SimpleNamespace:
+    """What ``engine._check_divergence`` reads of a training run: its phase, position, schedule, start."""
+    schedule = SimpleNamespace(lr=0.05, optimizer="adam", momentum=0.9)
+    ctx = SimpleNamespace(divergence_factor=100.0)
+    return SimpleNamespace(
+        ctx=ctx, s=schedule, phase="finetune", epoch=2, step_in_epoch=6, first_loss=first_loss
+    )
+
+
+def test_a_non_finite_loss_is_diverged_not_an_internal_error() -> None:
+    """A NaN loss was a FloatingPointError (``internal_error``, retried): now ``diverged``, one line
+    naming the epoch and step (Adam: only the learning rate to lower)."""
+    with pytest.raises(DivergedError) as err:
+        _check_divergence(_run(2.3), float("nan"))
+    assert err.value.code == "diverged"
+    assert str(err.value) == (
+        "training diverged in finetune, epoch 3, step 7: the loss became nan; lower schedule.lr (now 0.05)"
+    )
+
+
+def test_a_loss_that_starts_near_zero_may_rise_a_few_units() -> None:
+    """The start counts as at least ``LOSS_FLOOR`` (1): trained weights' loss of 0.01 may rise to 50
+    after a pruning without being called divergent; past 100 it is."""
+    run = _run(None)
+    _check_divergence(run, 0.01)  # the first step sets the start
+    assert run.first_loss == 0.01
+    _check_divergence(run, 50.0)
+    with pytest.raises(DivergedError, match=r"rose to 101, over 100x its start \(1\)"):
+        _check_divergence(run, 101.0)
