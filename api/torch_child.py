@@ -38,8 +38,10 @@ T = TypeVar("T")
 # The child imports the same pruning_core as this process (the directory that holds the package).
 _IMPORT_ROOT = Path(pruning_core.__file__).resolve().parent.parent
 _ENV_KEEP = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
-KEYS_PER_OWNER = 16  # (model, classes, channels) answers kept per owner, her least recently used dropped
-KEYS_OWNERS = 16  # owners whose answers are kept, the least recently active one's dropped
+KEYS_PER_OWNER = 8  # (model, classes, channels) answers kept per owner, her least recently used dropped
+# owners whose answers are kept, the least recently active one's dropped (16 x 8: as many answers as
+# the one pool for all owners kept)
+KEYS_OWNERS = 16
 POLL_S = 0.1  # how often a wait or a running child looks at its cancel flag, in seconds
 DISCONNECT_POLL_S = 0.25  # how often a waiting request looks whether its client hung up, in seconds
 _slots: dict[int, threading.BoundedSemaphore] = {}
