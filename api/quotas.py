@@ -149,6 +149,12 @@ def check_queued_jobs(s: Session, owner: str, settings: Settings) -> None:
         )
 
 
+def upload_room(s: Session, owner: str, settings: Settings) -> int | None:
+    """Bytes ``owner`` may still upload under ``quota_upload_bytes`` (0 when spent); None: no quota."""
+    limit = settings.quota_upload_bytes
+    return max(0, limit - repo.upload_bytes(s, owner)) if limit else None
+
+
 def check_upload_bytes(s: Session, owner: str, incoming: int, settings: Settings) -> None:
     """429 when ``incoming`` more bytes would take ``owner``'s uploads past ``quota_upload_bytes``."""
     limit = settings.quota_upload_bytes

@@ -79,17 +79,18 @@ def weights_to_check(s: Session, owner: str, spec: JobSpec) -> dict[str, tuple[s
 
 
 def weights_errors(
-    spec: JobSpec, known: dict[str, tuple[str, dict[str, Any]]], settings: Settings
+    spec: JobSpec, known: dict[str, tuple[str, dict[str, Any]]], settings: Settings, owner: str
 ) -> list[dict[str, str]]:
     """One ``{"field", "message"}`` per weights upload whose tensors do not match the model, naming
     every missing, unexpected and misshapen key. Only when the model's classes and channels are known
-    before the data is loaded; a model that cannot be built here is left to the worker to report."""
+    before the data is loaded; a model that cannot be built here, or not now (every child busy), is
+    left to the worker to report."""
     shape = model_shape(spec)
     if not known or shape is None:
         return []
     try:
-        expected = torch_child.expected_keys(spec.model.name, *shape, settings)
-    except (torch_child.Refused, torch_child.ChildFailed):
+        expected = torch_child.expected_keys(spec.model.name, *shape, settings, owner)
+    except (torch_child.Refused, torch_child.ChildFailed, torch_child.Busy, torch_child.Gone):
         return []
     want = {k["key"]: k["shape"] for k in expected}
     what = f"{spec.model.name} ({shape[0]} classes, {shape[1]} input channels)"

@@ -18,6 +18,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -34,12 +35,18 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .batches import Batch, Streams, batch_loader, epoch_plan, epoch_seed, part_of_step, steps_per_epoch
-from .errors import Cancelled
+from .errors import Cancelled, DivergedError
 from .evaluation import MacMeter, View, evaluate_views, recalibrate_bn
 from .optim import Optimizers, ParamSet, lr_factor
 from .spec import Schedule
 
 T = TypeVar("T")
+
+# A phase's loss "start" is its first step's loss (of the network as the phase got it, before any update:
+# later steps of a diverging run are already off). One below LOSS_FLOOR counts as LOSS_FLOOR, so a loss
+# that starts near zero (fine-tuning trained weights) may rise a few units (after a physical pruning)
+# without being called divergent.
+LOSS_FLOOR = 1.0
 
 
 class EpochAction(Enum):
@@ -169,6 +176,8 @@ class TrainContext:
     rebuild: Callable[[dict[str, Any]], nn.Module] | None = None
     bn_batches: int = 20  # batches that re-estimate BatchNorm statistics after pruning; 0 = never
     bn_batch_size: int = 64
+    # A step loss above this many times the phase's first (at least LOSS_FLOOR) stops it: DivergedError.
+    divergence_factor: float = 100.0
 
     def recalibrate(self, model: nn.Module) -> bool:
         """Re-estimate ``model``'s BatchNorm statistics on the training data; whether it was done."""
@@ -288,6 +297,7 @@ class _Run:
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
         self.sums = _new_sums()
         self.rng_state: dict[str, torch.Tensor] | None = None
+        self.first_loss: float | None = None  # the phase's first step's loss: its start
         self.interrupted = threading.Event()
         self.path = _ckpt_path(ctx, phase)
         self.meta = dict(meta)
@@ -316,6 +326,7 @@ class _Run:
             "sums": self.sums if self.step_in_epoch else None,
             "rng": self.rng_state if self.step_in_epoch else None,
             "meta": self.meta,
+            "first_loss": self.first_loss,
         }
 
     def save(self, finished: bool = False) -> None:
@@ -335,6 +346,7 @@ class _Run:
         self.sums = ck["sums"] or _new_sums()
         self.rng_state = ck["rng"]
         self.meta = ck.get("meta") or {}
+        self.first_loss = ck.get("first_loss")
 
 
 def fit(
@@ -420,10 +432,7 @@ def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) ->
     run.opts.begin()
     out = run.hooks.training_step(run.model, batch, sctx)
     loss = out.loss.item()
-    if not torch.isfinite(out.loss):
-        raise FloatingPointError(
-            f"{run.phase}: loss became {loss} at step {sctx.step}; lower the learning rate"
-        )
+    _check_divergence(run, loss)
     if not sctx.backward_calls:
         sctx.backward(out.loss)
     run.opts.finish(sctx._after_backward)
@@ -434,6 +443,29 @@ def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) ->
     for k, v in out.metrics.items():
         sums["metrics"][k] = sums["metrics"].get(k, 0.0) + _metric(k, v)
     return loss
+
+
+def _check_divergence(run: _Run, loss: float) -> None:
+    """``DivergedError`` when a step's ``loss`` is not finite or above ``divergence_factor`` times the
+    phase's start (its first step's loss, at least ``LOSS_FLOOR``), naming the epoch and step."""
+    factor = run.ctx.divergence_factor
+    if run.first_loss is None and math.isfinite(loss):
+        run.first_loss = loss
+    start = max(LOSS_FLOOR, run.first_loss or 0.0)
+    if math.isfinite(loss) and loss <= factor * start:
+        return
+    why = (
+        f"became {loss}"
+        if not math.isfinite(loss)
+        else f"rose to {loss:.3g}, over {factor:g}x its start ({start:.3g})"
+    )
+    lower = f"schedule.lr (now {run.s.lr:g})"
+    if run.s.optimizer == "sgd" and run.s.momentum:
+        lower += f" or schedule.momentum (now {run.s.momentum:g})"
+    raise DivergedError(
+        f"training diverged in {run.phase}, epoch {run.epoch + 1}, step {run.step_in_epoch + 1}: the loss "
+        f"{why}; lower {lower}"
+    )
 
 
 def _metric(name: str, value: Any) -> float | list[float]:

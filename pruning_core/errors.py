@@ -31,3 +31,22 @@ class GraphError(PruningError):
 
 class Cancelled(PruningError):
     code = "cancelled"
+
+
+class DivergedError(PruningError):
+    """Training's loss turned non-finite or grew past ``divergence_factor`` times its start: the same
+    schedule would diverge again, so it is not retried; the message names what to lower."""
+
+    code = "diverged"
+
+
+class NonFiniteModelError(PruningError):
+    """A network (the final pruned one, or the dense one) gives non-finite logits on the test set."""
+
+    code = "non_finite_model"
+
+
+class TargetMissedError(PruningError):
+    """The pruned network's MAC ratio is outside the band the method promises for the target."""
+
+    code = "target_missed"

@@ -27,18 +27,21 @@ class View:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy on ``ds``."""
+    """Top-1 accuracy (percent), mean cross-entropy and ``non_finite`` (the images whose logits hold a
+    NaN or inf: a broken network, whatever its top-1) on ``ds``."""
     was = model.training
     model.eval()
-    correct, total, loss = 0, 0, 0.0
+    correct, total, loss, bad = 0, 0, 0.0, 0
     for x, y in DataLoader(ds, batch_size=batch_size):
         x, y = x.to(device), y.to(device)
         logits = model(x).float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
+        bad += (~torch.isfinite(logits).all(1)).sum().item()
         total += y.numel()
     model.train(was)
-    return {"top1": 100.0 * correct / max(1, total), "test_loss": loss / max(1, total)}
+    n = max(1, total)
+    return {"top1": 100.0 * correct / n, "test_loss": loss / n, "non_finite": float(bad)}
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

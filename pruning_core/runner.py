@@ -36,7 +36,7 @@ from .card import write_card
 from .contract import InputContract
 from .data import Datasets, load_data
 from .engine import NullReporter, Reporter, TrainContext, fit, has_checkpoint
-from .errors import ModelError
+from .errors import ModelError, NonFiniteModelError, TargetMissedError
 from .evaluation import evaluate, logits
 from .export import export_model
 from .groups import PruningGraph
@@ -61,6 +61,9 @@ from .surgery import describe, rebuild
 from .zoo import build_model, get_entry, load_weights
 
 FINALIZE_WARN = 1e-3  # relative logit gap, pruned vs trained network, above which the user is told
+# Every method lands the pruned network's MACs in [target - TARGET_BAND, target] of the dense MACs (a
+# speed target's: of the ratio its search chose); outside it the job fails ``target_missed``.
+TARGET_BAND = 0.02
 
 
 @dataclass
@@ -163,6 +166,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         rebuild=lambda arch: rebuild(arch),
         bn_batches=spec.schedule.bn_recalibration_batches,
         bn_batch_size=spec.schedule.batch_size,
+        divergence_factor=settings.divergence_factor,
     )
     mctx = MethodContext(
         spec=spec,
@@ -190,7 +194,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         phases.append(PhaseTime(name="allocation check", wall_s=time.perf_counter() - t_check, epochs=0))
 
     reporter.message("measuring the dense model")
-    dense_cost = _measure(model, data, example, device)
+    dense_cost = _measure(model, data, example, device, "dense")
     # Kept (on the CPU) to be timed against the pruned network at the end, alternately, in one process.
     dense_copy = copy.deepcopy(model).cpu()
     method: Method = METHODS.get(spec.method.name)(spec.method, mctx)
@@ -217,7 +221,8 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     model, finalize_diff = _finalize(method, model, shape, train_ctx, check_input, bn_points)
 
     reporter.message("measuring the pruned model")
-    pruned_cost = _measure(model, data, example, device)
+    pruned_cost = _measure(model, data, example, device, "pruned")
+    check_target(spec.target.macs_ratio, pruned_cost.macs / dense_cost.macs, spec.method.name)
     latency = _compare_latency(dense_copy, model, example, spec, device, reporter)
     del dense_copy
     t_export = time.perf_counter()
@@ -351,12 +356,32 @@ def _recalibrate_if_changed(
     return shape.describe(model) != before and ctx.recalibrate(model)
 
 
-def _measure(model: nn.Module, data: Datasets, example: torch.Tensor, device: torch.device) -> Cost:
-    """MACs and params per sample, test top-1, and the bytes of the weights."""
+def _measure(
+    model: nn.Module, data: Datasets, example: torch.Tensor, device: torch.device, what: str
+) -> Cost:
+    """MACs and params per sample, test top-1, and the bytes of the weights; NonFiniteModelError when
+    the ``what`` network's test logits are not all finite (its numbers would mean nothing)."""
     cost = measure(model, example.to(device))
-    top1 = evaluate(model, data.test, device)["top1"]
+    scores = evaluate(model, data.test, device)
+    if bad := int(scores["non_finite"]):
+        raise NonFiniteModelError(
+            f"the {what} network's logits are NaN or infinite on {bad} of {len(data.test)} test images "
+            "(its weights or BatchNorm statistics are broken); check model.weights, lower schedule.lr, or "
+            "raise schedule.bn_recalibration_batches or the epochs"
+        )
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return Cost(macs=cost.macs, params=cost.params, top1=top1, weights_bytes=weights)
+    return Cost(macs=cost.macs, params=cost.params, top1=scores["top1"], weights_bytes=weights)
+
+
+def check_target(target: float, achieved: float, method: str) -> None:
+    """TargetMissedError unless ``achieved`` (pruned / dense MACs) is in the band every method promises:
+    ``[target - TARGET_BAND, target]`` (a hair of float rounding allowed)."""
+    low = target - TARGET_BAND
+    if not low - 1e-9 <= achieved <= target + 1e-9:
+        raise TargetMissedError(
+            f"{method} pruned to {achieved:.4f} of the dense MACs, outside [{low:.4f}, {target:.4f}] "
+            f"for the target {target:g}"
+        )
 
 
 def _compare_latency(

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     archive_max_members: int = Field(200_000, description="Cap on the number of files in a dataset archive.")
     archive_max_ratio: float = Field(200.0, description="Cap on unpacked/packed size (zip bombs).")
     graph_timeout_s: float = Field(120.0, description="Bound on building a model's dependency graph.")
+    divergence_factor: float = Field(
+        100.0,
+        gt=1.0,
+        description="A training step whose loss is above this many times its phase's first step's loss "
+        "(at least 1) stops the job as failed / diverged, not retried (DIVERGENCE_FACTOR).",
+    )
 
     # --- service ---
     state_dir: Path = Field(
@@ -70,6 +76,18 @@ class Settings(BaseSettings):
     )
     torch_children: int = Field(
         2, ge=1, description="Such child processes (torch loaded in each) the API runs at once."
+    )
+    torch_child_wait_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long a request waits for a free torch child before a 503 with Retry-After, in "
+        "seconds (TORCH_CHILD_WAIT_S).",
+    )
+    torch_child_per_owner: int = Field(
+        2,
+        ge=1,
+        description="An owner's requests waiting for or running a torch child at once; more get a 429 "
+        "(TORCH_CHILD_PER_OWNER).",
     )
     lease_s: float = Field(120.0, description="A running job whose heartbeat is older than this is stale.")
     heartbeat_s: float = Field(10.0, description="How often a running job writes its heartbeat.")

@@ -2,8 +2,16 @@
 one line naming every key a weights file gets wrong.
 
 The API never imports torch and never unpickles: it runs this module in a child process,
-``python -m pruning_core.weights convert SRC DST`` or ``... keys NAME CLASSES CHANNELS``, which prints
-one JSON object on stdout (``{"error": "<one line>"}`` and exit status 2 for a refused input).
+``python -m pruning_core.weights convert SRC DST MAX_BYTES`` or ``... keys NAME CLASSES CHANNELS``, which
+prints one JSON object on stdout (``{"error": "<one line>", "code": ...}`` and exit status 2 for a refused
+input; a file that would be over ``MAX_BYTES`` as safetensors also gives ``"bytes"``, its size).
+
+A conversion never makes more than ``MAX_BYTES``: the archive's records (their uncompressed sizes, from
+the zip directory: a deflate bomb is refused unread) and then every tensor's materialised size (from
+its shape: an expanded, zero-stride tensor counts at its declared size) are summed before any tensor is
+copied; the output is written one tensor at a time; and the child runs under an address-space limit
+(``RLIMIT_AS``, set after torch's import, whose CUDA libraries reserve gigabytes of address space) as a
+backstop.
 ``torch.load`` runs only with ``weights_only=True``: its unpickler knows tensors and plain containers
 and refuses any other global before calling anything, so a pickle that would run code is refused
 without running it.
@@ -16,13 +24,50 @@ from __future__ import annotations
 
 import json
 import re
+import resource
+import struct
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelError, PruningError, WeightsError
+
+# safetensors' names of the dtypes a state dict holds (torch name without "torch.")
+SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+# Address space the converter may use beyond what it holds after importing torch, besides the input
+# file's size and twice the output cap (the loaded storages and one tensor's contiguous copy): bytes.
+CONVERT_HEADROOM = 1024**3
+# Address space a keys child may use beyond torch's import: a build on the meta device takes little; a
+# builder that needs real weights for a huge model fails (bad_model) rather than grow the child.
+KEYS_HEADROOM = 2 * 1024**3
+
+
+class TooLargeError(WeightsError):
+    """The file would be over the cap as safetensors (or its records alone are); ``needed`` in bytes."""
+
+    code = "too_large"
+
+    def __init__(self, needed: int, limit: int, what: str):
+        super().__init__(f"{what} {needed} bytes, over the {limit} bytes this upload may take")
+        self.needed = needed
+
 
 # Checkpoint dicts that wrap the state dict under one of these keys (training scripts, Lightning).
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -108,53 +153,150 @@ def is_pytorch_file(path: Path) -> bool:
     return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """The state dict in a ``torch.save`` file, read with torch.load(weights_only=True) on the CPU;
+def load_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """The state dict in a ``torch.save`` file, read with torch.load(weights_only=True) on the CPU
+    (``mmap``: storages mapped from the file, not read; zip files with stored records only);
     WeightsError (one line) when refused."""
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns about pickle protocols; the answer is the line
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as err:  # any failure of an untrusted file is a refusal, never a crash
             raise WeightsError(_load_refusal(err)) from None
     return state_dict_of(obj)
 
 
-def convert(src: Path, dst: Path) -> int:
-    """Read the state dict in ``src`` (``load_state``) and write it to ``dst`` as safetensors.
-    Returns the number of tensors; WeightsError (one line) when refused."""
-    from safetensors.torch import save_file
+def zip_records(path: Path) -> tuple[int, bool] | None:
+    """For a zip-format ``torch.save`` file: the uncompressed size of all its records (bytes, from the
+    zip directory, nothing decompressed) and whether every record is stored uncompressed (then it can
+    be memory-mapped); None for the legacy format (its storages are in the file as they are)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return sum(i.file_size for i in infos), all(i.compress_type == zipfile.ZIP_STORED for i in infos)
 
-    state = load_state(src)
-    # safetensors refuses tensors that share storage (tied weights): independent contiguous copies
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}, str(dst))
+
+def safetensors_header(state: Mapping[str, Any]) -> tuple[bytes, int]:
+    """The safetensors header (length prefix and JSON, padded to 8 bytes) for ``state`` written in its
+    order, and the whole file's size in bytes: each tensor counted at ``numel * element_size`` (what it
+    takes once materialised, whatever its strides). WeightsError for a dtype safetensors lacks."""
+    entries: dict[str, Any] = {}
+    offset = 0
+    for key, t in state.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"tensor {key!r} is {dtype}, which safetensors cannot hold")
+        n = t.numel() * t.element_size()
+        entries[key] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, 8 + len(raw) + offset
+
+
+def limit_address_space(extra_bytes: int) -> None:
+    """Cap this process's address space at what it maps now plus ``extra_bytes``: an allocation past it
+    fails (MemoryError, or torch's RuntimeError) instead of growing the process."""
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    want = mapped + extra_bytes
+    resource.setrlimit(
+        resource.RLIMIT_AS, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard)
+    )
+
+
+def convert(src: Path, dst: Path, max_bytes: int | None = None) -> int:
+    """Read the state dict in ``src`` (``load_state``) and write it to ``dst`` as safetensors, one tensor
+    at a time. ``max_bytes``: TooLargeError, before any tensor is materialised, when the archive's
+    records or the output would be larger. Returns the number of tensors; WeightsError (one line) when
+    refused."""
+    import torch
+
+    records = zip_records(src)
+    if max_bytes is not None:
+        if records is not None and records[0] > max_bytes:  # a deflate bomb: refused unread
+            raise TooLargeError(records[0], max_bytes, "its records unpack to")
+        limit_address_space(src.stat().st_size + 2 * max_bytes + CONVERT_HEADROOM)
+    state = load_state(src, mmap=records is not None and records[1])
+    header, size = safetensors_header(state)
+    if max_bytes is not None and size > max_bytes:  # an expanded tensor counts at its declared size
+        raise TooLargeError(size, max_bytes, "as safetensors it would be")
+    try:
+        with dst.open("wb") as f:
+            f.write(header)
+            for t in state.values():
+                # safetensors holds little-endian bytes in row-major order: one contiguous copy at a time
+                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    except (MemoryError, RuntimeError) as err:
+        dst.unlink(missing_ok=True)
+        raise WeightsError(
+            f"it could not be converted within this server's memory bound ({_first(err)})"
+        ) from None
     return len(state)
+
+
+def _first(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+@contextmanager
+def _weights_on_meta() -> Iterator[None]:
+    """Every parameter and buffer a module registers goes to the meta device (shapes only), while the
+    builder's own arithmetic stays on the CPU: for builders that compute with tensors and read them
+    back (torchvision's RegNets derive their widths with ``.tolist()``), which a meta default device
+    refuses. Tensors are created empty and moved at once, so no weights' memory is ever touched."""
+    import torch
+    from torch import nn
+
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self: nn.Module, name: str, param: Any) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
+        register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
 
 
 def expected_keys(name: str, num_classes: int, in_channels: int) -> list[dict[str, Any]]:
     """``[{"key", "shape", "dtype"}]`` of the state dict that model ``name`` built for ``num_classes``
     classes and ``in_channels`` input channels expects, in the model's order. Built on the meta device
-    (shapes only, no memory for weights)."""
+    (shapes only, no memory for weights); a builder that computes with tensors, with only its weights
+    there (``_weights_on_meta``); one that needs real weights, for real (the child's limits bound it)."""
     import torch
 
     from .zoo import get_entry
 
     entry = get_entry(name)
-    try:
-        with torch.device("meta"):
-            model = entry.build(num_classes, in_channels)
-    except PruningError:
-        raise
-    except Exception:  # a builder that cannot run on meta tensors is built for real
+    builds: tuple[Callable[[], Any], ...] = (lambda: torch.device("meta"), _weights_on_meta, nullcontext)
+    for i, where in enumerate(builds):
         try:
-            model = entry.build(num_classes, in_channels)
+            with where():
+                model = entry.build(num_classes, in_channels)
+            break
         except PruningError:
             raise
-        except Exception as err:
-            why = " ".join(str(err).split())[:300]
-            raise ModelError(f"{name} cannot be built: {type(err).__name__}: {why}") from None
+        except Exception as err:  # try the next way; the last one's error is the answer
+            if i == len(builds) - 1:
+                why = " ".join(str(err).split())[:300]
+                raise ModelError(f"{name} cannot be built: {type(err).__name__}: {why}") from None
     return [
         {"key": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
         for k, v in model.state_dict().items()
@@ -165,15 +307,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The child-process entry: prints one JSON object; exit 0, or 2 with ``{"error": line}``."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args[:1] == ["convert"] and len(args) == 3:
-            out: dict[str, Any] = {"tensors": convert(Path(args[1]), Path(args[2]))}
+        if args[:1] == ["convert"] and len(args) in (3, 4):
+            cap = int(args[3]) if len(args) == 4 else None
+            out: dict[str, Any] = {"tensors": convert(Path(args[1]), Path(args[2]), cap)}
         elif args[:1] == ["keys"] and len(args) == 4:
+            import torchvision  # noqa: F401  (mapped before the limit is measured, like torch)
+
+            limit_address_space(KEYS_HEADROOM)
             out = {"keys": expected_keys(args[1], int(args[2]), int(args[3]))}
         else:
-            print(json.dumps({"error": "usage: convert SRC DST | keys NAME CLASSES CHANNELS"}))
+            print(json.dumps({"error": "usage: convert SRC DST [MAX_BYTES] | keys NAME CLASSES CHANNELS"}))
             return 2
     except (PruningError, KeyError) as err:  # UnknownNameError is a KeyError
-        print(json.dumps({"error": " ".join(str(err).split()), "code": getattr(err, "code", "unknown")}))
+        refused = {"error": " ".join(str(err).split()), "code": getattr(err, "code", "unknown")}
+        if isinstance(err, TooLargeError):
+            refused["bytes"] = err.needed
+        print(json.dumps(refused))
         return 2
     print(json.dumps(out))
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,10 +330,20 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if diff := mismatch(want, {k: tuple(v.shape) for k, v in state.items()}):
         raise WeightsError(f"{path.name} does not match the model: {diff}")
+    if bad := non_finite_keys(state):
+        raise WeightsError(
+            f"{path.name} holds NaN or infinite values in {len(bad)} tensor(s): {', '.join(bad[:10])}"
+            f"{', ...' if len(bad) > 10 else ''}; these weights cannot be pruned or trained"
+        )
     try:
         model.load_state_dict(state_with_versions, strict=True)
     except RuntimeError as err:
         raise WeightsError(f"{path.name} does not match the model: {_first_line(err, 2)}") from None
+
+
+def non_finite_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of ``state``'s floating-point tensors that hold a NaN or an infinity, in its order."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _err_line(err: Exception) -> str:

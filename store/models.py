@@ -151,8 +151,12 @@ class Artifact(Base):
 
 class Upload(Base):
     __tablename__ = "uploads"
-    # finding an owner's earlier upload of the same bytes (clients skip sending a file twice)
-    __table_args__ = (Index("ix_uploads_owner_source_sha256", "owner", "source_sha256"),)
+    # finding an owner's earlier upload of the same bytes (clients skip sending a file twice); one row
+    # per owner, kind and bytes sent, whatever the concurrency (the loser gets the winner's upload)
+    __table_args__ = (
+        Index("ix_uploads_owner_source_sha256", "owner", "source_sha256"),
+        Index("uq_uploads_owner_kind_source_sha256", "owner", "kind", "source_sha256", unique=True),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(128), index=True)

@@ -23,6 +23,7 @@ from store import db, repo
 from store.models import Job, JobStatus
 from tests.specs import TINY_SPEC as SPEC
 from tests.specs import tiny_spec_weights
+from worker.execute import TIME_LIMIT_MESSAGE
 from worker.local import EXIT_DONE, LocalRunner, next_queued
 
 PROBLEM = "application/problem+json"
@@ -291,8 +292,9 @@ def test_uploads_list_and_delete(env_factory) -> None:
 def test_local_runner_time_limit_fails_the_job(tmp_path: Path) -> None:
     """A job past ``job_time_limit_s`` ends failed ``time_limit`` (not retryable) in the local runner:
     the child stops itself at the soft limit (5 s before the hard one) at its next training step, not
-    killed. The soft limit falls after the child's start-up (torch's import, data, graph: up to ~9 s on a
-    busy 2-core machine), so the stop comes from a training step's check."""
+    killed. Which mechanism ended it is asserted, never how long it took (a loaded machine is slower):
+    the child exited by itself (``EXIT_DONE``; a kill at the hard limit leaves -9) and the row holds the
+    soft limit's message, not the hard limit's ("... (20 s)") that the parent writes after a kill."""
     url = f"sqlite:///{tmp_path / 't.db'}"
     db.migrate(url)
     settings = Settings(
@@ -303,14 +305,12 @@ def test_local_runner_time_limit_fails_the_job(tmp_path: Path) -> None:
     with db.session_scope(engine) as s:
         job_id = repo.create_job(s, "alice", long, "magnitude")[0].id
     runner = LocalRunner(settings)
-    t0 = time.monotonic()
     code = runner.run_child(job_id, threading.Event())
-    took = time.monotonic() - t0
     with db.session_scope(engine) as s:
         job = s.get(Job, job_id)
         assert (job.status, job.error_code, job.retryable) == ("failed", "time_limit", False)
-        assert "time limit" in job.error_message
-    assert code == EXIT_DONE and took < 20, (code, took)  # the soft limit did it, not the kill
+        assert job.error_message == TIME_LIMIT_MESSAGE, job.error_message  # the soft limit's record
+    assert code == EXIT_DONE, code  # the child stopped itself: the soft limit did it, not the kill
     runner.engine.dispose()
     engine.dispose()
 

@@ -517,12 +517,10 @@ def test_polls_and_reaper_scans_do_not_wait_for_sqlites_write_lock(sqlite_db: st
     (settings.artifacts_dir / job_id).mkdir(parents=True)
     holder = sqlite3.connect(sqlite_db.removeprefix("sqlite:///"), isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    try:
-        t0 = time.monotonic()
+    try:  # the lock is held throughout: a read that waited for it would raise "database is locked"
         assert next_queued(engine) == job_id
         assert not any(reap_once(engine, lambda _j: None, settings).values())
         assert sweep(engine, settings.artifacts_dir) == 0
-        assert time.monotonic() - t0 < 1.0
     finally:
         holder.rollback()
         holder.close()

@@ -135,7 +135,7 @@ def test_the_budget_bounds_the_rounds():
     result = compare_latency(model, model, (3, 8, 8), "cpu", batch_sizes=(1, 2), max_seconds=0.0)
     assert [b.rounds for b in result.batches] == [latency.FLOOR_ROUNDS] * 2
     assert all(b.verdict == "no measurable gain" for b in result.batches)  # 75 % is not enough
-    assert result.budget_s == 0.0 and result.wall_s < 5.0
+    assert result.budget_s == 0.0  # the floor's rounds, above: no round past it was timed
 
 
 def test_busy_is_the_load_average_against_the_cores(monkeypatch):

@@ -151,11 +151,9 @@ def _hold_write_lock(path: str) -> sqlite3.Connection:
 def test_reads_proceed_while_another_connection_writes_and_writes_answer_503(sqlite_api) -> None:
     client, path, job_id = sqlite_api
     writer = _hold_write_lock(path)
-    try:
-        t = time.monotonic()
+    try:  # the lock is held throughout: a read that waited for it would end in a 503, not a 200
         for p in (f"/v1/jobs/{job_id}", "/v1/jobs", f"/v1/jobs/{job_id}/events", "/readyz"):
             assert client.get(p).status_code == 200, p
-        assert time.monotonic() - t < 0.5  # none waited for the lock (the wait is 0.5 s)
         # the snapshot from before the uncommitted write
         assert client.get(f"/v1/jobs/{job_id}").json()["progress"] == 0.0
         r = client.post("/v1/jobs", json=SPEC)  # a write waits its bounded time, then says so

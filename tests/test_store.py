@@ -102,6 +102,38 @@ def test_migration_round_trip(db: str, request: pytest.FixtureRequest) -> None:
     migrate(url)  # idempotent
 
 
+@pytest.mark.parametrize("db", ["pg_url", "sqlite_url"])
+def test_migration_0004_merges_duplicate_uploads(db: str, request: pytest.FixtureRequest) -> None:
+    """Uploads of the same bytes by one owner made before the unique index: the oldest is kept, a job
+    naming a duplicate is pointed at it, the duplicates go; another owner's or kind's copy stays."""
+    url = request.getfixturevalue(db)
+    migrate(url, "0003")
+    engine = make_engine(url)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = [("alice", "weights", t0), ("alice", "weights", t0 + timedelta(1)), ("bob", "weights", t0)]
+    rows += [("alice", "dataset", t0)]
+    try:
+        with session_scope(engine) as s:
+            ids = []
+            for owner, kind, at in rows:
+                up = repo.add_upload(s, owner, kind, "f", f"{owner}/{at:%s}", 1, "a" * 64, "x/y")
+                up.created_at = at
+                s.flush()
+                ids.append(up.id)
+            job, _ = repo.create_job(
+                s, "alice", {"model": {"name": "resnet20", "weights": f"upload:{ids[1]}"}}, "m"
+            )
+        migrate(url)
+        with session_scope(engine) as s:
+            assert repo.get_upload(s, ids[1]) is None
+            assert all(repo.get_upload(s, i) is not None for i in (ids[0], ids[2], ids[3]))
+            assert s.get(Job, job.id).spec["model"] == {"name": "resnet20", "weights": f"upload:{ids[0]}"}
+        with pytest.raises(IntegrityError), session_scope(engine) as s:
+            repo.add_upload(s, "alice", "weights", "f", "again", 1, "a" * 64, "x/y")
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("db", ["pg", "lite"])
 def test_migrations_match_the_models(db: str, request: pytest.FixtureRequest) -> None:
     engine: Engine = request.getfixturevalue(db)

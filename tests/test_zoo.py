@@ -81,10 +81,10 @@ class Slow(nn.Module):
 
 
 def test_graph_build_is_bounded() -> None:
-    t0 = time.perf_counter()
-    with pytest.raises(GraphError, match="longer than"):
+    """The bound ended the build (its error), not the build's end: a traced forward alone takes 1 s,
+    and a build that finished would raise nothing (no wall time asserted)."""
+    with pytest.raises(GraphError, match="took longer than"):
         PruningGraph(Slow(), torch.randn(1, 3, 8, 8), num_classes=10, timeout_s=0.3)
-    assert time.perf_counter() - t0 < 1.5
     # The abandoned tracing thread goes on: let it end here, not during interpreter shutdown (torch
     # work in a daemon thread while the process exits aborts it: "terminate called ...").
     for thread in threading.enumerate():

@@ -10,13 +10,13 @@ import inspect
 import typing
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
 from pruning_core import spec
 
 from .. import torch_child
-from ..auth import current_owner
+from ..auth import OwnerDep, current_owner
 from ..deps import SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
 from ..schemas import echo
@@ -104,15 +104,19 @@ class ModelKeys(BaseModel):
 @router.get(
     "/v1/models/{model_name}", response_model=ModelKeys, responses={404: PROBLEM_SCHEMA, 503: PROBLEM_SCHEMA}
 )
-def model_keys(
+async def model_keys(
+    request: Request,
     model_name: str,
+    owner: OwnerDep,
     settings: SettingsDep,
     num_classes: Annotated[int, Query(ge=2, le=100_000, description="Output classes")] = 10,
     in_channels: Annotated[int, Query(ge=1, le=64, description="Input channels")] = 3,
 ) -> ModelKeys:
     """The state dict that weights for `model_name` must hold, built for `num_classes` classes and
     `in_channels` input channels: every key with its shape and dtype, in the model's order (a file
-    with a missing or extra key, or another shape, fails the job with all of them listed)."""
+    with a missing or extra key, or another shape, fails the job with all of them listed). Answered by
+    a separate process when not kept: 503 with Retry-After when none is free within a few seconds, 429
+    when you already have a few such requests waiting."""
     if model_name not in spec.allowed_models(settings):
         raise Problem(
             404,
@@ -120,7 +124,14 @@ def model_keys(
             slug="model-not-found",
         )
     try:
-        keys = torch_child.expected_keys(model_name, num_classes, in_channels, settings)
+        keys = await torch_child.run_watched(
+            request,
+            lambda cancel: torch_child.expected_keys(
+                model_name, num_classes, in_channels, settings, owner, cancel
+            ),
+        )
+    except (torch_child.Busy, torch_child.Gone) as err:
+        raise torch_child.problem(err) from None
     except torch_child.Refused as err:
         raise Problem(422, f"{model_name} cannot be built: {err}", slug="bad-model") from None
     except torch_child.ChildFailed as err:

@@ -66,7 +66,7 @@ def create_job(
     with sessions() as s:
         errors = limits + spec_errors(s, owner, spec)
         known = {} if errors else weights_to_check(s, owner, spec)
-    errors += weights_errors(spec, known, settings)  # may run a child process: no connection held
+    errors += weights_errors(spec, known, settings, owner)  # may run a child process: no connection held
     if errors:
         raise Problem(
             422,

@@ -6,11 +6,12 @@ their total size is held to the owner's quota (api/quotas.py)."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
-import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pruning_core.settings import Settings
@@ -46,20 +47,27 @@ def _keep(
     filename: str,
     root: Path,
     settings: Settings,
+    cancel: threading.Event,
 ) -> tuple[Upload, bool]:
     """Check the received file's type, convert a PyTorch state dict to safetensors, move it into place
     and record it (the file goes if the row fails). Returns (upload, created): the owner's earlier
-    upload of the same bytes and kind is returned instead of storing a second copy."""
+    upload of the same bytes and kind is returned instead of storing a second copy, before any quota
+    check, and also when a concurrent upload of them committed first (the unique constraint).
+    ``cancel``: set when the client hangs up (a conversion then stops)."""
     if got.size == 0:
         raise Problem(422, "The upload is empty.", slug="empty-upload")
-    with sessions() as s:
-        if (earlier := repo.find_upload(s, owner, kind, got.sha256)) is not None:
-            got.path.unlink(missing_ok=True)
-            return earlier, False
+    if (earlier := _earlier(sessions, owner, kind, got.sha256)) is not None:
+        got.path.unlink(missing_ok=True)
+        return earlier, False
+    pytorch = kind == "weights" and is_pytorch_file(got.path)  # only its first bytes: a child reads it
+    with sessions() as s:  # before any work on the file: an owner at her quota costs no conversion
+        # a .pth's stored size is known only once converted: it needs at least one byte of room
+        quotas.check_upload_bytes(s, owner, 1 if pytorch else got.size, settings)
+        room = quotas.upload_room(s, owner, settings)
     stored, tensors = got, None
     if kind == "weights":
-        if is_pytorch_file(got.path):  # only its first bytes: a child reads it
-            stored = _convert(got, settings)
+        if pytorch:
+            stored = _convert(got, sessions, owner, settings, room, cancel)
         tensors = files.check_safetensors(stored.path, stored.size)
         suffix = ".safetensors"
     else:
@@ -82,22 +90,55 @@ def _keep(
                 tensors=tensors,
             )
             s.commit()
+    except IntegrityError:  # the same bytes, sent concurrently, were recorded first: answer with those
+        files.discard(placed)
+        if (winner := _earlier(sessions, owner, kind, got.sha256)) is None:
+            raise
+        return winner, False
     except BaseException:
         files.discard(placed)
         raise
     return up, True
 
 
-def _convert(got: files.Received, settings: Settings) -> files.Received:
+def _earlier(sessions: sessionmaker[Session], owner: str, kind: str, sha256: str) -> Upload | None:
+    with sessions() as s:
+        return repo.find_upload(s, owner, kind, sha256)
+
+
+def _convert(
+    got: files.Received,
+    sessions: sessionmaker[Session],
+    owner: str,
+    settings: Settings,
+    room: int | None,
+    cancel: threading.Event,
+) -> files.Received:
     """The state dict in a ``torch.save`` file as a safetensors temp file beside it, read by a child
-    process with ``torch.load(weights_only=True)``; 422 with the child's one line when refused. The
-    PyTorch file is removed either way."""
+    process with ``torch.load(weights_only=True)``, which never makes more than ``MAX_UPLOAD_BYTES`` nor
+    the owner's ``room`` left under her quota (it refuses by the tensors' sizes before making any): 413
+    or 429 then, 422 with the child's one line when refused otherwise; 503 or 429 when no child can be
+    had (``torch_child.Busy``). The PyTorch file is removed either way."""
     dst = got.path.with_suffix(".safetensors")
+    limit = settings.max_upload_bytes
+    cap = limit if room is None else min(limit, room)
     try:
-        torch_child.run(["convert", str(got.path), str(dst)], settings)
+        torch_child.run(["convert", str(got.path), str(dst), str(cap)], settings, owner, cancel)
         return files.Received(dst, dst.stat().st_size, sha256_file(dst))
+    except (torch_child.Busy, torch_child.Gone) as err:
+        dst.unlink(missing_ok=True)
+        raise torch_child.problem(err) from None
     except torch_child.Refused as err:
         dst.unlink(missing_ok=True)
+        if err.code == "too_large" and err.needed is not None:
+            if err.needed > limit:
+                raise Problem(
+                    413,
+                    f"The weights would be {err.needed} bytes as safetensors, over the limit of {limit} bytes.",
+                    slug="upload-too-large",
+                ) from None
+            with sessions() as s:
+                quotas.check_upload_bytes(s, owner, err.needed, settings)
         raise Problem(422, f"The weights were refused: {err}.", slug="bad-weights") from None
     except torch_child.ChildFailed as err:
         dst.unlink(missing_ok=True)
@@ -134,16 +175,19 @@ async def create_upload(
     it, such as a pickled module or code, is refused with a 422 and never run). Datasets are a
     .tar.gz/.tgz, .tar or .zip archive with train/ and test/ class folders. The same bytes sent again
     by the same owner answer 200 with the earlier upload (its `sha256` is the stored file's,
-    `source_sha256` the body's); `GET /v1/uploads?sha256=` finds it before sending."""
+    `source_sha256` the body's), whatever your quota; `GET /v1/uploads?sha256=` finds it before sending.
+    A PyTorch file that would be larger than the upload limit as safetensors (its tensors' declared
+    sizes) is a 413, larger than your quota's room a 429; its converter answers 503 with Retry-After
+    when none is free within a few seconds, 429 when you already have a few requests waiting for one."""
     limit, root = settings.max_upload_bytes, settings.uploads_dir
     if content_length is not None and content_length > limit:
         raise files.too_large(limit)
-    if content_length is not None:  # refuse before reading the body when the quota is plainly spent
-        await anyio.to_thread.run_sync(_check_quota, sessions, owner, content_length, settings)
+    # No quota check before the body is read: the same bytes sent again are answered with the earlier
+    # upload whatever the quota, and only their hash tells them apart (the body is capped at `limit`).
     got = await files.receive(request.stream(), root, limit)
     try:
-        up, created = await anyio.to_thread.run_sync(
-            _keep, got, sessions, owner, kind, filename, root, settings
+        up, created = await torch_child.run_watched(
+            request, lambda cancel: _keep(got, sessions, owner, kind, filename, root, settings, cancel)
         )
     except BaseException:
         got.path.unlink(missing_ok=True)
@@ -160,11 +204,6 @@ def get_upload(upload_id: str, owner: OwnerDep, sessions: ReadSessionsDep) -> Up
     if up is None:
         raise Problem(404, f"Upload {echo(upload_id)} not found.", slug="upload-not-found")
     return upload_out(up)
-
-
-def _check_quota(sessions: sessionmaker[Session], owner: str, incoming: int, settings: Settings) -> None:
-    with sessions() as s:
-        quotas.check_upload_bytes(s, owner, incoming, settings)
 
 
 @router.get("/v1/uploads", response_model=UploadPage, operation_id="list_uploads")
