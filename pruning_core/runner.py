@@ -31,7 +31,7 @@ from . import (
     methods,  # noqa: F401  (registers the methods)
     speed_target,
 )
-from .budget import check_reachable, floors
+from .budget import TARGET_BAND, check_reachable, floors
 from .card import write_card
 from .contract import InputContract
 from .data import Datasets, load_data
@@ -61,11 +61,6 @@ from .surgery import describe, rebuild
 from .zoo import build_model, get_entry, load_weights
 
 FINALIZE_WARN = 1e-3  # relative logit gap, pruned vs trained network, above which the user is told
-# Every method lands the pruned network's MACs in [target - TARGET_BAND, target] of the dense MACs (a
-# speed target's: of the ratio its search chose); outside it the job fails ``target_missed``.
-TARGET_BAND = 0.02
-
-
 @dataclass
 class Result:
     report: Report
@@ -375,7 +370,8 @@ def _measure(
 
 def check_target(target: float, achieved: float, method: str) -> None:
     """TargetMissedError unless ``achieved`` (pruned / dense MACs) is in the band every method promises:
-    ``[target - TARGET_BAND, target]`` (a hair of float rounding allowed)."""
+    ``[target - budget.TARGET_BAND, target]`` (a hair of float rounding allowed; a speed target's: of
+    the ratio its search chose)."""
     low = target - TARGET_BAND
     if not low - 1e-9 <= achieved <= target + 1e-9:
         raise TargetMissedError(

@@ -15,7 +15,8 @@ from sqlalchemy import Engine
 from pruning_core.engine import _check_divergence
 from pruning_core.errors import DivergedError, NonFiniteModelError, TargetMissedError, WeightsError
 from pruning_core.methods.magnitude import Magnitude
-from pruning_core.runner import TARGET_BAND, check_target, run
+from pruning_core.budget import TARGET_BAND
+from pruning_core.runner import check_target, run
 from pruning_core.settings import Settings
 from pruning_core.zoo import build_model
 from store import repo
