@@ -61,6 +61,8 @@ from .surgery import describe, rebuild
 from .zoo import build_model, get_entry, load_weights
 
 FINALIZE_WARN = 1e-3  # relative logit gap, pruned vs trained network, above which the user is told
+
+
 @dataclass
 class Result:
     report: Report

@@ -120,7 +120,9 @@ def allocate(
         round_to=round_to,
         min_share=min_share,
     )
-    return top_up(graph, counts, target_macs, round_to=round_to)
+    return top_up(
+        graph, counts, target_macs, round_to=round_to, min_channels=min_channels, min_share=min_share
+    )
 
 
 def _rank(norm: torch.Tensor, signal: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
