@@ -152,8 +152,13 @@ def _make_datasets(
     size: int,
     augment: bool,
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    validation: int | None = None,
 ) -> Datasets:
-    """Wrap uint8 ``N x C x H x W`` train/test tensors and labels; stats default to the train set's."""
+    """Wrap uint8 ``N x C x H x W`` train/test tensors and labels; stats default to the train set's.
+    ``validation``: the last that many training images of each class replace ``test`` (``holdout``)."""
+    if validation:
+        keep, held = holdout(train[1], validation)
+        train, test = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
     mean, std = stats or _channel_stats(train[0])
     return Datasets(
         train=ImageTensorDataset(train[0], train[1], ImageTransform(size, mean, std, augment)),
@@ -184,11 +189,32 @@ def _first_per_class(labels: np.ndarray, n: int | None) -> np.ndarray:
     """Indices (ascending) of the first ``n`` items of each class, in the given order; all when None."""
     if n is None:
         return np.arange(len(labels))
+    return np.flatnonzero(_class_rank(labels) < n)
+
+
+def _class_rank(labels: np.ndarray) -> np.ndarray:
+    """Per item, how many items of its class come before it (0 for each class's first)."""
     order = np.argsort(labels, kind="stable")
     ordered = labels[order]
     rank = np.empty(len(labels), dtype=np.int64)
     rank[order] = np.arange(len(labels)) - np.searchsorted(ordered, ordered, side="left")
-    return np.flatnonzero(rank < n)
+    return rank
+
+
+def holdout(labels: Sequence[int] | np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) positions (ascending) into ``labels``: the last ``n`` items of each class,
+    in the given order, are held out; a class with ``n`` items or fewer is a DataError (it would leave
+    no training image)."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    short = classes[counts <= n]
+    if len(short):
+        raise DataError(
+            f"data.validation {n} leaves no training image in class {short[0]} ({counts[counts <= n][0]} "
+            "images); hold out fewer or take more with data.per_class"
+        )
+    left = counts[np.searchsorted(classes, labels)] - _class_rank(labels)  # this one to the class's last
+    return np.flatnonzero(left > n), np.flatnonzero(left <= n)
 
 
 def _one_line(err: BaseException) -> str:
@@ -237,6 +263,7 @@ def _load_digits(spec: DataSpec, ctx: LoadContext) -> Datasets:
         size=spec.image_size or 8,
         augment=False,
         stats=stats,
+        validation=spec.validation,
     )
 
 
@@ -265,7 +292,9 @@ def _load_cifar(
         keep = _first_per_class(labels, per_class)
         images = torch.from_numpy(np.ascontiguousarray(ds.data[keep].transpose(0, 3, 1, 2)))
         parts.append((images, labels[keep]))
-    return _make_datasets(parts[0], parts[1], list(train.classes), spec.image_size or 32, spec.augment, stats)
+    return _make_datasets(
+        parts[0], parts[1], list(train.classes), spec.image_size or 32, spec.augment, stats, spec.validation
+    )
 
 
 def _torchvision_cifar(name: str, builder: str, root: Path, train: bool, download: bool) -> Dataset:
@@ -308,6 +337,7 @@ def _load_synthetic(spec: DataSpec, ctx: LoadContext) -> Datasets:
         classes=[f"class{i}" for i in range(k)],
         size=size,
         augment=spec.augment,
+        validation=spec.validation,
     )
 
 
@@ -352,6 +382,8 @@ def _load_imagefolder(spec: DataSpec, ctx: LoadContext) -> Datasets:
     root = Path(spec.root or "").expanduser()
     folder = root if root.is_dir() else extract_archive(root, spec, ctx)
     layout = _plan_layout(_list_files(folder), root.name, spec.per_class, spec.test_per_class)
+    if spec.validation:
+        layout = _hold_out(layout, spec.validation)
     n, cap = len(layout.train) + len(layout.test), ctx.settings.max_images
     if n > cap:
         raise DataError(
@@ -395,6 +427,12 @@ def _plan_layout(files: list[str], where: str, per_class: int | None, test_per_c
         )
     classes = sorted(train)
     return _Layout(classes, _take(train, classes, per_class), _take(test, classes, test_per_class))
+
+
+def _hold_out(layout: _Layout, n: int) -> _Layout:
+    """The last ``n`` training files of each class become the evaluation split (``holdout``)."""
+    keep, held = holdout([y for _, y in layout.train], n)
+    return _Layout(layout.classes, [layout.train[i] for i in keep], [layout.train[i] for i in held])
 
 
 def _tree_prefix(images: list[str]) -> str:

@@ -113,7 +113,8 @@ class Cost(_Record):
 
 
 class DataSummary(_Record):
-    """The images behind the numbers: top-1 is measured on the ``test`` split's ``test_images``."""
+    """The images behind the numbers: top-1 is measured on ``split``'s ``test_images`` (``validation``:
+    images held out of the training set by ``data.validation``; the test split was not read)."""
 
     split: str = "test"
     train_images: int = Field(ge=0)

@@ -245,7 +245,10 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         latency=latency,
         speed_target=speed,
         data_summary=DataSummary(
-            train_images=len(data.train), test_images=len(data.test), classes=list(data.classes)
+            split="validation" if spec.data.validation else "test",
+            train_images=len(data.train),
+            test_images=len(data.test),
+            classes=list(data.classes),
         ),
         files=files,
         spec=asked.model_dump(mode="json"),

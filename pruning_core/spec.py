@@ -146,6 +146,14 @@ class DataSpec(_Strict):
     test_per_class: int | None = Field(
         None, ge=1, le=10**8, description="Take at most this many test images per class."
     )
+    validation: int | None = Field(
+        None,
+        ge=1,
+        le=10**8,
+        description="Hold out the last this many of each class's training images (after per_class) and "
+        "evaluate on them instead of the test split, which is then never read: for choosing options "
+        "without touching the test set.",
+    )
     augment: bool = Field(True, description="Random crop and flip on training images (not on digits).")
     num_classes: int | None = Field(None, ge=2, le=100_000, description="synthetic only: number of classes.")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")

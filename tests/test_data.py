@@ -184,6 +184,44 @@ def test_digits_per_class_takes_the_first_of_each_class(tmp_path: Path) -> None:
     assert ds.mean == full.mean and ds.std == full.std  # normalisation does not depend on per_class
 
 
+def test_holdout_takes_the_last_n_of_each_class_in_order() -> None:
+    labels = np.array([2, 0, 2, 1, 0, 2, 1, 0, 2])
+    train, val = D.holdout(labels, 1)
+    assert val.tolist() == [6, 7, 8]  # the last 1, 0 and 2
+    assert train.tolist() == [0, 1, 2, 3, 4, 5]
+    train, val = D.holdout(labels[labels != 1], 2)  # [2, 0, 2, 0, 2, 0, 2]
+    assert val.tolist() == [3, 4, 5, 6] and train.tolist() == [0, 1, 2]
+    with pytest.raises(DataError, match="no training image in class 1"):
+        D.holdout(labels, 2)  # class 1 has only two
+
+
+def test_digits_validation_is_carved_from_the_training_images(tmp_path: Path) -> None:
+    ds = _load(tmp_path, name="digits", per_class=20, validation=5)
+    whole = _load(tmp_path, name="digits", per_class=20)
+    assert (len(ds.train), len(ds.test)) == (150, 50)
+    assert Counter(_stack(ds.test)[1]) == {c: 5 for c in range(10)}
+    train_rows = {tuple(x.flatten().tolist()) for x in _stack(whole.train)[0]}
+    kept = {tuple(x.flatten().tolist()) for x in _stack(ds.train)[0]}
+    held = {tuple(x.flatten().tolist()) for x in _stack(ds.test)[0]}
+    test_rows = {tuple(x.flatten().tolist()) for x in _stack(whole.test)[0]}
+    assert kept | held <= train_rows and not kept & held  # both from the training images, disjoint
+    assert not held & test_rows  # the test split is never used
+    x_test, _ = ds.test[0]
+    assert x_test.shape == (1, 8, 8)
+
+
+def test_imagefolder_validation_reads_no_test_file(tmp_path: Path) -> None:
+    root = _write_dir(tmp_path / "tree", _tree(n_train=5, n_test=3))
+    ds = _load(tmp_path, name="imagefolder", root=str(root), validation=2, augment=False)
+    assert (len(ds.train), len(ds.test)) == (6, 4)
+    # the held-out images are the last two training files of each class (sorted), not test files
+    x, label = ds.test[1]
+    expected = torch.from_numpy(np.array(Image.open(root / "train/cat/004.png"))).permute(2, 0, 1) / 255
+    assert label == 0 and torch.allclose(_raw(ds, x), expected, atol=1e-5)
+    with pytest.raises(DataError, match="data.validation 5 leaves no training image"):
+        _load(tmp_path, name="imagefolder", root=str(root), validation=5)
+
+
 def test_digits_upscaled_and_never_augmented(tmp_path: Path) -> None:
     ds = _load(tmp_path, name="digits", image_size=16, augment=True)
     assert ds.image_size == 16 and ds.train[0][0].shape == (1, 16, 16)
