@@ -254,7 +254,13 @@ def _whole_schedule(case: Case) -> dict[str, Any]:
 
 
 def run_seed(
-    case: Case, seed: int, profile: Profile, method: str, work: Path, options: dict[str, Any]
+    case: Case,
+    seed: int,
+    profile: Profile,
+    method: str,
+    work: Path,
+    options: dict[str, Any],
+    targets: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     s, model = setup(case, resolve_data(case.data), seed, profile, work)
     log(f"{case.label} seed {seed}: dense training ({case.dense_epochs} epochs)")
@@ -269,7 +275,7 @@ def run_seed(
     dense["train_wall_s"] = sum(r["wall_s"] for r in fitted.history)
     targets = [
         run_target(s, weights, dense_macs, method, t, options, dense)
-        for t in CONTENDERS[method].targets[profile.name]
+        for t in targets or CONTENDERS[method].targets[profile.name]
     ]
     return {"seed": seed, "dense": dense, "targets": targets, "train_images": len(s.ds.train)}
 
@@ -302,6 +308,13 @@ def render(results: dict[str, Any], source: Path) -> str:
         "a plain loop without KD. Top-1: mean ± std over seeds (per seed in brackets).",
         "",
     ]
+    if results.get("validation"):
+        lines += [
+            f"**Validation split**: top-1 is measured on the last {results['validation']} training images of "
+            "each class, held out of training (`data.validation`); the test split was not read. For "
+            "choosing options, not for comparing with the test figures.",
+            "",
+        ]
     if results.get("options"):
         opts = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in results["options"].items())
         lines += [f"`{method}`'s options (beside the job's target and schedule): {opts}.", ""]
@@ -410,6 +423,10 @@ def _seed_ratios(runs: list[dict[str, Any]], method: str, key: str = "epoch_s") 
     return [statistics.fmean(t["rows"][method][key] for t in r["targets"]) / r["dense"][key] for r in runs]
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument(
@@ -421,6 +438,16 @@ def main(argv: list[str] | None = None) -> int:
         "--options", type=json.loads, default={}, help="JSON: method options over the contender's own"
     )
     p.add_argument("--only", help="just the cases whose label starts with this")
+    p.add_argument(
+        "--targets", type=_floats, help="comma-separated MAC ratios instead of the contender's (0.25,0.5)"
+    )
+    p.add_argument(
+        "--validation",
+        type=int,
+        metavar="N",
+        help="choose options: hold out the last N training images of each class and measure on them "
+        "(data.validation); the test split is never read. Results and section are prefixed val-",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
     p.add_argument(
@@ -429,17 +456,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
-        section = f"compare-{results['method']}-{results['profile']}"
+        prefix = "val-" if results.get("validation") else ""
+        section = f"{prefix}compare-{results['method']}-{results['profile']}"
         markdown.write_section(args.markdown, section, render(results, args.render.resolve()))
         return 0
     if not args.method:
         p.error("--method is required (unless --render)")
     profile = with_overrides(profile_named(args.profile), seeds=args.seeds, only=args.only)
+    if args.validation:
+        profile = replace(
+            profile,
+            cases=tuple(
+                replace(c, data=c.data.model_copy(update={"validation": args.validation}))
+                for c in profile.cases
+            ),
+        )
     check_device(profile)
     method = args.method
     args.out.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.UTC)
-    path = args.out / f"compare-{method}-{profile.name}-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
+    prefix = "val-" if args.validation else ""
+    path = args.out / f"{prefix}compare-{method}-{profile.name}-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
     results: dict[str, Any] = {
         "format": FORMAT,
         "method": method,
@@ -449,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "kd": CONTENDERS[method].kd,
         "cost": CONTENDERS[method].cost,
         "profile": profile.name,
+        "validation": args.validation,
         "command": "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),
         "machine": machine_info(torch.device(profile.device)),
@@ -457,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_up(torch.device(profile.device))
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=args.out))
-    section = f"compare-{method}-{profile.name}"
+    section = f"{prefix}compare-{method}-{profile.name}"
     try:
         for case in _cases(profile, CONTENDERS[method]):
             entry = {
@@ -477,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                         method,
                         work / f"{case.label}-{case.model}-s{seed}".replace(" ", "_"),
                         args.options,
+                        args.targets,
                     )
                 )
                 results["wall_s"] = time.perf_counter() - t0
