@@ -1,0 +1,276 @@
+"""Sweeps (issue 28): one request runs several methods on the user's model and ranks them.
+
+The API in-process (TestClient on SQLite) and the worker's ``execute`` in this process, job by job, as a
+worker would run them; figures are checked against each child's own ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from pruning_core.settings import Settings
+from pruning_core.spec import METHODS
+from store import db, repo, sweeps
+from store.models import Job, JobStatus, Sweep
+from worker.execute import execute
+from worker.sweeps import advance_open
+
+PROBLEM = "application/problem+json"
+# Digits, tiny: 20 training and 5 test images per class, two epochs of two steps (psap and epi need
+# two epochs), one dense epoch first.
+BASE: dict[str, Any] = {
+    "model": {"name": "resnet20"},
+    "data": {"name": "digits", "per_class": 20, "test_per_class": 5},
+    "target": {"macs_ratio": 0.5},
+    "schedule": {
+        "dense_epochs": 1,
+        "epochs": 2,
+        "batch_size": 64,
+        "max_steps_per_epoch": 2,
+        "bn_recalibration_batches": 1,
+    },
+    "export": {"formats": ["safetensors"], "latency_max_s": 0.5},
+}
+# Every method, TAS with a one-epoch search (its default is ten).
+ALL_METHODS: list[Any] = [m if m != "tas" else {"name": "tas", "search_epochs": 1} for m in METHODS]
+
+
+class Service:
+    """The API on SQLite, two owners' keys, and a worker that runs the queue in this process."""
+
+    def __init__(self, settings: Settings, client: TestClient):
+        self.settings, self.client = settings, client
+        self.engine = db.make_engine(settings.sqlalchemy_url)
+        with db.session_scope(self.engine) as s:
+            _, key_a = repo.create_api_key(s, "alice")
+            _, key_b = repo.create_api_key(s, "bob")
+        self.a = {"Authorization": f"Bearer {key_a}"}
+        self.b = {"Authorization": f"Bearer {key_b}"}
+
+    def submit(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+        r = self.client.post("/v1/sweeps", json=body, headers=headers or self.a)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def get(self, sweep_id: str) -> dict[str, Any]:
+        r = self.client.get(f"/v1/sweeps/{sweep_id}", headers=self.a)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def work(self, limit: int = 50) -> list[str]:
+        """Run queued jobs one at a time until none is left (children appear as the dense job ends)."""
+        ran = []
+        while ids := self._queued():
+            for job_id in ids:
+                execute(job_id, worker_name="test-worker", settings=self.settings)
+                ran.append(job_id)
+            assert len(ran) <= limit
+        return ran
+
+    def _queued(self) -> list[str]:
+        with db.read_sessions(self.engine)() as s:
+            return repo.queued_job_ids(s, limit=100)
+
+    def report(self, job_id: str) -> dict[str, Any]:
+        r = self.client.get(f"/v1/jobs/{job_id}/artifacts/report.json", headers=self.a)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@pytest.fixture
+def service(tmp_path: Path, sqlite_url: str) -> Iterator[Service]:
+    db.migrate(sqlite_url)
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        database_url=sqlite_url,
+        redis_url=None,
+        auth_disabled=False,
+        lease_s=30,
+        heartbeat_s=0.5,
+        max_sweep_jobs=6,
+        rate_per_s=0,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        svc = Service(settings, client)
+        yield svc
+        svc.engine.dispose()
+
+
+def assert_problem(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    body = r.json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    return body
+
+
+def test_a_digits_sweep_over_every_method_ranks_figures_equal_to_each_report(service: Service) -> None:
+    sweep = service.submit({"spec": BASE, "methods": ALL_METHODS, "rank_by": "top1"})
+    assert sweep["status"] == "running" and sweep["stage"] == "dense"
+    assert [j["role"] for j in sweep["jobs"]] == ["dense"]  # the children wait for its weights
+    service.work()
+    done = service.get(sweep["id"])
+    assert done["status"] == "succeeded", done
+    board = done["leaderboard"]
+    rows = board["rows"]
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)  # one row per method
+
+    # the dense phase ran once: one dense job, and no child trained a dense phase of its own
+    dense_jobs = [j for j in done["jobs"] if j["role"] == "dense"]
+    assert len(dense_jobs) == 1 and board["dense"]["job_id"] == dense_jobs[0]["id"]
+    dense_report = service.report(dense_jobs[0]["id"])
+    assert [p["name"] for p in dense_report["phases"] if p["name"] == "dense"] == ["dense"]
+    refs = set()
+    for row in rows:
+        assert row["status"] == "succeeded", row
+        report = service.report(row["job_id"])
+        assert not [h for h in report["history"] if h["phase"] == "dense"], row["method"]
+        assert report["spec"]["schedule"]["dense_epochs"] == 0
+        job = service.client.get(f"/v1/jobs/{row['job_id']}", headers=service.a).json()
+        refs.add(job["spec"]["model"]["weights"])
+        # every figure is the child's report's
+        assert row["top1"] == report["pruned"]["top1"]
+        assert row["test_images"] == report["data_summary"]["test_images"] == 50
+        assert row["macs"] == report["pruned"]["macs"] and row["params"] == report["pruned"]["params"]
+        assert row["achieved_macs_ratio"] == report["achieved_macs_ratio"]
+        assert row["speedup"] == report["latency_speedup"]
+        at = max(report["latency"]["batches"], key=lambda b: b["batch_size"])
+        assert row["speedup_interval"] == [at["speedup"]["low"], at["speedup"]["high"]]
+        assert row["training_macs"] == sum(h["train_macs"] or 0 for h in report["history"])
+        # and the child starts from the dense job's trained network: its dense top-1 is the dense job's
+        assert report["dense"]["top1"] == dense_report["pruned"]["top1"]
+    assert len(refs) == 1 and refs.pop().startswith("upload:")  # all from the one dense checkpoint
+    # training MACs: the dense training counted once, beside each child's own
+    dense_macs = sum(h["train_macs"] or 0 for h in dense_report["history"])
+    assert dense_macs > 0 and board["dense"]["training_macs"] == dense_macs
+    assert board["training_macs_total"] == dense_macs + sum(r["training_macs"] for r in rows)
+
+    # the winner by top-1 is named, first, and its artifacts are the sweep's too
+    best = max(r["top1"] for r in rows)
+    assert rows[0]["rank"] == 1 and rows[0]["top1"] == best and done["winner"] == rows[0]["job_id"]
+    arts = service.client.get(f"/v1/sweeps/{sweep['id']}/artifacts", headers=service.a).json()["items"]
+    names = [a["name"] for a in arts]
+    assert names[:2] == ["leaderboard.json", "sweep.html"] and "model.safetensors" in names
+    r = service.client.get(f"/v1/sweeps/{sweep['id']}/artifacts/leaderboard.json", headers=service.a)
+    assert r.status_code == 200 and json.loads(r.content) == board
+    html = service.client.get(f"/v1/sweeps/{sweep['id']}/artifacts/sweep.html", headers=service.a).text
+    assert "<svg" in html and 'class="winner"' in html and "<script" not in html
+    for row in rows:
+        assert f"/v1/jobs/{row['job_id']}/artifacts/report.html" in html
+    r = service.client.get(f"/v1/sweeps/{sweep['id']}/artifacts/model.safetensors", headers=service.a)
+    w = service.client.get(f"/v1/jobs/{done['winner']}/artifacts/model.safetensors", headers=service.a)
+    assert r.status_code == 200 and r.content == w.content
+
+
+def test_too_many_children_is_a_422_problem(service: Service) -> None:
+    body = {"spec": BASE, "methods": list(METHODS), "targets": [{"macs_ratio": 0.5}, {"macs_ratio": 0.3}]}
+    r = service.client.post("/v1/sweeps", json=body, headers=service.a)
+    problem = assert_problem(r, 422)
+    assert "MAX_SWEEP_JOBS" in problem["detail"] and "10 children" in problem["detail"]
+    with db.read_sessions(service.engine)() as s:
+        assert s.query(Job).count() == 0 and s.query(Sweep).count() == 0  # nothing was created
+
+
+def test_another_owners_sweep_is_a_404_problem(service: Service) -> None:
+    sweep = service.submit({"spec": BASE | {"schedule": {"epochs": 1}}, "methods": ["magnitude"]})
+    for method, path in [
+        ("get", ""),
+        ("get", "/events"),
+        ("get", "/artifacts"),
+        ("get", "/artifacts/leaderboard.json"),
+        ("post", "/cancel"),
+    ]:
+        r = getattr(service.client, method)(f"/v1/sweeps/{sweep['id']}{path}", headers=service.b)
+        assert_problem(r, 404)
+    assert service.client.get("/v1/sweeps", headers=service.b).json()["items"] == []
+    assert service.get(sweep["id"])["cancel_requested"] is False  # bob's cancel changed nothing
+
+
+def test_cancel_cancels_every_child(service: Service) -> None:
+    no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0}}
+    sweep = service.submit({"spec": no_dense, "methods": ["magnitude", "psap", "epi"]})
+    assert sweep["stage"] == "children" and len(sweep["jobs"]) == 3
+    # one child is running on a worker when the cancel arrives
+    running = sweep["jobs"][0]["id"]
+    with db.session_scope(service.engine) as s:
+        claimed = repo.claim_job(s, running, "w", lease_s=30)
+        assert claimed is not None
+    r = service.client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=service.a)
+    assert r.status_code == 202
+    jobs = {j["id"]: j for j in r.json()["jobs"]}
+    assert all(j["status"] == "cancelled" for i, j in jobs.items() if i != running)
+    assert r.json()["status"] == "running"  # its running child has not stopped yet
+    with db.read_sessions(service.engine)() as s:
+        assert s.get(Job, running).cancel_requested
+    with db.session_scope(service.engine) as s:  # the worker stops at its next step
+        repo.finish_job(s, running, claimed.attempt, JobStatus.CANCELLED)
+    advance_open(service.engine, service.settings, lambda _id: None)  # the reaper's re-check
+    done = service.get(sweep["id"])
+    assert done["status"] == "cancelled" and done["counts"]["cancelled"] == 3
+    assert [r["status"] for r in done["leaderboard"]["rows"]] == ["cancelled"] * 3
+
+
+def test_cancel_during_the_dense_phase_creates_no_children(service: Service) -> None:
+    sweep = service.submit({"spec": BASE, "methods": ["magnitude", "s2h"]})
+    r = service.client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=service.a)
+    done = r.json()
+    assert done["status"] == "cancelled" and [j["status"] for j in done["jobs"]] == ["cancelled"]
+    rows = done["leaderboard"]["rows"]
+    assert [(r["method"], r["status"], r["error"]["code"]) for r in rows] == [
+        ("magnitude", "cancelled", "not_run"),
+        ("s2h", "cancelled", "not_run"),
+    ]
+    assert service.work() == []
+
+
+def test_a_failed_child_is_a_row_with_its_error(service: Service) -> None:
+    # no dense phase: both children queued at once; one fails at run time
+    no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0, "epochs": 1}}
+    sweep = service.submit({"spec": no_dense, "methods": ["magnitude", "s2h"], "rank_by": "pareto"})
+    bad = next(j["id"] for j in sweep["jobs"] if j["method"] == "s2h")
+    with db.session_scope(service.engine) as s:  # as a worker whose job failed would record it
+        job = repo.claim_job(s, bad, "w", lease_s=30)
+        repo.finish_job(
+            s, bad, job.attempt, JobStatus.FAILED, error_code="diverged", error_message="loss went NaN"
+        )
+    service.work()
+    done = service.get(sweep["id"])
+    assert done["status"] == "succeeded"  # a failed child is not a failed sweep
+    rows = {r["method"]: r for r in done["leaderboard"]["rows"]}
+    assert rows["s2h"]["status"] == "failed" and rows["s2h"]["rank"] is None
+    assert rows["s2h"]["error"] == {"code": "diverged", "message": "loss went NaN"}
+    assert rows["magnitude"]["status"] == "succeeded" and rows["magnitude"]["rank"] == 1
+    assert done["winner"] == rows["magnitude"]["job_id"] and rows["magnitude"]["pareto"]
+
+
+def test_children_count_against_the_owners_queued_quota(service: Service, tmp_path: Path) -> None:
+    service.settings.quota_queued_jobs = 2  # the app reads the same settings object
+    no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0}}
+    r = service.client.post(
+        "/v1/sweeps", json={"spec": no_dense, "methods": ["magnitude", "psap", "epi"]}, headers=service.a
+    )
+    assert_problem(r, 429)
+    service.submit({"spec": no_dense, "methods": ["magnitude", "psap"]})  # two fit
+
+
+def test_the_sweep_ends_when_its_last_child_ends_whoever_notices(service: Service) -> None:
+    """A worker killed after its job ended but before it moved the sweep on: the reaper's pass ends it."""
+    no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0}}
+    sweep = service.submit({"spec": no_dense, "methods": ["magnitude", "s2h"]})
+    with db.session_scope(service.engine) as s:
+        for j in sweep["jobs"]:
+            job = repo.claim_job(s, j["id"], "w", lease_s=30)
+            repo.finish_job(s, j["id"], job.attempt, JobStatus.FAILED, error_code="x", error_message="y")
+    assert service.get(sweep["id"])["status"] == "running"  # no worker moved it on
+    advance_open(service.engine, service.settings, lambda _id: None)
+    assert service.get(sweep["id"])["status"] == "succeeded"
+    advance_open(service.engine, service.settings, lambda _id: None)  # again: nothing changes
+    with db.read_sessions(service.engine)() as s:
+        assert sweeps.open_sweep_ids(s) == []
