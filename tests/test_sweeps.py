@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from api.app import create_app
 from pruning_core.settings import Settings
 from pruning_core.spec import METHODS
 from store import db, repo, sweeps
-from store.models import Job, JobStatus, Sweep
+from store.models import Job, JobStatus, Sweep, utcnow
 from worker.execute import execute
+from worker.reaper import reap_once
+from worker.reporter import StoreReporter
 from worker.sweeps import advance_open
 
 PROBLEM = "application/problem+json"
@@ -65,13 +69,12 @@ class Service:
         return r.json()
 
     def work(self, limit: int = 50) -> list[str]:
-        """Run queued jobs one at a time until none is left (children appear as the dense job ends)."""
-        ran = []
-        while ids := self._queued():
-            for job_id in ids:
-                execute(job_id, worker_name="test-worker", settings=self.settings)
-                ran.append(job_id)
-            assert len(ran) <= limit
+        """Run queued jobs one at a time, oldest first, until none is left (children appear as the dense
+        job ends) or ``limit`` have run."""
+        ran: list[str] = []
+        while len(ran) < limit and (ids := self._queued()):
+            execute(ids[0], worker_name="test-worker", settings=self.settings)
+            ran.append(ids[0])
         return ran
 
     def _queued(self) -> list[str]:
@@ -274,3 +277,67 @@ def test_the_sweep_ends_when_its_last_child_ends_whoever_notices(service: Servic
     advance_open(service.engine, service.settings, lambda _id: None)  # again: nothing changes
     with db.read_sessions(service.engine)() as s:
         assert sweeps.open_sweep_ids(s) == []
+
+
+class _Crash(BaseException):
+    """Stands in for a worker dying mid-job: nothing in execute() handles it."""
+
+
+def test_a_child_whose_worker_dies_resumes_and_the_sweep_still_ends(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep = service.submit(
+        {"spec": BASE, "methods": ["magnitude"], "targets": [{"macs_ratio": 0.5}, {"macs_ratio": 0.3}]}
+    )
+    (dense,) = service.work(limit=1)  # the dense job alone; it creates the two children
+    children = [j["id"] for j in service.get(sweep["id"])["jobs"] if j["role"] == "child"]
+    assert len(children) == 2 and dense not in children
+    real_step = StoreReporter.step
+
+    def dying_step(self: StoreReporter, phase: str, epoch: int, step: int, loss: float) -> None:
+        real_step(self, phase, epoch, step, loss)
+        if epoch >= 1:
+            raise _Crash
+
+    monkeypatch.setattr(StoreReporter, "step", dying_step)
+    with pytest.raises(_Crash):
+        execute(children[0], worker_name="doomed", settings=service.settings)
+    monkeypatch.setattr(StoreReporter, "step", real_step)
+    with db.session_scope(service.engine) as s:  # its lease runs out
+        s.execute(
+            update(Job).where(Job.id == children[0]).values(lease_until=utcnow() - timedelta(seconds=1))
+        )
+    reap_once(service.engine, lambda _id: None, service.settings)
+    advance_open(service.engine, service.settings, lambda _id: None)
+    assert service.get(sweep["id"])["status"] == "running"  # a child is queued again, not lost
+
+    service.work()
+    done = service.get(sweep["id"])
+    assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 3
+    rows = {r["job_id"]: r for r in done["leaderboard"]["rows"]}
+    assert set(rows) == set(children) and all(r["status"] == "succeeded" for r in rows.values())
+    resumed = service.client.get(f"/v1/jobs/{children[0]}", headers=service.a).json()
+    assert resumed["attempt"] == 2
+    assert rows[children[0]]["top1"] == service.report(children[0])["pruned"]["top1"]
+
+
+def test_sweep_events_sum_the_jobs_progress(service: Service) -> None:
+    no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0, "epochs": 1}}
+    sweep = service.submit({"spec": no_dense, "methods": ["magnitude", "s2h"]})
+    first, second = (j["id"] for j in sweep["jobs"])
+    with db.session_scope(service.engine) as s:
+        job = repo.claim_job(s, first, "w", lease_s=30)
+        repo.heartbeat(s, first, job.attempt, 30, progress=0.5)
+    snap = service.client.get(f"/v1/sweeps/{sweep['id']}/events", headers=service.a).json()
+    assert snap["progress"] == pytest.approx(0.25) and snap["counts"]["running"] == 1
+    with db.session_scope(service.engine) as s:
+        repo.finish_job(s, first, job.attempt, JobStatus.FAILED, error_code="x", error_message="y")
+        repo.request_cancel(s, second)
+    advance_open(service.engine, service.settings, lambda _id: None)
+    with service.client.stream(
+        "GET", f"/v1/sweeps/{sweep['id']}/events", headers=service.a | {"Accept": "text/event-stream"}
+    ) as r:
+        lines = [line for line in r.iter_lines() if line.startswith(("event:", "data:"))]
+    assert lines[0] == "event: status"
+    last = json.loads(lines[1].removeprefix("data:").strip())
+    assert last["status"] == "succeeded" and last["progress"] == 1.0
