@@ -6,7 +6,9 @@ worker would run them; figures are checked against each child's own ``report.jso
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+import client.cli as cli
 from api.app import create_app
+from client.sdk import ApiError, Client
 from pruning_core.settings import Settings
 from pruning_core.spec import METHODS
 from store import db, repo, sweeps
@@ -341,3 +345,59 @@ def test_sweep_events_sum_the_jobs_progress(service: Service) -> None:
     assert lines[0] == "event: status"
     last = json.loads(lines[1].removeprefix("data:").strip())
     assert last["status"] == "succeeded" and last["progress"] == 1.0
+
+
+# --- SDK and CLI, against the same in-process API ---
+
+
+@pytest.fixture
+def sdk_on_service(service: Service, monkeypatch: pytest.MonkeyPatch) -> Client:
+    """``Client`` (and the CLI's) talking to the in-process API."""
+    transport = service.client._transport
+    key = service.a["Authorization"].removeprefix("Bearer ")
+    monkeypatch.setattr(cli, "Client", functools.partial(Client, transport=transport))
+    monkeypatch.setenv("PRUNE_API_KEY", key)
+    monkeypatch.setenv("PRUNE_URL", "http://testserver")
+    with Client(transport=transport) as c:
+        yield c
+
+
+def test_sdk_sweep_and_its_listing(service: Service, sdk_on_service: Client) -> None:
+    no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0, "epochs": 1}}
+    sweep = sdk_on_service.sweep(no_dense, ["magnitude"], [0.5, "0.4"], rank_by="speedup")
+    assert [j["target"] for j in sweep["jobs"]] == [{"macs_ratio": 0.5}, {"macs_ratio": 0.4}]
+    assert [s["id"] for s in sdk_on_service.sweeps()] == [sweep["id"]]
+    service.work()
+    done = sdk_on_service.wait_sweep(sweep["id"], timeout=5)
+    assert done["status"] == "succeeded" and done["rank_by"] == "speedup"
+    names = [a["name"] for a in sdk_on_service.sweep_artifacts(sweep["id"])]
+    assert names[:2] == ["leaderboard.json", "sweep.html"]
+    (last,) = list(sdk_on_service.sweep_events(sweep["id"]))
+    assert last["kind"] == "status" and last["data"]["winner"] == done["winner"]
+    with pytest.raises(ApiError) as err:
+        sdk_on_service.get_sweep("0" * 32)
+    assert err.value.status == 404
+
+
+def test_cli_sweep_watch_shows_the_jobs_then_the_leaderboard(
+    service: Service, sdk_on_service: Client, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = tmp_path / "digits.yaml"
+    spec.write_text(json.dumps(BASE | {"schedule": BASE["schedule"] | {"epochs": 1}}))
+    assert cli.main(["sweep", str(spec), "--methods", "magnitude,s2h", "--targets", "0.5"]) == 0
+    sweep_id = capsys.readouterr().out.split()[0]
+    codes: list[int] = []
+    watcher = threading.Thread(target=lambda: codes.append(cli.main(["sweeps", "watch", sweep_id])))
+    watcher.start()
+    service.work()
+    watcher.join(60)
+    out = capsys.readouterr().out
+    assert codes == [0], out
+    assert "(dense training)" in out and "ROLE" in out  # the live table of its jobs
+    assert "RANK" in out and "SPEED-UP [95%]" in out and "winner by top1:" in out
+    board = service.get(sweep_id)["leaderboard"]
+    for row in board["rows"]:
+        assert f"{row['top1']:.2f} (n=50)" in out
+    assert cli.main(["sweeps"]) == 0 and sweep_id in capsys.readouterr().out
+    r = cli.main(["sweep", str(spec), "--targets", "half"])
+    assert r == 2 and "target 'half'" in capsys.readouterr().err
