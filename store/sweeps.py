@@ -198,12 +198,16 @@ def finish(
     dense = board["dense"]
     if error is None and dense is not None and dense["status"] != JobStatus.SUCCEEDED:
         error = (f"dense_{dense['status']}", (dense.get("error") or {}).get("message") or "")
+    statuses = {r["status"] for r in board["rows"]}
+    if error is None and JobStatus.SUCCEEDED not in statuses and statuses != {JobStatus.CANCELLED}:
+        error = ("no_child_succeeded", "no child of the sweep succeeded; each row says why")
+    cancelled = (
+        sweep.cancel_requested
+        or (dense is not None and dense["status"] == JobStatus.CANCELLED)
+        or statuses == {JobStatus.CANCELLED}
+    )
     status = (
-        JobStatus.CANCELLED
-        if sweep.cancel_requested
-        else JobStatus.FAILED
-        if error is not None
-        else JobStatus.SUCCEEDED
+        JobStatus.CANCELLED if cancelled else JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED
     )
     board["status"] = str(status)
     files = _write_files(board, sweep.id, artifacts_root)
@@ -276,7 +280,8 @@ def _row(s: Session, job: Job, artifacts_root: Path) -> dict[str, Any]:
 
 
 def _unrun_row(spec: dict[str, Any], sweep: Sweep, dense: Job | None) -> dict[str, Any]:
-    status = JobStatus.CANCELLED if sweep.cancel_requested else JobStatus.FAILED
+    cancelled = sweep.cancel_requested or (dense is not None and dense.status == JobStatus.CANCELLED)
+    status = JobStatus.CANCELLED if cancelled else JobStatus.FAILED
     why = f"never started: the dense training {dense.status if dense else 'is missing'}"
     return {
         "job_id": None,

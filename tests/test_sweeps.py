@@ -277,7 +277,9 @@ def test_the_sweep_ends_when_its_last_child_ends_whoever_notices(service: Servic
             repo.finish_job(s, j["id"], job.attempt, JobStatus.FAILED, error_code="x", error_message="y")
     assert service.get(sweep["id"])["status"] == "running"  # no worker moved it on
     advance_open(service.engine, service.settings, lambda _id: None)
-    assert service.get(sweep["id"])["status"] == "succeeded"
+    done = service.get(sweep["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "no_child_succeeded"
+    assert [r["error"]["code"] for r in done["leaderboard"]["rows"]] == ["x", "x"]
     advance_open(service.engine, service.settings, lambda _id: None)  # again: nothing changes
     with db.read_sessions(service.engine)() as s:
         assert sweeps.open_sweep_ids(s) == []
@@ -344,7 +346,7 @@ def test_sweep_events_sum_the_jobs_progress(service: Service) -> None:
         lines = [line for line in r.iter_lines() if line.startswith(("event:", "data:"))]
     assert lines[0] == "event: status"
     last = json.loads(lines[1].removeprefix("data:").strip())
-    assert last["status"] == "succeeded" and last["progress"] == 1.0
+    assert last["status"] == "failed" and last["progress"] == 1.0  # neither child succeeded
 
 
 # --- SDK and CLI, against the same in-process API ---
@@ -401,3 +403,29 @@ def test_cli_sweep_watch_shows_the_jobs_then_the_leaderboard(
     assert cli.main(["sweeps"]) == 0 and sweep_id in capsys.readouterr().out
     r = cli.main(["sweep", str(spec), "--targets", "half"])
     assert r == 2 and "target 'half'" in capsys.readouterr().err
+
+
+def test_a_failed_dense_job_ends_the_sweep_with_every_child_a_row(service: Service) -> None:
+    sweep = service.submit({"spec": BASE, "methods": ["magnitude", "s2h"]})
+    dense = sweep["jobs"][0]["id"]
+    with db.session_scope(service.engine) as s:
+        job = repo.claim_job(s, dense, "w", lease_s=30)
+        repo.finish_job(s, dense, job.attempt, JobStatus.FAILED, error_code="bad_data", error_message="no")
+    advance_open(service.engine, service.settings, lambda _id: None)
+    done = service.get(sweep["id"])
+    assert done["status"] == "failed" and done["error"] == {"code": "dense_failed", "message": "no"}
+    assert [(r["method"], r["status"]) for r in done["leaderboard"]["rows"]] == [
+        ("magnitude", "failed"),
+        ("s2h", "failed"),
+    ]
+    assert done["leaderboard"]["winner"] is None and done["winner"] is None
+
+
+def test_cancelling_the_last_child_as_a_job_ends_the_sweep(service: Service) -> None:
+    no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0}}
+    sweep = service.submit({"spec": no_dense, "methods": ["magnitude"]})
+    (child,) = (j["id"] for j in sweep["jobs"])
+    r = service.client.post(f"/v1/jobs/{child}/cancel", headers=service.a)
+    assert r.status_code == 202 and r.json()["sweep_id"] == sweep["id"]
+    done = service.get(sweep["id"])
+    assert done["status"] == "cancelled" and done["leaderboard"]["rows"][0]["status"] == "cancelled"
