@@ -272,7 +272,7 @@ def _row(s: Session, job: Job, artifacts_root: Path) -> dict[str, Any]:
     return {
         "job_id": job.id,
         "method": job.method,
-        "target": _target(job.spec),
+        "target": target_of(job.spec),
         "status": job.status,
         "error": error,
         **figures,
@@ -286,14 +286,15 @@ def _unrun_row(spec: dict[str, Any], sweep: Sweep, dense: Job | None) -> dict[st
     return {
         "job_id": None,
         "method": spec["method"]["name"],
-        "target": _target(spec),
+        "target": target_of(spec),
         "status": status,
         "error": {"code": "not_run", "message": why},
         **leaderboard.EMPTY_FIGURES,
     }
 
 
-def _target(spec: dict[str, Any]) -> dict[str, Any]:
+def target_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """A job spec's target as a sweep names it: ``{"macs_ratio": r}`` or ``{"speedup": s}``."""
     t = spec.get("target") or {}
     return {"speedup": t["speedup"]} if t.get("speedup") is not None else {"macs_ratio": t.get("macs_ratio")}
 

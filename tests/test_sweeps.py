@@ -93,10 +93,19 @@ class Service:
 
 @pytest.fixture
 def service(tmp_path: Path, sqlite_url: str) -> Iterator[Service]:
-    db.migrate(sqlite_url)
+    yield from _service(tmp_path, sqlite_url)
+
+
+@pytest.fixture
+def pg_service(tmp_path: Path, pg_url: str) -> Iterator[Service]:
+    yield from _service(tmp_path, pg_url)
+
+
+def _service(tmp_path: Path, url: str) -> Iterator[Service]:
+    db.migrate(url)
     settings = Settings(
         state_dir=tmp_path / "state",
-        database_url=sqlite_url,
+        database_url=url,
         redis_url=None,
         auth_disabled=False,
         lease_s=30,
@@ -429,3 +438,28 @@ def test_cancelling_the_last_child_as_a_job_ends_the_sweep(service: Service) -> 
     assert r.status_code == 202 and r.json()["sweep_id"] == sweep["id"]
     done = service.get(sweep["id"])
     assert done["status"] == "cancelled" and done["leaderboard"]["rows"][0]["status"] == "cancelled"
+
+
+def test_the_sweep_flow_on_postgresql(pg_service: Service) -> None:
+    """Submit, a child that fails, isolation, cancel, the end computed from the rows: on PostgreSQL."""
+    service = pg_service
+    no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0}}
+    sweep = service.submit({"spec": no_dense, "methods": ["magnitude", "psap", "epi"]})
+    assert_problem(service.client.get(f"/v1/sweeps/{sweep['id']}", headers=service.b), 404)
+    first, *_ = (j["id"] for j in sweep["jobs"])
+    with db.session_scope(service.engine) as s:
+        job = repo.claim_job(s, first, "w", lease_s=30)
+        repo.finish_job(s, first, job.attempt, JobStatus.FAILED, error_code="x", error_message="y")
+    r = service.client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=service.a)
+    done = r.json()
+    assert done["status"] == "cancelled" and done["counts"] | {"planned": 0} == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 0,
+        "failed": 1,
+        "cancelled": 2,
+        "planned": 0,
+    }
+    rows = done["leaderboard"]["rows"]
+    assert [r["status"] for r in rows] == ["failed", "cancelled", "cancelled"]
+    assert rows[0]["error"] == {"code": "x", "message": "y"}

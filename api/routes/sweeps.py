@@ -101,7 +101,7 @@ def _job_out(job: Job, sweep: Sweep, root: str) -> SweepJobOut:
         id=job.id,
         role="dense" if job.id == sweep.dense_job_id else "child",
         method=job.method,
-        target=sweeps._target(job.spec),
+        target=sweeps.target_of(job.spec),
         status=job.status,
         progress=1.0 if job.status in TERMINAL else job.progress or 0.0,
         phase=job.phase,
