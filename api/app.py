@@ -19,7 +19,7 @@ from . import openapi, problems, queue
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .quotas import RateLimiter
-from .routes import artifacts, catalog, events, health, jobs, uploads
+from .routes import artifacts, catalog, events, health, jobs, sweeps, uploads
 
 DESCRIPTION = """Structured pruning as a service: submit a JobSpec, follow its events, download the
 physically smaller model and its report. Errors are RFC 9457 `application/problem+json`; authenticate
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    for module in (jobs, events, artifacts, uploads, catalog, health):
+    for module in (jobs, events, artifacts, sweeps, uploads, catalog, health):
         app.include_router(module.router)
     openapi.install(app, settings)
     return app

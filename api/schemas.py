@@ -63,6 +63,7 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    sweep_id: str | None = Field(None, description="The sweep this job belongs to (GET /v1/sweeps/{id})")
     urls: JobUrls
 
 
@@ -142,6 +143,7 @@ def job_out(job: Job, root: str = "") -> JobOut:
         created_at=utc(job.created_at),
         started_at=utc(job.started_at),
         finished_at=utc(job.finished_at),
+        sweep_id=job.sweep_id,
         urls=JobUrls(
             self=base, events=f"{base}/events", artifacts=f"{base}/artifacts", cancel=f"{base}/cancel"
         ),

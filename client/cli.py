@@ -7,6 +7,8 @@
     prune artifacts JOB_ID                           a job's files: name, size, media type
     prune download JOB_ID [NAME ...] [--out DIR]     every artifact by default, sha256-verified
     prune cancel JOB_ID
+    prune sweep spec.yaml [--methods a,b] [--targets 0.5,2x] [--rank-by top1|speedup|pareto] [--watch]
+    prune sweeps [list] | sweeps show|watch|cancel SWEEP_ID
     prune uploads [list] | uploads delete ID        your uploads (newest first); delete one
     prune model NAME [--classes N] [--channels C]    the state-dict keys and shapes weights must hold
     prune keys create --owner NAME [--name N] | keys list --owner NAME | keys revoke ID --owner NAME
@@ -77,6 +79,26 @@ def _parser() -> argparse.ArgumentParser:
     follow.add_argument("--wait", action="store_true", help="wait until the job ends")
     follow.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
     s.set_defaults(func=cmd_submit)
+
+    sw = sub.add_parser("sweep", parents=[g], help="run several methods on one spec and rank them")
+    sw.add_argument("spec", nargs="?", help="the base JobSpec as YAML or JSON")
+    for flag, (path, typ) in FLAGS.items():
+        sw.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, help=f"sets {'.'.join(path)}")
+    sw.add_argument("--kd", action="store_true", default=None, help="fine-tune with KD from the dense model")
+    sw.add_argument("--formats", help="export formats, comma-separated")
+    sw.add_argument("--methods", help="methods to compare, comma-separated (default: every method)")
+    sw.add_argument("--targets", help="targets, comma-separated: MAC ratios (0.5) or speed-ups (2x)")
+    sw.add_argument("--rank-by", choices=("top1", "speedup", "pareto"), default="top1")
+    sfollow = sw.add_mutually_exclusive_group()
+    sfollow.add_argument("--wait", action="store_true", help="wait until the sweep ends")
+    sfollow.add_argument("--watch", action="store_true", help="a live table of its jobs until it ends")
+    sw.set_defaults(func=cmd_sweep)
+
+    sws = sub.add_parser("sweeps", parents=[g], help="your sweeps; show, watch or cancel one")
+    sws.add_argument("action", nargs="?", choices=("list", "show", "watch", "cancel"), default="list")
+    sws.add_argument("sweep_id", nargs="?")
+    sws.add_argument("--json", action="store_true", help="print the JSON resource(s)")
+    sws.set_defaults(func=cmd_sweeps)
 
     st = sub.add_parser(
         "status", aliases=["list"], parents=[g], help="show a job, or a table of recent jobs (alias: list)"
@@ -163,6 +185,59 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return 0
     print(render.final_line(job))
     return 0 if job.get("status") == "succeeded" else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    data = build_spec(args)
+    parse_spec(data, remote_models=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    with _client(args) as client:
+        for path, (file, kind) in _local_files(data).items():
+            upload = client.upload(file, kind)
+            _set(data, path, upload.get("ref") or f"upload:{upload['id']}")
+        try:
+            sweep = client.sweep(data, methods, targets, args.rank_by)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        print(sweep["id"], flush=True)
+        if args.watch:
+            sweep = render.watch_sweep(client, sweep["id"])
+        elif args.wait:
+            sweep = client.wait_sweep(sweep["id"])
+        else:
+            return 0
+    print(render.sweep_summary(sweep))
+    return 0 if sweep.get("status") == "succeeded" else 1
+
+
+def cmd_sweeps(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            sweeps = list(itertools.islice(client.sweeps(limit=20), 20))
+            rows = [
+                (
+                    s["id"],
+                    s["status"],
+                    f"{100 * s['progress']:.0f}%",
+                    s["rank_by"],
+                    len(s["jobs"]),
+                    s["winner"],
+                )
+                for s in sweeps
+            ]
+            table = render.table(rows, ("ID", "STATUS", "PROGRESS", "RANK BY", "JOBS", "WINNER"))
+            return _listing(sweeps, args.json, lambda _: table, "no sweeps yet")
+        if not args.sweep_id:
+            raise CliError(f"sweeps {args.action} needs a sweep id")
+        if args.action == "cancel":
+            sweep = client.cancel_sweep(args.sweep_id)
+        elif args.action == "watch":
+            sweep = render.watch_sweep(client, args.sweep_id)
+        else:
+            sweep = client.get_sweep(args.sweep_id)
+    print(json.dumps(sweep, indent=2) if args.json else render.sweep_summary(sweep))
+    return 0 if sweep.get("status") in ("succeeded", "running") else 1
 
 
 def _local_files(data: dict[str, Any]) -> dict[tuple[str, ...], tuple[Path, str]]:
@@ -382,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         _error(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
     except KeyboardInterrupt:
-        if getattr(args, "command", None) in ("watch", "submit"):
+        if getattr(args, "command", None) in ("watch", "submit", "sweep", "sweeps"):
             _note("stopped following; the job goes on (prune cancel JOB_ID stops it)")
         return 130
     return 2

@@ -232,3 +232,110 @@ def watch(client: Client, job_id: str, poll: float = 1.0) -> dict:
             time.sleep(poll)  # the stream ended before the job did: pick it up again after `last`
     finally:
         view.close()
+
+
+# --- sweeps ---
+
+
+def target_text(target: dict | None) -> str:
+    """``0.5 MACs`` or ``2x speed``."""
+    target = target or {}
+    if target.get("speedup") is not None:
+        return f"{target['speedup']:g}x speed"
+    return f"{target.get('macs_ratio', '')} MACs"
+
+
+def sweep_jobs_table(sweep: dict) -> str:
+    """One row per job of a running sweep: the dense job first, then the children."""
+    rows = [
+        (
+            j.get("role"),
+            j.get("method") if j.get("role") == "child" else "(dense training)",
+            target_text(j.get("target")) if j.get("role") == "child" else "",
+            j.get("status"),
+            progress_text(j),
+            j.get("id"),
+        )
+        for j in sweep.get("jobs") or []
+    ]
+    planned = _get(sweep, "counts", "planned", default=0)
+    text = table(rows, ("ROLE", "METHOD", "TARGET", "STATUS", "PROGRESS", "JOB"))
+    return text + (f"\n({planned} more once the dense training has ended)" if planned else "")
+
+
+def _num(v: Any, fmt: str = "{:,}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def leaderboard_table(board: dict) -> str:
+    """The ranked children: top-1 with the test images it counts, MACs, params, measured speed-up with
+    its interval, training time and MACs, status (a failed child shows its error code)."""
+    rows = []
+    for r in board.get("rows") or []:
+        interval = r.get("speedup_interval")
+        speed = _num(r.get("speedup"), "{:.2f}x") + (
+            f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+        )
+        status = r.get("status") + (f" ({_get(r, 'error', 'code')})" if r.get("error") else "")
+        rows.append(
+            (
+                ("*" if r.get("job_id") and r.get("job_id") == board.get("winner") else "")
+                + _num(r.get("rank"), "{}"),
+                r.get("method"),
+                target_text(r.get("target")),
+                f"{r['top1']:.2f} (n={r.get('test_images')})" if r.get("top1") is not None else "-",
+                _num(r.get("achieved_macs_ratio"), "{:.3f}"),
+                _num(r.get("params")),
+                speed,
+                _num(r.get("training_s"), "{:.1f}"),
+                _num(r.get("training_macs"), "{:.3g}"),
+                status,
+            )
+        )
+    header = ("RANK", "METHOD", "TARGET", "TOP-1 %", "MACS", "PARAMS", "SPEED-UP [95%]", "TRAIN S",
+              "TRAIN MACS", "STATUS")  # fmt: skip
+    return table(rows, header)
+
+
+def sweep_summary(sweep: dict) -> str:
+    """The leaderboard and a line naming the winner, or the jobs while it runs."""
+    board = sweep.get("leaderboard")
+    if not board:
+        return sweep_jobs_table(sweep)
+    lines = [leaderboard_table(board)]
+    winner = next((r for r in board.get("rows") or [] if r.get("job_id") == board.get("winner")), None)
+    if winner:
+        lines.append(
+            f"winner by {board.get('rank_by')}: {winner['method']} at {target_text(winner.get('target'))} "
+            f"(job {winner['job_id']})"
+        )
+    else:
+        lines.append("no child succeeded: no winner")
+    dense = board.get("dense")
+    if dense:
+        lines.append(
+            f"dense training once: job {dense['job_id']} {dense['status']}, "
+            f"{_num(dense.get('training_macs'), '{:.3g}')} training MACs; "
+            f"all jobs {board.get('training_macs_total', 0):.3g}"
+        )
+    return "\n".join(lines)
+
+
+def watch_sweep(client: Client, sweep_id: str, tty: bool | None = None) -> dict:
+    """Follow a sweep with a live table of its jobs (redrawn in place on a terminal; printed again
+    when a job's status changes otherwise) until it ends; returns the final sweep."""
+    tty = sys.stdout.isatty() if tty is None else tty
+    shown, height = None, 0
+    for ev in client.sweep_events(sweep_id):
+        snap = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+        text = sweep_jobs_table(snap | {"jobs": snap.get("jobs") or []})
+        key = text if tty else [(j.get("id"), j.get("status")) for j in snap.get("jobs") or []]
+        if key != shown:
+            if tty and height:
+                sys.stdout.write(f"\x1b[{height}F\x1b[J")  # back to the table's first line, clear below
+            line = f"sweep {sweep_id}: {snap.get('status')} {100 * float(snap.get('progress') or 0):.0f}%"
+            print(f"{line}\n{text}", flush=True)
+            shown, height = key, text.count("\n") + 2
+        if ev.get("kind") == "status":
+            break
+    return client.get_sweep(sweep_id)

@@ -227,6 +227,89 @@ class Client:
                 r.close()
             _sleep(min(MAX_DELAY_S, delay if delay is not None else self._delay(failures - 1)))
 
+    # --- sweeps ---
+
+    def sweep(
+        self,
+        spec: JobSpec | dict[str, Any],
+        methods: builtins.list[str | dict[str, Any]] | None = None,
+        targets: builtins.list[float | str | dict[str, float]] | None = None,
+        rank_by: str = "top1",
+    ) -> dict:
+        """Start a sweep: one job per method and target (default: every method, the spec's target),
+        ranked by ``rank_by`` (``top1``, ``speedup`` or ``pareto``) when the last ends. A target is a
+        remaining-MAC ratio (``0.5``), a speed-up (``"2x"``) or a dict. Returns the sweep resource. Not
+        retried once sent (a sweep has no Idempotency-Key): a lost reply could otherwise run it twice."""
+        body: dict[str, Any] = {
+            "spec": spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec,
+            "rank_by": rank_by,
+        }
+        if methods:
+            body["methods"] = methods
+        if targets:
+            body["targets"] = [parse_target(t) for t in targets]
+        return self._send("POST", "/v1/sweeps", json=body, retry=False).json()
+
+    def sweeps(self, limit: int = 50) -> Iterator[dict]:
+        """Every sweep of the caller, newest first, ``limit`` per page."""
+        params: dict[str, Any] = {"limit": limit}
+        while True:
+            page = self._send("GET", "/v1/sweeps", params=params).json()
+            yield from _items(page, "sweeps")
+            if not (cursor := page.get("next_cursor") if isinstance(page, dict) else None):
+                return
+            params["cursor"] = cursor
+
+    def get_sweep(self, sweep_id: str) -> dict:
+        return self._send("GET", f"/v1/sweeps/{_seg(sweep_id)}").json()
+
+    def cancel_sweep(self, sweep_id: str) -> dict:
+        """Cancel every job of the sweep."""
+        return self._send("POST", f"/v1/sweeps/{_seg(sweep_id)}/cancel").json()
+
+    def wait_sweep(self, sweep_id: str, timeout: float | None = None, poll: float = 2.0) -> dict:
+        """Poll until the sweep has ended (its leaderboard is then in the resource)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sweep = self.get_sweep(sweep_id)
+            if sweep.get("status") in TERMINAL:
+                return sweep
+            if deadline is not None and time.monotonic() + poll > deadline:
+                raise TimeoutError(f"sweep {sweep_id} is still {sweep.get('status')} after {timeout:g} s")
+            _sleep(poll)
+
+    def sweep_events(self, sweep_id: str) -> Iterator[dict]:
+        """Snapshots of the sweep's progress, live (SSE) until it ends: ``{"kind": "progress" | "status",
+        "data": {status, progress, counts, jobs, winner}}``. Each is whole, so a dropped connection is
+        simply opened again."""
+        failures = 0
+        while True:
+            r = self._send(
+                "GET",
+                f"/v1/sweeps/{_seg(sweep_id)}/events",
+                headers={"Accept": "text/event-stream"},
+                stream=True,
+                timeout=httpx.Timeout(self.timeout, read=max(60.0, self.timeout)),
+            )
+            try:
+                for sse in iter_sse(r.iter_lines()):
+                    failures = 0
+                    yield _event(sse.event, sse.data, sse.id)
+                return
+            except httpx.TransportError as err:
+                failures += 1
+                if failures > self.retries:
+                    raise ClientError(
+                        f"event stream of sweep {sweep_id} keeps dropping: {_why(err)}"
+                    ) from err
+            finally:
+                r.close()
+            _sleep(self._delay(failures - 1))
+
+    def sweep_artifacts(self, sweep_id: str) -> builtins.list[dict]:
+        """``leaderboard.json``, ``sweep.html`` and the winner's artifacts (each with its ``url``)."""
+        return builtins.list(_items(self._send("GET", f"/v1/sweeps/{_seg(sweep_id)}/artifacts").json(), "x"))
+
     # --- files ---
 
     def artifacts(self, job_id: str) -> builtins.list[dict]:
@@ -405,6 +488,18 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def parse_target(value: float | str | dict[str, float]) -> dict[str, float]:
+    """A sweep target: ``0.5`` or ``"0.5"`` -> ``{"macs_ratio": 0.5}``, ``"2x"`` -> ``{"speedup": 2.0}``;
+    a dict as given. ValueError for anything else."""
+    if isinstance(value, dict):
+        return value
+    text = str(value).strip().lower()
+    try:
+        return {"speedup": float(text[:-1])} if text.endswith("x") else {"macs_ratio": float(text)}
+    except ValueError:
+        raise ValueError(f"target {value!r}: give a MAC ratio (0.5) or a speed-up (2x)") from None
 
 
 def _seg(value: str) -> str:

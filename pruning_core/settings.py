@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Total bytes of one owner's uploads; past it POST /v1/uploads is a 429.",
     )
+    max_sweep_jobs: int = Field(
+        20,
+        ge=1,
+        description="Child jobs (methods x targets) one sweep may have; past it POST /v1/sweeps is a 422.",
+    )
     rate_per_s: float = Field(
         20.0, ge=0, description="Requests per second one API key may sustain (token bucket refill)."
     )

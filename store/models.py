@@ -114,8 +114,44 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     lease_until: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The sweep this job belongs to (a child, or the sweep's dense training), if any.
+    sweep_id: Mapped[str | None] = mapped_column(
+        ForeignKey("sweeps.id", ondelete="SET NULL"), default=None, index=True
+    )
 
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", order_by="Artifact.name")
+
+
+class SweepStage(StrEnum):
+    DENSE = "dense"  # the dense training runs; the children are created when it succeeds
+    CHILDREN = "children"  # the children exist (and run)
+
+
+class Sweep(Base):
+    """Several methods and targets on one model, each an ordinary job (``Job.sweep_id``), ranked at the
+    end. ``status`` is a job's (queued is unused: a sweep runs from its creation); it ends, by
+    compare-and-set, once every job of the sweep has ended, with ``leaderboard`` and its files."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_owner_created", "owner", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.RUNNING)
+    stage: Mapped[str] = mapped_column(String(16), default=SweepStage.CHILDREN)
+    request: Mapped[dict[str, Any]]  # spec, methods, targets, rank_by as submitted
+    plan: Mapped[dict[str, Any]]  # {"children": [child spec, ...]} (weights filled in after the dense job)
+    rank_by: Mapped[str] = mapped_column(String(16))
+    dense_job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    leaderboard: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    winner_job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    # name -> {path (relative to the artifact root), size, sha256, media_type}
+    files: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class JobEvent(Base):

@@ -32,12 +32,14 @@ def create_job(
     *,
     idempotency_key: str | None = None,
     max_attempts: int = 3,
+    sweep_id: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an idempotency key an earlier job of the same owner and key is returned
-    instead (``created`` False). Raises ValueError if that earlier job has a different spec.
+        instead (``created`` False). Raises ValueError if that earlier job has a different spec. ``sweep_id``
+    links the job to its sweep (store.sweeps).
 
-    Safe under concurrency: of two transactions racing with one key, one inserts and the other (on
-    PostgreSQL it waits for the first to commit) gets the first's job back."""
+        Safe under concurrency: of two transactions racing with one key, one inserts and the other (on
+        PostgreSQL it waits for the first to commit) gets the first's job back."""
 
     def earlier() -> Job | None:
         existing = s.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
@@ -48,7 +50,12 @@ def create_job(
     if idempotency_key and (existing := earlier()) is not None:
         return existing, False
     job = Job(
-        owner=owner, spec=spec, method=method, idempotency_key=idempotency_key, max_attempts=max_attempts
+        owner=owner,
+        spec=spec,
+        method=method,
+        idempotency_key=idempotency_key,
+        max_attempts=max_attempts,
+        sweep_id=sweep_id,
     )
     try:
         with s.begin_nested():

@@ -87,3 +87,31 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert "untrained" not in sdk.stdout, "the SDK example trains before it prunes"
     (sdk_job,) = list(sdk_dir.iterdir())
     assert names <= {p.name for p in sdk_job.iterdir()}
+
+
+def sweep_block() -> str:
+    """The bash block of the README's sweep section (it runs after the Quick start's, in its shell)."""
+    section = ROOT.joinpath("README.md").read_text().split("### Which method for my model?", 1)[1]
+    return re.findall(r"```bash\n(.*?)```", section.split("\n## ", 1)[0], re.S)[0]
+
+
+@pytest.mark.slow
+def test_the_sweep_block_runs_as_written(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env |= {"STATE_DIR": str(tmp_path / "state"), "PORT": str(port), "AUTH_DISABLED": "1"}
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    prune = tmp_path / ".venv" / "bin" / "prune"
+    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m client.cli "$@"\n')
+    prune.chmod(0o755)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    url = f"http://127.0.0.1:{port}"
+    with process([sys.executable, "-m", "api"], env, tmp_path / "api.log") as api:
+        wait_ready(url, api, tmp_path / "api.log")
+        proc = run_bash(f"set -e\nexport PRUNE_URL={url}\n" + sweep_block(), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "winner by top1:" in proc.stdout and "dense training once" in proc.stdout
+    for method in ("magnitude", "s2h", "tas", "psap", "epi"):
+        assert f" {method} " in proc.stdout
+    html = (tmp_path / "sweep.html").read_text()
+    assert "<svg" in html and 'class="winner"' in html

@@ -35,6 +35,7 @@ from store.models import Job, JobStatus
 from .cleanup import clean_job_files
 from .dbretry import is_transient, retry_write
 from .reporter import TIME_UP, StoreReporter
+from .sweeps import after_job
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,10 @@ def execute(job_id: str, *, worker_name: str, settings: Settings | None = None) 
     settings = settings or get_settings()
     engine = make_engine(settings.sqlalchemy_url)
     try:
-        return _execute(engine, job_id, worker_name, settings)
+        status = _execute(engine, job_id, worker_name, settings)
+        if status is not None:  # this attempt ended the job: its sweep may move on
+            after_job(engine, job_id, settings)
+        return status
     finally:
         engine.dispose()
 

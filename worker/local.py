@@ -39,6 +39,7 @@ from store.models import JobStatus
 from .cleanup import sweep
 from .reaper import SWEEP_EVERY_S, hand_on_lost, interval_s, reap_once
 from .reporter import on_soft_time_limit
+from .sweeps import advance_open
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class LocalRunner:
                 log.warning("sweeping ended jobs' files failed", exc_info=True)
         try:
             counts = reap_once(self.engine, lambda _job_id: None, self.settings)
+            advance_open(self.engine, self.settings, lambda _job_id: None)  # sweeps: see worker.sweeps
         except Exception:
             log.warning("reaper pass failed", exc_info=True)
             return

@@ -32,6 +32,7 @@ from store.db import make_engine, read_sessions, session_scope
 from store.models import Job, JobStatus, utcnow
 
 from .cleanup import clean_job_files, sweep
+from .sweeps import advance_open
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def run_forever(
             counts = reap_once(engine, enqueue, settings, unsent=unsent)
             if any(counts.values()):
                 log.info("reaper: %s", counts)
+            advance_open(engine, settings, enqueue)  # sweeps whose last job ended without moving them on
         except Exception:  # the database is down: try again next round
             log.warning("reaper pass failed", exc_info=True)
         stop.wait(interval_s(settings))

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
 from pruning_core.spec import JobSpec, submit_problems
-from store import repo
+from store import repo, sweeps
 from store.models import Job, JobStatus
 
 from .. import queue, quotas
@@ -150,11 +150,15 @@ def get_job(job_id: str, request: Request, sessions: ReadSessionsDep, owner: Own
     response_model=JobOut,
     operation_id="cancel_job",
 )
-def cancel_job(job_id: str, request: Request, sessions: SessionsDep, owner: OwnerDep) -> JobOut:
+def cancel_job(
+    job_id: str, request: Request, sessions: SessionsDep, owner: OwnerDep, settings: SettingsDep
+) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step (`cancel_requested`);
-    a finished one is returned unchanged."""
+    a finished one is returned unchanged. A sweep's child cancelled is a row of its leaderboard."""
     with sessions() as s:
         owned_job(s, owner, job_id)
         job = repo.request_cancel(s, job_id)
+        if job.sweep_id and job.status == JobStatus.CANCELLED:  # it may have been the sweep's last
+            sweeps.advance(s, job.sweep_id, settings.artifacts_dir, settings.uploads_dir)
         s.commit()
     return job_out(job, root_path(request))
