@@ -20,7 +20,7 @@ from pruning_core.settings import Settings
 from store import cli as store_cli
 from store import db, repo
 from store.files import attempt_dir, relative_to_root, sha256_file
-from store.models import ApiKey, JobStatus
+from store.models import ApiKey, JobStatus, Sweep
 from tests.specs import TINY_SPEC as SPEC
 
 PROBLEM = "application/problem+json"
@@ -85,7 +85,13 @@ def fill(path: str, ids: dict[str, str]) -> str:
 
 def test_every_route_but_health_needs_a_key(app_env) -> None:
     client, _, _, _ = app_env
-    ids = {"job_id": "0" * 32, "upload_id": "0" * 32, "name": "model.safetensors", "model_name": "resnet20"}
+    ids = {
+        "job_id": "0" * 32,
+        "upload_id": "0" * 32,
+        "sweep_id": "0" * 32,
+        "name": "model.safetensors",
+        "model_name": "resnet20",
+    }
     routes = api_routes(client)
     assert len(routes) >= 12
     for method, path in routes:
@@ -103,9 +109,11 @@ def test_every_route_but_health_needs_a_key(app_env) -> None:
 
 
 def _alice_world(client: TestClient, settings: Settings, alice: dict) -> dict[str, str]:
-    """Alice's job (succeeded, with an artifact), her upload, and a queued job using the upload."""
+    """Alice's job (succeeded, with an artifact), her upload, and her sweep (ended, that job its winner)."""
     up = client.post("/v1/uploads?kind=weights", content=safetensors_bytes(), headers=alice).json()
     job = client.post("/v1/jobs", json=SPEC, headers=alice).json()
+    sweep = client.post("/v1/sweeps", json={"spec": SPEC, "methods": ["magnitude"]}, headers=alice)
+    assert sweep.status_code == 201, sweep.text
     engine = db.make_engine(settings.sqlalchemy_url)
     folder = attempt_dir(settings.artifacts_dir, job["id"], 1)
     folder.mkdir(parents=True)
@@ -118,12 +126,20 @@ def _alice_world(client: TestClient, settings: Settings, alice: dict) -> dict[st
             s, job["id"], attempt, "model.safetensors", rel, 7, digest, "application/octet-stream"
         )
         repo.finish_job(s, job["id"], attempt, JobStatus.SUCCEEDED)
+        row = s.get(Sweep, sweep.json()["id"])
+        row.status, row.winner_job_id = JobStatus.SUCCEEDED, job["id"]
     engine.dispose()
-    return {"job_id": job["id"], "upload_id": up["id"], "name": "model.safetensors", "model_name": "resnet20"}
+    return {
+        "job_id": job["id"],
+        "upload_id": up["id"],
+        "sweep_id": sweep.json()["id"],
+        "name": "model.safetensors",
+        "model_name": "resnet20",
+    }
 
 
 def unmask(text: str, ids: dict[str, str]) -> str:
-    for key in ("job_id", "upload_id"):
+    for key in ("job_id", "upload_id", "sweep_id"):
         text = text.replace(ids[key], f"<{key}>")
     return text
 
@@ -133,8 +149,15 @@ def test_another_owner_gets_404_on_every_route(app_env) -> None:
     every listing leaves her ids out. A route the test cannot classify fails it."""
     client, settings, alice, bob = app_env
     ids = _alice_world(client, settings, alice)
-    fake = {"job_id": "f" * 32, "upload_id": "e" * 32, "name": "model.safetensors", "model_name": "resnet20"}
-    creators = {("POST", "/v1/jobs"), ("POST", "/v1/uploads")}  # make the caller's own, nothing else
+    fake = {
+        "job_id": "f" * 32,
+        "upload_id": "e" * 32,
+        "sweep_id": "d" * 32,
+        "name": "model.safetensors",
+        "model_name": "resnet20",
+    }
+    # make the caller's own, nothing else
+    creators = {("POST", "/v1/jobs"), ("POST", "/v1/uploads"), ("POST", "/v1/sweeps")}
     checked = 0
     for method, path in api_routes(client):
         if path in PUBLIC or (method, path) in creators:
@@ -154,7 +177,7 @@ def test_another_owner_gets_404_on_every_route(app_env) -> None:
         else:
             assert method == "GET", f"{method} {path}: not classified by the isolation test"
             assert r.status_code == 200, (path, r.text)
-            assert ids["job_id"] not in r.text and ids["upload_id"] not in r.text, path
+            assert all(ids[k] not in r.text for k in ("job_id", "upload_id", "sweep_id")), path
         checked += 1
     assert checked >= 10
     # nothing of alice's changed hands: her job is not cancelled, her upload not deleted
