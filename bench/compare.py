@@ -222,14 +222,14 @@ def run_target(
     rows[method]["trigger"] = res.report.method_details.get("trigger")
     # training cost, forward MACs and seconds of the training steps: magnitude's includes the dense
     # training it starts from; the peer's plain loop is not metered
-    rows["magnitude"].update(_cost(mag.report.history, dense_cost))
-    rows[method].update(_cost(res.report.history))
+    rows["magnitude"].update(training_cost(mag.report.history, dense_cost))
+    rows[method].update(training_cost(res.report.history))
     if early is not None:
-        rows["prune-at-init"].update(_cost(early.report.history))
+        rows["prune-at-init"].update(training_cost(early.report.history))
     return {"target": target, "rows": rows}
 
 
-def _cost(history: list[Any], before: dict[str, float] | None = None) -> dict[str, float]:
+def training_cost(history: list[Any], before: dict[str, float] | None = None) -> dict[str, float]:
     """Forward MACs and seconds that an engine run's training epochs computed (plus ``before``)."""
     macs = sum(r.train_macs or 0 for r in history) + (before or {}).get("train_macs", 0)
     wall = sum(r.wall_s for r in history) + (before or {}).get("train_wall_s", 0.0)

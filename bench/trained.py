@@ -1,0 +1,266 @@
+"""``python -m bench.trained``: Table A, "I have a trained model".
+
+Every method that can start from trained weights starts from the same converged dense model
+(``bench/dense/resnet20-cifar10.safetensors``, trained once by ``bench/dense/resnet20-cifar10.yaml``; this
+benchmark never retrains it) and gets the same fine-tuning budget: ``finetune_epochs`` passes over a
+class-balanced part of the training set (``per_class`` images of each class), batch ``batch_size``, at
+the fine-tune LR. Per seed and MAC target:
+
+- ``magnitude`` with KD from the dense model (``runner.run`` from the weights);
+- Torch-Pruning's own pruner (``bench.peer``: bisected to the target, fine-tuned by the plain loop, no KD);
+- each contender of ``CONTENDERS`` through ``runner.run``, as ``bench.compare`` specifies it from dense
+  weights (``tas``: search then the found network with KD, the search's share of the epochs included in the
+  budget; ``psap``: prune-train with KD; ``s2h-dense``: S2H from the weights with KD).
+
+Top-1 is measured on the whole test split (10,000 images) with ``bench.measure``; every row lies in
+``[target - 0.02, target]`` of the dense MACs. ``--validation N`` measures on the last N training images of
+each class instead (held out of the fine-tuning part) for choosing options; the test split is not read.
+Results go to ``bench/results/[val-]trained-<profile>-<time>.json`` (rewritten after every seed) and the
+``[val-]trained-<profile>`` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning_core.export import load_pruned
+from pruning_core.macs import count_macs
+from pruning_core.runner import run
+from pruning_core.spec import DataSpec, KDSpec
+from pruning_core.zoo import build_model
+
+from . import markdown
+from .compare import method_spec, training_cost
+from .measure import measure_row
+from .profiles import BENCH_DIR, REPO_DIR, RESULTS_DIR, Case, Profile, _cifar
+from .run import (
+    EchoReporter,
+    check_device,
+    job_spec,
+    log,
+    machine_info,
+    peer_stage,
+    resolve_data,
+    setup,
+    warm_up,
+)
+
+FORMAT = "pruning-core/bench-trained-v1"
+WEIGHTS = BENCH_DIR / "dense" / "resnet20-cifar10.safetensors"
+CONTENDERS = ("tas", "psap", "s2h-dense")  # bench.compare's contenders that start from dense weights
+
+
+@dataclass(frozen=True)
+class TrainedProfile:
+    """Table A's settings: the case (its fine-tune epochs and LR are the budget), targets and weights."""
+
+    profile: Profile
+    targets: tuple[float, ...]
+    weights: Path
+
+
+# Sized for about 90 minutes on 2 CPU cores (3 seeds x 2 targets x 5 contenders): 8 epochs over 500
+# images per class = 40,000 images (625 steps of 64) of fine-tuning for every contender.
+PROFILES: dict[str, TrainedProfile] = {
+    "cpu": TrainedProfile(
+        Profile(
+            name="cpu",
+            device="cpu",
+            cases=(Case("cifar10-jpeg", _cifar(500, None), "resnet20", 0, 8, 64, 0.05, 0.01, (0, 1, 2)),),
+        ),
+        targets=(0.5, 0.3),
+        weights=WEIGHTS,
+    ),
+    # the test's: digits, one epoch, one seed; --weights names a digits model
+    "smoke": TrainedProfile(
+        Profile(
+            name="smoke",
+            device="cpu",
+            latency_iters=10,
+            latency_max_s=2.0,
+            cases=(Case("digits", DataSpec(name="digits"), "resnet20", 0, 2, 64, 0.05, 0.01, (0,)),),
+        ),
+        targets=(0.5,),
+        weights=WEIGHTS,
+    ),
+}
+
+
+def run_target(s: Any, weights: Path, dense_macs: int, target: float) -> dict[str, Any]:
+    """Every contender at one target, from ``weights``, with the case's fine-tuning budget; their rows."""
+    label = f"{s.case.label} seed {s.seed} target {target:g}"
+    work = s.work / f"t{target:g}"
+    at = replace(s, profile=replace(s.profile, target=target))
+    log(f"{label}: magnitude + KD")
+    mag_spec = job_spec(s.case, s.spec.data, s.seed, at.profile, weights)
+    results = {"magnitude": run(mag_spec.model_copy(update={"kd": KDSpec(enabled=True)}), work / "magnitude")}
+    log(f"{label}: Torch-Pruning peer")
+    peer, peer_times = peer_stage(at, weights, dense_macs)
+    for name in CONTENDERS:
+        log(f"{label}: {name}")
+        results[name] = run(method_spec(name, at, target, weights), work / name, EchoReporter())
+    models = {"peer": peer.model} | {k: load_pruned(r.workdir) for k, r in results.items()}
+    rows = {k: measure_row(m, s.ds.test, s.example, s.device, s.profile) for k, m in models.items()}
+    for name, row in rows.items():
+        row.pop("latency")  # latency has its own benchmark (bench.speed); here: accuracy at equal MACs
+        row["macs_ratio"] = row["macs"] / dense_macs
+        if name in results:
+            row.update(training_cost(results[name].report.history))
+            row["views"] = results[name].report.history[-1].views if results[name].report.history else {}
+    rows["peer"]["train_wall_s"] = peer_times["peer_finetune_s"]
+    return {"target": target, "rows": rows}
+
+
+def run_seed(case: Case, seed: int, tp: TrainedProfile, weights: Path, work: Path) -> dict[str, Any]:
+    s, _ = setup(case, resolve_data(case.data), seed, tp.profile, work)
+    dense_model = build_model(s.model_name, s.num_classes, s.in_channels, weights)
+    dense = measure_row(dense_model, s.ds.test, s.example, s.device, tp.profile)
+    dense.pop("latency")
+    dense_macs = count_macs(dense_model.cpu(), s.example)
+    targets = [run_target(s, weights, dense_macs, t) for t in tp.targets]
+    return {"seed": seed, "dense": dense, "targets": targets, "train_images": len(s.ds.train)}
+
+
+LABELS = {
+    "magnitude": "`magnitude` + KD",
+    "peer": "Torch-Pruning `BasePruner` (no KD)",
+    "tas": "`tas` (search, then the found network with KD)",
+    "psap": "`psap` (prune-train with KD)",
+    "s2h-dense": "`s2h` from the weights, with KD",
+}
+
+
+def render(results: dict[str, Any], source: Path) -> str:
+    m, case = results["machine"], results["case"]
+    runs = case["runs"]
+    where = source.relative_to(REPO_DIR) if source.is_relative_to(REPO_DIR) else source.name
+    lines = [
+        f'## Table A: "I have a trained model" ({results["profile"]} profile)',
+        "",
+        f"`{results['command']}`, run {results['date']}, {results['wall_s'] / 60:.1f} min; results `{where}`.  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
+        f"torch-pruning {m['torch_pruning']}; device `{m['device']}`.",
+        "",
+        f"Every row starts from the same dense weights (`{results['weights']}`) and gets the same budget: "
+        f"{case['finetune_epochs']} epochs over {runs[0]['train_images']:,} training images "
+        f"({case['per_class']} per class), batch {case['batch_size']} "
+        f"({case['finetune_epochs'] * -(-runs[0]['train_images'] // case['batch_size']):,} steps), peak LR "
+        f"{case['finetune_lr']:g} (cosine). `tas` spends half of the epochs searching. Top-1 on "
+        + (
+            f"the validation split (the last {results['validation']} training images of each class, held out); "
+            "the test split was not read."
+            if results.get("validation")
+            else "the whole test split; mean ± std over seeds (per seed in brackets)."
+        )
+        + " Training s: the training steps' seconds (evaluation excluded); x magnitude: against "
+        "`magnitude` + KD's in the same seed.",
+        "",
+        "| Target | Method | Top-1 % | MACs ratio | Params | Training s | x magnitude |",
+        "|---|---|---|---|---|---|---|",
+        f"| 1.0 | dense | {markdown.fmt_top1([r['dense']['top1'] for r in runs])} | 1.000 | "
+        f"{markdown.fmt_count([r['dense']['params'] for r in runs])} | | |",
+    ]
+    for i, target in enumerate(results["targets"]):
+        done = [r for r in runs if len(r["targets"]) > i]
+        if not done:
+            continue
+        for key in ("magnitude", "peer", *CONTENDERS):
+            rows = [r["targets"][i]["rows"][key] for r in done]
+            mags = [r["targets"][i]["rows"]["magnitude"]["train_wall_s"] for r in done]
+            walls = [x["train_wall_s"] for x in rows]
+            lines.append(
+                f"| {target:g} | {LABELS[key]} | {markdown.fmt_top1([x['top1'] for x in rows])} | "
+                f"{markdown.fmt_range([x['macs_ratio'] for x in rows])} | "
+                f"{markdown.fmt_count([x['params'] for x in rows])} | {markdown.fmt_count(walls)} | "
+                f"{markdown.fmt_range([w / g for w, g in zip(walls, mags, strict=True)], 2)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.trained", description=__doc__.split("\n")[0])
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    p.add_argument("--weights", type=Path, help="dense weights instead of the profile's")
+    p.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the profile's")
+    p.add_argument("--targets", type=lambda t: tuple(float(x) for x in t.split(",")), help="MAC ratios")
+    p.add_argument(
+        "--validation", type=int, metavar="N", help="measure on N held-out training images per class"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
+    p.add_argument(
+        "--render", type=Path, metavar="JSON", help="only regenerate the markdown from a results file"
+    )
+    args = p.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        markdown.write_section(args.markdown, _section(results), render(results, args.render.resolve()))
+        return 0
+    tp = PROFILES[args.profile]
+    case = tp.profile.cases[0]
+    if args.seeds:
+        case = replace(case, seeds=tuple(range(args.seeds)))
+    if args.validation:
+        case = replace(case, data=case.data.model_copy(update={"validation": args.validation}))
+    tp = replace(tp, profile=replace(tp.profile, cases=(case,)), targets=args.targets or tp.targets)
+    weights = (args.weights or tp.weights).resolve()
+    if not weights.is_file():
+        raise SystemExit(
+            f"bench: dense weights {weights} not found (bench/dense/resnet20-cifar10.yaml makes them)"
+        )
+    check_device(tp.profile)
+    started = dt.datetime.now(dt.UTC)
+    results: dict[str, Any] = {
+        "format": FORMAT,
+        "profile": tp.profile.name,
+        "validation": args.validation,
+        "weights": str(weights.relative_to(REPO_DIR) if weights.is_relative_to(REPO_DIR) else weights.name),
+        "targets": list(tp.targets),
+        "command": "python -m bench.trained " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine_info(torch.device(tp.profile.device)),
+        "case": {
+            "label": case.label,
+            "model": case.model,
+            "per_class": case.data.per_class,
+            "finetune_epochs": case.finetune_epochs,
+            "batch_size": case.batch_size,
+            "finetune_lr": case.finetune_lr,
+            "runs": [],
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{_section(results)}-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
+    warm_up(torch.device(tp.profile.device))
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=args.out))
+    try:
+        for seed in case.seeds:
+            results["case"]["runs"].append(run_seed(case, seed, tp, weights, work / f"s{seed}"))
+            results["wall_s"] = time.perf_counter() - t0
+            path.write_text(json.dumps(results, indent=1) + "\n")
+            markdown.write_section(args.markdown, _section(results), render(results, path))
+            log(f"results so far: {path}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _section(results: dict[str, Any]) -> str:
+    return f"{'val-' if results.get('validation') else ''}trained-{results['profile']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
