@@ -463,3 +463,54 @@ def test_the_sweep_flow_on_postgresql(pg_service: Service) -> None:
     rows = done["leaderboard"]["rows"]
     assert [r["status"] for r in rows] == ["failed", "cancelled", "cancelled"]
     assert rows[0]["error"] == {"code": "x", "message": "y"}
+
+
+def test_a_sweep_through_celery_workers_on_redis(
+    pg_url: str, redis_url: str, tmp_path: Path, procs: Any
+) -> None:
+    """The deployed path: a real Celery worker process runs the dense job, its ``after_job`` creates the
+    children and sends them through Redis (``broker_enqueue``), the worker runs them and the last one
+    ends the sweep, with no reaper pass."""
+    from api.sweep_plan import SweepIn, plan
+    from pruning_core.spec import JobSpec
+    from tests.faultkit import celery_stack, wait_for
+
+    body = SweepIn(spec=JobSpec.model_validate(BASE), methods=["magnitude", "epi"])
+    children, dense, errors = plan(body)
+    assert not errors and dense is not None
+    with celery_stack(pg_url, redis_url, tmp_path, procs, {}) as (settings, engine, _send, enqueue):
+        with db.session_scope(engine) as s:
+            sweep, ids = sweeps.create_sweep(
+                s, "alice", body.model_dump(mode="json"), "top1", children, dense
+            )
+            sweep_id = sweep.id
+        assert len(ids) == 1  # the dense job alone; the children follow from its weights
+        enqueue(ids[0])
+        procs.celery_worker("w1")
+
+        def ended() -> dict[str, Any] | None:
+            with db.session_scope(engine) as s:
+                row = s.get(Sweep, sweep_id)
+                if row is None or row.status == "running":
+                    return None
+                return {
+                    "status": row.status,
+                    "error": row.error_code,
+                    "board": row.leaderboard,
+                    "winner": row.winner_job_id,
+                }
+
+        try:
+            done = wait_for(ended, 240, "the sweep to end")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{procs.logs()}") from None
+        with db.session_scope(engine) as s:
+            jobs = sweeps.sweep_jobs(s, sweep_id)
+            workers = {(j.method, j.status, (j.worker or "").split("@")[0]) for j in jobs}
+            ids_all = [j.id for j in jobs]
+    assert (done["status"], done["error"]) == ("succeeded", None)
+    assert workers == {("magnitude", "succeeded", "w1"), ("epi", "succeeded", "w1")} and len(jobs) == 3
+    rows = done["board"]["rows"]
+    assert sorted(r["method"] for r in rows) == ["epi", "magnitude"]
+    assert all(r["status"] == "succeeded" and r["top1"] is not None for r in rows)
+    assert done["winner"] in set(ids_all[1:])
