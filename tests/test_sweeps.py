@@ -6,7 +6,9 @@ worker would run them; figures are checked against each child's own ``report.jso
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -183,6 +185,21 @@ def test_a_digits_sweep_over_every_method_ranks_figures_equal_to_each_report(ser
     r = service.client.get(f"/v1/sweeps/{sweep['id']}/artifacts/model.safetensors", headers=service.a)
     w = service.client.get(f"/v1/jobs/{done['winner']}/artifacts/model.safetensors", headers=service.a)
     assert r.status_code == 200 and r.content == w.content
+
+    # the sweep's own files are served as job artifacts are: digest, ETag, ranges, a changed file refused
+    url = f"/v1/sweeps/{sweep['id']}/artifacts/leaderboard.json"
+    whole = service.client.get(url, headers=service.a)
+    digest = base64.b64encode(hashlib.sha256(whole.content).digest()).decode()
+    assert whole.headers["repr-digest"] == f"sha-256=:{digest}:"
+    part = service.client.get(url, headers={**service.a, "Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == whole.content[:10]
+    etag = {"If-None-Match": whole.headers["etag"]}
+    assert service.client.get(url, headers={**service.a, **etag}).status_code == 304
+    assert_problem(service.client.get(url, headers={**service.a, "Range": "bytes=99999999-"}), 416)
+    html_path = next(service.settings.artifacts_dir.glob(f"sweep-{sweep['id']}/sweep.html"))
+    html_path.write_text(html.replace("Sweep", "Swept"))  # same size, other bytes
+    gone = service.client.get(f"/v1/sweeps/{sweep['id']}/artifacts/sweep.html", headers=service.a)
+    assert_problem(gone, 410)
 
 
 def test_too_many_children_is_a_422_problem(service: Service) -> None:

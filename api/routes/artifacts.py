@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -112,12 +113,14 @@ def _ns(dt: datetime) -> int:
     return int(dt.timestamp()) * 10**9 + dt.microsecond * 1000
 
 
-def check_unchanged(path: Path, stat: os.stat_result, size: int, sha256: str, recorded: datetime) -> bool:
+def check_unchanged(
+    path: Path, stat: os.stat_result, size: int, sha256: str, recorded: datetime | None
+) -> bool:
     """Whether the file still is what its row records: its size, and its sha256 when it changed on disk
     after the row was written (a file untouched since is trusted without reading it)."""
     if stat.st_size != size:
         return False
-    return stat.st_ctime_ns <= _ns(recorded) or _digest(path, stat) == sha256
+    return (recorded is not None and stat.st_ctime_ns <= _ns(recorded)) or _digest(path, stat) == sha256
 
 
 @router.head(ARTIFACT_PATH, operation_id="head_artifact", summary="Head artifact")
@@ -145,21 +148,48 @@ def download_artifact(
         art = repo.get_artifact(s, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
     if art is None:
         raise Problem(404, f"Job {job_id} has no artifact '{echo(name)}'.", slug="artifact-not-found")
+    return serve_recorded_file(
+        settings.artifacts_dir,
+        RecordedFile(art.name, art.path, art.size, art.sha256, art.media_type, art.created_at),
+        range_,
+        if_none_match,
+        what=f"job {job_id}",
+    )
+
+
+@dataclass(frozen=True)
+class RecordedFile:
+    """A stored file as its row records it: ``path`` relative to the artifacts root."""
+
+    name: str
+    path: str
+    size: int
+    sha256: str  # hex
+    media_type: str
+    recorded: datetime | None  # when the row was written; None: always check the digest
+
+
+def serve_recorded_file(
+    root: Path, rec: RecordedFile, range_: str | None, if_none_match: str | None, *, what: str
+) -> Response:
+    """The file, checked against its record (404 missing, 410 changed on disk), with ETag, Repr-Digest,
+    If-None-Match (304) and single byte ranges (206 / 416): for job artifacts and sweep files alike."""
+    name = rec.name
     try:
-        path: Path = files.resolve_under(settings.artifacts_dir, art.path)
+        path: Path = files.resolve_under(root, rec.path)
         stat = path.stat()
     except (ValueError, OSError):
         raise Problem(404, f"The file of artifact {name!r} is missing.", slug="artifact-not-found") from None
-    if not check_unchanged(path, stat, art.size, art.sha256, art.created_at):
-        log.error("artifact %s of job %s changed on disk (%s); not served", name, job_id, path)
+    if not check_unchanged(path, stat, rec.size, rec.sha256, rec.recorded):
+        log.error("artifact %s of %s changed on disk (%s); not served", name, what, path)
         raise Problem(
             410,
             f"The file of artifact {name!r} no longer matches its record (its size or sha256 changed on "
             "disk); it is not served. Tell the operator, or run the job again.",
             slug="artifact-corrupt",
         )
-    etag = f'"{art.sha256}"'
-    b64 = base64.b64encode(bytes.fromhex(art.sha256)).decode()
+    etag = f'"{rec.sha256}"'
+    b64 = base64.b64encode(bytes.fromhex(rec.sha256)).decode()
     headers = {
         "ETag": etag,
         "Repr-Digest": f"sha-256=:{b64}:",
@@ -178,10 +208,4 @@ def download_artifact(
             headers={"Content-Range": f"bytes */{stat.st_size}"},
         )
     cls = _WholeFile if state == "ignore" else FileResponse
-    return cls(
-        path,
-        media_type=art.media_type,
-        filename=Path(art.name).name,
-        headers=headers,
-        stat_result=stat,
-    )
+    return cls(path, media_type=rec.media_type, filename=Path(name).name, headers=headers, stat_result=stat)

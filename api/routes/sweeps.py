@@ -14,13 +14,12 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse
 
 from pruning_core.spec import JobSpec, submit_problems
-from store import files, repo, sweeps
+from store import repo, sweeps
 from store.models import TERMINAL, Job, JobStatus, Sweep
 
 from .. import queue, quotas
@@ -30,7 +29,7 @@ from ..problems import PROBLEM_SCHEMA, Problem
 from ..refs import spec_errors, weights_errors, weights_to_check
 from ..schemas import ARTIFACT_NAME, ArtifactList, ArtifactOut, artifact_out, echo, is_id, job_path, utc
 from ..sweep_plan import SweepIn, child_count, plan
-from .artifacts import download_artifact
+from .artifacts import RecordedFile, download_artifact, serve_recorded_file
 from .events import PING_S, POLL_S
 from .jobs import check_cursor, root_path
 
@@ -369,7 +368,12 @@ def list_sweep_artifacts(
 @router.get(
     "/v1/sweeps/{sweep_id}/artifacts/{name:path}",
     operation_id="download_sweep_artifact",
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file"}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The file"},
+        206: {"description": "A byte range of the file"},
+        304: {"description": "Not modified (If-None-Match)"},
+        416: PROBLEM_SCHEMA,
+    },
 )
 def download_sweep_artifact(
     sweep_id: str,
@@ -384,18 +388,10 @@ def download_sweep_artifact(
     with sessions() as s:
         sweep = owned_sweep(s, owner, sweep_id)
         record = (sweep.files or {}).get(name) if ARTIFACT_NAME.fullmatch(name) else None
-        winner = sweep.winner_job_id
+        winner, finished = sweep.winner_job_id, sweep.finished_at
     if record is None:
         if winner is None:
             raise Problem(404, f"Sweep {sweep_id} has no artifact '{echo(name)}'.", slug="artifact-not-found")
         return download_artifact(winner, name, sessions, owner, settings, range_, if_none_match)
-    try:
-        path = files.resolve_under(settings.artifacts_dir, record["path"])
-    except ValueError:
-        raise Problem(404, f"The file of artifact {name!r} is missing.", slug="artifact-not-found") from None
-    if not path.is_file():
-        raise Problem(404, f"The file of artifact {name!r} is missing.", slug="artifact-not-found")
-    etag = f'"{record["sha256"]}"'
-    if if_none_match and etag in if_none_match:
-        return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(path, media_type=record["media_type"], filename=name, headers={"ETag": etag})
+    rec = RecordedFile(name, record["path"], record["size"], record["sha256"], record["media_type"], finished)
+    return serve_recorded_file(settings.artifacts_dir, rec, range_, if_none_match, what=f"sweep {sweep_id}")
