@@ -60,7 +60,7 @@ from .run import (
     warm_up,
 )
 
-FORMAT = "pruning-core/bench-compare-v1"
+FORMAT = "pruning-core/bench-compare-v2"  # v2: several methods per table ("contenders")
 
 
 @dataclass(frozen=True)
@@ -181,11 +181,13 @@ def run_target(
     s: Any,
     weights: Path,
     dense_macs: int,
-    method: str,
+    methods: list[str],
     target: float,
-    options: dict[str, Any],
+    options: dict[str, dict[str, Any]],
     dense_cost: dict[str, float],
 ) -> dict[str, Any]:
+    """``magnitude`` + KD, the peer, ``magnitude`` at the initial weights (when a one-stage contender is
+    among ``methods``) and each method at one target; their rows."""
     label = f"{s.case.label} seed {s.seed} target {target:g}"
     work = s.work / f"t{target:g}"
     log(f"{label}: magnitude + KD")
@@ -195,38 +197,48 @@ def run_target(
     log(f"{label}: Torch-Pruning peer")
     peer, _ = peer_stage(replace(s, profile=replace(s.profile, target=target)), weights, dense_macs)
     early = None
-    if CONTENDERS[method].prune_at_init:
+    if any(CONTENDERS[m].prune_at_init for m in methods):
         log(f"{label}: magnitude at the initial weights")
         early = run(_at_init_spec(s, target), work / "prune-at-init", EchoReporter())
-    log(f"{label}: {method}")
-    spec = method_spec(method, s, target, weights, options)
-    t0 = time.perf_counter()
-    res = run(spec, work / method, EchoReporter())
-    wall = time.perf_counter() - t0
-    models = {"magnitude": load_pruned(mag.workdir), "peer": peer.model, method: load_pruned(res.workdir)}
+    results = {}
+    for method in methods:
+        log(f"{label}: {method}")
+        spec = method_spec(method, s, target, weights, options.get(method))
+        t0 = time.perf_counter()
+        results[method] = (run(spec, work / method, EchoReporter()), time.perf_counter() - t0)
+    models = {"magnitude": load_pruned(mag.workdir), "peer": peer.model}
+    models |= {m: load_pruned(res.workdir) for m, (res, _) in results.items()}
     if early is not None:
         models["prune-at-init"] = load_pruned(early.workdir)
     rows = {k: measure_row(m, s.ds.test, s.example, s.device, s.profile) for k, m in models.items()}
     for row in rows.values():
         row["macs_ratio"] = row["macs"] / dense_macs
-        row.pop("latency")  # latency has its own benchmark (bench.run); here: accuracy at equal MACs
-    trained = [r for r in res.report.history if r.phase != "dense"]
-    first = [r for r in trained if r.phase == trained[0].phase] if trained else []
-    rows[method]["epoch_s"] = statistics.fmean(r.wall_s for r in first)  # the search (or only) phase
-    rows[method]["epoch_cpu_s"] = statistics.fmean(r.cpu_s or 0.0 for r in first)
-    rows[method]["phase"] = trained[0].phase if trained else None
-    rows[method]["wall_s"] = wall
-    rows[method]["soft_top1"] = trained[-1].views.get("soft") if trained else None
-    rows[method]["blocks"] = res.report.blocks
-    rows[method]["trigger_epoch"] = res.report.method_details.get("trigger_epoch")
-    rows[method]["trigger"] = res.report.method_details.get("trigger")
+        row.pop("latency")  # latency has its own benchmark (bench.speed); here: accuracy at equal MACs
+    for method, (res, wall) in results.items():
+        rows[method].update(_method_figures(res, wall))
     # training cost, forward MACs and seconds of the training steps: magnitude's includes the dense
     # training it starts from; the peer's plain loop is not metered
     rows["magnitude"].update(training_cost(mag.report.history, dense_cost))
-    rows[method].update(training_cost(res.report.history))
     if early is not None:
         rows["prune-at-init"].update(training_cost(early.report.history))
     return {"target": target, "rows": rows}
+
+
+def _method_figures(res: Any, wall: float) -> dict[str, Any]:
+    """A method's run beyond its top-1: its first phase's seconds per epoch, what it found, its cost."""
+    trained = [r for r in res.report.history if r.phase != "dense"]
+    first = [r for r in trained if r.phase == trained[0].phase] if trained else []
+    return {
+        "epoch_s": statistics.fmean(r.wall_s for r in first),  # the search (or only) phase
+        "epoch_cpu_s": statistics.fmean(r.cpu_s or 0.0 for r in first),
+        "phase": trained[0].phase if trained else None,
+        "wall_s": wall,
+        "soft_top1": trained[-1].views.get("soft") if trained else None,
+        "blocks": res.report.blocks,
+        "trigger_epoch": res.report.method_details.get("trigger_epoch"),
+        "trigger": res.report.method_details.get("trigger"),
+        **training_cost(res.report.history),
+    }
 
 
 def training_cost(history: list[Any], before: dict[str, float] | None = None) -> dict[str, float]:
@@ -257,9 +269,9 @@ def run_seed(
     case: Case,
     seed: int,
     profile: Profile,
-    method: str,
+    methods: list[str],
     work: Path,
-    options: dict[str, Any],
+    options: dict[str, dict[str, Any]],
     targets: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     s, model = setup(case, resolve_data(case.data), seed, profile, work)
@@ -274,36 +286,52 @@ def run_seed(
     dense["train_macs"] = sum(r["train_macs"] for r in fitted.history)
     dense["train_wall_s"] = sum(r["wall_s"] for r in fitted.history)
     targets = [
-        run_target(s, weights, dense_macs, method, t, options, dense)
-        for t in targets or CONTENDERS[method].targets[profile.name]
+        run_target(s, weights, dense_macs, methods, t, options, dense)
+        for t in targets or CONTENDERS[methods[0]].targets[profile.name]
     ]
     return {"seed": seed, "dense": dense, "targets": targets, "train_images": len(s.ds.train)}
 
 
+def contenders_of(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Method -> how it ran (one_stage, options, search_share, kd, cost), from a results file of one
+    method (``bench-compare-v1`` before several methods shared a table) or of several."""
+    if "contenders" in results:
+        return results["contenders"]
+    keys = ("one_stage", "options", "search_share", "kd", "cost")
+    return {results["method"]: {k: results.get(k) for k in keys}}
+
+
+def _how(method: str, c: dict[str, Any]) -> str:
+    if c["one_stage"]:
+        return (
+            f"`{method}` trains from the initial weights (one stage, no teacher) for as many epochs as dense "
+            "training and fine-tuning together"
+        )
+    return (
+        f"`{method}` starts from the dense model's weights and trains as many epochs as `magnitude` fine-tunes"
+        + (
+            " (a search phase, then the found network, with the dense model as its teacher)"
+            if c.get("search_share", 0.5)
+            else ""
+        )
+        + (", with KD from the dense model" if c.get("kd") else "")
+    )
+
+
 def render(results: dict[str, Any], source: Path) -> str:
-    method, profile = results["method"], results["profile"]
+    contenders, profile = contenders_of(results), results["profile"]
+    methods = list(contenders)
+    named = ", ".join(f"`{x}`" for x in methods)
     m = results["machine"]
     lines = [
-        f"## `{method}` beside `magnitude` and Torch-Pruning ({profile} profile)",
+        f"## {named} beside `magnitude` and Torch-Pruning ({profile} profile)",
         "",
         f"`{results['command']}`, run {results['date']}, {results['wall_s'] / 60:.1f} min; results "
         f"`{source.relative_to(REPO_DIR) if source.is_relative_to(REPO_DIR) else source.name}`.  ",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
         f"torch-pruning {m['torch_pruning']}; device `{m['device']}`{' (' + m['gpu'] + ')' if m['gpu'] else ''}.",
         "",
-        (
-            f"`{method}` trains from the initial weights (one stage, no teacher) for as many epochs as dense "
-            "training and fine-tuning together"
-            if results["one_stage"]
-            else f"`{method}` starts from the dense model's weights and trains as many epochs as `magnitude` "
-            "fine-tunes"
-            + (
-                " (a search phase, then the found network, with the dense model as its teacher)"
-                if results.get("search_share", 0.5)
-                else ""
-            )
-            + (", with KD from the dense model" if results.get("kd") else "")
-        )
+        "; ".join(_how(x, c) for x, c in contenders.items())
         + "; `magnitude` fine-tunes the dense weights with KD from the dense model; the peer is fine-tuned by "
         "a plain loop without KD. Top-1: mean ± std over seeds (per seed in brackets).",
         "",
@@ -315,100 +343,130 @@ def render(results: dict[str, Any], source: Path) -> str:
             "choosing options, not for comparing with the test figures.",
             "",
         ]
-    if results.get("options"):
-        opts = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in results["options"].items())
-        lines += [f"`{method}`'s options (beside the job's target and schedule): {opts}.", ""]
-    cost = results.get("cost", False)
+    for x, c in contenders.items():
+        if c.get("options"):
+            opts = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in c["options"].items())
+            lines += [f"`{x}`'s options (beside the job's target and schedule): {opts}.", ""]
+    cost = any(c.get("cost") for c in contenders.values())
     for case in results["cases"]:
-        runs = case["runs"]
-        if not runs:
-            continue
-        lines += [
-            f"### {case['label']} ({case['model']}, {runs[0]['train_images']:,} train images; dense "
-            f"{case['dense_epochs']} + fine-tune {case['finetune_epochs']} epochs; seeds "
-            f"{', '.join(str(r['seed']) for r in runs)})",
-            "",
-            "| Target | Method | Top-1 % | MACs ratio | Params |"
-            + (" Training MACs (fwd) | x all-dense | Training s |" if cost else ""),
-            "|---|---|---|---|---|" + ("---|---|---|" if cost else ""),
-            f"| 1.0 | dense | {markdown.fmt_top1([r['dense']['top1'] for r in runs])} | 1.000 | "
-            f"{markdown.fmt_count([r['dense']['params'] for r in runs])} |" + (" | | |" if cost else ""),
-        ]
-        targets = [t["target"] for t in runs[0]["targets"]]
-        for i, target in enumerate(targets):
-            done = [r for r in runs if len(r["targets"]) > i]
-            for key, label in (
-                ("magnitude", "`magnitude` + KD" + (", after the dense training" if cost else "")),
-                ("prune-at-init", "`magnitude` at the initial weights"),
-                ("peer", "Torch-Pruning `BasePruner`"),
-                (method, f"`{method}`"),
-            ):
-                if key not in done[0]["targets"][i]["rows"]:
-                    continue
-                rows = [r["targets"][i]["rows"][key] for r in done]
-                line = (
-                    f"| {target:g} | {label} | {markdown.fmt_top1([x['top1'] for x in rows])} | "
-                    f"{markdown.fmt_range([x['macs_ratio'] for x in rows])} | "
-                    f"{markdown.fmt_count([x['params'] for x in rows])} |"
-                )
-                if cost:
-                    metered = [(x, r) for x, r in zip(rows, done, strict=True) if x.get("train_macs")]
-                    if metered:
-                        macs = statistics.fmean(x["train_macs"] for x, _ in metered)
-                        dense = [x["train_macs"] / _all_dense(r, case) for x, r in metered]
-                        walls = statistics.fmean(x["train_wall_s"] for x, _ in metered)
-                        line += f" {macs / 1e9:,.0f} G | {markdown.fmt_range(dense)} | {walls:,.0f} |"
-                    else:
-                        line += " not metered | | |"
-                lines.append(line)
-            triggers = [r["targets"][i]["rows"][method].get("trigger_epoch") for r in done]
-            if any(t is not None for t in triggers):
-                how = [r["targets"][i]["rows"][method].get("trigger") for r in done]
-                lines += [
-                    "",
-                    f"`{method}` pruned at the end of epoch "
-                    + ", ".join(f"{t} ({h})" for t, h in zip(triggers, how, strict=True))
-                    + " (per seed).",
-                ]
-        per_epoch = [t["rows"][method]["epoch_s"] for r in runs for t in r["targets"]]
-        dense_epoch = [r["dense"]["epoch_s"] for r in runs]
-        blocks = [t["rows"][method].get("blocks") for r in runs for t in r["targets"]]
-        if any(b and any(v[0] != v[1] for v in b.values()) for b in blocks):  # some stage lost blocks
-            found = "; ".join(", ".join(f"{k} {v[1]}/{v[0]}" for k, v in b.items()) for b in blocks if b)
-            lines += ["", f"Blocks kept per stage (kept/dense), per seed and target: {found}."]
-        if cost:
-            lines += [
-                "",
-                "Training MACs: the forward MACs every training step computed (a backward costs about twice as "
-                "much again; `magnitude`'s includes its dense training, not its KD teacher's forwards); "
-                "`x all-dense`: against training the dense model for all the epochs (dense + fine-tune), the "
-                "report's `training_macs.ratio`; training s: the training steps' seconds.",
-                "",
-            ]
-            continue
-        phase = runs[0]["targets"][0]["rows"][method].get("phase") or method
-        lines += [
-            "",
-            f"Time per epoch of `{method}`'s `{phase}` phase: {statistics.fmean(per_epoch):.2f} s, dense training "
-            f"{statistics.fmean(dense_epoch):.2f} s: **{statistics.fmean(per_epoch) / statistics.fmean(dense_epoch):.2f}x**; "
-            f"per seed {', '.join(f'{x:.2f}x' for x in _seed_ratios(runs, method))} "
-            "(the training steps of an epoch, as its record's `wall_s` measures them: the evaluation at the epoch's "
-            "end is not in it).",
-        ]
-        if all(r["dense"].get("epoch_cpu_s") for r in runs):  # results from before cpu_s have none
-            cpu = _seed_ratios(runs, method, "epoch_cpu_s")
-            lines.append(
-                f"In CPU time (`cpu_s`: the process's CPU seconds, which do not grow while other work holds the "
-                f"core): **{statistics.fmean(cpu):.2f}x**; per seed {', '.join(f'{x:.2f}x' for x in cpu)}."
-            )
-        lines.append("")
+        if case["runs"]:
+            lines += _case_lines(case, methods, cost)
     return "\n".join(lines)
 
 
-def _cases(profile: Profile, contender: Contender) -> list[Case]:
-    """The profile's cases, then each again with every extra model of the contender."""
+def _case_lines(case: dict[str, Any], methods: list[str], cost: bool) -> list[str]:
+    """One case's table, the methods' trigger epochs and found blocks, and their time per epoch."""
+    runs = case["runs"]
+    lines = [
+        f"### {case['label']} ({case['model']}, {runs[0]['train_images']:,} train images; dense "
+        f"{case['dense_epochs']} + fine-tune {case['finetune_epochs']} epochs; seeds "
+        f"{', '.join(str(r['seed']) for r in runs)})",
+        "",
+        "| Target | Method | Top-1 % | MACs ratio | Params |"
+        + (" Training MACs (fwd) | x all-dense | Training s |" if cost else ""),
+        "|---|---|---|---|---|" + ("---|---|---|" if cost else ""),
+        f"| 1.0 | dense | {markdown.fmt_top1([r['dense']['top1'] for r in runs])} | 1.000 | "
+        f"{markdown.fmt_count([r['dense']['params'] for r in runs])} |" + (" | | |" if cost else ""),
+    ]
+    labels = [
+        ("magnitude", "`magnitude` + KD" + (", after the dense training" if cost else "")),
+        ("prune-at-init", "`magnitude` at the initial weights"),
+        ("peer", "Torch-Pruning `BasePruner`"),
+    ] + [(x, f"`{x}`") for x in methods]
+    notes: list[str] = []
+    for i, target in enumerate(t["target"] for t in runs[0]["targets"]):
+        done = [r for r in runs if len(r["targets"]) > i]
+        for key, label in labels:
+            if key not in done[0]["targets"][i]["rows"]:
+                continue
+            rows = [r["targets"][i]["rows"][key] for r in done]
+            line = (
+                f"| {target:g} | {label} | {markdown.fmt_top1([x['top1'] for x in rows])} | "
+                f"{markdown.fmt_range([x['macs_ratio'] for x in rows])} | "
+                f"{markdown.fmt_count([x['params'] for x in rows])} |"
+            )
+            lines.append(line + (_cost_cells(rows, done, case) if cost else ""))
+        for x in methods:
+            triggers = [r["targets"][i]["rows"][x].get("trigger_epoch") for r in done]
+            if any(t is not None for t in triggers):
+                how = [r["targets"][i]["rows"][x].get("trigger") for r in done]
+                notes.append(
+                    f"`{x}` at {target:g} pruned at the end of epoch "
+                    + ", ".join(f"{t} ({h})" for t, h in zip(triggers, how, strict=True))
+                    + " (per seed)."
+                )
+    lines += ["", *notes] if notes else []
+    for x in methods:
+        blocks = [t["rows"][x].get("blocks") for r in runs for t in r["targets"]]
+        if any(b and any(v[0] != v[1] for v in b.values()) for b in blocks):  # some stage lost blocks
+            found = "; ".join(", ".join(f"{k} {v[1]}/{v[0]}" for k, v in b.items()) for b in blocks if b)
+            lines += ["", f"Blocks `{x}` kept per stage (kept/dense), per seed and target: {found}."]
+    if cost:
+        lines += [
+            "",
+            "Training MACs: the forward MACs every training step computed (a backward costs about twice as "
+            "much again; `magnitude`'s includes its dense training, not its KD teacher's forwards); "
+            "`x all-dense`: against training the dense model for all the epochs (dense + fine-tune), the "
+            "report's `training_macs.ratio`; training s: the training steps' seconds.",
+        ]
+    lines.append("")
+    for x in methods:
+        lines += _epoch_time_lines(runs, x)
+    return lines
+
+
+def _cost_cells(rows: list[dict[str, Any]], done: list[dict[str, Any]], case: dict[str, Any]) -> str:
+    metered = [(x, r) for x, r in zip(rows, done, strict=True) if x.get("train_macs")]
+    if not metered:
+        return " not metered | | |"
+    macs = statistics.fmean(x["train_macs"] for x, _ in metered)
+    dense = [x["train_macs"] / _all_dense(r, case) for x, r in metered]
+    walls = statistics.fmean(x["train_wall_s"] for x, _ in metered)
+    return f" {macs / 1e9:,.0f} G | {markdown.fmt_range(dense)} | {walls:,.0f} |"
+
+
+def _epoch_time_lines(runs: list[dict[str, Any]], method: str) -> list[str]:
+    """The method's seconds per epoch of its first phase against the dense training's, wall and CPU."""
+    per_epoch = [t["rows"][method]["epoch_s"] for r in runs for t in r["targets"]]
+    dense_epoch = [r["dense"]["epoch_s"] for r in runs]
+    phase = runs[0]["targets"][0]["rows"][method].get("phase") or method
+    ratio = statistics.fmean(per_epoch) / statistics.fmean(dense_epoch)
+    lines = [
+        f"Time per epoch of `{method}`'s `{phase}` phase: {statistics.fmean(per_epoch):.2f} s, dense training "
+        f"{statistics.fmean(dense_epoch):.2f} s: **{ratio:.2f}x**; "
+        f"per seed {', '.join(f'{x:.2f}x' for x in _seed_ratios(runs, method))} "
+        "(the training steps of an epoch, as its record's `wall_s` measures them: the evaluation at the epoch's "
+        "end is not in it).",
+    ]
+    if all(r["dense"].get("epoch_cpu_s") for r in runs):  # results from before cpu_s have none
+        cpu = _seed_ratios(runs, method, "epoch_cpu_s")
+        lines.append(
+            f"In CPU time (`cpu_s`: the process's CPU seconds, which do not grow while other work holds the "
+            f"core): **{statistics.fmean(cpu):.2f}x**; per seed {', '.join(f'{x:.2f}x' for x in cpu)}."
+        )
+    return [*lines, ""]
+
+
+def _cases(profile: Profile, contenders: list[Contender]) -> list[Case]:
+    """The profile's cases, then each again with every extra model of the contenders."""
     cases = list(profile.cases)
-    return cases + [replace(c, model=m) for m in contender.models for c in cases if c.model != m]
+    models = dict.fromkeys(m for c in contenders for m in c.models)
+    return cases + [replace(c, model=m) for m in models for c in cases if c.model != m]
+
+
+def section_of(results: dict[str, Any]) -> str:
+    """BENCHMARKS.md's section of a results file: ``[val-]compare-<method[+method...]>-<profile>``."""
+    prefix = "val-" if results.get("validation") else ""
+    return f"{prefix}compare-{results['method']}-{results['profile']}"
+
+
+def _methods(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if bad := [n for n in names if n not in CONTENDERS]:
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(bad)}; choose from {', '.join(sorted(CONTENDERS))}"
+        )
+    return names
 
 
 def _all_dense(run: dict[str, Any], case: dict[str, Any]) -> float:
@@ -430,12 +488,18 @@ def _floats(text: str) -> tuple[float, ...]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument(
-        "--method", choices=sorted(CONTENDERS), help="the method to compare (required unless --render)"
+        "--method",
+        type=_methods,
+        help=f"the method, or several comma-separated sharing one table, of {', '.join(sorted(CONTENDERS))} "
+        "(required unless --render)",
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the profile's")
     p.add_argument(
-        "--options", type=json.loads, default={}, help="JSON: method options over the contender's own"
+        "--options",
+        type=json.loads,
+        default={},
+        help="JSON: method options over the contender's own; with several methods, {method: options}",
     )
     p.add_argument("--only", help="just the cases whose label starts with this")
     p.add_argument(
@@ -456,9 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
-        prefix = "val-" if results.get("validation") else ""
-        section = f"{prefix}compare-{results['method']}-{results['profile']}"
-        markdown.write_section(args.markdown, section, render(results, args.render.resolve()))
+        markdown.write_section(args.markdown, section_of(results), render(results, args.render.resolve()))
         return 0
     if not args.method:
         p.error("--method is required (unless --render)")
@@ -472,19 +534,25 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
     check_device(profile)
-    method = args.method
+    methods = args.method
+    options = args.options if len(methods) > 1 else {methods[0]: args.options}
+    if unknown := set(options) - set(methods):
+        p.error(f"--options names methods not compared: {', '.join(sorted(unknown))}")
     args.out.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.UTC)
-    prefix = "val-" if args.validation else ""
-    path = args.out / f"{prefix}compare-{method}-{profile.name}-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
     results: dict[str, Any] = {
         "format": FORMAT,
-        "method": method,
-        "one_stage": CONTENDERS[method].one_stage,
-        "options": {**CONTENDERS[method].options, **args.options},
-        "search_share": CONTENDERS[method].search_share,
-        "kd": CONTENDERS[method].kd,
-        "cost": CONTENDERS[method].cost,
+        "method": "+".join(methods),
+        "contenders": {
+            x: {
+                "one_stage": CONTENDERS[x].one_stage,
+                "options": {**CONTENDERS[x].options, **options.get(x, {})},
+                "search_share": CONTENDERS[x].search_share,
+                "kd": CONTENDERS[x].kd,
+                "cost": CONTENDERS[x].cost,
+            }
+            for x in methods
+        },
         "profile": profile.name,
         "validation": args.validation,
         "command": "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -492,12 +560,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(torch.device(profile.device)),
         "cases": [],
     }
+    section = section_of(results)
+    path = args.out / f"{section}-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
     warm_up(torch.device(profile.device))
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=args.out))
-    section = f"{prefix}compare-{method}-{profile.name}"
     try:
-        for case in _cases(profile, CONTENDERS[method]):
+        for case in _cases(profile, [CONTENDERS[x] for x in methods]):
             entry = {
                 "label": case.label,
                 "model": case.model,
@@ -512,9 +581,9 @@ def main(argv: list[str] | None = None) -> int:
                         case,
                         seed,
                         profile,
-                        method,
+                        methods,
                         work / f"{case.label}-{case.model}-s{seed}".replace(" ", "_"),
-                        args.options,
+                        options,
                         args.targets,
                     )
                 )

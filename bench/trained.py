@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from pruning_core.spec import DataSpec, KDSpec
 from pruning_core.zoo import build_model
 
 from . import markdown
+from .compare import CONTENDERS as COMPARE
 from .compare import method_spec, training_cost
 from .measure import measure_row
 from .profiles import BENCH_DIR, REPO_DIR, RESULTS_DIR, Case, Profile, _cifar
@@ -69,6 +70,8 @@ class TrainedProfile:
     profile: Profile
     targets: tuple[float, ...]
     weights: Path
+    contenders: tuple[str, ...] = CONTENDERS
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # contender -> method options
 
 
 # Sized for about 90 minutes on 2 CPU cores (3 seeds x 2 targets x 5 contenders): 8 epochs over 500
@@ -98,7 +101,7 @@ PROFILES: dict[str, TrainedProfile] = {
 }
 
 
-def run_target(s: Any, weights: Path, dense_macs: int, target: float) -> dict[str, Any]:
+def run_target(s: Any, tp: TrainedProfile, weights: Path, dense_macs: int, target: float) -> dict[str, Any]:
     """Every contender at one target, from ``weights``, with the case's fine-tuning budget; their rows."""
     label = f"{s.case.label} seed {s.seed} target {target:g}"
     work = s.work / f"t{target:g}"
@@ -108,9 +111,10 @@ def run_target(s: Any, weights: Path, dense_macs: int, target: float) -> dict[st
     results = {"magnitude": run(mag_spec.model_copy(update={"kd": KDSpec(enabled=True)}), work / "magnitude")}
     log(f"{label}: Torch-Pruning peer")
     peer, peer_times = peer_stage(at, weights, dense_macs)
-    for name in CONTENDERS:
+    for name in tp.contenders:
         log(f"{label}: {name}")
-        results[name] = run(method_spec(name, at, target, weights), work / name, EchoReporter())
+        spec = method_spec(name, at, target, weights, tp.options.get(name))
+        results[name] = run(spec, work / name, EchoReporter())
     models = {"peer": peer.model} | {k: load_pruned(r.workdir) for k, r in results.items()}
     rows = {k: measure_row(m, s.ds.test, s.example, s.device, s.profile) for k, m in models.items()}
     for name, row in rows.items():
@@ -129,7 +133,7 @@ def run_seed(case: Case, seed: int, tp: TrainedProfile, weights: Path, work: Pat
     dense = measure_row(dense_model, s.ds.test, s.example, s.device, tp.profile)
     dense.pop("latency")
     dense_macs = count_macs(dense_model.cpu(), s.example)
-    targets = [run_target(s, weights, dense_macs, t) for t in tp.targets]
+    targets = [run_target(s, tp, weights, dense_macs, t) for t in tp.targets]
     return {"seed": seed, "dense": dense, "targets": targets, "train_images": len(s.ds.train)}
 
 
@@ -167,6 +171,13 @@ def render(results: dict[str, Any], source: Path) -> str:
         + " Training s: the training steps' seconds (evaluation excluded); x magnitude: against "
         "`magnitude` + KD's in the same seed.",
         "",
+        "Method options (beside target and schedule): "
+        + "; ".join(
+            f"`{c}` {json.dumps({**COMPARE[c].options, **results.get('options', {}).get(c, {})})}"
+            for c in results.get("contenders", CONTENDERS)
+        )
+        + ".",
+        "",
         "| Target | Method | Top-1 % | MACs ratio | Params | Training s | x magnitude |",
         "|---|---|---|---|---|---|---|",
         f"| 1.0 | dense | {markdown.fmt_top1([r['dense']['top1'] for r in runs])} | 1.000 | "
@@ -176,7 +187,7 @@ def render(results: dict[str, Any], source: Path) -> str:
         done = [r for r in runs if len(r["targets"]) > i]
         if not done:
             continue
-        for key in ("magnitude", "peer", *CONTENDERS):
+        for key in ("magnitude", "peer", *results.get("contenders", CONTENDERS)):
             rows = [r["targets"][i]["rows"][key] for r in done]
             mags = [r["targets"][i]["rows"]["magnitude"]["train_wall_s"] for r in done]
             walls = [x["train_wall_s"] for x in rows]
@@ -198,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--validation", type=int, metavar="N", help="measure on N held-out training images per class"
     )
+    p.add_argument("--methods", help=f"comma-separated, some of {','.join(CONTENDERS)} (default: all)")
+    p.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help='JSON: {"tas": {"init": "supernet"}, ...} per contender',
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
     p.add_argument(
@@ -214,7 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         case = replace(case, seeds=tuple(range(args.seeds)))
     if args.validation:
         case = replace(case, data=case.data.model_copy(update={"validation": args.validation}))
-    tp = replace(tp, profile=replace(tp.profile, cases=(case,)), targets=args.targets or tp.targets)
+    contenders = tuple(args.methods.split(",")) if args.methods else CONTENDERS
+    if unknown := set(contenders) - set(CONTENDERS) | set(args.options) - set(contenders):
+        p.error(f"unknown or unselected contenders: {', '.join(sorted(unknown))}")
+    tp = replace(
+        tp,
+        profile=replace(tp.profile, cases=(case,)),
+        targets=args.targets or tp.targets,
+        contenders=contenders,
+        options=args.options,
+    )
     weights = (args.weights or tp.weights).resolve()
     if not weights.is_file():
         raise SystemExit(
@@ -228,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         "validation": args.validation,
         "weights": str(weights.relative_to(REPO_DIR) if weights.is_relative_to(REPO_DIR) else weights.name),
         "targets": list(tp.targets),
+        "contenders": list(tp.contenders),
+        "options": tp.options,
         "command": "python -m bench.trained " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),
         "machine": machine_info(torch.device(tp.profile.device)),

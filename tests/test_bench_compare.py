@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
-from bench.compare import CONTENDERS, method_spec, profile_named
+import pytest
+
+from bench.compare import CONTENDERS, _methods, contenders_of, method_spec, profile_named, render, section_of
 from pruning_core.spec import DataSpec
 
 
@@ -33,3 +37,82 @@ def test_tas_starts_from_the_dense_weights_and_options_override() -> None:
     tas = method_spec("tas", s, 0.47, weights, {"init": "supernet"})
     assert tas.model.weights == str(weights) and tas.method.init == "supernet"
     assert tas.method.search_epochs + tas.schedule.epochs == s.case.finetune_epochs
+
+
+def _row(top1: float, **extra: Any) -> dict[str, Any]:
+    return {"top1": top1, "macs": 50, "params": 1000, "macs_ratio": 0.5, **extra}
+
+
+def _method_row(top1: float, **extra: Any) -> dict[str, Any]:
+    return _row(
+        top1, epoch_s=2.0, epoch_cpu_s=2.0, phase="train", train_macs=10**9, train_wall_s=9.0, **extra
+    )
+
+
+def test_several_methods_share_one_table_and_old_results_still_render() -> None:
+    """Table B: one-stage methods in one table beside magnitude at the initial weights, with their cost;
+    a results file of one method (the v1 format) renders as before."""
+    rows = {
+        "magnitude": _row(40.0, train_macs=2 * 10**9, train_wall_s=20.0),
+        "peer": _row(39.0),
+        "prune-at-init": _row(41.0, train_macs=10**9, train_wall_s=10.0),
+        "s2h": _method_row(42.0),
+        "epi": _method_row(43.0, trigger_epoch=3, trigger="indicator"),
+    }
+    run = {
+        "seed": 0,
+        "train_images": 100,
+        "dense": {"top1": 45.0, "params": 2000, "epoch_s": 1.0, "epoch_cpu_s": 1.0, "train_macs": 10**9},
+        "targets": [{"target": 0.5, "rows": rows}],
+    }
+    case = {"label": "digits", "model": "resnet20", "dense_epochs": 2, "finetune_epochs": 1, "runs": [run]}
+    machine = {
+        "cpu": "x",
+        "cores": 2,
+        "torch_threads": 1,
+        "torch": "t",
+        "torch_pruning": "p",
+        "device": "cpu",
+        "gpu": None,
+    }
+    results = {
+        "method": "s2h+epi",
+        "contenders": {
+            "s2h": {"one_stage": True, "options": {}, "search_share": None, "kd": False, "cost": False},
+            "epi": {
+                "one_stage": True,
+                "options": {"tau": 0.9},
+                "search_share": None,
+                "kd": False,
+                "cost": True,
+            },
+        },
+        "profile": "cpu",
+        "command": "python -m bench.compare --method s2h,epi",
+        "date": "d",
+        "wall_s": 60.0,
+        "machine": machine,
+        "cases": [case],
+    }
+    text = render(results, Path("r.json"))
+    assert section_of(results) == "compare-s2h+epi-cpu"
+    for label in (
+        "`magnitude` + KD, after the dense training",
+        "`magnitude` at the initial weights",
+        "`s2h`",
+        "`epi`",
+    ):
+        assert f"| 0.5 | {label} |" in text
+    assert "| 0.5 | `epi` | 43.00 (n=1) | 0.500 | 1,000 | 1 G |" in text  # the cost columns
+    assert "`epi` at 0.5 pruned at the end of epoch 3 (indicator)" in text and "`tau: 0.9`" in text
+    assert "Time per epoch of `s2h`'s `train` phase" in text and "Time per epoch of `epi`'s" in text
+
+    old = {k: v for k, v in results.items() if k != "contenders"} | {"method": "epi", "one_stage": True}
+    del rows["s2h"]
+    assert list(contenders_of(old)) == ["epi"] and "| 0.5 | `epi` |" in render(old, Path("r.json"))
+
+
+def test_method_lists_are_checked() -> None:
+    assert _methods("s2h, epi") == ["s2h", "epi"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown nope"):
+        _methods("s2h,nope")
