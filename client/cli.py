@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pruning_core.cli import FLAGS, build_spec
+from pruning_core.cli import add_spec_flags, build_spec, version_line
 from pruning_core.spec import SpecError, parse_spec
 
 from . import render
@@ -63,17 +63,12 @@ def _global_options() -> argparse.ArgumentParser:
 def _parser() -> argparse.ArgumentParser:
     g = _global_options()
     p = argparse.ArgumentParser(prog="prune", description="Structured pruning jobs.", parents=[g])
+    p.add_argument("--version", action="version", version=version_line())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run a job locally (prune run --help)", add_help=False)
 
     s = sub.add_parser("submit", parents=[g], help="submit a job to the service")
-    s.add_argument("spec", nargs="?", help="a JobSpec as YAML or JSON")
-    for flag, (path, typ) in FLAGS.items():
-        s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, help=f"sets {'.'.join(path)}")
-    s.add_argument("--kd", action="store_true", default=None, help="fine-tune with KD from the dense model")
-    s.add_argument(
-        "--formats", help="export formats, comma-separated (safetensors,torch_export,torchscript,onnx)"
-    )
+    add_spec_flags(s)
     s.add_argument("--idempotency-key", help="reuse to make a repeated submit return the same job")
     follow = s.add_mutually_exclusive_group()
     follow.add_argument("--wait", action="store_true", help="wait until the job ends")
@@ -81,11 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     sw = sub.add_parser("sweep", parents=[g], help="run several methods on one spec and rank them")
-    sw.add_argument("spec", nargs="?", help="the base JobSpec as YAML or JSON")
-    for flag, (path, typ) in FLAGS.items():
-        sw.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, help=f"sets {'.'.join(path)}")
-    sw.add_argument("--kd", action="store_true", default=None, help="fine-tune with KD from the dense model")
-    sw.add_argument("--formats", help="export formats, comma-separated")
+    add_spec_flags(sw)
     sw.add_argument("--methods", help="methods to compare, comma-separated (default: every method)")
     sw.add_argument("--targets", help="targets, comma-separated: MAC ratios (0.5) or speed-ups (2x)")
     sw.add_argument("--rank-by", choices=("top1", "speedup", "pareto"), default="top1")
@@ -142,6 +133,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
     m.add_argument("--json", action="store_true", help="print the JSON resource")
     m.set_defaults(func=cmd_model)
+
+    me = sub.add_parser("methods", help="the pruning methods and their options (this installation)")
+    me.add_argument("name", nargs="?", help="one method: its options with defaults")
+    me.add_argument("--json", action="store_true", help="print the JSON schema(s)")
+    me.set_defaults(func=cmd_methods)
+
+    mo = sub.add_parser("models", help="the model names a spec takes (this installation)")
+    mo.add_argument("--json", action="store_true", help="print them as JSON")
+    mo.set_defaults(func=cmd_models)
 
     k = sub.add_parser("keys", help="manage API keys (admin, on the server host)")
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -383,6 +383,62 @@ def cmd_model(args: argparse.Namespace) -> int:
         f"{len(rows)} keys for {info['name']} with {info['num_classes']} classes, {info['in_channels']} channels"
     )
     return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """The registered methods from this installation's spec (no service, no torch): a name and the
+    first line of its description; with a name, its options, their defaults and descriptions."""
+    from pruning_core.spec import METHODS, method_options
+
+    opts = method_options()
+    if args.name is not None and args.name not in opts:
+        raise CliError(f"unknown method {args.name!r}; known: {', '.join(METHODS)}")
+    names = [args.name] if args.name else list(METHODS)
+    if args.json:
+        print(json.dumps({n: opts[n].model_json_schema() for n in names}, indent=2))
+        return 0
+    if args.name is None:
+        rows = [(n, _first_sentence(opts[n].__doc__)) for n in names]
+        print(render.table(rows, ("method", "what it does")))
+        _note("prune methods NAME lists a method's options; set one with --set method.OPTION=VALUE")
+        return 0
+    fields = opts[args.name].model_fields
+    rows = [
+        (k, json.dumps(f.default) if f.default is not None else "null", _first_line(f.description))
+        for k, f in fields.items()
+        if k != "name"
+    ]
+    print(render.table(rows, ("option", "default", "meaning")))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Model names this installation's spec takes: the CIFAR zoo, plugins, and the allowed torchvision
+    and timm builders (the operator's ALLOWED_* settings)."""
+    from pruning_core.settings import get_settings
+    from pruning_core.spec import CIFAR_MODELS, TIMM_PREFIX, TORCHVISION_PREFIX, plugin_models
+
+    settings = get_settings()
+    rows = [(n, "cifar zoo") for n in CIFAR_MODELS]
+    rows += [(n, f"plugin ({v})") for n, v in plugin_models().items()]
+    rows += [(f"{TORCHVISION_PREFIX}{n}", "torchvision") for n in settings.allowed_torchvision_models]
+    rows += [(f"{TIMM_PREFIX}{n}", "timm") for n in settings.allowed_timm_models]
+    if args.json:
+        print(json.dumps([{"name": n, "family": f} for n, f in rows], indent=2))
+        return 0
+    print(render.table(rows, ("model", "family")))
+    return 0
+
+
+def _first_line(text: str | None) -> str:
+    """The first paragraph of a docstring or description, on one line."""
+    return " ".join((text or "").strip().split("\n\n")[0].split())
+
+
+def _first_sentence(text: str | None, width: int = 100) -> str:
+    """The docstring's first sentence (to its first ``;`` or ``.``), cut at ``width`` characters."""
+    first = _first_line(text).split(". ")[0].split("; ")[0].rstrip(".")
+    return first if len(first) <= width else first[: width - 1].rsplit(" ", 1)[0] + "…"
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -28,10 +28,15 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 
 def progress_text(job: dict) -> str:
-    if job.get("status") != "running":
+    """``train 40%`` while running; ``done`` once succeeded; where a failed or cancelled job stopped."""
+    status = job.get("status")
+    if status == "queued":
         return ""
+    if status == "succeeded":
+        return "done"
     pct = f"{100 * float(job.get('progress') or 0):.0f}%"
-    return f"{job['phase']} {pct}" if job.get("phase") else pct
+    where = f"{job['phase']} {pct}" if job.get("phase") else pct
+    return where if status == "running" else f"stopped at {where}"
 
 
 def jobs_table(jobs: Sequence[dict]) -> str:
@@ -43,12 +48,28 @@ def jobs_table(jobs: Sequence[dict]) -> str:
             _get(j, "spec", "model", "name", default=""),
             _get(j, "spec", "data", "name", default=""),
             j.get("method") or _get(j, "spec", "method", "name", default=""),
-            _get(j, "spec", "target", "macs_ratio", default=""),
+            _target_text(j.get("spec") or {}),
+            _fmt(_get(j, "result", "achieved_macs_ratio", default=None), "{:.3f}"),
+            _fmt(_get(j, "result", "pruned", "top1", default=None), "{:.2f}"),
             (j.get("created_at") or "")[:19].replace("T", " "),
         )
         for j in jobs
     ]
-    return table(rows, ("ID", "STATUS", "PROGRESS", "MODEL", "DATA", "METHOD", "TARGET", "CREATED"))
+    header = ("ID", "STATUS", "PROGRESS", "MODEL", "DATA", "METHOD", "TARGET", "MACS", "TOP-1 %", "CREATED")
+    return table(rows, header)
+
+
+def _target_text(spec: dict) -> str:
+    """``0.5`` (MAC ratio) or ``2x`` (speed-up), as the job asked."""
+    target = spec.get("target") or {}
+    if target.get("speedup") is not None:
+        return f"{target['speedup']:g}x"
+    ratio = target.get("macs_ratio")
+    return "" if ratio is None else f"{ratio:g}"
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)
 
 
 def artifacts_table(arts: Sequence[dict]) -> str:
@@ -102,7 +123,7 @@ def error_line(error: dict | None) -> str:
 
 def job_details(job: dict) -> str:
     status = job.get("status", "?")
-    if progress_text(job):
+    if status != "succeeded" and progress_text(job):
         status += f" ({progress_text(job)})"
     if job.get("cancel_requested") and job.get("status") not in TERMINAL:
         status += ", cancel requested"

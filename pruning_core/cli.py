@@ -41,17 +41,60 @@ FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prune", description="Structured pruning jobs.")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a job locally and write its artifacts")
-    r.add_argument("spec", nargs="?", help="a JobSpec as YAML or JSON")
+def _flag_help(flag: str, path: tuple[str, ...]) -> str:
+    """``sets model.name``, with the names it takes where they are a closed set."""
+    from .spec import CIFAR_MODELS, DATASETS, METHODS
+
+    known = {
+        "method": ", ".join(METHODS),
+        "data": ", ".join(DATASETS),
+        "model": ", ".join(CIFAR_MODELS) + ", tv:<torchvision builder>, timm:<model> (prune models)",
+        "allocation": "macs, latency",
+        "device": "auto, cpu, cuda, cuda:N",
+    }.get(flag)
+    return f"sets {'.'.join(path)}" + (f": {known}" if known else "")
+
+
+def add_spec_flags(p: argparse.ArgumentParser) -> None:
+    """The spec file and the flags that override its fields (``prune run``, ``submit``, ``sweep``)."""
+    p.add_argument("spec", nargs="?", help="a JobSpec as YAML or JSON")
     for flag, (path, typ) in FLAGS.items():
-        r.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, help=f"sets {'.'.join(path)}")
-    r.add_argument("--kd", action="store_true", default=None, help="fine-tune with KD from the dense model")
-    r.add_argument(
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, help=_flag_help(flag, path))
+    p.add_argument("--kd", action="store_true", default=None, help="fine-tune with KD from the dense model")
+    p.add_argument(
         "--formats", help="export formats, comma-separated (safetensors,torch_export,torchscript,onnx)"
     )
+    p.add_argument(
+        "--set",
+        dest="set_fields",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="sets any spec field, e.g. --set method.ramp=0.25 --set schedule.warmup_epochs=1 "
+        "(the value read as YAML: 0.25, true, [a, b]); repeatable, applied after the other flags",
+    )
+
+
+def version_line() -> str:
+    """``prune 0.1.0 (pruning-service; torch 2.14.1 if installed)``, without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    torch = of("torch")
+    return f"prune {of('pruning-service') or 'unknown'}" + (f" (torch {torch})" if torch else "")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prune", description="Structured pruning jobs.")
+    p.add_argument("--version", action="version", version=version_line())
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a job locally and write its artifacts")
+    add_spec_flags(r)
     r.add_argument("--out", type=Path, help="output directory (default: runs/<model>-<method>-<target>)")
     r.add_argument("--fresh", action="store_true", help="discard checkpoints in --out instead of resuming")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,20 +102,46 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """The spec file's mapping (if any) with the flags applied on top."""
+    """The spec file's mapping (if any) with the flags applied on top, then every ``--set``."""
     data: dict[str, Any] = read_spec_mapping(args.spec) if args.spec else {}
     for flag, (path, _) in FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            node = data
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = value
+            _put(data, path, value)
     if args.kd:
         data.setdefault("kd", {})["enabled"] = True
     if args.formats:
         data.setdefault("export", {})["formats"] = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for item in getattr(args, "set_fields", None) or []:
+        field, value = parse_set(item)
+        _put(data, field, value)
     return data
+
+
+def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
+    """``schedule.lr=0.1`` -> (("schedule", "lr"), 0.1); the value is read as YAML (a bad one stays a
+    string, for the spec's own validation to judge). SpecError for a malformed item."""
+    import yaml
+
+    field, sep, text = item.partition("=")
+    path = tuple(field.strip().split("."))
+    if not sep or not all(path):
+        raise SpecError([f"--set {item!r}: expected FIELD=VALUE, e.g. method.ramp=0.25"])
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return path, value
+
+
+def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):  # e.g. --set model=x then --set model.name=y
+            raise SpecError([f"{'.'.join(path)}: {key} is not a mapping in this spec"])
+        node = child
+    node[path[-1]] = value
 
 
 def _out_dir(args: argparse.Namespace, spec) -> Path:

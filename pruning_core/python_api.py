@@ -13,7 +13,6 @@ import copy
 import re
 import tempfile
 import threading
-import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -31,7 +29,7 @@ from .errors import ModelError
 from .export import load_pruned
 from .progress import TqdmReporter
 from .runner import run
-from .spec import PYTHON_PREFIX, JobSpec, MethodSpec, SpecError, parse_spec
+from .spec import PYTHON_PREFIX, JobSpec, SpecError, method_options, parse_spec
 from .zoo import MODELS, ZooEntry
 
 _LOCK = threading.Lock()  # picking a free python:<name> and registering it is one step
@@ -105,12 +103,6 @@ def _run(spec: JobSpec, workdir: Path, reporter: Reporter) -> Pruned:
     result = run(spec, workdir, reporter)
     # Read back what was exported: the returned module is exactly the one the files rebuild.
     return Pruned(load_pruned(workdir), result.report.model_dump(mode="json"), dict(result.artifacts))
-
-
-def method_options() -> dict[str, type[BaseModel]]:
-    """Method name -> its options model, read off the discriminated union ``spec.MethodSpec``."""
-    members = typing.get_args(typing.get_args(MethodSpec)[0])
-    return {cls.model_fields["name"].default: cls for cls in members}
 
 
 def _spec(

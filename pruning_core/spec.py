@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -450,6 +451,13 @@ MethodSpec = Annotated[
 METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 
 
+def method_options() -> dict[str, type[BaseModel]]:
+    """Method name -> its options model, read off the discriminated union ``MethodSpec``."""
+    members = typing.get_args(MethodSpec)[0]
+    classes = typing.get_args(members) or (members,)
+    return {cls.model_fields["name"].default: cls for cls in classes}
+
+
 # The channel step per device type when `target.round_to` is not given (a group narrower than four steps
 # takes a finer one: `budget.group_step`). Measured with `python -m bench.speed` (BENCHMARKS.md, "Speed").
 # CPU: oneDNN's convolutions work in blocks of 8 channels (AVX2); on an idle machine widths in multiples
@@ -814,6 +822,11 @@ def describe_errors(err: ValidationError) -> list[str]:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "union_tag_invalid":  # the method's name (a tagged union): say which are known
+            known = e["ctx"]["expected_tags"].replace("'", "")
+            loc, msg = f"{loc}.name", f"unknown {loc} {e['ctx']['tag']!r}; known: {known}"
+        elif e["type"] == "union_tag_not_found":
+            loc, msg = f"{loc}.name", f"required; one of {', '.join(METHODS)}"
         lines.append(f"{loc or '(spec)'}: {msg}")
     return lines
 

@@ -99,6 +99,9 @@ def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
         (["--model", "tv:resnet9000"], "unknown torchvision model 'tv:resnet9000'"),
         (["--weights", "missing.safetensors"], "weights file not found"),
         (["--data", "imagenet"], "known: digits"),
+        (["--method", "nope"], "method.name: unknown method 'nope'; known: magnitude, s2h, tas, psap, epi"),
+        (["--set", "schedule.batch_size=0"], "schedule.batch_size"),
+        (["--set", "nofield"], "expected FIELD=VALUE"),
     ],
 )
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path: Path, args: list[str], needle: str) -> None:

@@ -427,6 +427,10 @@ def test_watch_status_download_cancel(
     assert cli.main(["status"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:2] == ["ID", "STATUS"] and [r.split()[0] for r in table[1:]] == ["j2", "j1"]
+    # an ended job shows where it ended and, when it succeeded, its result (achieved MACs, top-1)
+    assert table[0].split()[-4:] == ["MACS", "TOP-1", "%", "CREATED"]
+    assert "done" in table[2] and "0.501" in table[2] and "91.50" in table[2]
+    assert "stopped at" in table[1]
     assert cli.main(["status", "j1", "--url", "http://elsewhere"]) == 0
     assert "status    succeeded" in capsys.readouterr().out
 
@@ -617,3 +621,46 @@ def test_client_never_imports_torch(tmp_path: Path) -> None:
         cwd=Path(__file__).parents[1],
     )
     assert out.stdout.strip() == "2 2 []"
+
+
+def test_version_methods_and_models_need_no_service(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("prune 0.")
+    assert cli.main(["methods"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [r.split()[0] for r in rows[1:]] == ["magnitude", "s2h", "tas", "psap", "epi"]
+    assert cli.main(["methods", "psap"]) == 0
+    ramp = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("ramp "))
+    assert ramp.split()[1] == "0.25"
+    assert cli.main(["methods", "psap", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["psap"]["properties"]["ramp"]["default"] == 0.25
+    assert cli.main(["methods", "nope"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "prune: error: unknown method 'nope'; known: magnitude, s2h, tas, psap, epi\n"
+    )
+    assert cli.main(["models", "--json"]) == 0
+    names = {m["name"] for m in json.loads(capsys.readouterr().out)}
+    assert {"resnet20", "mobilenet_v2", "tv:resnet18"} <= names
+
+
+def test_set_any_spec_field_and_its_errors(
+    tmp_path: Path, use_fake: FakeService, capsys: pytest.CaptureFixture
+) -> None:
+    """``--set FIELD=VALUE`` reaches any field, the value read as YAML; a bad one is one line."""
+    argv = ["submit", "--data", "digits", "--method", "psap", "--set", "method.ramp=0.5"]
+    argv += ["--set", "export.formats=[safetensors, onnx]", "--set", "kd.enabled=true"]
+    assert cli.main(argv) == 0
+    spec = next(iter(use_fake.jobs.values()))["spec"]
+    assert spec["method"]["ramp"] == 0.5 and spec["export"]["formats"] == ["safetensors", "onnx"]
+    assert spec["kd"]["enabled"] is True
+    capsys.readouterr()
+    assert cli.main(["submit", "--data", "digits", "--set", "ramp"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "prune: error: invalid spec: --set 'ramp': expected FIELD=VALUE, e.g. method.ramp=0.25\n"
+    )
+    assert cli.main(["submit", "--data", "digits", "--set", "schedule.epochs=-1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("prune: error: invalid spec: schedule.epochs:")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import typing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -32,13 +31,6 @@ DATASET_NOTES = {
 }
 
 
-def method_options() -> dict[str, type[BaseModel]]:
-    """Method name -> its options model, read off the discriminated union ``spec.MethodSpec``."""
-    members = typing.get_args(spec.MethodSpec)[0]
-    classes = typing.get_args(members) or (members,)
-    return {cls.model_fields["name"].default: cls for cls in classes}
-
-
 def _doc(cls: type) -> str:
     return inspect.cleandoc(cls.__doc__ or "")
 
@@ -53,7 +45,7 @@ def _schema(cls: type[BaseModel], settings: Any) -> dict[str, Any]:
 @router.get("/v1/methods")
 def methods(settings: SettingsDep) -> dict[str, Any]:
     """Pruning methods and the JSON schema of each one's options (the JobSpec's `method`)."""
-    opts = method_options()
+    opts = spec.method_options()
     return {
         "items": [
             {"name": name, "description": _doc(opts[name]), "options_schema": _schema(opts[name], settings)}
