@@ -102,6 +102,8 @@ def result_line(result: dict | None) -> str:
 def latency_text(result: dict) -> str:
     """``latency x1.84 [1.71, 1.97] at batch 8 (faster)``: never a speed-up without its interval and
     verdict when the result has them (results of older jobs carry only the point estimate)."""
+    if result.get("latency_implausible"):
+        return f"latency not headlined: implausible ({result['latency_implausible']})"
     text = f"latency x{result['latency_speedup']:.2f}"
     interval = result.get("latency_speedup_interval")
     if isinstance(interval, list) and len(interval) == 2:

@@ -182,6 +182,10 @@ class LatencyComparison:
     memory_format: str = "contiguous"  # "channels_last": inputs and weights in NHWC
     folded: bool = False  # set by a caller that timed BatchNorm-folded networks
     amp: bool = False  # forwards under fp16 autocast (CUDA)
+    threads_picked: bool = False  # ``threads`` measured by ``pick_threads``, not given
+    implausible: str | None = (
+        None  # why the throughput batch's speed-up is not to be believed (a caller's check)
+    )
 
 
 def compare_latency(
@@ -259,6 +263,59 @@ def compare_latency(
         memory_format="channels_last" if memory_format == torch.channels_last else "contiguous",
         amp=amp and device.type == "cuda",
     )
+
+
+PICK_S = 0.5  # seconds pick_threads may spend (each candidate gets its share)
+PLAUSIBLE_FACTOR = 1.5  # a speed-up beyond MAC-implied x this, or a slow-down beyond it, is implausible
+
+
+def pick_threads(
+    model: nn.Module,
+    sample_shape: tuple[int, ...],
+    *,
+    candidates: Sequence[int] | None = None,
+    seconds: float = PICK_S,
+    clock: Clock | None = None,
+) -> int:
+    """The CPU thread count, of ``candidates`` (default: 1 and torch's current threads), at which
+    ``model`` runs a batch-1 forward fastest on this machine now (the least of a few timed forwards each,
+    candidates interleaved). On a machine whose cores are busy, more threads than free cores make every
+    forward wait for the slowest thread: a 1 ms network timed at 300 ms. Threads are restored after."""
+    options = sorted(set(candidates or (1, torch.get_num_threads())))
+    if len(options) == 1:
+        return options[0]
+    device = torch.device("cpu")
+    clock = clock or _block_clock(device)
+    saved = torch.get_num_threads()
+    best = dict.fromkeys(options, math.inf)
+    deadline = time.perf_counter() + seconds
+    try:
+        with _placed(model, device) as dtype, torch.inference_mode():
+            x = _batch((1, *sample_shape), device, dtype)
+            for n in options:  # warm up at each count (thread pools start lazily)
+                torch.set_num_threads(n)
+                clock(model, x, 1)
+            rounds = 0
+            while rounds < FLOOR_ROUNDS or (time.perf_counter() < deadline and rounds < MIN_ROUNDS):
+                for n in options:
+                    torch.set_num_threads(n)
+                    best[n] = min(best[n], clock(model, x, 1))
+                rounds += 1
+    finally:
+        torch.set_num_threads(saved)
+    return min(options, key=lambda n: (best[n], n))
+
+
+def implausible(speedup: float, macs_speedup: float, factor: float = PLAUSIBLE_FACTOR) -> str | None:
+    """Why a measured speed-up cannot be taken at face value, or None. Removing channels cannot make a
+    network much faster than the arithmetic it removed (``macs_speedup``: dense MACs / pruned MACs), nor
+    much slower than the dense one: either means the timing measured something else (other load, a
+    clock or thread artefact)."""
+    if speedup > factor * macs_speedup:
+        return f"measured x{speedup:.2f} is more than {factor:g} times the MAC count's x{macs_speedup:.2f}"
+    if speedup * factor < 1.0:
+        return f"the pruned network measured {1 / speedup:.2f}x slower than the dense one with fewer MACs"
+    return None
 
 
 @torch.inference_mode()

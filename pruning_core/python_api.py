@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -29,7 +30,15 @@ from .errors import ModelError
 from .export import load_pruned
 from .progress import TqdmReporter
 from .runner import run
-from .spec import PYTHON_PREFIX, JobSpec, SpecError, method_options, parse_spec
+from .spec import (
+    PYTHON_PREFIX,
+    ExportSpec,
+    JobSpec,
+    SpecError,
+    describe_errors,
+    method_options,
+    parse_spec,
+)
 from .zoo import MODELS, ZooEntry
 
 _LOCK = threading.Lock()  # picking a free python:<name> and registering it is one step
@@ -62,6 +71,7 @@ def prune(
     device: str = "auto",
     workdir: str | Path | None = None,
     export: Sequence[str] = ("safetensors",),
+    latency: bool | float | None = None,
     reporter: Reporter | None = None,
     cancel: threading.Event | Callable[[], bool] | None = None,
     **options: Any,
@@ -74,13 +84,17 @@ def prune(
     ``batch_size``, ``dense_epochs``: the schedule (``schedule`` gives any other ``Schedule`` field,
     ``kd`` the ``KDSpec``). Further keywords are the method's options (``p=1`` for magnitude, ...).
     ``workdir``: keep checkpoints, exports (``export`` formats) and report.json there, and resume from
-    it when called again; default: a temporary directory, removed afterwards. ``reporter``: progress
+    it when called again; default: a temporary directory, removed afterwards. ``latency``: the dense vs
+    pruned timing in the report: False skips it, a number is its budget in seconds, True the job's default
+    (20 s); default None: ``ONE_SHOT_LATENCY_S`` when the call trains nothing (``epochs=0`` and
+    ``dense_epochs=0``: a one-shot prune takes seconds), else the job's default. ``reporter``: progress
     (the engine's Reporter protocol; default tqdm bars); ``cancel``: an Event or a callable, checked
     between steps, that stops the run with ``errors.Cancelled``.
     """
     spec = _spec(
         method, target, epochs, lr, batch_size, dense_epochs, schedule, kd, seed, device, export, options
     )
+    spec = spec.model_copy(update={"export": _latency(spec, latency)})
     datasets = _datasets(model, example_input, train_data, test_data)
     progress = _WithCancel(reporter or TqdmReporter(), _cancel_check(cancel))
     with _registered(model, datasets) as (model_name, data_name):
@@ -103,6 +117,27 @@ def _run(spec: JobSpec, workdir: Path, reporter: Reporter) -> Pruned:
     result = run(spec, workdir, reporter)
     # Read back what was exported: the returned module is exactly the one the files rebuild.
     return Pruned(load_pruned(workdir), result.report.model_dump(mode="json"), dict(result.artifacts))
+
+
+ONE_SHOT_LATENCY_S = 2.0  # the timing budget of a prune() call that trains nothing
+
+
+def _latency(spec: JobSpec, latency: bool | float | None) -> ExportSpec:
+    """The spec's export settings with ``prune``'s ``latency`` argument applied."""
+    if latency is None:
+        one_shot = spec.schedule.epochs == 0 and spec.schedule.dense_epochs == 0
+        latency = ONE_SHOT_LATENCY_S if one_shot else True
+    if latency is False and spec.target.speedup is not None:
+        raise ValueError(
+            "prune(): a speedup target is judged by its measured latency; latency=False cannot be"
+        )
+    fields = (
+        {"latency": latency} if isinstance(latency, bool) else {"latency": True, "latency_max_s": latency}
+    )
+    try:
+        return ExportSpec.model_validate(spec.export.model_dump() | fields)
+    except ValidationError as err:
+        raise ValueError(f"prune(): latency={latency!r}: {describe_errors(err)[0]}") from None
 
 
 def _spec(

@@ -78,6 +78,14 @@ class LatencyReport(_Record):
     folded: bool = Field(False, description="Both networks timed with BatchNorm folded, as exported.")
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     amp: bool = Field(False, description="Forwards under fp16 autocast (CUDA jobs with schedule.amp).")
+    threads_picked: bool = Field(
+        False, description="`threads` measured on the machine (export.latency_threads not given)."
+    )
+    implausible: str | None = Field(
+        None,
+        description="Why the speed-up is not to be believed (beyond what the MAC count allows either way); "
+        "the figure stays in the report but is not headlined.",
+    )
 
 
 class SpeedProbeRecord(_Record):
@@ -340,9 +348,11 @@ def throughput(latency: LatencyReport) -> BatchLatency:
 
 def latency_line(latency: LatencyReport) -> str:
     """``latency x1.84 [1.71, 1.97] at batch 8 (faster)``: the throughput batch's speed-up, its 95 %
-    interval and verdict, and " (busy machine)" when the load says so."""
+    interval and verdict, and " (busy machine)" when the load says so; an implausible one says so instead."""
     b = throughput(latency)
     s = b.speedup
+    if latency.implausible:
+        return f"latency not headlined: implausible at batch {b.batch_size} ({latency.implausible})"
     busy = ", busy machine" if latency.busy else ""
     return f"latency x{s.median:.2f} [{s.low:.2f}, {s.high:.2f}] at batch {b.batch_size} ({b.verdict}{busy})"
 

@@ -41,7 +41,7 @@ from .evaluation import evaluate, logits
 from .export import export_model
 from .groups import PruningGraph
 from .inference import memory_format, prepare_for_inference
-from .latency import LatencyComparison, compare_latency
+from .latency import LatencyComparison, compare_latency, implausible, pick_threads
 from .macs import measure
 from .methods import METHODS, DenseTraining, Method, MethodContext
 from .report import (
@@ -220,7 +220,12 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     reporter.message("measuring the pruned model")
     pruned_cost = _measure(model, data, example, device, "pruned")
     check_target(spec.target.macs_ratio, pruned_cost.macs / dense_cost.macs, spec.method.name)
-    latency = _compare_latency(dense_copy, model, example, spec, device, reporter)
+    latency = None
+    if spec.export.latency:
+        macs_speedup = dense_cost.macs / max(1, pruned_cost.macs)
+        latency = _compare_latency(dense_copy, model, example, spec, device, reporter, macs_speedup)
+    else:
+        reporter.message("latency not timed (export.latency: false)")
     del dense_copy
     t_export = time.perf_counter()
     pruned_arch = shape.describe(model)
@@ -392,12 +397,20 @@ def _compare_latency(
     spec: JobSpec,
     device: torch.device,
     reporter: Reporter,
+    macs_speedup: float,
 ) -> LatencyComparison:
-    """Dense vs pruned at batch 1 and the spec's throughput batch, within ``export.latency_max_s``."""
+    """Dense vs pruned at batch 1 and the spec's throughput batch, within ``export.latency_max_s``, at
+    ``export.latency_threads`` (else the count ``pick_threads`` measures fastest now, on CPU); marked
+    implausible where the speed-up is beyond what ``macs_speedup`` (dense / pruned MACs) allows."""
     batches = tuple(dict.fromkeys((1, spec.export.latency_batch_size)))
     budget = spec.export.latency_max_s
+    threads, picked = spec.export.latency_threads, False
+    if threads is None and device.type == "cpu":
+        threads, picked = pick_threads(pruned, tuple(example.shape[1:])), True
     reporter.message(
-        f"timing dense vs pruned at batch {', '.join(map(str, batches))} (at most ~{budget:g} s)"
+        f"timing dense vs pruned at batch {', '.join(map(str, batches))} (at most ~{budget:g} s"
+        + (f", {threads} thread{'s' * (threads != 1)}{' (measured fastest)' * picked}" if threads else "")
+        + ")"
     )
     # Timed as deployed: BatchNorm folded (TorchScript/ONNX hold the folded network) and channels_last
     # (BENCHMARKS.md "speed-cuda" and "speed-cpu-cl": faster on both device types).
@@ -410,8 +423,13 @@ def _compare_latency(
         max_seconds=budget,
         memory_format=memory_format(device),
         amp=spec.schedule.amp,
+        threads=threads,
     )
-    result = dataclasses.replace(result, folded=True)
+    speedup = max(result.batches, key=lambda b: b.batch_size).speedup.median
+    why = implausible(speedup, macs_speedup)
+    result = dataclasses.replace(result, folded=True, threads_picked=picked, implausible=why)
+    if why:
+        reporter.message(f"latency figure not headlined: implausible ({why})")
     if result.busy:
         reporter.message(
             f"the machine was busy while timing (load {result.load_1min:.1f} on {result.cpus} cores): "

@@ -596,6 +596,19 @@ class ExportSpec(_Strict):
     latency_max_s: float = Field(
         20.0, ge=0.0, le=600.0, description="Seconds the dense-vs-pruned latency comparison may take."
     )
+    latency: bool = Field(
+        True,
+        description="Time dense against pruned (the report's `latency`); false skips it: no measured "
+        "speed-up in the report, `latency_max_s` saved. A `target.speedup` job measures it regardless.",
+    )
+    latency_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads of the latency timing; default: measured on the machine as it is, the "
+        "count (1 or the process's torch threads) at which the pruned network runs fastest, so a busy "
+        "machine's cores are not oversubscribed.",
+    )
 
     @field_validator("formats")
     @classmethod
@@ -636,6 +649,14 @@ class JobSpec(_Strict):
         if not DEVICE.fullmatch(v):
             raise ValueError("device must be `auto`, `cpu`, `cuda` or `cuda:N`")
         return v
+
+    @model_validator(mode="after")
+    def _speedup_is_timed(self) -> JobSpec:
+        if self.target.speedup is not None and not self.export.latency:
+            raise ValueError(
+                "export.latency: a target.speedup job is judged by its measured latency; it cannot be off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _latency_allocation(self) -> JobSpec:

@@ -32,9 +32,10 @@ def report_figures(report: dict[str, Any]) -> dict[str, Any]:
         "params": report["pruned"]["params"],
         "achieved_macs_ratio": report["achieved_macs_ratio"],
         "params_ratio": report["params_ratio"],
-        "speedup": report.get("latency_speedup"),
+        # an implausible timing (beyond what the MAC count allows) ranks no one
+        "speedup": None if (latency or {}).get("implausible") else report.get("latency_speedup"),
         "speedup_interval": [at["speedup"]["low"], at["speedup"]["high"]] if at else None,
-        "latency_verdict": at["verdict"] if at else None,
+        "latency_verdict": ("implausible" if latency.get("implausible") else at["verdict"]) if at else None,
         "latency_ms": at["pruned_ms"]["median"] if at else None,
         "latency_batch_size": at["batch_size"] if at else None,
         "training_s": sum(h["wall_s"] for h in history),

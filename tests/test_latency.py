@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pruning_core import latency
-from pruning_core.latency import compare_latency, median_interval
+from pruning_core.latency import compare_latency, implausible, median_interval, pick_threads
 
 
 def _net(width: int) -> nn.Module:
@@ -154,3 +154,53 @@ def test_bad_arguments_are_refused():
         compare_latency(model, model, (3, 8, 8), "cpu", batch_sizes=())
     with pytest.raises(ValueError):
         compare_latency(model, model, (3, 8, 8), "cpu", rounds=0)
+
+
+def test_pick_threads_takes_the_count_that_runs_fastest() -> None:
+    """A clock that makes 2 threads slow (as on a machine whose other core is busy) picks 1; one that
+    makes them fast picks 2; torch's threads are restored."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    saved = torch.get_num_threads()
+
+    def clock_where(fast: int):
+        def clock(m: nn.Module, x: torch.Tensor, n: int) -> float:
+            return n * (0.001 if torch.get_num_threads() == fast else 0.3)
+
+        return clock
+
+    assert pick_threads(model, (3, 8, 8), candidates=(1, 2), clock=clock_where(1)) == 1
+    assert pick_threads(model, (3, 8, 8), candidates=(1, 2), clock=clock_where(2)) == 2
+    assert pick_threads(model, (3, 8, 8), candidates=(3,)) == 3
+    assert torch.get_num_threads() == saved
+
+
+@pytest.mark.parametrize(
+    ("speedup", "macs_speedup", "words"),
+    [
+        (1.9, 2.0, None),
+        (1.0, 2.0, None),  # no gain at batch 1 is common, not implausible
+        (3.5, 2.0, "more than 1.5 times the MAC count's x2.00"),
+        (0.5, 2.0, "2.00x slower than the dense one"),
+    ],
+)
+def test_a_speedup_beyond_what_the_macs_allow_is_implausible(
+    speedup: float, macs_speedup: float, words: str | None
+) -> None:
+    why = implausible(speedup, macs_speedup)
+    assert (why is None) if words is None else (words in why)
+
+
+def test_an_implausible_figure_is_not_headlined() -> None:
+    from pruning_core.report import LatencyReport, latency_line
+
+    est = {"median": 3.5, "low": 3.4, "high": 3.6, "confidence": 0.95}
+    ms = {"median": 1.0, "low": 0.9, "high": 1.1, "confidence": 0.95}
+    batch = {"batch_size": 8, "dense_ms": ms, "pruned_ms": ms, "speedup": est, "rounds": 6}
+    batch |= {"forwards": [6, 6], "verdict": "faster"}
+    base = {"device": "cpu", "threads": 1, "cpus": 2, "busy": False, "budget_s": 1.0, "wall_s": 1.0}
+    report = LatencyReport.model_validate(base | {"batches": [batch]})
+    assert latency_line(report).startswith("latency x3.50 [3.40, 3.60] at batch 8 (faster")
+    odd = report.model_copy(update={"implausible": "measured x3.50 is more than ..."})
+    assert (
+        latency_line(odd) == "latency not headlined: implausible at batch 8 (measured x3.50 is more than ...)"
+    )

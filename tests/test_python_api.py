@@ -163,3 +163,21 @@ def test_the_exports_name_the_datasets_classes_and_leave_the_normalisation_unrec
     assert contract.mean is None and contract.std is None  # the caller normalised: nothing to claim
     assert "not recorded" in (tmp_path / "MODEL_CARD.md").read_text()
     assert read_contract(tmp_path) == contract
+
+
+def test_latency_is_the_callers_choice_and_a_one_shot_prune_takes_seconds() -> None:
+    """``latency=False`` skips the timing (no latency in the report); an ``epochs=0`` call times within
+    ``ONE_SHOT_LATENCY_S``; the threads the timing used are in the report, measured when not given."""
+    from pruning_core.python_api import ONE_SHOT_LATENCY_S
+
+    train, test = _digits()
+    example = torch.zeros(1, 1, 8, 8)
+    torch.manual_seed(0)  # TinyNet's channels each exceed the target band: not every init reaches it
+    off = pruning_core.prune(TinyNet(), example, train, test, target=0.5, latency=False, **FAST)
+    assert off.report["latency"] is None and off.report["latency_speedup"] is None
+    one_shot = {**FAST, "epochs": 0}
+    timed = pruning_core.prune(TinyNet(), example, train, test, target=0.5, **one_shot)
+    lat = timed.report["latency"]
+    assert lat["budget_s"] == ONE_SHOT_LATENCY_S and lat["threads_picked"] and lat["threads"] >= 1
+    with pytest.raises(ValueError, match="latency=-1"):
+        pruning_core.prune(TinyNet(), example, train, test, latency=-1, **FAST)

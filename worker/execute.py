@@ -332,6 +332,7 @@ def summarize(report: Any) -> dict[str, Any]:
         "latency_verdict": at.verdict if at else None,
         "latency_batch_size": at.batch_size if at else None,
         "latency_busy": lat.busy if lat is not None else None,
+        "latency_implausible": lat.implausible if lat is not None else None,
         "dense": cost(report.dense, at.dense_ms if at else None),
         "pruned": cost(report.pruned, at.pruned_ms if at else None),
     }
