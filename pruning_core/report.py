@@ -346,6 +346,53 @@ def throughput(latency: LatencyReport) -> BatchLatency:
     return max(latency.batches, key=lambda b: b.batch_size)
 
 
+Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
+
+
+def top1_interval(top1: float, n: int) -> tuple[float, float]:
+    """Wilson's 95 % interval (percent) of a top-1 of ``top1`` percent measured on ``n`` images: how
+    far the same network might score on another draw of as many images."""
+    p, z2 = top1 / 100.0, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def top1_change_margin(dense: float, pruned: float, n: int) -> float:
+    """Half-width (points) of a 95 % interval of pruned − dense top-1 on the same ``n`` images, treating
+    the two as independent (conservative: the networks err on many of the same images)."""
+    var = sum(q / 100 * (1 - q / 100) for q in (dense, pruned)) / n
+    return 100 * Z95 * math.sqrt(var)
+
+
+def headline(r: Report) -> str:
+    """The report at a glance: ``2.0x fewer MACs · 2.2x fewer params · top-1 -0.4 ± 1.5 points
+    (87.2 -> 86.8 %, 10,000 images) · speed-up x1.84 [1.71, 1.97] on cpu, batch 8 (faster)``."""
+    parts = [
+        f"{1 / r.achieved_macs_ratio:.1f}x fewer MACs" if r.achieved_macs_ratio < 1 else "MACs unchanged",
+        f"{1 / r.params_ratio:.1f}x fewer params" if r.params_ratio < 1 else "params unchanged",
+    ]
+    if r.dense.top1 is not None and r.pruned.top1 is not None:
+        change = r.pruned.top1 - r.dense.top1
+        n = r.data_summary.test_images if r.data_summary else None
+        margin = f" ± {top1_change_margin(r.dense.top1, r.pruned.top1, n):.1f}" if n else ""
+        where = f", {n:,} images" if n else ""
+        parts.append(
+            f"top-1 {change:+.1f}{margin} points ({r.dense.top1:.1f} -> {r.pruned.top1:.1f} %{where})"
+        )
+    if r.latency is not None:
+        b = throughput(r.latency)
+        if r.latency.implausible:
+            parts.append("latency implausible, not headlined")
+        else:
+            s, busy = b.speedup, ", busy machine" if r.latency.busy else ""
+            parts.append(
+                f"speed-up x{s.median:.2f} [{s.low:.2f}, {s.high:.2f}] on {r.latency.device}, batch "
+                f"{b.batch_size} ({b.verdict}{busy})"
+            )
+    return " · ".join(parts)
+
+
 def latency_line(latency: LatencyReport) -> str:
     """``latency x1.84 [1.71, 1.97] at batch 8 (faster)``: the throughput batch's speed-up, its 95 %
     interval and verdict, and " (busy machine)" when the load says so; an implausible one says so instead."""

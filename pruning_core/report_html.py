@@ -14,7 +14,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from .report import BatchLatency, Estimate, Report, epoch_label, pruning_marks
+from .report import BatchLatency, Estimate, Report, epoch_label, headline, pruning_marks, top1_interval
 
 HTML_FILE = "report.html"
 # Defence in depth beside the escaping: opened from disk or a browser, the page runs no script and
@@ -27,7 +27,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:72em;padding:
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.note{color:#555}.warn{color:#a40}
-.faster{color:#070;font-weight:600}.slower{color:#a00;font-weight:600}.none{color:#a60;font-weight:600}
+.headline{font-size:1.15em;font-weight:600}.faster{color:#070;font-weight:600}.slower{color:#a00;font-weight:600}.none{color:#a60;font-weight:600}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}pre{background:#f7f7f7;padding:.8em;overflow:auto}
 """
 
@@ -50,6 +50,7 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
+        f'<p class="headline">{escape(headline(r))}</p>',
         f'<p class="note">Target {r.target_macs_ratio:g} of the dense MACs; achieved '
         f"{r.achieved_macs_ratio:.3f}. Trained and evaluated on {escape(r.device)}; input "
         f"{escape(' x '.join(map(str, r.input_shape)))} per sample.</p>",
@@ -65,8 +66,7 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
         _phases(r),
         _notes(r),
         _data(r),
-        "<h2>Job spec</h2>",
-        f"<pre>{escape(json.dumps(r.spec, indent=2, sort_keys=True))}</pre>",
+        _spec(r),
         "<h2>Method details</h2>",
         f"<pre>{escape(json.dumps(r.method_details, indent=2, sort_keys=True, default=str))}</pre>",
         f'<p class="note">Format {escape(r.format)}; the same numbers are in report.json.</p>',
@@ -92,7 +92,12 @@ def _summary(r: Report) -> str:
             _bytes(r.pruned.weights_bytes),
             _ratio(r.pruned.weights_bytes, r.dense.weights_bytes),
         ),
-        (top1_label, _pct(r.dense.top1), _pct(r.pruned.top1), _diff(r.pruned.top1, r.dense.top1)),
+        (
+            top1_label,
+            _top1(r.dense.top1, split),
+            _top1(r.pruned.top1, split),
+            _diff(r.pruned.top1, r.dense.top1),
+        ),
     ]
     for b in r.latency.batches if r.latency else ():
         rows.append(
@@ -207,18 +212,74 @@ def _history(r: Report) -> str:
     return f"<h2>Epochs</h2><details><summary>{len(r.history)} epochs</summary><table>{head}{rows}</table></details>"
 
 
+PHASE_LABELS = {
+    "analyse": "building the model's dependency graph",
+    "allocation check": "checking the latency allocation",
+    "latency timing": "timing dense against pruned",
+    "export": "exporting the pruned model",
+}
+
+
+def _phase_label(name: str) -> str:
+    """A phase as a reader names it: ``finetune:start`` is the pruning step before fine-tuning."""
+    if name.endswith(":start"):
+        return f"pruning step before {name.removesuffix(':start')}"
+    if name in PHASE_LABELS:
+        return PHASE_LABELS[name]
+    return f"{name} (training steps)"
+
+
 def _phases(r: Report) -> str:
     if not r.phases:
         return ""
     rows = "".join(
-        f"<tr><td class=l>{escape(p.name)}</td><td>{p.epochs}</td><td>{p.wall_s:.1f}</td></tr>"
+        f"<tr><td class=l>{escape(_phase_label(p.name))}</td><td>{p.epochs or ''}</td><td>{p.wall_s:.1f}</td></tr>"
         for p in r.phases
     )
+    if r.total_wall_s is not None:  # what no phase counts: data loading, evaluation, checkpoints
+        rest = r.total_wall_s - sum(p.wall_s for p in r.phases)
+        rows += (
+            "<tr><td class=l>the rest: loading data, evaluating, checkpoints, measuring</td><td></td>"
+            f"<td>{max(0.0, rest):.1f}</td></tr>"
+        )
     total = f'<p class="note">Whole job: {r.total_wall_s:.1f} s.</p>' if r.total_wall_s is not None else ""
     return (
         "<h2>Time</h2><table><tr><th class=l>phase</th><th>epochs</th><th>seconds</th></tr>"
         f"{rows}</table>{total}"
     )
+
+
+def _spec(r: Report) -> str:
+    """The spec as what differs from the defaults of its method, the whole of it folded below."""
+    changed = spec_changes(r.spec)
+    lines = "".join(f"<li><code>{escape(k)}</code>: {escape(json.dumps(v))}</li>" for k, v in changed)
+    whole = escape(json.dumps(r.spec, indent=2, sort_keys=True))
+    return (
+        "<h2>Job spec</h2>"
+        + (f"<p>Set by the job (the rest are defaults):</p><ul>{lines}</ul>" if changed else "")
+        + f"<details><summary>the whole spec</summary><pre>{whole}</pre></details>"
+    )
+
+
+def spec_changes(spec: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``[("schedule.epochs", 10), ...]``: the dotted fields where ``spec`` differs from the defaults
+    (its method's defaults for ``method``)."""
+    from .spec import JobSpec, method_options  # torch-free; here so that importing this module stays light
+
+    default = JobSpec.model_construct().model_dump(mode="json")
+    options = method_options().get((spec.get("method") or {}).get("name"))
+    if options is not None:
+        default["method"] = options.model_construct().model_dump(mode="json")
+    return _changes(spec, default, "")
+
+
+def _changes(actual: Any, default: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(actual, dict) and isinstance(default, dict):
+        out: list[tuple[str, Any]] = []
+        for k in sorted(actual):
+            out += _changes(actual[k], default.get(k), f"{prefix}{k}.")
+        return out
+    return [] if actual == default else [(prefix.rstrip("."), actual)]
 
 
 def _notes(r: Report) -> str:
@@ -289,6 +350,14 @@ def _bytes(n: int | None) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def _top1(v: float | None, split: Any) -> str:
+    """``87.17 % [86.50, 87.81]``: with Wilson's 95 % interval over the split's images when known."""
+    if v is None or split is None or not split.test_images:
+        return _pct(v)
+    low, high = top1_interval(v, split.test_images)
+    return f"{v:.2f} % [{low:.2f}, {high:.2f}]"
 
 
 def _pct(v: float | None) -> str:

@@ -223,7 +223,9 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
     latency = None
     if spec.export.latency:
         macs_speedup = dense_cost.macs / max(1, pruned_cost.macs)
+        t_latency = time.perf_counter()
         latency = _compare_latency(dense_copy, model, example, spec, device, reporter, macs_speedup)
+        phases.append(PhaseTime(name="latency timing", wall_s=time.perf_counter() - t_latency, epochs=0))
     else:
         reporter.message("latency not timed (export.latency: false)")
     del dense_copy

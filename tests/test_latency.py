@@ -61,7 +61,8 @@ def test_same_network_as_dense_and_pruned_is_no_gain_with_a_real_clock():
     result = compare_latency(model, model, (3, 16, 16), "cpu", batch_sizes=(1, 4), max_seconds=1.0)
     for b in result.batches:
         assert b.verdict == "no measurable gain", b
-        assert b.rounds >= latency.MIN_ROUNDS and b.speedup.low <= b.speedup.median <= b.speedup.high
+        # MIN_ROUNDS fit the budget on an idle machine; FLOOR_ROUNDS always run (a loaded CI machine)
+        assert b.rounds >= latency.FLOOR_ROUNDS and b.speedup.low <= b.speedup.median <= b.speedup.high
     assert [b.batch_size for b in result.batches] == [1, 4]
     assert result.device == "cpu" and result.threads == torch.get_num_threads() and result.cpus >= 1
 

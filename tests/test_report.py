@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,38 @@ def test_every_reader_shows_the_speedup_with_its_interval_and_verdict():
     busy = _report(latency=_Comparison(LATENCY.batches, busy=True, load_1min=7.5))
     assert latency_line(busy.latency).endswith("(faster, busy machine)")
     assert result_line(summarize(busy)).endswith("(faster, busy machine)")
+
+
+def test_top1_has_a_binomial_interval_and_the_headline_reads_at_a_glance():
+    from pruning_core.report import headline, top1_change_margin, top1_interval
+
+    low, high = top1_interval(50.0, 100)  # Wilson's interval, 95 %
+    assert (round(low, 2), round(high, 2)) == (40.38, 59.62)
+    low, high = top1_interval(100.0, 360)
+    assert high == 100.0 and 98.9 < low < 99.0  # no interval past 100 %, none of width 0
+    assert round(top1_change_margin(87.2, 86.8, 10_000), 2) == 0.93
+    r = _report(data_summary={"split": "test", "train_images": 50, "test_images": 360, "classes": ["a", "b"]})
+    line = headline(r)
+    assert line.startswith("2.1x fewer MACs · 4.0x fewer params · top-1 -3.0 ± ")
+    assert "(55.0 -> 52.0 %, 360 images)" in line and "speed-up x" in line and "on cpu, batch" in line
+
+
+def test_the_html_leads_with_the_headline_and_shows_what_the_spec_changed():
+    from pruning_core.report import headline
+    from pruning_core.report_html import render_html, spec_changes
+
+    spec = {"model": {"name": "resnet20"}, "method": {"name": "psap", "ramp": 0.5}, "schedule": {"epochs": 3}}
+    assert spec_changes(spec) == [("method.ramp", 0.5)]  # epochs 3, resnet20, psap's other options: defaults
+    r = _report(
+        data_summary={"split": "test", "train_images": 50, "test_images": 360, "classes": ["a", "b"]},
+        spec=spec,
+    )
+    page = render_html(r, {})
+    assert page.index(escape(headline(r))) < page.index("<h2>")
+    assert "<code>method.ramp</code>: 0.5" in page
+    assert "52.00 % [" in page  # top-1 with its interval in the table
+    # the phases add up to the job: what no phase counts is its own row
+    r = _report(total_wall_s=10.0)
+    page = render_html(r, {})
+    assert "the rest: loading data, evaluating, checkpoints, measuring</td><td></td><td>2.5</td>" in page
+    assert "finetune (training steps)" in page
