@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     kc.add_argument("--name", default="")
     kl = ks.add_parser("list", help="list an owner's keys")
     kl.add_argument("--owner", required=True)
+    kl.add_argument("--json", action="store_true", help="print the keys as JSON")
     kr = ks.add_parser("revoke", help="revoke a key")
     kr.add_argument("key_id")
     kr.add_argument("--owner", required=True)

@@ -15,6 +15,7 @@ itself fails.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", default="")
     ls = keys.add_parser("list", help="list an owner's keys (never their plaintext)")
     ls.add_argument("--owner", required=True)
+    ls.add_argument("--json", action="store_true", help="print the keys as JSON")
     r = keys.add_parser("revoke", help="revoke a key by id")
     r.add_argument("key_id", metavar="ID")
     r.add_argument("--owner", required=True)
@@ -86,11 +88,25 @@ def keys(args: argparse.Namespace, url: str) -> int:
                     file=sys.stderr,
                 )
             elif args.keys_command == "list":
-                for key in repo.list_api_keys(s, owner):
-                    state = f"revoked {key.revoked_at.isoformat()}" if key.revoked_at else "active"
-                    print(
-                        f"{key.id}\t{key.prefix}...\t{key.name or '-'}\t{key.created_at.isoformat()}\t{state}"
-                    )
+                listed = repo.list_api_keys(s, owner)
+                if getattr(args, "json", False):  # the key itself is never listed, only its prefix
+                    rows = [
+                        {
+                            "id": k.id,
+                            "prefix": k.prefix,
+                            "name": k.name,
+                            "created_at": k.created_at.isoformat(),
+                            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                        }
+                        for k in listed
+                    ]
+                    print(json.dumps(rows, indent=2))
+                else:
+                    for key in listed:
+                        state = f"revoked {key.revoked_at.isoformat()}" if key.revoked_at else "active"
+                        print(
+                            f"{key.id}\t{key.prefix}...\t{key.name or '-'}\t{key.created_at.isoformat()}\t{state}"
+                        )
             elif not repo.revoke_api_key(s, args.key_id, owner):
                 raise BadInput(f"no active key {args.key_id!r} for owner {owner!r}")
             else:

@@ -581,6 +581,10 @@ def test_keys_create_list_revoke(
         assert cli.main(["keys", "list", "--owner", "alice"]) == 0
         listing = capsys.readouterr().out
         assert row.id in listing and key not in listing, "the plaintext is shown once only"
+        assert cli.main(["keys", "list", "--owner", "alice", "--json"]) == 0
+        (listed,) = json.loads(capsys.readouterr().out)
+        assert (listed["id"], listed["name"], listed["revoked_at"]) == (row.id, "ci", None)
+        assert key not in json.dumps(listed) and key.startswith(listed["prefix"])
 
         assert cli.main(["keys", "revoke", row.id, "--owner", "bob"]) == 2
         assert cli.main(["keys", "revoke", row.id, "--owner", "alice"]) == 0
