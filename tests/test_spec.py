@@ -42,7 +42,9 @@ def test_unknown_method_and_data_list_known() -> None:
     with pytest.raises(SpecError) as e:
         parse_spec({"method": {"name": "optimal-brain-surgeon"}, "data": {"name": "imagenet"}})
     text = str(e.value)
-    assert "'magnitude'" in text
+    assert (
+        "method.name: unknown method 'optimal-brain-surgeon'; known: magnitude, s2h, tas, psap, epi" in text
+    )
     assert "digits" in text and "imagefolder" in text
 
 
