@@ -45,7 +45,7 @@ from pruning_core.spec import DataSpec, JobSpec, KDSpec, Schedule
 
 from . import markdown
 from .measure import measure_row
-from .profiles import PROFILES, REPO_DIR, RESULTS_DIR, Case, Profile, _cifar, with_overrides
+from .profiles import PROFILES, REPO_DIR, Case, Profile, _cifar, with_overrides
 from .run import (
     EchoReporter,
     check_device,
@@ -512,15 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         help="choose options: hold out the last N training images of each class and measure on them "
         "(data.validation); the test split is never read. Results and section are prefixed val-",
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
-    p.add_argument(
-        "--render", type=Path, metavar="JSON", help="only regenerate the markdown from a results file"
-    )
+    markdown.add_output_args(p)
     args = p.parse_args(argv)
     if args.render:
-        results = json.loads(args.render.read_text())
-        markdown.write_section(args.markdown, section_of(results), render(results, args.render.resolve()))
+        markdown.render_file(args, section_of, render)
         return 0
     if not args.method:
         p.error("--method is required (unless --render)")

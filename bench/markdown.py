@@ -6,6 +6,7 @@ CPU run keeps the GPU section (and the hand-written introduction) as they are.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .profiles import PROFILES, REPO_DIR
+from .profiles import PROFILES, REPO_DIR, RESULTS_DIR
 
 METHODS = (
     ("dense", "dense"),
@@ -304,3 +305,22 @@ def render_section(results: dict[str, Any], source: Path) -> str:
         timing_table(results["cases"]),
     ]
     return _wrap(results["profile"], "\n\n".join(parts) + "\n")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """``--out``, ``--markdown`` and ``--render``, as every benchmark that writes a section takes them."""
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results JSON folder")
+    p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
+    p.add_argument(
+        "--render", type=Path, metavar="JSON", help="only regenerate the markdown from a results file"
+    )
+
+
+def render_file(
+    args: argparse.Namespace,
+    section_of: Callable[[dict[str, Any]], str],
+    render: Callable[[dict[str, Any], Path], str],
+) -> None:
+    """``--render JSON``: the section that results file belongs to, regenerated from it."""
+    results = json.loads(args.render.read_text())
+    write_section(args.markdown, section_of(results), render(results, args.render.resolve()))

@@ -19,7 +19,7 @@ from pruning_core.spec import DataSpec
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 CACHE_DIR = BENCH_DIR / ".cache"  # extracted archives (gitignored)
-RESULTS_DIR = BENCH_DIR / "results"  # results JSON (gitignored)
+RESULTS_DIR = BENCH_DIR / "results"  # results JSON (committed: BENCHMARKS.md cites them)
 # The shared CIFAR-10 JPEG archive lies beside the project; BENCH_CIFAR_ARCHIVE points elsewhere.
 CIFAR_ARCHIVE = Path(
     os.environ.get("BENCH_CIFAR_ARCHIVE", REPO_DIR.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz")

@@ -45,7 +45,7 @@ from . import markdown
 from .compare import CONTENDERS as COMPARE
 from .compare import method_spec, training_cost
 from .measure import measure_row
-from .profiles import BENCH_DIR, REPO_DIR, RESULTS_DIR, Case, Profile, _cifar
+from .profiles import BENCH_DIR, REPO_DIR, Case, Profile, _cifar
 from .run import (
     EchoReporter,
     check_device,
@@ -216,15 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         default={},
         help='JSON: {"tas": {"init": "supernet"}, ...} per contender',
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--markdown", type=Path, default=REPO_DIR / "BENCHMARKS.md")
-    p.add_argument(
-        "--render", type=Path, metavar="JSON", help="only regenerate the markdown from a results file"
-    )
+    markdown.add_output_args(p)
     args = p.parse_args(argv)
     if args.render:
-        results = json.loads(args.render.read_text())
-        markdown.write_section(args.markdown, _section(results), render(results, args.render.resolve()))
+        markdown.render_file(args, _section, render)
         return 0
     tp = PROFILES[args.profile]
     case = tp.profile.cases[0]
