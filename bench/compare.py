@@ -210,10 +210,11 @@ def run_target(
     models |= {m: load_pruned(res.workdir) for m, (res, _) in results.items()}
     if early is not None:
         models["prune-at-init"] = load_pruned(early.workdir)
-    rows = {k: measure_row(m, s.ds.test, s.example, s.device, s.profile) for k, m in models.items()}
+    rows = {
+        k: measure_row(m, s.ds.test, s.example, s.device, s.profile, latency=False) for k, m in models.items()
+    }
     for row in rows.values():
         row["macs_ratio"] = row["macs"] / dense_macs
-        row.pop("latency")  # latency has its own benchmark (bench.speed); here: accuracy at equal MACs
     for method, (res, wall) in results.items():
         rows[method].update(_method_figures(res, wall))
     # training cost, forward MACs and seconds of the training steps: magnitude's includes the dense
@@ -278,8 +279,7 @@ def run_seed(
     log(f"{case.label} seed {seed}: dense training ({case.dense_epochs} epochs)")
     fitted = train_dense(model, s)
     weights = save_weights(fitted.model, work / "dense.safetensors")
-    dense = measure_row(fitted.model, s.ds.test, s.example, s.device, profile)
-    dense.pop("latency")
+    dense = measure_row(fitted.model, s.ds.test, s.example, s.device, profile, latency=False)
     dense_macs = count_macs(fitted.model.cpu(), s.example)
     dense["epoch_s"] = statistics.fmean(r["wall_s"] for r in fitted.history)
     dense["epoch_cpu_s"] = statistics.fmean(r.get("cpu_s") or 0.0 for r in fitted.history)

@@ -21,25 +21,33 @@ def latency_key(device: str, batch: int) -> str:
 
 
 def measure_row(
-    model: nn.Module, test: Dataset, example: torch.Tensor, device: torch.device, profile: Profile
+    model: nn.Module,
+    test: Dataset,
+    example: torch.Tensor,
+    device: torch.device,
+    profile: Profile,
+    latency: bool = True,
 ) -> dict[str, Any]:
-    """Test top-1 (on ``device``), MACs and params (our counter, per sample) and p50/p90 latency on
-    every latency device and batch size of the profile."""
+    """Test top-1 (on ``device``), MACs and params (our counter, per sample) and, with ``latency``,
+    p50/p90 latency on every latency device and batch size of the profile (the accuracy tables
+    leave it to the speed benchmarks: it costs up to ``latency_max_s`` per device and batch)."""
     model.to(device).eval()
     top1 = evaluate(model, test, device)["top1"]
     model.to("cpu")
     cost = measure(model, example.cpu())
-    latency = {
-        latency_key(dev, b): asdict(
-            measure_latency(
-                model,
-                (b, *example.shape[1:]),
-                dev,
-                iters=profile.latency_iters,
-                max_seconds=profile.latency_max_s,
+    row: dict[str, Any] = {"top1": top1, "macs": cost.macs, "params": cost.params}
+    if latency:
+        row["latency"] = {
+            latency_key(dev, b): asdict(
+                measure_latency(
+                    model,
+                    (b, *example.shape[1:]),
+                    dev,
+                    iters=profile.latency_iters,
+                    max_seconds=profile.latency_max_s,
+                )
             )
-        )
-        for dev in profile.latency_devices
-        for b in profile.latency_batches
-    }
-    return {"top1": top1, "macs": cost.macs, "params": cost.params, "latency": latency}
+            for dev in profile.latency_devices
+            for b in profile.latency_batches
+        }
+    return row

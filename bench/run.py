@@ -97,7 +97,7 @@ def job_spec(case: Case, data: DataSpec, seed: int, profile: Profile, weights: P
         # any width, as the peer (Torch-Pruning) prunes: the two rows compare the same decisions
         target=TargetSpec(macs_ratio=profile.target, round_to=1),
         schedule=schedule(case, finetune=True),
-        export=ExportSpec(formats=("safetensors",)),
+        export=ExportSpec(formats=("safetensors",), latency=False),  # bench.measure times what it reports
         seed=seed,
         device=profile.device,
     )

@@ -116,9 +116,10 @@ def run_target(s: Any, tp: TrainedProfile, weights: Path, dense_macs: int, targe
         spec = method_spec(name, at, target, weights, tp.options.get(name))
         results[name] = run(spec, work / name, EchoReporter())
     models = {"peer": peer.model} | {k: load_pruned(r.workdir) for k, r in results.items()}
-    rows = {k: measure_row(m, s.ds.test, s.example, s.device, s.profile) for k, m in models.items()}
+    rows = {
+        k: measure_row(m, s.ds.test, s.example, s.device, s.profile, latency=False) for k, m in models.items()
+    }
     for name, row in rows.items():
-        row.pop("latency")  # latency has its own benchmark (bench.speed); here: accuracy at equal MACs
         row["macs_ratio"] = row["macs"] / dense_macs
         if name in results:
             row.update(training_cost(results[name].report.history))
@@ -130,8 +131,7 @@ def run_target(s: Any, tp: TrainedProfile, weights: Path, dense_macs: int, targe
 def run_seed(case: Case, seed: int, tp: TrainedProfile, weights: Path, work: Path) -> dict[str, Any]:
     s, _ = setup(case, resolve_data(case.data), seed, tp.profile, work)
     dense_model = build_model(s.model_name, s.num_classes, s.in_channels, weights)
-    dense = measure_row(dense_model, s.ds.test, s.example, s.device, tp.profile)
-    dense.pop("latency")
+    dense = measure_row(dense_model, s.ds.test, s.example, s.device, tp.profile, latency=False)
     dense_macs = count_macs(dense_model.cpu(), s.example)
     targets = [run_target(s, tp, weights, dense_macs, t) for t in tp.targets]
     return {"seed": seed, "dense": dense, "targets": targets, "train_images": len(s.ds.train)}
