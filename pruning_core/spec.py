@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 import re
-import typing
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -453,8 +452,8 @@ METHODS: tuple[str, ...] = ("magnitude", "s2h", "tas", "psap", "epi")
 
 def method_options() -> dict[str, type[BaseModel]]:
     """Method name -> its options model, read off the discriminated union ``MethodSpec``."""
-    members = typing.get_args(MethodSpec)[0]
-    classes = typing.get_args(members) or (members,)
+    members = get_args(MethodSpec)[0]
+    classes = get_args(members) or (members,)
     return {cls.model_fields["name"].default: cls for cls in classes}
 
 
