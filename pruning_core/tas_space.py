@@ -61,6 +61,15 @@ def channel_wise_interpolation(x: torch.Tensor, channels: int) -> torch.Tensor:
     return out.reshape(n, channels, *rest)
 
 
+def align_channels(x: torch.Tensor, channels: int, mode: str) -> torch.Tensor:
+    """A candidate's output (N, C, ...) brought to ``channels`` >= C along dimension 1: ``interpolate``
+    (CWI, the paper's) or ``pad`` (channel j stays channel j, zeros beyond: the alignment under which
+    trained weights still compute what they were trained to)."""
+    if mode == "interpolate":
+        return channel_wise_interpolation(x, channels)
+    return F.pad(x, [0, 0] * (x.dim() - 2) + [0, channels - x.shape[1]])
+
+
 def _perturbed(logits: torch.Tensor, tau: float) -> torch.Tensor:
     """Gumbel-perturbed log-probabilities over temperature: ``(log_softmax(u) + g) / tau``."""
     gumbels = -torch.empty_like(logits).exponential_().log()

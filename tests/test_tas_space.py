@@ -16,6 +16,7 @@ from pruning_core.groups import PruningGraph
 from pruning_core.macs import count_macs
 from pruning_core.surgery import remove_channels
 from pruning_core.tas_space import (
+    align_channels,
     channel_wise_interpolation,
     cost_loss,
     depth_candidates,
@@ -60,6 +61,15 @@ def test_cwi_is_an_explicit_channel_bin_mean(c_in: int, c_out: int) -> None:
     assert torch.equal(channel_wise_interpolation(x, c_in), x)
     v = torch.randn(4, c_in)  # a linear layer's output
     assert channel_wise_interpolation(v, c_out).shape == (4, c_out)
+
+
+def test_pad_alignment_keeps_each_channel_in_place_and_interpolate_is_cwi() -> None:
+    x = torch.randn(2, 5, 3, 3)
+    padded = align_channels(x, 8, "pad")
+    assert padded.shape == (2, 8, 3, 3)
+    assert torch.equal(padded[:, :5], x) and torch.equal(padded[:, 5:], torch.zeros(2, 3, 3, 3))
+    assert torch.equal(align_channels(x, 8, "interpolate"), channel_wise_interpolation(x, 8))
+    assert not torch.equal(align_channels(x, 8, "interpolate")[:, :5], x), "CWI moves channels"
 
 
 def test_gumbel_pair_draws_two_distinct_candidates_weighted_by_their_renormalised_probabilities() -> None:

@@ -4,8 +4,9 @@ Phase ``search`` turns the full-width model into TAS's search network with hooks
 edited). Per searchable coupled group: width candidates (the group's first k channels, one logit each in
 ``alpha``) and one BatchNorm per candidate. Every forward samples two candidates per group from the
 Gumbel-softmax at temperature tau, normalises the group's pre-BatchNorm features with each candidate's
-BatchNorm on its first k channels, resizes both to the wider one by channel-wise interpolation and sums
-them weighted by their renormalised probabilities (zeros beyond). Per stage of residual blocks: depth
+BatchNorm on its first k channels, brings both to the wider one (``align``: the paper's channel-wise
+interpolation from scratch; from trained weights zero-padding, so that channel j stays channel j for the
+next layer) and sums them weighted by their renormalised probabilities (zeros beyond). Per stage of residual blocks: depth
 candidates (logits ``beta``); the stage's output is the Gumbel-softmax-weighted sum of the outputs after
 each candidate depth. Weights (SGD, the schedule) learn from the cross-entropy on one half of the
 training data; then the architecture (Adam, constant LR) learns from the other half, from the
@@ -49,7 +50,7 @@ from ..spec import TASOptions
 from ..surgery import permutable, permute_channels, remove_channels
 from ..tas_space import (
     StageLayers,
-    channel_wise_interpolation,
+    align_channels,
     cost_loss,
     gumbel_probs,
     layer_weights,
@@ -84,9 +85,11 @@ class Supernet(nn.Module):
         min_channels: int,
         round_to: int = 1,
         min_share: float = 0.0,
+        align: str = "interpolate",
     ):
         super().__init__()
         self.graph, self.mode, self.tau = graph, "search", options.tau_max
+        self.align = align  # "interpolate" | "pad": how two candidates' outputs meet (tas_space)
         points = mask_points(graph)
         self.searched: list[ChannelGroup] = []
         self.fixed: dict[str, str] = {}  # group root -> why its width is not searched
@@ -158,7 +161,7 @@ class Supernet(nn.Module):
             total = None
             for j, c, w in zip(picked, widths, weights, strict=True):
                 part = point.norms[j](inputs[0][:, :c]) if point.norms is not None else out[:, :c]
-                part = channel_wise_interpolation(part, top) * w
+                part = align_channels(part, top, self.align) * w
                 total = part if total is None else total + part
             pad = [0, 0] * (out.dim() - 2) + [0, out.shape[1] - top]
             return F.pad(total, pad)
@@ -339,6 +342,14 @@ class TAS(Method):
         target = self.ctx.spec.target.macs_ratio
         return target - TARGET_BAND <= ratio <= target
 
+    def align(self) -> str:
+        """How the search aligns two candidates' outputs: the option, ``auto`` resolved to ``pad`` when the
+        search starts from trained weights (given, or trained first), else the paper's interpolation."""
+        if self.options.align != "auto":
+            return self.options.align
+        s = self.ctx.spec
+        return "pad" if s.model.weights or s.schedule.dense_epochs else "interpolate"
+
     def wants_teacher(self) -> bool:
         return self.options.kd or self.options.init == "teacher"
 
@@ -366,7 +377,7 @@ class TAS(Method):
     def _attach(self, model: nn.Module, state: dict[str, Any] | None) -> None:
         graph = self.ctx.graph(model)
         t = self.ctx.spec.target
-        net = Supernet(graph, self.options, t.min_channels, self.ctx.round_to, t.min_width)
+        net = Supernet(graph, self.options, t.min_channels, self.ctx.round_to, t.min_width, self.align())
         net = net.to(self.ctx.device)
         if state is not None:
             net.load_state_dict(state)
