@@ -123,9 +123,10 @@ class Cost(_Record):
 class AfterPrune(_Record):
     """The pruned network's test top-1 (percent) right after the job first removed channels physically
     (BatchNorm statistics re-estimated, before any training of it), and the recovery that followed:
-    ``at`` says when (``finetune:start``: magnitude at the start of its fine-tuning, TAS when it builds
-    the searched network (freshly initialised) for its KD phase, S2H and PSAP before a
-    ``finetune_epochs`` phase; ``epi:epoch 4``: EPI at its trigger epoch, PSAP at its final cut;
+    ``at`` says when (``finetune:start``: magnitude at the start of its fine-tuning, S2H and PSAP before a
+    ``finetune_epochs`` phase; ``kd:start``: TAS when it builds the searched network (with the
+    weights its ``init`` option gives) for its KD phase; ``<phase>:epoch N``: EPI at its trigger epoch
+    (``epi:epoch 4``), PSAP at its final cut (``psap:epoch 8``);
     ``final``: at the end, with no training after it: S2H, PSAP with ``settle: 0``), ``epochs_after``
     the epochs trained after it. The report's ``pruned.top1`` is the network after them."""
 
