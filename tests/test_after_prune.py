@@ -66,3 +66,32 @@ def test_the_first_physical_pruning_is_the_one_reported() -> None:
     assert got is not None and (got.at, got.top1, got.epochs_after) == ("finetune:start", 30.0, 1)
     got = after_prune([], history[:1], 55.0)  # pruned only at the end (S2H): no recovery
     assert got is not None and (got.at, got.top1, got.epochs_after) == ("final", 55.0, 0)
+
+
+@pytest.mark.parametrize(
+    ("method", "at"),
+    [
+        ({"name": "magnitude"}, "finetune:start"),
+        ({"name": "tas", "search_epochs": 1}, "kd:start"),
+        ({"name": "psap"}, "psap:epoch"),
+        ({"name": "s2h"}, "final"),
+        ({"name": "s2h", "finetune_epochs": 1}, "finetune:start"),
+    ],
+    ids=["magnitude", "tas", "psap", "s2h", "s2h-finetune"],
+)
+def test_each_method_reports_where_it_first_pruned(method: dict, at: str, tmp_path: Path) -> None:
+    report = run(quick_spec("resnet20", method, epochs=3), tmp_path).report
+    a = report.after_prune
+    assert a is not None and a.at.startswith(at), a
+    assert a.epochs_after == _records_after(a.at, [r.phase for r in report.history])
+    if a.epochs_after == 0:
+        assert a.top1 == report.pruned.top1
+
+
+def _records_after(at: str, phases: list[str]) -> int:
+    """Epoch records after the pruning point ``at`` (``phases``: each record's phase, in order)."""
+    if at == "final":
+        return 0
+    phase, _, when = at.partition(":")
+    start = phases.index(phase) if phase in phases else len(phases)
+    return len(phases) - start - (0 if when == "start" else int(when.split()[1]))
