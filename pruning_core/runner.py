@@ -129,7 +129,9 @@ def prepare(spec: JobSpec, workdir: Path) -> tuple[Datasets, _Shape, nn.Module]:
             f"model.in_channels is {shape.in_channels} but the data has {data.in_channels} channels"
         )
     seed_everything(spec.seed)
-    model = build_model(shape.name, shape.num_classes, shape.in_channels, spec.model.weights)
+    model = build_model(
+        shape.name, shape.num_classes, shape.in_channels, spec.model.weights, spec.model.pretrained
+    )
     return data, shape, model
 
 
@@ -212,13 +214,15 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         mctx.teacher is not None
         and spec.kd.teacher == "dense"
         and not spec.model.weights
+        and not spec.model.pretrained
         and not spec.schedule.dense_epochs
     ):
         reporter.message(
             "warning: the KD teacher is the dense model, which is untrained here (no model.weights, no "
-            "schedule.dense_epochs): distilling from it teaches noise"
+            "model.pretrained, no schedule.dense_epochs): distilling from it teaches noise"
         )
-    if method.ranks_given_weights and not spec.model.weights and not spec.schedule.dense_epochs:
+    trained = spec.model.weights or spec.model.pretrained or spec.schedule.dense_epochs
+    if method.ranks_given_weights and not trained:
         reporter.message(
             f"warning: {spec.method.name} ranks channels by the model's weights, which are untrained here "
             "(no model.weights, no schedule.dense_epochs): it prunes at random; set schedule.dense_epochs "
