@@ -78,6 +78,21 @@ def weights_to_check(s: Session, owner: str, spec: JobSpec) -> dict[str, tuple[s
     return found
 
 
+def pretrained_errors(spec: JobSpec, settings: Settings, owner: str) -> list[dict[str, str]]:
+    """``model.pretrained`` with downloads off (``ALLOW_DOWNLOAD``): one item when the model's published
+    weights are not in the cache (or it has none), naming the file and where to place it. A child that
+    cannot answer now leaves it to the worker, which refuses the same in one line."""
+    if not spec.model.pretrained or settings.allow_download:
+        return []
+    try:
+        line = torch_child.pretrained_refusal(spec.model.name, settings, owner)
+    except torch_child.Refused as err:
+        line = str(err)
+    except (torch_child.ChildFailed, torch_child.Busy, torch_child.Gone):
+        return []
+    return [] if line is None else [{"field": "model.pretrained", "message": line}]
+
+
 def weights_errors(
     spec: JobSpec, known: dict[str, tuple[str, dict[str, Any]]], settings: Settings, owner: str
 ) -> list[dict[str, str]]:

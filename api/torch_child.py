@@ -38,6 +38,8 @@ T = TypeVar("T")
 # The child imports the same pruning_core as this process (the directory that holds the package).
 _IMPORT_ROOT = Path(pruning_core.__file__).resolve().parent.parent
 _ENV_KEEP = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+# where the libraries' caches of published weights are (``model.pretrained``)
+_ENV_KEEP += ("TORCH_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE")
 KEYS_PER_OWNER = 8  # (model, classes, channels) answers kept per owner, her least recently used dropped
 # owners whose answers are kept, the least recently active one's dropped (16 x 8: as many answers as
 # the one pool for all owners kept)
@@ -188,6 +190,14 @@ def run(
             str(out["error"]), str(out.get("code", "")), needed if isinstance(needed, int) else None
         )
     return out
+
+
+def pretrained_refusal(name: str, settings: Settings, owner: str) -> str | None:
+    """None when the published weights of ``tv:``/``timm:`` model ``name`` are in this machine's
+    cache, else the one line that says what to place where (from a child: ``pruning_core.pretrained``).
+    Raises like ``run`` (Refused: a model with no published weights)."""
+    out = run(["pretrained", name], settings, owner)
+    return None if out.get("cached") else str(out.get("refusal"))
 
 
 async def run_watched(request: Request, work: Callable[[threading.Event], T]) -> T:

@@ -22,7 +22,7 @@ or the architecture file does not record: a LayerNorm/GroupNorm over those chann
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -220,12 +220,21 @@ class PruningGraph:
     Build once per model; after physical removal build a new one for the smaller model.
     """
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, num_classes: int, timeout_s: float = 120.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        num_classes: int,
+        timeout_s: float = 120.0,
+        ignored: Sequence[nn.Module] = (),
+    ):
+        """``ignored``: modules of ``model`` whose output channels must stay: every group that would
+        prune one is left out (Torch-Pruning's ``ignored_layers``), like the classifier heads."""
         self.model = model
         self.example = example
         self.names = {m: n for n, m in model.named_modules()}
         self.modules = dict(model.named_modules())
-        self.dg, self.heads, found = _analyse(model, example, num_classes, timeout_s)
+        self.dg, self.heads, found = _analyse(model, example, num_classes, timeout_s, list(ignored))
         self.excluded: dict[str, str] = {}  # root layer -> why its group is not prunable
         self.groups = self._collect_groups(found)
         self.geometry = layer_geometry(model, example)
@@ -303,7 +312,7 @@ def all_trainable(model: nn.Module) -> Iterator[None]:
 
 
 def _analyse(
-    model: nn.Module, example: torch.Tensor, num_classes: int, timeout_s: float
+    model: nn.Module, example: torch.Tensor, num_classes: int, timeout_s: float, ignored: list[nn.Module]
 ) -> tuple[tp.DependencyGraph, list[nn.Module], list[tp.Group]]:
     """Survey the model, trace its dependency graph, find its heads and Torch-Pruning's groups, all
     within ``timeout_s`` (tracing can hang, and grouping can explode on reshapes it does not follow)."""
@@ -314,7 +323,8 @@ def _analyse(
             with torch.enable_grad():
                 dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
             heads = _classifier_heads(dg, num_classes)
-            return dg, heads, list(dg.get_all_groups(ignored_layers=heads, root_module_types=COUNTED))
+            found = dg.get_all_groups(ignored_layers=heads + ignored, root_module_types=COUNTED)
+            return dg, heads, list(found)
         except Exception as err:
             raise GraphError(
                 f"could not trace the model's dependency graph: {type(err).__name__}: {_one_line(err)}"

@@ -120,6 +120,21 @@ class Cost(_Record):
     weights_bytes: int | None = Field(None, ge=0)
 
 
+class AfterPrune(_Record):
+    """The pruned network's test top-1 (percent) right after the job first removed channels physically
+    (BatchNorm statistics re-estimated, before any training of it), and the recovery that followed:
+    ``at`` says when (``finetune:start``: magnitude at the start of its fine-tuning, S2H and PSAP before a
+    ``finetune_epochs`` phase; ``kd:start``: TAS when it builds the searched network (with the
+    weights its ``init`` option gives) for its KD phase; ``<phase>:epoch N``: EPI at its trigger epoch
+    (``epi:epoch 4``), PSAP at its final cut (``psap:epoch 8``);
+    ``final``: at the end, with no training after it: S2H, PSAP with ``settle: 0``), ``epochs_after``
+    the epochs trained after it. The report's ``pruned.top1`` is the network after them."""
+
+    top1: float = Field(ge=0.0, le=100.0)
+    at: str
+    epochs_after: int = Field(ge=0)
+
+
 class DataSummary(_Record):
     """The images behind the numbers: top-1 is measured on ``split``'s ``test_images`` (``validation``:
     images held out of the training set by ``data.validation``; the test split was not read)."""
@@ -236,6 +251,9 @@ class Report(_Record):
     layers: list[LayerWidth]
     phases: list[PhaseTime]
     history: list[EpochRecord]
+    after_prune: AfterPrune | None = Field(
+        None, description="Top-1 right after the physical pruning, before recovery training (AfterPrune)."
+    )
     method_details: dict[str, Any] = Field(default_factory=dict)
     bn_recalibration: list[str] = Field(
         default_factory=list, description="Where BatchNorm statistics were re-estimated after pruning."
@@ -275,6 +293,7 @@ class Report(_Record):
         layers: Iterable[LayerWidth | Any] = (),
         phases: Iterable[PhaseTime | Any] = (),
         history: Iterable[EpochRecord | Any] = (),
+        after_prune: AfterPrune | Any | None = None,
         method_details: dict[str, Any] | None = None,
         bn_recalibration: Iterable[str] = (),
         finalize_rel_diff: float | None = None,
@@ -308,6 +327,7 @@ class Report(_Record):
             layers=list(layers),
             phases=list(phases),
             history=list(history),
+            after_prune=AfterPrune.model_validate(after_prune) if after_prune is not None else None,
             method_details=method_details or {},
             bn_recalibration=list(bn_recalibration),
             finalize_rel_diff=finalize_rel_diff,
@@ -367,7 +387,8 @@ def top1_change_margin(dense: float, pruned: float, n: int) -> float:
 
 def headline(r: Report) -> str:
     """The report at a glance: ``2.0x fewer MACs · 2.2x fewer params · top-1 -0.4 ± 1.5 points
-    (87.2 -> 86.8 %, 10,000 images) · speed-up x1.84 [1.71, 1.97] on cpu, batch 8 (faster)``."""
+    (87.2 -> 86.8 %, 10,000 images) · top-1 right after pruning 61.2 %, after recovery 86.8 % · speed-up
+    x1.84 [1.71, 1.97] on cpu, batch 8 (faster)``."""
     parts = [
         f"{1 / r.achieved_macs_ratio:.1f}x fewer MACs" if r.achieved_macs_ratio < 1 else "MACs unchanged",
         f"{1 / r.params_ratio:.1f}x fewer params" if r.params_ratio < 1 else "params unchanged",
@@ -380,6 +401,11 @@ def headline(r: Report) -> str:
         parts.append(
             f"top-1 {change:+.1f}{margin} points ({r.dense.top1:.1f} -> {r.pruned.top1:.1f} %{where})"
         )
+    if r.after_prune is not None and r.pruned.top1 is not None:
+        recovery = (
+            f"after recovery {r.pruned.top1:.1f} %" if r.after_prune.epochs_after else "no training after it"
+        )
+        parts.append(f"top-1 right after pruning {r.after_prune.top1:.1f} %, {recovery}")
     if r.latency is not None:
         b = throughput(r.latency)
         if r.latency.implausible:

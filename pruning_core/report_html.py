@@ -99,6 +99,16 @@ def _summary(r: Report) -> str:
             _diff(r.pruned.top1, r.dense.top1),
         ),
     ]
+    if (a := r.after_prune) is not None:
+        when = escape(a.at) if a.at != "final" else "at the end"
+        rows.append(
+            (
+                f"top-1 right after pruning ({when}; {a.epochs_after} epoch(s) of recovery after it)",
+                "",
+                _top1(a.top1, split),
+                _diff(a.top1, r.dense.top1),
+            ),
+        )
     for b in r.latency.batches if r.latency else ():
         rows.append(
             (

@@ -45,6 +45,7 @@ from .latency import LatencyComparison, compare_latency, implausible, pick_threa
 from .macs import measure
 from .methods import METHODS, DenseTraining, Method, MethodContext
 from .report import (
+    AfterPrune,
     Cost,
     DataSummary,
     GroupWidth,
@@ -68,6 +69,16 @@ class Result:
     report: Report
     workdir: Path
     artifacts: dict[str, Path]  # file name -> path, every file a user downloads
+
+
+@dataclass(frozen=True)
+class _Pruned:
+    """A phase whose start pruned the network physically (the first time): its top-1 right then, and
+    how many epoch records the job's history held before it."""
+
+    index: int
+    at: str
+    top1: float
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,9 @@ def prepare(spec: JobSpec, workdir: Path) -> tuple[Datasets, _Shape, nn.Module]:
             f"model.in_channels is {shape.in_channels} but the data has {data.in_channels} channels"
         )
     seed_everything(spec.seed)
-    model = build_model(shape.name, shape.num_classes, shape.in_channels, spec.model.weights)
+    model = build_model(
+        shape.name, shape.num_classes, shape.in_channels, spec.model.weights, spec.model.pretrained
+    )
     return data, shape, model
 
 
@@ -180,9 +193,10 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         }
     history: list[dict[str, Any]] = []
     bn_points: list[str] = []
+    pruned_at: list[_Pruned] = []
     if spec.schedule.dense_epochs:
         dense = DenseTraining(spec.method, mctx)
-        model = _run_phases(dense, model, train_ctx, shape, phases, history, bn_points)
+        model = _run_phases(dense, model, train_ctx, shape, phases, history, bn_points, pruned_at)
     if rates is not None:  # on the weights the method starts from: the allocations' widths depend on them
         t_check = time.perf_counter()
         mctx.latency_rates = _check_allocation(
@@ -200,19 +214,21 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         mctx.teacher is not None
         and spec.kd.teacher == "dense"
         and not spec.model.weights
+        and not spec.model.pretrained
         and not spec.schedule.dense_epochs
     ):
         reporter.message(
             "warning: the KD teacher is the dense model, which is untrained here (no model.weights, no "
-            "schedule.dense_epochs): distilling from it teaches noise"
+            "model.pretrained, no schedule.dense_epochs): distilling from it teaches noise"
         )
-    if method.ranks_given_weights and not spec.model.weights and not spec.schedule.dense_epochs:
+    trained = spec.model.weights or spec.model.pretrained or spec.schedule.dense_epochs
+    if method.ranks_given_weights and not trained:
         reporter.message(
             f"warning: {spec.method.name} ranks channels by the model's weights, which are untrained here "
             "(no model.weights, no schedule.dense_epochs): it prunes at random; set schedule.dense_epochs "
             "or give weights"
         )
-    model = _run_phases(method, model, train_ctx, shape, phases, history, bn_points)
+    model = _run_phases(method, model, train_ctx, shape, phases, history, bn_points, pruned_at)
     # A random batch, not zeros: the physically pruned network and its exports are checked against it.
     check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))
     model, finalize_diff = _finalize(method, model, shape, train_ctx, check_input, bn_points)
@@ -265,6 +281,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         layers=layer_widths(dense_arch, pruned_arch),
         phases=phases,
         history=history,
+        after_prune=after_prune(pruned_at, history, pruned_cost.top1),
         method_details=dict(mctx.details),
         bn_recalibration=bn_points,
         finalize_rel_diff=finalize_diff,
@@ -288,11 +305,13 @@ def _run_phases(
     phases: list[PhaseTime],
     history: list,
     bn_points: list[str],
+    pruned_at: list[_Pruned],
 ) -> nn.Module:
     """Run each of the method's phases through ``fit``; a finished phase is restored from its checkpoint.
 
     ``start_phase`` runs only for a phase without a checkpoint; what it measured (its time, whether it
-    re-estimated BatchNorm statistics) is stored with the phase's checkpoint, so a resumed job reports
+    re-estimated BatchNorm statistics, the pruned network's top-1 when it is the job's first physical
+    pruning, appended to ``pruned_at``) is stored with the phase's checkpoint, so a resumed job reports
     the same as an uninterrupted one.
     """
     for phase in method.phases():
@@ -301,8 +320,11 @@ def _run_phases(
             t0 = time.perf_counter()
             before = shape.describe(model)
             model = method.start_phase(phase, model.to(ctx.device))
-            meta["bn_recalibrated"] = _recalibrate_if_changed(model, before, shape, ctx)
+            changed = shape.describe(model) != before
+            meta["bn_recalibrated"] = changed and ctx.recalibrate(model)
             meta["start_wall_s"] = time.perf_counter() - t0
+            if changed and not pruned_at and not any(r.get("event") == "pruned" for r in history):
+                meta["top1_pruned"] = evaluate(model, ctx.test, ctx.device)["top1"]  # before recovery
         result = fit(
             model,
             method,
@@ -313,6 +335,8 @@ def _run_phases(
             meta=meta,
         )
         model = result.model
+        if "top1_pruned" in result.meta:
+            pruned_at.append(_Pruned(len(history), f"{phase.name}:start", result.meta["top1_pruned"]))
         history.extend(result.history)
         if "start_wall_s" in result.meta:
             phases.append(PhaseTime(name=f"{phase.name}:start", wall_s=result.meta["start_wall_s"], epochs=0))
@@ -354,6 +378,25 @@ def _finalize(
     if _recalibrate_if_changed(model, before, shape, ctx):
         bn_points.append("final")
     return model, diff if math.isfinite(diff) else None
+
+
+def after_prune(
+    pruned_at: list[_Pruned], history: list[dict[str, Any]], final_top1: float | None
+) -> AfterPrune | None:
+    """The top-1 (percent) of the network right after the job first pruned it physically (BatchNorm
+    re-estimated, before any training of it): at a phase's start (``pruned_at``), at an epoch's end (the
+    first history record with ``event: pruned``), else at the end (``final_top1``, no recovery)."""
+    marks = [
+        _Pruned(i + 1, f"{r['phase']}:epoch {r['epoch'] + 1}", r["top1"])
+        for i, r in enumerate(history)
+        if r.get("event") == "pruned" and r.get("top1") is not None
+    ]
+    first = min(
+        [*marks, *pruned_at], key=lambda p: p.index, default=None
+    )  # a tie: the epoch's end came first
+    if first is not None:
+        return AfterPrune(top1=first.top1, at=first.at, epochs_after=len(history) - first.index)
+    return None if final_top1 is None else AfterPrune(top1=final_top1, at="final", epochs_after=0)
 
 
 def _recalibrate_if_changed(

@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     # --- engine ---
     data_root: Path = Field(Path("data"), description="Where cifar10/cifar100 live (DATA_ROOT).")
     allow_download: bool = Field(
-        False, description="Let torchvision download missing data sets (ALLOW_DOWNLOAD)."
+        False,
+        description="Let torchvision download missing data sets, and torchvision and timm the published "
+        "weights `model.pretrained` asks for when their cache (TORCH_HOME, HF_HOME) lacks them "
+        "(ALLOW_DOWNLOAD).",
     )
     archive_max_bytes: int = Field(2 * 1024**3, description="Cap on the unpacked size of a dataset archive.")
     archive_max_members: int = Field(200_000, description="Cap on the number of files in a dataset archive.")

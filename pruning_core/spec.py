@@ -114,6 +114,14 @@ class ModelSpec(_Strict):
         },
     )
     weights: FileRef | None = Field(None, description="Path to a safetensors file with the dense weights.")
+    pretrained: bool = Field(
+        False,
+        description="tv: and timm: models: start from the library's own published weights (torchvision's "
+        "default weights, timm's default tag), read from the server's cache (TORCH_HOME, the Hugging Face "
+        "cache); a miss downloads them only where the operator allows downloads (ALLOW_DOWNLOAD), else the "
+        "job is refused at submit naming the file and where to place it. Other classes than the "
+        "weights': a new classifier head.",
+    )
     num_classes: int | None = Field(
         None, ge=2, le=100_000, description="Output classes; default: the data set's."
     )
@@ -130,6 +138,17 @@ class ModelSpec(_Strict):
             f"unknown model {v!r}; known: {', '.join([*CIFAR_MODELS, *plugin_models()])}, or "
             "tv:<torchvision builder> such as tv:resnet18, or timm:<timm model> such as timm:resnet18"
         )
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> ModelSpec:
+        if self.pretrained and not self.name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+            raise ValueError(
+                f"model.pretrained is for tv: and timm: models (their published weights); {self.name} has "
+                "none: give model.weights"
+            )
+        if self.pretrained and self.weights is not None:
+            raise ValueError("give model.weights or model.pretrained, not both")
+        return self
 
 
 class DataSpec(_Strict):

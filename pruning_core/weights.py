@@ -315,8 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             limit_address_space(KEYS_HEADROOM)
             out = {"keys": expected_keys(args[1], int(args[2]), int(args[3]))}
+        elif args[:1] == ["pretrained"] and len(args) == 2:
+            from .pretrained import published
+
+            where = published(args[1])
+            out = {"cached": where.found is not None, "refusal": where.refusal()}
         else:
-            print(json.dumps({"error": "usage: convert SRC DST [MAX_BYTES] | keys NAME CLASSES CHANNELS"}))
+            usage = "usage: convert SRC DST [MAX_BYTES] | keys NAME CLASSES CHANNELS | pretrained NAME"
+            print(json.dumps({"error": usage}))
             return 2
     except (PruningError, KeyError) as err:  # UnknownNameError is a KeyError
         refused = {"error": " ".join(str(err).split()), "code": getattr(err, "code", "unknown")}

@@ -293,12 +293,23 @@ def get_entry(name: str) -> ZooEntry:
 
 
 def build_model(
-    name: str, num_classes: int, in_channels: int = 3, weights: str | Path | None = None
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
 ) -> nn.Module:
-    """Build a model by name; load safetensors weights when given."""
+    """Build a model by name; load safetensors weights when given, or (``pretrained``, ``tv:`` and
+    ``timm:`` models) the library's published weights from its cache (``pretrained.load_pretrained``:
+    a miss downloads only where ``ALLOW_DOWNLOAD`` is set)."""
     model = get_entry(name).build(num_classes, in_channels)
     if weights is not None:
         load_weights(model, weights)
+    if pretrained:
+        from .pretrained import load_pretrained
+        from .settings import get_settings
+
+        model = load_pretrained(model, name, get_settings().allow_download)
     return model
 
 

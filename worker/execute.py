@@ -335,6 +335,8 @@ def summarize(report: Any) -> dict[str, Any]:
         "latency_implausible": lat.implausible if lat is not None else None,
         "dense": cost(report.dense, at.dense_ms if at else None),
         "pruned": cost(report.pruned, at.pruned_ms if at else None),
+        # right after the physical pruning, before recovery training (report.json's after_prune)
+        "top1_after_prune": report.after_prune.top1 if report.after_prune is not None else None,
     }
 
 

@@ -16,7 +16,7 @@ from .. import queue, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
-from ..refs import spec_errors, weights_errors, weights_to_check
+from ..refs import pretrained_errors, spec_errors, weights_errors, weights_to_check
 from ..schemas import JobOut, JobPage, echo, is_id, job_out
 
 router = APIRouter(tags=["jobs"], responses={"4XX": PROBLEM_SCHEMA})
@@ -61,12 +61,14 @@ def create_job(
     """Queue a pruning job. Files are referenced as `upload:<id>` (POST /v1/uploads). A spec is refused
     (422, one item per field) past this server's limits (shown in the schema), or when it names a
     missing or another owner's upload, or a target its model can never reach, or weights whose tensor
-    names and shapes (read from a small safetensors header) do not match the model."""
+    names and shapes (read from a small safetensors header) do not match the model, or
+    `model.pretrained` weights that are not in the server's cache while downloads are off."""
     limits = [{"field": f, "message": m} for f, m in submit_problems(spec, settings)]
     with sessions() as s:
         errors = limits + spec_errors(s, owner, spec)
         known = {} if errors else weights_to_check(s, owner, spec)
     errors += weights_errors(spec, known, settings, owner)  # may run a child process: no connection held
+    errors += pretrained_errors(spec, settings, owner)  # the same
     if errors:
         raise Problem(
             422,

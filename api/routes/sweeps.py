@@ -26,7 +26,7 @@ from .. import queue, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
 from ..problems import PROBLEM_SCHEMA, Problem
-from ..refs import spec_errors, weights_errors, weights_to_check
+from ..refs import pretrained_errors, spec_errors, weights_errors, weights_to_check
 from ..schemas import ARTIFACT_NAME, ArtifactList, ArtifactOut, artifact_out, echo, is_id, job_path, utc
 from ..sweep_plan import SweepIn, child_count, plan
 from .artifacts import RecordedFile, download_artifact, serve_recorded_file
@@ -190,6 +190,10 @@ def create_sweep(
         errors += _check(body, children, dense, settings, s, owner)
         known = {} if errors else weights_to_check(s, owner, body.spec)
     errors += weights_errors(body.spec, known, settings, owner)
+    errors += [
+        {"field": f"spec.{e['field']}", "message": e["message"]}
+        for e in pretrained_errors(body.spec, settings, owner)
+    ]
     if errors:
         raise _invalid(errors)
     with sessions() as s:
