@@ -72,6 +72,7 @@ class TrainedProfile:
     weights: Path
     contenders: tuple[str, ...] = CONTENDERS
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # contender -> method options
+    baselines: bool = True  # magnitude + KD and Torch-Pruning's pruner beside the contenders
 
 
 # Sized for about 90 minutes on 2 CPU cores (3 seeds x 2 targets x 5 contenders): 8 epochs over 500
@@ -106,16 +107,21 @@ def run_target(s: Any, tp: TrainedProfile, weights: Path, dense_macs: int, targe
     label = f"{s.case.label} seed {s.seed} target {target:g}"
     work = s.work / f"t{target:g}"
     at = replace(s, profile=replace(s.profile, target=target))
-    log(f"{label}: magnitude + KD")
-    mag_spec = job_spec(s.case, s.spec.data, s.seed, at.profile, weights)
-    results = {"magnitude": run(mag_spec.model_copy(update={"kd": KDSpec(enabled=True)}), work / "magnitude")}
-    log(f"{label}: Torch-Pruning peer")
-    peer, peer_times = peer_stage(at, weights, dense_macs)
+    results, models = {}, {}
+    if tp.baselines:
+        log(f"{label}: magnitude + KD")
+        mag_spec = job_spec(s.case, s.spec.data, s.seed, at.profile, weights)
+        results["magnitude"] = run(
+            mag_spec.model_copy(update={"kd": KDSpec(enabled=True)}), work / "magnitude"
+        )
+        log(f"{label}: Torch-Pruning peer")
+        peer, peer_times = peer_stage(at, weights, dense_macs)
+        models["peer"] = peer.model
     for name in tp.contenders:
         log(f"{label}: {name}")
         spec = method_spec(name, at, target, weights, tp.options.get(name))
         results[name] = run(spec, work / name, EchoReporter())
-    models = {"peer": peer.model} | {k: load_pruned(r.workdir) for k, r in results.items()}
+    models |= {k: load_pruned(r.workdir) for k, r in results.items()}
     rows = {
         k: measure_row(m, s.ds.test, s.example, s.device, s.profile, latency=False) for k, m in models.items()
     }
@@ -124,7 +130,8 @@ def run_target(s: Any, tp: TrainedProfile, weights: Path, dense_macs: int, targe
         if name in results:
             row.update(training_cost(results[name].report.history))
             row["views"] = results[name].report.history[-1].views if results[name].report.history else {}
-    rows["peer"]["train_wall_s"] = peer_times["peer_finetune_s"]
+    if tp.baselines:
+        rows["peer"]["train_wall_s"] = peer_times["peer_finetune_s"]
     return {"target": target, "rows": rows}
 
 
@@ -188,14 +195,18 @@ def render(results: dict[str, Any], source: Path) -> str:
         if not done:
             continue
         for key in ("magnitude", "peer", *results.get("contenders", CONTENDERS)):
+            if key not in done[0]["targets"][i]["rows"]:
+                continue  # --no-baselines
             rows = [r["targets"][i]["rows"][key] for r in done]
-            mags = [r["targets"][i]["rows"]["magnitude"]["train_wall_s"] for r in done]
+            mags = [r["targets"][i]["rows"].get("magnitude", {}).get("train_wall_s") for r in done]
             walls = [x["train_wall_s"] for x in rows]
+            against = (
+                markdown.fmt_range([w / g for w, g in zip(walls, mags, strict=True)], 2) if all(mags) else ""
+            )
             lines.append(
                 f"| {target:g} | {LABELS[key]} | {markdown.fmt_top1([x['top1'] for x in rows])} | "
                 f"{markdown.fmt_range([x['macs_ratio'] for x in rows])} | "
-                f"{markdown.fmt_count([x['params'] for x in rows])} | {markdown.fmt_count(walls)} | "
-                f"{markdown.fmt_range([w / g for w, g in zip(walls, mags, strict=True)], 2)} |"
+                f"{markdown.fmt_count([x['params'] for x in rows])} | {markdown.fmt_count(walls)} | {against} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -210,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         "--validation", type=int, metavar="N", help="measure on N held-out training images per class"
     )
     p.add_argument("--methods", help=f"comma-separated, some of {','.join(CONTENDERS)} (default: all)")
+    p.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        help="run the contenders only (choosing options: the baselines' rows are in an earlier run)",
+    )
     p.add_argument(
         "--options",
         type=json.loads,
@@ -236,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         targets=args.targets or tp.targets,
         contenders=contenders,
         options=args.options,
+        baselines=args.baselines,
     )
     weights = (args.weights or tp.weights).resolve()
     if not weights.is_file():
@@ -251,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": str(weights.relative_to(REPO_DIR) if weights.is_relative_to(REPO_DIR) else weights.name),
         "targets": list(tp.targets),
         "contenders": list(tp.contenders),
+        "baselines": tp.baselines,
         "options": tp.options,
         "command": "python -m bench.trained " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),

@@ -37,3 +37,17 @@ def test_table_a_smoke_every_contender_from_the_weights_in_the_band(tmp_path: Pa
     md.write_text("# Benchmarks\n")
     assert trained.main(["--render", str(path), "--markdown", str(md)]) == 0
     assert "| 0.5 | `magnitude` + KD |" in md.read_text()
+
+
+def test_no_baselines_runs_the_chosen_contenders_alone(tmp_path: Path) -> None:
+    weights = save_weights(build_model("resnet20", 10, 1), tmp_path / "dense.safetensors")
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    out = tmp_path / "results"
+    args = ["--profile", "smoke", "--weights", str(weights), "--out", str(out), "--markdown", str(md)]
+    assert trained.main([*args, "--methods", "psap", "--no-baselines"]) == 0
+    (path,) = out.glob("trained-smoke-*.json")
+    (t,) = json.loads(path.read_text())["case"]["runs"][0]["targets"]
+    assert set(t["rows"]) == {"psap"}
+    text = md.read_text()
+    assert f"| 0.5 | {trained.LABELS['psap']} |" in text and "| 0.5 | `magnitude` + KD |" not in text
