@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-import client.cli as cli
-import client.sdk as sdk
-from client.sdk import ApiError, Client, IntegrityError
+import pruning_client.cli as cli
+import pruning_client.sdk as sdk
+from pruning_client.sdk import ApiError, Client, IntegrityError
 
 BLOB = bytes(range(256)) * 64  # a 16 KiB "model.safetensors"
 SHA = hashlib.sha256(BLOB).hexdigest()
@@ -521,7 +521,7 @@ def jobs_server() -> Iterator[str]:
 
 
 def test_a_closed_pipe_is_not_an_error(jobs_server: str) -> None:
-    cmd = [sys.executable, "-m", "client.cli", "--url", jobs_server, "list", "--limit", "200"]
+    cmd = [sys.executable, "-m", "pruning_client.cli", "--url", jobs_server, "list", "--limit", "200"]
     root = Path(__file__).parents[1]
     # The reader is gone before prune writes a byte: its first write meets a closed pipe.
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -612,9 +612,10 @@ def test_keys_on_an_unmigrated_database_is_one_line(
 
 def test_client_never_imports_torch(tmp_path: Path) -> None:
     code = (
-        "import sys; import client, client.cli, client.sdk; client.sdk._sleep = lambda s: None; "
-        "rc = client.cli.main(['submit', '--model', 'nope']); "
-        "rc2 = client.cli.main(['--url', 'http://127.0.0.1:1', 'cancel', 'j1']); "
+        "import sys; import pruning_client, pruning_client.cli, pruning_client.sdk; "
+        "pruning_client.sdk._sleep = lambda s: None; "
+        "rc = pruning_client.cli.main(['submit', '--model', 'nope']); "
+        "rc2 = pruning_client.cli.main(['--url', 'http://127.0.0.1:1', 'cancel', 'j1']); "
         "print(rc, rc2, [m for m in ('torch', 'torchvision', 'sqlalchemy') if m in sys.modules])"
     )
     out = subprocess.run(

@@ -350,8 +350,8 @@ def test_sdk_and_cli_list_and_delete_uploads(env_factory, monkeypatch, capsys) -
     """The SDK and `prune uploads` against the real app (the TestClient's transport)."""
     import functools
 
-    from client import cli
-    from client.sdk import ApiError, Client
+    from pruning_client import cli
+    from pruning_client.sdk import ApiError, Client
 
     env = env_factory()
     key = env.a["Authorization"].removeprefix("Bearer ")

@@ -58,7 +58,7 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / ".venv" / "bin").mkdir(parents=True)
     prune = work / ".venv" / "bin" / "prune"  # what `make run` installs, on this checkout
-    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m client.cli "$@"\n')
+    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m pruning_client.cli "$@"\n')
     prune.chmod(0o755)
     url = f"http://127.0.0.1:{port}"
     with process([sys.executable, "-m", "api"], env, tmp_path / "api.log") as api:
@@ -102,7 +102,7 @@ def test_the_sweep_block_runs_as_written(tmp_path: Path) -> None:
     env |= {"STATE_DIR": str(tmp_path / "state"), "PORT": str(port), "AUTH_DISABLED": "1"}
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     prune = tmp_path / ".venv" / "bin" / "prune"
-    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m client.cli "$@"\n')
+    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m pruning_client.cli "$@"\n')
     prune.chmod(0o755)
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     url = f"http://127.0.0.1:{port}"

@@ -373,7 +373,7 @@ def test_html_escapes_what_the_user_controls(real_run):
 
 
 def test_every_reader_shows_the_speedup_with_its_interval_and_verdict():
-    from client.render import result_line
+    from pruning_client.render import result_line
     from worker.execute import summarize
 
     report = _report()

@@ -20,9 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-import client.cli as cli
+import pruning_client.cli as cli
 from api.app import create_app
-from client.sdk import ApiError, Client
+from pruning_client.sdk import ApiError, Client
 from pruning_core.settings import Settings
 from pruning_core.spec import METHODS
 from store import db, repo, sweeps

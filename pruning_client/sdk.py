@@ -1,6 +1,6 @@
 """Python SDK for the pruning service, on httpx (no torch).
 
-    from client.sdk import Client
+    from pruning_client import Client
 
     with Client("http://127.0.0.1:8000", api_key="pk_...") as c:
         spec = {"model": {"name": "resnet20"}, "data": {"name": "digits"}, "target": {"macs_ratio": 0.5},
