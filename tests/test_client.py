@@ -21,6 +21,7 @@ import pytest
 
 import pruning_client.cli as cli
 import pruning_client.sdk as sdk
+from pruning_client.models import EpochData, EventData, PrunedData
 from pruning_client.sdk import ApiError, Client, IntegrityError
 
 BLOB = bytes(range(256)) * 64  # a 16 KiB "model.safetensors"
@@ -50,14 +51,19 @@ def sse(seq: int, kind: str, data: dict) -> bytes:
     return f"id: {seq}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+PRUNED_LINE = "pruned: MACs 40.55M -> 20.30M (0.501), params 270,000 -> 140,000 (0.519)"
+EPOCH_LINE = "finetune epoch 1: loss 0.5000, top-1 91.50%, MACs 20.30M"
 EVENTS = [
     (1, "status", {"status": "queued"}),
     (2, "status", {"status": "running"}),
-    (3, "phase", {"name": "finetune", "epochs": 1, "steps_per_epoch": 5}),
-    (4, "progress", {"progress": 0.6, "phase": "finetune", "epoch": 0, "step": 3}),
-    (5, "epoch", {"phase": "finetune", "epoch": 0, "train_loss": 0.5, "top1": 91.5, "macs": 20_300_000}),
-    (6, "status", {"status": "succeeded"}),
-]
+    (3, "pruned", {"macs_before": 40_550_000, "macs_after": 20_300_000, "params_before": 270_000,
+                   "params_after": 140_000, "macs_ratio": 0.5006, "params_ratio": 0.5185, "text": PRUNED_LINE}),
+    (4, "phase", {"name": "finetune", "epochs": 1, "steps_per_epoch": 5}),
+    (5, "progress", {"progress": 0.6, "phase": "finetune", "epoch": 1, "step": 3}),
+    (6, "epoch", {"phase": "finetune", "epoch": 1, "train_loss": 0.5, "top1": 91.5, "macs": 20_300_000,
+                  "text": EPOCH_LINE, "lr": 0.01}),
+    (7, "status", {"status": "succeeded"}),
+]  # fmt: skip
 RESULT = {
     "dense": {"macs": 40_550_000, "params": 270_000, "top1": 95.0},
     "pruned": {"macs": 20_300_000, "params": 140_000, "top1": 91.5},
@@ -241,11 +247,11 @@ def test_submit_retried_after_503_reuses_its_idempotency_key(api: Client, fake: 
     job = api.submit({"model": {"name": "resnet20"}})
     keys = [r.headers["idempotency-key"] for r in fake.requests]
     assert len(keys) == 3 and len(set(keys)) == 1 and keys[0]
-    assert job["id"] == "j1" and len(fake.jobs) == 1
+    assert job.id == "j1" and len(fake.jobs) == 1
     assert all(r.headers["authorization"] == "Bearer pk_test" for r in fake.requests)
     api.submit({"model": {"name": "resnet20"}})
     assert fake.requests[-1].headers["idempotency-key"] != keys[0], "a new call is a new job"
-    assert api.submit({}, idempotency_key="mine")["id"] == api.submit({}, idempotency_key="mine")["id"]
+    assert api.submit({}, idempotency_key="mine").id == api.submit({}, idempotency_key="mine").id
 
 
 def test_retries_give_up_with_the_last_problem(api: Client, fake: FakeService) -> None:
@@ -258,7 +264,7 @@ def test_retries_give_up_with_the_last_problem(api: Client, fake: FakeService) -
 def test_list_follows_cursors(api: Client, fake: FakeService) -> None:
     for i in range(5):
         fake.jobs[f"j{i}"] = fake.job(f"j{i}")
-    assert [j["id"] for j in api.list(limit=2)] == ["j4", "j3", "j2", "j1", "j0"]
+    assert [j.id for j in api.list(limit=2)] == ["j4", "j3", "j2", "j1", "j0"]
     cursors = [r.url.params.get("cursor") for r in fake.requests]
     assert cursors == [None, "2", "4"]
 
@@ -266,11 +272,39 @@ def test_list_follows_cursors(api: Client, fake: FakeService) -> None:
 def test_events_parse_sse_and_resume_after_a_drop(api: Client, fake: FakeService) -> None:
     fake.drop_events_after = 2
     events = list(api.events("j1"))
-    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6], "nothing lost, nothing repeated"
-    assert events[2] == {"id": 3, "seq": 3, "kind": "phase", "data": EVENTS[2][2]}
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6, 7], "nothing lost, nothing repeated"
+    assert events[3].model_dump(mode="json", exclude_none=True) == {
+        "id": 4,
+        "seq": 4,
+        "kind": "phase",
+        "data": EVENTS[3][2],
+    }, "the event as the server sent it"
     first, second = [r for r in fake.requests if r.url.path.endswith("/events")]
     assert first.headers["accept"] == "text/event-stream" and "last-event-id" not in first.headers
     assert second.headers["last-event-id"] == "2", "the half-sent event 99 must not count"
+
+
+def test_events_are_typed_by_kind_and_keep_fields_unknown_here(api: Client) -> None:
+    events = {e.kind: e for e in api.events("j1")}
+    pruned, epoch = events["pruned"].data, events["epoch"].data
+    assert isinstance(pruned, PrunedData) and pruned.macs_after < pruned.macs_before
+    assert isinstance(epoch, EpochData) and (epoch.phase, epoch.epoch, epoch.top1) == ("finetune", 1, 91.5)
+    assert epoch.model_extra == {"lr": 0.01}, "a newer server's field is kept, not refused"
+    odd = sdk.parse_event({"kind": "pruned", "data": {"macs_before": "lots"}})
+    assert type(odd.data) is EventData and odd.data.model_extra == {"macs_before": "lots"}
+
+
+def test_wait_returns_the_ended_job_with_its_typed_result(
+    api: Client, fake: FakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.jobs["j1"] = fake.job("j1", "running")
+    monkeypatch.setattr(sdk, "_sleep", lambda _s: fake.jobs["j1"].update(status="succeeded", result=RESULT))
+    job = api.wait("j1", timeout=60)
+    assert job.ended and job.status == "succeeded"
+    assert (job.result.achieved_macs_ratio, job.result.pruned.top1) == (0.5006, 91.5)
+    fake.jobs["j2"] = fake.job("j2", "running")
+    with pytest.raises(TimeoutError, match="job j2 is still running"):
+        api.wait("j2", timeout=0)
 
 
 def test_download_verifies_sha256(api: Client, fake: FakeService, tmp_path: Path) -> None:
@@ -394,8 +428,8 @@ def test_submit_does_not_send_the_same_file_twice(
     use_fake.ignore_sha256_filter = True
     with cli.Client("http://fake", api_key="k") as c:
         assert c.find_upload("0" * 64, "weights") is None
-        assert c.find_upload(hashlib.sha256(b"other weights").hexdigest(), "weights")["id"] == "u2"
-        assert c.upload(weights, "weights", reuse=False)["id"] == "u3"
+        assert c.find_upload(hashlib.sha256(b"other weights").hexdigest(), "weights").id == "u2"
+        assert c.upload(weights, "weights", reuse=False).id == "u3"
 
 
 def test_model_keys_command(use_fake: FakeService, capsys: pytest.CaptureFixture) -> None:
@@ -417,7 +451,7 @@ def test_watch_status_download_cancel(
     use_fake.jobs["j1"] = use_fake.job("j1", "running")
     assert cli.main(["watch", "j1"]) == 0
     out = capsys.readouterr().out
-    assert "finetune epoch 1: loss 0.5000, top-1 91.50%, MACs 20.30M" in out
+    assert EPOCH_LINE in out and PRUNED_LINE in out
     assert "j1 succeeded: MACs 40.55M -> 20.30M (ratio 0.501)" in out
 
     use_fake.jobs["j2"] = use_fake.job("j2", "failed") | {"error": {"code": "bad_data", "message": "no"}}
