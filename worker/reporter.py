@@ -142,6 +142,10 @@ class StoreReporter:
         self._advance(record.get("epoch", 0) + 1)
         self.event("epoch", record)
 
+    def pruned(self, data: dict[str, Any]) -> None:
+        """The network physically pruned: MACs and params before and after (``engine.report_pruned``)."""
+        self.event("pruned", data)
+
     def message(self, text: str) -> None:
         self.event("message", {"text": text})
 
