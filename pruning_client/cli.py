@@ -483,12 +483,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def _need_engine(command: str, instead: str) -> None:
     """CliError (one line) for a command that reads this installation's engine where only the SDK is
     installed."""
-    from importlib.util import find_spec
-
-    if find_spec("pruning_core") is None:
+    try:
+        import pruning_core  # noqa: F401  (its modules load lazily: no torch here)
+    except ImportError:
         raise CliError(
             f"prune {command} needs the engine (the pruning-service install), not installed here; {instead}"
-        )
+        ) from None
 
 
 # --- entry point ---

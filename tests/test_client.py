@@ -9,10 +9,13 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -660,6 +663,94 @@ def test_client_never_imports_torch(tmp_path: Path) -> None:
         cwd=Path(__file__).parents[1],
     )
     assert out.stdout.strip() == "2 2 []"
+
+
+# Run before anything else in a child: every import of the engine, torch or the service fails as in
+# an environment where only the SDK (``pip install ./pruning_client``) is installed.
+WITHOUT_ENGINE = """
+import sys
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "pruning_core", "api", "store", "worker", "sqlalchemy"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def _without_engine(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_ENGINE + code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PRUNE_URL": "http://127.0.0.1:1", "HOME": str(tmp_path)},
+        timeout=120,
+    )
+
+
+def test_the_sdk_and_cli_work_without_the_engine_or_torch(tmp_path: Path) -> None:
+    code = """
+import contextlib, io, pruning_client.sdk
+from pruning_client import Client
+from pruning_client.cli import main
+pruning_client.sdk._sleep = lambda s: None
+with Client("http://127.0.0.1:1", api_key="k") as c:
+    assert c.base_url == "http://127.0.0.1:1"
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        main(["submit", "--help"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
+assert "--target" in out.getvalue() and "--set" in out.getvalue()
+codes = [main(["submit", "--model", "resnet20", "--target", "0.5"]), main(["methods"]), main(["run", "x.yaml"])]
+print(codes, sorted(m for m in ("torch", "pruning_core", "httpx") if m in sys.modules))
+"""
+    out = _without_engine(code, tmp_path)
+    assert out.stdout.strip() == "[2, 2, 2] ['httpx']", out.stderr
+    errors = out.stderr.splitlines()
+    assert errors[0] == "prune: error: cannot reach http://127.0.0.1:1: is the service running?", (
+        "submit goes to the service: the spec is checked there"
+    )
+    assert (
+        errors[1].startswith("prune: error: prune methods needs the engine")
+        and "GET /v1/methods" in errors[1]
+    )
+    assert errors[2].startswith("prune: error: prune run needs the engine") and len(errors) == 3
+
+
+def test_the_sdk_wheel_holds_only_pruning_client_and_requires_no_torch(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(Path(cli.__file__).parent, src, ignore=shutil.ignore_patterns("__pycache__", "build"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("pruning_client-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        top = z.read(next(n for n in names if n.endswith(".dist-info/top_level.txt"))).decode()
+    assert top.split() == ["pruning_client"]
+    assert {n.split("/")[0] for n in names} == {"pruning_client", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert "pruning_client/sdk.py" in names and "pruning_client/cli.py" in names
+    requires = [
+        line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")
+    ]
+    assert {re.split(r"[<>=\[; ]", r)[0].lower() for r in requires} == {"httpx", "pydantic", "pyyaml", "tqdm"}
 
 
 def test_version_methods_and_models_need_no_service(capsys: pytest.CaptureFixture) -> None:
