@@ -83,7 +83,10 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert all(f"\n{n} " in proc.stdout for n in names), "prune artifacts listed them"
 
     assert sdk.returncode == 0, sdk.stderr
-    assert "status {'status': 'succeeded'}" in sdk.stdout and "'achieved_macs_ratio'" in sdk.stdout
+    lines = sdk.stdout.splitlines()
+    assert lines[0].startswith("succeeded 0."), "wait() returned the ended job, its result typed"
+    assert sum(line.startswith("pruned: MACs ") for line in lines) == 1, "one pruned event"
+    assert "finetune epoch 3: " in sdk.stdout, "its 3 fine-tuning epochs counted from 1"
     assert "untrained" not in sdk.stdout, "the SDK example trains before it prunes"
     (sdk_job,) = list(sdk_dir.iterdir())
     assert names <= {p.name for p in sdk_job.iterdir()}
