@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from .batches import Batch, Streams, batch_loader, epoch_plan, epoch_seed, part_of_step, steps_per_epoch
 from .errors import Cancelled, DivergedError
 from .evaluation import MacMeter, View, evaluate_views, recalibrate_bn
+from .macs import Cost, measure
 from .optim import Optimizers, ParamSet, lr_factor
 from .spec import Schedule
 
@@ -142,7 +143,8 @@ class TrainHooks(Protocol):
 
 
 class Reporter(Protocol):
-    """Progress sink; also the cooperative cancel check. All methods must be cheap."""
+    """Progress sink; also the cooperative cancel check. All methods must be cheap. One more method is
+    optional: ``pruned(data)``, the network physically pruned (``report_pruned``)."""
 
     def phase(self, name: str, epochs: int, steps_per_epoch: int) -> None: ...
     def step(self, phase: str, epoch: int, step: int, loss: float) -> None: ...
@@ -178,6 +180,9 @@ class TrainContext:
     bn_batch_size: int = 64
     # A step loss above this many times the phase's first (at least LOSS_FLOOR) stops it: DivergedError.
     divergence_factor: float = 100.0
+    # One input (a batch of 1): MACs are counted on it before and after a physical prune, for the
+    # ``pruned`` event (``report_pruned``); None: no such event.
+    example: torch.Tensor | None = None
 
     def recalibrate(self, model: nn.Module) -> bool:
         """Re-estimate ``model``'s BatchNorm statistics on the training data; whether it was done."""
@@ -517,7 +522,11 @@ def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
     if end.action is EpochAction.PRUNE:
         t0, c0 = time.perf_counter(), time.process_time()
         record["top1_before"], record["macs_before"] = record["top1"], record["macs"]
+        example = run.ctx.example
+        before = cost_of(run.model, example) if example is not None else None
         run.model = run.hooks.prune_now(run.model).to(run.device)
+        if before is not None:
+            report_pruned(run.ctx.reporter, before, cost_of(run.model, example))
         run.build_optimizers()
         record["bn_recalibrated"] = run.ctx.recalibrate(run.model)
         _evaluate(run, record)
@@ -525,6 +534,37 @@ def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
         record["wall_s"] += time.perf_counter() - t0
         record["cpu_s"] += time.process_time() - c0
     return end.action
+
+
+def cost_of(model: nn.Module, example: torch.Tensor) -> Cost:
+    """MACs (per sample) and params of ``model``, counted on ``example`` moved to the model's device."""
+    return measure(model, example.to(next(model.parameters()).device))
+
+
+def report_pruned(reporter: Reporter, before: Cost, after: Cost) -> None:
+    """The ``pruned`` event: MACs and params of the network before and after its physical removal, their
+    ratios (after / before) and the line people read. A reporter without the optional ``pruned``
+    method gets the line as a message."""
+    macs_ratio, params_ratio = after.macs / max(1, before.macs), after.params / max(1, before.params)
+    text = (
+        f"pruned: MACs {before.macs / 1e6:.2f}M -> {after.macs / 1e6:.2f}M ({macs_ratio:.3f}), "
+        f"params {before.params:,} -> {after.params:,} ({params_ratio:.3f})"
+    )
+    pruned = getattr(reporter, "pruned", None)
+    if pruned is None:
+        reporter.message(text)
+        return
+    pruned(
+        {
+            "macs_before": before.macs,
+            "macs_after": after.macs,
+            "params_before": before.params,
+            "params_after": after.params,
+            "macs_ratio": round(macs_ratio, 4),
+            "params_ratio": round(params_ratio, 4),
+            "text": text,
+        }
+    )
 
 
 def _stop_point(run: _Run) -> None:

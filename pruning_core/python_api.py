@@ -272,5 +272,13 @@ class _WithCancel:
     def message(self, text: str) -> None:
         self.inner.message(text)
 
+    def pruned(self, data: dict[str, Any]) -> None:
+        """Pass the ``pruned`` event on (``engine.report_pruned``); a reporter without it gets the line."""
+        pruned = getattr(self.inner, "pruned", None)
+        if pruned is None:
+            self.inner.message(data["text"])
+        else:
+            pruned(data)
+
     def cancelled(self) -> bool:
         return bool(self.cancel()) or self.inner.cancelled()

@@ -179,9 +179,9 @@ MetricValue = float | list[float] | None
 class EpochRecord(_Record):
     """One epoch of one phase, as ``engine.fit`` records it.
 
-    ``epoch`` is the 0-based index within the phase, as in the job's events and checkpoints; people
-    read it 1-based, "finetune epoch 1" (``epoch_label``): the CLI, ``prune watch``, the plots' axes
-    and ``report.html`` all show that label.
+    ``epoch`` is the 0-based index within the phase, as in the checkpoints; people read it 1-based,
+    "finetune epoch 1" (``epoch_label``): the job's events (``worker.reporter`` adds 1), the CLI,
+    ``prune watch``, the plots' axes and ``report.html`` all count from 1.
 
     ``train_loss``: mean training loss; ``top1`` (percent) and ``test_loss``: the method's main network
     on the test split; ``macs``: MACs per sample of that network at the epoch's end; ``train_macs``: the

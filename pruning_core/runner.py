@@ -35,13 +35,14 @@ from .budget import TARGET_BAND, check_reachable, floors
 from .card import write_card
 from .contract import InputContract
 from .data import Datasets, load_data
-from .engine import NullReporter, Reporter, TrainContext, fit, has_checkpoint
+from .engine import NullReporter, Reporter, TrainContext, cost_of, fit, has_checkpoint, report_pruned
 from .errors import ModelError, NonFiniteModelError, TargetMissedError
 from .evaluation import evaluate, logits
 from .export import export_model
 from .groups import PruningGraph
 from .inference import memory_format, prepare_for_inference
 from .latency import LatencyComparison, compare_latency, implausible, pick_threads
+from .macs import Cost as Size
 from .macs import measure
 from .methods import METHODS, DenseTraining, Method, MethodContext
 from .report import (
@@ -177,6 +178,7 @@ def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) ->
         bn_batches=spec.schedule.bn_recalibration_batches,
         bn_batch_size=spec.schedule.batch_size,
         divergence_factor=settings.divergence_factor,
+        example=example,
     )
     mctx = MethodContext(
         spec=spec,
@@ -318,10 +320,10 @@ def _run_phases(
         meta: dict[str, Any] = {}
         if not has_checkpoint(ctx, phase.name):  # none, or one an older engine wrote: start afresh
             t0 = time.perf_counter()
-            before = shape.describe(model)
+            before = shape.describe(model), cost_of(model, ctx.example)
             model = method.start_phase(phase, model.to(ctx.device))
-            changed = shape.describe(model) != before
-            meta["bn_recalibrated"] = changed and ctx.recalibrate(model)
+            changed = shape.describe(model) != before[0]
+            meta["bn_recalibrated"] = _after_pruning(model, before, shape, ctx)
             meta["start_wall_s"] = time.perf_counter() - t0
             if changed and not pruned_at and not any(r.get("event") == "pruned" for r in history):
                 meta["top1_pruned"] = evaluate(model, ctx.test, ctx.device)["top1"]  # before recovery
@@ -367,7 +369,7 @@ def _finalize(
     are re-estimated. A gap above ``FINALIZE_WARN`` is reported as a message."""
     view = next(iter(method.eval_views(model).values())).module
     reference = logits(view, check_input, ctx.device)
-    before = shape.describe(model)
+    before = shape.describe(model), cost_of(model, ctx.example)
     model = method.finalize(model).to(ctx.device)
     pruned = logits(model, check_input, ctx.device)
     diff = (pruned - reference).abs().max().item() / max(1.0, reference.abs().max().item())
@@ -375,7 +377,7 @@ def _finalize(
         ctx.reporter.message(
             f"the pruned network's logits differ from the trained network's by {diff:.3g} of their scale"
         )
-    if _recalibrate_if_changed(model, before, shape, ctx):
+    if _after_pruning(model, before, shape, ctx):
         bn_points.append("final")
     return model, diff if math.isfinite(diff) else None
 
@@ -399,11 +401,16 @@ def after_prune(
     return None if final_top1 is None else AfterPrune(top1=final_top1, at="final", epochs_after=0)
 
 
-def _recalibrate_if_changed(
-    model: nn.Module, before: dict[str, Any], shape: _Shape, ctx: TrainContext
+def _after_pruning(
+    model: nn.Module, before: tuple[dict[str, Any], Size], shape: _Shape, ctx: TrainContext
 ) -> bool:
-    """Re-estimate BatchNorm statistics when ``model``'s architecture differs from ``before``."""
-    return shape.describe(model) != before and ctx.recalibrate(model)
+    """Where ``model``'s architecture differs from ``before`` (its description and cost), it was pruned
+    physically: the ``pruned`` event, then BatchNorm statistics re-estimated. Whether they were."""
+    arch, cost = before
+    if shape.describe(model) == arch:
+        return False
+    report_pruned(ctx.reporter, cost, cost_of(model, ctx.example))
+    return ctx.recalibrate(model)
 
 
 def _measure(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -888,22 +887,3 @@ def parse_spec(data: dict[str, Any], *, remote_models: bool = False) -> JobSpec:
         return JobSpec.model_validate(data, context={"remote_models": remote_models})
     except ValidationError as err:
         raise SpecError(describe_errors(err)) from None
-
-
-def read_spec_mapping(path: str | Path) -> dict[str, Any]:
-    """The raw mapping in a YAML or JSON spec file (not validated yet)."""
-    import yaml
-
-    text = Path(path).read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise SpecError([f"{path}: not valid YAML/JSON ({err.__class__.__name__})"]) from None
-    if not isinstance(data, dict):
-        raise SpecError([f"{path}: expected a mapping at the top level"])
-    return data
-
-
-def load_spec_file(path: str | Path) -> JobSpec:
-    """Read and validate a JobSpec from a YAML or JSON file."""
-    return parse_spec(read_spec_mapping(path))

@@ -163,7 +163,7 @@ class JobEvent(Base):
     )
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     seq: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per job: the SSE event id
-    kind: Mapped[str] = mapped_column(String(32))  # status, phase, progress, epoch, message, artifact
+    kind: Mapped[str] = mapped_column(String(32))  # status, phase, progress, epoch, pruned, message, artifact
     data: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -9,19 +9,23 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-import client.cli as cli
-import client.sdk as sdk
-from client.sdk import ApiError, Client, IntegrityError
+import pruning_client.cli as cli
+import pruning_client.sdk as sdk
+from pruning_client.models import EpochData, EventData, PrunedData
+from pruning_client.sdk import ApiError, Client, IntegrityError
 
 BLOB = bytes(range(256)) * 64  # a 16 KiB "model.safetensors"
 SHA = hashlib.sha256(BLOB).hexdigest()
@@ -50,14 +54,19 @@ def sse(seq: int, kind: str, data: dict) -> bytes:
     return f"id: {seq}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+PRUNED_LINE = "pruned: MACs 40.55M -> 20.30M (0.501), params 270,000 -> 140,000 (0.519)"
+EPOCH_LINE = "finetune epoch 1: loss 0.5000, top-1 91.50%, MACs 20.30M"
 EVENTS = [
     (1, "status", {"status": "queued"}),
     (2, "status", {"status": "running"}),
-    (3, "phase", {"name": "finetune", "epochs": 1, "steps_per_epoch": 5}),
-    (4, "progress", {"progress": 0.6, "phase": "finetune", "epoch": 0, "step": 3}),
-    (5, "epoch", {"phase": "finetune", "epoch": 0, "train_loss": 0.5, "top1": 91.5, "macs": 20_300_000}),
-    (6, "status", {"status": "succeeded"}),
-]
+    (3, "pruned", {"macs_before": 40_550_000, "macs_after": 20_300_000, "params_before": 270_000,
+                   "params_after": 140_000, "macs_ratio": 0.5006, "params_ratio": 0.5185, "text": PRUNED_LINE}),
+    (4, "phase", {"name": "finetune", "epochs": 1, "steps_per_epoch": 5}),
+    (5, "progress", {"progress": 0.6, "phase": "finetune", "epoch": 1, "step": 3}),
+    (6, "epoch", {"phase": "finetune", "epoch": 1, "train_loss": 0.5, "top1": 91.5, "macs": 20_300_000,
+                  "text": EPOCH_LINE, "lr": 0.01}),
+    (7, "status", {"status": "succeeded"}),
+]  # fmt: skip
 RESULT = {
     "dense": {"macs": 40_550_000, "params": 270_000, "top1": 95.0},
     "pruned": {"macs": 20_300_000, "params": 140_000, "top1": 91.5},
@@ -241,11 +250,11 @@ def test_submit_retried_after_503_reuses_its_idempotency_key(api: Client, fake: 
     job = api.submit({"model": {"name": "resnet20"}})
     keys = [r.headers["idempotency-key"] for r in fake.requests]
     assert len(keys) == 3 and len(set(keys)) == 1 and keys[0]
-    assert job["id"] == "j1" and len(fake.jobs) == 1
+    assert job.id == "j1" and len(fake.jobs) == 1
     assert all(r.headers["authorization"] == "Bearer pk_test" for r in fake.requests)
     api.submit({"model": {"name": "resnet20"}})
     assert fake.requests[-1].headers["idempotency-key"] != keys[0], "a new call is a new job"
-    assert api.submit({}, idempotency_key="mine")["id"] == api.submit({}, idempotency_key="mine")["id"]
+    assert api.submit({}, idempotency_key="mine").id == api.submit({}, idempotency_key="mine").id
 
 
 def test_retries_give_up_with_the_last_problem(api: Client, fake: FakeService) -> None:
@@ -258,7 +267,7 @@ def test_retries_give_up_with_the_last_problem(api: Client, fake: FakeService) -
 def test_list_follows_cursors(api: Client, fake: FakeService) -> None:
     for i in range(5):
         fake.jobs[f"j{i}"] = fake.job(f"j{i}")
-    assert [j["id"] for j in api.list(limit=2)] == ["j4", "j3", "j2", "j1", "j0"]
+    assert [j.id for j in api.list(limit=2)] == ["j4", "j3", "j2", "j1", "j0"]
     cursors = [r.url.params.get("cursor") for r in fake.requests]
     assert cursors == [None, "2", "4"]
 
@@ -266,11 +275,39 @@ def test_list_follows_cursors(api: Client, fake: FakeService) -> None:
 def test_events_parse_sse_and_resume_after_a_drop(api: Client, fake: FakeService) -> None:
     fake.drop_events_after = 2
     events = list(api.events("j1"))
-    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6], "nothing lost, nothing repeated"
-    assert events[2] == {"id": 3, "seq": 3, "kind": "phase", "data": EVENTS[2][2]}
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6, 7], "nothing lost, nothing repeated"
+    assert events[3].model_dump(mode="json", exclude_none=True) == {
+        "id": 4,
+        "seq": 4,
+        "kind": "phase",
+        "data": EVENTS[3][2],
+    }, "the event as the server sent it"
     first, second = [r for r in fake.requests if r.url.path.endswith("/events")]
     assert first.headers["accept"] == "text/event-stream" and "last-event-id" not in first.headers
     assert second.headers["last-event-id"] == "2", "the half-sent event 99 must not count"
+
+
+def test_events_are_typed_by_kind_and_keep_fields_unknown_here(api: Client) -> None:
+    events = {e.kind: e for e in api.events("j1")}
+    pruned, epoch = events["pruned"].data, events["epoch"].data
+    assert isinstance(pruned, PrunedData) and pruned.macs_after < pruned.macs_before
+    assert isinstance(epoch, EpochData) and (epoch.phase, epoch.epoch, epoch.top1) == ("finetune", 1, 91.5)
+    assert epoch.model_extra == {"lr": 0.01}, "a newer server's field is kept, not refused"
+    odd = sdk.parse_event({"kind": "pruned", "data": {"macs_before": "lots"}})
+    assert type(odd.data) is EventData and odd.data.model_extra == {"macs_before": "lots"}
+
+
+def test_wait_returns_the_ended_job_with_its_typed_result(
+    api: Client, fake: FakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.jobs["j1"] = fake.job("j1", "running")
+    monkeypatch.setattr(sdk, "_sleep", lambda _s: fake.jobs["j1"].update(status="succeeded", result=RESULT))
+    job = api.wait("j1", timeout=60)
+    assert job.ended and job.status == "succeeded"
+    assert (job.result.achieved_macs_ratio, job.result.pruned.top1) == (0.5006, 91.5)
+    fake.jobs["j2"] = fake.job("j2", "running")
+    with pytest.raises(TimeoutError, match="job j2 is still running"):
+        api.wait("j2", timeout=0)
 
 
 def test_download_verifies_sha256(api: Client, fake: FakeService, tmp_path: Path) -> None:
@@ -394,8 +431,8 @@ def test_submit_does_not_send_the_same_file_twice(
     use_fake.ignore_sha256_filter = True
     with cli.Client("http://fake", api_key="k") as c:
         assert c.find_upload("0" * 64, "weights") is None
-        assert c.find_upload(hashlib.sha256(b"other weights").hexdigest(), "weights")["id"] == "u2"
-        assert c.upload(weights, "weights", reuse=False)["id"] == "u3"
+        assert c.find_upload(hashlib.sha256(b"other weights").hexdigest(), "weights").id == "u2"
+        assert c.upload(weights, "weights", reuse=False).id == "u3"
 
 
 def test_model_keys_command(use_fake: FakeService, capsys: pytest.CaptureFixture) -> None:
@@ -417,7 +454,7 @@ def test_watch_status_download_cancel(
     use_fake.jobs["j1"] = use_fake.job("j1", "running")
     assert cli.main(["watch", "j1"]) == 0
     out = capsys.readouterr().out
-    assert "finetune epoch 1: loss 0.5000, top-1 91.50%, MACs 20.30M" in out
+    assert EPOCH_LINE in out and PRUNED_LINE in out
     assert "j1 succeeded: MACs 40.55M -> 20.30M (ratio 0.501)" in out
 
     use_fake.jobs["j2"] = use_fake.job("j2", "failed") | {"error": {"code": "bad_data", "message": "no"}}
@@ -521,7 +558,7 @@ def jobs_server() -> Iterator[str]:
 
 
 def test_a_closed_pipe_is_not_an_error(jobs_server: str) -> None:
-    cmd = [sys.executable, "-m", "client.cli", "--url", jobs_server, "list", "--limit", "200"]
+    cmd = [sys.executable, "-m", "pruning_client.cli", "--url", jobs_server, "list", "--limit", "200"]
     root = Path(__file__).parents[1]
     # The reader is gone before prune writes a byte: its first write meets a closed pipe.
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -612,9 +649,10 @@ def test_keys_on_an_unmigrated_database_is_one_line(
 
 def test_client_never_imports_torch(tmp_path: Path) -> None:
     code = (
-        "import sys; import client, client.cli, client.sdk; client.sdk._sleep = lambda s: None; "
-        "rc = client.cli.main(['submit', '--model', 'nope']); "
-        "rc2 = client.cli.main(['--url', 'http://127.0.0.1:1', 'cancel', 'j1']); "
+        "import sys; import pruning_client, pruning_client.cli, pruning_client.sdk; "
+        "pruning_client.sdk._sleep = lambda s: None; "
+        "rc = pruning_client.cli.main(['submit', '--model', 'nope']); "
+        "rc2 = pruning_client.cli.main(['--url', 'http://127.0.0.1:1', 'cancel', 'j1']); "
         "print(rc, rc2, [m for m in ('torch', 'torchvision', 'sqlalchemy') if m in sys.modules])"
     )
     out = subprocess.run(
@@ -625,6 +663,94 @@ def test_client_never_imports_torch(tmp_path: Path) -> None:
         cwd=Path(__file__).parents[1],
     )
     assert out.stdout.strip() == "2 2 []"
+
+
+# Run before anything else in a child: every import of the engine, torch or the service fails as in
+# an environment where only the SDK (``pip install ./pruning_client``) is installed.
+WITHOUT_ENGINE = """
+import sys
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "pruning_core", "api", "store", "worker", "sqlalchemy"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def _without_engine(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_ENGINE + code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PRUNE_URL": "http://127.0.0.1:1", "HOME": str(tmp_path)},
+        timeout=120,
+    )
+
+
+def test_the_sdk_and_cli_work_without_the_engine_or_torch(tmp_path: Path) -> None:
+    code = """
+import contextlib, io, pruning_client.sdk
+from pruning_client import Client
+from pruning_client.cli import main
+pruning_client.sdk._sleep = lambda s: None
+with Client("http://127.0.0.1:1", api_key="k") as c:
+    assert c.base_url == "http://127.0.0.1:1"
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        main(["submit", "--help"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
+assert "--target" in out.getvalue() and "--set" in out.getvalue()
+codes = [main(["submit", "--model", "resnet20", "--target", "0.5"]), main(["methods"]), main(["run", "x.yaml"])]
+print(codes, sorted(m for m in ("torch", "pruning_core", "httpx") if m in sys.modules))
+"""
+    out = _without_engine(code, tmp_path)
+    assert out.stdout.strip() == "[2, 2, 2] ['httpx']", out.stderr
+    errors = out.stderr.splitlines()
+    assert errors[0] == "prune: error: cannot reach http://127.0.0.1:1: is the service running?", (
+        "submit goes to the service: the spec is checked there"
+    )
+    assert (
+        errors[1].startswith("prune: error: prune methods needs the engine")
+        and "GET /v1/methods" in errors[1]
+    )
+    assert errors[2].startswith("prune: error: prune run needs the engine") and len(errors) == 3
+
+
+def test_the_sdk_wheel_holds_only_pruning_client_and_requires_no_torch(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(Path(cli.__file__).parent, src, ignore=shutil.ignore_patterns("__pycache__", "build"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("pruning_client-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        top = z.read(next(n for n in names if n.endswith(".dist-info/top_level.txt"))).decode()
+    assert top.split() == ["pruning_client"]
+    assert {n.split("/")[0] for n in names} == {"pruning_client", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert "pruning_client/sdk.py" in names and "pruning_client/cli.py" in names
+    requires = [
+        line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")
+    ]
+    assert {re.split(r"[<>=\[; ]", r)[0].lower() for r in requires} == {"httpx", "pydantic", "pyyaml", "tqdm"}
 
 
 def test_version_methods_and_models_need_no_service(capsys: pytest.CaptureFixture) -> None:

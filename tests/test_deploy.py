@@ -34,7 +34,7 @@ ENV_EXAMPLE = ROOT / "deploy" / "env.example"
 SERVICES = ("postgres", "redis", "api", "worker", "reaper", "flower")
 REQUIRED_SECRETS = ("BOOTSTRAP_API_KEY", "FLOWER_PASSWORD")
 SECRET_NAME = re.compile(r"(KEY|PASSWORD|SECRET|TOKEN)", re.I)
-PROJECT_PACKAGES = ("pruning_core", "store", "api", "worker", "client")
+PROJECT_PACKAGES = ("pruning_core", "store", "api", "worker", "pruning_client")
 
 # --- the Compose spec's structure (https://github.com/compose-spec/compose-spec/blob/main/spec.md) ---
 TOP_LEVEL_KEYS = {"name", "services", "volumes", "networks", "configs", "secrets", "include", "models"}

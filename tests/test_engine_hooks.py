@@ -14,10 +14,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pruning_core.batches import Streams, epoch_plan, steps_per_epoch
-from pruning_core.engine import EpochAction, EpochEnd, StepOutput, TrainContext, fit, load_checkpoint
+from pruning_core.engine import (
+    EpochAction,
+    EpochEnd,
+    NullReporter,
+    StepOutput,
+    TrainContext,
+    fit,
+    load_checkpoint,
+)
 from pruning_core.errors import Cancelled
 from pruning_core.evaluation import View, evaluate, evaluate_views, recalibrate_bn
 from pruning_core.groups import PruningGraph
+from pruning_core.macs import measure
 from pruning_core.methods.base import Method, MethodContext
 from pruning_core.optim import OptimizerConfig, Optimizers, ParamSet
 from pruning_core.report import EpochRecord, epoch_line, scalar_metrics
@@ -333,6 +342,14 @@ def test_method_numbers_become_plain_python_and_resume(tmp_path: Path) -> None:
         fit(_model(), Metrics(nested=True), SCHEDULE, _ctx(None))
 
 
+class _PrunedEvents(NullReporter):
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def pruned(self, data: dict) -> None:
+        self.events.append(data)
+
+
 class GatePruneAtEnd(GateMethod):
     """Prunes the network physically at the end of the last epoch; the gate's Adam state must survive."""
 
@@ -348,12 +365,21 @@ def test_a_prune_record_describes_the_network_after_and_untouched_sets_keep_thei
     method = GatePruneAtEnd(extra_loss=False)
     blobs = NoisyBlobs(32, 1)
     test = TensorDataset(blobs.x, blobs.y)  # no noise drawn per read: two evaluations must agree
-    ctx = TrainContext(torch.device("cpu"), 3, NoisyBlobs(96, 0), test, checkpoint_dir=tmp_path)
+    seen = _PrunedEvents()
+    ctx = TrainContext(
+        torch.device("cpu"), 3, NoisyBlobs(96, 0), test, seen, tmp_path, example=method.ctx.example
+    )
+    dense = measure(_model(), method.ctx.example)
     result = fit(_model(), method, SCHEDULE, ctx)
     last = result.history[-1]
     after = evaluate(Gated(result.model, method.gate), test, torch.device("cpu"))
     assert last["event"] == "pruned" and last["top1"] == after["top1"]
     assert last["test_loss"] == after["test_loss"] and last["views"]["gated"] == after["top1"]
     assert last["macs"] < last["macs_before"]
+    (event,) = seen.events  # the pruned event: the network's own numbers before and after
+    assert (event["macs_before"], event["params_before"]) == (dense.macs, dense.params)
+    pruned = measure(result.model, method.ctx.example)
+    assert (event["macs_after"], event["params_after"]) == (pruned.macs, pruned.params)
+    assert event["macs_after"] < event["macs_before"] and event["text"].startswith("pruned: MACs ")
     gate_state = load_checkpoint(tmp_path / "train.pt")["optim"]["optimizers"]["gate"]["state"][0]
     assert gate_state["step"].item() == 2 * 6, "the gate's Adam state carried over the prune"

@@ -350,8 +350,8 @@ def test_sdk_and_cli_list_and_delete_uploads(env_factory, monkeypatch, capsys) -
     """The SDK and `prune uploads` against the real app (the TestClient's transport)."""
     import functools
 
-    from client import cli
-    from client.sdk import ApiError, Client
+    from pruning_client import cli
+    from pruning_client.sdk import ApiError, Client
 
     env = env_factory()
     key = env.a["Authorization"].removeprefix("Bearer ")
@@ -363,7 +363,7 @@ def test_sdk_and_cli_list_and_delete_uploads(env_factory, monkeypatch, capsys) -
             ).json()["id"]
             for k in "abc"
         ]
-        assert [u["id"] for u in sdk.uploads(limit=2)] == ids[::-1]  # follows the cursor
+        assert [u.id for u in sdk.uploads(limit=2)] == ids[::-1]  # follows the cursor
         sdk.delete_upload(f"upload:{ids[0]}")
         with pytest.raises(ApiError) as err:
             sdk.delete_upload(ids[0])

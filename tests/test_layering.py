@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pruning_core.spec import load_spec_file
+from pruning_client.spec_args import read_spec_mapping
+from pruning_core.spec import parse_spec
 
 SERVICE = ("fastapi", "celery", "sqlalchemy", "api", "worker", "store")
 
@@ -32,5 +33,5 @@ def test_torch_free_modules(module: str) -> None:
     "path", sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("*.yaml"))
 )
 def test_example_specs_are_valid(path: Path) -> None:
-    spec = load_spec_file(path)
+    spec = parse_spec(read_spec_mapping(path))
     assert spec.target.macs_ratio < 1

@@ -58,7 +58,7 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / ".venv" / "bin").mkdir(parents=True)
     prune = work / ".venv" / "bin" / "prune"  # what `make run` installs, on this checkout
-    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m client.cli "$@"\n')
+    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m pruning_client.cli "$@"\n')
     prune.chmod(0o755)
     url = f"http://127.0.0.1:{port}"
     with process([sys.executable, "-m", "api"], env, tmp_path / "api.log") as api:
@@ -83,7 +83,10 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert all(f"\n{n} " in proc.stdout for n in names), "prune artifacts listed them"
 
     assert sdk.returncode == 0, sdk.stderr
-    assert "status {'status': 'succeeded'}" in sdk.stdout and "'achieved_macs_ratio'" in sdk.stdout
+    lines = sdk.stdout.splitlines()
+    assert lines[0].startswith("succeeded 0."), "wait() returned the ended job, its result typed"
+    assert sum(line.startswith("pruned: MACs ") for line in lines) == 1, "one pruned event"
+    assert "finetune epoch 3: " in sdk.stdout, "its 3 fine-tuning epochs counted from 1"
     assert "untrained" not in sdk.stdout, "the SDK example trains before it prunes"
     (sdk_job,) = list(sdk_dir.iterdir())
     assert names <= {p.name for p in sdk_job.iterdir()}
@@ -102,7 +105,7 @@ def test_the_sweep_block_runs_as_written(tmp_path: Path) -> None:
     env |= {"STATE_DIR": str(tmp_path / "state"), "PORT": str(port), "AUTH_DISABLED": "1"}
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     prune = tmp_path / ".venv" / "bin" / "prune"
-    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m client.cli "$@"\n')
+    prune.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m pruning_client.cli "$@"\n')
     prune.chmod(0o755)
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     url = f"http://127.0.0.1:{port}"

@@ -373,19 +373,22 @@ def test_html_escapes_what_the_user_controls(real_run):
 
 
 def test_every_reader_shows_the_speedup_with_its_interval_and_verdict():
-    from client.render import result_line
+    from pruning_client.models import JobResult
+    from pruning_client.render import result_line
     from worker.execute import summarize
 
     report = _report()
     result = summarize(report)
     assert result["latency_speedup_interval"] == [1.7, 1.9] and result["latency_verdict"] == "faster"
     assert result["dense"]["latency_ms"] == 20.0 and result["pruned"]["latency_ms"] == 11.0
-    assert result_line(result).endswith("latency x1.80 [1.70, 1.90] at batch 8 (faster)")
-    assert result_line({"latency_speedup": 1.5}) == "latency x1.50"  # a job finished before v2
+    assert result_line(JobResult.model_validate(result)).endswith(
+        "latency x1.80 [1.70, 1.90] at batch 8 (faster)"
+    )
+    assert result_line(JobResult(latency_speedup=1.5)) == "latency x1.50"  # a job finished before v2
     assert latency_line(report.latency) == "latency x1.80 [1.70, 1.90] at batch 8 (faster)"  # prune run
     busy = _report(latency=_Comparison(LATENCY.batches, busy=True, load_1min=7.5))
     assert latency_line(busy.latency).endswith("(faster, busy machine)")
-    assert result_line(summarize(busy)).endswith("(faster, busy machine)")
+    assert result_line(JobResult.model_validate(summarize(busy))).endswith("(faster, busy machine)")
 
 
 def test_top1_has_a_binomial_interval_and_the_headline_reads_at_a_glance():

@@ -20,9 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-import client.cli as cli
+import pruning_client.cli as cli
 from api.app import create_app
-from client.sdk import ApiError, Client
+from pruning_client.sdk import ApiError, Client
 from pruning_core.settings import Settings
 from pruning_core.spec import METHODS
 from store import db, repo, sweeps
@@ -393,15 +393,15 @@ def sdk_on_service(service: Service, monkeypatch: pytest.MonkeyPatch) -> Client:
 def test_sdk_sweep_and_its_listing(service: Service, sdk_on_service: Client) -> None:
     no_dense = BASE | {"schedule": BASE["schedule"] | {"dense_epochs": 0, "epochs": 1}}
     sweep = sdk_on_service.sweep(no_dense, ["magnitude"], [0.5, "0.4"], rank_by="speedup")
-    assert [j["target"] for j in sweep["jobs"]] == [{"macs_ratio": 0.5}, {"macs_ratio": 0.4}]
-    assert [s["id"] for s in sdk_on_service.sweeps()] == [sweep["id"]]
+    assert [j.target for j in sweep.jobs] == [{"macs_ratio": 0.5}, {"macs_ratio": 0.4}]
+    assert [s.id for s in sdk_on_service.sweeps()] == [sweep.id]
     service.work()
-    done = sdk_on_service.wait_sweep(sweep["id"], timeout=5)
-    assert done["status"] == "succeeded" and done["rank_by"] == "speedup"
-    names = [a["name"] for a in sdk_on_service.sweep_artifacts(sweep["id"])]
+    done = sdk_on_service.wait_sweep(sweep.id, timeout=5)
+    assert done.status == "succeeded" and done.rank_by == "speedup"
+    names = [a.name for a in sdk_on_service.sweep_artifacts(sweep.id)]
     assert names[:2] == ["leaderboard.json", "sweep.html"]
-    (last,) = list(sdk_on_service.sweep_events(sweep["id"]))
-    assert last["kind"] == "status" and last["data"]["winner"] == done["winner"]
+    (last,) = list(sdk_on_service.sweep_events(sweep.id))
+    assert last.kind == "status" and last.data.winner == done.winner
     with pytest.raises(ApiError) as err:
         sdk_on_service.get_sweep("0" * 32)
     assert err.value.status == 404

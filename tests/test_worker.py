@@ -149,6 +149,37 @@ def test_execute_succeeds_and_records_artifacts(settings: Settings, engine: Engi
     assert get(engine, job_id).attempt == 1 and len(events(engine, job_id)) == len(evs)
 
 
+def test_events_number_epochs_from_1_and_one_pruned_event_gives_macs_and_params(
+    sqlite_db: str, tmp_path: Path
+) -> None:
+    settings = make_settings(sqlite_db, tmp_path)
+    engine = make_engine(sqlite_db)
+    job_id = submit(engine, digits_spec(epochs=2))
+    assert execute(job_id, worker_name="test", settings=settings) == "succeeded"
+    evs = events(engine, job_id)
+    epochs = [d for _, k, d in evs if k == "epoch"]
+    assert [d["epoch"] for d in epochs] == [1, 2], "as the CLI and the report count them"
+    assert epochs[0]["text"].startswith("finetune epoch 1: ") and epochs[-1]["text"].startswith(
+        "finetune epoch 2: "
+    )
+    assert {d["epoch"] for _, k, d in evs if k == "progress"} <= {1, 2}
+    (pruned,) = [d for _, k, d in evs if k == "pruned"]
+    result = get(engine, job_id).result
+    assert (pruned["macs_before"], pruned["params_before"]) == (
+        result["dense"]["macs"],
+        result["dense"]["params"],
+    )
+    assert (pruned["macs_after"], pruned["params_after"]) == (
+        result["pruned"]["macs"],
+        result["pruned"]["params"],
+    )
+    assert pruned["macs_after"] < pruned["macs_before"] and pruned["params_after"] < pruned["params_before"]
+    assert pruned["macs_ratio"] == pytest.approx(pruned["macs_after"] / pruned["macs_before"], abs=1e-4)
+    kinds = [k for _, k, _ in evs]
+    assert kinds.index("pruned") < kinds.index("epoch"), "magnitude prunes before it fine-tunes"
+    engine.dispose()
+
+
 @pytest.mark.parametrize(
     "spec, code",
     [
@@ -262,6 +293,7 @@ def test_reporter_progress_heartbeat_cancel_and_loss(sqlite_db: str) -> None:
         evs = events(engine, job_id)
         progress = [d["progress"] for _, k, d in evs if k == "progress"]
         assert len(progress) == 8 and progress == sorted(progress) and progress[-1] == 0.99
+        assert [d["epoch"] for _, k, d in evs if k == "epoch"] == [1, 2], "counted from 1 in events"
         first_epoch = [d for _, k, d in evs if k == "epoch"][0]
         assert first_epoch["top1"] is None  # NaN is not JSON
         assert first_epoch["metrics"] == {"indicator": 0.97, "ratios": [0.1, 0.2]}, "method numbers reach SSE"
@@ -329,7 +361,7 @@ def test_reaper_requeues_and_the_retry_resumes(
     with session_scope(engine) as s:
         assert {a.attempt for a in repo.list_artifacts(s, job_id)} == {2}
     epochs = [d["epoch"] for _, k, d in events(engine, job_id) if k == "epoch"]
-    assert epochs == [0, 1, 2, 3]  # every epoch trained exactly once over the two attempts
+    assert epochs == [1, 2, 3, 4]  # every epoch trained exactly once over the two attempts, from 1
 
 
 def test_reaper_fails_exhausted_and_wakes_unqueued(settings: Settings, engine: Engine) -> None:
@@ -519,7 +551,7 @@ def test_celery_worker_runs_jobs_and_survives_a_kill(celery_stack, procs: Procs)
         # Kill the worker (and its child) mid-job, as a lost machine would.
         long = send(digits_spec(epochs=LONG_EPOCHS))
         wait_for(
-            lambda: any(k == "epoch" and d["epoch"] >= 1 for _, k, d in events(engine, long)),
+            lambda: any(k == "epoch" and d["epoch"] >= 2 for _, k, d in events(engine, long)),
             60,
             "two epochs of the long job",
             every=0.05,
@@ -538,9 +570,7 @@ def test_celery_worker_runs_jobs_and_survives_a_kill(celery_stack, procs: Procs)
     assert statuses(engine, long) == ["queued", "running", "queued", "running", "succeeded"]
     assert "resuming from the checkpoints of attempt 1" in messages(engine, long)
     epochs = [d["epoch"] for _, k, d in events(engine, long) if k == "epoch"]
-    assert (
-        epochs[-1] == LONG_EPOCHS - 1 and len(epochs) < LONG_EPOCHS + 2
-    )  # at most the epoch in flight twice
+    assert epochs[-1] == LONG_EPOCHS and len(epochs) < LONG_EPOCHS + 2  # at most the epoch in flight twice
 
 
 @pytest.mark.slow
@@ -590,7 +620,7 @@ def test_local_runner_runs_queue_and_stops_cleanly(sqlite_db: str, tmp_path: Pat
         job = wait_for(lambda: done(engine, quick), 90, "the first job")
         assert (job.status, job.attempt) == ("succeeded", 1)
         wait_for(
-            lambda: any(k == "epoch" and d["epoch"] >= 1 for _, k, d in events(engine, long)),
+            lambda: any(k == "epoch" and d["epoch"] >= 2 for _, k, d in events(engine, long)),
             60,
             "two epochs of the second job",
             every=0.05,

@@ -6,6 +6,10 @@ cancel flag; ``cancelled()`` only returns what the last heartbeat saw, so the en
 every step for free. If the attempt is no longer ours (the reaper gave it to another worker), the
 reporter says "cancelled" too, so the engine stops at its next step and this attempt writes nothing
 more. Torch-free: the engine's ``Reporter`` protocol is matched by shape.
+
+Events count epochs from 1 within their phase, as the CLI and the report show them (the engine's
+records count from 0, as its checkpoints do); an ``epoch`` event also carries the line ``prune run``
+prints for it (``text``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
+from pruning_core.report import epoch_line
 from store import repo
 from store.db import session_scope
 
@@ -132,7 +137,7 @@ class StoreReporter:
         now = time.monotonic()
         if now - self._last_progress_write >= self.progress_every_s:
             self._last_progress_write = now
-            data = {"progress": round(self._progress, 4), "phase": phase, "epoch": epoch, "step": step}
+            data = {"progress": round(self._progress, 4), "phase": phase, "epoch": epoch + 1, "step": step}
             if math.isfinite(loss):
                 data["loss"] = loss
             self.event("progress", data)
@@ -140,7 +145,11 @@ class StoreReporter:
 
     def epoch(self, record: dict[str, Any]) -> None:
         self._advance(record.get("epoch", 0) + 1)
-        self.event("epoch", record)
+        self.event("epoch", record | {"epoch": record.get("epoch", 0) + 1, "text": epoch_line(record)})
+
+    def pruned(self, data: dict[str, Any]) -> None:
+        """The network physically pruned: MACs and params before and after (``engine.report_pruned``)."""
+        self.event("pruned", data)
 
     def message(self, text: str) -> None:
         self.event("message", {"text": text})

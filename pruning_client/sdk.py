@@ -1,15 +1,16 @@
 """Python SDK for the pruning service, on httpx (no torch).
 
-    from client.sdk import Client
+    from pruning_client import Client
 
     with Client("http://127.0.0.1:8000", api_key="pk_...") as c:
         spec = {"model": {"name": "resnet20"}, "data": {"name": "digits"}, "target": {"macs_ratio": 0.5},
                 "schedule": {"dense_epochs": 3, "epochs": 3}}  # no weights: train, then prune
         job = c.submit(spec)
-        for ev in c.events(job["id"]):
-            print(ev["seq"], ev["kind"], ev["data"])
-        c.download(job["id"], "model.safetensors", Path("out"))
+        for ev in c.events(job.id):
+            print(ev.seq, ev.kind, ev.data)
+        c.download(job.id, "model.safetensors", Path("out"))
 
+Results are typed (``pruning_client.models``: ``Job``, ``Event``, ``Artifact``, ``Upload``, ``Sweep``).
 Requests that are safe to repeat (every call but ``upload``; ``submit`` through its Idempotency-Key)
 are retried with exponential backoff on connection errors and 429/502/503/504. Errors are
 ``ApiError`` (an RFC 9457 problem+json reply), ``UnreachableError`` and ``IntegrityError``, all
@@ -28,21 +29,33 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 
+from .models import (
+    TERMINAL,
+    Artifact,
+    Event,
+    Job,
+    ModelKeys,
+    Resource,
+    Sweep,
+    SweepEvent,
+    Upload,
+    parse_event,
+)
 from .sse import iter_sse
 
 if TYPE_CHECKING:
     from pruning_core.spec import JobSpec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 CHUNK = 1 << 20
 MAX_DELAY_S = 10.0
+R = TypeVar("R", bound=Resource)
 _sleep = time.sleep  # tests patch this
 
 
@@ -158,46 +171,50 @@ class Client:
 
     # --- jobs ---
 
-    def submit(self, spec: JobSpec | dict[str, Any], *, idempotency_key: str | None = None) -> dict:
+    def submit(self, spec: JobSpec | dict[str, Any], *, idempotency_key: str | None = None) -> Job:
         """Create a job; returns the job resource. One key per call, reused by its retries."""
         body = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec
         key = idempotency_key or uuid.uuid4().hex
-        return self._send("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}).json()
+        return Job.model_validate(
+            self._send("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}).json()
+        )
 
-    def get(self, job_id: str) -> dict:
-        return self._send("GET", f"/v1/jobs/{_seg(job_id)}").json()
+    def get(self, job_id: str) -> Job:
+        return Job.model_validate(self._send("GET", f"/v1/jobs/{_seg(job_id)}").json())
 
-    def list(self, status: str | None = None, limit: int = 50) -> Iterator[dict]:
+    def list(self, status: str | None = None, limit: int = 50) -> Iterator[Job]:
         """Every job of the caller, newest first, fetched ``limit`` per page (following next_cursor)."""
         params: dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status
         while True:
             page = self._send("GET", "/v1/jobs", params=params).json()
-            yield from _items(page, "jobs")
+            yield from _typed(Job, _items(page, "jobs"))
             cursor = page.get("next_cursor") if isinstance(page, dict) else None
             if not cursor:
                 return
             params["cursor"] = cursor
 
-    def cancel(self, job_id: str) -> dict:
-        return self._send("POST", f"/v1/jobs/{_seg(job_id)}/cancel").json()
+    def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(self._send("POST", f"/v1/jobs/{_seg(job_id)}/cancel").json())
 
-    def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> dict:
-        """Poll until the job is succeeded, failed or cancelled; TimeoutError after ``timeout`` s."""
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> Job:
+        """Poll until the job is succeeded, failed or cancelled and return it; TimeoutError after
+        ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.get(job_id)
-            if job.get("status") in TERMINAL:
+            if job.ended:
                 return job
             if deadline is not None and time.monotonic() + poll > deadline:
-                raise TimeoutError(f"job {job_id} is still {job.get('status')} after {timeout:g} s")
+                raise TimeoutError(f"job {job_id} is still {job.status} after {timeout:g} s")
             _sleep(poll)
 
-    def events(self, job_id: str, after: int = 0) -> Iterator[dict]:
+    def events(self, job_id: str, after: int = 0) -> Iterator[Event]:
         """The job's events after sequence number ``after``, live (SSE) until the server ends the
-        stream: ``{"id", "seq", "kind", "data"}`` (id = seq, the per-job sequence number). A dropped
-        connection is resumed with Last-Event-ID."""
+        stream, each with its data typed by kind (``status``, ``phase``, ``progress``, ``epoch``,
+        ``pruned``, ``message``; ``pruning_client.models``). ``seq`` (= ``id``) numbers them within the
+        job; a dropped connection is resumed with Last-Event-ID."""
         last: str | None = str(after) if after else None
         failures, delay = 0, None
         while True:
@@ -217,7 +234,7 @@ class Client:
                 for sse in iter_sse(r.iter_lines()):
                     last, failures = sse.id if sse.id is not None else last, 0
                     delay = sse.retry / 1000 if sse.retry is not None else delay
-                    yield _event(sse.event, sse.data, sse.id)
+                    yield parse_event(_event(sse.event, sse.data, sse.id))
                 return
             except httpx.TransportError as err:
                 failures += 1
@@ -235,7 +252,7 @@ class Client:
         methods: builtins.list[str | dict[str, Any]] | None = None,
         targets: builtins.list[float | str | dict[str, float]] | None = None,
         rank_by: str = "top1",
-    ) -> dict:
+    ) -> Sweep:
         """Start a sweep: one job per method and target (default: every method, the spec's target),
         ranked by ``rank_by`` (``top1``, ``speedup`` or ``pareto``) when the last ends. A target is a
         remaining-MAC ratio (``0.5``), a speed-up (``"2x"``) or a dict. Returns the sweep resource. Not
@@ -248,40 +265,40 @@ class Client:
             body["methods"] = methods
         if targets:
             body["targets"] = [parse_target(t) for t in targets]
-        return self._send("POST", "/v1/sweeps", json=body, retry=False).json()
+        return Sweep.model_validate(self._send("POST", "/v1/sweeps", json=body, retry=False).json())
 
-    def sweeps(self, limit: int = 50) -> Iterator[dict]:
+    def sweeps(self, limit: int = 50) -> Iterator[Sweep]:
         """Every sweep of the caller, newest first, ``limit`` per page."""
         params: dict[str, Any] = {"limit": limit}
         while True:
             page = self._send("GET", "/v1/sweeps", params=params).json()
-            yield from _items(page, "sweeps")
+            yield from _typed(Sweep, _items(page, "sweeps"))
             if not (cursor := page.get("next_cursor") if isinstance(page, dict) else None):
                 return
             params["cursor"] = cursor
 
-    def get_sweep(self, sweep_id: str) -> dict:
-        return self._send("GET", f"/v1/sweeps/{_seg(sweep_id)}").json()
+    def get_sweep(self, sweep_id: str) -> Sweep:
+        return Sweep.model_validate(self._send("GET", f"/v1/sweeps/{_seg(sweep_id)}").json())
 
-    def cancel_sweep(self, sweep_id: str) -> dict:
+    def cancel_sweep(self, sweep_id: str) -> Sweep:
         """Cancel every job of the sweep."""
-        return self._send("POST", f"/v1/sweeps/{_seg(sweep_id)}/cancel").json()
+        return Sweep.model_validate(self._send("POST", f"/v1/sweeps/{_seg(sweep_id)}/cancel").json())
 
-    def wait_sweep(self, sweep_id: str, timeout: float | None = None, poll: float = 2.0) -> dict:
+    def wait_sweep(self, sweep_id: str, timeout: float | None = None, poll: float = 2.0) -> Sweep:
         """Poll until the sweep has ended (its leaderboard is then in the resource)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             sweep = self.get_sweep(sweep_id)
-            if sweep.get("status") in TERMINAL:
+            if sweep.status in TERMINAL:
                 return sweep
             if deadline is not None and time.monotonic() + poll > deadline:
-                raise TimeoutError(f"sweep {sweep_id} is still {sweep.get('status')} after {timeout:g} s")
+                raise TimeoutError(f"sweep {sweep_id} is still {sweep.status} after {timeout:g} s")
             _sleep(poll)
 
-    def sweep_events(self, sweep_id: str) -> Iterator[dict]:
-        """Snapshots of the sweep's progress, live (SSE) until it ends: ``{"kind": "progress" | "status",
-        "data": {status, progress, counts, jobs, winner}}``. Each is whole, so a dropped connection is
-        simply opened again."""
+    def sweep_events(self, sweep_id: str) -> Iterator[SweepEvent]:
+        """Snapshots of the sweep's progress, live (SSE) until it ends: ``kind`` ``progress``, then
+        ``status``; ``data``: its status, progress, counts, jobs and winner. Each is whole, so a dropped
+        connection is simply opened again."""
         failures = 0
         while True:
             r = self._send(
@@ -294,7 +311,7 @@ class Client:
             try:
                 for sse in iter_sse(r.iter_lines()):
                     failures = 0
-                    yield _event(sse.event, sse.data, sse.id)
+                    yield SweepEvent.model_validate(_event(sse.event, sse.data, sse.id))
                 return
             except httpx.TransportError as err:
                 failures += 1
@@ -306,17 +323,17 @@ class Client:
                 r.close()
             _sleep(self._delay(failures - 1))
 
-    def sweep_artifacts(self, sweep_id: str) -> builtins.list[dict]:
+    def sweep_artifacts(self, sweep_id: str) -> builtins.list[Artifact]:
         """``leaderboard.json``, ``sweep.html`` and the winner's artifacts (each with its ``url``)."""
-        return builtins.list(_items(self._send("GET", f"/v1/sweeps/{_seg(sweep_id)}/artifacts").json(), "x"))
+        page = self._send("GET", f"/v1/sweeps/{_seg(sweep_id)}/artifacts").json()
+        return builtins.list(_typed(Artifact, _items(page, "x")))
 
     # --- files ---
 
-    def artifacts(self, job_id: str) -> builtins.list[dict]:
-        """``[{name, size, sha256, media_type, ...}]`` of a job."""
-        return builtins.list(
-            _items(self._send("GET", f"/v1/jobs/{_seg(job_id)}/artifacts").json(), "artifacts")
-        )
+    def artifacts(self, job_id: str) -> builtins.list[Artifact]:
+        """A job's files: name, size, sha256, media type."""
+        page = self._send("GET", f"/v1/jobs/{_seg(job_id)}/artifacts").json()
+        return builtins.list(_typed(Artifact, _items(page, "artifacts")))
 
     def download(self, job_id: str, name: str, dest: Path) -> Path:
         """Fetch artifact ``name`` to ``dest`` (a file path, or an existing directory to put it in).
@@ -385,59 +402,62 @@ class Client:
 
     def _listed_sha256(self, job_id: str, name: str) -> str:
         for art in self.artifacts(job_id):
-            if art.get("name") == name and art.get("sha256"):
-                return str(art["sha256"]).lower()
+            if art.name == name and art.sha256:
+                return art.sha256.lower()
         raise IntegrityError(f"{name}: the server announced no sha256 to verify the download against")
 
-    def upload(self, path: str | Path, kind: str, filename: str | None = None, *, reuse: bool = True) -> dict:
+    def upload(
+        self, path: str | Path, kind: str, filename: str | None = None, *, reuse: bool = True
+    ) -> Upload:
         """Stream a local file (``kind``: ``weights`` — safetensors or a PyTorch ``.pt``/``.pth`` state
         dict, which the server converts — or ``dataset``); returns the upload resource, whose id goes
         into a JobSpec as ``upload:<id>``. With ``reuse`` the file's sha256 is computed here first and
         the caller's earlier upload of the same bytes is returned without sending them again (with
-        ``"reused": True``). Not retried (each try is a new upload)."""
+        ``reused`` true). Not retried (each try is a new upload)."""
         path = Path(path)
         size = path.stat().st_size
         if reuse and (earlier := self.find_upload(file_sha256(path), kind)) is not None:
-            return earlier | {"reused": True}
+            return earlier.model_copy(update={"reused": True})
 
         def body() -> Iterator[bytes]:
             with path.open("rb") as f:
                 yield from iter(lambda: f.read(CHUNK), b"")
 
-        return self._send(
+        r = self._send(
             "POST",
             "/v1/uploads",
             params={"kind": kind, "filename": filename or path.name},
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
             content=body(),
             retry=False,
-        ).json()
+        )
+        return Upload.model_validate(r.json())
 
-    def find_upload(self, sha256: str, kind: str | None = None) -> dict | None:
+    def find_upload(self, sha256: str, kind: str | None = None) -> Upload | None:
         """The caller's upload whose bytes as sent had this sha256 (hex), of ``kind`` if given, or
         None. Only the caller's own uploads are ever found."""
         sha256 = sha256.lower()
         page = self._send("GET", "/v1/uploads", params={"sha256": sha256, "limit": 200}).json()
-        for up in _items(page, "uploads"):
+        for up in _typed(Upload, _items(page, "uploads")):
             # checked here too: a server without the filter answers with the newest uploads
-            same = sha256 in (up.get("source_sha256"), up.get("sha256"))
-            if same and kind in (None, up.get("kind")):
+            same = sha256 in (up.source_sha256, up.sha256)
+            if same and kind in (None, up.kind):
                 return up
         return None
 
-    def model_keys(self, name: str, num_classes: int = 10, in_channels: int = 3) -> dict:
+    def model_keys(self, name: str, num_classes: int = 10, in_channels: int = 3) -> ModelKeys:
         """The state dict that weights for model ``name`` must hold, for ``num_classes`` classes and
-        ``in_channels`` input channels: ``{"name", "num_classes", "in_channels", "keys": [{"key",
-        "shape", "dtype"}]}`` in the model's order (ApiError 404 for a model the server lacks)."""
+        ``in_channels`` input channels: its keys with their shape and dtype, in the model's order
+        (ApiError 404 for a model the server lacks)."""
         params = {"num_classes": num_classes, "in_channels": in_channels}
-        return self._send("GET", f"/v1/models/{_seg(name)}", params=params).json()
+        return ModelKeys.model_validate(self._send("GET", f"/v1/models/{_seg(name)}", params=params).json())
 
-    def uploads(self, limit: int = 50) -> Iterator[dict]:
+    def uploads(self, limit: int = 50) -> Iterator[Upload]:
         """Every upload of the caller, newest first, fetched ``limit`` per page."""
         params: dict[str, Any] = {"limit": limit}
         while True:
             page = self._send("GET", "/v1/uploads", params=params).json()
-            yield from _items(page, "uploads")
+            yield from _typed(Upload, _items(page, "uploads"))
             cursor = page.get("next_cursor") if isinstance(page, dict) else None
             if not cursor:
                 return
@@ -508,6 +528,10 @@ def _seg(value: str) -> str:
 
 def _why(err: Exception) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _typed(model: type[R], items: builtins.list[dict]) -> Iterator[R]:
+    return (model.model_validate(item) for item in items)
 
 
 def _items(page: Any, key: str) -> builtins.list[dict]:

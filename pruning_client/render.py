@@ -6,11 +6,28 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from pruning_core.report import epoch_line
-
-from .sdk import TERMINAL, Client
+from .models import (
+    TERMINAL,
+    Artifact,
+    Cost,
+    EpochData,
+    Event,
+    Job,
+    JobError,
+    JobResult,
+    MessageData,
+    PhaseData,
+    ProgressData,
+    PrunedData,
+    StatusData,
+    Sweep,
+    SweepJob,
+    SweepState,
+)
+from .sdk import Client
 
 
 def _get(d: Any, *path: str, default: Any = None) -> Any:
@@ -27,31 +44,31 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
 
-def progress_text(job: dict) -> str:
+def progress_text(job: Job | SweepJob) -> str:
     """``train 40%`` while running; ``done`` once succeeded; where a failed or cancelled job stopped."""
-    status = job.get("status")
+    status = job.status
     if status == "queued":
         return ""
     if status == "succeeded":
         return "done"
-    pct = f"{100 * float(job.get('progress') or 0):.0f}%"
-    where = f"{job['phase']} {pct}" if job.get("phase") else pct
+    pct = f"{100 * job.progress:.0f}%"
+    where = f"{job.phase} {pct}" if job.phase else pct
     return where if status == "running" else f"stopped at {where}"
 
 
-def jobs_table(jobs: Sequence[dict]) -> str:
+def jobs_table(jobs: Sequence[Job]) -> str:
     rows = [
         (
-            j.get("id"),
-            j.get("status"),
+            j.id,
+            j.status,
             progress_text(j),
-            _get(j, "spec", "model", "name", default=""),
-            _get(j, "spec", "data", "name", default=""),
-            j.get("method") or _get(j, "spec", "method", "name", default=""),
-            _target_text(j.get("spec") or {}),
-            _fmt(_get(j, "result", "achieved_macs_ratio", default=None), "{:.3f}"),
-            _fmt(_get(j, "result", "pruned", "top1", default=None), "{:.2f}"),
-            (j.get("created_at") or "")[:19].replace("T", " "),
+            _get(j.spec, "model", "name", default=""),
+            _get(j.spec, "data", "name", default=""),
+            j.method or _get(j.spec, "method", "name", default=""),
+            _target_text(j.spec),
+            _fmt(j.result.achieved_macs_ratio if j.result else None, "{:.3f}"),
+            _fmt(j.result.pruned.top1 if j.result and j.result.pruned else None, "{:.2f}"),
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "",
         )
         for j in jobs
     ]
@@ -72,88 +89,91 @@ def _fmt(value: float | None, fmt: str) -> str:
     return "" if value is None else fmt.format(value)
 
 
-def artifacts_table(arts: Sequence[dict]) -> str:
+def artifacts_table(arts: Sequence[Artifact]) -> str:
     """NAME, SIZE (bytes), MEDIA TYPE: one row per artifact, as ``GET /v1/jobs/{id}/artifacts`` lists them."""
-    rows = [(a.get("name"), f"{a.get('size', 0):,}", a.get("media_type", "")) for a in arts]
+    rows = [(a.name, f"{a.size:,}", a.media_type) for a in arts]
     return table(rows, ("NAME", "SIZE", "MEDIA TYPE"))
 
 
-def result_line(result: dict | None) -> str:
+def result_line(result: JobResult | None) -> str:
     """``MACs 40.55M -> 20.21M (ratio 0.498), params ..., top-1 ...`` from Job.result."""
-    if not result:
+    if result is None:
         return ""
-    dense, pruned = result.get("dense") or {}, result.get("pruned") or {}
+    dense, pruned = result.dense or Cost(), result.pruned or Cost()
     parts = []
-    if dense.get("macs") is not None and pruned.get("macs") is not None:
-        ratio = result.get("achieved_macs_ratio")
+    if dense.macs is not None and pruned.macs is not None:
+        ratio = result.achieved_macs_ratio
         parts.append(
-            f"MACs {dense['macs'] / 1e6:.2f}M -> {pruned['macs'] / 1e6:.2f}M"
+            f"MACs {dense.macs / 1e6:.2f}M -> {pruned.macs / 1e6:.2f}M"
             + (f" (ratio {ratio:.3f})" if ratio is not None else "")
         )
-    if dense.get("params") is not None and pruned.get("params") is not None:
-        parts.append(f"params {dense['params']:,} -> {pruned['params']:,}")
-    if dense.get("top1") is not None and pruned.get("top1") is not None:
-        parts.append(f"top-1 {dense['top1']:.2f}% -> {pruned['top1']:.2f}%")
-    if result.get("latency_speedup"):
+    if dense.params is not None and pruned.params is not None:
+        parts.append(f"params {dense.params:,} -> {pruned.params:,}")
+    if dense.top1 is not None and pruned.top1 is not None:
+        parts.append(f"top-1 {dense.top1:.2f}% -> {pruned.top1:.2f}%")
+    if result.latency_speedup:
         parts.append(latency_text(result))
     return ", ".join(parts)
 
 
-def latency_text(result: dict) -> str:
+def latency_text(result: JobResult) -> str:
     """``latency x1.84 [1.71, 1.97] at batch 8 (faster)``: never a speed-up without its interval and
     verdict when the result has them (results of older jobs carry only the point estimate)."""
-    if result.get("latency_implausible"):
-        return f"latency not headlined: implausible ({result['latency_implausible']})"
-    text = f"latency x{result['latency_speedup']:.2f}"
-    interval = result.get("latency_speedup_interval")
-    if isinstance(interval, list) and len(interval) == 2:
+    if result.latency_implausible:
+        return f"latency not headlined: implausible ({result.latency_implausible})"
+    text = f"latency x{result.latency_speedup:.2f}"
+    interval = result.latency_speedup_interval
+    if interval is not None and len(interval) == 2:
         text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
-    if result.get("latency_batch_size"):
-        text += f" at batch {result['latency_batch_size']}"
-    if result.get("latency_verdict"):
-        busy = ", busy machine" if result.get("latency_busy") else ""
-        text += f" ({result['latency_verdict']}{busy})"
+    if result.latency_batch_size:
+        text += f" at batch {result.latency_batch_size}"
+    if result.latency_verdict:
+        busy = ", busy machine" if result.latency_busy else ""
+        text += f" ({result.latency_verdict}{busy})"
     return text
 
 
-def error_line(error: dict | None) -> str:
-    if not error:
+def error_line(error: JobError | None) -> str:
+    if error is None:
         return ""
-    retry = " (retryable)" if error.get("retryable") else ""
-    return f"{error.get('code', 'error')}: {error.get('message', '')}{retry}"
+    retry = " (retryable)" if error.retryable else ""
+    return f"{error.code}: {error.message or ''}{retry}"
 
 
-def job_details(job: dict) -> str:
-    status = job.get("status", "?")
+def job_details(job: Job) -> str:
+    status = job.status
     if status != "succeeded" and progress_text(job):
         status += f" ({progress_text(job)})"
-    if job.get("cancel_requested") and job.get("status") not in TERMINAL:
+    if job.cancel_requested and not job.ended:
         status += ", cancel requested"
     rows = [
-        ("id", job.get("id")),
+        ("id", job.id),
         ("status", status),
-        ("model", _get(job, "spec", "model", "name")),
-        ("data", _get(job, "spec", "data", "name")),
-        ("method", job.get("method") or _get(job, "spec", "method", "name")),
-        ("target", _get(job, "spec", "target", "macs_ratio")),
-        ("attempt", f"{job.get('attempt', 0)}/{job.get('max_attempts', '?')}"),
-        ("created", job.get("created_at")),
-        ("started", job.get("started_at")),
-        ("finished", job.get("finished_at")),
-        ("error", error_line(job.get("error"))),
-        ("result", result_line(job.get("result"))),
+        ("model", _get(job.spec, "model", "name")),
+        ("data", _get(job.spec, "data", "name")),
+        ("method", job.method or _get(job.spec, "method", "name")),
+        ("target", _get(job.spec, "target", "macs_ratio")),
+        ("attempt", f"{job.attempt}/{job.max_attempts or '?'}"),
+        ("created", _when(job.created_at)),
+        ("started", _when(job.started_at)),
+        ("finished", _when(job.finished_at)),
+        ("error", error_line(job.error)),
+        ("result", result_line(job.result)),
     ]
     return "\n".join(f"{k:<9} {v}" for k, v in rows if v not in (None, ""))
 
 
-def final_line(job: dict) -> str:
-    status = job.get("status")
-    if status == "succeeded":
-        text = result_line(job.get("result"))
-        return f"{job['id']} succeeded" + (f": {text}" if text else "")
-    if status == "failed":
-        return f"{job['id']} failed: {error_line(job.get('error'))}"
-    return f"{job['id']} {status}"
+def _when(at: datetime | None) -> str | None:
+    return at.isoformat() if at else None
+
+
+def final_line(job: Job) -> str:
+    if job.status == "succeeded":
+        text = result_line(job.result)
+        return f"{job.id} succeeded" + (f": {text}" if text else "")
+    if job.status == "failed":
+        return f"{job.id} failed: {error_line(job.error)}"
+    return f"{job.id} {job.status}"
 
 
 class _NoBar:
@@ -179,7 +199,7 @@ class Watcher:
     """One tqdm bar for the job (0-100 %, described by the current phase, on a terminal only) plus a
     line per phase, epoch (loss, top-1, MACs), message and status change."""
 
-    def __init__(self, job: dict, bar: bool | None = None):
+    def __init__(self, job: Job, bar: bool | None = None):
         """``bar``: draw the progress bar (default: when stderr, where it goes, is a terminal)."""
         if bar is None:
             bar = sys.stderr.isatty()
@@ -190,7 +210,7 @@ class Watcher:
             self.write = tqdm.write
             self.bar = tqdm(
                 total=100,
-                desc=job.get("phase") or job.get("status") or "job",
+                desc=job.phase or job.status,
                 unit="%",
                 dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| [{elapsed}{postfix}]",
@@ -198,7 +218,7 @@ class Watcher:
             )
         else:
             self.write, self.bar = _print_line, _NoBar()
-        self._set(job.get("progress") or 0)
+        self._set(job.progress)
 
     def _set(self, progress: float) -> None:
         self.bar.n = max(0, min(100, round(100 * float(progress))))
@@ -207,38 +227,33 @@ class Watcher:
     def close(self) -> None:
         self.bar.close()
 
-    def show(self, ev: dict) -> bool:
+    def show(self, ev: Event) -> bool:
         """Render one event; True when it says the job reached a terminal status."""
-        kind, data = ev.get("kind"), ev.get("data")
-        data = data if isinstance(data, dict) else {"text": data}
-        if kind == "progress":
-            self._set(data.get("progress") or 0)
-            if data.get("phase"):
-                self.bar.set_description(data["phase"], refresh=False)
-            if data.get("epoch") is not None:  # 0-based in events and reports; people see 1-based
-                self.bar.set_postfix(epoch=int(data["epoch"]) + 1)
-        elif kind == "phase" and data.get("epochs"):
-            self.bar.set_description(str(data.get("name")))
-            self.write(
-                f"phase {data.get('name')}: {data['epochs']} epochs x {data.get('steps_per_epoch')} steps"
-            )
-        elif kind == "epoch":
-            self.write(epoch_line(data))
-        elif kind == "message":
-            self.write(str(data.get("text", "")))
-        elif kind == "status":
-            status = data.get("status")
-            self.write(f"status: {status}" + (f" ({error_line(data['error'])})" if data.get("error") else ""))
-            if status == "succeeded":
+        data = ev.data
+        if isinstance(data, ProgressData):
+            self._set(data.progress)
+            if data.phase:
+                self.bar.set_description(data.phase, refresh=False)
+            if data.epoch is not None:  # counted from 1, as the epoch lines count
+                self.bar.set_postfix(epoch=data.epoch)
+        elif isinstance(data, PhaseData) and data.epochs:
+            self.bar.set_description(str(data.name))
+            self.write(f"phase {data.name}: {data.epochs} epochs x {data.steps_per_epoch} steps")
+        elif isinstance(data, EpochData | PrunedData | MessageData):
+            self.write(data.text or f"{ev.kind}: {data.model_dump_json(exclude_none=True)}")
+        elif isinstance(data, StatusData):
+            error = f" ({error_line(data.error)})" if data.error else ""
+            self.write(f"status: {data.status}{error}")
+            if data.status == "succeeded":
                 self._set(1.0)
-            return status in TERMINAL
+            return data.status in TERMINAL
         return False
 
 
-def watch(client: Client, job_id: str, poll: float = 1.0) -> dict:
+def watch(client: Client, job_id: str, poll: float = 1.0) -> Job:
     """Follow a job's event stream with a progress bar until it is terminal; returns the final job."""
     job = client.get(job_id)
-    if job.get("status") in TERMINAL:
+    if job.ended:
         return job
     view = Watcher(job)
     last = 0
@@ -246,11 +261,11 @@ def watch(client: Client, job_id: str, poll: float = 1.0) -> dict:
         while True:
             with contextlib.closing(client.events(job_id, after=last)) as stream:
                 for ev in stream:
-                    last = ev["seq"] if isinstance(ev.get("seq"), int) else last
+                    last = ev.seq if isinstance(ev.seq, int) else last
                     if view.show(ev):
                         break
             job = client.get(job_id)
-            if job.get("status") in TERMINAL:
+            if job.ended:
                 return job
             time.sleep(poll)  # the stream ended before the job did: pick it up again after `last`
     finally:
@@ -268,20 +283,20 @@ def target_text(target: dict | None) -> str:
     return f"{target.get('macs_ratio', '')} MACs"
 
 
-def sweep_jobs_table(sweep: dict) -> str:
+def sweep_jobs_table(sweep: SweepState) -> str:
     """One row per job of a running sweep: the dense job first, then the children."""
     rows = [
         (
-            j.get("role"),
-            j.get("method") if j.get("role") == "child" else "(dense training)",
-            target_text(j.get("target")) if j.get("role") == "child" else "",
-            j.get("status"),
+            j.role,
+            j.method if j.role == "child" else "(dense training)",
+            target_text(j.target) if j.role == "child" else "",
+            j.status,
             progress_text(j),
-            j.get("id"),
+            j.id,
         )
-        for j in sweep.get("jobs") or []
+        for j in sweep.jobs
     ]
-    planned = _get(sweep, "counts", "planned", default=0)
+    planned = sweep.counts.get("planned", 0)
     text = table(rows, ("ROLE", "METHOD", "TARGET", "STATUS", "PROGRESS", "JOB"))
     return text + (f"\n({planned} more once the dense training has ended)" if planned else "")
 
@@ -320,9 +335,9 @@ def leaderboard_table(board: dict) -> str:
     return table(rows, header)
 
 
-def sweep_summary(sweep: dict) -> str:
+def sweep_summary(sweep: Sweep) -> str:
     """The leaderboard and a line naming the winner, or the jobs while it runs."""
-    board = sweep.get("leaderboard")
+    board = sweep.leaderboard
     if not board:
         return sweep_jobs_table(sweep)
     lines = [leaderboard_table(board)]
@@ -344,21 +359,21 @@ def sweep_summary(sweep: dict) -> str:
     return "\n".join(lines)
 
 
-def watch_sweep(client: Client, sweep_id: str, tty: bool | None = None) -> dict:
+def watch_sweep(client: Client, sweep_id: str, tty: bool | None = None) -> Sweep:
     """Follow a sweep with a live table of its jobs (redrawn in place on a terminal; printed again
     when a job's status changes otherwise) until it ends; returns the final sweep."""
     tty = sys.stdout.isatty() if tty is None else tty
     shown, height = None, 0
     for ev in client.sweep_events(sweep_id):
-        snap = ev.get("data") if isinstance(ev.get("data"), dict) else {}
-        text = sweep_jobs_table(snap | {"jobs": snap.get("jobs") or []})
-        key = text if tty else [(j.get("id"), j.get("status")) for j in snap.get("jobs") or []]
+        snap = ev.data
+        text = sweep_jobs_table(snap)
+        key = text if tty else [(j.id, j.status) for j in snap.jobs]
         if key != shown:
             if tty and height:
                 sys.stdout.write(f"\x1b[{height}F\x1b[J")  # back to the table's first line, clear below
-            line = f"sweep {sweep_id}: {snap.get('status')} {100 * float(snap.get('progress') or 0):.0f}%"
+            line = f"sweep {sweep_id}: {snap.status} {100 * snap.progress:.0f}%"
             print(f"{line}\n{text}", flush=True)
             shown, height = key, text.count("\n") + 2
-        if ev.get("kind") == "status":
+        if ev.kind == "status":
             break
     return client.get_sweep(sweep_id)

@@ -1,4 +1,4 @@
-"""The service's client side: the SDK (``client.sdk.Client``, on httpx) and the ``prune`` CLI.
+"""The service's client side: the SDK (``pruning_client.Client``, on httpx) and the ``prune`` CLI.
 
 Torch-free: only ``prune run`` (the local engine run) loads torch, lazily."""
 

@@ -17,7 +17,8 @@ The service is ``--url`` (env PRUNE_URL, default http://127.0.0.1:8000) with ``-
 PRUNE_API_KEY). ``keys`` are admin commands for the server host: they use the database directly
 (DATABASE_URL / STATE_DIR). Every error is one line on stderr (one per bad field for a spec), exit 2.
 A closed pipe (``prune list | head -1``) ends the command quietly. Nothing here imports torch except
-``prune run``.
+``prune run``; the SDK installed on its own (``pruning-client``, no engine) runs every command but
+``run``, ``methods``, ``models`` and ``keys``, and leaves checking a spec to the service.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pruning_core.cli import add_spec_flags, build_spec, version_line
-from pruning_core.spec import SpecError, parse_spec
-
 from . import render
+from .models import Resource
 from .sdk import ApiError, Client, ClientError, format_error
+from .spec_args import SpecInputError, add_spec_flags, build_spec, version_line
 
 GLOBAL = ("--url", "--api-key")
 # spec fields that name files: a local path there is uploaded and replaced by `upload:<id>`
@@ -165,51 +165,70 @@ def _client(args: argparse.Namespace) -> Client:
 # --- commands ---
 
 
+def _check_locally(data: dict[str, Any]) -> None:
+    """One line per bad field before any request, where the engine's spec is installed; the SDK on its
+    own leaves that to the service (its 422 lists the same lines)."""
+    try:
+        from pruning_core.spec import SpecError, parse_spec
+    except ImportError:
+        return
+    try:
+        parse_spec(data, remote_models=True)
+    except SpecError as err:
+        raise SpecInputError(err.problems) from None
+
+
+def _upload_files(
+    client: Client, data: dict[str, Any], local: dict[tuple[str, ...], tuple[Path, str]]
+) -> None:
+    """Upload the spec's ``local`` files (once: an earlier upload of the same bytes is reused) and put
+    their ``upload:<id>`` references in their place."""
+    for path, (file, kind) in local.items():
+        upload = client.upload(file, kind)
+        ref = upload.ref or f"upload:{upload.id}"
+        _set(data, path, ref)
+        done = "already uploaded" if upload.reused else "uploaded"
+        _note(f"{done} {file} as {ref} ({'.'.join(path)})")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     data = build_spec(args)
-    parse_spec(data, remote_models=True)  # one line per bad field, before any request
+    _check_locally(data)
     local = _local_files(data)
     with _client(args) as client:
-        for path, (file, kind) in local.items():
-            upload = client.upload(file, kind)
-            ref = upload.get("ref") or f"upload:{upload['id']}"
-            _set(data, path, ref)
-            done = "already uploaded" if upload.get("reused") else "uploaded"
-            _note(f"{done} {file} as {ref} ({'.'.join(path)})")
+        _upload_files(client, data, local)
         job = client.submit(data, idempotency_key=args.idempotency_key)
-        print(job["id"], flush=True)
+        print(job.id, flush=True)
         if args.watch:
-            job = render.watch(client, job["id"])
+            job = render.watch(client, job.id)
         elif args.wait:
-            job = client.wait(job["id"])
+            job = client.wait(job.id)
         else:
             return 0
     print(render.final_line(job))
-    return 0 if job.get("status") == "succeeded" else 1
+    return 0 if job.status == "succeeded" else 1
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     data = build_spec(args)
-    parse_spec(data, remote_models=True)
+    _check_locally(data)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     with _client(args) as client:
-        for path, (file, kind) in _local_files(data).items():
-            upload = client.upload(file, kind)
-            _set(data, path, upload.get("ref") or f"upload:{upload['id']}")
+        _upload_files(client, data, _local_files(data))
         try:
             sweep = client.sweep(data, methods, targets, args.rank_by)
         except ValueError as err:
             raise CliError(str(err)) from None
-        print(sweep["id"], flush=True)
+        print(sweep.id, flush=True)
         if args.watch:
-            sweep = render.watch_sweep(client, sweep["id"])
+            sweep = render.watch_sweep(client, sweep.id)
         elif args.wait:
-            sweep = client.wait_sweep(sweep["id"])
+            sweep = client.wait_sweep(sweep.id)
         else:
             return 0
     print(render.sweep_summary(sweep))
-    return 0 if sweep.get("status") == "succeeded" else 1
+    return 0 if sweep.status == "succeeded" else 1
 
 
 def cmd_sweeps(args: argparse.Namespace) -> int:
@@ -217,15 +236,7 @@ def cmd_sweeps(args: argparse.Namespace) -> int:
         if args.action == "list":
             sweeps = list(itertools.islice(client.sweeps(limit=20), 20))
             rows = [
-                (
-                    s["id"],
-                    s["status"],
-                    f"{100 * s['progress']:.0f}%",
-                    s["rank_by"],
-                    len(s["jobs"]),
-                    s["winner"],
-                )
-                for s in sweeps
+                (s.id, s.status, f"{100 * s.progress:.0f}%", s.rank_by, len(s.jobs), s.winner) for s in sweeps
             ]
             table = render.table(rows, ("ID", "STATUS", "PROGRESS", "RANK BY", "JOBS", "WINNER"))
             return _listing(sweeps, args.json, lambda _: table, "no sweeps yet")
@@ -237,8 +248,8 @@ def cmd_sweeps(args: argparse.Namespace) -> int:
             sweep = render.watch_sweep(client, args.sweep_id)
         else:
             sweep = client.get_sweep(args.sweep_id)
-    print(json.dumps(sweep, indent=2) if args.json else render.sweep_summary(sweep))
-    return 0 if sweep.get("status") in ("succeeded", "running") else 1
+    print(_json(sweep) if args.json else render.sweep_summary(sweep))
+    return 0 if sweep.status in ("succeeded", "running") else 1
 
 
 def _local_files(data: dict[str, Any]) -> dict[tuple[str, ...], tuple[Path, str]]:
@@ -282,7 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.job_id:
             job = client.get(args.job_id)
-            print(json.dumps(job, indent=2) if args.json else render.job_details(job))
+            print(_json(job) if args.json else render.job_details(job))
             return 0
         jobs = list(itertools.islice(client.list(args.status_filter, limit=min(args.limit, 100)), args.limit))
     return _listing(
@@ -297,24 +308,31 @@ def cmd_watch(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = render.watch(client, args.job_id)
     print(render.final_line(job))
-    return 0 if job.get("status") == "succeeded" else 1
+    return 0 if job.status == "succeeded" else 1
 
 
 def cmd_artifacts(args: argparse.Namespace) -> int:
     with _client(args) as client:
         arts = client.artifacts(args.job_id)
-        status = None if arts else client.get(args.job_id).get("status")  # a 404 for an unknown job
+        status = None if arts else client.get(args.job_id).status  # a 404 for an unknown job
     yet = " yet" if status in ("queued", "running") else ""
     return _listing(
         arts, args.json, render.artifacts_table, f"job {args.job_id} has no artifacts{yet} (status {status})"
     )
 
 
-def _listing(rows: list[dict], as_json: bool, table: Callable[[list[dict]], str], empty: str) -> int:
+def _json(resource: Resource | list[Resource]) -> str:
+    """A resource (or a list of them) as the JSON the server sent, indented."""
+    if isinstance(resource, list):
+        return json.dumps([r.model_dump(mode="json") for r in resource], indent=2)
+    return json.dumps(resource.model_dump(mode="json"), indent=2)
+
+
+def _listing(rows: list[Any], as_json: bool, table: Callable[[list[Any]], str], empty: str) -> int:
     """Print ``rows`` as JSON or as ``table``; with none, also the one line ``empty`` and exit 1 (like
     grep: nothing matched)."""
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(_json(rows))
     elif rows:
         print(table(rows))
     if rows:
@@ -328,9 +346,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     with _client(args) as client:
         names = args.names
         if not names:
-            names = [a["name"] for a in client.artifacts(args.job_id)]
+            names = [a.name for a in client.artifacts(args.job_id)]
             if not names:
-                status = client.get(args.job_id).get("status")
+                status = client.get(args.job_id).status
                 raise CliError(f"job {args.job_id} has no artifacts (status {status})")
         out.mkdir(parents=True, exist_ok=True)
         for name in names:
@@ -342,9 +360,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.cancel(args.job_id)
-    status = job.get("status")
+    status = job.status
     print(
-        f"{job.get('id', args.job_id)}: "
+        f"{job.id}: "
         + (
             status
             if status in ("cancelled", "succeeded", "failed")
@@ -364,9 +382,10 @@ def cmd_uploads(args: argparse.Namespace) -> int:
             return 0
         ups = list(client.uploads())
     if args.json:
-        print(json.dumps(ups, indent=2))
+        print(_json(ups))
     for up in [] if args.json else ups:
-        print(f"{up['ref']}\t{up['kind']}\t{up['size']:,} bytes\t{up['filename']}\t{up['created_at']}")
+        when = up.created_at.isoformat() if up.created_at else ""
+        print(f"{up.ref}\t{up.kind}\t{up.size or 0:,} bytes\t{up.filename}\t{when}")
     if not ups and not args.json:
         _note("no uploads yet")
     return 0
@@ -376,19 +395,18 @@ def cmd_model(args: argparse.Namespace) -> int:
     with _client(args) as client:
         info = client.model_keys(args.name, args.classes, args.channels)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(_json(info))
         return 0
-    rows = [(k["key"], "x".join(map(str, k["shape"])) or "scalar", k["dtype"]) for k in info["keys"]]
+    rows = [(k.key, "x".join(map(str, k.shape)) or "scalar", k.dtype) for k in info.keys]
     print(render.table(rows, ("key", "shape", "dtype")))
-    _note(
-        f"{len(rows)} keys for {info['name']} with {info['num_classes']} classes, {info['in_channels']} channels"
-    )
+    _note(f"{len(rows)} keys for {info.name} with {info.num_classes} classes, {info.in_channels} channels")
     return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """The registered methods from this installation's spec (no service, no torch): a name and the
     first line of its description; with a name, its options, their defaults and descriptions."""
+    _need_engine("methods", "GET /v1/methods on the service lists them")
     from pruning_core.spec import METHODS, method_options
 
     opts = method_options()
@@ -416,6 +434,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     """Model names this installation's spec takes: the CIFAR zoo, plugins, and the allowed torchvision
     and timm builders (the operator's ALLOWED_* settings)."""
+    _need_engine("models", "GET /v1/models on the service lists them")
     from pruning_core.settings import get_settings
     from pruning_core.spec import CIFAR_MODELS, TIMM_PREFIX, TORCHVISION_PREFIX, plugin_models
 
@@ -445,6 +464,7 @@ def _first_sentence(text: str | None, width: int = 100) -> str:
 def cmd_keys(args: argparse.Namespace) -> int:
     """Admin: the database directly (the service's Settings), not the HTTP API; ``python -m store keys``
     does the work."""
+    _need_engine("keys", "run it on the server host")
     from sqlalchemy.exc import SQLAlchemyError
 
     from pruning_core.settings import get_settings
@@ -458,6 +478,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
     except SQLAlchemyError as err:
         first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
         raise CliError(f"database: {first}") from None
+
+
+def _need_engine(command: str, instead: str) -> None:
+    """CliError (one line) for a command that reads this installation's engine where only the SDK is
+    installed."""
+    try:
+        import pruning_core  # noqa: F401  (its modules load lazily: no torch here)
+    except ImportError:
+        raise CliError(
+            f"prune {command} needs the engine (the pruning-service install), not installed here; {instead}"
+        ) from None
 
 
 # --- entry point ---
@@ -489,8 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     local = _local_run(argv)
     if local is not None:
-        from pruning_core.cli import main as run_main  # the engine; torch loads only here
-
+        try:
+            from pruning_core.cli import main as run_main  # the engine; torch loads only here
+        except ImportError:
+            _error("prune run needs the engine (the pruning-service install), not installed here")
+            return 2
         return run_main(local)
     args = _parser().parse_args(argv)
     try:
@@ -499,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _closed_pipe()
-    except SpecError as err:
+    except SpecInputError as err:
         for line in err.problems:
             _error(f"invalid spec: {line}")
     except ApiError as err:
