@@ -171,7 +171,8 @@ def method_spec(
         base["model"]["weights"] = None
         base["schedule"] = _whole_schedule(case)
     elif c.search_share is not None:  # search + training of the found network = the fine-tune epochs
-        search = max(1, round(case.finetune_epochs * c.search_share))
+        share = max(1, round(case.finetune_epochs * c.search_share))
+        search = (options or {}).get("search_epochs", share)  # an option's own share wins
         base["method"]["search_epochs"] = search
         base["schedule"]["epochs"] = max(1, case.finetune_epochs - search)
     return JobSpec.model_validate(base)

@@ -37,6 +37,8 @@ def test_tas_starts_from_the_dense_weights_and_options_override() -> None:
     tas = method_spec("tas", s, 0.47, weights, {"init": "supernet"})
     assert tas.model.weights == str(weights) and tas.method.init == "supernet"
     assert tas.method.search_epochs + tas.schedule.epochs == s.case.finetune_epochs
+    shorter = method_spec("tas", s, 0.47, weights, {"search_epochs": 1})  # a smaller share of the budget
+    assert shorter.method.search_epochs == 1 and shorter.schedule.epochs == s.case.finetune_epochs - 1
 
 
 def _row(top1: float, **extra: Any) -> dict[str, Any]:
