@@ -20,7 +20,7 @@ from pruning_core.errors import Cancelled
 from pruning_core.groups import PruningGraph
 from pruning_core.importance import magnitude
 from pruning_core.methods.base import MethodContext
-from pruning_core.methods.tas import TAS, Supernet, _Argmax
+from pruning_core.methods.tas import SPEND, TAS, Supernet, _Argmax
 from pruning_core.runner import run
 from pruning_core.spec import JobSpec, TASOptions, parse_spec
 from pruning_core.zoo import build_model
@@ -161,6 +161,28 @@ def test_an_architecture_below_the_band_steps_up_where_the_logits_favour_most() 
     low, high = 0.45 * full, 0.5 * full  # far above: everything grows, and the result lands in the band
     grown, deeper, macs = net.fit(widths, depths, low, high)
     assert low <= macs <= high and macs == net.argmax_macs(grown, deeper)
+
+
+def test_the_found_network_spends_the_budget_to_within_a_hundredth_where_the_candidates_allow() -> None:
+    method, model = _method()
+    method.start_phase(method.phases()[0], model)
+    net, dense = method.supernet, method.ctx.dense_macs
+    with torch.no_grad():  # every group at a middle width, every stage at full depth
+        for a in net.alpha:
+            a.zero_()
+            a[len(a) // 2] = 10.0
+        for b in net.beta:
+            b.zero_()
+            b[-1] = 10.0
+    ratio = net.argmax_macs() / dense
+    target = ratio + 0.018  # the search's argmax is in the band, and leaves 1.8 % of the MACs unspent
+    method.ctx.spec = method.ctx.spec.model_copy(
+        update={"target": method.ctx.spec.target.model_copy(update={"macs_ratio": target})}
+    )
+    assert method._searched(net)[2] == net.argmax_macs()
+    widths, depths, macs, chosen = method._choose(net)
+    assert target - SPEND <= macs / dense <= target, (ratio, macs / dense, target)
+    assert macs == net.argmax_macs(widths, depths) and "stepped up" in chosen
 
 
 def test_the_built_network_is_the_searched_architecture(searched) -> None:
