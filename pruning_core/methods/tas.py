@@ -162,7 +162,11 @@ class Supernet(nn.Module):
             top = max(widths)
             total = None
             for j, c, w in zip(picked, widths, weights, strict=True):
-                part = point.norms[j](inputs[0][:, :c]) if point.norms is not None else out[:, :c]
+                if point.norms is None:
+                    part = out[:, :c]
+                else:  # the candidate BatchNorm in the model's mode (they are not the model's modules)
+                    norm = point.norms[j].train(_m.training)
+                    part = norm(inputs[0][:, :c])
                 part = align_channels(part, top, self.align) * w
                 total = part if total is None else total + part
             pad = [0, 0] * (out.dim() - 2) + [0, out.shape[1] - top]
