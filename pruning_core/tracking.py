@@ -1,4 +1,5 @@
-"""Experiment tracking: a job's per-epoch records as TensorBoard event files.
+"""Experiment tracking: a job's per-epoch records as TensorBoard event files and, when the operator sets
+``MLFLOW_TRACKING_URI``, as one MLflow run.
 
 ``Tracker`` is the engine's Reporter around the job's own one (the CLI's bars, the worker's
 ``StoreReporter``): everything passes through, and each epoch record, as scalars ``<phase>/<name>``
@@ -13,10 +14,12 @@ Tracking never fails a job: a sink that raises is dropped with a warning message
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
 import tarfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +34,8 @@ TENSORBOARD_ARCHIVE = "tensorboard.tar.gz"
 # The record's own numbers that become scalars (``views`` and ``metrics`` are added by name).
 RECORD_SCALARS = ("train_loss", "top1", "test_loss", "macs", "lr", "top1_before", "macs_before")
 PRUNED_SCALARS = ("macs_after", "params_after", "macs_ratio", "params_ratio")
+PARAM_MAX_CHARS = 500  # what every MLflow server accepts for a param value
+MLFLOW_BATCH = 100  # params per log_batch call, MLflow's limit
 
 
 class Sink(Protocol):
@@ -69,6 +74,33 @@ def pruned_scalars(data: Mapping[str, Any]) -> dict[str, float]:
     return {f"pruned/{k}": float(data[k]) for k in PRUNED_SCALARS if _number(data.get(k))}
 
 
+def result_scalars(report: Report) -> dict[str, float]:
+    """The job's outcome, to compare runs by: ``result/macs_ratio`` and ``result/params_ratio`` (pruned /
+    dense), ``result/dense_top1``, ``result/pruned_top1`` and ``result/latency_speedup`` (when timed)."""
+    values = {
+        "macs_ratio": report.achieved_macs_ratio,
+        "params_ratio": report.params_ratio,
+        "dense_top1": report.dense.top1,
+        "pruned_top1": report.pruned.top1,
+        "latency_speedup": report.latency_speedup,
+    }
+    return {f"result/{k}": float(v) for k, v in values.items() if _number(v)}
+
+
+def flat_params(spec: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A spec (``model_dump(mode="json")``) as ``{"schedule.lr": "0.05", ...}``: nested keys joined by
+    dots, lists as JSON, values cut to ``PARAM_MAX_CHARS``."""
+    out: dict[str, str] = {}
+    for key, value in spec.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flat_params(value, f"{name}.")
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[name] = text if len(text) <= PARAM_MAX_CHARS else text[: PARAM_MAX_CHARS - 3] + "..."
+    return out
+
+
 class TensorBoardSink:
     """Event files under ``workdir/tensorboard/`` (emptied first: a resumed job logs all again),
     packed at the end into ``tensorboard.tar.gz`` (``tensorboard --logdir`` reads it unpacked)."""
@@ -96,6 +128,48 @@ class TensorBoardSink:
 
     def abort(self, status: str) -> None:
         self.writer.close()
+
+
+class MlflowSink:
+    """One MLflow run per job (per attempt) in ``experiment`` at ``uri``: the flattened spec as params,
+    the scalars as metrics, at the end every artifact (report, model files, plots) and the status."""
+
+    name = "MLflow"
+
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str], spec: JobSpec):
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise RuntimeError(
+                "MLFLOW_TRACKING_URI is set but mlflow is not installed (pip install 'pruning-service[mlflow]')"
+            ) from None
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        params = [Param(k, v) for k, v in flat_params(spec.model_dump(mode="json")).items()]
+        for i in range(0, len(params), MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, params=params[i : i + MLFLOW_BATCH])
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        for i in range(0, len(metrics), MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + MLFLOW_BATCH])
+
+    def finish(self, report: Report, artifacts: dict[str, Path]) -> dict[str, Path]:
+        self.scalars(result_scalars(report), len(report.history))
+        for name, path in sorted(artifacts.items()):
+            if name != TENSORBOARD_ARCHIVE:  # the metrics are MLflow's own
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, "FINISHED")
+        return {}
+
+    def abort(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
 
 
 class Tracker:
@@ -180,12 +254,19 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 def open_tracker(
     spec: JobSpec, workdir: Path, inner: Reporter, settings: Settings, job_id: str | None = None
 ) -> Tracker:
-    """The job's tracker: TensorBoard unless ``export.tensorboard`` is off. A sink that cannot start is
-    left out with a warning."""
+    """The job's tracker: TensorBoard unless ``export.tensorboard`` is off, MLflow when
+    ``settings.mlflow_tracking_uri`` is set (a run named ``job_id``, else ``<method>-<model>``, tagged
+    with the job id, method, model and data). A sink that cannot start is left out with a warning."""
     tracker = Tracker(inner, [], live=not any((workdir / "checkpoints").glob("*.pt")))
     starts: list[tuple[str, Any]] = []
     if spec.export.tensorboard:
         starts.append((TensorBoardSink.name, lambda: TensorBoardSink(workdir)))
+    if settings.mlflow_tracking_uri:
+        tags = {"method": spec.method.name, "model": spec.model.name, "data": spec.data.name}
+        tags |= {"job_id": job_id} if job_id else {"workdir": str(workdir.resolve())}
+        run_name = job_id or f"{spec.method.name}-{spec.model.name}"
+        uri, experiment = settings.mlflow_tracking_uri, settings.mlflow_experiment_name
+        starts.append((MlflowSink.name, lambda: MlflowSink(uri, experiment, run_name, tags, spec)))
     for name, start in starts:
         try:
             tracker.sinks.append(start())

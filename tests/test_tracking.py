@@ -1,10 +1,12 @@
-"""Experiment tracking (pruning_core/tracking.py): a job's TensorBoard event files, read back, hold the
-report's per-epoch numbers; a sink that fails never fails the job."""
+"""Experiment tracking (pruning_core/tracking.py): a job's TensorBoard event files, read back, and its
+MLflow run (a local file store) hold the report's per-epoch numbers; a sink that fails never fails the
+job."""
 
 from __future__ import annotations
 
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pruning_core.engine import NullReporter
 from pruning_core.runner import Result, run
+from pruning_core.settings import get_settings
 from pruning_core.spec import parse_spec
 from pruning_core.tracking import TENSORBOARD_ARCHIVE, Tracker, epoch_scalars, pruned_scalars
 
@@ -145,3 +148,81 @@ def test_a_failing_sink_is_dropped_with_a_warning_not_raised(job: Result) -> Non
     assert inner.lines == ["warning: Broken tracking stopped: tracking server down"]
     assert tracker.finish(job.report, {}) == {}
     tracker.abort("FAILED")
+
+
+# --- MLflow, against a local file store ---
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """MLFLOW_TRACKING_URI set to a file store under ``tmp_path`` (the settings read afresh)."""
+    pytest.importorskip("mlflow")
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for a database otherwise
+    get_settings.cache_clear()
+    yield uri
+    get_settings.cache_clear()
+
+
+def _runs(uri: str) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+
+
+def test_a_job_is_one_mlflow_run_with_params_metrics_and_artifacts(mlflow_store: str, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    spec = {**SPEC, "schedule": {**SPEC["schedule"], "dense_epochs": 0, "epochs": 2}}
+    result = run(parse_spec(spec), tmp_path / "job", job_id="job-123")
+
+    (found,) = _runs(mlflow_store)
+    assert found.info.status == "FINISHED" and found.info.run_name == "job-123"
+    assert found.data.tags["job_id"] == "job-123" and found.data.tags["method"] == "magnitude"
+    params = found.data.params
+    assert (params["model.name"], params["schedule.epochs"], params["target.macs_ratio"]) == (
+        "resnet20",
+        "2",
+        "0.5",
+    )
+    assert params["export.formats"] == '["safetensors"]'
+    client = MlflowClient(tracking_uri=mlflow_store)
+    top1 = client.get_metric_history(found.info.run_id, "finetune/top1")
+    assert [(m.step, m.value) for m in top1] == [
+        (i, pytest.approx(r.top1)) for i, r in enumerate(result.report.history, start=1)
+    ]
+    assert found.data.metrics["result/macs_ratio"] == pytest.approx(result.report.achieved_macs_ratio)
+    listed = {a.path for a in client.list_artifacts(found.info.run_id)}
+    assert {"report.json", "report.html", "model.safetensors", "architecture.json"} <= listed
+    assert TENSORBOARD_ARCHIVE not in listed
+
+
+def test_a_failed_job_ends_its_mlflow_run_failed(mlflow_store: str, tmp_path: Path) -> None:
+    from pruning_core.errors import PruningError
+
+    with pytest.raises(PruningError):  # unreachable: fails before any training
+        run(parse_spec({**SPEC, "target": {"macs_ratio": 0.001}}), tmp_path / "job")
+    (found,) = _runs(mlflow_store)
+    assert found.info.status == "FAILED" and found.info.run_name == "magnitude-resnet20"
+
+
+def test_an_unusable_tracking_uri_warns_and_the_job_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "not-a-dir").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    get_settings.cache_clear()
+    try:
+        messages = Messages()
+        spec = {**SPEC, "schedule": {**SPEC["schedule"], "dense_epochs": 0, "epochs": 1}}
+        result = run(parse_spec(spec), tmp_path / "job", messages)
+    finally:
+        get_settings.cache_clear()
+    assert [m for m in messages.lines if m.startswith("warning: MLflow tracking off: ")], messages.lines
+    assert result.report.pruned.macs < result.report.dense.macs
+    assert TENSORBOARD_ARCHIVE in result.artifacts, "TensorBoard goes on without MLflow"
