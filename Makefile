@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch/torchvision first, pinned to the builds this machine keeps on disk (no multi-GB download)
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[dev,timm]"
+	$(PY) -m pip install --quiet -e ".[dev,timm,mlflow]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -7,8 +7,9 @@ dense model if asked; run the method's phases through the one training loop; mea
 
 Layout of ``workdir``: ``model.safetensors`` + ``architecture.json`` (+ ``model.pt2``,
 ``model.torchscript.pt``, ``model.onnx``), ``MODEL_CARD.md``, ``report.json``, ``report.html``,
-``training.png``, ``widths.png``, ``checkpoints/``, ``.data/``. Every model file carries the input
-contract (``contract.InputContract``: the data pipeline's own mean, std, size, channels, class names).
+``training.png``, ``widths.png``, ``tensorboard.tar.gz`` (of ``tensorboard/``), ``checkpoints/``,
+``.data/``. Every model file carries the input contract (``contract.InputContract``: the data
+pipeline's own mean, std, size, channels, class names).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .card import write_card
 from .contract import InputContract
 from .data import Datasets, load_data
 from .engine import NullReporter, Reporter, TrainContext, cost_of, fit, has_checkpoint, report_pruned
-from .errors import ModelError, NonFiniteModelError, TargetMissedError
+from .errors import Cancelled, ModelError, NonFiniteModelError, TargetMissedError
 from .evaluation import evaluate, logits
 from .export import export_model
 from .groups import PruningGraph
@@ -60,6 +61,7 @@ from .settings import get_settings
 from .spec import JobSpec
 from .speed_target import SpeedSearch
 from .surgery import describe, rebuild
+from .tracking import open_tracker
 from .zoo import build_model, get_entry, load_weights
 
 FINALIZE_WARN = 1e-3  # relative logit gap, pruned vs trained network, above which the user is told
@@ -136,11 +138,25 @@ def prepare(spec: JobSpec, workdir: Path) -> tuple[Datasets, _Shape, nn.Module]:
     return data, shape, model
 
 
-def run(spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None) -> Result:
-    """Run a whole job into ``workdir``; resumable by calling again with the same arguments."""
+def run(
+    spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None, *, job_id: str | None = None
+) -> Result:
+    """Run a whole job into ``workdir``; resumable by calling again with the same arguments. Its
+    per-epoch numbers are tracked (``tracking.open_tracker``: TensorBoard, MLflow) under ``job_id``."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    reporter = reporter or NullReporter()
+    tracker = open_tracker(spec, workdir, reporter or NullReporter(), get_settings(), job_id)
+    try:
+        result = _run(spec, workdir, tracker)
+    except BaseException as err:
+        tracker.abort("KILLED" if isinstance(err, Cancelled | KeyboardInterrupt) else "FAILED")
+        raise
+    result.artifacts.update(tracker.finish(result.report, result.artifacts))
+    return result
+
+
+def _run(spec: JobSpec, workdir: Path, reporter: Reporter) -> Result:
+    """The job itself: ``run`` without the tracking around it."""
     settings = get_settings()
     device = resolve_device(spec.device)
     t_start = time.perf_counter()

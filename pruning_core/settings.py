@@ -61,6 +61,15 @@ class Settings(BaseSettings):
         description="A training step whose loss is above this many times its phase's first step's loss "
         "(at least 1) stops the job as failed / diverged, not retried (DIVERGENCE_FACTOR).",
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="Log every job as an MLflow run there (params: the spec; per-epoch metrics; the "
+        "report and model files as artifacts); unset: no MLflow. Needs the `mlflow` extra "
+        "(MLFLOW_TRACKING_URI).",
+    )
+    mlflow_experiment_name: str = Field(
+        "pruning-service", description="The MLflow experiment of the jobs' runs (MLFLOW_EXPERIMENT_NAME)."
+    )
 
     # --- service ---
     state_dir: Path = Field(

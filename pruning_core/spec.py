@@ -636,6 +636,11 @@ class ExportSpec(_Strict):
         "count (1 or the process's torch threads) at which the pruned network runs fastest, so a busy "
         "machine's cores are not oversubscribed.",
     )
+    tensorboard: bool = Field(
+        True,
+        description="Write TensorBoard event files of the per-epoch numbers (loss, top-1, MACs, LR, the "
+        "method's own) as the artifact `tensorboard.tar.gz`; false writes none.",
+    )
 
     @field_validator("formats")
     @classmethod

@@ -16,6 +16,7 @@ MEDIA_TYPES = {
     ".md": "text/markdown",
     ".png": "image/png",
     ".yaml": "application/yaml",
+    ".gz": "application/gzip",
 }
 
 

@@ -40,6 +40,7 @@ ARTIFACT_NAMES = {
     "training.png",
     "widths.png",
     "MODEL_CARD.md",
+    "tensorboard.tar.gz",
 }
 
 
@@ -128,6 +129,7 @@ def test_execute_succeeds_and_records_artifacts(settings: Settings, engine: Engi
         assert (a.size, a.sha256) == (path.stat().st_size, sha256_file(path))
     assert {a.name: a.media_type for a in arts}["report.json"] == "application/json"
     assert {a.name: a.media_type for a in arts}["report.html"] == "text/html"
+    assert {a.name: a.media_type for a in arts}["tensorboard.tar.gz"] == "application/gzip"
     assert {a.name: a.media_type for a in arts}["MODEL_CARD.md"] == "text/markdown"
 
     report = json.loads((settings.artifacts_dir / job_id / "attempt-1" / "report.json").read_text())

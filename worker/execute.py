@@ -112,7 +112,7 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
             reporter.message(f"resuming from the checkpoints of attempt {resumed_from}")
         from pruning_core import runner  # torch: only in the process that runs a job
 
-        result = runner.run(spec, workdir, reporter)
+        result = runner.run(spec, workdir, reporter, job_id=job.id)
         reporter.close()
         if reporter.lost:
             log.warning("job %s attempt %d is no longer ours; not recording it", job.id, job.attempt)
