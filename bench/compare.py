@@ -121,7 +121,7 @@ CONTENDERS: dict[str, Contender] = {
     # architecture LR and the found network started from the searched supernet's weights, the paper's
     # `w/ Init` (the search starts from the dense weights, channels sorted: `sort_channels`, candidates
     # padded: `align`). Chosen on Table A's validation split (BENCHMARKS.md): `init: supernet` 86.1 / 83.3
-    # at 0.5 / 0.3 against 85.4 / 82.3 from the teacher's channels; a 2-epoch search 86.2 / 81.9, no
+    # at 0.5 / 0.3 against 85.4 / 82.3 from the teacher's channels; a 2-epoch search 86.8 / 81.9, no
     # depth search 85.4 / 80.5.
     "tas": Contender(
         one_stage=False,
