@@ -21,6 +21,7 @@ from pruning_core.groups import PruningGraph
 from pruning_core.macs import count_macs, count_params
 from pruning_core.masks import ChannelMasks
 from pruning_core.zoo import build_model
+from tests.test_surgery import _randomise_norms
 
 TARGET = 0.5
 
@@ -47,12 +48,7 @@ def _randomised(model: nn.Module) -> nn.Module:
     """``model`` in eval mode with non-trivial BatchNorm statistics and scales, so that a channel kept
     or dropped by mistake changes the logits."""
     torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.2, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
+    _randomise_norms(model)
     return model.eval()
 
 
