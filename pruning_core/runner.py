@@ -336,10 +336,10 @@ def _run_phases(
         meta: dict[str, Any] = {}
         if not has_checkpoint(ctx, phase.name):  # none, or one an older engine wrote: start afresh
             t0 = time.perf_counter()
-            before = shape.describe(model), cost_of(model, ctx.example)
+            arch, cost = shape.describe(model), cost_of(model, ctx.example)
             model = method.start_phase(phase, model.to(ctx.device))
-            changed = shape.describe(model) != before[0]
-            meta["bn_recalibrated"] = _after_pruning(model, before, shape, ctx)
+            changed = shape.describe(model) != arch
+            meta["bn_recalibrated"] = changed and _after_pruning(model, cost, ctx)
             meta["start_wall_s"] = time.perf_counter() - t0
             if changed and not pruned_at and not any(r.get("event") == "pruned" for r in history):
                 meta["top1_pruned"] = evaluate(model, ctx.test, ctx.device)["top1"]  # before recovery
@@ -385,7 +385,7 @@ def _finalize(
     are re-estimated. A gap above ``FINALIZE_WARN`` is reported as a message."""
     view = next(iter(method.eval_views(model).values())).module
     reference = logits(view, check_input, ctx.device)
-    before = shape.describe(model), cost_of(model, ctx.example)
+    arch, cost = shape.describe(model), cost_of(model, ctx.example)
     model = method.finalize(model).to(ctx.device)
     pruned = logits(model, check_input, ctx.device)
     diff = (pruned - reference).abs().max().item() / max(1.0, reference.abs().max().item())
@@ -393,7 +393,7 @@ def _finalize(
         ctx.reporter.message(
             f"the pruned network's logits differ from the trained network's by {diff:.3g} of their scale"
         )
-    if _after_pruning(model, before, shape, ctx):
+    if shape.describe(model) != arch and _after_pruning(model, cost, ctx):
         bn_points.append("final")
     return model, diff if math.isfinite(diff) else None
 
@@ -417,15 +417,10 @@ def after_prune(
     return None if final_top1 is None else AfterPrune(top1=final_top1, at="final", epochs_after=0)
 
 
-def _after_pruning(
-    model: nn.Module, before: tuple[dict[str, Any], Size], shape: _Shape, ctx: TrainContext
-) -> bool:
-    """Where ``model``'s architecture differs from ``before`` (its description and cost), it was pruned
-    physically: the ``pruned`` event, then BatchNorm statistics re-estimated. Whether they were."""
-    arch, cost = before
-    if shape.describe(model) == arch:
-        return False
-    report_pruned(ctx.reporter, cost, cost_of(model, ctx.example))
+def _after_pruning(model: nn.Module, before: Size, ctx: TrainContext) -> bool:
+    """``model`` was just pruned physically from a network costing ``before``: the ``pruned`` event, then
+    BatchNorm statistics re-estimated. Whether they were."""
+    report_pruned(ctx.reporter, before, cost_of(model, ctx.example))
     return ctx.recalibrate(model)
 
 
