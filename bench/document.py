@@ -26,6 +26,7 @@ from . import compare, markdown, trained
 from .profiles import BENCH_DIR, REPO_DIR, RESULTS_DIR
 
 NOTES_DIR = BENCH_DIR / "notes"
+COMPARE_FORMAT = "pruning-core/bench-compare-"  # v1 and v2
 JOB_REPORTS = "trained-seed-from-job-reports-v1"
 READS = "<!-- reads:"  # a note's first line: the results files its reading describes  # a seed assembled by hand from the jobs' report.json
 
@@ -291,11 +292,11 @@ def cifar_only(results: dict[str, Any]) -> dict[str, Any]:
         for t in r["targets"]
         for row in t["rows"].values()
     )
-    if metered:
-        for c in compare.contenders_of(out).values():
+    if metered and "contenders" in out:
+        for c in out["contenders"].values():
             c["cost"] = True
-        if "contenders" not in out:
-            out["cost"] = True
+    elif metered:
+        out["cost"] = True  # bench-compare-v1: the one method's flags at the top level
     return out
 
 
@@ -384,11 +385,9 @@ def summary(table_a: dict[str, Any], table_b: list[dict[str, Any]]) -> str:
         "",
         f'**"I have a trained model"** (Table A: {case["model"]} at {case["runs"][0]["dense"]["top1"]:.2f} % '
         f"dense, {case['finetune_epochs']} fine-tuning epochs over {case['per_class']} images per class, "
-        f"{seeds} seed{'s' if seeds > 1 else ''}"
-        + (": one seed only, so no spread yet" if seeds == 1 else "")
-        + "; run "
-        + table_a["date"][:10]
-        + ").",
+        f"{seeds} seed{'s' if seeds > 1 else ''}; run {table_a['date'][:10]}). Wins: the best mean top-1; "
+        "lead: its mean difference to the next, and the range of the differences paired by seed ('not in "
+        "every seed' where a seed reverses the order); training s and MACs as the tables below count them.",
         "",
         "| Target | Wins | Top-1 % | Lead over the next | Each method: top-1 %, training s, training MACs (fwd) |",
         "|---|---|---|---|---|",
@@ -506,7 +505,7 @@ def render_val_trained(section: Section) -> str:
 
 
 def render_val_compare(section: Section) -> str:
-    compared = tuple(n for n in section.results if load(n).get("format", "").startswith(compare.FORMAT[:-3]))
+    compared = tuple(n for n in section.results if (load(n).get("format") or "").startswith(COMPARE_FORMAT))
     first = load(compared[0])
     parts = [
         section.title,
