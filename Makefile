@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test test-slow bench bench-gpu bench-service lint clean
+.PHONY: install run demo test test-slow bench bench-gpu bench-service benchmarks-md lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench-gpu: $(STAMP)
 # HTTP throughput and latency against uvicorn + PostgreSQL + Redis on this machine.
 bench-service: $(STAMP)
 	$(PY) -m bench.service
+
+# BENCHMARKS.md regenerated from the committed results files that bench/document.py's manifest names
+# (trains nothing; seconds). After a benchmark run: commit its results JSON, name it in the manifest, run this.
+benchmarks-md: $(STAMP)
+	$(PY) -m bench.document
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -199,14 +199,19 @@ def render(results: dict[str, Any], source: Path) -> str:
                 continue  # --no-baselines
             rows = [r["targets"][i]["rows"][key] for r in done]
             mags = [r["targets"][i]["rows"].get("magnitude", {}).get("train_wall_s") for r in done]
-            walls = [x["train_wall_s"] for x in rows]
+            # rows taken from the jobs' own reports (a run stopped before its results file) have no seconds
+            walls = [x.get("train_wall_s") for x in rows]
+            timed = all(w is not None for w in walls)
             against = (
-                markdown.fmt_range([w / g for w, g in zip(walls, mags, strict=True)], 2) if all(mags) else ""
+                markdown.fmt_range([w / g for w, g in zip(walls, mags, strict=True)], 2)
+                if timed and all(mags)
+                else ""
             )
             lines.append(
                 f"| {target:g} | {LABELS[key]} | {markdown.fmt_top1([x['top1'] for x in rows])} | "
                 f"{markdown.fmt_range([x['macs_ratio'] for x in rows])} | "
-                f"{markdown.fmt_count([x['params'] for x in rows])} | {markdown.fmt_count(walls)} | {against} |"
+                f"{markdown.fmt_count([x['params'] for x in rows])} | "
+                f"{markdown.fmt_count(walls) if timed else 'not recorded'} | {against} |"
             )
     return "\n".join(lines) + "\n"
 
