@@ -75,6 +75,8 @@ MANIFEST: tuple[Section, ...] = (
             "val-trained-cpu-2026-12-07T001223Z.json",
             "val-trained-cpu-2026-12-07T002532Z.json",
             "val-trained-cpu-2026-12-07T015233Z.json",
+            "val-trained-cpu-2026-12-07T022849Z.json",
+            "val-trained-cpu-2026-12-07T022850Z.json",
         ),
         title="## Options chosen on the validation split: Table A's methods",
     ),
