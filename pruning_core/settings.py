@@ -179,6 +179,14 @@ class Settings(BaseSettings):
         return v
 
     @property
+    def job_soft_time_limit_s(self) -> int:
+        """Seconds after which a job is asked to stop (Celery's soft limit, the local runner's SIGALRM): 5 %
+        below the hard limit, 10 s to 5 min, so the job reaches its next training step and records its
+        failure before the kill (5 s was too little on a loaded 2-core machine)."""
+        hard = self.job_time_limit_s
+        return max(1, hard - min(300, max(10, hard // 20)))
+
+    @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.state_dir / 'pruning.db').resolve()}"
 

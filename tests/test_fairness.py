@@ -291,7 +291,7 @@ def test_uploads_list_and_delete(env_factory) -> None:
 
 def test_local_runner_time_limit_fails_the_job(tmp_path: Path) -> None:
     """A job past ``job_time_limit_s`` ends failed ``time_limit`` (not retryable) in the local runner:
-    the child stops itself at the soft limit (5 s before the hard one) at its next training step, not
+    the child stops itself at the soft limit (10 s before the hard one) at its next training step, not
     killed. Which mechanism ended it is asserted, never how long it took (a loaded machine is slower):
     the child exited by itself (``EXIT_DONE``; a kill at the hard limit leaves -9) and the row holds the
     soft limit's message, not the hard limit's ("... (20 s)") that the parent writes after a kill."""
@@ -313,6 +313,13 @@ def test_local_runner_time_limit_fails_the_job(tmp_path: Path) -> None:
     assert code == EXIT_DONE, code  # the child stopped itself: the soft limit did it, not the kill
     runner.engine.dispose()
     engine.dispose()
+
+
+@pytest.mark.parametrize(("hard", "soft"), [(20, 10), (600, 570), (3600, 3420), (24 * 3600, 24 * 3600 - 300)])
+def test_the_soft_limit_leaves_the_job_time_to_record_its_failure(hard: int, soft: int) -> None:
+    """One soft limit for Celery and the local runner: 5 % below the hard limit, at least 10 s (a step and
+    the failure's record took longer than 5 s on a loaded machine), at most 5 min."""
+    assert Settings(job_time_limit_s=hard).job_soft_time_limit_s == soft
 
 
 def test_the_soft_limit_only_raises_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:

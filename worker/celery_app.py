@@ -35,11 +35,6 @@ QUEUE = "pruning"
 DB_RETRIES, DB_RETRY_S = 20, 15
 
 
-def soft_time_limit(hard_s: int) -> int:
-    """A little below the hard limit: the task fails cleanly (``time_limit``) before it is killed."""
-    return max(1, hard_s - min(300, max(1, hard_s // 20)))
-
-
 def celery_config(settings: Settings) -> dict:
     visibility = {"visibility_timeout": settings.job_time_limit_s + 600}
     return {
@@ -49,7 +44,7 @@ def celery_config(settings: Settings) -> dict:
         "worker_concurrency": 1,
         "worker_max_tasks_per_child": 1,
         "task_time_limit": settings.job_time_limit_s,
-        "task_soft_time_limit": soft_time_limit(settings.job_time_limit_s),
+        "task_soft_time_limit": settings.job_soft_time_limit_s,
         "broker_transport_options": dict(visibility),
         "result_backend_transport_options": dict(visibility),
         "task_ignore_result": True,

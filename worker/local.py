@@ -50,11 +50,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TIME_LIMIT_CODE = "time_limit"
 
 
-def soft_limit_s(hard_s: float) -> float:
-    """A little below the hard limit (5 % of it, 5 s to 5 min), so the job can record its failure."""
-    return max(1.0, hard_s - min(300.0, max(5.0, hard_s / 20)))
-
-
 def next_queued(
     engine: Engine, skip: set[str] | frozenset[str] = frozenset(), *, max_running: int = 0
 ) -> str | None:
@@ -73,7 +68,7 @@ def _child(job_id: str, worker_name: str, settings: Settings) -> None:
     from .execute import execute
 
     signal.signal(signal.SIGALRM, on_soft_time_limit)
-    signal.setitimer(signal.ITIMER_REAL, soft_limit_s(settings.job_time_limit_s))
+    signal.setitimer(signal.ITIMER_REAL, settings.job_soft_time_limit_s)
     try:
         status = execute(job_id, worker_name=worker_name, settings=settings)
     except KeyboardInterrupt:
