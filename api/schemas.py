@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, Field
 
-from store.models import Artifact, JobEvent, Upload
+from store.models import Artifact, JobEvent, Upload, WebhookDelivery
 
 # The job resource lives in store.resources (the worker POSTs it to webhooks too); re-exported here.
 from store.resources import JobError, JobOut, JobUrls, job_out, job_path, utc  # noqa: F401
@@ -34,6 +34,28 @@ def echo(value: str, limit: int = 80) -> str:
 class JobPage(BaseModel):
     items: list[JobOut]
     next_cursor: str | None
+
+
+class DeliveryAttempt(BaseModel):
+    at: datetime
+    status_code: int | None = Field(description="The receiver's HTTP status; null when none came back")
+    error: str | None = Field(description="Why the attempt failed, when it did without a status")
+
+
+class DeliveryOut(BaseModel):
+    id: str
+    event: str = Field(description="`job.succeeded`, `job.failed` or `job.cancelled`")
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="When a pending delivery is tried next")
+    created_at: datetime
+    finished_at: datetime | None
+    log: list[DeliveryAttempt] = Field(description="Every attempt, oldest first")
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryOut]
 
 
 class EventOut(BaseModel):
@@ -79,6 +101,20 @@ class UploadOut(BaseModel):
 class UploadPage(BaseModel):
     items: list[UploadOut]
     next_cursor: str | None
+
+
+def delivery_out(d: WebhookDelivery) -> DeliveryOut:
+    return DeliveryOut(
+        id=d.id,
+        event=d.event,
+        url=d.url,
+        status=d.status,
+        attempts=d.attempts,
+        next_attempt_at=utc(d.next_at) if d.status == "pending" else None,
+        created_at=utc(d.created_at),
+        finished_at=utc(d.finished_at),
+        log=[DeliveryAttempt.model_validate(a) for a in d.log or []],
+    )
 
 
 def event_out(ev: JobEvent) -> EventOut:
