@@ -688,6 +688,11 @@ def list_api_keys(s: Session, owner: str) -> list[ApiKey]:
 
 # --- counters shown in /metrics ---
 
+# counted by the reaper (or the local runner), shown by the API (api/metrics.py): names without _total
+RETENTION_DELETED = "jobs_retention_deleted"
+WEBHOOKS_DELIVERED = "webhook_deliveries_delivered"
+WEBHOOKS_FAILED = "webhook_deliveries_failed"
+
 
 def bump_counter(s: Session, name: str, by: int = 1) -> None:
     """Add ``by`` to the counter ``name`` (created at 0 the first time)."""

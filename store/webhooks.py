@@ -26,7 +26,12 @@ ERROR_MAX = 300  # characters of an attempt's error kept in its log entry
 
 
 class AddressRefused(Exception):
-    """A webhook host that does not resolve, or resolves to an address the operator did not allow."""
+    """A webhook host that does not resolve, or (``permanent``) resolves to an address the operator did
+    not allow."""
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 # --- where a webhook may go ---
@@ -62,7 +67,8 @@ def checked_addresses(host: str, port: int, allow: Sequence[str] = ()) -> list[I
         if not address_allowed(ip, allow):
             raise AddressRefused(
                 f"{host} resolves to {ip}, which is not a global address (an operator may allow its "
-                "network with WEBHOOK_ALLOW)"
+                "network with WEBHOOK_ALLOW)",
+                permanent=True,
             )
     return ips
 
