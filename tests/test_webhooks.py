@@ -315,3 +315,9 @@ def test_postgres_outbox(make_api, pg_url: str, receiver: Receiver) -> None:
     assert d["status"] == "delivered" and [a["status_code"] for a in d["log"]] == [500, 200]
     with db.session_scope(api.engine) as s:
         assert s.get(Job, job["id"]).status == JobStatus.SUCCEEDED
+
+
+def test_a_sweep_refuses_notify(hook_api: Api, receiver: Receiver) -> None:
+    body = {"spec": _notify_spec(receiver.url), "methods": ["magnitude"]}
+    problem = assert_problem(hook_api.client.post("/v1/sweeps", json=body, headers=hook_api.a), 422)
+    assert "spec.notify" in [e["field"] for e in problem["errors"]]
