@@ -250,3 +250,28 @@ def test_cli_rerun_and_delete(api: Api, monkeypatch, capsys) -> None:
     assert cli.main(["delete", first["id"]]) == 0
     assert _rows(api, first["id"])[0] == 0
     assert cli.main(["deliveries", new_id]) == 0
+
+
+def test_the_reaper_runs_retention(make_api, sqlite_url: str) -> None:
+    """``python -m worker.reaper``'s loop deletes expired jobs on its first pass."""
+    import threading
+
+    from worker import reaper
+
+    api = make_api(sqlite_url, job_retention_days=1)
+    old = api.submit()["id"]
+    _finish_with_file(api, old)
+    _age(api, old, 2)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=reaper.run_forever, args=(api.engine, lambda _id: None, api.settings, stop)
+    )
+    thread.start()
+    try:
+        deadline = utcnow() + timedelta(seconds=20)
+        while _rows(api, old)[0] and utcnow() < deadline:
+            stop.wait(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert _rows(api, old) == (0, 0, 0)

@@ -321,3 +321,22 @@ def test_a_sweep_refuses_notify(hook_api: Api, receiver: Receiver) -> None:
     body = {"spec": _notify_spec(receiver.url), "methods": ["magnitude"]}
     problem = assert_problem(hook_api.client.post("/v1/sweeps", json=body, headers=hook_api.a), 422)
     assert "spec.notify" in [e["field"] for e in problem["errors"]]
+
+
+def test_the_pump_thread_delivers(hook_api: Api, receiver: Receiver) -> None:
+    """The reaper and the local runner start this thread: it delivers without anyone calling it."""
+    from worker.webhooks import start_pump
+
+    api = hook_api
+    job = api.client.post("/v1/jobs", json=_notify_spec(receiver.url), headers=api.a).json()
+    stop = threading.Event()
+    thread = start_pump(api.engine, api.settings, stop)
+    try:
+        _end(api, job["id"])
+        deadline = time.monotonic() + 20
+        while not receiver.got and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert len(receiver.got) == 1 and not thread.is_alive()
