@@ -340,3 +340,26 @@ def test_the_pump_thread_delivers(hook_api: Api, receiver: Receiver) -> None:
         stop.set()
         thread.join(10)
     assert len(receiver.got) == 1 and not thread.is_alive()
+
+
+def test_the_readme_snippet_verifies_a_delivery(hook_api: Api, receiver: Receiver) -> None:
+    """The receiver's check the README shows accepts a real delivery and refuses a tampered one."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "X-Pruning-Signature" in c]
+    scope: dict[str, Any] = {}
+    exec(code, scope)  # noqa: S102 (the project's own README)
+    api = hook_api
+    job = api.client.post("/v1/jobs", json=_notify_spec(receiver.url), headers=api.a).json()
+    _end(api, job["id"])
+    _drain(api, passes=2)
+    (headers, body), secret = receiver.got[0], SECRET
+    as_sent = {
+        "X-Pruning-Timestamp": headers["x-pruning-timestamp"],
+        "X-Pruning-Signature": headers["x-pruning-signature"],
+    }
+    assert scope["verify"](secret, as_sent, body)
+    assert not scope["verify"](secret, as_sent, body + b" ")
+    assert not scope["verify"]("x" * 20, as_sent, body)
