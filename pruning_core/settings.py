@@ -211,6 +211,12 @@ class Settings(BaseSettings):
         items = [n.strip() for n in v.split(",")] if isinstance(v, str) else list(v)  # type: ignore[call-overload]
         return tuple(str(ip_network(n, strict=False)) for n in items if n)
 
+    @field_validator("job_retention_days", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        """``JOB_RETENTION_DAYS=`` (compose passes an unset variable on as empty): keep every job."""
+        return None if isinstance(v, str) and not v.strip() else v
+
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.state_dir / 'pruning.db').resolve()}"
