@@ -145,9 +145,11 @@ def record_attempt(
 ) -> WebhookDelivery:
     """Log one attempt; a 2xx delivers, anything else waits its backoff or, after ``max_attempts`` (or
     ``final``: the address was refused), fails."""
-    entry: dict[str, Any] = {"at": at.isoformat(), "status_code": status_code, "error": error}
-    if error:
-        entry["error"] = error[:ERROR_MAX]
+    entry: dict[str, Any] = {
+        "at": at.isoformat(),
+        "status_code": status_code,
+        "error": error and error[:ERROR_MAX],
+    }
     delivery.log = [*(delivery.log or []), entry]
     delivery.attempts = (delivery.attempts or 0) + 1
     if status_code is not None and 200 <= status_code < 300:

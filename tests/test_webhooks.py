@@ -148,6 +148,10 @@ def test_secret_is_required_and_write_only(hook_api: Api, receiver: Receiver, ca
         assert s.get(Job, again["id"]).notify_secret == SECRET
         assert s.get(Job, other["id"]).notify_secret == "another-secret-1234"
     assert other["spec"]["notify"] == {"url": receiver.url}
+    dropped = c.post(f"/v1/jobs/{job['id']}/rerun", json={"notify": None}, headers=api.a).json()
+    assert "notify" not in dropped["spec"]
+    with db.session_scope(api.engine) as s:
+        assert s.get(Job, dropped["id"]).notify_secret is None
 
 
 def test_address_allowed() -> None:

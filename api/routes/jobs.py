@@ -48,6 +48,17 @@ def root_path(request: Request) -> str:
     return request.scope.get("root_path", "")
 
 
+@dataclass
+class Submitter:
+    """What a submit needs of its request: the caller, the database, the settings."""
+
+    request: Request
+    response: Response
+    sessions: sessionmaker[Session]
+    owner: str
+    settings: Settings
+
+
 @router.post(
     "/v1/jobs",
     operation_id="create_job",
@@ -73,17 +84,6 @@ def create_job(
     `notify.secret`."""
     secret = spec.notify.secret.get_secret_value() if spec.notify and spec.notify.secret else None
     return submit(spec, secret, Submitter(request, response, sessions, owner, settings), idempotency_key)
-
-
-@dataclass
-class Submitter:
-    """What a submit needs of its request: the caller, the database, the settings."""
-
-    request: Request
-    response: Response
-    sessions: sessionmaker[Session]
-    owner: str
-    settings: Settings
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
@@ -312,7 +312,9 @@ def rerun_job(
         spec = JobSpec.model_validate(merge_overrides(spec_data, overrides or {}))
     except ValidationError as err:
         raise invalid(validation_errors(err.errors())) from None
-    secret = spec.notify.secret.get_secret_value() if spec.notify and spec.notify.secret else first_secret
+    secret = None
+    if spec.notify is not None:  # given, else the first job's (`{"notify": null}` drops the webhook)
+        secret = spec.notify.secret.get_secret_value() if spec.notify.secret else first_secret
     sub = Submitter(request, response, sessions, owner, settings)
     return submit(spec, secret, sub, idempotency_key, rerun_of=job_id)
 
