@@ -925,6 +925,14 @@ def describe_errors(err: ValidationError) -> list[str]:
     return lines
 
 
+def stored_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec as a job row keeps it and the API shows it: JSON, defaults filled in, without the
+    webhook's secret (write-only), and without `notify` when there is none (so that specs stored before
+    it existed compare equal, e.g. for an Idempotency-Key)."""
+    exclude: Any = {"notify"} if spec.notify is None else {"notify": {"secret"}}
+    return spec.model_dump(mode="json", exclude=exclude)
+
+
 def parse_spec(data: dict[str, Any], *, remote_models: bool = False) -> JobSpec:
     """Validate a mapping into a JobSpec, raising SpecError with one line per problem.
     ``remote_models``: a client's check, which accepts any plugin-shaped model name (the server's

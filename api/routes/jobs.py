@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pruning_core.settings import Settings
-from pruning_core.spec import JobSpec, submit_problems
+from pruning_core.spec import JobSpec, stored_spec, submit_problems
 from store import repo, sweeps, webhooks
 from store.files import remove_job_dir
 from store.models import TERMINAL, Job, JobStatus
@@ -84,13 +84,6 @@ def create_job(
     `notify.secret`."""
     secret = spec.notify.secret.get_secret_value() if spec.notify and spec.notify.secret else None
     return submit(spec, secret, Submitter(request, response, sessions, owner, settings), idempotency_key)
-
-
-def stored_spec(spec: JobSpec) -> dict[str, Any]:
-    """The spec as a job row keeps it: JSON, defaults filled in, without the webhook's secret (and
-    without `notify` when there is none, so that specs stored before it existed compare equal)."""
-    exclude: Any = {"notify"} if spec.notify is None else {"notify": {"secret"}}
-    return spec.model_dump(mode="json", exclude=exclude)
 
 
 def notify_errors(spec: JobSpec, secret: str | None, settings: Settings) -> list[dict[str, str]]:
