@@ -98,7 +98,7 @@ class LocalRunner:
 
     def run(self, stop: threading.Event) -> None:
         log.info("local runner %s: polling %s", self.worker_name, _safe_url(self.settings.sqlalchemy_url))
-        start_pump(self.engine, self.settings, stop)  # job-ended webhooks, from the outbox
+        pump = start_pump(self.engine, self.settings, stop)  # job-ended webhooks, from the outbox
         while not stop.is_set():
             try:
                 self._maybe_reap()
@@ -121,6 +121,7 @@ class LocalRunner:
                 # The child died (killed, out of memory): its attempt goes back to the queue now.
                 log.warning("job %s: child exited with %s", job_id, code)
                 hand_on_lost(self.engine, job_id, self.worker_name, self.settings)
+        pump.join(self.settings.webhook_timeout_s * 3)  # an attempt under way ends (or its claim lapses)
         self.engine.dispose()
         log.info("local runner stopped")
 

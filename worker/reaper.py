@@ -210,8 +210,9 @@ def main() -> None:
     engine = make_engine(settings.sqlalchemy_url)
     marker = BrokerMarker(settings.redis_url)
     log.info("reaper: every %.1f s, lease %.0f s", interval_s(settings), settings.lease_s)
-    start_pump(engine, settings, stop)  # job-ended webhooks, from the outbox
+    pump = start_pump(engine, settings, stop)  # job-ended webhooks, from the outbox
     run_forever(engine, enqueuer(make_app(settings)), settings, stop, marker)
+    pump.join(settings.webhook_timeout_s * 3)  # an attempt under way ends (or its claim lapses)
     marker.close()
     engine.dispose()
 
