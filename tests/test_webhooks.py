@@ -367,3 +367,52 @@ def test_the_readme_snippet_verifies_a_delivery(hook_api: Api, receiver: Receive
     assert scope["verify"](secret, as_sent, body)
     assert not scope["verify"](secret, as_sent, body + b" ")
     assert not scope["verify"]("x" * 20, as_sent, body)
+
+
+def _fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
+    """Resolve the names in ``answers`` to the next address of their list (the last one repeats);
+    others as usual. Returns the names looked up, in order."""
+    import socket
+
+    real, looked = socket.getaddrinfo, []
+
+    def fake(host: str, port: Any, *args: Any, **kw: Any) -> list:
+        if host not in answers:
+            return real(host, port, *args, **kw)
+        looked.append(host)
+        ip = answers[host].pop(0) if len(answers[host]) > 1 else answers[host][0]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(port)))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    return looked
+
+
+def test_a_name_rebound_to_loopback_after_submit_reaches_nothing(
+    make_api, sqlite_url: str, receiver: Receiver, monkeypatch
+) -> None:
+    """DNS rebinding: public at submit, 127.0.0.1 when sent. The connection is made only to an address
+    checked as it is made, so nothing reaches the receiver on loopback."""
+    api = make_api(sqlite_url, webhook_backoff_s=0.01)  # no WEBHOOK_ALLOW
+    looked = _fake_dns(monkeypatch, {"rebind.example": ["93.184.216.34", "127.0.0.1"]})
+    url = f"http://rebind.example:{receiver.port}/hook"
+    r = api.client.post("/v1/jobs", json=_notify_spec(url), headers=api.a)
+    assert r.status_code == 201, r.text
+    _end(api, r.json()["id"])
+    _drain(api, passes=3)
+    assert receiver.got == [] and len(looked) >= 2
+    (d,) = _deliveries(api, r.json()["id"])
+    assert d["status"] == "failed" and "127.0.0.1" in d["log"][0]["error"]
+
+
+def test_a_name_is_connected_to_at_its_checked_address(
+    hook_api: Api, receiver: Receiver, monkeypatch
+) -> None:
+    """The socket goes to the address the check resolved, while the request still names the host."""
+    _fake_dns(monkeypatch, {"hook.test": ["127.0.0.1"]})
+    url = f"http://hook.test:{receiver.port}/hook"
+    job = hook_api.client.post("/v1/jobs", json=_notify_spec(url), headers=hook_api.a).json()
+    _end(hook_api, job["id"])
+    _drain(hook_api, passes=2)
+    ((headers, _body),) = receiver.got
+    assert headers["host"] == f"hook.test:{receiver.port}"
+    assert _deliveries(hook_api, job["id"])[0]["status"] == "delivered"
