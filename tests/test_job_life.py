@@ -275,3 +275,40 @@ def test_the_reaper_runs_retention(make_api, sqlite_url: str) -> None:
         stop.set()
         thread.join(30)
     assert _rows(api, old) == (0, 0, 0)
+
+
+# --- the migration ---
+
+
+@pytest.mark.parametrize("backend", ["sqlite_url", "pg_url"])
+def test_migration_0006_keeps_earlier_jobs(request, backend: str) -> None:
+    """Jobs stored before 0006 read back with no rerun_of and no secret, can end and be deleted; the
+    downgrade keeps them."""
+    url = request.getfixturevalue(backend)
+    db.migrate(url, "0005")
+    engine = db.make_engine(url)
+    job_id = "e" * 32
+    try:
+        with db.session_scope(engine) as s:  # a Core insert: only the columns schema 0005 has
+            s.execute(
+                Job.__table__.insert().values(
+                    id=job_id, owner="alice", spec={"seed": 1}, method="magnitude", status="queued",
+                    attempt=0, max_attempts=3, cancel_requested=False, progress=0.0, created_at=utcnow(),
+                )
+            )  # fmt: skip
+        db.migrate(url)
+        with db.session_scope(engine) as s:
+            job = s.get(Job, job_id)
+            assert job.rerun_of is None and job.notify_secret is None
+            repo.request_cancel(s, job_id)  # ends it: no notify, so no delivery
+        with db.session_scope(engine) as s:
+            assert s.get(Job, job_id).status == JobStatus.CANCELLED
+        db.downgrade(url, "0005")
+        assert db.current_revision(url) == "0005"
+        db.migrate(url)
+        with db.session_scope(engine) as s:
+            assert repo.delete_job(s, job_id)
+        with db.session_scope(engine) as s:
+            assert s.get(Job, job_id) is None
+    finally:
+        engine.dispose()
