@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -416,3 +417,33 @@ def test_a_name_is_connected_to_at_its_checked_address(
     ((headers, _body),) = receiver.got
     assert headers["host"] == f"hook.test:{receiver.port}"
     assert _deliveries(hook_api, job["id"])[0]["status"] == "delivered"
+
+
+def test_a_real_job_run_by_the_local_runner_calls_its_webhook(
+    sqlite_url: str, tmp_path, receiver: Receiver, procs
+) -> None:
+    """End to end: ``python -m worker.local`` runs a digits job with ``notify``; its webhook pump (a
+    thread of that process) posts the succeeded job, signed."""
+    from tests.faultkit import done, service_env, wait_for
+
+    db.migrate(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    spec = DIGITS | {"notify": {"url": receiver.url}}  # as stored: the secret apart
+    with db.session_scope(engine) as s:
+        job, _ = repo.create_job(s, "alice", spec, "magnitude", notify_secret=SECRET)
+        job_id = job.id
+    procs.env = service_env(tmp_path, DATABASE_URL=sqlite_url, WEBHOOK_ALLOW="127.0.0.1/32")
+    procs.start("local", sys.executable, "-m", "worker.local")
+    try:
+        assert wait_for(lambda: done(engine, job_id), 180, "the job").status == "succeeded"
+        wait_for(lambda: receiver.got, 30, "the webhook")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{procs.logs()}") from None
+    finally:
+        engine.dispose()
+    ((headers, body),) = receiver.got
+    assert verify(SECRET, headers["x-pruning-timestamp"], body, headers["x-pruning-signature"])
+    resource = json.loads(body)
+    assert resource["id"] == job_id and resource["status"] == "succeeded" and resource["result"]
+    log = "".join(p.log_path.read_text(errors="replace") for p in procs.procs)
+    assert "webhook to 127.0.0.1" in log and SECRET not in log
