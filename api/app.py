@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessions(engine)
     app.state.read_sessions = read_sessions(engine)
     app.state.metrics = Metrics()
+    app.state.metrics.watch_store(app.state.read_sessions)
     app.state.rate_limiter = RateLimiter(settings)
     problems.install(app)
     app.add_middleware(BodyLimitMiddleware)

@@ -8,10 +8,19 @@ route matches as ``<unmatched>``, so invented methods and paths cannot grow the 
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from store import repo
+
+log = logging.getLogger("api.metrics")
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 OTHER_METHOD = "OTHER"
@@ -42,8 +51,45 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch_store(self, read_sessions: sessionmaker[Session]) -> None:
+        """Also show the counters other processes keep in the database (``StoreCounters``)."""
+        self.registry.register(StoreCounters(read_sessions))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# The database's counters (store.repo.bump_counter), as Prometheus counters named <name>_total.
+STORE_COUNTERS = {
+    repo.RETENTION_DELETED: "Ended jobs deleted, with their files, by retention (JOB_RETENTION_DAYS).",
+    repo.WEBHOOKS_DELIVERED: "Webhook deliveries that got a 2xx.",
+    repo.WEBHOOKS_FAILED: "Webhook deliveries given up (attempts used up, or the address refused).",
+}
+
+
+class StoreCounters(Collector):
+    """Counters the reaper or a worker keeps in the database, read at each scrape, so /metrics shows
+    them whichever process counted (and across restarts)."""
+
+    def __init__(self, read_sessions: sessionmaker[Session]) -> None:
+        self.read_sessions = read_sessions
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with self.read_sessions() as s:
+                values = repo.counters(s)
+        except Exception:  # the database is down: the request metrics still render
+            log.warning("reading the stored counters failed", exc_info=True)
+            return iter(())
+        return self._families(values)
+
+    @staticmethod
+    def _families(values: dict[str, int]) -> Iterator[Metric]:
+        for name, text in STORE_COUNTERS.items():
+            yield CounterMetricFamily(name, text, value=values.get(name, 0))
 
 
 class MetricsMiddleware:

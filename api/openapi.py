@@ -26,12 +26,21 @@ def _job_links(*operations: str) -> dict[str, Any]:
     return {op: {"operationId": op, "parameters": {"job_id": "$response.body#/id"}} for op in operations}
 
 
-_ON_JOB = ("get_job", "job_events", "list_artifacts", "cancel_job")
+_ON_JOB = (
+    "get_job",
+    "job_events",
+    "list_artifacts",
+    "cancel_job",
+    "rerun_job",
+    "list_deliveries",
+    "delete_job",
+)
 # operationId -> status -> the links of that response
 LINKS: dict[str, dict[str, dict[str, Any]]] = {
     "create_job": {"201": _job_links(*_ON_JOB), "200": _job_links(*_ON_JOB)},
     "get_job": {"200": _job_links("job_events", "list_artifacts", "cancel_job")},
-    "cancel_job": {"202": _job_links("get_job", "job_events")},
+    "cancel_job": {"202": _job_links("get_job", "job_events", "delete_job")},
+    "rerun_job": {"201": _job_links(*_ON_JOB), "200": _job_links(*_ON_JOB)},
     "create_upload": {
         "201": {
             op: {"operationId": op, "parameters": {"upload_id": "$response.body#/id"}}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, Field
 
-from store.models import Artifact, Job, JobEvent, JobStatus, Upload
+from store.models import Artifact, JobEvent, Upload, WebhookDelivery
+
+# The job resource lives in store.resources (the worker POSTs it to webhooks too); re-exported here.
+from store.resources import JobError, JobOut, JobUrls, job_out, job_path, utc  # noqa: F401
 
 # Job and upload ids are 32 lowercase hex digits (store.models.new_id): anything else names nothing, and
 # is answered 404 without asking the database (which may refuse it: NUL, over-long, ...).
@@ -28,48 +31,31 @@ def echo(value: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def utc(dt: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    if dt is None:
-        return None
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
-
-
-class JobError(BaseModel):
-    code: str
-    message: str | None
-    retryable: bool | None
-
-
-class JobUrls(BaseModel):
-    self: str
-    events: str
-    artifacts: str
-    cancel: str
-
-
-class JobOut(BaseModel):
-    id: str
-    status: JobStatus
-    method: str
-    spec: dict[str, Any]
-    progress: float = Field(description="0..1")
-    phase: str | None
-    attempt: int
-    max_attempts: int
-    cancel_requested: bool
-    error: JobError | None
-    result: dict[str, Any] | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    sweep_id: str | None = Field(None, description="The sweep this job belongs to (GET /v1/sweeps/{id})")
-    urls: JobUrls
-
-
 class JobPage(BaseModel):
     items: list[JobOut]
     next_cursor: str | None
+
+
+class DeliveryAttempt(BaseModel):
+    at: datetime
+    status_code: int | None = Field(description="The receiver's HTTP status; null when none came back")
+    error: str | None = Field(description="Why the attempt failed, when it did without a status")
+
+
+class DeliveryOut(BaseModel):
+    id: str
+    event: str = Field(description="`job.succeeded`, `job.failed` or `job.cancelled`")
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="When a pending delivery is tried next")
+    created_at: datetime
+    finished_at: datetime | None
+    log: list[DeliveryAttempt] = Field(description="Every attempt, oldest first")
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryOut]
 
 
 class EventOut(BaseModel):
@@ -117,36 +103,17 @@ class UploadPage(BaseModel):
     next_cursor: str | None
 
 
-def job_path(root: str, job_id: str) -> str:
-    return f"{root}/v1/jobs/{job_id}"
-
-
-def job_out(job: Job, root: str = "") -> JobOut:
-    base = job_path(root, job.id)
-    error = (
-        JobError(code=job.error_code, message=job.error_message, retryable=job.retryable)
-        if job.error_code
-        else None
-    )
-    return JobOut(
-        id=job.id,
-        status=job.status,
-        method=job.method,
-        spec=job.spec,
-        progress=job.progress or 0.0,
-        phase=job.phase,
-        attempt=job.attempt or 0,
-        max_attempts=job.max_attempts,
-        cancel_requested=bool(job.cancel_requested),
-        error=error,
-        result=job.result,
-        created_at=utc(job.created_at),
-        started_at=utc(job.started_at),
-        finished_at=utc(job.finished_at),
-        sweep_id=job.sweep_id,
-        urls=JobUrls(
-            self=base, events=f"{base}/events", artifacts=f"{base}/artifacts", cancel=f"{base}/cancel"
-        ),
+def delivery_out(d: WebhookDelivery) -> DeliveryOut:
+    return DeliveryOut(
+        id=d.id,
+        event=d.event,
+        url=d.url,
+        status=d.status,
+        attempts=d.attempts,
+        next_attempt_at=utc(d.next_at) if d.status == "pending" else None,
+        created_at=utc(d.created_at),
+        finished_at=utc(d.finished_at),
+        log=[DeliveryAttempt.model_validate(a) for a in d.log or []],
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pruning_core.spec import METHODS, JobSpec, MethodSpec
+from pruning_core.spec import METHODS, JobSpec, MethodSpec, stored_spec
 
 RankBy = Literal["top1", "speedup", "pareto"]
 
@@ -103,7 +103,7 @@ def plan(body: SweepIn) -> tuple[list[dict[str, Any]], dict[str, Any] | None, li
             if dense:
                 child["schedule"] = raw["schedule"] | {"dense_epochs": 0}
             try:
-                children.append(JobSpec.model_validate(child).model_dump(mode="json"))
+                children.append(stored_spec(JobSpec.model_validate(child)))
             except ValidationError as err:
                 for e in err.errors():
                     loc = ".".join(str(p) for p in e["loc"])
@@ -125,4 +125,4 @@ def _dense_spec(raw: dict[str, Any]) -> dict[str, Any]:
         "kd": raw["kd"] | {"enabled": False},
         "export": raw["export"] | {"formats": ["safetensors"]},
     }
-    return JobSpec.model_validate(spec).model_dump(mode="json")
+    return stored_spec(JobSpec.model_validate(spec))

@@ -7,6 +7,9 @@
     prune artifacts JOB_ID                           a job's files: name, size, media type
     prune download JOB_ID [NAME ...] [--out DIR]     every artifact by default, sha256-verified
     prune cancel JOB_ID
+    prune delete JOB_ID                              an ended job, its events and artifacts
+    prune rerun JOB_ID [CHANGES.yaml] [--target 0.3 --set F=V ...] [--wait | --watch]
+    prune deliveries JOB_ID                          the job's webhook calls and their attempts
     prune sweep spec.yaml [--methods a,b] [--targets 0.5,2x] [--rank-by top1|speedup|pareto] [--watch]
     prune sweeps [list] | sweeps show|watch|cancel SWEEP_ID
     prune uploads [list] | uploads delete ID        your uploads (newest first); delete one
@@ -118,6 +121,26 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", parents=[g], help="cancel a queued or running job")
     c.add_argument("job_id")
     c.set_defaults(func=cmd_cancel)
+
+    de = sub.add_parser("delete", parents=[g], help="delete an ended job with its events and artifacts")
+    de.add_argument("job_id")
+    de.set_defaults(func=cmd_delete)
+
+    r = sub.add_parser(
+        "rerun", parents=[g], help="submit a job's spec again as a new job, fields changed by the flags"
+    )
+    r.add_argument("job_id")
+    add_spec_flags(r)  # here: a file of fields to change, and flags that change one each
+    r.add_argument("--idempotency-key", help="reuse to make a repeated rerun return the same job")
+    rfollow = r.add_mutually_exclusive_group()
+    rfollow.add_argument("--wait", action="store_true", help="wait until the new job ends")
+    rfollow.add_argument("--watch", action="store_true", help="follow the new job with a progress bar")
+    r.set_defaults(func=cmd_rerun)
+
+    dl = sub.add_parser("deliveries", parents=[g], help="a job's webhook deliveries and their attempts")
+    dl.add_argument("job_id")
+    dl.add_argument("--json", action="store_true", help="print the resources as JSON")
+    dl.set_defaults(func=cmd_deliveries)
 
     u = sub.add_parser("uploads", parents=[g], help="list your uploads, or delete one")
     u.add_argument("action", nargs="?", choices=("list", "delete"), default="list")
@@ -369,6 +392,47 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             else f"cancel requested (status {status})"
         )
     )
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete(args.job_id)
+    print(f"deleted {args.job_id}")
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """The job's spec again, with the fields the file and flags give (merged in by the service, which
+    checks the result like a submit); local files they name are uploaded first."""
+    overrides = build_spec(args)
+    with _client(args) as client:
+        _upload_files(client, overrides, _local_files(overrides))
+        job = client.rerun(args.job_id, overrides, idempotency_key=args.idempotency_key)
+        print(job.id, flush=True)
+        if args.watch:
+            job = render.watch(client, job.id)
+        elif args.wait:
+            job = client.wait(job.id)
+        else:
+            return 0
+    print(render.final_line(job))
+    return 0 if job.status == "succeeded" else 1
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        items = client.deliveries(args.job_id)
+    if args.json:
+        print(_json(items))
+        return 0
+    for d in items:
+        print(f"{d.id}\t{d.event}\t{d.status}\t{d.attempts} attempt(s)\t{d.url}")
+        for a in d.log:
+            when = a.at.isoformat() if a.at else ""
+            print(f"  {when}\t{a.status_code if a.status_code is not None else '-'}\t{a.error or ''}")
+    if not items:
+        _note("no webhook deliveries (the job has no notify, or has not ended)")
     return 0
 
 

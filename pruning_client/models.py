@@ -71,12 +71,34 @@ class Job(Resource):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     sweep_id: str | None = None
+    rerun_of: str | None = None
     urls: dict[str, str] = {}
 
     @property
     def ended(self) -> bool:
         """Succeeded, failed or cancelled."""
         return self.status in TERMINAL
+
+
+class DeliveryAttempt(Resource):
+    at: datetime | None = None
+    status_code: int | None = None
+    error: str | None = None
+
+
+class Delivery(Resource):
+    """One webhook call of an ended job (``notify`` in its spec): ``status`` pending, delivered or
+    failed, with every attempt in ``log``."""
+
+    id: str
+    event: str = ""
+    url: str = ""
+    status: str = "pending"
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    log: list[DeliveryAttempt] = []
 
 
 class Artifact(Resource):

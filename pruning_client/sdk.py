@@ -37,6 +37,7 @@ import httpx
 from .models import (
     TERMINAL,
     Artifact,
+    Delivery,
     Event,
     Job,
     ModelKeys,
@@ -197,6 +198,27 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         return Job.model_validate(self._send("POST", f"/v1/jobs/{_seg(job_id)}/cancel").json())
+
+    def delete(self, job_id: str) -> None:
+        """Delete an ended job with its events and artifacts (ApiError 409 while it is queued or
+        running: cancel it first)."""
+        self._send("DELETE", f"/v1/jobs/{_seg(job_id)}").close()
+
+    def rerun(
+        self, job_id: str, overrides: dict[str, Any] | None = None, *, idempotency_key: str | None = None
+    ) -> Job:
+        """Submit the job's spec again as a new job (its ``rerun_of`` names ``job_id``), with
+        ``overrides`` merged in (objects key by key: ``{"target": {"macs_ratio": 0.3}}``)."""
+        key = idempotency_key or uuid.uuid4().hex
+        r = self._send(
+            "POST", f"/v1/jobs/{_seg(job_id)}/rerun", json=overrides or {}, headers={"Idempotency-Key": key}
+        )
+        return Job.model_validate(r.json())
+
+    def deliveries(self, job_id: str) -> builtins.list[Delivery]:
+        """The job's webhook deliveries, each with its attempts (status code or error, time)."""
+        page = self._send("GET", f"/v1/jobs/{_seg(job_id)}/deliveries").json()
+        return list(_typed(Delivery, _items(page, "deliveries")))
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> Job:
         """Poll until the job is succeeded, failed or cancelled and return it; TimeoutError after

@@ -7,6 +7,7 @@ Nothing here imports a service framework, so the engine's layering holds.
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated
 
@@ -141,6 +142,31 @@ class Settings(BaseSettings):
     )
     rate_burst: int = Field(100, ge=1, description="Requests one API key may send at once (bucket size).")
 
+    # --- job life: webhooks (worker/webhooks.py) and retention (worker/retention.py) ---
+    webhook_allow: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Networks (CIDR, comma-separated) a job's `notify.url` may reach though they are not "
+        "global (loopback, private, link-local, ...); empty: only global addresses (WEBHOOK_ALLOW).",
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=50, description="Deliveries tried per ended job before giving up (WEBHOOK_MAX_ATTEMPTS)."
+    )
+    webhook_backoff_s: float = Field(
+        10.0,
+        gt=0,
+        description="Wait before the second delivery attempt, doubled after each failure up to an hour, in "
+        "seconds (WEBHOOK_BACKOFF_S).",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Bound on one delivery attempt, in seconds (WEBHOOK_TIMEOUT_S)."
+    )
+    job_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Ended jobs older than this (by their end), with their events, artifacts and files, "
+        "are deleted by the reaper; unset: kept (JOB_RETENTION_DAYS).",
+    )
+
     # --- job limits: the largest job a spec may ask for. The API refuses a spec beyond them at submit
     # (422, one item per field, and its OpenAPI schema shows them); the worker refuses what only the data
     # tells (images larger than MAX_IMAGE_SIZE, more than MAX_IMAGES). Within the spec's own hard bounds.
@@ -177,6 +203,19 @@ class Settings(BaseSettings):
             names = (n.strip() for n in v.split(","))
             return tuple(n.removeprefix("tv:").removeprefix("timm:") for n in names if n)
         return v
+
+    @field_validator("webhook_allow", mode="before")
+    @classmethod
+    def _networks(cls, v: object) -> object:
+        """A comma-separated string or a sequence of CIDRs; each must parse (``10.0.0.0/8``, ``::1/128``)."""
+        items = [n.strip() for n in v.split(",")] if isinstance(v, str) else list(v)  # type: ignore[call-overload]
+        return tuple(str(ip_network(n, strict=False)) for n in items if n)
+
+    @field_validator("job_retention_days", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        """``JOB_RETENTION_DAYS=`` (compose passes an unset variable on as empty): keep every job."""
+        return None if isinstance(v, str) and not v.strip() else v
 
     @property
     def job_soft_time_limit_s(self) -> int:

@@ -11,12 +11,14 @@ import math
 import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -649,6 +651,44 @@ class ExportSpec(_Strict):
         return tuple(dict.fromkeys(("safetensors", *v)))
 
 
+NOTIFY_SCHEMES = ("http", "https")
+
+
+class NotifySpec(_Strict):
+    """Where the service POSTs the job resource once the job has ended (succeeded, failed, cancelled),
+    signed with ``secret`` (README: Webhooks). The secret is write-only: never stored in the spec nor
+    shown again. Only a server delivers; a local run ignores it."""
+
+    url: str = Field(
+        max_length=2048,
+        description="An http(s) URL; its host must resolve to global addresses unless the operator "
+        "allows others (WEBHOOK_ALLOW).",
+        json_schema_extra={"pattern": "^https?://"},
+    )
+    secret: SecretStr | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="The HMAC-SHA256 key of the signature header (required at submit; a rerun keeps the "
+        "first job's unless given). Write-only.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        _plain_text(v)
+        parts = urlsplit(v)
+        if parts.scheme not in NOTIFY_SCHEMES or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials (sign with `secret` instead)")
+        try:
+            parts.port  # noqa: B018  (raises on a port out of range)
+        except ValueError as err:
+            raise ValueError(f"has a bad port: {err}") from None
+        return v
+
+
 class JobSpec(_Strict):
     """A whole pruning job. Validates API bodies, CLI files and stored rows alike."""
 
@@ -660,6 +700,7 @@ class JobSpec(_Strict):
     kd: KDSpec = KDSpec()
     export: ExportSpec = ExportSpec()
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    notify: NotifySpec | None = Field(None, description="A webhook called once the job has ended.")
     device: str = Field(
         "auto",
         max_length=16,
@@ -882,6 +923,14 @@ def describe_errors(err: ValidationError) -> list[str]:
             loc, msg = f"{loc}.name", f"required; one of {', '.join(METHODS)}"
         lines.append(f"{loc or '(spec)'}: {msg}")
     return lines
+
+
+def stored_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec as a job row keeps it and the API shows it: JSON, defaults filled in, without the
+    webhook's secret (write-only), and without `notify` when there is none (so that specs stored before
+    it existed compare equal, e.g. for an Idempotency-Key)."""
+    exclude: Any = {"notify"} if spec.notify is None else {"notify": {"secret"}}
+    return spec.model_dump(mode="json", exclude=exclude)
 
 
 def parse_spec(data: dict[str, Any], *, remote_models: bool = False) -> JobSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
+import shutil
 from pathlib import Path
 
 MEDIA_TYPES = {
@@ -54,3 +55,17 @@ def resolve_under(root: Path, rel: str) -> Path:
     if path == base or not path.is_relative_to(base):
         raise ValueError(f"path {rel!r} escapes its root")
     return path
+
+
+def remove_job_dir(root: Path, job_id: str) -> bool:
+    """Delete ``<root>/<job_id>/`` and everything under it (a deleted job's files), after its row is
+    gone. True if it existed. A symlink there is unlinked, never followed; errors are the caller's."""
+    path = root / job_id
+    if path.is_symlink():
+        path.unlink()
+        return True
+    if not path.exists():
+        return False
+    resolve_under(root, job_id)  # the id names a directory directly under the root
+    shutil.rmtree(path)
+    return True

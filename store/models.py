@@ -119,6 +119,11 @@ class Job(Base):
         ForeignKey("sweeps.id", ondelete="SET NULL"), default=None, index=True
     )
 
+    # The job this one reruns (POST /v1/jobs/{id}/rerun); kept after that job is deleted.
+    rerun_of: Mapped[str | None] = mapped_column(String(32), default=None)
+    # notify.secret of the spec (write-only: the stored spec never holds it); signs the webhook
+    notify_secret: Mapped[str | None] = mapped_column(String(256), default=None)
+
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", order_by="Artifact.name")
 
 
@@ -207,3 +212,39 @@ class Upload(Base):
     tensors: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     media_type: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # due at next_at (or being tried: next_at then holds the claim's expiry)
+    DELIVERED = "delivered"  # a 2xx came back
+    FAILED = "failed"  # every attempt used up, or the address refused
+
+
+class WebhookDelivery(Base):
+    """The outbox of a job's webhook: one row per ended job with ``notify``, written in the transaction
+    that ends the job, drained by the reaper's or the local runner's webhook pump (worker/webhooks.py).
+    ``log`` holds one ``{"at", "status_code", "error"}`` per attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled
+    url: Mapped[str] = mapped_column(String(2048))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime | None] = mapped_column(default=None)
+    log: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ServiceCounter(Base):
+    """A counter kept in the database, so a count made in the reaper (jobs removed by retention) shows
+    in the API's /metrics, across processes and restarts."""
+
+    __tablename__ = "service_counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -19,7 +19,20 @@ from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from .models import ApiKey, Artifact, Job, JobEvent, JobStatus, Upload, utcnow
+from .models import (
+    TERMINAL,
+    ApiKey,
+    Artifact,
+    Job,
+    JobEvent,
+    JobStatus,
+    ServiceCounter,
+    Sweep,
+    Upload,
+    WebhookDelivery,
+    utcnow,
+)
+from .webhooks import enqueue_delivery
 
 # --- jobs ---
 
@@ -33,10 +46,13 @@ def create_job(
     idempotency_key: str | None = None,
     max_attempts: int = 3,
     sweep_id: str | None = None,
+    rerun_of: str | None = None,
+    notify_secret: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an idempotency key an earlier job of the same owner and key is returned
         instead (``created`` False). Raises ValueError if that earlier job has a different spec. ``sweep_id``
-    links the job to its sweep (store.sweeps).
+    links the job to its sweep (store.sweeps), ``rerun_of`` to the job it reruns; ``notify_secret`` is
+    the webhook's key (never part of ``spec``).
 
         Safe under concurrency: of two transactions racing with one key, one inserts and the other (on
         PostgreSQL it waits for the first to commit) gets the first's job back."""
@@ -56,6 +72,8 @@ def create_job(
         idempotency_key=idempotency_key,
         max_attempts=max_attempts,
         sweep_id=sweep_id,
+        rerun_of=rerun_of,
+        notify_secret=notify_secret,
     )
     try:
         with s.begin_nested():
@@ -280,6 +298,7 @@ def finish_job(
     if error_code:
         data |= {"error_code": error_code, "message": error_message, "retryable": retryable}
     append_event(s, job_id, "status", data)
+    enqueue_delivery(s, job_id)
     return True
 
 
@@ -294,11 +313,48 @@ def request_cancel(s: Session, job_id: str) -> Job | None:
     )
     if res.rowcount == 1:
         append_event(s, job_id, "status", {"status": JobStatus.CANCELLED})
+        enqueue_delivery(s, job_id)
     else:
         s.execute(
             update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(cancel_requested=True)
         )
     return s.get(Job, job_id, populate_existing=True)
+
+
+def in_open_sweep(s: Session, job: Job) -> bool:
+    """Whether ``job`` belongs to a sweep that has not ended (its leaderboard still needs the job)."""
+    if job.sweep_id is None:
+        return False
+    status = s.scalar(select(Sweep.status).where(Sweep.id == job.sweep_id))
+    return status is not None and status not in TERMINAL
+
+
+def delete_job(s: Session, job_id: str) -> bool:
+    """Delete an ended job's row with its events, artifact rows and webhook deliveries (its files are
+    the caller's to remove after the commit: ``store.files.remove_job_dir``). Compare-and-set on the
+    status: False, and nothing deleted, unless the job exists and has ended."""
+    res = s.execute(delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL)))
+    if res.rowcount != 1:
+        return False
+    for table in (JobEvent, Artifact, WebhookDelivery):  # the foreign keys cascade; this holds without
+        s.execute(delete(table).where(table.job_id == job_id))
+    return True
+
+
+def expired_job_ids(s: Session, ended_before: datetime, limit: int = 100) -> list[str]:
+    """Oldest first: jobs that ended before ``ended_before``, except those of a sweep still open."""
+    q = (
+        select(Job.id)
+        .outerjoin(Sweep, Sweep.id == Job.sweep_id)
+        .where(
+            Job.status.in_(TERMINAL),
+            Job.finished_at < ended_before,
+            or_(Job.sweep_id.is_(None), Sweep.id.is_(None), Sweep.status.in_(TERMINAL)),
+        )
+        .order_by(Job.finished_at, Job.id)
+        .limit(limit)
+    )
+    return list(s.scalars(q))
 
 
 def _unchanged(job: Job):
@@ -321,6 +377,7 @@ def _cancel_if_requested(s: Session, job: Job) -> bool:
     )
     if res.rowcount == 1:
         append_event(s, job.id, "status", {"status": JobStatus.CANCELLED, "reason": "worker lost"})
+        enqueue_delivery(s, job.id)
         return True
     return False
 
@@ -345,6 +402,7 @@ def fail_exhausted(s: Session, job: Job, code: str = "worker_lost") -> bool:
     )
     if res.rowcount == 1:
         append_event(s, job.id, "status", {"status": JobStatus.FAILED, "error_code": code, "retryable": True})
+        enqueue_delivery(s, job.id)
         return True
     return False
 
@@ -626,3 +684,33 @@ def revoke_api_key(s: Session, key_id: str, owner: str) -> bool:
 
 def list_api_keys(s: Session, owner: str) -> list[ApiKey]:
     return list(s.scalars(select(ApiKey).where(ApiKey.owner == owner).order_by(ApiKey.created_at)))
+
+
+# --- counters shown in /metrics ---
+
+# counted by the reaper (or the local runner), shown by the API (api/metrics.py): names without _total
+RETENTION_DELETED = "jobs_retention_deleted"
+WEBHOOKS_DELIVERED = "webhook_deliveries_delivered"
+WEBHOOKS_FAILED = "webhook_deliveries_failed"
+
+
+def bump_counter(s: Session, name: str, by: int = 1) -> None:
+    """Add ``by`` to the counter ``name`` (created at 0 the first time)."""
+    for _ in range(3):
+        res = s.execute(
+            update(ServiceCounter).where(ServiceCounter.name == name).values(value=ServiceCounter.value + by)
+        )
+        if res.rowcount == 1:
+            return
+        try:
+            with s.begin_nested():
+                s.add(ServiceCounter(name=name, value=by))
+            return
+        except IntegrityError:  # another process created it meanwhile: add to theirs
+            continue
+    raise RuntimeError(f"counter {name!r} could not be updated")
+
+
+def counters(s: Session) -> dict[str, int]:
+    """Every counter by name."""
+    return {name: int(value) for name, value in s.execute(select(ServiceCounter.name, ServiceCounter.value))}

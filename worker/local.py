@@ -4,7 +4,8 @@
 running quota skipped: ``repo.fair_queued_job_ids``), one at a time, each through the same
 ``execute(job_id)`` as a Celery worker, in a child started with the ``spawn`` method (a clean
 interpreter: torch and CUDA state never outlive a job, and this process never imports torch). The
-reaper runs here too, with a no-op enqueue: the poll itself picks queued rows up.
+reaper runs here too, with a no-op enqueue: the poll itself picks queued rows up; so do retention and
+the webhook pump.
 
 Time limit (``job_time_limit_s``, as Celery's): at the soft limit the child sets ``TIME_UP``
 (``reporter.on_soft_time_limit``, which raises nothing), so the job's next cancel check (every training
@@ -39,7 +40,9 @@ from store.models import JobStatus
 from .cleanup import sweep
 from .reaper import SWEEP_EVERY_S, hand_on_lost, interval_s, reap_once
 from .reporter import on_soft_time_limit
+from .retention import purge_expired
 from .sweeps import advance_open
+from .webhooks import start_pump
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class LocalRunner:
 
     def run(self, stop: threading.Event) -> None:
         log.info("local runner %s: polling %s", self.worker_name, _safe_url(self.settings.sqlalchemy_url))
+        pump = start_pump(self.engine, self.settings, stop)  # job-ended webhooks, from the outbox
         while not stop.is_set():
             try:
                 self._maybe_reap()
@@ -112,6 +116,7 @@ class LocalRunner:
                 # The child died (killed, out of memory): its attempt goes back to the queue now.
                 log.warning("job %s: child exited with %s", job_id, code)
                 hand_on_lost(self.engine, job_id, self.worker_name, self.settings)
+        pump.join(self.settings.webhook_timeout_s * 3)  # an attempt under way ends (or its claim lapses)
         self.engine.dispose()
         log.info("local runner stopped")
 
@@ -169,6 +174,7 @@ class LocalRunner:
         if self._last_reap >= self._next_sweep:
             self._next_sweep = self._last_reap + SWEEP_EVERY_S
             try:
+                purge_expired(self.engine, self.settings)
                 sweep(self.engine, self.settings.artifacts_dir)
             except Exception:
                 log.warning("sweeping ended jobs' files failed", exc_info=True)

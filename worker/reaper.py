@@ -11,6 +11,8 @@
   flushed): ``BrokerMarker`` keeps a key in Redis, and finding it gone means the queue was lost too.
 
 A job the reaper ends (failed ``worker_lost``, cancelled) has its files cleaned up like any other.
+Once an hour it also deletes ended jobs past ``JOB_RETENTION_DAYS`` (worker/retention.py), and a thread
+of it delivers job-ended webhooks from their outbox (worker/webhooks.py).
 
 ``python -m worker.reaper`` runs it every ``lease_s / 4`` seconds against Celery (by task name).
 """
@@ -32,7 +34,9 @@ from store.db import make_engine, read_sessions, session_scope
 from store.models import Job, JobStatus, utcnow
 
 from .cleanup import clean_job_files, sweep
+from .retention import purge_expired
 from .sweeps import advance_open
+from .webhooks import start_pump
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +180,7 @@ def run_forever(
         try:
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
+                purge_expired(engine, settings)  # retention (JOB_RETENTION_DAYS); it logs what it deletes
                 if n := sweep(engine, settings.artifacts_dir):
                     log.info("reaper: deleted %d file(s) of ended jobs", n)
             if marker is not None:
@@ -205,7 +210,9 @@ def main() -> None:
     engine = make_engine(settings.sqlalchemy_url)
     marker = BrokerMarker(settings.redis_url)
     log.info("reaper: every %.1f s, lease %.0f s", interval_s(settings), settings.lease_s)
+    pump = start_pump(engine, settings, stop)  # job-ended webhooks, from the outbox
     run_forever(engine, enqueuer(make_app(settings)), settings, stop, marker)
+    pump.join(settings.webhook_timeout_s * 3)  # an attempt under way ends (or its claim lapses)
     marker.close()
     engine.dispose()
 

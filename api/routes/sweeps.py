@@ -151,6 +151,8 @@ def _invalid(errors: list[dict[str, str]]) -> Problem:
 def _check(body: SweepIn, children: list[dict], dense: dict | None, settings: Any, s: Session, owner: str):
     """Every child and the dense job within this server's limits, the base spec's files the caller's."""
     errors = [{"field": f"spec.{f}", "message": m} for f, m in submit_problems(body.spec, settings)]
+    if body.spec.notify is not None:  # its secret would have nowhere to live; a sweep has its events
+        errors.append({"field": "spec.notify", "message": "a sweep's jobs call no webhook"})
     for i, child in enumerate(children + ([dense] if dense else [])):
         name = f"children[{i}] ({child['method']['name']})" if i < len(children) else "dense job"
         spec = JobSpec.model_validate(child)
