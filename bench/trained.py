@@ -153,6 +153,20 @@ LABELS = {
 }
 
 
+def _machines(machines: list[dict[str, Any]]) -> str:
+    """The machine line; a table merged from runs on different machines names each (in the parts' order)."""
+    described = list(
+        dict.fromkeys(
+            f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
+            f"torch-pruning {m['torch_pruning']}; device `{m['device']}`"
+            for m in machines
+        )
+    )
+    return (
+        ("Machine: " if len(described) == 1 else "Machines (per merged run): ") + " | ".join(described) + "."
+    )
+
+
 def render(results: dict[str, Any], source: Path) -> str:
     m, case = results["machine"], results["case"]
     runs = case["runs"]
@@ -161,8 +175,7 @@ def render(results: dict[str, Any], source: Path) -> str:
         f'## Table A: "I have a trained model" ({results["profile"]} profile)',
         "",
         f"`{results['command']}`, run {results['date']}, {results['wall_s'] / 60:.1f} min; results `{where}`.  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
-        f"torch-pruning {m['torch_pruning']}; device `{m['device']}`.",
+        _machines(results.get("machines", [m])),
         "",
         f"Every row starts from the same dense weights (`{results['weights']}`) and gets the same budget: "
         f"{case['finetune_epochs']} epochs over {runs[0]['train_images']:,} training images "
@@ -221,6 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--weights", type=Path, help="dense weights instead of the profile's")
     p.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the profile's")
+    p.add_argument(
+        "--seed-list",
+        type=lambda t: tuple(int(x) for x in t.split(",")),
+        metavar="S,S",
+        help="run only these seeds (a table split over several runs; --merge joins their files)",
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="join results files of the same table run seed by seed into one, then write its section",
+    )
     p.add_argument("--targets", type=lambda t: tuple(float(x) for x in t.split(",")), help="MAC ratios")
     p.add_argument(
         "--validation", type=int, metavar="N", help="measure on N held-out training images per class"
@@ -243,10 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         markdown.render_file(args, _section, render)
         return 0
+    if args.merge:
+        merged = merge([json.loads(f.read_text()) for f in args.merge], argv)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"{_section(merged)}-{merged['date'][:19].replace(':', '')}Z.json"
+        path.write_text(json.dumps(merged, indent=1) + "\n")
+        markdown.write_section(args.markdown, _section(merged), render(merged, path))
+        log(f"merged: {path}")
+        return 0
     tp = PROFILES[args.profile]
     case = tp.profile.cases[0]
     if args.seeds:
         case = replace(case, seeds=tuple(range(args.seeds)))
+    if args.seed_list:
+        case = replace(case, seeds=args.seed_list)
     if args.validation:
         case = replace(case, data=case.data.model_copy(update={"validation": args.validation}))
     contenders = tuple(args.methods.split(",")) if args.methods else CONTENDERS
@@ -304,6 +340,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# what every part of a merged table must share: the same benchmark, budget, targets and options
+SAME = ("format", "profile", "validation", "weights", "targets", "contenders", "baselines", "options")
+
+
+def merge(parts: list[dict[str, Any]], argv: list[str] | None = None) -> dict[str, Any]:
+    """One results dict from runs of the same table over different seeds: their runs in seed order.
+    Refuses parts that differ in anything but their seeds (``SAME``, the case's budget) or repeat a seed.
+    The command lists every part's and the merge's; the date is the first part's, ``wall_s`` the sum."""
+    first = parts[0]
+    budget = {k: v for k, v in first["case"].items() if k != "runs"}
+    for part in parts[1:]:
+        differ = [k for k in SAME if part.get(k) != first.get(k)]
+        if {k: v for k, v in part["case"].items() if k != "runs"} != budget:
+            differ.append("case")
+        if differ:
+            raise SystemExit(f"bench: cannot merge runs that differ in {', '.join(differ)}")
+    runs = sorted((r for p in parts for r in p["case"]["runs"]), key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"bench: a seed is in more than one file ({seeds})")
+    merge_cmd = "python -m bench.trained " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return first | {
+        "command": " ; ".join([*(p["command"] for p in parts), merge_cmd]),
+        "date": min(p["date"] for p in parts),
+        "wall_s": sum(p.get("wall_s", 0.0) for p in parts),
+        "machines": [p["machine"] for p in parts],
+        "case": budget | {"runs": runs},
+    }
 
 
 def _section(results: dict[str, Any]) -> str:

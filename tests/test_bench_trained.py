@@ -3,13 +3,18 @@ the target band, and the table shows every row (digits, random dense weights, on
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+
+import pytest
 
 from bench import trained
 from bench.run import save_weights
 from pruning_core.budget import TARGET_BAND
 from pruning_core.zoo import build_model
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
 def test_table_a_smoke_every_contender_from_the_weights_in_the_band(tmp_path: Path) -> None:
@@ -51,3 +56,35 @@ def test_no_baselines_runs_the_chosen_contenders_alone(tmp_path: Path) -> None:
     assert set(t["rows"]) == {"psap"}
     text = md.read_text()
     assert f"| 0.5 | {trained.LABELS['psap']} |" in text and "| 0.5 | `magnitude` + KD |" not in text
+
+
+def _part(seed: int, top1: float, **over: object) -> dict:
+    """A one-seed Table A results dict (the committed seed-0 run's), its seed and magnitude's top-1 set."""
+    results = json.loads((RESULTS / "trained-cpu-2026-12-07T004622Z.json").read_text())
+    run = copy.deepcopy(results["case"]["runs"][0]) | {"seed": seed}
+    run["targets"][0]["rows"]["magnitude"]["top1"] = top1
+    return (
+        results
+        | {"case": results["case"] | {"runs": [run]}, "date": f"2026-12-0{seed + 1}T00:00:00+00:00"}
+        | over
+    )
+
+
+def test_merge_joins_seeds_in_order_and_renders_their_spread(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_part(1, 80.0)))
+    b.write_text(json.dumps(_part(0, 82.0)))
+    md = tmp_path / "B.md"
+    assert trained.main(["--merge", str(a), str(b), "--out", str(tmp_path), "--markdown", str(md)]) == 0
+    (merged_file,) = tmp_path.glob("trained-cpu-*.json")
+    merged = json.loads(merged_file.read_text())
+    assert [r["seed"] for r in merged["case"]["runs"]] == [0, 1]
+    assert merged["date"].startswith("2026-12-01") and "--merge" in merged["command"]
+    assert "81.00 ± 1.41 (82.00, 80.00)" in md.read_text()  # seed order, the sample std of the two
+
+
+def test_merge_refuses_parts_of_different_tables_or_a_repeated_seed() -> None:
+    with pytest.raises(SystemExit, match="options"):
+        trained.merge([_part(0, 80.0), _part(1, 80.0, options={"psap": {"settle": 0.75}})])
+    with pytest.raises(SystemExit, match="more than one file"):
+        trained.merge([_part(0, 80.0), _part(0, 81.0)])
