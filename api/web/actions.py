@@ -103,10 +103,8 @@ async def submit(request: Request) -> Response:
     detail, errors = problem_errors(r)
     known = {f.name for s in (*sections, *methods) for f in s.fields} | {"method.name"}
     by_field = forms.errors_by_field(errors, spec["method"]["name"], known)
-    if not errors:
-        by_field[""] = [detail]
     values = {k: form.getlist(k) for k in form}
-    return await run_sync(submit_form, request, owner, _flat(values), by_field, r.status_code)
+    return await run_sync(submit_form, request, owner, _flat(values), by_field, r.status_code, detail)
 
 
 def _flat(values: dict[str, list]) -> dict[str, object]:

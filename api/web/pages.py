@@ -193,7 +193,12 @@ def submit_page(request: Request) -> Response:
 
 
 def submit_form(
-    request: Request, owner: str, values: dict[str, Any], errors: dict[str, list[str]], status: int
+    request: Request,
+    owner: str,
+    values: dict[str, Any],
+    errors: dict[str, list[str]],
+    status: int,
+    detail: str = "",
 ) -> Response:
     settings = request.app.state.settings
     return render(
@@ -206,6 +211,7 @@ def submit_form(
         method=values.get("method.name") or "magnitude",
         values=values,
         errors=errors,
+        detail=detail,
         uploads=_uploads(request, owner),
         models=spec.allowed_models(settings),
     )

@@ -107,7 +107,7 @@ def chart_points(values: list[float | None], lo: float, hi: float) -> str:
         for i, v in enumerate(values)
         if v is not None
     ]
-    return " ".join(pts)
+    return " ".join(pts * 2 if len(pts) == 1 else pts)  # one point: a dot (round line caps)
 
 
 def chart(epochs: list[dict[str, Any]]) -> dict[str, str]:

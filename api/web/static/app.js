@@ -27,7 +27,7 @@
       if (typeof v !== "number") return;
       out.push((PAD + i * step).toFixed(1) + "," + (H - PAD - (v - lo) / span * (H - 2 * PAD)).toFixed(1));
     });
-    return out.join(" ");
+    return (out.length === 1 ? out.concat(out) : out).join(" ");
   }
 
   function setText(id, text) {
