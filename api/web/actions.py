@@ -20,7 +20,7 @@ from ..problems import Problem
 from ..schemas import is_id
 from . import forms
 from .apicall import call_api, problem_errors
-from .pages import ACTIONS, available_actions, require_owner, submit_form, uploads_list
+from .pages import ACTIONS, available_actions, job_view, require_owner, submit_form, uploads_list
 from .render import PageRoute, error_page, render, to_signin
 from .session import CSRF_FIELD, MAX_KEY_CHARS, check_csrf, owner_from_key, page_key, pages_path
 from .session import sign_in as keep_key
@@ -79,8 +79,8 @@ async def job_action(request: Request, job_id: str, action: str, csrf: CsrfField
         return to_signin(request)
     if r.status_code == 404:
         return error_page(request, 404, "Job not found.")
-    if r.is_error:
-        return see(request, f"/jobs/{job_id}", error=problem_errors(r)[0][:300])
+    if r.is_error:  # e.g. 409: delete while running
+        return await run_sync(partial(job_view, request, job_id, r.status_code, problem_errors(r)[0]))
     if action == "delete":
         return see(request, "/jobs", notice="deleted")
     return see(request, f"/jobs/{r.json().get('id', job_id)}")

@@ -99,8 +99,13 @@ def jobs_page(
 
 
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: str, error: Annotated[str, Query(max_length=300)] = "") -> Response:
+def job_page(request: Request, job_id: str) -> Response:
     """One job: status, live progress (phase, epoch line, chart), events, actions, report, artifacts."""
+    return job_view(request, job_id)
+
+
+def job_view(request: Request, job_id: str, code: int = 200, error: str = "") -> Response:
+    """The job page, with ``error`` (an action the API refused) above it."""
     owner = require_owner(request)
     with request.app.state.read_sessions() as s:
         job = owned_job(s, owner, job_id)
@@ -111,6 +116,7 @@ def job_page(request: Request, job_id: str, error: Annotated[str, Query(max_leng
     return render(
         request,
         "job.html",
+        code,
         owner=owner,
         job=job,
         row=view.job_row(job),

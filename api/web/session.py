@@ -82,13 +82,14 @@ def csrf_token(request: Request) -> str:
     """This browser's CSRF token: the cookie's, or a new one (``keep_csrf`` then sets the cookie)."""
     token = request.cookies.get(CSRF_COOKIE, "")
     if len(token) != 43:
-        token = request.state.__dict__.setdefault("new_csrf", secrets.token_urlsafe(32))
+        token = getattr(request.state, "new_csrf", None) or secrets.token_urlsafe(32)
+        request.state.new_csrf = token
     return token
 
 
 def keep_csrf(request: Request, response: Response) -> None:
     """Set the CSRF cookie when this request made a new token."""
-    if (token := request.state.__dict__.get("new_csrf")) is not None:
+    if (token := getattr(request.state, "new_csrf", None)) is not None:
         _cookie(request, response, CSRF_COOKIE, token)
 
 
@@ -96,7 +97,8 @@ def check_csrf(request: Request, sent: object) -> None:
     """403 unless the form's token equals the cookie's and the request comes from this site."""
     cookie = request.cookies.get(CSRF_COOKIE, "")
     origin = request.headers.get("origin")
-    same_site = origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+    # the host alone: behind a TLS proxy the app may see http while the browser says https
+    same_site = origin is None or origin.partition("://")[2] == request.url.netloc
     if not (isinstance(sent, str) and cookie and hmac.compare_digest(sent.encode(), cookie.encode())):
         raise Problem(403, "The form's CSRF token is missing or wrong; reload the page.", slug="csrf")
     if not same_site:
