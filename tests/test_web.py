@@ -356,3 +356,63 @@ def test_rerun_and_delete_light_up_with_their_api_routes(api: Api) -> None:
     r = alice.post(f"/ui/jobs/{job['id']}/delete")
     assert r.status_code == 303 and r.headers["location"] == "/ui/jobs?notice=deleted"
     assert calls == [f"rerun {job['id']}", f"delete {job['id']}", f"delete {job['id']}"]
+
+
+def page_routes(api: Api) -> list[tuple[str, str]]:
+    """Every (method, path template) under /ui, as tests/test_security.py walks the API's."""
+    from tests.test_security import PAGES, _walk
+
+    return sorted(
+        (m, path)
+        for path, r in _walk(api.client.app.routes)
+        for m in r.methods
+        if m != "HEAD" and path.startswith(PAGES)
+    )
+
+
+def test_every_page_needs_a_signin_and_hides_other_owners(api: Api) -> None:
+    """Walks every page route: signed out, each sends you to sign in (or refuses the form, 403);
+    signed in as Bob, each naming Alice's job or upload is a 404 like an unknown id, and each list
+    leaves her ids out. A new page route the walk cannot classify fails it."""
+    job = api.submit()
+    api.run_job(job["id"])
+    add_artifact(api, job["id"], "report.html", b"<html>r</html>")
+    up = api.client.post("/v1/uploads?kind=weights", content=safetensors_bytes(), headers=api.a).json()
+    theirs = {"job_id": job["id"], "upload_id": up["id"], "name": "report.html", "action": "cancel"}
+    unknown = theirs | {"job_id": "f" * 32, "upload_id": "e" * 32}
+    fill = lambda path, ids: re.sub(r"{(\w+)(?::\w+)?}", lambda m: ids[m[1]], path)  # noqa: E731
+    open_pages = {("GET", "/ui/signin"), ("POST", "/ui/signin"), ("GET", "/ui")}
+    creators = {("POST", "/ui/submit"), ("POST", "/ui/upload-file"), ("POST", "/ui/signout")}
+    routes = page_routes(api)
+    assert len(routes) >= 14, routes
+
+    out = Browser(api, None)
+    for method, path in routes:
+        if (method, path) in open_pages:
+            continue
+        r = out.post(fill(path, theirs)) if method == "POST" else out.c.get(fill(path, theirs))
+        assert (r.status_code, r.headers.get("location")) in ((303, "/ui/signin"), (403, None)), (
+            method,
+            path,
+        )
+
+    bob = Browser(api, api.key_b)
+    checked = 0
+    for method, path in routes:
+        if (method, path) in open_pages | creators:
+            continue
+        send = bob.post if method == "POST" else bob.c.get
+        r = send(fill(path, theirs))
+        if "{" in path:
+            other = send(fill(path, unknown))
+            assert r.status_code == other.status_code == 404, (method, path, r.status_code)
+            mask = r.text.replace(job["id"], "ID").replace(up["id"], "ID")
+            assert mask == other.text.replace("f" * 32, "ID").replace("e" * 32, "ID"), (method, path)
+        else:
+            assert method == "GET" and r.status_code == 200, f"{method} {path}: not classified"
+            assert job["id"] not in r.text and up["id"] not in r.text, path
+        checked += 1
+    assert checked >= 8
+    with db.session_scope(api.engine) as s:  # nothing of Alice's changed
+        assert s.get(Job, job["id"]).status == JobStatus.SUCCEEDED
+        assert repo.get_upload(s, up["id"], owner="alice") is not None
