@@ -74,6 +74,7 @@ def browser(tmp_path: Path) -> Iterator:
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     opts.add_experimental_option("prefs", {"download.default_directory": str(downloads)})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: CSP violations
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=opts)
     driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     driver.downloads = downloads
@@ -229,6 +230,10 @@ def test_pages_in_a_real_browser(site: Site, browser, tmp_path: Path) -> None:
         )
     assert d.find_element(By.ID, "options-s2h").is_displayed()  # the chosen method kept
     d.save_screenshot(str(shots / "submit.png"))
+
+    # the pages ran under their CSP without a violation (no inline script or style anywhere)
+    console = [e["message"] for e in d.get_log("browser")]
+    assert not [m for m in console if "Content Security Policy" in m], console
 
     # bob sees none of alice's jobs, through any page or link
     sign_in(d, site, "bob", shots)
