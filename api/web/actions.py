@@ -17,7 +17,7 @@ from fastapi.responses import RedirectResponse
 from starlette.datastructures import FormData, UploadFile
 
 from ..problems import Problem
-from ..schemas import is_id
+from ..schemas import echo, is_id
 from . import forms
 from .apicall import call_api, problem_errors
 from .pages import ACTIONS, available_actions, job_view, require_owner, submit_form, uploads_list
@@ -70,7 +70,7 @@ async def job_action(request: Request, job_id: str, action: str, csrf: CsrfField
     if not is_id(job_id):
         raise Problem(404, "Job not found.")
     if action not in available_actions(request):
-        raise Problem(404, f"This server has no {action!r} for jobs.")
+        raise Problem(404, f"This server has no '{echo(action)}' for jobs.")
     method, path = ACTIONS[action]
     r = await call_api(
         request, page_key(request), method, path.format(job_id), json={} if method == "POST" else None
