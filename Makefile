@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test test-slow bench bench-gpu bench-service benchmarks-md lint clean
+.PHONY: install browser run demo test test-slow bench bench-gpu bench-service benchmarks-md lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,timm,mlflow]"
 	@touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The browser test's Chromium and its WebDriver (tests/test_web_browser.py): Debian's packages, installed
+# when missing on a machine with apt-get where we are root (a fresh CI machine); skipped when present.
+# Elsewhere it says how to get them, and the browser test skips saying the same.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "chromium/chromedriver missing: apt-get install chromium chromium-driver (the browser test skips)"; fi
 
 # The service in embedded mode: SQLite under var/, the local runner, no Docker, no Redis, no keys
 # (loopback only). Stop it with Ctrl-C.
@@ -29,7 +38,7 @@ demo: $(STAMP)
 # pytest-xdist workers, one torch thread each (tests/conftest.py), a test file per worker at a time (its
 # module fixtures train once): half the suite waits on processes and sockets, not on the CPU.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # The longer runs (large torchvision models, longer training); still CPU.

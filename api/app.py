@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from pruning_core.settings import Settings, get_settings
 from store.db import make_engine, read_sessions, sessions
 
-from . import openapi, problems, queue
+from . import openapi, problems, queue, web
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .quotas import RateLimiter
@@ -58,5 +58,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for module in (jobs, events, artifacts, sweeps, uploads, catalog, health):
         app.include_router(module.router)
+    web.install(app)  # the pages under /ui (not in the OpenAPI document)
     openapi.install(app, settings)
     return app

@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .problems import PROBLEM_JSON, TYPE_BASE
 
 MAX_BODY_BYTES = 1024**2
-STREAMED_PREFIXES = ("/v1/uploads",)
+STREAMED_PREFIXES = ("/v1/uploads", "/ui/upload-file")  # the upload form caps its own (api/web)
 
 
 class BodyLimitMiddleware:

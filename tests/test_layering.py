@@ -35,3 +35,8 @@ def test_torch_free_modules(module: str) -> None:
 def test_example_specs_are_valid(path: Path) -> None:
     spec = parse_spec(read_spec_mapping(path))
     assert spec.target.macs_ratio < 1
+
+
+def test_web_pages_import_no_engine() -> None:
+    """The pages (api/web) are part of api/: no torch, no worker internals."""
+    assert _loaded_after("import api.web", ("torch", "torchvision", "torch_pruning", "worker")) == []

@@ -66,10 +66,19 @@ def _walk(routes: list, prefix: str = "") -> Iterator[tuple[str, APIRoute]]:
             yield from _walk(r.routes, prefix + getattr(r, "path", ""))
 
 
+# The web pages (api/web): signed in by a cookie, not a Bearer key; tests/test_web.py walks them.
+PAGES = "/ui"
+
+
 def api_routes(client: TestClient) -> list[tuple[str, str]]:
     """Every (method, path template) the app serves through FastAPI (docs pages are not APIRoutes),
-    and every one its OpenAPI document lists, should the two ever differ."""
-    found = {(m, path) for path, r in _walk(client.app.routes) for m in r.methods if m != "HEAD"}
+    and every one its OpenAPI document lists, should the two ever differ; the web pages aside."""
+    found = {
+        (m, path)
+        for path, r in _walk(client.app.routes)
+        for m in r.methods
+        if m != "HEAD" and not path.startswith(PAGES)
+    }
     documented = {
         (m.upper(), path) for path, ops in client.app.openapi()["paths"].items() for m in ops if m != "head"
     }
