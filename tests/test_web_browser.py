@@ -3,7 +3,7 @@ service in embedded mode (``python -m api``: SQLite, the local runner) on 127.0.
 
 Alice signs in, submits a digits magnitude job from the form and watches it finish live (the status and
 the events change on the open page, from the event stream), opens its report, downloads an artifact
-and checks its sha256, uploads and deletes a file, and cancels a second job. Bob, another owner, sees
+and checks its sha256, uploads and deletes a file, cancels a second job, reruns it and deletes it. Bob, another owner, sees
 none of her jobs through any page or link. A screenshot of each page is saved in the test's tmp dir
 (the README's are copies). Skipped, saying so, where chromium or chromedriver is not installed
 (``make install`` installs them on Debian)."""
@@ -195,6 +195,24 @@ def test_pages_in_a_real_browser(site: Site, browser, tmp_path: Path) -> None:
     d.find_element(By.ID, "cancel").click()
     wait_for(lambda: d.find_element(By.ID, "status").text == "cancelled", 120, "the cancelled job")
     assert "/ui/jobs/" + other in d.current_url
+
+    # rerun it: a new job linked to the first (cancelled too, to keep the test short), then delete the first
+    d.refresh()  # the ended job's buttons (the live update changes the status, not the actions)
+    d.find_element(By.ID, "rerun").click()
+    wait_for(lambda: other not in d.current_url, 30, "the rerun's page")
+    third = d.current_url.rstrip("/").rsplit("/", 1)[-1]
+    assert d.find_element(By.ID, "rerun-of").text == other  # linked to the job it reran
+    wait_for(lambda: d.find_elements(By.ID, "cancel"), 30, "the rerun's cancel button")
+    d.find_element(By.ID, "cancel").click()
+    wait_for(lambda: d.find_element(By.ID, "status").text == "cancelled", 120, "the cancelled rerun")
+    d.get(f"{site.base}/ui/jobs/{other}")
+    d.find_element(By.ID, "delete").click()
+    wait_for(lambda: other not in d.current_url, 30, "the list after the deletion")
+    assert "/ui/jobs" in d.current_url
+    assert other not in d.page_source and third in d.page_source
+    d.get(f"{site.base}/ui/jobs/{other}")
+    assert d.find_element(By.TAG_NAME, "h1").text == "404"
+    other = third  # the cancelled job the checks below look for
 
     # the jobs list, filtered
     d.get(site.base + "/ui/jobs?method=magnitude")
