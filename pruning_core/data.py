@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .decoded import cache_key, cached_images, files_digest
 from .errors import DataError
 from .registry import Registry, UnknownNameError
 from .settings import Settings, get_settings
@@ -362,7 +363,6 @@ _IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-_EAGER_MAX_BYTES = 1 << 30  # decode everything up front below this many decoded bytes
 _STATS_SAMPLE = 512  # images decoded for mean/std when decoding lazily
 _LAYOUT_HINT = "expected train/<class>/* and test/<class>/* images"
 
@@ -390,7 +390,7 @@ def _load_imagefolder(spec: DataSpec, ctx: LoadContext) -> Datasets:
             f"{root.name} has {n} images, over this server's {cap} (MAX_IMAGES); set data.per_class and "
             "data.test_per_class to use fewer"
         )
-    return _folder_datasets(folder, layout, spec, ctx.settings.max_image_size)
+    return _folder_datasets(folder, layout, spec, ctx.settings)
 
 
 def _list_files(folder: Path) -> list[str]:
@@ -459,15 +459,22 @@ def _take(groups: dict[str, list[str]], classes: list[str], n: int | None) -> li
     return [(f, label) for label, c in enumerate(classes) for f in groups[c][:n]]
 
 
-def _folder_datasets(folder: Path, layout: _Layout, spec: DataSpec, max_side: int) -> Datasets:
-    """Decode the chosen files once into memory when small enough, else wrap them for lazy decoding."""
-    files = [folder / rel for rel, _ in layout.train + layout.test]
-    labels = [y for _, y in layout.train + layout.test]
-    size = spec.image_size or _square_size(files[0], max_side)
+def _folder_datasets(folder: Path, layout: _Layout, spec: DataSpec, settings: Settings) -> Datasets:
+    """The chosen files decoded once (``decoded.cached_images``: shared by the host's jobs) and held in
+    memory when ``DECODE_MAX_BYTES`` holds them, else wrapped for decoding per image."""
+    entries = layout.train + layout.test
+    files = [folder / rel for rel, _ in entries]
+    labels = [y for _, y in entries]
+    size = spec.image_size or _square_size(files[0], settings.max_image_size)
     n_train = len(layout.train)
-    if len(files) * 3 * size * size > _EAGER_MAX_BYTES:
+    if len(files) * 3 * size * size > settings.decode_max_bytes:
         return _lazy_datasets(files, labels, n_train, layout.classes, size, spec)
-    images = _decode_all(files, size, spec.image_size)
+    digest = files_digest((rel, y, folder / rel) for rel, y in entries)
+    images, _ = cached_images(
+        settings.decoded_dir,
+        cache_key(digest, size, spec.image_size),
+        lambda: _decode_all(files, size, spec.image_size),
+    )
     split = (images[:n_train], np.asarray(labels[:n_train])), (images[n_train:], np.asarray(labels[n_train:]))
     return _make_datasets(*split, classes=layout.classes, size=size, augment=spec.augment)
 
