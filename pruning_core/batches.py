@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -108,6 +108,28 @@ def part_of_step(step_in_epoch: int, streams: Streams | None) -> int:
     if streams is None or streams.mode == "zip":
         return 0
     return step_in_epoch % len(streams.fractions)
+
+
+@runtime_checkable
+class DeviceBatches(Protocol):
+    """A training set held in memory that builds whole batches on a device (``data.ImageTensorDataset``):
+    the engine reads it without a DataLoader, augmenting on the device from its own generator."""
+
+    def batch(
+        self, indices: torch.Tensor, device: torch.device, generator: torch.Generator | None = None
+    ) -> Batch: ...
+
+
+def device_loader(
+    ds: DeviceBatches, plan: list[list[list[int]]], device: torch.device, generator: torch.Generator
+) -> Iterator[tuple[Batch, ...]]:
+    """Yield, per step of ``plan``, its batches as ``((x, y), ...)``, built on ``device`` by
+    ``ds.batch``: one call per step (its batches together), random augmentation drawn from ``generator``
+    in step order, so the generator's state between steps is all a resume needs."""
+    for step in plan:
+        sizes = [len(batch) for batch in step]
+        x, y = ds.batch(torch.tensor([i for batch in step for i in batch]), device, generator)
+        yield tuple(zip(x.split(sizes), y.split(sizes), strict=True)) if len(sizes) > 1 else ((x, y),)
 
 
 def batch_loader(

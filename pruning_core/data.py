@@ -1,10 +1,12 @@
 """Data sets for pruning jobs: a registry of loaders that turn a :class:`DataSpec` into train/test sets.
 
 Every loader returns :class:`Datasets` whose items are ``(image, label)``: a normalised float tensor
-``C x S x S`` and an ``int``. Images are held in memory as uint8 ``N x C x H x W`` when that is small
-and decoded from files on access otherwise; resizing, augmentation (training set only, drawn from
-torch's global RNG so the engine's per-epoch seeding makes it exact on resume) and normalisation
-happen per item. Dataset archives are extracted under the job's cache directory only, and only after
+``C x S x S`` and an ``int``. Images are held in memory as uint8 ``N x C x H x W`` when they fit
+``DECODE_MAX_BYTES`` (an image folder decoded once, ``decoded.py``) and decoded from files on access
+otherwise. Resizing, augmentation (training set only) and normalisation happen per item, drawing from
+torch's global RNG (which the engine seeds per epoch), or, for the in-memory sets, per batch on the
+training device (``ImageTensorDataset.batch``: the same distributions, drawn from the engine's own
+generator, whose state the checkpoint keeps). Dataset archives are extracted under the job's cache directory only, and only after
 every member has been checked: names, types, member count, unpacked bytes and compression ratio.
 """
 
@@ -102,6 +104,18 @@ class ImageTransform:
             x = self._crop_flip(x)
         return x.sub_(self.mean).div_(self.std)
 
+    def batch(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The same transform on a batch, on the images' device: uint8 ``B x C x H x W`` -> float
+        ``B x C x S x S``. Crops and flips (same distributions as per item) come from ``generator``,
+        which must live on that device; without augmentation nothing is drawn."""
+        x = images.float().div_(255)
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        if self.augment:
+            x = self._crop_flip_batch(x, generator)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return x.sub_(mean).div_(std)
+
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
         """Random ``S x S`` crop of the zero-padded image, then a coin-flip mirror (global torch RNG)."""
         p, s = self.pad, self.size
@@ -110,20 +124,55 @@ class ImageTransform:
         x = F.pad(x, (p, p, p, p))[:, dy : dy + s, dx : dx + s]
         return x.flip(-1) if flip else x.contiguous()
 
+    def _crop_flip_batch(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Per image, an ``S x S`` crop of the zero-padded image at offsets uniform in ``[0, 2 pad]``,
+        mirrored with probability 1/2: one gather for the whole batch (``B x C x S x S`` in and out)."""
+        p, s, b, dev = self.pad, self.size, x.shape[0], x.device
+        offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=generator, device=dev)
+        flips = torch.rand(b, generator=generator, device=dev) < 0.5
+        ramp = torch.arange(s, device=dev)
+        rows = offsets[:, :1] + ramp  # B x S: source row of each output row
+        cols = offsets[:, 1:] + torch.where(flips[:, None], ramp.flip(0), ramp)  # a flip reads backwards
+        padded = F.pad(x, (p, p, p, p))
+        n = torch.arange(b, device=dev)[:, None, None]
+        return padded[n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # B x S x S x C -> BCSS
+
 
 class ImageTensorDataset(Dataset[Item]):
-    """In-memory uint8 images ``N x C x H x W`` with labels; items ``(float C x S x S, int)``."""
+    """In-memory uint8 images ``N x C x H x W`` with labels; items ``(float C x S x S, int)``, or whole
+    batches transformed on a device (``batch``: the engine's path, no loader processes)."""
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int] | np.ndarray, transform: ImageTransform):
         self.images = images
         self.labels = [int(y) for y in labels]
         self.transform = transform
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copies per device
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> Item:
         return self.transform(self.images[index]), self.labels[index]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_on": {}}  # loader workers get the CPU array, never a GPU copy
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images ``N x C x H x W`` and int64 labels ``N`` on ``device``, copied there once."""
+        device = torch.device(device)
+        if device not in self._on:
+            labels = torch.tensor(self.labels, dtype=torch.int64)
+            self._on[device] = (self.images.to(device), labels.to(device))
+        return self._on[device]
+
+    def batch(
+        self, indices: torch.Tensor, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` (int64 ``B``) as one batch on ``device``: float ``B x C x S x S`` (through
+        ``ImageTransform.batch``, augmentation drawn from ``generator``) and int64 labels ``B``."""
+        images, labels = self.on(device)
+        idx = indices.to(images.device)
+        return self.transform.batch(images[idx], generator), labels[idx]
 
 
 class ImageFileDataset(Dataset[Item]):

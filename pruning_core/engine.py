@@ -10,10 +10,15 @@ optionally restricted to some parameters; it may ``ctx.update`` some parameter s
 weights, then the architecture, in one step). Then every set with gradients that was not stepped yet is
 unscaled once, shown to ``after_backward`` and stepped; the GradScaler is updated once per step.
 
+Data: a training set held in memory (``batches.DeviceBatches``) is copied to the device once and each
+step's batch is built there, cropped and flipped by one generator on the device (seeded per epoch); any
+other set is read per item through a DataLoader (``ctx.num_workers`` processes).
+
 Determinism: every epoch reseeds torch from (seed, epoch) and draws its data order from a generator
-seeded the same way; a checkpoint taken mid-epoch stores the RNG state, the step and the epoch's running
-sums, so on CPU an interrupted and resumed run ends with exactly the weights and history of an
-uninterrupted one.
+seeded the same way; a checkpoint taken mid-epoch stores the RNG states (the augmentation generator's
+included), the step and the epoch's running sums, so on CPU an interrupted and resumed run ends with
+exactly the weights and history of an uninterrupted one. Through a DataLoader with worker processes, a
+resumed epoch's augmentation differs from the interrupted one's (the order and everything else stays).
 """
 
 from __future__ import annotations
@@ -34,7 +39,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .batches import Batch, Streams, batch_loader, epoch_plan, epoch_seed, part_of_step, steps_per_epoch
+from .batches import (
+    Batch,
+    DeviceBatches,
+    Streams,
+    batch_loader,
+    device_loader,
+    epoch_plan,
+    epoch_seed,
+    part_of_step,
+    steps_per_epoch,
+)
 from .errors import Cancelled, DivergedError
 from .evaluation import MacMeter, View, evaluate_views, recalibrate_bn
 from .macs import Cost, measure
@@ -172,7 +187,11 @@ class TrainContext:
     test: Dataset
     reporter: Reporter = field(default_factory=NullReporter)
     checkpoint_dir: Path | None = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes, for a training set read through the DataLoader only
+    # A training set that builds its batches on the device (``batches.DeviceBatches``: images held in
+    # memory) is read that way, augmented there from the engine's generator; False: per item through
+    # a DataLoader, as any other data set.
+    device_data: bool = True
     # Architecture snapshot/restore, so a checkpoint taken after physical pruning can be reloaded.
     describe: Callable[[nn.Module], dict[str, Any]] | None = None
     rebuild: Callable[[dict[str, Any]], nn.Module] | None = None
@@ -264,17 +283,26 @@ def _new_sums() -> dict[str, Any]:
     return {"loss": 0.0, "steps": 0, "train_macs": 0, "wall_s": 0.0, "cpu_s": 0.0, "metrics": {}}
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
+def augment_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's augmentation generator (device batches), apart from the epoch's torch seed."""
+    return (epoch_seed(seed, epoch) * 1_000_033 + 7) % 2**63
+
+
+def _rng_state(device: torch.device, augment: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state(), f"augment_{device.type}": augment.get_state()}
     if device.type == "cuda":  # Gumbel noise, dropout: reproducible on the GPU too
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device, augment: torch.Generator) -> None:
+    """Restore the RNG states of ``_rng_state``; an augmentation state of another device kind (a run
+    resumed elsewhere) cannot load here, and the generator keeps the epoch's seed instead."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+    if f"augment_{device.type}" in state:
+        augment.set_state(state[f"augment_{device.type}"])
 
 
 class _Run:
@@ -297,6 +325,8 @@ class _Run:
         self.total = self.steps * s.epochs
         self.warmup = round(s.warmup_epochs * self.steps)
         self.use_amp = s.amp and ctx.device.type == "cuda"
+        self.device_data = ctx.device_data and isinstance(ctx.train, DeviceBatches)
+        self.augment = torch.Generator(device=ctx.device)  # device batches' crops and flips
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.opts: Optimizers = None  # type: ignore[assignment]  # built once the method's state is known
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
@@ -399,18 +429,15 @@ def _train_epoch(run: _Run) -> EpochAction:
     before = run.sums.get("wall_s", 0.0)  # a resumed epoch's seconds before the interruption
     cpu_before = run.sums.get("cpu_s", 0.0)
     plan = epoch_plan(len(ctx.train), s, ctx.seed, run.epoch, run.streams)
+    torch.manual_seed(epoch_seed(ctx.seed, run.epoch))
+    run.augment.manual_seed(augment_seed(ctx.seed, run.epoch))
     if run.step_in_epoch and run.rng_state is not None:
-        _set_rng_state(run.rng_state, run.device)
-    else:
-        torch.manual_seed(epoch_seed(ctx.seed, run.epoch))
+        _set_rng_state(run.rng_state, run.device, run.augment)
     run.model.train()
     lrs: dict[str, float] = {}
     meter = MacMeter()
-    loader_seed = epoch_seed(ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
     with meter.attached(run.model):
-        for batches in batch_loader(
-            ctx.train, plan[run.step_in_epoch :], ctx.num_workers, run.device, loader_seed
-        ):
+        for batches in _batches(run, plan[run.step_in_epoch :]):
             _stop_point(run)
             step = run.epoch * run.steps + run.step_in_epoch
             lrs = run.opts.set_lr(lr_factor(step, run.total, run.warmup, s.lr_schedule))
@@ -421,7 +448,8 @@ def _train_epoch(run: _Run) -> EpochAction:
             run.sums["wall_s"] = before + time.perf_counter() - t0
             run.sums["cpu_s"] = cpu_before + time.process_time() - c0
             run.step_in_epoch += 1
-            run.rng_state = _rng_state(run.device)  # before the next batch is drawn: where a resume starts
+            # before the next batch is drawn: where a resume starts
+            run.rng_state = _rng_state(run.device, run.augment)
             ctx.reporter.step(run.phase, run.epoch, run.step_in_epoch, loss)
     record = _epoch_record(run, lrs, before + time.perf_counter() - t0, cpu_before + time.process_time() - c0)
     run.step_in_epoch, run.rng_state, run.sums = 0, None, _new_sums()
@@ -431,6 +459,15 @@ def _train_epoch(run: _Run) -> EpochAction:
     run.epoch += 1
     run.save()
     return action
+
+
+def _batches(run: _Run, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ...]]:
+    """The steps of ``plan`` as batches on the device: built there from the in-memory images
+    (``device_loader``), or read through a DataLoader (``batch_loader``)."""
+    if run.device_data:
+        return device_loader(run.ctx.train, plan, run.device, run.augment)  # type: ignore[arg-type]
+    loader_seed = epoch_seed(run.ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
+    return batch_loader(run.ctx.train, plan, run.ctx.num_workers, run.device, loader_seed)
 
 
 def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) -> float:

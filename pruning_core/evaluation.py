@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .batches import DeviceBatches
 from .macs import COUNTED
 
 
@@ -32,8 +33,7 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch_size: in
     was = model.training
     model.eval()
     correct, total, loss, bad = 0, 0, 0.0, 0
-    for x, y in DataLoader(ds, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
+    for x, y in _in_order(ds, device, batch_size):
         logits = model(x).float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -42,6 +42,20 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch_size: in
     model.train(was)
     n = max(1, total)
     return {"top1": 100.0 * correct / n, "test_loss": loss / n, "non_finite": float(bad)}
+
+
+def _in_order(
+    ds: Dataset, device: torch.device, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``ds`` in order as ``(x, y)`` batches on ``device``: built there when the set can (``DeviceBatches``,
+    images held in memory), else read per item through a DataLoader."""
+    if isinstance(ds, DeviceBatches):
+        n = len(ds)  # type: ignore[arg-type]
+        for start in range(0, n, batch_size):
+            yield ds.batch(torch.arange(start, min(start + batch_size, n)), device)
+        return
+    for x, y in DataLoader(ds, batch_size=batch_size):
+        yield x.to(device), y.to(device)
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
