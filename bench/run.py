@@ -136,7 +136,7 @@ def train_dense(model: nn.Module, s: Setup) -> FitResult:
         test=s.ds.test,
         reporter=EchoReporter(),
         checkpoint_dir=s.work / "dense" / "checkpoints",
-        num_workers=s.spec.data.num_workers,
+        num_workers=s.spec.data.num_workers or 0,
         describe=s.describe,
         rebuild=rebuild,
     )
@@ -200,7 +200,7 @@ def dense_stage(s: Setup, model: nn.Module) -> tuple[nn.Module, Path, dict[str, 
     weights = save_weights(fitted.model, s.work / "dense.safetensors")
     log(f"{s.case.label} seed {s.seed}: dense training, plain loop")
     plain_s = plain_train(
-        initial, s.ds.train, schedule(s.case, False), s.seed, s.device, s.spec.data.num_workers
+        initial, s.ds.train, schedule(s.case, False), s.seed, s.device, s.spec.data.num_workers or 0
     )
     timing = {
         "engine_epoch_s": [r["wall_s"] for r in fitted.history],
@@ -230,7 +230,7 @@ def peer_stage(s: Setup, weights: Path, dense_macs: int) -> tuple[PeerResult, di
 
     peer, prune_s = timed(prune_to_macs, build, s.example, s.num_classes, int(s.profile.target * dense_macs))
     ft_s = plain_train(
-        peer.model, s.ds.train, schedule(s.case, True), s.seed, s.device, s.spec.data.num_workers
+        peer.model, s.ds.train, schedule(s.case, True), s.seed, s.device, s.spec.data.num_workers or 0
     )
     return peer, {"peer_prune_s": prune_s, "peer_finetune_s": sum(ft_s), "peer_finetune_epoch_s": ft_s}
 

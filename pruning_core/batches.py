@@ -9,6 +9,7 @@ steps it already trained.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -132,26 +133,60 @@ def device_loader(
         yield tuple(zip(x.split(sizes), y.split(sizes), strict=True)) if len(sizes) > 1 else ((x, y),)
 
 
-def batch_loader(
-    ds: Dataset, plan: list[list[list[int]]], workers: int, device: torch.device, seed: int
-) -> Iterator[tuple[Batch, ...]]:
-    """Yield, per step of ``plan``, its batches as ``((x, y), ...)``: one DataLoader reads each step's
-    batches together (one collate, one worker round-trip) and they are split afterwards.
+PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (CUDA hosts: workers stay ahead of the GPU)
+
+
+def default_workers(asked: int | None, device: torch.device, cap: int) -> int:
+    """DataLoader processes for a set read per item: as asked, else none on CPU (they would take the
+    training threads' cores) and, on CUDA, the cores this process may use, at most ``cap``."""
+    if asked is not None:
+        return asked
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(cap, cores))
+
+
+class _PlanSampler:
+    """A DataLoader's batch sampler whose steps are set before each epoch (its workers persist)."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+class ItemLoader:
+    """Reads steps of plans per item through one DataLoader kept for a phase: ``workers`` processes
+    that persist across epochs, each ``PREFETCH_BATCHES`` batches ahead, into pinned memory on CUDA.
 
     ``seed`` seeds the worker processes' random streams (augmentation in workers). With workers, a
-    resumed epoch draws other augmentations than the interrupted one did: exact resume needs
-    ``num_workers=0``, where augmentation draws from the global RNG the checkpoint restores."""
-    flat = [[i for batch in step for i in batch] for step in plan]
-    sizes = [[len(batch) for batch in step] for step in plan]
-    loader = DataLoader(
-        ds,
-        batch_sampler=flat,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        # its own generator: the loader must not draw from the global RNG, which a resume replays
-        generator=torch.Generator().manual_seed(seed % 2**63),
-    )
-    for (x, y), sz in zip(loader, sizes, strict=True):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        yield tuple(zip(x.split(sz), y.split(sz), strict=True)) if len(sz) > 1 else ((x, y),)
+    resumed epoch draws other augmentations than the interrupted one did (data order and everything
+    else stay exact); with none, augmentation draws from the global RNG the checkpoint restores."""
+
+    def __init__(self, ds: Dataset, workers: int, device: torch.device, seed: int):
+        self.sampler, self.device = _PlanSampler(), device
+        self.loader = DataLoader(
+            ds,
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+            # its own generator: the loader must not draw from the global RNG, which a resume replays
+            generator=torch.Generator().manual_seed(seed % 2**63),
+        )
+
+    def __call__(self, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ...]]:
+        """Yield, per step of ``plan``, its batches as ``((x, y), ...)`` on the device: each step's
+        batches are read together (one collate, one worker round-trip) and split afterwards."""
+        self.sampler.steps = [[i for batch in step for i in batch] for step in plan]
+        sizes = [[len(batch) for batch in step] for step in plan]
+        for (x, y), sz in zip(self.loader, sizes, strict=True):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            yield tuple(zip(x.split(sz), y.split(sz), strict=True)) if len(sz) > 1 else ((x, y),)

@@ -42,8 +42,8 @@ from torch.utils.data import Dataset
 from .batches import (
     Batch,
     DeviceBatches,
+    ItemLoader,
     Streams,
-    batch_loader,
     device_loader,
     epoch_plan,
     epoch_seed,
@@ -327,6 +327,7 @@ class _Run:
         self.use_amp = s.amp and ctx.device.type == "cuda"
         self.device_data = ctx.device_data and isinstance(ctx.train, DeviceBatches)
         self.augment = torch.Generator(device=ctx.device)  # device batches' crops and flips
+        self.items: ItemLoader | None = None  # the DataLoader of a set read per item
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.opts: Optimizers = None  # type: ignore[assignment]  # built once the method's state is known
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
@@ -414,11 +415,14 @@ def fit(
             ctx.reporter.message(f"{phase}: its checkpoint was written by an older engine; training it again")
         run.build_optimizers()
     ctx.reporter.phase(phase, schedule.epochs, run.steps)
-    with _interrupt_guard() as interrupted:
-        run.interrupted = interrupted
-        while run.epoch < schedule.epochs:
-            if _train_epoch(run) is EpochAction.STOP:
-                break
+    try:
+        with _interrupt_guard() as interrupted:
+            run.interrupted = interrupted
+            while run.epoch < schedule.epochs:
+                if _train_epoch(run) is EpochAction.STOP:
+                    break
+    finally:
+        run.items = None  # its worker processes end with the phase
     run.save(finished=True)
     return FitResult(run.model, run.history, time.perf_counter() - t0, resumed, run.meta)
 
@@ -463,11 +467,13 @@ def _train_epoch(run: _Run) -> EpochAction:
 
 def _batches(run: _Run, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ...]]:
     """The steps of ``plan`` as batches on the device: built there from the in-memory images
-    (``device_loader``), or read through a DataLoader (``batch_loader``)."""
+    (``device_loader``), or read through the phase's DataLoader (``ItemLoader``, made at first use)."""
     if run.device_data:
         return device_loader(run.ctx.train, plan, run.device, run.augment)  # type: ignore[arg-type]
-    loader_seed = epoch_seed(run.ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
-    return batch_loader(run.ctx.train, plan, run.ctx.num_workers, run.device, loader_seed)
+    if run.items is None:
+        seed = epoch_seed(run.ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
+        run.items = ItemLoader(run.ctx.train, run.ctx.num_workers, run.device, seed)
+    return run.items(plan)
 
 
 def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) -> float:
@@ -524,7 +530,9 @@ def _metric(name: str, value: Any) -> float | list[float]:
 
 def _evaluate(run: _Run, record: dict[str, Any]) -> None:
     """Top-1 and test loss of the method's views (the first is the main one) and MACs, into ``record``."""
-    views = evaluate_views(run.hooks.eval_views(run.model), run.ctx.test, run.device, run.ctx.recalibrate)
+    views = evaluate_views(
+        run.hooks.eval_views(run.model), run.ctx.test, run.device, run.ctx.recalibrate, run.ctx.num_workers
+    )
     main = next(iter(views.values()))
     record.update(top1=main["top1"], test_loss=main["test_loss"], macs=run.hooks.current_macs(run.model))
     if len(views) > 1:

@@ -174,7 +174,15 @@ class DataSpec(_Strict):
     )
     augment: bool = Field(True, description="Random crop and flip on training images (not on digits).")
     num_classes: int | None = Field(None, ge=2, le=100_000, description="synthetic only: number of classes.")
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="DataLoader worker processes, for an image folder too large to hold in memory (one "
+        "held in memory is cropped and flipped on the training device, with none). Default: none on CPU "
+        "(exact resume; the cores train), the host's cores on CUDA (at most MAX_DATA_WORKERS; a resumed "
+        "epoch then draws other crops and flips).",
+    )
 
     @field_validator("name")
     @classmethod

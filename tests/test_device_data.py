@@ -4,13 +4,15 @@ generator, whose state the checkpoint keeps (exact resume without loader process
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
-from pruning_core.batches import DeviceBatches
+from pruning_core.batches import DeviceBatches, ItemLoader, default_workers
 from pruning_core.data import Datasets, ImageTensorDataset, ImageTransform, load_data
 from pruning_core.engine import NullReporter, TrainContext, fit
 from pruning_core.errors import Cancelled
@@ -204,3 +206,36 @@ def test_the_dataloader_path_stays_for_sets_that_ask_for_it(blobs: Datasets, str
     result = fit(_model(), _method(), SCHEDULE, _ctx(blobs, None, device_data=False))
     assert result.history[-1]["top1"] >= 0  # trains; other augmentation draws, so other weights
     assert not all(torch.equal(v, straight[0][k]) for k, v in _weights(result.model).items())
+
+
+# ------------------------------------------------------------------------------------------------
+# sets too large to hold: per item through one DataLoader per phase
+
+
+def test_loader_workers_default_to_none_on_cpu_and_the_cores_on_cuda() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_workers(None, cpu, 16) == 0
+    assert default_workers(3, cpu, 16) == default_workers(3, cuda, 16) == 3, "as asked"
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers(None, cuda, 64) == cores and default_workers(None, cuda, 1) == 1
+
+
+def test_the_item_loader_keeps_its_workers_across_epochs_and_reads_what_it_is_told() -> None:
+    data = TensorDataset(torch.arange(40.0).view(40, 1), torch.arange(40))
+    plans = [[[[3, 1], [7, 9]], [[0, 2], [4, 5]]], [[[11, 12], [13, 14]]]]
+    items = ItemLoader(data, 2, torch.device("cpu"), seed=0)
+    first = list(items(plans[0]))
+    workers = items.loader._iterator
+    second = list(items(plans[1]))
+    assert items.loader._iterator is workers, "the same worker processes read the next epoch"
+    plain = ItemLoader(data, 0, torch.device("cpu"), seed=0)
+    for got, want in ((first, list(plain(plans[0]))), (second, list(plain(plans[1])))):
+        assert [[y.tolist() for _, y in step] for step in got] == [[y.tolist() for _, y in s] for s in want]
+    assert [y.tolist() for _, y in first[0]] == [[3, 1], [7, 9]]
+
+
+def test_the_dataloader_path_with_workers_trains_through_epochs(blobs: Datasets) -> None:
+    ctx = _ctx(blobs, None, device_data=False)
+    ctx.num_workers = 1
+    result = fit(_model(), _method(), SCHEDULE, ctx)
+    assert len(result.history) == 2 and all(math.isfinite(r["train_loss"]) for r in result.history)
