@@ -1,8 +1,10 @@
 """The one training loop. Methods never bring their own: they plug in through ``TrainHooks``.
 
-``fit`` owns the device, AMP, the optimizers (one per parameter set the method declares, see
-``optim.py``), the LR rules, the data order (``batches.py``), evaluation, BatchNorm re-estimation after
-physical pruning, checkpoint/resume and cooperative cancellation.
+``fit`` owns the device, AMP and the memory format (``acceleration``: bfloat16, or float16 with the
+scaler, channels_last and cuDNN autotuning on CUDA; ``torch.compile`` where the method allows it), the
+optimizers (one per parameter set the method declares, see ``optim.py``), the LR rules, the data order
+(``batches.py``), evaluation, BatchNorm re-estimation after physical pruning, checkpoint/resume and
+cooperative cancellation.
 
 A training step: ``training_step`` runs the method's forwards and either returns the loss (the engine
 backpropagates it into every parameter) or calls ``ctx.backward`` itself, as often as it likes, each call
@@ -29,7 +31,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .acceleration import amp_dtype, autotune, compile_model, contiguous, in_format, memory_format, place
 from .batches import (
     Batch,
     DeviceBatches,
@@ -101,8 +104,10 @@ class StepContext:
         self._run = run
 
     def autocast(self):
-        """Context manager: float16 autocast on CUDA when the schedule enables AMP, else a no-op."""
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self._run.use_amp)
+        """Context manager: autocast to the run's AMP type (``acceleration.amp_dtype``: bfloat16 or
+        float16 on CUDA when the schedule enables AMP), else a no-op."""
+        run = self._run
+        return torch.autocast(self.device.type, dtype=run.amp or torch.float16, enabled=run.use_amp)
 
     def backward(
         self,
@@ -202,6 +207,11 @@ class TrainContext:
     # One input (a batch of 1): MACs are counted on it before and after a physical prune, for the
     # ``pruned`` event (``report_pruned``); None: no such event.
     example: torch.Tensor | None = None
+    # Forced autocast type (float32 = none) and memory format; None: the device's defaults and the
+    # schedule's (``acceleration``). Forcing them on CPU is how the CUDA paths are tested there.
+    precision: torch.dtype | None = None
+    memory_format: torch.memory_format | None = None
+    compile_backend: str = "inductor"  # of ``schedule.compile``
 
     def recalibrate(self, model: nn.Module) -> bool:
         """Re-estimate ``model``'s BatchNorm statistics on the training data; whether it was done."""
@@ -324,11 +334,14 @@ class _Run:
         self.steps = steps_per_epoch(len(ctx.train), s, streams)
         self.total = self.steps * s.epochs
         self.warmup = round(s.warmup_epochs * self.steps)
-        self.use_amp = s.amp and ctx.device.type == "cuda"
+        self.amp = amp_dtype(ctx.device, s, ctx.precision)  # None: float32
+        self.use_amp = self.amp is not None
+        self.format = memory_format(ctx.device, s, ctx.memory_format)
+        self.compiled = False  # the model's forward under torch.compile (``schedule.compile``)
         self.device_data = ctx.device_data and isinstance(ctx.train, DeviceBatches)
         self.augment = torch.Generator(device=ctx.device)  # device batches' crops and flips
         self.items: ItemLoader | None = None  # the DataLoader of a set read per item
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp == torch.float16)
         self.opts: Optimizers = None  # type: ignore[assignment]  # built once the method's state is known
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
         self.sums = _new_sums()
@@ -337,6 +350,11 @@ class _Run:
         self.interrupted = threading.Event()
         self.path = _ckpt_path(ctx, phase)
         self.meta = dict(meta)
+
+    def prepare_model(self) -> None:
+        """The model in the run's memory format on the device, its forward compiled where asked."""
+        place(self.model, self.device, self.format)
+        self.compiled = compile_model(self.model, self.hooks, self.s, self.ctx.compile_backend)
 
     def build_optimizers(self) -> None:
         """Optimizers for the method's current parameter sets (again after any physical pruning: the
@@ -373,7 +391,7 @@ class _Run:
         """Architecture, then the method's state (it may re-attach what ``start_phase`` attached to the
         model), then the weights, then optimizers over the method's parameter sets."""
         if ck["arch"] is not None and self.ctx.describe and ck["arch"] != self.ctx.describe(self.model):
-            self.model = self.ctx.rebuild(ck["arch"]).to(self.device)
+            self.model = place(self.ctx.rebuild(ck["arch"]), self.device, self.format)
         self.hooks.load_state_dict(ck["method"], self.model)
         self.model.load_state_dict(ck["model"])
         self.build_optimizers()
@@ -400,21 +418,23 @@ def fit(
     JSON-able facts stored with the checkpoint and returned (those of the checkpoint on resume).
     Returns the trained model (a new object if the method pruned it physically)."""
     t0 = time.perf_counter()
-    model.to(ctx.device)
     run = _Run(model, hooks, schedule, ctx, phase, streams, meta or {})
+    place(model, ctx.device, run.format)
+    autotune(ctx.device)
     ck = load_checkpoint(run.path)
     resumed = None
     if ck is not None:
         run.restore(ck)
         resumed = run.epoch
         if ck["finished"]:
-            return FitResult(run.model, run.history, time.perf_counter() - t0, resumed, run.meta)
+            return FitResult(contiguous(run.model), run.history, time.perf_counter() - t0, resumed, run.meta)
         ctx.reporter.message(f"{phase}: resuming at epoch {run.epoch + 1}, step {run.step_in_epoch}")
     else:
         if run.path and run.path.exists():
             ctx.reporter.message(f"{phase}: its checkpoint was written by an older engine; training it again")
         run.build_optimizers()
     ctx.reporter.phase(phase, schedule.epochs, run.steps)
+    run.prepare_model()
     try:
         with _interrupt_guard() as interrupted:
             run.interrupted = interrupted
@@ -423,6 +443,7 @@ def fit(
                     break
     finally:
         run.items = None  # its worker processes end with the phase
+        contiguous(run.model)
     run.save(finished=True)
     return FitResult(run.model, run.history, time.perf_counter() - t0, resumed, run.meta)
 
@@ -440,7 +461,10 @@ def _train_epoch(run: _Run) -> EpochAction:
     run.model.train()
     lrs: dict[str, float] = {}
     meter = MacMeter()
-    with meter.attached(run.model):
+    # a compiled forward is not given the meter's hooks (each attachment would recompile it): the MACs
+    # of its one plain forward per step are the network's per sample times the samples
+    per_sample = run.hooks.current_macs(run.model) if run.compiled else 0
+    with nullcontext() if run.compiled else meter.attached(run.model):
         for batches in _batches(run, plan[run.step_in_epoch :]):
             _stop_point(run)
             step = run.epoch * run.steps + run.step_in_epoch
@@ -448,7 +472,8 @@ def _train_epoch(run: _Run) -> EpochAction:
             sctx = StepContext(run, step, part_of_step(run.step_in_epoch, run.streams))
             meter.total = 0
             loss = _optimise(run, batches[0] if len(batches) == 1 else batches, sctx)
-            run.sums["train_macs"] += meter.total
+            samples = sum(len(y) for _, y in batches)
+            run.sums["train_macs"] += per_sample * samples if run.compiled else meter.total
             run.sums["wall_s"] = before + time.perf_counter() - t0
             run.sums["cpu_s"] = cpu_before + time.process_time() - c0
             run.step_in_epoch += 1
@@ -469,11 +494,15 @@ def _batches(run: _Run, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ..
     """The steps of ``plan`` as batches on the device: built there from the in-memory images
     (``device_loader``), or read through the phase's DataLoader (``ItemLoader``, made at first use)."""
     if run.device_data:
-        return device_loader(run.ctx.train, plan, run.device, run.augment)  # type: ignore[arg-type]
-    if run.items is None:
-        seed = epoch_seed(run.ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
-        run.items = ItemLoader(run.ctx.train, run.ctx.num_workers, run.device, seed)
-    return run.items(plan)
+        steps = device_loader(run.ctx.train, plan, run.device, run.augment)  # type: ignore[arg-type]
+    else:
+        if run.items is None:
+            seed = epoch_seed(run.ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
+            run.items = ItemLoader(run.ctx.train, run.ctx.num_workers, run.device, seed)
+        steps = run.items(plan)
+    if run.format != torch.channels_last:
+        return steps
+    return (tuple((in_format(x, run.format), y) for x, y in step) for step in steps)
 
 
 def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) -> float:
@@ -569,7 +598,8 @@ def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
         record["top1_before"], record["macs_before"] = record["top1"], record["macs"]
         example = run.ctx.example
         before = cost_of(run.model, example) if example is not None else None
-        run.model = run.hooks.prune_now(run.model).to(run.device)
+        run.model = run.hooks.prune_now(run.model)
+        run.prepare_model()
         if before is not None:
             report_pruned(run.ctx.reporter, before, cost_of(run.model, example))
         run.build_optimizers()

@@ -587,6 +587,22 @@ class Schedule(_Strict):
     )
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "auto",
+        description="The autocast type of `amp`: `auto` is bfloat16 where the GPU has it (no loss scaling), "
+        "else float16 with the gradient scaler.",
+    )
+    channels_last: bool | None = Field(
+        None,
+        description="Weights and inputs in channels_last (NHWC) memory format while training; default: "
+        "on CUDA only (tensor cores read NHWC; CPU training stays as it was).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the network's forward for training where the method allows it (one "
+        "plain forward per step: dense training and `magnitude`); off by default until measured faster "
+        "per method.",
+    )
     max_steps_per_epoch: int | None = Field(
         None, ge=1, le=10**9, description="Cap on steps per epoch (smoke runs)."
     )
