@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,12 @@ def test_the_dataloader_path_with_workers_trains_through_epochs(blobs: Datasets)
     ctx.num_workers = 1
     result = fit(_model(), _method(), SCHEDULE, ctx)
     assert len(result.history) == 2 and all(math.isfinite(r["train_loss"]) for r in result.history)
+
+
+def test_the_images_are_copied_to_a_device_once_and_never_pickled_from_there(tmp_path: Path) -> None:
+    ds = _load(tmp_path, name="digits", per_class=3)
+    images, labels = ds.train.on(torch.device("cpu"))
+    assert ds.train.on(torch.device("cpu"))[0] is images and images.dtype == torch.uint8
+    assert labels.tolist() == ds.train.labels
+    clone = pickle.loads(pickle.dumps(ds.train))  # what a loader worker receives
+    assert clone._on == {} and torch.equal(clone.images, ds.train.images)
