@@ -56,8 +56,8 @@ def contiguous(model: nn.Module) -> nn.Module:
 
 
 def in_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """A 4-D input batch in ``fmt`` (others as they are)."""
-    return x.contiguous(memory_format=fmt) if x.dim() == 4 and fmt == torch.channels_last else x
+    """A 4-D input batch in ``fmt`` (others as they are; a copy only where the layout differs)."""
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
 
 
 def autotune(device: torch.device) -> None:

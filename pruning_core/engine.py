@@ -500,8 +500,8 @@ def _batches(run: _Run, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ..
             seed = epoch_seed(run.ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
             run.items = ItemLoader(run.ctx.train, run.ctx.num_workers, run.device, seed)
         steps = run.items(plan)
-    if run.format != torch.channels_last:
-        return steps
+    # the network's layout: a batch cropped on the device comes NHWC-strided, which on CPU would
+    # silently switch the convolutions to channels_last
     return (tuple((in_format(x, run.format), y) for x, y in step) for step in steps)
 
 

@@ -249,3 +249,15 @@ def test_the_images_are_copied_to_a_device_once_and_never_pickled_from_there(tmp
     assert labels.tolist() == ds.train.labels
     clone = pickle.loads(pickle.dumps(ds.train))  # what a loader worker receives
     assert clone._on == {} and torch.equal(clone.images, ds.train.images)
+
+
+def test_cropped_batches_reach_the_network_in_its_layout(blobs: Datasets) -> None:
+    """A batch cropped on the device comes NHWC-strided; on CPU the network still sees NCHW."""
+    from tests.test_acceleration import Probe
+
+    probe = Probe()
+    schedule = Schedule(epochs=1, batch_size=16, max_steps_per_epoch=2)
+    fit(_model(), probe, schedule, _ctx(blobs, None))
+    assert probe.seen and not any(nhwc for nhwc, *_ in probe.seen)
+    x, _ = blobs.train.batch(torch.arange(4), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
