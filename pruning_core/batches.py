@@ -147,13 +147,36 @@ def default_workers(asked: int | None, device: torch.device, cap: int) -> int:
     return max(0, min(cap, cores))
 
 
+def item_seed(epoch_seed_: int, step: int, position: int) -> int:
+    """The seed of one item's random augmentation: a pure function of the epoch's seed, the step in
+    the epoch and the item's position in that step."""
+    return (epoch_seed_ * 1_000_081 + step * 65_537 + position) % 2**63
+
+
+class _SeededItems(Dataset):
+    """``ds`` read by ``(index, seed)`` keys: each item's random draws come from its own seed (the
+    global CPU generator forked around the read), so any worker process draws what any other would."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> object:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.ds[index]
+
+
 class _PlanSampler:
     """A DataLoader's batch sampler whose steps are set before each epoch (its workers persist)."""
 
     def __init__(self) -> None:
-        self.steps: list[list[int]] = []
+        self.steps: list[list[tuple[int, int]]] = []
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         return iter(self.steps)
 
     def __len__(self) -> int:
@@ -164,27 +187,35 @@ class ItemLoader:
     """Reads steps of plans per item through one DataLoader kept for a phase: ``workers`` processes
     that persist across epochs, each ``PREFETCH_BATCHES`` batches ahead, into pinned memory on CUDA.
 
-    ``seed`` seeds the worker processes' random streams (augmentation in workers). With workers, a
-    resumed epoch draws other augmentations than the interrupted one did (data order and everything
-    else stay exact); with none, augmentation draws from the global RNG the checkpoint restores."""
+    Each item's augmentation draws from a seed of its own (``item_seed``), so the batches are the
+    same with any number of workers and a resumed epoch reads exactly what the interrupted one would
+    have; the global RNG is never drawn from."""
 
-    def __init__(self, ds: Dataset, workers: int, device: torch.device, seed: int):
+    def __init__(self, ds: Dataset, workers: int, device: torch.device):
         self.sampler, self.device = _PlanSampler(), device
         self.loader = DataLoader(
-            ds,
+            _SeededItems(ds),
             batch_sampler=self.sampler,
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-            # its own generator: the loader must not draw from the global RNG, which a resume replays
-            generator=torch.Generator().manual_seed(seed % 2**63),
+            generator=torch.Generator().manual_seed(0),  # not the global RNG, which a resume replays
         )
 
-    def __call__(self, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ...]]:
-        """Yield, per step of ``plan``, its batches as ``((x, y), ...)`` on the device: each step's
-        batches are read together (one collate, one worker round-trip) and split afterwards."""
-        self.sampler.steps = [[i for batch in step for i in batch] for step in plan]
+    def __call__(
+        self, plan: list[list[list[int]]], seed: int, first_step: int = 0
+    ) -> Iterator[tuple[Batch, ...]]:
+        """Yield, per step of ``plan`` (the epoch's from ``first_step`` on; ``seed``: the epoch's), its
+        batches as ``((x, y), ...)`` on the device: each step's batches are read together (one
+        collate, one worker round-trip) and split afterwards."""
+        self.sampler.steps = [
+            [
+                (i, item_seed(seed, first_step + k, j))
+                for j, i in enumerate(i for batch in step for i in batch)
+            ]
+            for k, step in enumerate(plan)
+        ]
         sizes = [[len(batch) for batch in step] for step in plan]
         for (x, y), sz in zip(self.loader, sizes, strict=True):
             x = x.to(self.device, non_blocking=True)

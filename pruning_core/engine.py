@@ -19,8 +19,8 @@ other set is read per item through a DataLoader (``ctx.num_workers`` processes).
 Determinism: every epoch reseeds torch from (seed, epoch) and draws its data order from a generator
 seeded the same way; a checkpoint taken mid-epoch stores the RNG states (the augmentation generator's
 included), the step and the epoch's running sums, so on CPU an interrupted and resumed run ends with
-exactly the weights and history of an uninterrupted one. Through a DataLoader with worker processes, a
-resumed epoch's augmentation differs from the interrupted one's (the order and everything else stays).
+exactly the weights and history of an uninterrupted one. Through a DataLoader each item's augmentation
+has a seed of its own (``batches.item_seed``), so that holds with loader workers too.
 """
 
 from __future__ import annotations
@@ -497,9 +497,8 @@ def _batches(run: _Run, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ..
         steps = device_loader(run.ctx.train, plan, run.device, run.augment)  # type: ignore[arg-type]
     else:
         if run.items is None:
-            seed = epoch_seed(run.ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
-            run.items = ItemLoader(run.ctx.train, run.ctx.num_workers, run.device, seed)
-        steps = run.items(plan)
+            run.items = ItemLoader(run.ctx.train, run.ctx.num_workers, run.device)
+        steps = run.items(plan, epoch_seed(run.ctx.seed, run.epoch), run.step_in_epoch)
     # the network's layout: a batch cropped on the device comes NHWC-strided, which on CPU would
     # silently switch the convolutions to channels_last
     return (tuple((in_format(x, run.format), y) for x, y in step) for step in steps)

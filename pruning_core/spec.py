@@ -180,8 +180,8 @@ class DataSpec(_Strict):
         le=64,
         description="DataLoader worker processes, for an image folder too large to hold in memory (one "
         "held in memory is cropped and flipped on the training device, with none). Default: none on CPU "
-        "(exact resume; the cores train), the host's cores on CUDA (at most MAX_DATA_WORKERS; a resumed "
-        "epoch then draws other crops and flips).",
+        "(the cores train), the host's cores on CUDA (at most MAX_DATA_WORKERS). Resume is exact either way: "
+        "each image's crop and flip has a seed of its own.",
     )
 
     @field_validator("name")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from pruning_core.batches import DeviceBatches, ItemLoader, default_workers
 from pruning_core.data import Datasets, ImageTensorDataset, ImageTransform, load_data
@@ -20,7 +19,7 @@ from pruning_core.errors import Cancelled
 from pruning_core.evaluation import evaluate
 from pruning_core.settings import Settings
 from pruning_core.spec import DataSpec, Schedule
-from tests.test_engine import StopAt, _method, _model, _untimed, _weights
+from tests.test_engine import NoisyBlobs, StopAt, _method, _model, _untimed, _weights
 
 SIZE = 8  # tests.test_engine's networks
 
@@ -221,25 +220,41 @@ def test_loader_workers_default_to_none_on_cpu_and_the_cores_on_cuda() -> None:
     assert default_workers(None, cuda, 64) == cores and default_workers(None, cuda, 1) == 1
 
 
-def test_the_item_loader_keeps_its_workers_across_epochs_and_reads_what_it_is_told() -> None:
-    data = TensorDataset(torch.arange(40.0).view(40, 1), torch.arange(40))
+def test_the_item_loader_keeps_its_workers_across_epochs_and_draws_the_same_with_any_number() -> None:
+    data = NoisyBlobs(40, 0)  # draws from the global RNG per item, as random augmentation does
     plans = [[[[3, 1], [7, 9]], [[0, 2], [4, 5]]], [[[11, 12], [13, 14]]]]
-    items = ItemLoader(data, 2, torch.device("cpu"), seed=0)
-    first = list(items(plans[0]))
+    items = ItemLoader(data, 2, torch.device("cpu"))
+    first = list(items(plans[0], seed=5))
     workers = items.loader._iterator
-    second = list(items(plans[1]))
+    second = list(items(plans[1], seed=6))
     assert items.loader._iterator is workers, "the same worker processes read the next epoch"
-    plain = ItemLoader(data, 0, torch.device("cpu"), seed=0)
-    for got, want in ((first, list(plain(plans[0]))), (second, list(plain(plans[1])))):
-        assert [[y.tolist() for _, y in step] for step in got] == [[y.tolist() for _, y in s] for s in want]
-    assert [y.tolist() for _, y in first[0]] == [[3, 1], [7, 9]]
+    plain = ItemLoader(data, 0, torch.device("cpu"))
+    before = torch.get_rng_state()
+    for got, want in ((first, list(plain(plans[0], 5))), (second, list(plain(plans[1], 6)))):
+        for a, b in zip(got, want, strict=True):
+            assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b, strict=True))
+    assert torch.equal(torch.get_rng_state(), before), "the global RNG is never drawn from"
+    assert [y.tolist() for _, y in first[0]] == [data.y[[3, 1]].tolist(), data.y[[7, 9]].tolist()]
+    resumed = list(plain(plans[0][1:], 5, first_step=1))
+    assert torch.equal(resumed[0][0][0], first[1][0][0]), "a resumed epoch reads what it would have"
+    assert not torch.equal(list(plain(plans[0], 7))[0][0][0], first[0][0][0]), "another epoch, other draws"
 
 
-def test_the_dataloader_path_with_workers_trains_through_epochs(blobs: Datasets) -> None:
-    ctx = _ctx(blobs, None, device_data=False)
+def _one_worker(blobs: Datasets, tmp: Path | None, reporter=None) -> TrainContext:
+    ctx = _ctx(blobs, tmp, reporter, device_data=False)
     ctx.num_workers = 1
-    result = fit(_model(), _method(), SCHEDULE, ctx)
-    assert len(result.history) == 2 and all(math.isfinite(r["train_loss"]) for r in result.history)
+    return ctx
+
+
+def test_the_dataloader_path_with_a_worker_resumes_exactly(tmp_path: Path, blobs: Datasets) -> None:
+    reference = fit(_model(), _method(), SCHEDULE, _one_worker(blobs, None))
+    with pytest.raises(Cancelled):
+        fit(_model(), _method(), SCHEDULE, _one_worker(blobs, tmp_path, StopAt(0, 3)))
+    torch.manual_seed(12345)
+    resumed = fit(_model(), _method(), SCHEDULE, _one_worker(blobs, tmp_path))
+    assert resumed.resumed_from == 0 and _untimed(resumed.history) == _untimed(reference.history)
+    for k, v in _weights(resumed.model).items():
+        assert torch.equal(v, _weights(reference.model)[k]), f"{k} differs after resume"
 
 
 def test_the_images_are_copied_to_a_device_once_and_never_pickled_from_there(tmp_path: Path) -> None:
