@@ -5,8 +5,9 @@ Every loader returns :class:`Datasets` whose items are ``(image, label)``: a nor
 ``DECODE_MAX_BYTES`` (an image folder decoded once, ``decoded.py``) and decoded from files on access
 otherwise. Resizing, augmentation (training set only) and normalisation happen per item, drawing from
 torch's global RNG (the engine's loader seeds it per item, ``batches.item_seed``), or, for the
-in-memory sets, per batch on the training device (``ImageTensorDataset.batch``: the same distributions, drawn from the engine's own
-generator, whose state the checkpoint keeps). Dataset archives are extracted under the job's cache directory only, and only after
+in-memory sets, per batch on the training device (``ImageTensorDataset.batch``: the same
+distributions, drawn from the engine's own generator, whose state the checkpoint keeps). Dataset
+archives are extracted under the job's cache directory only, and only after
 every member has been checked: names, types, member count, unpacked bytes and compression ratio.
 """
 
