@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pruning_core.batches import steps_per_epoch
 from pruning_core.data import Datasets, LoadContext, extract_archive
 from pruning_core.engine import FitResult, NullReporter, TrainContext, fit
 from pruning_core.evaluation import evaluate
@@ -48,6 +49,7 @@ from .peer import PeerResult, prune_to_macs
 from .plain import plain_train
 from .profiles import CACHE_DIR, PROFILES, REPO_DIR, RESULTS_DIR, Case, Profile, with_overrides
 from .stack import cpu_model
+from .throughput import conv_flops_per_s
 
 RESULTS_FORMAT = "pruning-core/bench-v1"
 
@@ -136,7 +138,7 @@ def train_dense(model: nn.Module, s: Setup) -> FitResult:
         test=s.ds.test,
         reporter=EchoReporter(),
         checkpoint_dir=s.work / "dense" / "checkpoints",
-        num_workers=s.spec.data.num_workers,
+        num_workers=s.spec.data.num_workers or 0,
         describe=s.describe,
         rebuild=rebuild,
     )
@@ -195,12 +197,13 @@ def setup(case: Case, data: DataSpec, seed: int, profile: Profile, work: Path) -
 def dense_stage(s: Setup, model: nn.Module) -> tuple[nn.Module, Path, dict[str, Any]]:
     """Engine-trained dense model, its saved weights, and engine vs plain timings from the same init."""
     initial = copy.deepcopy(model)
+    macs = count_macs(initial, s.example)
     log(f"{s.case.label} seed {s.seed}: dense training, engine ({s.case.dense_epochs} epochs)")
     fitted = train_dense(model, s)
     weights = save_weights(fitted.model, s.work / "dense.safetensors")
     log(f"{s.case.label} seed {s.seed}: dense training, plain loop")
     plain_s = plain_train(
-        initial, s.ds.train, schedule(s.case, False), s.seed, s.device, s.spec.data.num_workers
+        initial, s.ds.train, schedule(s.case, False), s.seed, s.device, s.spec.data.num_workers or 0
     )
     timing = {
         "engine_epoch_s": [r["wall_s"] for r in fitted.history],
@@ -209,6 +212,10 @@ def dense_stage(s: Setup, model: nn.Module) -> tuple[nn.Module, Path, dict[str, 
         "test_pass_s": timed(evaluate, fitted.model, s.ds.test, s.device)[1],
         "plain_top1": evaluate(initial, s.ds.test, s.device)["top1"],
     }
+    dense = schedule(s.case, False)
+    images = steps_per_epoch(len(s.ds.train), dense) * dense.batch_size
+    timing["images_per_epoch"] = images  # the training images one epoch reads (last partial batch dropped)
+    timing["compute_bound_epoch_s"] = 6 * macs * images / conv_flops_per_s(s.device, dense)
     return fitted.model, weights, timing
 
 
@@ -230,7 +237,7 @@ def peer_stage(s: Setup, weights: Path, dense_macs: int) -> tuple[PeerResult, di
 
     peer, prune_s = timed(prune_to_macs, build, s.example, s.num_classes, int(s.profile.target * dense_macs))
     ft_s = plain_train(
-        peer.model, s.ds.train, schedule(s.case, True), s.seed, s.device, s.spec.data.num_workers
+        peer.model, s.ds.train, schedule(s.case, True), s.seed, s.device, s.spec.data.num_workers or 0
     )
     return peer, {"peer_prune_s": prune_s, "peer_finetune_s": sum(ft_s), "peer_finetune_epoch_s": ft_s}
 

@@ -9,9 +9,10 @@ steps it already trained.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -110,26 +111,113 @@ def part_of_step(step_in_epoch: int, streams: Streams | None) -> int:
     return step_in_epoch % len(streams.fractions)
 
 
-def batch_loader(
-    ds: Dataset, plan: list[list[list[int]]], workers: int, device: torch.device, seed: int
-) -> Iterator[tuple[Batch, ...]]:
-    """Yield, per step of ``plan``, its batches as ``((x, y), ...)``: one DataLoader reads each step's
-    batches together (one collate, one worker round-trip) and they are split afterwards.
+@runtime_checkable
+class DeviceBatches(Protocol):
+    """A training set held in memory that builds whole batches on a device (``data.ImageTensorDataset``):
+    the engine reads it without a DataLoader, augmenting on the device from its own generator."""
 
-    ``seed`` seeds the worker processes' random streams (augmentation in workers). With workers, a
-    resumed epoch draws other augmentations than the interrupted one did: exact resume needs
-    ``num_workers=0``, where augmentation draws from the global RNG the checkpoint restores."""
-    flat = [[i for batch in step for i in batch] for step in plan]
-    sizes = [[len(batch) for batch in step] for step in plan]
-    loader = DataLoader(
-        ds,
-        batch_sampler=flat,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        # its own generator: the loader must not draw from the global RNG, which a resume replays
-        generator=torch.Generator().manual_seed(seed % 2**63),
-    )
-    for (x, y), sz in zip(loader, sizes, strict=True):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        yield tuple(zip(x.split(sz), y.split(sz), strict=True)) if len(sz) > 1 else ((x, y),)
+    def batch(
+        self, indices: torch.Tensor, device: torch.device, generator: torch.Generator | None = None
+    ) -> Batch: ...
+
+
+def device_loader(
+    ds: DeviceBatches, plan: list[list[list[int]]], device: torch.device, generator: torch.Generator
+) -> Iterator[tuple[Batch, ...]]:
+    """Yield, per step of ``plan``, its batches as ``((x, y), ...)``, built on ``device`` by
+    ``ds.batch``: one call per step (its batches together), random augmentation drawn from ``generator``
+    in step order, so the generator's state between steps is all a resume needs."""
+    for step in plan:
+        sizes = [len(batch) for batch in step]
+        x, y = ds.batch(torch.tensor([i for batch in step for i in batch]), device, generator)
+        yield tuple(zip(x.split(sizes), y.split(sizes), strict=True)) if len(sizes) > 1 else ((x, y),)
+
+
+PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (CUDA hosts: workers stay ahead of the GPU)
+
+
+def default_workers(asked: int | None, device: torch.device, cap: int) -> int:
+    """DataLoader processes for a set read per item: as asked, else none on CPU (they would take the
+    training threads' cores) and, on CUDA, the cores this process may use, at most ``cap``."""
+    if asked is not None:
+        return asked
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(cap, cores))
+
+
+def item_seed(epoch_seed_: int, step: int, position: int) -> int:
+    """The seed of one item's random augmentation: a pure function of the epoch's seed, the step in
+    the epoch and the item's position in that step."""
+    return (epoch_seed_ * 1_000_081 + step * 65_537 + position) % 2**63
+
+
+class _SeededItems(Dataset):
+    """``ds`` read by ``(index, seed)`` keys: each item's random draws come from its own seed (the
+    global CPU generator forked around the read), so any worker process draws what any other would."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> object:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.ds[index]
+
+
+class _PlanSampler:
+    """A DataLoader's batch sampler whose steps are set before each epoch (its workers persist)."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+class ItemLoader:
+    """Reads steps of plans per item through one DataLoader kept for a phase: ``workers`` processes
+    that persist across epochs, each ``PREFETCH_BATCHES`` batches ahead, into pinned memory on CUDA.
+
+    Each item's augmentation draws from a seed of its own (``item_seed``), so the batches are the
+    same with any number of workers and a resumed epoch reads exactly what the interrupted one would
+    have; the global RNG is never drawn from."""
+
+    def __init__(self, ds: Dataset, workers: int, device: torch.device):
+        self.sampler, self.device = _PlanSampler(), device
+        self.loader = DataLoader(
+            _SeededItems(ds),
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+            generator=torch.Generator().manual_seed(0),  # not the global RNG, which a resume replays
+        )
+
+    def __call__(
+        self, plan: list[list[list[int]]], seed: int, first_step: int = 0
+    ) -> Iterator[tuple[Batch, ...]]:
+        """Yield, per step of ``plan`` (the epoch's from ``first_step`` on; ``seed``: the epoch's), its
+        batches as ``((x, y), ...)`` on the device: each step's batches are read together (one
+        collate, one worker round-trip) and split afterwards."""
+        self.sampler.steps = [
+            [
+                (i, item_seed(seed, first_step + k, j))
+                for j, i in enumerate(i for batch in step for i in batch)
+            ]
+            for k, step in enumerate(plan)
+        ]
+        sizes = [[len(batch) for batch in step] for step in plan]
+        for (x, y), sz in zip(self.loader, sizes, strict=True):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            yield tuple(zip(x.split(sz), y.split(sz), strict=True)) if len(sz) > 1 else ((x, y),)

@@ -1,10 +1,13 @@
 """Data sets for pruning jobs: a registry of loaders that turn a :class:`DataSpec` into train/test sets.
 
 Every loader returns :class:`Datasets` whose items are ``(image, label)``: a normalised float tensor
-``C x S x S`` and an ``int``. Images are held in memory as uint8 ``N x C x H x W`` when that is small
-and decoded from files on access otherwise; resizing, augmentation (training set only, drawn from
-torch's global RNG so the engine's per-epoch seeding makes it exact on resume) and normalisation
-happen per item. Dataset archives are extracted under the job's cache directory only, and only after
+``C x S x S`` and an ``int``. Images are held in memory as uint8 ``N x C x H x W`` when they fit
+``DECODE_MAX_BYTES`` (an image folder decoded once, ``decoded.py``) and decoded from files on access
+otherwise. Resizing, augmentation (training set only) and normalisation happen per item, drawing from
+torch's global RNG (the engine's loader seeds it per item, ``batches.item_seed``), or, for the
+in-memory sets, per batch on the training device (``ImageTensorDataset.batch``: the same
+distributions, drawn from the engine's own generator, whose state the checkpoint keeps). Dataset
+archives are extracted under the job's cache directory only, and only after
 every member has been checked: names, types, member count, unpacked bytes and compression ratio.
 """
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .decoded import cache_key, cached_images, files_digest
 from .errors import DataError
 from .registry import Registry, UnknownNameError
 from .settings import Settings, get_settings
@@ -101,6 +105,18 @@ class ImageTransform:
             x = self._crop_flip(x)
         return x.sub_(self.mean).div_(self.std)
 
+    def batch(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The same transform on a batch, on the images' device: uint8 ``B x C x H x W`` -> float
+        ``B x C x S x S``. Crops and flips (same distributions as per item) come from ``generator``,
+        which must live on that device; without augmentation nothing is drawn."""
+        x = images.float().div_(255)
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        if self.augment:
+            x = self._crop_flip_batch(x, generator)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return x.sub_(mean).div_(std)
+
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
         """Random ``S x S`` crop of the zero-padded image, then a coin-flip mirror (global torch RNG)."""
         p, s = self.pad, self.size
@@ -109,20 +125,55 @@ class ImageTransform:
         x = F.pad(x, (p, p, p, p))[:, dy : dy + s, dx : dx + s]
         return x.flip(-1) if flip else x.contiguous()
 
+    def _crop_flip_batch(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Per image, an ``S x S`` crop of the zero-padded image at offsets uniform in ``[0, 2 pad]``,
+        mirrored with probability 1/2: one gather for the whole batch (``B x C x S x S`` in and out)."""
+        p, s, b, dev = self.pad, self.size, x.shape[0], x.device
+        offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=generator, device=dev)
+        flips = torch.rand(b, generator=generator, device=dev) < 0.5
+        ramp = torch.arange(s, device=dev)
+        rows = offsets[:, :1] + ramp  # B x S: source row of each output row
+        cols = offsets[:, 1:] + torch.where(flips[:, None], ramp.flip(0), ramp)  # a flip reads backwards
+        padded = F.pad(x, (p, p, p, p))
+        n = torch.arange(b, device=dev)[:, None, None]
+        return padded[n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # B x S x S x C -> BCSS
+
 
 class ImageTensorDataset(Dataset[Item]):
-    """In-memory uint8 images ``N x C x H x W`` with labels; items ``(float C x S x S, int)``."""
+    """In-memory uint8 images ``N x C x H x W`` with labels; items ``(float C x S x S, int)``, or whole
+    batches transformed on a device (``batch``: the engine's path, no loader processes)."""
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int] | np.ndarray, transform: ImageTransform):
         self.images = images
         self.labels = [int(y) for y in labels]
         self.transform = transform
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copies per device
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> Item:
         return self.transform(self.images[index]), self.labels[index]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_on": {}}  # loader workers get the CPU array, never a GPU copy
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images ``N x C x H x W`` and int64 labels ``N`` on ``device``, copied there once."""
+        device = torch.device(device)
+        if device not in self._on:
+            labels = torch.tensor(self.labels, dtype=torch.int64)
+            self._on[device] = (self.images.to(device), labels.to(device))
+        return self._on[device]
+
+    def batch(
+        self, indices: torch.Tensor, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` (int64 ``B``) as one batch on ``device``: float ``B x C x S x S`` (through
+        ``ImageTransform.batch``, augmentation drawn from ``generator``) and int64 labels ``B``."""
+        images, labels = self.on(device)
+        idx = indices.to(images.device)
+        return self.transform.batch(images[idx], generator), labels[idx]
 
 
 class ImageFileDataset(Dataset[Item]):
@@ -362,7 +413,6 @@ _IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-_EAGER_MAX_BYTES = 1 << 30  # decode everything up front below this many decoded bytes
 _STATS_SAMPLE = 512  # images decoded for mean/std when decoding lazily
 _LAYOUT_HINT = "expected train/<class>/* and test/<class>/* images"
 
@@ -390,7 +440,7 @@ def _load_imagefolder(spec: DataSpec, ctx: LoadContext) -> Datasets:
             f"{root.name} has {n} images, over this server's {cap} (MAX_IMAGES); set data.per_class and "
             "data.test_per_class to use fewer"
         )
-    return _folder_datasets(folder, layout, spec, ctx.settings.max_image_size)
+    return _folder_datasets(folder, layout, spec, ctx.settings)
 
 
 def _list_files(folder: Path) -> list[str]:
@@ -459,15 +509,22 @@ def _take(groups: dict[str, list[str]], classes: list[str], n: int | None) -> li
     return [(f, label) for label, c in enumerate(classes) for f in groups[c][:n]]
 
 
-def _folder_datasets(folder: Path, layout: _Layout, spec: DataSpec, max_side: int) -> Datasets:
-    """Decode the chosen files once into memory when small enough, else wrap them for lazy decoding."""
-    files = [folder / rel for rel, _ in layout.train + layout.test]
-    labels = [y for _, y in layout.train + layout.test]
-    size = spec.image_size or _square_size(files[0], max_side)
+def _folder_datasets(folder: Path, layout: _Layout, spec: DataSpec, settings: Settings) -> Datasets:
+    """The chosen files decoded once (``decoded.cached_images``: shared by the host's jobs) and held in
+    memory when ``DECODE_MAX_BYTES`` holds them, else wrapped for decoding per image."""
+    entries = layout.train + layout.test
+    files = [folder / rel for rel, _ in entries]
+    labels = [y for _, y in entries]
+    size = spec.image_size or _square_size(files[0], settings.max_image_size)
     n_train = len(layout.train)
-    if len(files) * 3 * size * size > _EAGER_MAX_BYTES:
+    if len(files) * 3 * size * size > settings.decode_max_bytes:
         return _lazy_datasets(files, labels, n_train, layout.classes, size, spec)
-    images = _decode_all(files, size, spec.image_size)
+    digest = files_digest((rel, y, folder / rel) for rel, y in entries)
+    images, _ = cached_images(
+        settings.decoded_dir,
+        cache_key(digest, size, spec.image_size),
+        lambda: _decode_all(files, size, spec.image_size),
+    )
     split = (images[:n_train], np.asarray(labels[:n_train])), (images[n_train:], np.asarray(labels[n_train:]))
     return _make_datasets(*split, classes=layout.classes, size=size, augment=spec.augment)
 

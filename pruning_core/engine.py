@@ -1,8 +1,10 @@
 """The one training loop. Methods never bring their own: they plug in through ``TrainHooks``.
 
-``fit`` owns the device, AMP, the optimizers (one per parameter set the method declares, see
-``optim.py``), the LR rules, the data order (``batches.py``), evaluation, BatchNorm re-estimation after
-physical pruning, checkpoint/resume and cooperative cancellation.
+``fit`` owns the device, AMP and the memory format (``acceleration``: bfloat16, or float16 with the
+scaler, channels_last and cuDNN autotuning on CUDA; ``torch.compile`` where the method allows it), the
+optimizers (one per parameter set the method declares, see ``optim.py``), the LR rules, the data order
+(``batches.py``), evaluation, BatchNorm re-estimation after physical pruning, checkpoint/resume and
+cooperative cancellation.
 
 A training step: ``training_step`` runs the method's forwards and either returns the loss (the engine
 backpropagates it into every parameter) or calls ``ctx.backward`` itself, as often as it likes, each call
@@ -10,10 +12,15 @@ optionally restricted to some parameters; it may ``ctx.update`` some parameter s
 weights, then the architecture, in one step). Then every set with gradients that was not stepped yet is
 unscaled once, shown to ``after_backward`` and stepped; the GradScaler is updated once per step.
 
+Data: a training set held in memory (``batches.DeviceBatches``) is copied to the device once and each
+step's batch is built there, cropped and flipped by one generator on the device (seeded per epoch); any
+other set is read per item through a DataLoader (``ctx.num_workers`` processes).
+
 Determinism: every epoch reseeds torch from (seed, epoch) and draws its data order from a generator
-seeded the same way; a checkpoint taken mid-epoch stores the RNG state, the step and the epoch's running
-sums, so on CPU an interrupted and resumed run ends with exactly the weights and history of an
-uninterrupted one.
+seeded the same way; a checkpoint taken mid-epoch stores the RNG states (the augmentation generator's
+included), the step and the epoch's running sums, so on CPU an interrupted and resumed run ends with
+exactly the weights and history of an uninterrupted one. Through a DataLoader each item's augmentation
+has a seed of its own (``batches.item_seed``), so that holds with loader workers too.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -34,7 +41,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .batches import Batch, Streams, batch_loader, epoch_plan, epoch_seed, part_of_step, steps_per_epoch
+from .acceleration import amp_dtype, autotune, compile_model, contiguous, in_format, memory_format, place
+from .batches import (
+    Batch,
+    DeviceBatches,
+    ItemLoader,
+    Streams,
+    device_loader,
+    epoch_plan,
+    epoch_seed,
+    part_of_step,
+    steps_per_epoch,
+)
 from .errors import Cancelled, DivergedError
 from .evaluation import MacMeter, View, evaluate_views, recalibrate_bn
 from .macs import Cost, measure
@@ -86,8 +104,10 @@ class StepContext:
         self._run = run
 
     def autocast(self):
-        """Context manager: float16 autocast on CUDA when the schedule enables AMP, else a no-op."""
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self._run.use_amp)
+        """Context manager: autocast to the run's AMP type (``acceleration.amp_dtype``: bfloat16 or
+        float16 on CUDA when the schedule enables AMP), else a no-op."""
+        run = self._run
+        return torch.autocast(self.device.type, dtype=run.amp or torch.float16, enabled=run.use_amp)
 
     def backward(
         self,
@@ -172,7 +192,11 @@ class TrainContext:
     test: Dataset
     reporter: Reporter = field(default_factory=NullReporter)
     checkpoint_dir: Path | None = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes, for a training set read through the DataLoader only
+    # A training set that builds its batches on the device (``batches.DeviceBatches``: images held in
+    # memory) is read that way, augmented there from the engine's generator; False: per item through
+    # a DataLoader, as any other data set.
+    device_data: bool = True
     # Architecture snapshot/restore, so a checkpoint taken after physical pruning can be reloaded.
     describe: Callable[[nn.Module], dict[str, Any]] | None = None
     rebuild: Callable[[dict[str, Any]], nn.Module] | None = None
@@ -183,6 +207,11 @@ class TrainContext:
     # One input (a batch of 1): MACs are counted on it before and after a physical prune, for the
     # ``pruned`` event (``report_pruned``); None: no such event.
     example: torch.Tensor | None = None
+    # Forced autocast type (float32 = none) and memory format; None: the device's defaults and the
+    # schedule's (``acceleration``). Forcing them on CPU is how the CUDA paths are tested there.
+    precision: torch.dtype | None = None
+    memory_format: torch.memory_format | None = None
+    compile_backend: str = "inductor"  # of ``schedule.compile``
 
     def recalibrate(self, model: nn.Module) -> bool:
         """Re-estimate ``model``'s BatchNorm statistics on the training data; whether it was done."""
@@ -264,17 +293,26 @@ def _new_sums() -> dict[str, Any]:
     return {"loss": 0.0, "steps": 0, "train_macs": 0, "wall_s": 0.0, "cpu_s": 0.0, "metrics": {}}
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
+def augment_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's augmentation generator (device batches), apart from the epoch's torch seed."""
+    return (epoch_seed(seed, epoch) * 1_000_033 + 7) % 2**63
+
+
+def _rng_state(device: torch.device, augment: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state(), f"augment_{device.type}": augment.get_state()}
     if device.type == "cuda":  # Gumbel noise, dropout: reproducible on the GPU too
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device, augment: torch.Generator) -> None:
+    """Restore the RNG states of ``_rng_state``; an augmentation state of another device kind (a run
+    resumed elsewhere) cannot load here, and the generator keeps the epoch's seed instead."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+    if f"augment_{device.type}" in state:
+        augment.set_state(state[f"augment_{device.type}"])
 
 
 class _Run:
@@ -296,8 +334,14 @@ class _Run:
         self.steps = steps_per_epoch(len(ctx.train), s, streams)
         self.total = self.steps * s.epochs
         self.warmup = round(s.warmup_epochs * self.steps)
-        self.use_amp = s.amp and ctx.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.amp = amp_dtype(ctx.device, s, ctx.precision)  # None: float32
+        self.use_amp = self.amp is not None
+        self.format = memory_format(ctx.device, s, ctx.memory_format)
+        self.compiled = False  # the model's forward under torch.compile (``schedule.compile``)
+        self.device_data = ctx.device_data and isinstance(ctx.train, DeviceBatches)
+        self.augment = torch.Generator(device=ctx.device)  # device batches' crops and flips
+        self.items: ItemLoader | None = None  # the DataLoader of a set read per item
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp == torch.float16)
         self.opts: Optimizers = None  # type: ignore[assignment]  # built once the method's state is known
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
         self.sums = _new_sums()
@@ -306,6 +350,11 @@ class _Run:
         self.interrupted = threading.Event()
         self.path = _ckpt_path(ctx, phase)
         self.meta = dict(meta)
+
+    def prepare_model(self) -> None:
+        """The model in the run's memory format on the device, its forward compiled where asked."""
+        place(self.model, self.device, self.format)
+        self.compiled = compile_model(self.model, self.hooks, self.s, self.ctx.compile_backend)
 
     def build_optimizers(self) -> None:
         """Optimizers for the method's current parameter sets (again after any physical pruning: the
@@ -342,7 +391,7 @@ class _Run:
         """Architecture, then the method's state (it may re-attach what ``start_phase`` attached to the
         model), then the weights, then optimizers over the method's parameter sets."""
         if ck["arch"] is not None and self.ctx.describe and ck["arch"] != self.ctx.describe(self.model):
-            self.model = self.ctx.rebuild(ck["arch"]).to(self.device)
+            self.model = place(self.ctx.rebuild(ck["arch"]), self.device, self.format)
         self.hooks.load_state_dict(ck["method"], self.model)
         self.model.load_state_dict(ck["model"])
         self.build_optimizers()
@@ -369,26 +418,32 @@ def fit(
     JSON-able facts stored with the checkpoint and returned (those of the checkpoint on resume).
     Returns the trained model (a new object if the method pruned it physically)."""
     t0 = time.perf_counter()
-    model.to(ctx.device)
     run = _Run(model, hooks, schedule, ctx, phase, streams, meta or {})
+    place(model, ctx.device, run.format)
+    autotune(ctx.device)
     ck = load_checkpoint(run.path)
     resumed = None
     if ck is not None:
         run.restore(ck)
         resumed = run.epoch
         if ck["finished"]:
-            return FitResult(run.model, run.history, time.perf_counter() - t0, resumed, run.meta)
+            return FitResult(contiguous(run.model), run.history, time.perf_counter() - t0, resumed, run.meta)
         ctx.reporter.message(f"{phase}: resuming at epoch {run.epoch + 1}, step {run.step_in_epoch}")
     else:
         if run.path and run.path.exists():
             ctx.reporter.message(f"{phase}: its checkpoint was written by an older engine; training it again")
         run.build_optimizers()
     ctx.reporter.phase(phase, schedule.epochs, run.steps)
-    with _interrupt_guard() as interrupted:
-        run.interrupted = interrupted
-        while run.epoch < schedule.epochs:
-            if _train_epoch(run) is EpochAction.STOP:
-                break
+    run.prepare_model()
+    try:
+        with _interrupt_guard() as interrupted:
+            run.interrupted = interrupted
+            while run.epoch < schedule.epochs:
+                if _train_epoch(run) is EpochAction.STOP:
+                    break
+    finally:
+        run.items = None  # its worker processes end with the phase
+        contiguous(run.model)
     run.save(finished=True)
     return FitResult(run.model, run.history, time.perf_counter() - t0, resumed, run.meta)
 
@@ -399,29 +454,31 @@ def _train_epoch(run: _Run) -> EpochAction:
     before = run.sums.get("wall_s", 0.0)  # a resumed epoch's seconds before the interruption
     cpu_before = run.sums.get("cpu_s", 0.0)
     plan = epoch_plan(len(ctx.train), s, ctx.seed, run.epoch, run.streams)
+    torch.manual_seed(epoch_seed(ctx.seed, run.epoch))
+    run.augment.manual_seed(augment_seed(ctx.seed, run.epoch))
     if run.step_in_epoch and run.rng_state is not None:
-        _set_rng_state(run.rng_state, run.device)
-    else:
-        torch.manual_seed(epoch_seed(ctx.seed, run.epoch))
+        _set_rng_state(run.rng_state, run.device, run.augment)
     run.model.train()
     lrs: dict[str, float] = {}
     meter = MacMeter()
-    loader_seed = epoch_seed(ctx.seed, run.epoch) * 1_009 + run.step_in_epoch
-    with meter.attached(run.model):
-        for batches in batch_loader(
-            ctx.train, plan[run.step_in_epoch :], ctx.num_workers, run.device, loader_seed
-        ):
+    # a compiled forward is not given the meter's hooks (each attachment would recompile it): the MACs
+    # of its one plain forward per step are the network's per sample times the samples
+    per_sample = run.hooks.current_macs(run.model) if run.compiled else 0
+    with nullcontext() if run.compiled else meter.attached(run.model):
+        for batches in _batches(run, plan[run.step_in_epoch :]):
             _stop_point(run)
             step = run.epoch * run.steps + run.step_in_epoch
             lrs = run.opts.set_lr(lr_factor(step, run.total, run.warmup, s.lr_schedule))
             sctx = StepContext(run, step, part_of_step(run.step_in_epoch, run.streams))
             meter.total = 0
             loss = _optimise(run, batches[0] if len(batches) == 1 else batches, sctx)
-            run.sums["train_macs"] += meter.total
+            samples = sum(len(y) for _, y in batches)
+            run.sums["train_macs"] += per_sample * samples if run.compiled else meter.total
             run.sums["wall_s"] = before + time.perf_counter() - t0
             run.sums["cpu_s"] = cpu_before + time.process_time() - c0
             run.step_in_epoch += 1
-            run.rng_state = _rng_state(run.device)  # before the next batch is drawn: where a resume starts
+            # before the next batch is drawn: where a resume starts
+            run.rng_state = _rng_state(run.device, run.augment)
             ctx.reporter.step(run.phase, run.epoch, run.step_in_epoch, loss)
     record = _epoch_record(run, lrs, before + time.perf_counter() - t0, cpu_before + time.process_time() - c0)
     run.step_in_epoch, run.rng_state, run.sums = 0, None, _new_sums()
@@ -431,6 +488,20 @@ def _train_epoch(run: _Run) -> EpochAction:
     run.epoch += 1
     run.save()
     return action
+
+
+def _batches(run: _Run, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ...]]:
+    """The steps of ``plan`` as batches on the device: built there from the in-memory images
+    (``device_loader``), or read through the phase's DataLoader (``ItemLoader``, made at first use)."""
+    if run.device_data:
+        steps = device_loader(run.ctx.train, plan, run.device, run.augment)  # type: ignore[arg-type]
+    else:
+        if run.items is None:
+            run.items = ItemLoader(run.ctx.train, run.ctx.num_workers, run.device)
+        steps = run.items(plan, epoch_seed(run.ctx.seed, run.epoch), run.step_in_epoch)
+    # the network's layout: a batch cropped on the device comes NHWC-strided, which on CPU would
+    # silently switch the convolutions to channels_last
+    return (tuple((in_format(x, run.format), y) for x, y in step) for step in steps)
 
 
 def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) -> float:
@@ -487,7 +558,9 @@ def _metric(name: str, value: Any) -> float | list[float]:
 
 def _evaluate(run: _Run, record: dict[str, Any]) -> None:
     """Top-1 and test loss of the method's views (the first is the main one) and MACs, into ``record``."""
-    views = evaluate_views(run.hooks.eval_views(run.model), run.ctx.test, run.device, run.ctx.recalibrate)
+    views = evaluate_views(
+        run.hooks.eval_views(run.model), run.ctx.test, run.device, run.ctx.recalibrate, run.ctx.num_workers
+    )
     main = next(iter(views.values()))
     record.update(top1=main["top1"], test_loss=main["test_loss"], macs=run.hooks.current_macs(run.model))
     if len(views) > 1:
@@ -524,7 +597,8 @@ def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
         record["top1_before"], record["macs_before"] = record["top1"], record["macs"]
         example = run.ctx.example
         before = cost_of(run.model, example) if example is not None else None
-        run.model = run.hooks.prune_now(run.model).to(run.device)
+        run.model = run.hooks.prune_now(run.model)
+        run.prepare_model()
         if before is not None:
             report_pruned(run.ctx.reporter, before, cost_of(run.model, example))
         run.build_optimizers()

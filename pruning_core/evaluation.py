@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .batches import DeviceBatches
 from .macs import COUNTED
 
 
@@ -26,14 +27,16 @@ class View:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 256, workers: int = 0
+) -> dict[str, float]:
     """Top-1 accuracy (percent), mean cross-entropy and ``non_finite`` (the images whose logits hold a
-    NaN or inf: a broken network, whatever its top-1) on ``ds``."""
+    NaN or inf: a broken network, whatever its top-1) on ``ds``. ``workers``: DataLoader processes for a
+    set read per item."""
     was = model.training
     model.eval()
     correct, total, loss, bad = 0, 0, 0.0, 0
-    for x, y in DataLoader(ds, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
+    for x, y in _in_order(ds, device, batch_size, workers):
         logits = model(x).float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -42,6 +45,20 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch_size: in
     model.train(was)
     n = max(1, total)
     return {"top1": 100.0 * correct / n, "test_loss": loss / n, "non_finite": float(bad)}
+
+
+def _in_order(
+    ds: Dataset, device: torch.device, batch_size: int, workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``ds`` in order as ``(x, y)`` batches on ``device``: built there when the set can (``DeviceBatches``,
+    images held in memory), else read per item through a DataLoader."""
+    if isinstance(ds, DeviceBatches):
+        n = len(ds)  # type: ignore[arg-type]
+        for start in range(0, n, batch_size):
+            yield ds.batch(torch.arange(start, min(start + batch_size, n)), device)
+        return
+    for x, y in DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"):
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -92,7 +109,11 @@ def _bn_state_kept(model: nn.Module) -> Iterator[None]:
 
 
 def evaluate_views(
-    views: dict[str, View], test: Dataset, device: torch.device, recalibrate: Callable[[nn.Module], object]
+    views: dict[str, View],
+    test: Dataset,
+    device: torch.device,
+    recalibrate: Callable[[nn.Module], object],
+    workers: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Evaluate each view on ``test``; a view that asks has its BatchNorm statistics re-estimated first
     by ``recalibrate`` (and restored afterwards, so training never sees them)."""
@@ -101,9 +122,9 @@ def evaluate_views(
         if view.recalibrate_bn:
             with _bn_state_kept(view.module):
                 recalibrate(view.module)
-                out[name] = evaluate(view.module, test, device)
+                out[name] = evaluate(view.module, test, device, workers=workers)
         else:
-            out[name] = evaluate(view.module, test, device)
+            out[name] = evaluate(view.module, test, device, workers=workers)
     return out
 
 

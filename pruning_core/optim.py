@@ -216,4 +216,5 @@ class Optimizers:
             raise ValueError(f"checkpoint parameter sets differ from the method's: {sorted(differ)}")
         for n, s in self.slots.items():
             s.opt.load_state_dict(state["optimizers"][n])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a disabled scaler (float32 or bfloat16): this one starts afresh
+            self.scaler.load_state_dict(state["scaler"])

@@ -32,6 +32,7 @@ from . import (
     methods,  # noqa: F401  (registers the methods)
     speed_target,
 )
+from .batches import default_workers
 from .budget import TARGET_BAND, check_reachable, floors
 from .card import write_card
 from .contract import InputContract
@@ -188,7 +189,7 @@ def _run(spec: JobSpec, workdir: Path, reporter: Reporter) -> Result:
         test=data.test,
         reporter=reporter,
         checkpoint_dir=workdir / "checkpoints",
-        num_workers=spec.data.num_workers,
+        num_workers=default_workers(spec.data.num_workers, device, settings.max_data_workers),
         describe=shape.describe,
         rebuild=lambda arch: rebuild(arch),
         bn_batches=spec.schedule.bn_recalibration_batches,

@@ -62,6 +62,19 @@ class Settings(BaseSettings):
         description="A training step whose loss is above this many times its phase's first step's loss "
         "(at least 1) stops the job as failed / diverged, not retried (DIVERGENCE_FACTOR).",
     )
+    decode_max_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="An image folder whose decoded uint8 images (N x C x S x S bytes) fit in this many bytes "
+        "is decoded once, cached on disk (DECODE_CACHE_DIR) and held in memory, on the GPU for CUDA jobs, "
+        "where it is augmented in batches; a larger one is decoded from its files per image by DataLoader "
+        "workers (DECODE_MAX_BYTES).",
+    )
+    decode_cache_dir: Path | None = Field(
+        None,
+        description="Decoded image arrays, shared by the jobs of this host and keyed by the data's digest "
+        "and image size; default STATE_DIR/cache/decoded (DECODE_CACHE_DIR).",
+    )
     mlflow_tracking_uri: str | None = Field(
         None,
         description="Log every job as an MLflow run there (params: the spec; per-epoch metrics; the "
@@ -232,6 +245,10 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return (self.artifact_root or self.state_dir / "artifacts").resolve()
+
+    @property
+    def decoded_dir(self) -> Path:
+        return (self.decode_cache_dir or self.state_dir / "cache" / "decoded").resolve()
 
     @property
     def uploads_dir(self) -> Path:

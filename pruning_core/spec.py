@@ -176,7 +176,15 @@ class DataSpec(_Strict):
     )
     augment: bool = Field(True, description="Random crop and flip on training images (not on digits).")
     num_classes: int | None = Field(None, ge=2, le=100_000, description="synthetic only: number of classes.")
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="DataLoader worker processes, for an image folder too large to hold in memory (one "
+        "held in memory is cropped and flipped on the training device, with none). Default: none on CPU "
+        "(the cores train), the host's cores on CUDA (at most MAX_DATA_WORKERS). Resume is exact either way: "
+        "each image's crop and flip has a seed of its own.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -581,6 +589,22 @@ class Schedule(_Strict):
     )
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "auto",
+        description="The autocast type of `amp`: `auto` is bfloat16 where the GPU has it (no loss scaling), "
+        "else float16 with the gradient scaler.",
+    )
+    channels_last: bool | None = Field(
+        None,
+        description="Weights and inputs in channels_last (NHWC) memory format while training; default: "
+        "on CUDA only (tensor cores read NHWC; CPU training stays as it was).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the network's forward for training where the method allows it (one "
+        "plain forward per step: dense training and `magnitude`); off by default until measured faster "
+        "per method.",
+    )
     max_steps_per_epoch: int | None = Field(
         None, ge=1, le=10**9, description="Cap on steps per epoch (smoke runs)."
     )

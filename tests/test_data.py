@@ -6,6 +6,7 @@ import io
 import pickle
 import stat
 import tarfile
+import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable
@@ -30,11 +31,16 @@ from pruning_core.settings import Settings
 from pruning_core.spec import DATASETS as SPEC_DATASETS
 from pruning_core.spec import DataSpec
 
+DECODED = Path(tempfile.mkdtemp(prefix="decoded-"))  # this session's decoded-image cache
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared/datasets/cifar10-jpeg.tar.gz"
 
 
 def _settings(**overrides: object) -> Settings:
-    values: dict[str, object] = {"data_root": Path("/nonexistent-data-root"), "allow_download": False}
+    values: dict[str, object] = {
+        "data_root": Path("/nonexistent-data-root"),
+        "allow_download": False,
+        "decode_cache_dir": DECODED,
+    }
     return Settings(**(values | overrides))
 
 
@@ -410,12 +416,18 @@ def test_imagefolder_root_must_exist_and_be_a_known_kind(tmp_path: Path) -> None
         _load(tmp_path, name="imagefolder", root=str(tmp_path / "data.rar"))
 
 
-def test_imagefolder_lazy_decoding_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagefolder_lazy_decoding_matches_eager(tmp_path: Path) -> None:
     files = _tree(mode="L") | {"train/cat/000.png": _image(5, size=(16, 16))}
     root = _write_dir(tmp_path / "tree", files)
     eager = _load(tmp_path, name="imagefolder", root=str(root), image_size=12, augment=False)
-    monkeypatch.setattr(D, "_EAGER_MAX_BYTES", 0)
-    lazy = _load(tmp_path, name="imagefolder", root=str(root), image_size=12, augment=False)
+    lazy = _load(
+        tmp_path,
+        name="imagefolder",
+        root=str(root),
+        image_size=12,
+        augment=False,
+        settings=_settings(decode_max_bytes=0),
+    )
     assert isinstance(eager.train, ImageTensorDataset) and isinstance(lazy.train, ImageFileDataset)
     assert (lazy.in_channels, lazy.classes, lazy.mean) == (3, eager.classes, pytest.approx(eager.mean))
     for a, b in ((eager.train, lazy.train), (eager.test, lazy.test)):

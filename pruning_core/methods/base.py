@@ -113,6 +113,9 @@ class Method:
     # True for a method that picks its channels from the weights it is given before training them
     # (one-shot): from untrained weights that pick is random, and the runner warns the job.
     ranks_given_weights: ClassVar[bool] = False
+    # True for a method whose training step is one plain forward of the model as it is (no masks, hooks
+    # or second forward): ``schedule.compile`` may then compile that forward (``acceleration``).
+    compiles: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel, ctx: MethodContext):
         self.options = options
@@ -204,6 +207,7 @@ class DenseTraining(Method):
     """Training the dense model before pruning (the ``dense`` phase); never registered as a method."""
 
     name = "dense"
+    compiles = True
 
     def phases(self) -> list[Phase]:
         return [Phase("dense", self.ctx.spec.schedule.dense_epochs)]

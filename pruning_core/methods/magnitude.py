@@ -22,6 +22,7 @@ from .base import METHODS, Method, Phase
 class Magnitude(Method):
     options: MagnitudeOptions
     ranks_given_weights = True
+    compiles = True  # pruned physically before training: its fine-tuning is plain training
 
     def start_phase(self, phase: Phase, model: nn.Module) -> nn.Module:
         graph = self.ctx.graph(model)
