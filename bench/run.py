@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -298,9 +299,26 @@ def run_case(case: Case, profile: Profile, work: Path) -> dict[str, Any]:
 # --- the whole run ---
 
 
+def code_commit() -> str | None:
+    """The repository's commit the benchmark runs (``+changes`` when the engine or the benchmarks differ
+    from it), so that results merged from several runs show which code made each; None outside git."""
+    git = ["git", "-C", str(REPO_DIR)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "pruning_core", "bench"], capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     cpu = cpu_model()
     return {
+        "commit": code_commit(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

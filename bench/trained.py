@@ -159,6 +159,7 @@ def _machines(machines: list[dict[str, Any]]) -> str:
         dict.fromkeys(
             f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
             f"torch-pruning {m['torch_pruning']}; device `{m['device']}`"
+            + (f"; commit {m['commit']}" if m.get("commit") else "")
             for m in machines
         )
     )

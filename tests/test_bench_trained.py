@@ -60,7 +60,7 @@ def test_no_baselines_runs_the_chosen_contenders_alone(tmp_path: Path) -> None:
 
 def _part(seed: int, top1: float, **over: object) -> dict:
     """A one-seed Table A results dict (the committed seed-0 run's), its seed and magnitude's top-1 set."""
-    results = json.loads((RESULTS / "trained-cpu-2026-12-07T004622Z.json").read_text())
+    results = json.loads((RESULTS / "trained-cpu-2026-12-07T023833Z.json").read_text())
     run = copy.deepcopy(results["case"]["runs"][0]) | {"seed": seed}
     run["targets"][0]["rows"]["magnitude"]["top1"] = top1
     return (
@@ -85,6 +85,6 @@ def test_merge_joins_seeds_in_order_and_renders_their_spread(tmp_path: Path) -> 
 
 def test_merge_refuses_parts_of_different_tables_or_a_repeated_seed() -> None:
     with pytest.raises(SystemExit, match="options"):
-        trained.merge([_part(0, 80.0), _part(1, 80.0, options={"psap": {"settle": 0.75}})])
+        trained.merge([_part(0, 80.0), _part(1, 80.0, options={"psap": {"settle": 0.5}})])
     with pytest.raises(SystemExit, match="more than one file"):
         trained.merge([_part(0, 80.0), _part(0, 81.0)])
