@@ -97,19 +97,17 @@ def test_the_result_lands_in_the_band_and_without_the_cost_loss_the_expected_mac
             "architecture_from"
         ]
 
-    # Four epochs at this architecture LR do not settle the argmax (seed 2 with sorted channels: 0.55, 0.50,
-    # 0.42, 0.55 of the dense MACs), so the search's own landing is not asserted; its pull is: the cost
-    # loss holds the expected MACs where, without it, only the cross-entropy moves the architecture,
-    # toward wider networks.
+    # Four epochs do not settle the argmax (seed 2 with sorted channels: 0.55, 0.50, 0.42, 0.55 of the dense
+    # MACs), so the search's own landing is not asserted; what is: without the cost loss the cross-entropy
+    # alone moves the architecture toward wider networks. Whether the cost loss holds them back is not
+    # asserted here: the target (0.5) lies above the uniform start (0.26), so it pulls the same way, and at
+    # one architecture LR (0.2) both runs ended at 0.45 and 0.43 (an earlier assertion that the cost run
+    # ends 0.1 lower measured its 4x smaller LR, not the loss). The loss's sign is test_tas_space's.
     def expected(report) -> list[float]:
         return [r.metrics["expected_macs_ratio"] for r in report.history if r.phase == "search"]
 
-    # Over the whole search, not epoch by epoch, and on the expected MACs, not the argmax (one torch thread
-    # and two: 0.30 -> 0.63 and 0.31 -> 0.67 on this machine's CPU with interpolated candidates; padded,
-    # from the dense epoch's weights, most of the move is in the first epoch: 0.26 -> 0.49 -> 0.44).
     start = _uniform_expected_macs()  # the architecture logits' start (uniform), before any step
     assert expected(without)[-1] > start + 0.1, (start, expected(without))
-    assert expected(with_cost)[-1] < expected(without)[-1] - 0.1, (expected(with_cost), expected(without))
 
 
 def test_an_architecture_above_the_target_steps_down_where_the_logits_mind_least() -> None:
