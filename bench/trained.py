@@ -75,8 +75,10 @@ class TrainedProfile:
     baselines: bool = True  # magnitude + KD and Torch-Pruning's pruner beside the contenders
 
 
-# Sized for about 90 minutes on 2 CPU cores (3 seeds x 2 targets x 5 contenders): 8 epochs over 500
-# images per class = 40,000 images (625 steps of 64) of fine-tuning for every contender.
+# 8 epochs over 500 images per class = 40,000 images (625 steps of 64) of fine-tuning for every contender.
+# Sized for 90 minutes on 2 CPU cores, it measured about 60 minutes per seed (2 targets x 5 contenders,
+# tas and s2h at 2-3x a fine-tuning epoch): 3 seeds take about 3 hours, so `--seed-list` splits them over
+# runs and `--merge` joins the files (options were chosen at this budget, so it was kept).
 PROFILES: dict[str, TrainedProfile] = {
     "cpu": TrainedProfile(
         Profile(
