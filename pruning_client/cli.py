@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import render
-from .models import Resource
+from .models import Job, Resource
 from .sdk import ApiError, Client, ClientError, format_error
 from .spec_args import SpecInputError, add_spec_flags, build_spec, version_line
 
@@ -214,22 +214,27 @@ def _upload_files(
         _note(f"{done} {file} as {ref} ({'.'.join(path)})")
 
 
+def _follow(client: Client, job: Job, args: argparse.Namespace) -> int:
+    """A submitted job's id on stdout, then (``--watch`` / ``--wait``) its final line; the exit code: 0
+    unless a followed job did not succeed."""
+    print(job.id, flush=True)
+    if args.watch:
+        job = render.watch(client, job.id)
+    elif args.wait:
+        job = client.wait(job.id)
+    else:
+        return 0
+    print(render.final_line(job))
+    return 0 if job.status == "succeeded" else 1
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     data = build_spec(args)
     _check_locally(data)
     local = _local_files(data)
     with _client(args) as client:
         _upload_files(client, data, local)
-        job = client.submit(data, idempotency_key=args.idempotency_key)
-        print(job.id, flush=True)
-        if args.watch:
-            job = render.watch(client, job.id)
-        elif args.wait:
-            job = client.wait(job.id)
-        else:
-            return 0
-    print(render.final_line(job))
-    return 0 if job.status == "succeeded" else 1
+        return _follow(client, client.submit(data, idempotency_key=args.idempotency_key), args)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -408,16 +413,9 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     overrides = build_spec(args)
     with _client(args) as client:
         _upload_files(client, overrides, _local_files(overrides))
-        job = client.rerun(args.job_id, overrides, idempotency_key=args.idempotency_key)
-        print(job.id, flush=True)
-        if args.watch:
-            job = render.watch(client, job.id)
-        elif args.wait:
-            job = client.wait(job.id)
-        else:
-            return 0
-    print(render.final_line(job))
-    return 0 if job.status == "succeeded" else 1
+        return _follow(
+            client, client.rerun(args.job_id, overrides, idempotency_key=args.idempotency_key), args
+        )
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
