@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         merged = merge([json.loads(f.read_text()) for f in args.merge], argv)
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"{_section(merged)}-{merged['date'][:19].replace(':', '')}Z.json"
+        seeds = "-".join(str(r["seed"]) for r in merged["case"]["runs"])
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%SZ")  # not a part's: it would overwrite it
+        path = args.out / f"{_section(merged)}-seeds{seeds}-{stamp}.json"
         path.write_text(json.dumps(merged, indent=1) + "\n")
         markdown.write_section(args.markdown, _section(merged), render(merged, path))
         log(f"merged: {path}")

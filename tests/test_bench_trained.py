@@ -76,7 +76,7 @@ def test_merge_joins_seeds_in_order_and_renders_their_spread(tmp_path: Path) -> 
     b.write_text(json.dumps(_part(0, 82.0)))
     md = tmp_path / "B.md"
     assert trained.main(["--merge", str(a), str(b), "--out", str(tmp_path), "--markdown", str(md)]) == 0
-    (merged_file,) = tmp_path.glob("trained-cpu-*.json")
+    (merged_file,) = tmp_path.glob("trained-cpu-seeds0-1-*.json")  # beside the parts, never over one
     merged = json.loads(merged_file.read_text())
     assert [r["seed"] for r in merged["case"]["runs"]] == [0, 1]
     assert merged["date"].startswith("2026-12-01") and "--merge" in merged["command"]
