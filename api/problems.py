@@ -89,6 +89,17 @@ def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
+def invalid(errors: list[dict[str, str]]) -> Problem:
+    """The 422 problem for ``validation_errors``' list, as the request validation's own."""
+    return Problem(
+        422,
+        f"{len(errors)} invalid field(s): {', '.join(dict.fromkeys(e['field'] for e in errors))}.",
+        slug="validation-error",
+        title="Invalid request",
+        errors=errors,
+    )
+
+
 async def _on_problem(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, Problem)
     return problem_response(request, exc)
@@ -124,18 +135,7 @@ async def _on_validation(request: Request, exc: Exception) -> ProblemResponse:
                 slug="unsupported-media-type",
             ),
         )
-    items = validation_errors(errors)
-    fields = ", ".join(dict.fromkeys(i["field"] for i in items))
-    return problem_response(
-        request,
-        Problem(
-            422,
-            f"{len(items)} invalid field(s): {fields}.",
-            slug="validation-error",
-            title="Invalid request",
-            errors=items,
-        ),
-    )
+    return problem_response(request, invalid(validation_errors(errors)))
 
 
 # FastAPI's answer to a body its JSON parser gave up on (nested too deep, not UTF-8)

@@ -55,12 +55,15 @@ class Profile:
     latency_max_s: float = 10.0
 
 
-def _cifar(per_class: int | None, test_per_class: int | None, workers: int = 0) -> DataSpec:
+def _cifar(
+    per_class: int | None, test_per_class: int | None, workers: int | None = 0, image_size: int | None = None
+) -> DataSpec:
     return DataSpec(
         name="imagefolder",
         root=str(CIFAR_ARCHIVE),
         per_class=per_class,
         test_per_class=test_per_class,
+        image_size=image_size,
         augment=True,
         num_workers=workers,
     )

@@ -50,9 +50,9 @@ from pruning_core.settings import Settings
 from pruning_core.spec import DataSpec, JobSpec, Schedule
 from pruning_core.zoo import build_model
 
-from . import markdown
+from . import markdown, profiles
 from .plain import plain_train
-from .profiles import CACHE_DIR, CIFAR_ARCHIVE, RESULTS_DIR
+from .profiles import CACHE_DIR, RESULTS_DIR
 
 RESULTS_FORMAT = "pruning-core/throughput-v1"
 
@@ -70,14 +70,8 @@ class Case:
 
 
 def _cifar(per_class: int | None, test_per_class: int, image_size: int | None = None) -> DataSpec:
-    return DataSpec(
-        name="imagefolder",
-        root=str(CIFAR_ARCHIVE),
-        per_class=per_class,
-        test_per_class=test_per_class,
-        image_size=image_size,
-        augment=True,
-    )
+    """bench.profiles' CIFAR-10 JPEG set with the job's default loader workers (None: per device)."""
+    return profiles._cifar(per_class, test_per_class, workers=None, image_size=image_size)
 
 
 # profile -> (device, cases). The 224 px cases upscale the CIFAR-10 JPEG files: decoded they exceed

@@ -20,7 +20,7 @@ from store.models import TERMINAL, Job, JobStatus
 from .. import queue, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
-from ..problems import PROBLEM_SCHEMA, Problem, validation_errors
+from ..problems import PROBLEM_SCHEMA, Problem, invalid, validation_errors
 from ..refs import pretrained_errors, spec_errors, weights_errors, weights_to_check
 from ..schemas import DeliveryList, JobOut, JobPage, delivery_out, echo, is_id, job_out, job_path
 
@@ -95,16 +95,6 @@ def notify_errors(spec: JobSpec, secret: str | None, settings: Settings) -> list
     if (why := webhooks.url_problem(spec.notify.url, settings.webhook_allow)) is not None:
         errors.append({"field": "notify.url", "message": why})
     return errors
-
-
-def invalid(errors: list[dict[str, str]]) -> Problem:
-    return Problem(
-        422,
-        f"{len(errors)} invalid field(s): {', '.join(e['field'] for e in errors)}.",
-        slug="validation-error",
-        title="Invalid request",
-        errors=errors,
-    )
 
 
 def submit(

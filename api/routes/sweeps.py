@@ -25,7 +25,7 @@ from store.models import TERMINAL, Job, JobStatus, Sweep
 from .. import queue, quotas
 from ..auth import OwnerDep
 from ..deps import ReadSessionsDep, SessionsDep, SettingsDep
-from ..problems import PROBLEM_SCHEMA, Problem
+from ..problems import PROBLEM_SCHEMA, Problem, invalid
 from ..refs import pretrained_errors, spec_errors, weights_errors, weights_to_check
 from ..schemas import ARTIFACT_NAME, ArtifactList, ArtifactOut, artifact_out, echo, is_id, job_path, utc
 from ..sweep_plan import SweepIn, child_count, plan
@@ -138,16 +138,6 @@ def sweep_out(sweep: Sweep, jobs: list[Job], root: str = "") -> SweepOut:
     )
 
 
-def _invalid(errors: list[dict[str, str]]) -> Problem:
-    return Problem(
-        422,
-        f"{len(errors)} invalid field(s): {', '.join(e['field'] for e in errors)}.",
-        slug="validation-error",
-        title="Invalid request",
-        errors=errors,
-    )
-
-
 def _check(body: SweepIn, children: list[dict], dense: dict | None, settings: Any, s: Session, owner: str):
     """Every child and the dense job within this server's limits, the base spec's files the caller's."""
     errors = [{"field": f"spec.{f}", "message": m} for f, m in submit_problems(body.spec, settings)]
@@ -197,7 +187,7 @@ def create_sweep(
         for e in pretrained_errors(body.spec, settings, owner)
     ]
     if errors:
-        raise _invalid(errors)
+        raise invalid(errors)
     with sessions() as s:
         _check_room(s, owner, settings, len(children) + (1 if dense else 0))
         ahead = repo.count_jobs(s, owner, JobStatus.QUEUED, JobStatus.RUNNING)
