@@ -5,7 +5,6 @@ the API would see for the same key (api.auth), so no page shows what a JSON rout
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -26,26 +25,12 @@ router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
 PAGE_SIZES = (20, 50, 100)
 RECENT_EVENTS = 200
 REPORT = "report.html"
-# Job actions the pages offer when the app serves the API route behind them: name -> (method, path).
+# The job actions the pages offer, each through its API route: name -> (method, path).
 ACTIONS = {
     "cancel": ("POST", "/v1/jobs/{}/cancel"),
     "rerun": ("POST", "/v1/jobs/{}/rerun"),
     "delete": ("DELETE", "/v1/jobs/{}"),
 }
-
-
-def available_actions(request: Request) -> set[str]:
-    """The ``ACTIONS`` whose API route this app serves, by its OpenAPI document (read once, then kept
-    on the app): rerun and delete light up on a server that has them."""
-    state = request.app.state
-    if not hasattr(state, "web_actions"):
-        served = {
-            (verb.upper(), re.sub(r"\{[^}]*\}", "{}", path))
-            for path, item in request.app.openapi().get("paths", {}).items()
-            for verb in item
-        }
-        state.web_actions = {name for name, route in ACTIONS.items() if route in served}
-    return state.web_actions
 
 
 def require_owner(request: Request) -> str:
@@ -128,7 +113,7 @@ def job_view(request: Request, job_id: str, code: int = 200, error: str = "") ->
         chart_data=[[e.get("top1"), e.get("train_loss")] for e in epochs],
         artifacts=[(a, view.size(a.size)) for a in arts],
         has_report=any(a.name == REPORT for a in arts),
-        actions=available_actions(request),
+        actions=ACTIONS,
         error=error,
     )
 
