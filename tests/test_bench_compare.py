@@ -30,6 +30,10 @@ def test_s2h_runs_from_scratch_in_one_stage_and_from_the_dense_weights_with_kd()
     dense = method_spec("s2h-dense", s, 0.5, weights)
     assert dense.method.name == "s2h" and dense.model.weights == str(weights) and dense.kd.enabled
     assert dense.schedule.epochs == s.case.finetune_epochs and not dense.schedule.dense_epochs
+    tuned = method_spec("s2h-dense", s, 0.5, weights, {"finetune_epochs": 3})  # its own fine-tuning
+    assert tuned.schedule.epochs + tuned.method.finetune_epochs == s.case.finetune_epochs, "one budget"
+    with pytest.raises(ValueError, match="no epoch"):
+        method_spec("s2h-dense", s, 0.5, weights, {"finetune_epochs": s.case.finetune_epochs})
 
 
 def test_tas_starts_from_the_dense_weights_and_options_override() -> None:
