@@ -22,6 +22,7 @@ Results go to ``bench/results/[val-]trained-<profile>-<time>.json`` (rewritten a
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import shlex
@@ -250,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="join results files of the same table run seed by seed into one, then write its section",
     )
+    p.add_argument(
+        "--replace",
+        default=[],
+        type=lambda t: t.split(","),
+        metavar="C,C",
+        help="with --merge: these contenders' rows come from the parts that reran them alone",
+    )
     p.add_argument("--targets", type=lambda t: tuple(float(x) for x in t.split(",")), help="MAC ratios")
     p.add_argument(
         "--validation", type=int, metavar="N", help="measure on N held-out training images per class"
@@ -273,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown.render_file(args, _section, render)
         return 0
     if args.merge:
-        merged = merge([json.loads(f.read_text()) for f in args.merge], argv)
+        merged = merge([json.loads(f.read_text()) for f in args.merge], argv, tuple(args.replace))
         args.out.mkdir(parents=True, exist_ok=True)
         seeds = "-".join(str(r["seed"]) for r in merged["case"]["runs"])
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%SZ")  # not a part's: it would overwrite it
@@ -351,30 +359,63 @@ def main(argv: list[str] | None = None) -> int:
 SAME = ("format", "profile", "validation", "weights", "targets", "contenders", "baselines", "options")
 
 
-def merge(parts: list[dict[str, Any]], argv: list[str] | None = None) -> dict[str, Any]:
+def merge(
+    parts: list[dict[str, Any]], argv: list[str] | None = None, rerun: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """One results dict from runs of the same table over different seeds: their runs in seed order.
     Refuses parts that differ in anything but their seeds (``SAME``, the case's budget) or repeat a seed.
-    The command lists every part's and the merge's; the date is the first part's, ``wall_s`` the sum."""
-    first = parts[0]
-    budget = {k: v for k, v in first["case"].items() if k != "runs"}
-    for part in parts[1:]:
-        differ = [k for k in SAME if part.get(k) != first.get(k)]
-        if {k: v for k, v in part["case"].items() if k != "runs"} != budget:
-            differ.append("case")
-        if differ:
-            raise SystemExit(f"bench: cannot merge runs that differ in {', '.join(differ)}")
-    runs = sorted((r for p in parts for r in p["case"]["runs"]), key=lambda r: r["seed"])
-    seeds = [r["seed"] for r in runs]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"bench: a seed is in more than one file ({seeds})")
+    The command lists every part's and the merge's; the date is the first part's, ``wall_s`` the sum.
+
+    ``rerun``: contenders rerun on their own (with ``--methods C --no-baselines``, say at options
+    chosen later): the parts that ran exactly these contenders and no baselines give their rows and
+    options, every seed of the others must be among theirs, and the others' rows of them are dropped."""
+    swap = [p for p in parts if rerun and p["contenders"] == list(rerun) and not p["baselines"]]
+    if rerun and not swap:
+        raise SystemExit(f"bench: no part ran {', '.join(rerun)} alone (--methods ... --no-baselines)")
+    base = [p for p in parts if not any(p is q for q in swap)]
+    runs = _joined(base)
+    if swap:
+        _check_same(swap, keys=("format", "profile", "validation", "weights", "targets", "options"))
+        new = {r["seed"]: r for r in _joined(swap)}
+        if missing := sorted({r["seed"] for r in runs} - set(new)):
+            raise SystemExit(f"bench: the rerun of {', '.join(rerun)} lacks seeds {missing}")
+        for run in runs:
+            for t, t_new in zip(run["targets"], new[run["seed"]]["targets"], strict=True):
+                t["rows"] = {k: v for k, v in t["rows"].items() if k not in rerun} | t_new["rows"]
+    first = base[0]
     merge_cmd = "python -m bench.trained " + shlex.join(sys.argv[1:] if argv is None else argv)
+    kept = {c: o for c, o in first.get("options", {}).items() if c not in rerun}
     return first | {
+        "options": kept | (swap[0].get("options", {}) if swap else {}),
+        "contenders": [*first["contenders"], *(c for c in rerun if c not in first["contenders"])],
         "command": " ; ".join([*(p["command"] for p in parts), merge_cmd]),
         "date": min(p["date"] for p in parts),
         "wall_s": sum(p.get("wall_s", 0.0) for p in parts),
         "machines": [p["machine"] for p in parts],
-        "case": budget | {"runs": runs},
+        "case": first["case"] | {"runs": runs},
     }
+
+
+def _check_same(parts: list[dict[str, Any]], keys: tuple[str, ...] = ()) -> None:
+    """Refuse parts that differ in ``keys`` (default ``SAME``) or in the case's budget."""
+    first = parts[0]
+    budget = {k: v for k, v in first["case"].items() if k != "runs"}
+    for part in parts[1:]:
+        differ = [k for k in keys or SAME if part.get(k) != first.get(k)]
+        if {k: v for k, v in part["case"].items() if k != "runs"} != budget:
+            differ.append("case")
+        if differ:
+            raise SystemExit(f"bench: cannot merge runs that differ in {', '.join(differ)}")
+
+
+def _joined(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts' runs in seed order (copies), after checking the parts are of one table."""
+    _check_same(parts)
+    runs = sorted((copy.deepcopy(r) for p in parts for r in p["case"]["runs"]), key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"bench: a seed is in more than one file ({seeds})")
+    return runs
 
 
 def _section(results: dict[str, Any]) -> str:

@@ -88,3 +88,26 @@ def test_merge_refuses_parts_of_different_tables_or_a_repeated_seed() -> None:
         trained.merge([_part(0, 80.0), _part(1, 80.0, options={"psap": {"settle": 0.5}})])
     with pytest.raises(SystemExit, match="more than one file"):
         trained.merge([_part(0, 80.0), _part(0, 81.0)])
+
+
+def test_merge_replaces_a_contender_rerun_alone_at_new_options() -> None:
+    """Options chosen after some seeds ran: the contender reruns alone on every seed, its rows and
+    options replace the old ones, the baselines' rows stay."""
+    rerun = _part(
+        0, 80.0, contenders=["s2h-dense"], baselines=False, options={"s2h-dense": {"finetune_epochs": 2}}
+    )
+    for run in rerun["case"]["runs"]:
+        for t in run["targets"]:
+            t["rows"] = {"s2h-dense": t["rows"]["s2h-dense"] | {"top1": 99.0}}
+    old = [_part(0, 80.0), _part(1, 81.0)]
+    with pytest.raises(SystemExit, match="lacks seeds"):
+        trained.merge([*old, rerun], rerun=("s2h-dense",))
+    second = copy.deepcopy(rerun)
+    second["case"]["runs"][0]["seed"] = 1
+    merged = trained.merge([*old, rerun, second], rerun=("s2h-dense",))
+    rows = [t["rows"] for r in merged["case"]["runs"] for t in r["targets"]]
+    assert all(r["s2h-dense"]["top1"] == 99.0 for r in rows), "the rerun's rows"
+    assert [r["magnitude"]["top1"] for r in rows[::2]] == [80.0, 81.0], "the baselines' rows kept"
+    assert merged["options"] == {"psap": {"settle": 0.75}, "s2h-dense": {"finetune_epochs": 2}}
+    with pytest.raises(SystemExit, match="alone"):
+        trained.merge(old, rerun=("s2h-dense",))
