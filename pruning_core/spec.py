@@ -277,14 +277,6 @@ class S2HOptions(_Strict):
         "search's widths missed); 0: fixed after the last epoch, untrained at them. At least one epoch "
         "searches.",
     )
-    hard_task_weight: float = Field(
-        0.0,
-        ge=0.0,
-        le=100.0,
-        description="[ours] Weight of the performance loss (cross-entropy, or KD from the dense teacher) "
-        "on the hard network's output too, beside its gap loss toward the soft one; it trains the "
-        "weights only. 0: the paper (the hard network learns from the soft one alone).",
-    )
     hard_grad: Literal["none", "ste"] = Field(
         "none",
         description="`none` (the official demo): the hard forward keeps the chosen channels and applies no "

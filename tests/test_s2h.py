@@ -212,26 +212,6 @@ def test_the_gap_toward_the_soft_network_moves_the_mask_logits_only(hard_grad: s
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("hard_grad", ["none", "ste"])
-def test_the_hard_networks_own_task_term_trains_the_weights_only(hard_grad: str) -> None:
-    """``hard_task_weight`` (ours): the task loss on the hard output reaches the weights, never the mask
-    logits, whatever the hard forward (a straight-through mask would carry it there)."""
-    spec = JobSpec(
-        method=S2HOptions(hard_grad=hard_grad, hard_task_weight=1.0),
-        schedule=Schedule(epochs=1, max_steps_per_epoch=1, batch_size=16),
-    )
-    torch.manual_seed(0)
-    model = build_model("resnet20", 4, 3)
-    method = _RecordingS2H(spec.method, MethodContext(spec, EXAMPLE, 4, torch.device("cpu"), 10**6))
-    model = method.start_phase(method.phases()[0], model)
-    ctx = TrainContext(torch.device("cpu"), 0, NoisyBlobs(64, 0), NoisyBlobs(16, 1), bn_batches=0)
-    fit(model, method, spec.schedule, ctx, "s2h")
-    hard_task, task, to_hard, *_ = method.calls
-    assert hard_task == {"params": "weights", "weights": True, "masks": False}
-    assert task == {"params": None, "weights": True, "masks": True}
-    assert to_hard == {"params": None, "weights": True, "masks": hard_grad == "ste"}
-
-
 @pytest.mark.parametrize("start", ["searched", "full width"])
 def test_the_pruned_network_is_the_masked_hard_network_in_the_target_band(start: str) -> None:
     """At an arbitrary point of the search, or at full width (a run too short to move, or a large model:

@@ -28,7 +28,6 @@ itself stays a zoo architecture that ``describe``/``rebuild`` can express, or it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -156,19 +155,13 @@ class Method:
 
     def supervised_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy, or the KD loss when a teacher is set."""
-        return self.supervised_losses((logits,), x, y)[0]
-
-    def supervised_losses(
-        self, outputs: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """``supervised_loss`` of several networks' logits (N, K) on one batch, the teacher run once."""
         teacher = self.ctx.teacher
         if teacher is None:
-            return [F.cross_entropy(logits, y) for logits in outputs]
+            return F.cross_entropy(logits, y)
         with torch.no_grad():
             t = teacher(x)
         kd = self.ctx.spec.kd
-        return [kd_loss(logits, t, y, kd.temperature, kd.weight) for logits in outputs]
+        return kd_loss(logits, t, y, kd.temperature, kd.weight)
 
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
         """Gradients are unscaled here (``ctx.stepping`` names the sets about to step): read or edit them.

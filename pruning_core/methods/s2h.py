@@ -386,18 +386,12 @@ class S2H(Method):
             soft = model(x)
             search.masks.values = st.hard
             hard = model(x)
-            if o.hard_task_weight > 0:
-                task, hard_task = self.supervised_losses((soft, hard), x, y)
-            else:
-                task, hard_task = self.supervised_loss(soft, x, y), None
+            task = self.supervised_loss(soft, x, y)
         soft, hard = soft.float(), hard.float()
         ratio = search.macs(st.hard_widths) / self.ctx.dense_macs
         resource = o.resource_weight * (ratio - self.ctx.spec.target.macs_ratio) ** 2
         to_hard, to_soft = (o.gap_weight * g for g in gap_losses(soft, hard))
         gap_on = o.gap_weight > 0
-        if hard_task is not None:  # [ours] the hard network learns the task too, into its weights only
-            hard_task = o.hard_task_weight * hard_task.float()
-            ctx.backward(hard_task, "weights", retain_graph=True)
         if o.balance == "norms":
             ctx.backward(task, retain_graph=True)
             task_g = ctx.take_grads("masks")
@@ -418,8 +412,6 @@ class S2H(Method):
         with torch.no_grad():
             agree = (soft.argmax(1) == hard.argmax(1)).float().mean()
         loss = task.detach() + to_hard.detach() + to_soft.detach() + resource.detach().float()
-        if hard_task is not None:
-            loss = loss + hard_task.detach()
         return StepOutput(
             loss,
             {
