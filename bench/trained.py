@@ -368,11 +368,12 @@ def merge(
 
     ``rerun``: contenders rerun on their own (with ``--methods C --no-baselines``, say at options
     chosen later): the parts that ran exactly these contenders and no baselines give their rows and
-    options, every seed of the others must be among theirs, and the others' rows of them are dropped."""
+    options; every seed of the other parts must be among theirs; the other parts need agree only on the
+    other contenders, and their rows of these are dropped."""
     swap = [p for p in parts if rerun and p["contenders"] == list(rerun) and not p["baselines"]]
     if rerun and not swap:
         raise SystemExit(f"bench: no part ran {', '.join(rerun)} alone (--methods ... --no-baselines)")
-    base = [p for p in parts if not any(p is q for q in swap)]
+    base = [_without(p, rerun) for p in parts if not any(p is q for q in swap)]
     runs = _joined(base)
     if swap:
         _check_same(swap, keys=("format", "profile", "validation", "weights", "targets", "options"))
@@ -384,15 +385,22 @@ def merge(
                 t["rows"] = {k: v for k, v in t["rows"].items() if k not in rerun} | t_new["rows"]
     first = base[0]
     merge_cmd = "python -m bench.trained " + shlex.join(sys.argv[1:] if argv is None else argv)
-    kept = {c: o for c, o in first.get("options", {}).items() if c not in rerun}
     return first | {
-        "options": kept | (swap[0].get("options", {}) if swap else {}),
-        "contenders": [*first["contenders"], *(c for c in rerun if c not in first["contenders"])],
+        "options": first["options"] | (swap[0]["options"] if swap else {}),
+        "contenders": [*first["contenders"], *rerun],
         "command": " ; ".join([*(p["command"] for p in parts), merge_cmd]),
         "date": min(p["date"] for p in parts),
         "wall_s": sum(p.get("wall_s", 0.0) for p in parts),
         "machines": [p["machine"] for p in parts],
         "case": first["case"] | {"runs": runs},
+    }
+
+
+def _without(part: dict[str, Any], rerun: tuple[str, ...]) -> dict[str, Any]:
+    """A part as if it had not run the ``rerun`` contenders (so that parts agree on the others alone)."""
+    return part | {
+        "contenders": [c for c in part["contenders"] if c not in rerun],
+        "options": {c: o for c, o in part.get("options", {}).items() if c not in rerun},
     }
 
 

@@ -109,5 +109,17 @@ def test_merge_replaces_a_contender_rerun_alone_at_new_options() -> None:
     assert all(r["s2h-dense"]["top1"] == 99.0 for r in rows), "the rerun's rows"
     assert [r["magnitude"]["top1"] for r in rows[::2]] == [80.0, 81.0], "the baselines' rows kept"
     assert merged["options"] == {"psap": {"settle": 0.75}, "s2h-dense": {"finetune_epochs": 2}}
+    assert merged["contenders"] == ["tas", "psap", "s2h-dense"]
+    # a later seed run without the replaced contender joins the earlier ones that had it
+    third = _part(2, 82.0, contenders=["tas", "psap"])
+    for t in third["case"]["runs"][0]["targets"]:
+        del t["rows"]["s2h-dense"]
+    again = copy.deepcopy(rerun)
+    again["case"]["runs"][0]["seed"] = 2
+    merged = trained.merge([*old, third, rerun, second, again], rerun=("s2h-dense",))
+    assert [r["seed"] for r in merged["case"]["runs"]] == [0, 1, 2]
+    assert all(t["rows"]["s2h-dense"]["top1"] == 99.0 for r in merged["case"]["runs"] for t in r["targets"])
+    with pytest.raises(SystemExit, match="contenders"):
+        trained.merge([*old, third, rerun, second, again])  # without --replace they are different tables
     with pytest.raises(SystemExit, match="alone"):
         trained.merge(old, rerun=("s2h-dense",))
