@@ -158,9 +158,10 @@ class LocalStore:
 
     def delete_prefix(self, prefix: str) -> int:
         """A directory prefix (``<dir>/``) is removed whole; a symlink there is unlinked, never followed."""
+        check_key(prefix.rstrip("/"))
         if not prefix.endswith("/"):
             return self.delete(self.list(prefix))
-        path = self.root / check_key(prefix.rstrip("/"))
+        path = self.root / prefix.rstrip("/")
         n = sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() and not path.is_symlink() else 0
         return n if remove_job_dir(self.root, prefix.rstrip("/")) else 0
 
