@@ -257,6 +257,14 @@ class Settings(BaseSettings):
         no object store)."""
         return None if isinstance(v, str) and not v.strip() else v
 
+    @field_validator("object_store_url")
+    @classmethod
+    def _bucket_url(cls, v: str | None) -> str | None:
+        """``s3://bucket`` or ``s3://bucket/prefix``: refused at start-up rather than at the first upload."""
+        if v is not None and not (v.startswith("s3://") and v[5:].split("/", 1)[0]):
+            raise ValueError(f"OBJECT_STORE_URL must look like s3://bucket/prefix, not {v!r}")
+        return v
+
     @property
     def job_soft_time_limit_s(self) -> int:
         """Seconds after which a job is asked to stop (Celery's soft limit, the local runner's SIGALRM): 5 %

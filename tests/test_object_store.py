@@ -8,6 +8,8 @@ every other test runs on.
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,8 @@ def test_a_job_run_on_another_host_is_served_by_the_api(
     etag = api.client.get(url, headers=api.a | {"Range": "bytes=0-0"}).headers["etag"]
     assert api.client.get(url, headers=api.a | {"If-None-Match": etag}).status_code == 304
     assert api.client.get(url, headers=api.b).status_code == 404  # another owner
+    r = api.client.head(url, headers=api.a)
+    assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) == len(model)
 
     # S3_PRESIGN: a 307 to a URL of the bucket that needs no credentials and gives the same bytes
     presigning = make_api(sqlite_url, s3_presign=True, **s3_bucket)
@@ -234,3 +238,12 @@ def test_an_attempt_killed_on_one_host_resumes_on_another_from_the_store(
     keys = store.list(f"{job_id}/")
     assert keys and all(k.startswith(f"{job_id}/attempt-2/") and "checkpoints" not in k for k in keys)
     engine.dispose()
+
+
+def test_the_local_default_never_loads_boto3() -> None:
+    code = (
+        "import sys, api.app, worker.execute, worker.reaper, store.objects; "
+        "print(','.join(m for m in ('boto3', 'botocore') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -262,8 +262,19 @@ def _stream(store: ObjectStore, rec: RecordedFile, range_: str | None, headers: 
         "Content-Length": str(end - start),
         "Content-Disposition": f'attachment; filename="{Path(rec.name).name}"',
     }
-    body = store.iter_range(rec.path, start, end)
-    return StreamingResponse(body, status_code=status, media_type=rec.media_type, headers=headers)
+    body = store.iter_range(rec.path, start, end)  # a generator: nothing is read until it is iterated
+    return _ObjectResponse(body, status_code=status, media_type=rec.media_type, headers=headers)
+
+
+class _ObjectResponse(StreamingResponse):
+    """An object streamed from its store; a HEAD request gets the headers alone (nothing is read)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") != "HEAD":
+            await super().__call__(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": b""})
 
 
 def single_range(header: str, size: int) -> tuple[int, int] | None:
