@@ -1,24 +1,28 @@
 """Uploaded files: streamed to a temp file under the upload root while hashed and size-capped, sniffed
-by content (never by name), then moved into place. Nothing half-written survives an error."""
+by content (never by name), then moved into place: the upload directory, or the bucket of the object
+store (store/objects.py), where the temp file goes up in parts. Nothing half-written survives an error."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
-import shutil
 import struct
 import uuid
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import anyio
 
+from store.objects import ObjectStore
+
 from .problems import Problem
+
+log = logging.getLogger(__name__)
 
 TMP_DIR = ".tmp"
 MAX_SAFETENSORS_HEADER = 100 * 1024**2  # the safetensors format's own cap on the JSON header
@@ -155,16 +159,22 @@ def safe_name(filename: str, suffix: str, default: str) -> str:
     return base + suffix
 
 
-def place(tmp: Path, root: Path, name: str) -> tuple[Path, str]:
-    """Move the checked temp file to ``<root>/<random dir>/<name>``. Returns (path, path relative to root)."""
-    rel = f"{uuid.uuid4().hex}/{name}"
-    final = root / rel
-    final.parent.mkdir(parents=True, exist_ok=False)
-    os.replace(tmp, final)
-    return final, rel
+def place(tmp: Path, store: ObjectStore, name: str, sha256: str) -> str:
+    """Store the checked temp file as ``<random dir>/<name>`` (renamed into an upload directory, or
+    sent to the bucket in parts); the temp file is gone afterwards, stored or not. Returns the key."""
+    key = f"{uuid.uuid4().hex}/{name}"
+    try:
+        store.put_file(key, tmp, sha256=sha256, move=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key
 
 
-def discard(path: Path) -> None:
-    """Remove a placed file and its directory (the database insert failed)."""
-    with contextlib.suppress(OSError):
-        shutil.rmtree(path.parent)
+def discard(store: ObjectStore, key: str) -> None:
+    """Remove a stored upload and its directory (the database insert failed, or it was deleted); an
+    error is logged, never raised (a leftover file costs storage, and no row points at it)."""
+    parent = PurePosixPath(key).parent.as_posix()
+    try:
+        store.delete_prefix(f"{parent}/") if parent != "." else store.delete([key])
+    except Exception:
+        log.warning("could not remove the stored upload %r", key, exc_info=True)

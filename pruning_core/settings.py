@@ -94,6 +94,32 @@ class Settings(BaseSettings):
     artifact_root: Path | None = Field(None, description="Job artifacts; default STATE_DIR/artifacts.")
     upload_root: Path | None = Field(None, description="Uploaded files; default STATE_DIR/uploads.")
     max_upload_bytes: int = Field(1024**3, description="Cap on one upload, in bytes.")
+    object_store_url: str | None = Field(
+        None,
+        description="Keep artifacts and uploads in an S3-compatible bucket, `s3://bucket/prefix` (under "
+        "`<prefix>/artifacts/` and `<prefix>/uploads/`), so that the API and workers on other hosts share "
+        "them; credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION. Unset: "
+        "the local directories ARTIFACT_ROOT and UPLOAD_ROOT. With a bucket those directories are only "
+        "this host's scratch: a worker trains there and uploads what the job keeps, and caches the "
+        "uploads its jobs name (OBJECT_STORE_URL).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="The S3 API's address, for MinIO or another S3-compatible server (e.g. "
+        "`http://minio:9000`); unset: AWS's own (S3_ENDPOINT_URL).",
+    )
+    s3_presign: bool = Field(
+        False,
+        description="With OBJECT_STORE_URL: answer an artifact download with a 307 redirect to a presigned "
+        "URL of the bucket (valid S3_PRESIGN_EXPIRES_S), so the bytes do not pass through the API; the "
+        "client must reach S3_ENDPOINT_URL then. False: the API streams them (S3_PRESIGN).",
+    )
+    s3_presign_expires_s: int = Field(
+        300,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="How long a presigned download URL stays valid, in seconds (S3_PRESIGN_EXPIRES_S).",
+    )
     torch_child_timeout_s: float = Field(
         300.0,
         gt=0,
@@ -224,11 +250,20 @@ class Settings(BaseSettings):
         items = [n.strip() for n in v.split(",")] if isinstance(v, str) else list(v)  # type: ignore[call-overload]
         return tuple(str(ip_network(n, strict=False)) for n in items if n)
 
-    @field_validator("job_retention_days", mode="before")
+    @field_validator("job_retention_days", "object_store_url", "s3_endpoint_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
-        """``JOB_RETENTION_DAYS=`` (compose passes an unset variable on as empty): keep every job."""
+        """``JOB_RETENTION_DAYS=`` (compose passes an unset variable on as empty): unset (keep every job;
+        no object store)."""
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _bucket_url(cls, v: str | None) -> str | None:
+        """``s3://bucket`` or ``s3://bucket/prefix``: refused at start-up rather than at the first upload."""
+        if v is not None and not (v.startswith("s3://") and v[5:].split("/", 1)[0]):
+            raise ValueError(f"OBJECT_STORE_URL must look like s3://bucket/prefix, not {v!r}")
+        return v
 
     @property
     def job_soft_time_limit_s(self) -> int:

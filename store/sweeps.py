@@ -17,19 +17,17 @@ Every function takes an open session; the caller commits (the enqueueing of retu
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from . import leaderboard, repo
-from .files import media_type, relative_to_root, resolve_under, sha256_file
+from .files import media_type
 from .models import TERMINAL, Job, JobStatus, Sweep, SweepStage, utcnow
+from .objects import ObjectStore, copy_object
 
 DENSE_WEIGHTS = "model.safetensors"  # the dense job's artifact the children start from
 FILES = ("leaderboard.json", "sweep.html")
@@ -120,7 +118,7 @@ def request_cancel(s: Session, sweep: Sweep) -> None:
             repo.request_cancel(s, job.id)
 
 
-def advance(s: Session, sweep_id: str, artifacts_root: Path, uploads_root: Path) -> list[str]:
+def advance(s: Session, sweep_id: str, artifacts: ObjectStore, uploads: ObjectStore) -> list[str]:
     """Move the sweep on as far as its jobs allow (see the module); returns the ids of jobs it created,
     which the caller enqueues after committing. Safe to call any time, from any process."""
     sweep = s.get(Sweep, sweep_id, populate_existing=True)
@@ -132,20 +130,20 @@ def advance(s: Session, sweep_id: str, artifacts_root: Path, uploads_root: Path)
         if dense is not None and dense.status not in TERMINAL:
             return []
         if dense is not None and dense.status == JobStatus.SUCCEEDED and not sweep.cancel_requested:
-            return _start_children(s, sweep, dense, artifacts_root, uploads_root)
+            return _start_children(s, sweep, dense, artifacts, uploads)
     elif any(j.status not in TERMINAL for j in jobs):
         return []
-    finish(s, sweep, jobs, artifacts_root)
+    finish(s, sweep, jobs, artifacts)
     return []
 
 
 def _start_children(
-    s: Session, sweep: Sweep, dense: Job, artifacts_root: Path, uploads_root: Path
+    s: Session, sweep: Sweep, dense: Job, artifacts: ObjectStore, uploads: ObjectStore
 ) -> list[str]:
     """The children, each from the dense job's weights (registered as the owner's upload)."""
     art = repo.get_artifact(s, dense.id, DENSE_WEIGHTS)
     if art is None:  # cannot happen for a succeeded dense job; end the sweep rather than hang
-        finish(s, sweep, sweep_jobs(s, sweep.id), artifacts_root, error=("dense_weights_missing", ""))
+        finish(s, sweep, sweep_jobs(s, sweep.id), artifacts, error=("dense_weights_missing", ""))
         return []
     res = s.execute(
         update(Sweep)
@@ -154,7 +152,7 @@ def _start_children(
     )
     if res.rowcount != 1:  # another process started them
         return []
-    ref = f"upload:{_weights_upload(s, sweep, art, artifacts_root, uploads_root)}"
+    ref = f"upload:{_weights_upload(s, sweep, art, artifacts, uploads)}"
     ids = []
     for spec in sweep.plan["children"]:
         spec = {**spec, "model": {**spec["model"], "weights": ref}}
@@ -162,23 +160,21 @@ def _start_children(
     return ids
 
 
-def _weights_upload(s: Session, sweep: Sweep, art: Any, artifacts_root: Path, uploads_root: Path) -> str:
+def _weights_upload(s: Session, sweep: Sweep, art: Any, artifacts: ObjectStore, uploads: ObjectStore) -> str:
     """The id of the owner's upload holding the dense weights (an earlier upload of the same bytes, or
-    a copy of the artifact under ``uploads_root/sweep-<id>/``)."""
-    src = resolve_under(artifacts_root, art.path)
+    a copy of the artifact as ``sweep-<id>/dense.safetensors`` in the upload store)."""
     if (up := repo.find_upload(s, sweep.owner, "weights", art.sha256)) is not None:
         return up.id
-    dest = uploads_root / f"sweep-{sweep.id}" / "dense.safetensors"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
+    key = f"sweep-{sweep.id}/dense.safetensors"
+    copy_object(artifacts, art.path, uploads, key, art.sha256)
     up = repo.add_upload(
         s,
         sweep.owner,
         "weights",
         f"sweep-{sweep.id}-dense.safetensors",
-        relative_to_root(uploads_root, dest),
-        dest.stat().st_size,
-        sha256_file(dest),
+        key,
+        art.size,
+        art.sha256,
         "application/octet-stream",
     )
     return up.id
@@ -188,13 +184,13 @@ def finish(
     s: Session,
     sweep: Sweep,
     jobs: list[Job],
-    artifacts_root: Path,
+    artifacts: ObjectStore,
     *,
     error: tuple[str, str] | None = None,
 ) -> bool:
     """Build the leaderboard, write its files and end the sweep (compare-and-set on ``running``).
     False when another process ended it first."""
-    board = build_board(s, sweep, jobs, artifacts_root)
+    board = build_board(s, sweep, jobs, artifacts)
     dense = board["dense"]
     if error is None and dense is not None and dense["status"] != JobStatus.SUCCEEDED:
         error = (f"dense_{dense['status']}", (dense.get("error") or {}).get("message") or "")
@@ -210,7 +206,7 @@ def finish(
         JobStatus.CANCELLED if cancelled else JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED
     )
     board["status"] = str(status)
-    files = _write_files(board, sweep.id, artifacts_root)
+    files = _write_files(board, sweep.id, artifacts)
     res = s.execute(
         update(Sweep)
         .where(Sweep.id == sweep.id, Sweep.status == JobStatus.RUNNING)
@@ -227,17 +223,17 @@ def finish(
     return res.rowcount == 1
 
 
-def build_board(s: Session, sweep: Sweep, jobs: list[Job], artifacts_root: Path) -> dict[str, Any]:
+def build_board(s: Session, sweep: Sweep, jobs: list[Job], artifacts: ObjectStore) -> dict[str, Any]:
     """The leaderboard as stored in ``leaderboard.json``: the dense job, one row per planned child
     (a child never created, because the dense job failed or the sweep was cancelled, is a row too)."""
     dense_job = next((j for j in jobs if j.id == sweep.dense_job_id), None)
     children = [j for j in jobs if j.id != sweep.dense_job_id]
-    rows = [_row(s, j, artifacts_root) for j in children]
+    rows = [_row(s, j, artifacts) for j in children]
     planned = sweep.plan["children"]
     for spec in planned[len(children) :]:
         rows.append(_unrun_row(spec, sweep, dense_job))
     rows, winner = leaderboard.rank(rows, sweep.rank_by)
-    dense = _dense_summary(s, dense_job, artifacts_root) if dense_job is not None else None
+    dense = _dense_summary(s, dense_job, artifacts) if dense_job is not None else None
     total = sum(r["training_macs"] or 0 for r in rows) + ((dense or {}).get("training_macs") or 0)
     return {
         "sweep_id": sweep.id,
@@ -250,19 +246,19 @@ def build_board(s: Session, sweep: Sweep, jobs: list[Job], artifacts_root: Path)
     }
 
 
-def read_report(s: Session, job: Job, artifacts_root: Path) -> dict[str, Any] | None:
+def read_report(s: Session, job: Job, artifacts: ObjectStore) -> dict[str, Any] | None:
     """A succeeded job's ``report.json``, parsed; None without one."""
     art = repo.get_artifact(s, job.id, "report.json")
     if job.status != JobStatus.SUCCEEDED or art is None:
         return None
     try:
-        return json.loads(resolve_under(artifacts_root, art.path).read_text())
+        return json.loads(artifacts.read_bytes(art.path))
     except (OSError, ValueError):
         return None
 
 
-def _row(s: Session, job: Job, artifacts_root: Path) -> dict[str, Any]:
-    report = read_report(s, job, artifacts_root)
+def _row(s: Session, job: Job, artifacts: ObjectStore) -> dict[str, Any]:
+    report = read_report(s, job, artifacts)
     figures = leaderboard.report_figures(report) if report else dict(leaderboard.EMPTY_FIGURES)
     error = None
     if job.status == JobStatus.FAILED:
@@ -299,33 +295,28 @@ def target_of(spec: dict[str, Any]) -> dict[str, Any]:
     return {"speedup": t["speedup"]} if t.get("speedup") is not None else {"macs_ratio": t.get("macs_ratio")}
 
 
-def _dense_summary(s: Session, job: Job, artifacts_root: Path) -> dict[str, Any]:
-    report = read_report(s, job, artifacts_root)
+def _dense_summary(s: Session, job: Job, artifacts: ObjectStore) -> dict[str, Any]:
+    report = read_report(s, job, artifacts)
     figures = leaderboard.report_figures(report) if report else dict(leaderboard.EMPTY_FIGURES)
     error = {"code": job.error_code, "message": job.error_message} if job.status == JobStatus.FAILED else None
     return {"job_id": job.id, "status": job.status, "error": error, **figures}
 
 
-def _write_files(board: dict[str, Any], sweep_id: str, artifacts_root: Path) -> dict[str, Any]:
-    """``leaderboard.json`` and ``sweep.html`` under ``<root>/sweep-<id>/`` (each written whole, then
-    renamed: a reader never sees half a file); their records for ``Sweep.files``."""
-    out = artifacts_root / f"sweep-{sweep_id}"
-    out.mkdir(parents=True, exist_ok=True)
+def _write_files(board: dict[str, Any], sweep_id: str, artifacts: ObjectStore) -> dict[str, Any]:
+    """``leaderboard.json`` and ``sweep.html`` as ``sweep-<id>/<name>`` in the artifact store (each
+    written whole: a reader never sees half a file); their records for ``Sweep.files``."""
     contents = {
         "leaderboard.json": leaderboard.dumps(board),
         "sweep.html": leaderboard.render_html(board).encode(),
     }
     files = {}
     for name, data in contents.items():
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out / name)
-        path = out / name
+        key = f"sweep-{sweep_id}/{name}"
+        artifacts.put_bytes(key, data)
         files[name] = {
-            "path": relative_to_root(artifacts_root, path),
-            "size": path.stat().st_size,
-            "sha256": sha256_file(path),
+            "path": key,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
             "media_type": "text/html" if name.endswith(".html") else media_type(name),
         }
     return files

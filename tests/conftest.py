@@ -153,3 +153,37 @@ def procs(tmp_path: Path) -> Iterator:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """An S3-compatible server over HTTP on 127.0.0.1 (moto's server mode, in a thread), on a free port;
+    its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """A fresh bucket on ``s3_server`` and the settings that point at it (``object_store_url``,
+    ``s3_endpoint_url``), with the standard AWS credential variables set for boto3."""
+    import boto3
+
+    from store import objects
+
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(name, value)
+    objects.s3_client.cache_clear()  # a client made before keeps the credentials it was made with
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    yield {"object_store_url": f"s3://{bucket}/svc", "s3_endpoint_url": s3_server}
+    objects.s3_client.cache_clear()

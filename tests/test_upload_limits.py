@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from api import files, torch_child
+from store.objects import ObjectStore
 from tests.test_api import Api, assert_problem, make_api  # noqa: F401 (fixtures)
 from tests.test_fairness import safetensors_bytes, too_many
 
@@ -149,9 +150,9 @@ def test_concurrent_uploads_of_the_same_bytes_store_one(make_api, request, backe
     barrier = threading.Barrier(n, timeout=60)
     real_place = files.place
 
-    def place_together(tmp: Path, root: Path, name: str):
+    def place_together(tmp: Path, store: ObjectStore, name: str, sha256: str):
         barrier.wait()
-        return real_place(tmp, root, name)
+        return real_place(tmp, store, name, sha256)
 
     monkeypatch.setattr(files, "place", place_together)
 

@@ -23,6 +23,7 @@ from store import repo
 from store.db import make_engine, migrate, session_scope
 from store.files import resolve_under, sha256_file
 from store.models import Job, utcnow
+from store.objects import LocalStore
 from tests.faultkit import Procs, done, get, service_env, submit, wait_for
 from tests.faultkit import celery_stack as start_celery_stack
 from worker.celery_app import QUEUE, TASK_NAME, make_app
@@ -422,20 +423,23 @@ def test_uploads_resolve_for_their_owner_only(sqlite_db: str, tmp_path: Path) ->
         "data": {"name": "imagefolder", "root": f"upload:{d.id}"},
         "kd": {"enabled": True, "teacher": f"upload:{w.id}"},
     }
-    out = resolve_uploads(engine, spec, "alice", settings.uploads_dir)
+    uploads = LocalStore(settings.uploads_dir)
+    out = resolve_uploads(engine, spec, "alice", uploads, settings.uploads_dir)
     assert out["model"]["weights"] == out["kd"]["teacher"] == str(settings.uploads_dir / "u/w.safetensors")
     assert out["data"]["root"] == str(settings.uploads_dir / "u/data.zip")
     assert spec["model"]["weights"] == f"upload:{w.id}"  # the stored spec is not modified
-    assert resolve_uploads(engine, digits_spec(), "alice", settings.uploads_dir) == digits_spec()
+    assert resolve_uploads(engine, digits_spec(), "alice", uploads, settings.uploads_dir) == digits_spec()
     with pytest.raises(WeightsError, match="not found"):
-        resolve_uploads(engine, spec, "bob", settings.uploads_dir)
+        resolve_uploads(engine, spec, "bob", uploads, settings.uploads_dir)
     with pytest.raises(DataError, match="upload reference"):
         resolve_uploads(
-            engine, {"data": {"name": "cifar10", "root": "/srv/data"}}, "alice", settings.uploads_dir
+            engine, {"data": {"name": "cifar10", "root": "/srv/data"}}, "alice", uploads, settings.uploads_dir
         )
     for bad, what in ((gone, "missing"), (escape, "invalid path")):
         with pytest.raises(WeightsError, match=what):
-            resolve_uploads(engine, {"model": {"weights": f"upload:{bad.id}"}}, "alice", settings.uploads_dir)
+            resolve_uploads(
+                engine, {"model": {"weights": f"upload:{bad.id}"}}, "alice", uploads, settings.uploads_dir
+            )
     engine.dispose()
 
 

@@ -5,6 +5,10 @@ duplicate delivery (or a job cancelled while queued) finds nothing to claim and 
 attempt works in ``<artifacts>/<job>/attempt-<n>/``; a retry first copies the latest earlier attempt's
 ``checkpoints/`` there, and the engine resumes from them. Torch is imported only when a job runs.
 
+With a bucket as the store (OBJECT_STORE_URL) that directory is this host's scratch: the uploads a job
+names are downloaded to a local cache first, checkpoints go up as they are written (and come down for a
+resume, worker/checkpoints.py), and the artifacts go up before their rows are written.
+
 Outcomes: ``succeeded``; ``cancelled`` (asked for while running); ``failed`` with the engine's code and
 ``retryable`` False for a ``PruningError`` (bad data, unreachable target, ...), a spec the engine no
 longer accepts, or running out of host or GPU memory (``out_of_memory``: another attempt would too; the
@@ -29,10 +33,12 @@ from pruning_core.settings import Settings, get_settings
 from pruning_core.spec import JobSpec, SpecError, parse_spec
 from store import repo
 from store.db import make_engine, read_sessions, session_scope
-from store.files import attempt_dir, media_type, relative_to_root, resolve_under, sha256_file
+from store.files import attempt_dir, media_type, relative_to_root, sha256_file
 from store.models import Job, JobStatus
+from store.objects import ObjectStore, artifact_store, local_copy, upload_store
 
-from .cleanup import clean_job_files
+from .checkpoints import CHECKPOINTS, CheckpointSync, fetch_checkpoints
+from .cleanup import clean_job
 from .dbretry import is_transient, retry_write
 from .reporter import TIME_UP, StoreReporter
 from .sweeps import after_job
@@ -105,14 +111,18 @@ def _execute(engine: Engine, job_id: str, worker_name: str, settings: Settings) 
 
 def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings: Settings) -> str | None:
     try:
-        spec = parse_spec(resolve_uploads(engine, job.spec, job.owner, settings.uploads_dir))
-        workdir = attempt_dir(settings.artifacts_dir, job.id, job.attempt)
-        resumed_from = copy_checkpoints(settings.artifacts_dir, job.id, job.attempt)
+        uploads, store = upload_store(settings), artifact_store(settings)
+        spec = parse_spec(resolve_uploads(engine, job.spec, job.owner, uploads, settings.uploads_dir))
+        scratch = settings.artifacts_dir  # the store itself, or this host's scratch beside a bucket
+        workdir = attempt_dir(scratch, job.id, job.attempt)
+        fetch_checkpoints(store, scratch, job.id, job.attempt)
+        resumed_from = copy_checkpoints(scratch, job.id, job.attempt)
         if resumed_from is not None:
             reporter.message(f"resuming from the checkpoints of attempt {resumed_from}")
         from pruning_core import runner  # torch: only in the process that runs a job
 
-        result = runner.run(spec, workdir, reporter, job_id=job.id)
+        with CheckpointSync(store, scratch, workdir / CHECKPOINTS, every_s=settings.heartbeat_s):
+            result = runner.run(spec, workdir, reporter, job_id=job.id)
         reporter.close()
         if reporter.lost:
             log.warning("job %s attempt %d is no longer ours; not recording it", job.id, job.attempt)
@@ -153,12 +163,14 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
 def _succeed(engine: Engine, job: Claimed, result: Any, settings: Settings) -> str | None:
     """Record every artifact and mark the row succeeded, in one transaction (all or nothing), retried
     while the database is unreachable; then drop the job's checkpoints and other attempts' files."""
-    root = settings.artifacts_dir
+    root, store = settings.artifacts_dir, artifact_store(settings)
     files = [(name, Path(path)) for name, path in sorted(result.artifacts.items())]
     records = [
         (name, relative_to_root(root, p), p.stat().st_size, sha256_file(p), media_type(name))
         for name, p in files
     ]
+    for (_, rel, _, digest, _), (_, path) in zip(records, files, strict=True):
+        store.put_file(rel, path, sha256=digest)  # before its row: a recorded artifact is always there
 
     def record(s: Session) -> bool:
         if not repo.finish_job(s, job.id, job.attempt, JobStatus.SUCCEEDED, result=summarize(result.report)):
@@ -172,7 +184,7 @@ def _succeed(engine: Engine, job: Claimed, result: Any, settings: Settings) -> s
             "job %s attempt %d is no longer ours; its artifacts are not recorded", job.id, job.attempt
         )
         return None
-    clean_job_files(root, job.id, keep={rel for _, rel, *_ in records})
+    clean_job(settings, job.id, keep={rel for _, rel, *_ in records})
     log.info("job %s attempt %d succeeded (%d artifacts)", job.id, job.attempt, len(records))
     return JobStatus.SUCCEEDED.value
 
@@ -231,7 +243,7 @@ def _finish(
 
     if not retry_write(engine, record, for_s=settings.db_retry_s, what=f"finishing job {job.id}"):
         return None
-    clean_job_files(settings.artifacts_dir, job.id, keep=set())  # no artifacts: checkpoints and all go
+    clean_job(settings, job.id, keep=set())  # no artifacts: checkpoints and all go
     return status.value
 
 
@@ -253,8 +265,12 @@ def _give_back(engine: Engine, job: Claimed) -> None:
 # --- inputs ---
 
 
-def resolve_uploads(engine: Engine, spec: dict[str, Any], owner: str, uploads_dir: Path) -> dict[str, Any]:
-    """The spec with every ``upload:<id>`` replaced by its file under ``uploads_dir``.
+def resolve_uploads(
+    engine: Engine, spec: dict[str, Any], owner: str, uploads: ObjectStore, cache: Path
+) -> dict[str, Any]:
+    """The spec with every ``upload:<id>`` replaced by a file on this host: the upload's own file in a
+    local upload directory, or its copy under ``cache`` downloaded from a bucket (once, checked
+    against its sha256).
 
     The upload must exist, belong to the job's owner, and its file must be there. Any other file path is
     refused: clients name files only by upload id (the engine unpickles some data sets under a root).
@@ -269,15 +285,19 @@ def resolve_uploads(engine: Engine, spec: dict[str, Any], owner: str, uploads_di
         upload_id = value.removeprefix(UPLOAD_PREFIX)
         with read_sessions(engine)() as s:
             up = repo.get_upload(s, upload_id, owner=owner)
-            rel = up.path if up is not None else None
+            rel, digest = (up.path, up.sha256) if up is not None else (None, None)
         if rel is None:
             raise error(f"{section}.{field}: upload {upload_id} not found")
         try:
-            path = resolve_under(uploads_dir, rel)
+            uploads.local_path(rel)  # ValueError: a path that leaves the store
         except ValueError:
             raise error(f"{section}.{field}: upload {upload_id} has an invalid path") from None
-        if not path.is_file():
-            raise error(f"{section}.{field}: the file of upload {upload_id} is missing")
+        try:
+            path = local_copy(uploads, rel, cache, digest)
+        except FileNotFoundError:
+            raise error(f"{section}.{field}: the file of upload {upload_id} is missing") from None
+        except ValueError as err:
+            raise error(f"{section}.{field}: upload {upload_id}: {err}") from None
         out[section][field] = str(path)
     return out
 

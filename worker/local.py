@@ -37,7 +37,7 @@ from store import repo
 from store.db import make_engine, migrate, read_sessions, session_scope
 from store.models import JobStatus
 
-from .cleanup import sweep
+from .cleanup import sweep_store
 from .reaper import SWEEP_EVERY_S, hand_on_lost, interval_s, reap_once
 from .reporter import on_soft_time_limit
 from .retention import purge_expired
@@ -175,7 +175,7 @@ class LocalRunner:
             self._next_sweep = self._last_reap + SWEEP_EVERY_S
             try:
                 purge_expired(self.engine, self.settings)
-                sweep(self.engine, self.settings.artifacts_dir)
+                sweep_store(self.engine, self.settings)
             except Exception:
                 log.warning("sweeping ended jobs' files failed", exc_info=True)
         try:

@@ -33,7 +33,7 @@ from store import repo
 from store.db import make_engine, read_sessions, session_scope
 from store.models import Job, JobStatus, utcnow
 
-from .cleanup import clean_job_files, sweep
+from .cleanup import clean_job, sweep_store
 from .retention import purge_expired
 from .sweeps import advance_open
 from .webhooks import start_pump
@@ -82,7 +82,7 @@ def reap_once(
                 log.warning("job %s: attempt %d lost its worker; queued again", job.id, job.attempt)
             elif status in (JobStatus.FAILED, JobStatus.CANCELLED) and status != job.status:
                 counts["failed" if status == JobStatus.FAILED else "cancelled"] += 1
-                clean_job_files(settings.artifacts_dir, job.id, keep=set())
+                clean_job(settings, job.id, keep=set())
                 log.warning(
                     "job %s: worker lost (attempt %d of %d): %s",
                     job.id,
@@ -119,7 +119,7 @@ def hand_on_lost(engine: Engine, job_id: str, worker: str, settings: Settings) -
         log.warning("job %s: could not hand it on after its process died", job_id, exc_info=True)
         return False
     if status in (JobStatus.FAILED, JobStatus.CANCELLED):
-        clean_job_files(settings.artifacts_dir, job_id, keep=set())
+        clean_job(settings, job_id, keep=set())
     log.warning("job %s: the process of attempt %d died; now %s", job_id, attempt, status)
     return send
 
@@ -181,7 +181,7 @@ def run_forever(
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
                 purge_expired(engine, settings)  # retention (JOB_RETENTION_DAYS); it logs what it deletes
-                if n := sweep(engine, settings.artifacts_dir):
+                if n := sweep_store(engine, settings):
                     log.info("reaper: deleted %d file(s) of ended jobs", n)
             if marker is not None:
                 queued = queued_ids(engine)  # read before the marker is reset: a failure keeps it unset

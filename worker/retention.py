@@ -14,8 +14,8 @@ from sqlalchemy import Engine
 from pruning_core.settings import Settings
 from store import repo
 from store.db import read_sessions, session_scope
-from store.files import remove_job_dir
 from store.models import utcnow
+from store.objects import artifact_store
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,6 @@ def purge_expired(engine: Engine, settings: Settings, *, batch: int = BATCH) -> 
 
 def _remove_files(settings: Settings, job_id: str) -> None:
     try:
-        remove_job_dir(settings.artifacts_dir, job_id)
-    except OSError:  # only disk: the row, and every link to the files, is gone
+        artifact_store(settings).delete_prefix(f"{job_id}/")
+    except Exception:  # only storage (a directory or a bucket): the row, and every link to the files, is gone
         log.warning("retention: job %s deleted, but removing its files failed", job_id, exc_info=True)

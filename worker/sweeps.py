@@ -14,6 +14,7 @@ from pruning_core.settings import Settings
 from store import sweeps
 from store.db import read_sessions, session_scope
 from store.models import Job
+from store.objects import artifact_store, upload_store
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def broker_enqueue(settings: Settings) -> Enqueue:
 def advance(engine: Engine, sweep_id: str, settings: Settings, enqueue: Enqueue) -> list[str]:
     """Advance one sweep (``store.sweeps.advance``) and enqueue the jobs it created. Returns their ids."""
     with session_scope(engine) as s:
-        ids = sweeps.advance(s, sweep_id, settings.artifacts_dir, settings.uploads_dir)
+        ids = sweeps.advance(s, sweep_id, artifact_store(settings), upload_store(settings))
     for job_id in ids:  # a failed send is the reaper's: the row stays queued and unsent
         try:
             enqueue(job_id)

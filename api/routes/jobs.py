@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pruning_core.settings import Settings
 from pruning_core.spec import JobSpec, stored_spec, submit_problems
 from store import repo, sweeps, webhooks
-from store.files import remove_job_dir
 from store.models import TERMINAL, Job, JobStatus
+from store.objects import artifact_store, upload_store
 
 from .. import queue, quotas
 from ..auth import OwnerDep
@@ -203,7 +203,7 @@ def cancel_job(
         owned_job(s, owner, job_id)
         job = repo.request_cancel(s, job_id)
         if job.sweep_id and job.status == JobStatus.CANCELLED:  # it may have been the sweep's last
-            sweeps.advance(s, job.sweep_id, settings.artifacts_dir, settings.uploads_dir)
+            sweeps.advance(s, job.sweep_id, artifact_store(settings), upload_store(settings))
         s.commit()
     return job_out(job, root_path(request))
 
@@ -239,8 +239,8 @@ def delete_job(job_id: str, sessions: SessionsDep, owner: OwnerDep, settings: Se
             raise not_found(job_id)
         s.commit()
     try:
-        remove_job_dir(settings.artifacts_dir, job_id)
-    except OSError:  # a leftover directory is only disk: its row, and so every link to it, is gone
+        artifact_store(settings).delete_prefix(f"{job_id}/")
+    except Exception:  # leftover files are only storage: its row, and so every link to them, is gone
         log.warning("job %s: deleted, but removing its files failed", job_id, exc_info=True)
     log.info("job %s deleted by its owner", job_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

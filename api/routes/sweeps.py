@@ -21,6 +21,7 @@ from sse_starlette import EventSourceResponse
 from pruning_core.spec import JobSpec, submit_problems
 from store import repo, sweeps
 from store.models import TERMINAL, Job, JobStatus, Sweep
+from store.objects import artifact_store, upload_store
 
 from .. import queue, quotas
 from ..auth import OwnerDep
@@ -29,7 +30,7 @@ from ..problems import PROBLEM_SCHEMA, Problem, invalid
 from ..refs import pretrained_errors, spec_errors, weights_errors, weights_to_check
 from ..schemas import ARTIFACT_NAME, ArtifactList, ArtifactOut, artifact_out, echo, is_id, job_path, utc
 from ..sweep_plan import SweepIn, child_count, plan
-from .artifacts import RecordedFile, download_artifact, serve_recorded_file
+from .artifacts import RecordedFile, download_artifact, presign_s, serve_recorded_file
 from .events import PING_S, POLL_S
 from .jobs import check_cursor, root_path
 
@@ -268,7 +269,7 @@ def cancel_sweep(
     with sessions() as s:
         sweep = owned_sweep(s, owner, sweep_id)
         sweeps.request_cancel(s, sweep)
-        sweeps.advance(s, sweep.id, settings.artifacts_dir, settings.uploads_dir)
+        sweeps.advance(s, sweep.id, artifact_store(settings), upload_store(settings))
         s.commit()
         sweep = s.get(Sweep, sweep.id, populate_existing=True)
         return sweep_out(sweep, sweeps.sweep_jobs(s, sweep.id), root_path(request))
@@ -390,4 +391,11 @@ def download_sweep_artifact(
             raise Problem(404, f"Sweep {sweep_id} has no artifact '{echo(name)}'.", slug="artifact-not-found")
         return download_artifact(winner, name, sessions, owner, settings, range_, if_none_match)
     rec = RecordedFile(name, record["path"], record["size"], record["sha256"], record["media_type"], finished)
-    return serve_recorded_file(settings.artifacts_dir, rec, range_, if_none_match, what=f"sweep {sweep_id}")
+    return serve_recorded_file(
+        artifact_store(settings),
+        rec,
+        range_,
+        if_none_match,
+        what=f"sweep {sweep_id}",
+        presign_s=presign_s(settings),
+    )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -17,8 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from pruning_core.settings import Settings
 from pruning_core.weights import is_pytorch_file
 from store import repo
-from store.files import resolve_under, sha256_file
+from store.files import sha256_file
 from store.models import Upload
+from store.objects import upload_store
 
 from .. import files, quotas, torch_child
 from ..auth import OwnerDep
@@ -45,7 +45,6 @@ def _keep(
     owner: str,
     kind: str,
     filename: str,
-    root: Path,
     settings: Settings,
     cancel: threading.Event,
 ) -> tuple[Upload, bool]:
@@ -73,7 +72,8 @@ def _keep(
     else:
         suffix = files.dataset_suffix(got.path)
     name = files.safe_name(filename, suffix, kind)
-    placed, rel = files.place(stored.path, root, name)
+    store = upload_store(settings)
+    rel = files.place(stored.path, store, name, stored.sha256)
     try:
         with sessions() as s:
             quotas.check_upload_bytes(s, owner, stored.size, settings)
@@ -91,12 +91,12 @@ def _keep(
             )
             s.commit()
     except IntegrityError:  # the same bytes, sent concurrently, were recorded first: answer with those
-        files.discard(placed)
+        files.discard(store, rel)
         if (winner := _earlier(sessions, owner, kind, got.sha256)) is None:
             raise
         return winner, False
     except BaseException:
-        files.discard(placed)
+        files.discard(store, rel)
         raise
     return up, True
 
@@ -187,7 +187,7 @@ async def create_upload(
     got = await files.receive(request.stream(), root, limit)
     try:
         up, created = await torch_child.run_watched(
-            request, lambda cancel: _keep(got, sessions, owner, kind, filename, root, settings, cancel)
+            request, lambda cancel: _keep(got, sessions, owner, kind, filename, settings, cancel)
         )
     except BaseException:
         got.path.unlink(missing_ok=True)
@@ -247,13 +247,6 @@ def delete_upload(upload_id: str, owner: OwnerDep, sessions: SessionsDep, settin
         s.commit()
     if up is None:  # deleted by a concurrent request meanwhile
         raise Problem(404, f"Upload {upload_id} not found.", slug="upload-not-found")
-    _remove_file(settings.uploads_dir, up.path)
+    # after the row is gone: a leftover file is only storage, never served
+    files.discard(upload_store(settings), up.path)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-def _remove_file(root: Path, rel: str) -> None:
-    """The file and its directory, after the row is gone (a leftover file is only disk, never served)."""
-    try:
-        files.discard(resolve_under(root, rel))
-    except ValueError:
-        log.warning("upload file %r is not under the upload root; left alone", rel)
