@@ -309,7 +309,9 @@ def test_every_service_has_a_healthcheck() -> None:
             where = f"{path.name}: {name}"
             if is_one_shot(svc):
                 waiters = [
-                    d[name]["condition"] for d in (s.get("depends_on", {}) for s in svcs.values()) if name in d
+                    d[name]["condition"]
+                    for d in (s.get("depends_on", {}) for s in svcs.values())
+                    if name in d
                 ]
                 assert waiters and set(waiters) == {"service_completed_successfully"}, (
                     f"{where}: a one-shot service must be waited for until it completed: {waiters}"
@@ -318,7 +320,9 @@ def test_every_service_has_a_healthcheck() -> None:
                 continue
             hc = svc.get("healthcheck")
             assert hc, f"{where} has no healthcheck"
-            assert set(hc) <= HEALTHCHECK_KEYS, f"{where}: unknown healthcheck keys {set(hc) - HEALTHCHECK_KEYS}"
+            assert set(hc) <= HEALTHCHECK_KEYS, (
+                f"{where}: unknown healthcheck keys {set(hc) - HEALTHCHECK_KEYS}"
+            )
             assert not hc.get("disable"), where
             test = hc["test"]
             if isinstance(test, list):
@@ -407,7 +411,9 @@ def test_the_primary_override_publishes_the_stores_on_one_address() -> None:
             f"{name}: published on {published(first[name])[port]!r}, not on ${{SHARE_BIND:?...}}"
         )
     assert {n for n, s in services(PRIMARY_FILE).items() if s.get("ports")} == set(expected)
-    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?[^}]+\}", first["postgres"]["environment"]["POSTGRES_PASSWORD"])
+    assert re.fullmatch(
+        r"\$\{POSTGRES_PASSWORD:\?[^}]+\}", first["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    )
     assert option(argv(first["redis"]["command"]), "--requirepass").startswith("${REDIS_PASSWORD:?")
     # the worker file reaches exactly these ports on the first host
     worker_env = uncommented(WORKER_FILE)["x-worker-env"]
@@ -447,7 +453,7 @@ def test_minio_init_makes_the_bucket_and_a_key_for_it_alone() -> None:
     assert argv(init["entrypoint"])[:2] == ["/bin/sh", "-euc"], "stops at the first failing step"
     lines = [line.strip() for line in script.splitlines()]
     assert any(line.startswith("mc mb --ignore-existing") for line in lines), "idempotent bucket creation"
-    assert any(line.startswith("mc admin user add local \"$$AWS_ACCESS_KEY_ID\"") for line in lines)
+    assert any(line.startswith('mc admin user add local "$$AWS_ACCESS_KEY_ID"') for line in lines)
     policy = re.search(r"printf '(\{.*\})'", script)[1].replace("%s", "BUCKET")
     statement = json.loads(policy)["Statement"]
     assert {r for s in statement for r in s["Resource"]} == {"arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"}
@@ -756,7 +762,10 @@ def test_dockerfile_installs_the_tested_torch() -> None:
     assert len(runs) == 2, "torch first, then the project"
     (torch_at, torch_run), (project_at, project_run) = runs
     (pip,) = [c for c in shell_steps(torch_run) if c[:2] == ["pip", "install"]]
-    assert expand(option(pip, "--index-url", "-i") or "") == f"https://download.pytorch.org/whl/{args['TORCH_CUDA']}"
+    assert (
+        expand(option(pip, "--index-url", "-i") or "")
+        == f"https://download.pytorch.org/whl/{args['TORCH_CUDA']}"
+    )
     wanted = {
         f"torch=={pins['torch']}+{args['TORCH_CUDA']}",
         f"torchvision=={pins['torchvision']}+{args['TORCH_CUDA']}",
@@ -817,9 +826,7 @@ def test_dockerfile_prepares_the_volume_mount_points() -> None:
     steps = [c for r in dockerfile_instruction("RUN") for c in shell_steps(r)]
     made = {a for step in steps if step[:2] == ["mkdir", "-p"] for a in step[2:]}
     owned = {a for step in steps if step[:3] == ["chown", "-R", f"{uid}:{uid}"] for a in step[3:]}
-    targets = {
-        t for svc in all_services().values() if uses_project_image(svc) for t in volume_mounts(svc)
-    }
+    targets = {t for svc in all_services().values() if uses_project_image(svc) for t in volume_mounts(svc)}
     assert targets
     for target in targets:
         assert target in made or any(m.startswith(target.rstrip("/") + "/") for m in made), (
@@ -848,9 +855,9 @@ def test_hadolint_finds_nothing() -> None:
         timeout=60,
     )
     findings = json.loads(result.stdout or "[]")
-    assert not findings and result.returncode == 0, "\n".join(
-        f"line {f['line']}: {f['code']} {f['message']}" for f in findings
-    ) or result.stderr
+    assert not findings and result.returncode == 0, (
+        "\n".join(f"line {f['line']}: {f['code']} {f['message']}" for f in findings) or result.stderr
+    )
     lines = DOCKERFILE.read_text().splitlines()
     for i, line in enumerate(lines):
         if line.startswith("# hadolint ignore="):
@@ -863,7 +870,11 @@ def test_hadolint_is_the_real_linter() -> None:
     """It reports what it should: a root user, an unpinned base, apt without clean-up."""
     bad = "FROM ubuntu\nRUN apt-get update && apt-get install -y curl\nUSER root\n"
     result = subprocess.run(
-        [hadolint(), "--no-color", "--format", "json", "-"], input=bad, capture_output=True, text=True, timeout=60
+        [hadolint(), "--no-color", "--format", "json", "-"],
+        input=bad,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     codes = {f["code"] for f in json.loads(result.stdout)}
     assert {"DL3006", "DL3008", "DL3009", "DL3002"} <= codes and result.returncode != 0, codes
