@@ -112,7 +112,14 @@ class Settings(BaseSettings):
         False,
         description="With OBJECT_STORE_URL: answer an artifact download with a 307 redirect to a presigned "
         "URL of the bucket (valid S3_PRESIGN_EXPIRES_S), so the bytes do not pass through the API; the "
-        "client must reach S3_ENDPOINT_URL then. False: the API streams them (S3_PRESIGN).",
+        "client must reach S3_PUBLIC_URL (default S3_ENDPOINT_URL) then. False: the API streams them "
+        "(S3_PRESIGN).",
+    )
+    s3_public_url: str | None = Field(
+        None,
+        description="The object store's address as clients reach it, for presigned URLs (e.g. "
+        "`https://files.example.com` where S3_ENDPOINT_URL is compose's internal `http://minio:9000`); "
+        "unset: S3_ENDPOINT_URL (S3_PUBLIC_URL).",
     )
     s3_presign_expires_s: int = Field(
         300,
@@ -250,7 +257,7 @@ class Settings(BaseSettings):
         items = [n.strip() for n in v.split(",")] if isinstance(v, str) else list(v)  # type: ignore[call-overload]
         return tuple(str(ip_network(n, strict=False)) for n in items if n)
 
-    @field_validator("job_retention_days", "object_store_url", "s3_endpoint_url", mode="before")
+    @field_validator("job_retention_days", "object_store_url", "s3_endpoint_url", "s3_public_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         """``JOB_RETENTION_DAYS=`` (compose passes an unset variable on as empty): unset (keep every job;

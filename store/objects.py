@@ -178,12 +178,15 @@ class LocalStore:
 
 
 class S3Store:
-    """Objects under ``prefix`` in ``bucket``; ``client`` is a boto3 S3 client (thread-safe, shared)."""
+    """Objects under ``prefix`` in ``bucket``; ``client`` is a boto3 S3 client (thread-safe, shared).
+    ``presigner``: the client that signs download URLs, made for the address clients reach (a presigned
+    URL's signature covers its host); default ``client``."""
 
     remote = True
 
-    def __init__(self, client: Any, bucket: str, prefix: str = ""):
+    def __init__(self, client: Any, bucket: str, prefix: str = "", presigner: Any = None):
         self.client, self.bucket = client, bucket
+        self.presigner = presigner or client
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
 
     def _k(self, key: str) -> str:
@@ -267,7 +270,7 @@ class S3Store:
             "ResponseContentType": media_type,
             "ResponseContentDisposition": f'attachment; filename="{filename}"',
         }
-        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
+        return self.presigner.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
 
 
 @lru_cache(maxsize=8)
@@ -297,7 +300,10 @@ def _store(settings: Settings, kind: str, local_root: Path) -> ObjectStore:
     if not settings.object_store_url:
         return LocalStore(local_root)
     bucket, prefix = parse_url(settings.object_store_url)
-    return S3Store(s3_client(settings.s3_endpoint_url), bucket, str(PurePosixPath(prefix, kind)))
+    public = settings.s3_public_url or settings.s3_endpoint_url
+    return S3Store(
+        s3_client(settings.s3_endpoint_url), bucket, str(PurePosixPath(prefix, kind)), s3_client(public)
+    )
 
 
 def artifact_store(settings: Settings) -> ObjectStore:

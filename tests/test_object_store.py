@@ -183,6 +183,12 @@ def test_a_job_run_on_another_host_is_served_by_the_api(
     got = httpx.get(r.headers["location"])
     assert got.status_code == 200 and got.content == model
     assert presigning.client.get(url, headers=presigning.a | {"If-None-Match": etag}).status_code == 304
+    # S3_PUBLIC_URL: the address clients reach (compose's endpoint is internal) signs the URL
+    public = s3_bucket["s3_endpoint_url"].replace("127.0.0.1", "localhost")
+    behind = make_api(sqlite_url, s3_presign=True, s3_public_url=public, **s3_bucket)
+    r = behind.client.get(url, headers=behind.a, follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"].startswith(public + "/")
+    assert httpx.get(r.headers["location"]).content == model
 
     # a changed object is never served under its recorded digest
     artifact_store(api.settings).put_bytes(f"{job_id}/attempt-1/model.safetensors", model + b"x")
