@@ -257,7 +257,9 @@ class Settings(BaseSettings):
         items = [n.strip() for n in v.split(",")] if isinstance(v, str) else list(v)  # type: ignore[call-overload]
         return tuple(str(ip_network(n, strict=False)) for n in items if n)
 
-    @field_validator("job_retention_days", "object_store_url", "s3_endpoint_url", "s3_public_url", mode="before")
+    @field_validator(
+        "job_retention_days", "object_store_url", "s3_endpoint_url", "s3_public_url", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         """``JOB_RETENTION_DAYS=`` (compose passes an unset variable on as empty): unset (keep every job;
