@@ -28,6 +28,8 @@ import argparse
 import copy
 import datetime as dt
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -222,14 +224,27 @@ def table(results: dict[str, Any]) -> str:
             f"{r['busy']:.0%} |"
         )
     m = results["machine"]
+    cpu = f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; " if m.get("cpu") else ""
     lines.append(
-        f"\nDevice {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, torch {m['torch']}; "
+        f"\nDevice {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, {cpu}torch {m['torch']}; "
         f"measured convolution throughput {results['conv_tflops']:.2f} TFLOP/s."
     )
     return "\n".join(lines)
 
 
+def render(results: dict[str, Any], source: Path) -> str:
+    """The ``throughput-<profile>`` section: its command, date and results file, then the table."""
+    where = source.relative_to(profiles.REPO_DIR) if source.is_relative_to(profiles.REPO_DIR) else source.name
+    command = results.get("command", f"python -m bench.throughput --profile {results['profile']}")
+    return (
+        f"## Training throughput, {results['profile']} profile\n\n"
+        f"`{command}`, run {results['date']}; results `{where}`.\n\n{table(results)}\n"
+    )
+
+
 def run_profile(name: str, settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from .run import machine_info  # here: bench.run imports this module
+
     device_name, cases = PROFILES[name]
     device = resolve_device(device_name)
     flops = conv_flops_per_s(device, Schedule())
@@ -242,12 +257,7 @@ def run_profile(name: str, settings: Settings, log: Callable[[str], None] = prin
         "format": RESULTS_FORMAT,
         "profile": name,
         "date": started.isoformat(timespec="seconds"),
-        "machine": {
-            "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(device),
         "conv_tflops": flops / 1e12,
         "cases": out,
     }
@@ -263,14 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.throughput: the gpu profile needs CUDA")
     settings = Settings(decode_cache_dir=CACHE_DIR / "decoded")
     results = run_profile(args.profile, settings)
+    results["command"] = "python -m bench.throughput " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = results["date"].replace(":", "").replace("+0000", "Z")
     path = args.out / f"throughput-{args.profile}-{stamp}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
-    text = table(results)
-    print(text)
+    print(table(results))
     if args.markdown:
-        body = f"## Training throughput, {args.profile} profile\n\n{text}\n"
+        body = render(results, path)
         markdown.update_markdown(
             args.markdown, f"throughput-{args.profile}", markdown._wrap(f"throughput-{args.profile}", body)
         )
