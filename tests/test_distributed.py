@@ -210,17 +210,17 @@ def test_a_killed_rank_fails_the_attempt_and_the_job_resumes(sqlite_url: str, tm
     engine = make_engine(settings.sqlalchemy_url)
     spec = json.loads(digits({"name": "magnitude"}, 2, epochs=3).model_dump_json(exclude={"notify"}))
     job_id = submit(engine, spec)
-    real_epoch = StoreReporter.epoch
+    real_step = StoreReporter.step
     killed: list[int] = []
 
-    def kill_after_first(self: StoreReporter, record: dict[str, Any]) -> None:
-        real_epoch(self, record)
-        if not killed:  # the first epoch is checkpointed by now
+    def kill_in_second_epoch(self: StoreReporter, phase: str, epoch: int, step: int, loss: float) -> None:
+        real_step(self, phase, epoch, step, loss)
+        if epoch >= 1 and not killed:  # the first epoch is checkpointed by now
             killed.extend(_rank_pids(settings.artifacts_dir / job_id / "attempt-1"))
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
 
-    monkeypatch.setattr(StoreReporter, "epoch", kill_after_first)
+    monkeypatch.setattr(StoreReporter, "step", kill_in_second_epoch)
     assert execute(job_id, worker_name="w", settings=settings) is None
     assert len(killed) == 1
     job = get(engine, job_id)
