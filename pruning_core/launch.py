@@ -72,9 +72,7 @@ def _check_host(spec: JobSpec, device: torch.device, world: int) -> None:
     if spec.model.name.startswith(PYTHON_PREFIX) or spec.data.name.startswith(PYTHON_PREFIX):
         raise ModelError("resources.gpus: a model or data set given in Python cannot reach other processes")
     if device.type == "cuda" and torch.cuda.device_count() < world:
-        raise ModelError(
-            f"resources.gpus is {world} but this worker sees {torch.cuda.device_count()} GPU(s)"
-        )
+        raise ModelError(f"resources.gpus is {world} but this worker sees {torch.cuda.device_count()} GPU(s)")
 
 
 def _start_rank(

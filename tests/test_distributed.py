@@ -117,7 +117,9 @@ class Gated(Method):
 
 def _tiny() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)
+    )
 
 
 def _fit_tiny(out: Path) -> None:
@@ -158,7 +160,12 @@ def digits(method: dict[str, Any], gpus: int, epochs: int = 2) -> JobSpec:
             "data": {"name": "digits"},
             "method": method,
             "target": {"macs_ratio": 0.5},
-            "schedule": {"epochs": epochs, "batch_size": 64, "max_steps_per_epoch": 4, "bn_recalibration_batches": 2},
+            "schedule": {
+                "epochs": epochs,
+                "batch_size": 64,
+                "max_steps_per_epoch": 4,
+                "bn_recalibration_batches": 2,
+            },
             "export": {"formats": ["safetensors"], "latency": False},
             "device": "cpu",
             "resources": {"gpus": gpus},
@@ -175,7 +182,9 @@ def test_a_digits_job_on_two_processes_matches_one(method: dict[str, Any], tmp_p
     one = run_job(digits(method, 1), tmp_path / "one")
     two = run_job(digits(method, 2), tmp_path / "two")
     assert _widths(two) == _widths(one)
-    losses = [(a.train_loss, b.train_loss) for a, b in zip(one.report.history, two.report.history, strict=True)]
+    losses = [
+        (a.train_loss, b.train_loss) for a, b in zip(one.report.history, two.report.history, strict=True)
+    ]
     for a, b in losses:
         assert abs(a - b) <= LOSS_TOLERANCE * a, losses
     assert two.report.achieved_macs_ratio == pytest.approx(one.report.achieved_macs_ratio)
@@ -196,8 +205,11 @@ def _rank_pids(workdir: Path) -> list[int]:
     return pids
 
 
-def test_a_killed_rank_fails_the_attempt_and_the_job_resumes(sqlite_url: str, tmp_path: Path, monkeypatch) -> None:
+def test_a_killed_rank_fails_the_attempt_and_the_job_resumes(
+    sqlite_url: str, tmp_path: Path, monkeypatch
+) -> None:
     from faultkit import get, submit
+
     from store import repo
     from store.db import make_engine, migrate, session_scope
     from worker.execute import execute
