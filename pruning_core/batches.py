@@ -204,17 +204,22 @@ class ItemLoader:
         )
 
     def __call__(
-        self, plan: list[list[list[int]]], seed: int, first_step: int = 0
+        self,
+        plan: list[list[list[int]]],
+        seed: int,
+        first_step: int = 0,
+        positions: list[list[int]] | None = None,
     ) -> Iterator[tuple[Batch, ...]]:
         """Yield, per step of ``plan`` (the epoch's from ``first_step`` on; ``seed``: the epoch's), its
         batches as ``((x, y), ...)`` on the device: each step's batches are read together (one
-        collate, one worker round-trip) and split afterwards."""
+        collate, one worker round-trip) and split afterwards. ``positions``: per step, each item's
+        place in the step's whole batches, when ``plan`` holds one rank's slices of them
+        (``distributed.shard``); default: the items' order in ``plan``."""
+        items = [[i for batch in step for i in batch] for step in plan]
+        where = positions if positions is not None else [range(len(step)) for step in items]
         self.sampler.steps = [
-            [
-                (i, item_seed(seed, first_step + k, j))
-                for j, i in enumerate(i for batch in step for i in batch)
-            ]
-            for k, step in enumerate(plan)
+            [(i, item_seed(seed, first_step + k, j)) for i, j in zip(step, at, strict=True)]
+            for k, (step, at) in enumerate(zip(items, where, strict=True))
         ]
         sizes = [[len(batch) for batch in step] for step in plan]
         for (x, y), sz in zip(self.loader, sizes, strict=True):

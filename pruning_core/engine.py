@@ -16,6 +16,11 @@ Data: a training set held in memory (``batches.DeviceBatches``) is copied to the
 step's batch is built there, cropped and flipped by one generator on the device (seeded per epoch); any
 other set is read per item through a DataLoader (``ctx.num_workers`` processes).
 
+Several processes (``resources.gpus``, see ``distributed.py``): each trains on its slice of every
+step's batch, the gradients of every parameter set are averaged over the ranks before they are read or
+stepped, the epoch's record is rank 0's, and rank 0 alone writes the checkpoint (with every rank's RNG
+state and running sums, so N processes resume with N).
+
 Determinism: every epoch reseeds torch from (seed, epoch) and draws its data order from a generator
 seeded the same way; a checkpoint taken mid-epoch stores the RNG states (the augmentation generator's
 included), the step and the epoch's running sums, so on CPU an interrupted and resumed run ends with
@@ -41,6 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from . import distributed
 from .acceleration import amp_dtype, autotune, compile_model, contiguous, in_format, memory_format, place
 from .batches import (
     Batch,
@@ -129,7 +135,9 @@ class StepContext:
         scaler = self._run.opts.scaler
         inv = 1.0 / scaler.get_scale() if scaler.is_enabled() else 1.0
         out: list[torch.Tensor | None] = []
-        for p in self._run.opts.params(params):
+        taken = self._run.opts.params(params)
+        distributed.average_grads(taken)  # every rank then balances the same gradients
+        for p in taken:
             out.append(None if p.grad is None else p.grad * inv)
             p.grad = None
         return out
@@ -350,6 +358,7 @@ class _Run:
         self.interrupted = threading.Event()
         self.path = _ckpt_path(ctx, phase)
         self.meta = dict(meta)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
 
     def prepare_model(self) -> None:
         """The model in the run's memory format on the device, its forward compiled where asked."""
@@ -365,7 +374,14 @@ class _Run:
         if old is not None:
             self.opts.carry_state(old)
 
-    def state(self, finished: bool = False) -> dict[str, Any]:
+    def state(self, finished: bool = False) -> dict[str, Any] | None:
+        """The checkpoint (None on ranks other than 0); collective: every rank calls it. Mid-epoch,
+        each rank's running sums and RNG states go in (``ranks``, in rank order)."""
+        ranks = distributed.gather_objects(
+            [self.sums, self.rng_state] if self.step_in_epoch else [None, None]
+        )
+        if self.rank != 0:
+            return None
         return {
             "format": CHECKPOINT_FORMAT,
             "phase": self.phase,
@@ -381,11 +397,16 @@ class _Run:
             "rng": self.rng_state if self.step_in_epoch else None,
             "meta": self.meta,
             "first_loss": self.first_loss,
+            "world": self.world,
+            "ranks": ranks if self.world > 1 else None,
         }
 
     def save(self, finished: bool = False) -> None:
+        """Checkpoint the run; collective: every rank calls it, rank 0 writes."""
         if self.path:
-            save_checkpoint(self.path, self.state(finished))
+            state = self.state(finished)
+            if state is not None:
+                save_checkpoint(self.path, state)
 
     def restore(self, ck: dict[str, Any]) -> None:
         """Architecture, then the method's state (it may re-attach what ``start_phase`` attached to the
@@ -397,8 +418,13 @@ class _Run:
         self.build_optimizers()
         self.opts.load_state_dict(ck["optim"])
         self.epoch, self.step_in_epoch, self.history = ck["epoch"], ck["step_in_epoch"], ck["history"]
-        self.sums = ck["sums"] or _new_sums()
-        self.rng_state = ck["rng"]
+        sums, rng = ck["sums"], ck["rng"]
+        if ck.get("ranks") and ck.get("world", 1) == self.world:
+            sums, rng = ck["ranks"][self.rank]
+        elif self.world > 1 and self.step_in_epoch:  # written by another number of processes
+            sums, rng = (sums, rng) if self.rank == 0 else (None, None)
+        self.sums = sums or _new_sums()
+        self.rng_state = rng
         self.meta = ck.get("meta") or {}
         self.first_loss = ck.get("first_loss")
 
@@ -433,6 +459,8 @@ def fit(
         if run.path and run.path.exists():
             ctx.reporter.message(f"{phase}: its checkpoint was written by an older engine; training it again")
         run.build_optimizers()
+    # every rank starts from rank 0's values (a method's random parts need not agree before this)
+    distributed.broadcast_module(run.model, run.opts.params(None))
     ctx.reporter.phase(phase, schedule.epochs, run.steps)
     run.prepare_model()
     try:
@@ -454,8 +482,10 @@ def _train_epoch(run: _Run) -> EpochAction:
     before = run.sums.get("wall_s", 0.0)  # a resumed epoch's seconds before the interruption
     cpu_before = run.sums.get("cpu_s", 0.0)
     plan = epoch_plan(len(ctx.train), s, ctx.seed, run.epoch, run.streams)
+    plan, positions = distributed.shard(plan, run.rank, run.world)
+    # the same torch seed on every rank (Gumbel samples, dropout agree); crops and flips of its own
     torch.manual_seed(epoch_seed(ctx.seed, run.epoch))
-    run.augment.manual_seed(augment_seed(ctx.seed, run.epoch))
+    run.augment.manual_seed((augment_seed(ctx.seed, run.epoch) + 7_919 * run.rank) % 2**63)
     if run.step_in_epoch and run.rng_state is not None:
         _set_rng_state(run.rng_state, run.device, run.augment)
     run.model.train()
@@ -465,7 +495,8 @@ def _train_epoch(run: _Run) -> EpochAction:
     # of its one plain forward per step are the network's per sample times the samples
     per_sample = run.hooks.current_macs(run.model) if run.compiled else 0
     with nullcontext() if run.compiled else meter.attached(run.model):
-        for batches in _batches(run, plan[run.step_in_epoch :]):
+        first = run.step_in_epoch
+        for batches in _batches(run, plan[first:], positions[first:]):
             _stop_point(run)
             step = run.epoch * run.steps + run.step_in_epoch
             lrs = run.opts.set_lr(lr_factor(step, run.total, run.warmup, s.lr_schedule))
@@ -480,9 +511,13 @@ def _train_epoch(run: _Run) -> EpochAction:
             # before the next batch is drawn: where a resume starts
             run.rng_state = _rng_state(run.device, run.augment)
             ctx.reporter.step(run.phase, run.epoch, run.step_in_epoch, loss)
+    _reduce_epoch(run)
     record = _epoch_record(run, lrs, before + time.perf_counter() - t0, cpu_before + time.process_time() - c0)
+    # every method decides from rank 0's numbers (a GPU's evaluation may differ in the last bits)
+    record = distributed.broadcast_object(record)
     run.step_in_epoch, run.rng_state, run.sums = 0, None, _new_sums()
     action = _epoch_end(run, record)
+    record = distributed.broadcast_object(record)
     run.history.append(record)
     ctx.reporter.epoch(record)
     run.epoch += 1
@@ -490,15 +525,30 @@ def _train_epoch(run: _Run) -> EpochAction:
     return action
 
 
-def _batches(run: _Run, plan: list[list[list[int]]]) -> Iterator[tuple[Batch, ...]]:
+def _reduce_epoch(run: _Run) -> None:
+    """Before the epoch's record, with several ranks: BatchNorm statistics averaged, the MACs trained
+    summed and the methods' step numbers averaged over the ranks (the step losses already are)."""
+    if run.world == 1:
+        return
+    distributed.average_buffers(run.model)
+    sums, names = run.sums, sorted(run.sums["metrics"])
+    total = distributed.sum_over_ranks([sums["train_macs"], *(sums["metrics"][k] for k in names)], run.device)
+    sums["train_macs"] = int(total[0])
+    sums["metrics"] = {k: v / run.world for k, v in zip(names, total[1:], strict=True)}
+
+
+def _batches(
+    run: _Run, plan: list[list[list[int]]], positions: list[list[int]]
+) -> Iterator[tuple[Batch, ...]]:
     """The steps of ``plan`` as batches on the device: built there from the in-memory images
-    (``device_loader``), or read through the phase's DataLoader (``ItemLoader``, made at first use)."""
+    (``device_loader``), or read through the phase's DataLoader (``ItemLoader``, made at first use);
+    ``positions``: per step, the places of its samples in the step's whole batches (all ranks')."""
     if run.device_data:
         steps = device_loader(run.ctx.train, plan, run.device, run.augment)  # type: ignore[arg-type]
     else:
         if run.items is None:
             run.items = ItemLoader(run.ctx.train, run.ctx.num_workers, run.device)
-        steps = run.items(plan, epoch_seed(run.ctx.seed, run.epoch), run.step_in_epoch)
+        steps = run.items(plan, epoch_seed(run.ctx.seed, run.epoch), run.step_in_epoch, positions)
     # the network's layout: a batch cropped on the device comes NHWC-strided, which on CPU would
     # silently switch the convolutions to channels_last
     return (tuple((in_format(x, run.format), y) for x, y in step) for step in steps)
@@ -508,6 +558,8 @@ def _optimise(run: _Run, batch: Batch | tuple[Batch, ...], sctx: StepContext) ->
     run.opts.begin()
     out = run.hooks.training_step(run.model, batch, sctx)
     loss = out.loss.item()
+    if run.world > 1:  # the global batch's loss: reported, and judged for divergence on every rank alike
+        loss = distributed.sum_over_ranks([loss], run.device)[0] / run.world
     _check_divergence(run, loss)
     if not sctx.backward_calls:
         sctx.backward(out.loss)
@@ -603,6 +655,7 @@ def _epoch_end(run: _Run, record: dict[str, Any]) -> EpochAction:
             report_pruned(run.ctx.reporter, before, cost_of(run.model, example))
         run.build_optimizers()
         record["bn_recalibrated"] = run.ctx.recalibrate(run.model)
+        distributed.broadcast_module(run.model)  # the re-estimated statistics: rank 0's on every rank
         _evaluate(run, record)
         record["event"] = "pruned"
         record["wall_s"] += time.perf_counter() - t0
@@ -644,12 +697,16 @@ def report_pruned(reporter: Reporter, before: Cost, after: Cost) -> None:
 def _stop_point(run: _Run) -> None:
     """Between steps, the one place a run may stop early: the state is consistent here, so it is
     checkpointed (step, RNG state and the epoch's sums included) before raising."""
-    if run.interrupted.is_set():
+    interrupted, cancelled = run.interrupted.is_set(), run.ctx.reporter.cancelled()
+    if run.world > 1:  # one rank's signal or rank 0's cancel flag stops every rank at this step
+        votes = distributed.sum_over_ranks([float(interrupted), float(cancelled)], run.device)
+        interrupted, cancelled = votes[0] > 0, votes[1] > 0
+    if interrupted:
         run.save()
         raise KeyboardInterrupt(
             f"interrupted; checkpoint saved at epoch {run.epoch + 1}, step {run.step_in_epoch}"
         )
-    if run.ctx.reporter.cancelled():
+    if cancelled:
         run.save()
         raise Cancelled("cancelled by request")
 

@@ -50,3 +50,10 @@ class TargetMissedError(PruningError):
     """The pruned network's MAC ratio is outside the band the method promises for the target."""
 
     code = "target_missed"
+
+
+class RankLost(RuntimeError):
+    """A process of a job trained on several GPUs (``resources.gpus``) ended while the others trained:
+    the attempt is lost as if its worker had died, and the job resumes from its last checkpoint."""
+
+    code = "rank_lost"

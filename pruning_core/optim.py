@@ -5,6 +5,7 @@ or architecture parameters, each with its own optimizer (SGD, Adam, AdamW and th
 its own LR rule (the schedule's warm-up + cosine/constant, or constant). ``Optimizers`` owns them for one
 phase: every backward goes through the one ``GradScaler``, each optimizer is unscaled once before the
 method's ``after_backward`` sees its gradients, and the scaler is updated once per training step.
+With several ranks (``distributed.py``) each set's gradients are averaged over them right before that.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import distributed
 from .spec import Schedule
 
 OptimizerKind = Literal["sgd", "adam", "adamw"]
@@ -174,9 +176,13 @@ class Optimizers:
         """Unscale the named sets once, let ``after_backward`` read and edit their true gradients, then
         step them and zero their gradients. Under AMP a step whose gradients overflowed is skipped by
         the scaler, and ``after_backward`` does not see those gradients (they hold inf/NaN)."""
+        names = tuple(names)
         unknown = [n for n in names if n not in self.slots]
         if unknown:
             raise KeyError(f"no parameter set {unknown[0]!r}; declared: {', '.join(self.slots)}")
+        # several ranks: the mean gradient, before anything reads it; a set then has gradients on every
+        # rank or on none, so the ranks step (and update the scaler) alike
+        distributed.average_grads([p for n in names if n not in self._stepped for p in self.slots[n].params])
         ready = tuple(n for n in names if self.slots[n].has_grad())
         if not ready:
             return
@@ -198,7 +204,8 @@ class Optimizers:
 
     def finish(self, after_backward: Callable[[tuple[str, ...]], None]) -> None:
         """Step the sets not stepped yet (those with gradients), then update the scaler once."""
-        pending = [n for n in self.slots if n not in self._stepped and self.slots[n].has_grad()]
+        # not filtered by this rank's gradients: another rank may hold some (``step`` averages them)
+        pending = [n for n in self.slots if n not in self._stepped]
         if pending:
             self.step(pending, after_backward)
         if self._stepped:  # the scaler refuses to update when no optimizer was unscaled this step

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import (
+    distributed,
     layer_times,
     methods,  # noqa: F401  (registers the methods)
     speed_target,
@@ -143,12 +144,18 @@ def run(
     spec: JobSpec, workdir: str | Path, reporter: Reporter | None = None, *, job_id: str | None = None
 ) -> Result:
     """Run a whole job into ``workdir``; resumable by calling again with the same arguments. Its
-    per-epoch numbers are tracked (``tracking.open_tracker``: TensorBoard, MLflow) under ``job_id``."""
+    per-epoch numbers are tracked (``tracking.open_tracker``: TensorBoard, MLflow) under ``job_id``.
+
+    In a job's process group (``launch.py``) every rank calls this; ranks other than 0 train only
+    (no reporter, tracker, report nor artifact) and return None."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():
+        return _run(spec, workdir, NullReporter())  # type: ignore[return-value]
     tracker = open_tracker(spec, workdir, reporter or NullReporter(), get_settings(), job_id)
     try:
         result = _run(spec, workdir, tracker)
+        assert result is not None
     except BaseException as err:
         tracker.abort("KILLED" if isinstance(err, Cancelled | KeyboardInterrupt) else "FAILED")
         raise
@@ -156,13 +163,14 @@ def run(
     return result
 
 
-def _run(spec: JobSpec, workdir: Path, reporter: Reporter) -> Result:
-    """The job itself: ``run`` without the tracking around it."""
+def _run(spec: JobSpec, workdir: Path, reporter: Reporter) -> Result | None:
+    """The job itself: ``run`` without the tracking around it (None on a rank other than 0)."""
     settings = get_settings()
-    device = resolve_device(spec.device)
+    device = distributed.rank_device(resolve_device(spec.device))
     t_start = time.perf_counter()
 
-    data, shape, model = prepare(spec, workdir)
+    with distributed.main_first():  # rank 0 fills the data cache the others then read
+        data, shape, model = prepare(spec, workdir)
     example = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     dense_graph_t = time.perf_counter()
     graph = PruningGraph(model, example, shape.num_classes, settings.graph_timeout_s)
@@ -248,6 +256,8 @@ def _run(spec: JobSpec, workdir: Path, reporter: Reporter) -> Result:
             "or give weights"
         )
     model = _run_phases(method, model, train_ctx, shape, phases, history, bn_points, pruned_at)
+    if not distributed.is_main():  # the training is done; rank 0 finishes the job alone
+        return None
     # A random batch, not zeros: the physically pruned network and its exports are checked against it.
     check_input = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(spec.seed))
     model, finalize_diff = _finalize(method, model, shape, train_ctx, check_input, bn_points)

@@ -226,6 +226,7 @@ class Settings(BaseSettings):
     )
     max_num_classes: int = Field(10_000, ge=2, description="Cap on model.num_classes and data.num_classes.")
     max_data_workers: int = Field(16, ge=0, description="Cap on data.num_workers (DataLoader processes).")
+    max_gpus: int = Field(8, ge=1, description="Cap on resources.gpus (processes, one per GPU, of one job).")
     max_images: int = Field(
         2_000_000, ge=1, description="Cap on the images one job loads (train + test), and on per_class."
     )

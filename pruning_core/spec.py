@@ -713,6 +713,20 @@ class NotifySpec(_Strict):
         return v
 
 
+class ResourcesSpec(_Strict):
+    """What one job runs on. ``gpus`` > 1: that many processes on one host, one per GPU (or, on a host
+    without CUDA, per CPU process with gloo), each training on a slice of every batch
+    (``pruning_core.distributed``); ``schedule.batch_size`` stays the global batch."""
+
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes (one per GPU of the worker's host) that train this job together; "
+        "schedule.batch_size is split between them.",
+    )
+
+
 class JobSpec(_Strict):
     """A whole pruning job. Validates API bodies, CLI files and stored rows alike."""
 
@@ -725,6 +739,7 @@ class JobSpec(_Strict):
     export: ExportSpec = ExportSpec()
     seed: int = Field(0, ge=0, le=2**31 - 1)
     notify: NotifySpec | None = Field(None, description="A webhook called once the job has ended.")
+    resources: ResourcesSpec = ResourcesSpec()
     device: str = Field(
         "auto",
         max_length=16,
@@ -765,6 +780,25 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _splits_between_gpus(self) -> JobSpec:
+        gpus = self.resources.gpus
+        if gpus == 1:
+            return self
+        if self.schedule.batch_size % gpus:
+            raise ValueError(
+                f"schedule.batch_size: {self.schedule.batch_size} does not split evenly between "
+                f"resources.gpus {gpus}; use a multiple of {gpus}"
+            )
+        if self.target.speedup is not None or self.target.allocation == "latency":
+            raise ValueError(
+                "resources.gpus: a target.speedup or latency allocation times the network on one device; "
+                "run it with gpus: 1"
+            )
+        if self.device.startswith("cuda:"):
+            raise ValueError(f"device: {self.device} names one GPU; with resources.gpus {gpus} use `auto`")
+        return self
+
+    @model_validator(mode="after")
     def _prunes_while_training(self) -> JobSpec:
         if self.method.name == "psap" and self.schedule.epochs < 1 + (self.method.settle > 0):
             raise ValueError(
@@ -799,6 +833,7 @@ LIMITS: dict[str, _Limited] = {
     "max_image_size": (("data", DataSpec, "image_size"),),
     "max_num_classes": (("model", ModelSpec, "num_classes"), ("data", DataSpec, "num_classes")),
     "max_data_workers": (("data", DataSpec, "num_workers"),),
+    "max_gpus": (("resources", ResourcesSpec, "gpus"),),
     "max_images": (("data", DataSpec, "per_class"), ("data", DataSpec, "test_per_class")),
 }
 

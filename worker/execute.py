@@ -14,7 +14,9 @@ Outcomes: ``succeeded``; ``cancelled`` (asked for while running); ``failed`` wit
 longer accepts, or running out of host or GPU memory (``out_of_memory``: another attempt would too; the
 message says what to lower); ``failed``/``internal_error`` with ``retryable`` True for anything else (the traceback
 goes to the log, one line to the row). A KeyboardInterrupt/SystemExit (the local runner stopping) gives
-the attempt back to the queue, so the next start resumes it.
+the attempt back to the queue, so the next start resumes it. So does a lost process of a job on several
+GPUs (``RankLost``), counted as an attempt: like a dead worker, the next attempt resumes from the last
+checkpoint, until ``max_attempts``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from pruning_core.errors import Cancelled, DataError, PruningError, WeightsError
+from pruning_core.errors import Cancelled, DataError, PruningError, RankLost, WeightsError
 from pruning_core.settings import Settings, get_settings
 from pruning_core.spec import JobSpec, SpecError, parse_spec
 from store import repo
@@ -119,14 +121,16 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
         resumed_from = copy_checkpoints(scratch, job.id, job.attempt)
         if resumed_from is not None:
             reporter.message(f"resuming from the checkpoints of attempt {resumed_from}")
-        from pruning_core import runner  # torch: only in the process that runs a job
+        from pruning_core import launch  # torch: only in the process that runs a job
 
         with CheckpointSync(store, scratch, workdir / CHECKPOINTS, every_s=settings.heartbeat_s):
-            result = runner.run(spec, workdir, reporter, job_id=job.id)
+            result = launch.run_job(spec, workdir, reporter, job_id=job.id)  # resources.gpus processes
         reporter.close()
         if reporter.lost:
             log.warning("job %s attempt %d is no longer ours; not recording it", job.id, job.attempt)
             return None
+    except RankLost as err:
+        return _rank_lost(engine, job, reporter, err)
     except Cancelled as err:
         if TIME_UP.is_set():  # stopped by the soft time limit's flag, not by a user
             return _fail(engine, job, reporter, settings, "time_limit", TIME_LIMIT_MESSAGE, retryable=False)
@@ -260,6 +264,21 @@ def _give_back(engine: Engine, job: Claimed) -> None:
         log.info("job %s attempt %d interrupted; queued again", job.id, job.attempt)
     else:
         log.warning("job %s attempt %d interrupted; it was no longer ours to requeue", job.id, job.attempt)
+
+
+def _rank_lost(engine: Engine, job: Claimed, reporter: StoreReporter, err: RankLost) -> None:
+    """A process of the job died: back to the queue as a lost worker's attempt (``repo.requeue``
+    counts it, and fails the job ``worker_lost`` once out of attempts); the poll or the reaper
+    enqueues it again, and the next attempt resumes from the checkpoints."""
+    log.warning("job %s attempt %d lost a process: %s", job.id, job.attempt, _one_line(err))
+    reporter.close()
+    if not reporter.lost:
+        reporter.event("message", {"text": f"a process of the job ended: {_one_line(err)}; resuming"})
+        with session_scope(engine) as s:
+            row = s.get(Job, job.id)
+            if row is not None and row.attempt == job.attempt:
+                repo.requeue(s, row)
+    return None
 
 
 # --- inputs ---
