@@ -21,9 +21,13 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
+
+import torch
 
 from pruning_core import distributed
 from pruning_core.batches import steps_per_epoch
@@ -87,6 +91,24 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render(results: dict[str, Any], source: Path) -> str:
+    """The ``distributed-<device>`` section: command, machine, load, the job, then the table."""
+    m = results.get("machine") or {}
+    job_ = results["job"]
+    machine = f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}" if m else f"{results['cpus']} CPUs"
+    return (
+        f"## One job on several processes ({results['device']})\n\n"
+        f"`{results.get('command', 'python -m bench.distributed')}`, run {results['date']}; results "
+        f"`{source.name}`. {machine}; OMP_NUM_THREADS={results['omp_num_threads']} per process; load "
+        f"average {results['load_1min']:g} at the end. The job: `{job_['method']['name']}` on "
+        f"{job_['data']['name']}, {job_['model']['name']}, global batch {job_['schedule']['batch_size']} "
+        f"split between the processes, {job_['schedule']['epochs']} epochs; s / epoch is the mean of the "
+        "epochs after the first; all-reduce bytes are the payload rank 0 hands to all-reduce per step "
+        "(every parameter set's gradients, the loss, the stop vote), not the wire traffic.\n\n"
+        f"{table(results)}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.distributed", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="directory of the results JSON")
@@ -101,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         for n in (int(x) for x in args.gpus.split(",")):
             spec = job(n, args.method, args.epochs, args.device, args.batch_size)
             runs.append(measure(spec, Path(tmp) / f"gpus-{n}"))
+    from .run import machine_info  # here: it loads bench.run's own dependencies
+
     results = {
         "format": RESULTS_FORMAT,
+        "command": "python -m bench.distributed " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(torch.device(args.device)),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000"),
         "device": args.device,
         "cpus": os.cpu_count(),

@@ -554,12 +554,46 @@ def render_compare(section: Section) -> str:
     return compare.render(load(name), RESULTS_DIR / name)
 
 
+def render_service(section: Section) -> str:
+    """``bench.service``'s section (its own render writes the markers; they are the manifest's here)."""
+    from . import service_markdown  # imported here: the other renderers do not need it
+
+    (name,) = section.results
+    text = service_markdown.render_section(load(name), RESULTS_DIR / name)
+    return text.removeprefix(service_markdown.START + "\n").removesuffix(service_markdown.END + "\n")
+
+
+def render_speed(section: Section) -> str:
+    from . import speed  # imported here: it loads torchvision's models
+
+    (name,) = section.results
+    return speed.render(load(name), RESULTS_DIR / name)
+
+
+def render_distributed(section: Section) -> str:
+    from . import distributed  # imported here: it loads the engine
+
+    (name,) = section.results
+    return distributed.render(load(name), RESULTS_DIR / name)
+
+
+def render_throughput(section: Section) -> str:
+    from . import throughput
+
+    (name,) = section.results
+    return throughput.render(load(name), RESULTS_DIR / name)
+
+
 RENDERERS: dict[str, Callable[[Section], str]] = {
     "table-a": render_table_a,
     "table-b": render_table_b,
     "val-trained": render_val_trained,
     "val-compare": render_val_compare,
     "compare": render_compare,
+    "service": render_service,
+    "speed": render_speed,
+    "throughput": render_throughput,
+    "distributed": render_distributed,
 }
 
 
