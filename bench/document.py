@@ -101,6 +101,12 @@ MANIFEST: tuple[Section, ...] = (
     Section("compare-tas-cpu", "compare", ("compare-tas-cpu-2026-12-06T181720Z.json",)),
     Section("compare-psap-cpu", "compare", ("compare-psap-cpu-2026-12-06T200428Z.json",)),
     Section("compare-s2h-dense-cpu", "compare", ("compare-s2h-dense-cpu-2026-12-06T185951Z.json",)),
+    Section("throughput-cpu", "throughput", ("throughput-cpu-2026-12-07T063639Z.json",)),
+    Section(
+        "distributed-cpu",
+        "distributed",
+        ("distributed-cpu-2026-12-07T064129Z.json", "distributed-cpu-2026-12-07T064142Z.json"),
+    ),
 )
 
 # (marker name, what it measured, its command as its section's header gave it, when it ran)
@@ -571,10 +577,18 @@ def render_speed(section: Section) -> str:
 
 
 def render_distributed(section: Section) -> str:
+    """The first run in full, each further one (another batch size, say) by its command and table."""
     from . import distributed  # imported here: it loads the engine
 
-    (name,) = section.results
-    return distributed.render(load(name), RESULTS_DIR / name)
+    first, *more = section.results
+    parts = [distributed.render(load(first), RESULTS_DIR / first)]
+    for name in more:
+        results = load(name)
+        parts.append(
+            f"`{results['command']}`, run {results['date']}; results `{name}`; load average "
+            f"{results['load_1min']:g} at the end.\n\n{distributed.table(results)}\n"
+        )
+    return "\n".join(parts)
 
 
 def render_throughput(section: Section) -> str:
