@@ -102,6 +102,7 @@ MANIFEST: tuple[Section, ...] = (
     Section("compare-psap-cpu", "compare", ("compare-psap-cpu-2026-12-06T200428Z.json",)),
     Section("compare-s2h-dense-cpu", "compare", ("compare-s2h-dense-cpu-2026-12-06T185951Z.json",)),
     Section("throughput-cpu", "throughput", ("throughput-cpu-2026-12-07T063639Z.json",)),
+    Section("service", "service", ("service-2026-12-07T064154Z.json",)),
     Section(
         "distributed-cpu",
         "distributed",
@@ -123,7 +124,6 @@ NOT_RERUN: tuple[tuple[str, str, str, str], ...] = (
         "python -m bench.run --profile gpu --seeds 1 --dense-epochs 2 --finetune-epochs 1",
         "2026-11-27",
     ),
-    ("service", "HTTP API and queue under load", "python -m bench.service", "2026-11-28"),
     (
         "speed-cpu",
         "measured against MAC-implied speed-up",
