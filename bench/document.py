@@ -103,6 +103,7 @@ MANIFEST: tuple[Section, ...] = (
     Section("compare-s2h-dense-cpu", "compare", ("compare-s2h-dense-cpu-2026-12-06T185951Z.json",)),
     Section("throughput-cpu", "throughput", ("throughput-cpu-2026-12-07T063639Z.json",)),
     Section("service", "service", ("service-2026-12-07T064154Z.json",)),
+    Section("speed-cpu-cifar", "speed", ("speed-cpu-cifar-2026-12-07T064701Z.json",)),
     Section(
         "distributed-cpu",
         "distributed",
@@ -149,12 +150,6 @@ NOT_RERUN: tuple[tuple[str, str, str, str], ...] = (
         "the same on an idle CPU",
         "python -m bench.speed --models tv:mobilenet_v2 tv:efficientnet_b0 tv:resnet18 tv:resnet50 --batches 1 8 "
         "--threads 2 --repeats 7 --min-sample-ms 30 --section speed-cpu-idle",
-        "2026-11-28",
-    ),
-    (
-        "speed-cpu-cifar",
-        "the CIFAR ResNets on the CPU",
-        "python -m bench.speed --models resnet20 resnet56 --threads 2 --repeats 9 --section speed-cpu-cifar",
         "2026-11-28",
     ),
     (
