@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser run demo test test-slow bench bench-gpu bench-service benchmarks-md lint clean
+.PHONY: install browser run demo test test-slow bench bench-gpu bench-service benchmarks-md lint docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,5 +65,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The documentation site (mkdocs.yml, pages under docs/; the job spec and configuration pages generated from
+# the code by docs/_hooks/reference.py) into site/, strict: a broken link or anchor fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf runs var .pytest_cache .ruff_cache
+	rm -rf runs var site .pytest_cache .ruff_cache

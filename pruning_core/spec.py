@@ -680,7 +680,7 @@ NOTIFY_SCHEMES = ("http", "https")
 
 class NotifySpec(_Strict):
     """Where the service POSTs the job resource once the job has ended (succeeded, failed, cancelled),
-    signed with ``secret`` (README: Webhooks). The secret is write-only: never stored in the spec nor
+    signed with ``secret`` (docs/webhooks.md). The secret is write-only: never stored in the spec nor
     shown again. Only a server delivers; a local run ignores it."""
 
     url: str = Field(

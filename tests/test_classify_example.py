@@ -1,6 +1,6 @@
-"""The README's ONNX example (examples/classify_onnx.py: onnxruntime, numpy and Pillow only) run on real
-CIFAR-10 JPEGs against a tiny job's model.onnx: it must preprocess exactly as the data pipeline did and
-predict what the PyTorch model predicts. Also the job's model card and its contract in every file."""
+"""The ONNX example of docs/outputs.md (examples/classify_onnx.py: onnxruntime, numpy and Pillow only) run
+on real CIFAR-10 JPEGs against a tiny job's model.onnx: it must preprocess exactly as the data pipeline
+did and predict what the PyTorch model predicts. Also the job's model card and its contract in every file."""
 
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ def _test_images(workdir: Path, classes: list[str]) -> list[Path]:
     return [f[0] for f in files]
 
 
-def test_readme_shows_the_example_verbatim() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"<!-- examples/classify_onnx\.py -->\n```python\n(.*?)```", readme, re.S)
+def test_the_docs_show_the_example_verbatim() -> None:
+    page = (ROOT / "docs" / "outputs.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"<!-- examples/classify_onnx\.py -->\n```python\n(.*?)```", page, re.S)
     assert blocks == [EXAMPLE.read_text(encoding="utf-8")]
 
 

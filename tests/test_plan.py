@@ -156,12 +156,12 @@ def test_other_one_shot_criteria_and_refusals() -> None:
 
 
 def test_the_readme_snippet_runs() -> None:
-    """The Python block of the README's "Your own training loop" section, as a user pastes it."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Your own training loop", 1)[1].split("\n### ", 1)[0]
+    """The Python block of the docs' "Your own training loop" section, as a user pastes it."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text(encoding="utf-8")
+    section = page.split("## Your own training loop", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict[str, object] = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/python-api.md", "exec"), scope)
     small, model = scope["small"], scope["model"]
     assert isinstance(small, nn.Module) and isinstance(model, nn.Module)
     assert count_macs(small, scope["example"]) <= 0.5 * count_macs(model, scope["example"])

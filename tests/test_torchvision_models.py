@@ -5,7 +5,7 @@ same logits (within 1e-4 of their scale), the counted MACs equal the MACs predic
 counts, and the export (safetensors + architecture, TorchScript, ONNX) reloads to the same logits.
 "Refused": building the ``PruningGraph`` (what a job does before training) raises a one-line
 ``PruningError``. The list of builders is torchvision's own, so a new one joins this sweep by itself.
-Outcomes, reasons and times are in the README's "Models" section.
+Outcomes, reasons and times are in docs/models.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Alice signs in, submits a digits magnitude job from the form and watches it fini
 the events change on the open page, from the event stream), opens its report, downloads an artifact
 and checks its sha256, uploads and deletes a file, cancels a second job, reruns it and deletes it. Bob, another owner, sees
 none of her jobs through any page or link. A screenshot of each page is saved in the test's tmp dir
-(the README's are copies). Skipped, saying so, where chromium or chromedriver is not installed
+(docs/web-*.png are copies). Skipped, saying so, where chromium or chromedriver is not installed
 (``make install`` installs them on Debian)."""
 
 from __future__ import annotations

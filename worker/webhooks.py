@@ -12,7 +12,7 @@ be global or inside WEBHOOK_ALLOW, and the socket goes to an address so checked,
 resolved to a public address at submit cannot be rebound to 127.0.0.1 since. Redirects are not
 followed, proxies from the environment not used.
 
-Signature (README: Webhooks): ``X-Pruning-Signature: sha256=<hex HMAC-SHA256(secret, "<ts>." + body)>``
+Signature (docs/webhooks.md): ``X-Pruning-Signature: sha256=<hex HMAC-SHA256(secret, "<ts>." + body)>``
 with ``X-Pruning-Timestamp: <ts>`` (Unix seconds).
 """
 
