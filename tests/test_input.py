@@ -42,6 +42,7 @@ CAPS = {
     "max_num_classes": 50,
     "max_data_workers": 2,
     "max_images": 1000,
+    "max_gpus": 1,  # one past it, 2 processes, still divides the test's batch of 16
 }
 # The method whose options hold a limited field, by options class.
 METHOD_OF = {"S2HOptions": "s2h", "TASOptions": "tas", "PSAPOptions": "psap", "EPIOptions": "epi"}
