@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from pruning_core.models.weights import mismatch
 from pruning_core.settings import Settings
 from pruning_core.spec import JobSpec, model_shape
-from pruning_core.weights import mismatch
 from store import repo
 
 from . import torch_child

@@ -1,4 +1,4 @@
-"""Work that needs torch, done in a child process (``python -m pruning_core.weights``): the API never
+"""Work that needs torch, done in a child process (``python -m pruning_core.models.child``): the API never
 imports torch and never unpickles. The child gets a minimal environment (no database URL, no keys, no
 GPU) and a time limit; at most ``TORCH_CHILDREN`` of them run at once.
 
@@ -157,7 +157,7 @@ def _communicate(argv: list[str], timeout_s: float, cancel: threading.Event) -> 
 def run(
     args: list[str], settings: Settings, owner: str, cancel: threading.Event | None = None
 ) -> dict[str, Any]:
-    """Run ``python -m pruning_core.weights *args`` for ``owner`` and return its JSON answer (blocking:
+    """Run ``python -m pruning_core.models.child *args`` for ``owner`` and return its JSON answer (blocking:
     call it from a worker thread, ``run_watched`` from a route). Raises Busy when no child can be had
     (see the module's docstring), Gone when ``cancel`` is set, Refused for a refused input, ChildFailed
     when the child gives no answer."""
@@ -172,7 +172,7 @@ def run(
                 max(1, round(wait_s)),
             )
         try:
-            argv = [sys.executable, "-m", "pruning_core.weights", *args]
+            argv = [sys.executable, "-m", "pruning_core.models.child", *args]
             code, stdout, stderr = _communicate(argv, settings.torch_child_timeout_s, cancel)
         finally:
             slot.release()
@@ -194,7 +194,7 @@ def run(
 
 def pretrained_refusal(name: str, settings: Settings, owner: str) -> str | None:
     """None when the published weights of ``tv:``/``timm:`` model ``name`` are in this machine's
-    cache, else the one line that says what to place where (from a child: ``pruning_core.pretrained``).
+    cache, else the one line that says what to place where (from a child: ``pruning_core.models.pretrained``).
     Raises like ``run`` (Refused: a model with no published weights)."""
     out = run(["pretrained", name], settings, owner)
     return None if out.get("cached") else str(out.get("refusal"))

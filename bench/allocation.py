@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pruning_core.runner import run
+from pruning_core.jobs.runner import run
 from pruning_core.spec import DataSpec, JobSpec
 
 from .markdown import mean_std, publish_results

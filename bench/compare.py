@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from pruning_core.export import load_pruned
-from pruning_core.macs import count_macs
-from pruning_core.runner import run
+from pruning_core.artifacts.export import load_pruned
+from pruning_core.graph.macs import count_macs
+from pruning_core.jobs.runner import run
 from pruning_core.spec import DataSpec, JobSpec, KDSpec, Schedule
 
 from . import markdown

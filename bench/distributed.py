@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from pruning_core import distributed
-from pruning_core.batches import steps_per_epoch
-from pruning_core.launch import run_job
+from pruning_core.jobs.launch import run_job
 from pruning_core.spec import JobSpec, parse_spec
+from pruning_core.training import distributed
+from pruning_core.training.batches import steps_per_epoch
 
 RESULTS_FORMAT = "pruning-core/distributed-v1"
 

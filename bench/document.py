@@ -236,7 +236,7 @@ How to read the tables:
 - **Top-1**: percent; mean ± sample standard deviation over seeds, per-seed values in brackets; `(n=1)`
   is one seed, with no spread yet.
 - **MACs** for every row, the Torch-Pruning peer's included, come from the one counter
-  (`pruning_core.macs.count_macs`: conv and linear multiply-accumulates per sample); every pruned row lies
+  (`pruning_core.graph.macs.count_macs`: conv and linear multiply-accumulates per sample); every pruned row lies
   in `[target - 0.02, target]` of the dense MACs, so rows compare accuracy at (nearly) equal MACs.
 - **Torch-Pruning `BasePruner`** (the peer; `GroupMagnitudeImportance(p=2)`, global pruning) takes a
   channel ratio, bisected until our counter gives the largest MACs <= the target; it is fine-tuned by a

@@ -39,7 +39,7 @@ How to read the tables:
 
 - **Top-1**: test split, percent; mean ± sample standard deviation over seeds, per-seed values in brackets.
   Each seed trains its own dense model, and both pruned models start from that seed's dense weights.
-- **MACs** for every row, the peer's included, come from the one counter (`pruning_core.macs.count_macs`:
+- **MACs** for every row, the peer's included, come from the one counter (`pruning_core.graph.macs.count_macs`:
   conv and linear multiply-accumulates per sample). The peer (`tp.pruner.BasePruner`, the former
   `MetaPruner`, with `GroupMagnitudeImportance(p=2)`, global pruning, classifier head ignored) takes a
   channel ratio, so that ratio is bisected until our counter gives the largest MACs <= the target; it is
@@ -47,7 +47,7 @@ How to read the tables:
   channels with the same Torch-Pruning importance, choosing globally to the MAC budget: where both land on
   the same channels their rows agree exactly. That makes the peer a check that the engine reproduces the
   reference implementation, not an independent second method.
-- **Latency**: p50 of a forward pass (`pruning_core.latency.measure_latency`) at batch 1 and 64, the three
+- **Latency**: p50 of a forward pass (`pruning_core.speed.latency.measure_latency`) at batch 1 and 64, the three
   models timed back to back in the same process; "x" is dense p50 / pruned p50 within a seed, averaged over
   seeds. The MAC-implied speed-up (dense MACs / pruned MACs) stands beside it: the gap is what channel
   pruning does not turn into wall time (memory traffic, per-layer overhead, small-batch inefficiency).

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pruning_core.evaluation import evaluate
-from pruning_core.latency import measure_latency
-from pruning_core.macs import measure
+from pruning_core.graph.macs import measure
+from pruning_core.speed.latency import measure_latency
+from pruning_core.training.evaluation import evaluate
 
 from .profiles import Profile
 

@@ -2,7 +2,7 @@
 
 Torch-Pruning's ``BasePruner`` (``MetaPruner`` before 1.5) takes a channel ratio, not a MAC budget, so
 the ratio is bisected, rebuilding from the dense weights at every try, until our counter
-(``pruning_core.macs.count_macs``) gives the largest MACs that fit ``target x dense``.
+(``pruning_core.graph.macs.count_macs``) gives the largest MACs that fit ``target x dense``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from pruning_core.macs import count_macs
+from pruning_core.graph.macs import count_macs
 
 RATIO_TOL = 1e-4  # bisection stops when the ratio interval is this narrow
 

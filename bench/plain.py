@@ -9,10 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pruning_core.acceleration import amp_dtype, autotune, contiguous, in_format, memory_format, place
-from pruning_core.batches import epoch_order, epoch_seed, steps_per_epoch
-from pruning_core.optim import OptimizerConfig, lr_factor
 from pruning_core.spec import Schedule
+from pruning_core.training.acceleration import (
+    amp_dtype,
+    autotune,
+    contiguous,
+    in_format,
+    memory_format,
+    place,
+)
+from pruning_core.training.batches import epoch_order, epoch_seed, steps_per_epoch
+from pruning_core.training.optim import OptimizerConfig, lr_factor
 
 
 def plain_train(

@@ -28,21 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pruning_core.data.archive import extract_archive
 from safetensors.torch import save_file
 from torch import nn
 
-from pruning_core.batches import steps_per_epoch
-from pruning_core.data import Datasets, LoadContext, extract_archive
-from pruning_core.engine import FitResult, NullReporter, TrainContext, fit
-from pruning_core.evaluation import evaluate
-from pruning_core.export import load_pruned
-from pruning_core.macs import count_macs
+from pruning_core.artifacts.export import load_pruned
+from pruning_core.data.loaders import Datasets, LoadContext
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.surgery import rebuild
+from pruning_core.jobs.runner import prepare, resolve_device, run
 from pruning_core.methods import DenseTraining, MethodContext
-from pruning_core.runner import prepare, resolve_device, run
+from pruning_core.models.zoo import build_model
 from pruning_core.settings import get_settings
 from pruning_core.spec import DataSpec, ExportSpec, JobSpec, ModelSpec, Schedule, TargetSpec
-from pruning_core.surgery import rebuild
-from pruning_core.zoo import build_model
+from pruning_core.training.batches import steps_per_epoch
+from pruning_core.training.engine import FitResult, NullReporter, TrainContext, fit
+from pruning_core.training.evaluation import evaluate
 
 from . import markdown
 from .measure import measure_row

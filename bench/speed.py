@@ -44,15 +44,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning_core.budget import MIN_WIDTH_CHOICES, select_by_rates
-from pruning_core.groups import PruningGraph
-from pruning_core.importance import magnitude
-from pruning_core.inference import fold_batchnorm
-from pruning_core.layer_times import latency_rates, measure_layer_times
-from pruning_core.macs import count_macs
+from pruning_core.artifacts.inference import fold_batchnorm
+from pruning_core.graph.budget import MIN_WIDTH_CHOICES, select_by_rates
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.importance import magnitude
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.surgery import remove_channels
+from pruning_core.models.zoo import build_model
 from pruning_core.spec import CHANNEL_STEP_DEFAULTS
-from pruning_core.surgery import remove_channels
-from pruning_core.zoo import build_model
+from pruning_core.speed.layer_times import latency_rates, measure_layer_times
 
 from .markdown import publish_results
 from .profiles import REPO_DIR, RESULTS_DIR

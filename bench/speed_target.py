@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pruning_core.runner import run
+from pruning_core.jobs.runner import run
 from pruning_core.spec import parse_spec
 
 # (model, method, requested speed-up): the goal's 224 px models, and a paper method beside magnitude

@@ -40,17 +40,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_core.acceleration import amp_dtype, autotune, contiguous, in_format, memory_format, place
-from pruning_core.batches import default_workers, steps_per_epoch
-from pruning_core.data import Datasets, load_data
-from pruning_core.engine import TrainContext, fit
-from pruning_core.macs import count_macs
+from pruning_core.data.loaders import Datasets, load_data
+from pruning_core.graph.macs import count_macs
+from pruning_core.jobs.runner import resolve_device
 from pruning_core.methods import DenseTraining, MethodContext
-from pruning_core.optim import OptimizerConfig
-from pruning_core.runner import resolve_device
+from pruning_core.models.zoo import build_model
 from pruning_core.settings import Settings
 from pruning_core.spec import DataSpec, JobSpec, Schedule
-from pruning_core.zoo import build_model
+from pruning_core.training.acceleration import (
+    amp_dtype,
+    autotune,
+    contiguous,
+    in_format,
+    memory_format,
+    place,
+)
+from pruning_core.training.batches import default_workers, steps_per_epoch
+from pruning_core.training.engine import TrainContext, fit
+from pruning_core.training.optim import OptimizerConfig
 
 from . import markdown, profiles
 from .plain import plain_train

@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from pruning_core.export import load_pruned
-from pruning_core.macs import count_macs
-from pruning_core.runner import run
+from pruning_core.artifacts.export import load_pruned
+from pruning_core.graph.macs import count_macs
+from pruning_core.jobs.runner import run
+from pruning_core.models.zoo import build_model
 from pruning_core.spec import DataSpec, KDSpec
-from pruning_core.zoo import build_model
 
 from . import markdown
 from .compare import CONTENDERS as COMPARE

@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pruning_core
-from pruning_core.engine import NullReporter
-from pruning_core.report import Report, headline
+from pruning_core.artifacts.report import Report, headline
+from pruning_core.training.engine import NullReporter
 
 
 class DigitsNet(nn.Module):

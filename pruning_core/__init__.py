@@ -1,5 +1,7 @@
-"""pruning_core: the structured-pruning engine (spec, zoo, data, groups, one training loop, methods,
-surgery, export, report).
+"""pruning_core: the structured-pruning engine, grouped by concept (each subpackage's docstring says what
+it owns and may import; ``lint-imports`` checks it): ``jobs`` (a job end to end), ``methods``, ``speed``,
+``training`` (the one loop), ``artifacts`` (export, report), ``graph`` (channel groups, MACs, removal),
+``data``, ``models`` (the zoo), and at the top ``spec``, ``settings``, ``errors``, ``registry``.
 
 Imports are lazy so that ``pruning_core.spec`` (torch-free) can be used by the API and the CLI without
 loading torch.
@@ -13,18 +15,18 @@ from typing import Any
 _LAZY = {
     "JobSpec": "pruning_core.spec",
     "parse_spec": "pruning_core.spec",
-    "run": "pruning_core.runner",
-    "prune": "pruning_core.python_api",
-    "Pruned": "pruning_core.python_api",
-    "plan": "pruning_core.planning",
-    "apply": "pruning_core.planning",
-    "Plan": "pruning_core.planning",
-    "load_pruned": "pruning_core.export",
-    "load_exported": "pruning_core.export",
-    "read_contract": "pruning_core.export",
-    "InputContract": "pruning_core.contract",
-    "build_model": "pruning_core.zoo",
-    "count_macs": "pruning_core.macs",
+    "run": "pruning_core.jobs.runner",
+    "prune": "pruning_core.jobs.python_api",
+    "Pruned": "pruning_core.jobs.python_api",
+    "plan": "pruning_core.jobs.planning",
+    "apply": "pruning_core.jobs.planning",
+    "Plan": "pruning_core.jobs.planning",
+    "load_pruned": "pruning_core.artifacts.export",
+    "load_exported": "pruning_core.artifacts.export",
+    "read_contract": "pruning_core.artifacts.export",
+    "InputContract": "pruning_core.artifacts.contract",
+    "build_model": "pruning_core.models.zoo",
+    "count_macs": "pruning_core.graph.macs",
 }
 
 __all__ = sorted(_LAZY)

@@ -63,8 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = parse_spec(build_spec(args))
     out = _out_dir(args, spec)
     resuming = _claim_out_dir(out, spec.model_dump(mode="json"), args.fresh)
-    from .progress import TqdmReporter  # torch-heavy imports only once the spec is valid
-    from .runner import run
+    from .jobs.progress import TqdmReporter  # torch-heavy imports only once the spec is valid
+    from .jobs.runner import run
 
     reporter = TqdmReporter(enabled=not args.quiet, bar=sys.stderr.isatty())  # tqdm draws on stderr
     if resuming:
@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     reporter.close()
     r = result.report
-    from .report import latency_line
+    from .artifacts.report import latency_line
 
     print(
         f"{r.model} {r.method}: MACs {r.dense.macs / 1e6:.2f}M -> {r.pruned.macs / 1e6:.2f}M "

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``err``'s message on one line (whitespace runs collapsed), at most ``limit`` characters; its
+    type's name when it has no message."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class PruningError(Exception):
     """Base of every user-facing engine error (bad input, unreachable target, corrupt files)."""
 

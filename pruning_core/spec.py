@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -24,6 +23,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from .methods.epi.options import EPIOptions
+from .methods.magnitude.options import MagnitudeOptions
+from .methods.psap.options import PSAPOptions
+from .methods.s2h.options import S2HOptions
+from .methods.tas.options import TASOptions
+from .schema import Strict
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -81,11 +87,6 @@ def known_model(name: str) -> bool:
     )
 
 
-class _Strict(BaseModel):
-    # NaN and infinities are refused: JSON has no such numbers (PostgreSQL refuses them in a JSON column)
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
 def _plain_text(v: str) -> str:
     """Refuse control characters (NUL above all: PostgreSQL cannot store it) and lone surrogates."""
     if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in v):
@@ -97,7 +98,7 @@ def _plain_text(v: str) -> str:
 FileRef = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_plain_text)]
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """The dense network to prune."""
 
     name: str = Field(
@@ -152,7 +153,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class DataSpec(_Strict):
+class DataSpec(Strict):
     """Where the training and test images come from."""
 
     name: str = Field("digits", description=f"One of {DATASETS}.", json_schema_extra={"enum": list(DATASETS)})
@@ -200,287 +201,6 @@ class DataSpec(_Strict):
         return self
 
 
-class MagnitudeOptions(_Strict):
-    """One-shot global group-L2 magnitude pruning, then fine-tuning (the baseline)."""
-
-    name: Literal["magnitude"] = "magnitude"
-    p: int = Field(2, ge=1, le=2, description="Norm of the group magnitude (1 or 2).")
-    round_to: int | None = Field(
-        None,
-        ge=1,
-        le=1024,
-        description="Deprecated alias of `target.round_to` (which wins when both are given).",
-    )
-
-
-class S2HOptions(_Strict):
-    """S2HPruner (NeurIPS 2024): soft and hard networks trained together in one stage, the hard one
-    distilled from the soft one with a decoupled gap loss; the result is the hard network, no fine-tuning.
-
-    Per coupled channel group: width candidates d, 2d, ..., C with one learnable logit each; the soft mask
-    is their softmax's reverse cumulative sum, the hard mask keeps the expected width's most important
-    (L1) channels; the hard forward keeps those channels and applies no mask (the official demo). The
-    hard network's MACs end within 0.02 of the dense MACs under the target (its widths stepped there,
-    least soft keep-probability x importance per MAC first, where the search's expected widths missed). Defaults
-    marked [ours] are our choices where the official configuration was not released. The performance
-    loss is cross-entropy, or KD from the dense teacher when `kd.enabled` (give `model.weights` or
-    `schedule.dense_epochs` so that the teacher is trained).
-    """
-
-    name: Literal["s2h"] = "s2h"
-    temperature: float = Field(1.0, gt=0.0, le=100.0, description="T in softmax(u / T) over width logits.")
-    gap_weight: float = Field(
-        1.0, ge=0.0, le=100.0, description="Weight of the soft-hard gap (KL) losses; 0 turns them off."
-    )
-    resource_weight: float = Field(
-        1.0, gt=0.0, le=1e6, description="c in the MAC loss c * (MACs / dense MACs - target)^2."
-    )
-    flops_relax: float = Field(
-        0.02,
-        ge=0.0,
-        lt=1.0,
-        description="Within this distance of the target MAC ratio the MAC gradient fades out.",
-    )
-    mask_lr_scale: float = Field(
-        1.0,
-        gt=0.0,
-        le=1e4,
-        description="Mask logits train with SGD at the weights' current LR times this [ours: 1].",
-    )
-    balance: Literal["norms", "sum"] = Field(
-        "norms",
-        description="`norms` (the official code): per group, the task gradient is scaled to the gap "
-        "gradient's norm and the MAC gradient balanced against both; `sum`: gap_weight and "
-        "resource_weight alone weigh a plain sum.",
-    )
-    width_divisor: int | None = Field(
-        None,
-        ge=1,
-        le=65_536,
-        description="d, the width step of each group's candidates (channels; rounded to a divisor of "
-        "the group's width, in units of the job's channel step `target.round_to`); default: about 8-16 "
-        "candidates per group.",
-    )
-    max_init: bool = Field(
-        True, description="Start near full width: the full-width candidate's probability is (C - d) / C."
-    )
-    finetune_epochs: int = Field(
-        0, ge=0, le=10_000, description="Optional fine-tuning of the pruned network afterwards (off)."
-    )
-    fit_epochs: int = Field(
-        1,
-        ge=0,
-        le=10_000,
-        description="[ours] The last this many epochs train the hard network at its widths fixed in "
-        "[target - 0.02, target] (stepped there, least soft keep-probability x L1 importance per MAC first, "
-        "where the "
-        "search's widths missed); 0: fixed after the last epoch, untrained at them. At least one epoch "
-        "searches.",
-    )
-    hard_grad: Literal["none", "ste"] = Field(
-        "none",
-        description="`none` (the official demo): the hard forward keeps the chosen channels and applies no "
-        "mask, so the gap loss toward the soft network reaches the mask logits only through KL(s || sg(h)); "
-        "`ste`: the hard forward multiplies by a straight-through mask, (m - w).detach() + w, through which "
-        "KL(sg(s) || h) reaches the mask logits too.",
-    )
-
-
-class TASOptions(_Strict):
-    """TAS (NeurIPS 2019): a differentiable search of width per coupled channel group and depth per stage
-    of residual blocks (Gumbel-softmax over two sampled widths joined by channel-wise interpolation, or
-    by zero-padding from trained weights; a piecewise expected-MAC loss), weights and architecture
-    updated in turn on the two halves of the training data; then the argmax network is built for real (fewer channels and blocks), initialised
-    at random, from the teacher or from the searched supernet, and trained `schedule.epochs` with KD
-    from the dense teacher (`kd`). Before the search each coupled group's channels are sorted by
-    importance (`sort_channels`), so that a width candidate's first k channels are the k most important
-    of the weights it starts from. The built network's MACs lie within 0.02 of the dense MACs under the
-    target (stepped there in the logits' order of preference where the search ended outside).
-    Defaults are the official code's CIFAR settings.
-    """
-
-    name: Literal["tas"] = "tas"
-    search_epochs: int = Field(10, ge=1, le=10_000, description="Epochs of the architecture search.")
-    width_ratios: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = Field(
-        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-        min_length=1,
-        max_length=64,
-        description="Width candidates of a group: int(ratio * channels) rounded down to the job's channel "
-        "step (`target.round_to`), deduplicated (1.0 always added).",
-    )
-    depth: bool = Field(True, description="Search the depth of every stage of residual blocks (ResNets).")
-    tau_max: float = Field(5.0, gt=0.0, le=100.0, description="Gumbel-softmax temperature at the start.")
-    tau_min: float = Field(0.1, gt=0.0, le=100.0, description="... and at the end (cosine decay).")
-    cost_weight: float = Field(2.0, ge=0.0, le=1000.0, description="lambda of the expected-MAC loss.")
-    tolerance: float = Field(
-        0.05,
-        ge=0.0,
-        lt=1.0,
-        description="t of the piecewise cost loss: no cost gradient while the argmax MACs lie in "
-        "[target - t, target] (of dense). The result itself lies in [target - 0.02, target].",
-    )
-    arch_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Adam LR (constant) of the architecture.")
-    arch_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (
-        Field((0.5, 0.999), description="Adam betas of the architecture.")
-    )
-    arch_weight_decay: float = Field(1e-3, ge=0.0, le=1.0)
-    init: Literal["random", "teacher", "supernet"] = Field(
-        "random",
-        description="The found network's weights: random (the paper); the teacher's most important "
-        "channels and first blocks; or the searched supernet's (the paper's `w/ Init` variant: its "
-        "weights after the search, each group's BatchNorm that of its chosen width).",
-    )
-    kd: bool = Field(
-        True,
-        description="Train the found network with KD from the teacher (`kd.temperature`, `kd.weight`); "
-        "false: cross-entropy only, whatever `init` and `kd.enabled` say.",
-    )
-    align: Literal["auto", "interpolate", "pad"] = Field(
-        "auto",
-        description="How the two sampled widths' outputs are brought to one width before their weighted "
-        "sum: `interpolate` (the paper's channel-wise interpolation: a narrow candidate's channels are "
-        "stretched over the wide one's); `pad` [ours] (each candidate's channels stay where they are, "
-        "zeros beyond: channel j keeps its meaning for the next layer, which trained weights need; "
-        "measured on a trained digits ResNet-20 with its weights frozen, the search's loss at the start "
-        "is 2.26 with interpolation, chance, and 1.17 padded); `auto`: `pad` when the search starts "
-        "from trained weights (`model.weights` or `schedule.dense_epochs`), else `interpolate`.",
-    )
-    sort_channels: bool = Field(
-        True,
-        description="Before the search, sort each coupled group's channels by importance (group L2 "
-        "magnitude, as `magnitude` ranks them; the function is unchanged), so that a width candidate's "
-        "first k channels are the k most important. [ours] The official search starts from scratch, "
-        "where training puts the important channels first; from trained weights the first k are arbitrary.",
-    )
-
-    @model_validator(mode="after")
-    def _valid(self) -> TASOptions:
-        if self.tau_min > self.tau_max:
-            raise ValueError("tau_min cannot exceed tau_max")
-        return self
-
-
-class PSAPOptions(_Strict):
-    """PSAP (arXiv 2303.11881): iterative soft filter pruning within training. Every `interval` epochs
-    a prune step zeroes the lowest-norm filters of each coupled group (the conv/linear rows and their
-    BatchNorm weight and bias, so the network that trains is the network that would be cut), at
-    per-group ratios proportional to the group's weight sparsity (read from the trained weights) and
-    scaled so that the step's MAC target is met. Zeroed filters stay trainable (`reconstruct`): one that
-    regrew is judged by its norm at the next step, and one the next step keeps gets back its values. A
-    filter whose gradient signal (at its output activation, over its group's mean) stands above
-    `pulse_factor` is exempt from the step's cut, small norm or zeroed. The step targets tighten from
-    the dense MACs to the job's target over the first `ramp` of the steps. The last step is the final
-    cut: the zeroed filters are removed physically, BatchNorm is re-estimated, and the pruned network
-    trains for the last `settle` of the epochs (then `finetune_epochs`, if any).
-    From scratch: give no `model.weights` and `schedule.dense_epochs: 0`; from given weights: the job's
-    `model.weights` (or dense epochs first). The paper's text is not public: which rules follow its
-    abstract and which are ours is in the method's docstring.
-    """
-
-    name: Literal["psap"] = "psap"
-    interval: int = Field(1, ge=1, le=1000, description="Epochs between prune steps.")
-    schedule: Literal["geometric", "linear"] = Field(
-        "geometric",
-        description="How step targets tighten: remaining MACs target**(k/K) (geometric) or "
-        "1 - (1 - target) * k/K (linear) at step k of the K ramp steps.",
-    )
-    ramp: float = Field(
-        0.25,
-        gt=0.0,
-        le=1.0,
-        description="Share of the prune steps over which the target tightens. 0.25 was chosen on a "
-        "validation split over 0.7 (BENCHMARKS.md): later cuts leave the cut network too few epochs.",
-    )
-    adaptive: bool = Field(
-        True, description="Per-group ratios from weight sparsity; false: one ratio for every group."
-    )
-    sparsity_eps: float = Field(
-        0.1,
-        gt=0.0,
-        lt=1.0,
-        description="A filter is sparse when its norm is below this times the median norm of its group's "
-        "live filters (those the last step did not zero).",
-    )
-    max_ratio: float = Field(
-        0.8, gt=0.0, lt=1.0, description="The largest share of a group pruned (at any step)."
-    )
-    reconstruct: bool = Field(
-        True,
-        description="Zeroed filters stay trainable until the next step (soft pruning); false freezes them "
-        "at zero (their gradients masked, re-zeroed after every optimizer step): the ablation.",
-    )
-    protect: bool = Field(
-        True, description="Exempt filters whose gradient signal pulses from a step's cut (live or zeroed)."
-    )
-    pulse_factor: float = Field(
-        1.5,
-        gt=0.0,
-        le=1000.0,
-        description="A pulse: the EMA of a channel's gradient signal above this times its group's mean.",
-    )
-    grad_ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay of the gradient signal, per step.")
-    settle: float = Field(
-        0.2,
-        ge=0.0,
-        lt=1.0,
-        description="Share of `schedule.epochs` that the physically pruned network trains after the final "
-        "cut (at least one epoch); 0: the last step is at the very end, with no training after it.",
-    )
-    finetune_epochs: int = Field(
-        0, ge=0, le=10_000, description="Epochs of a separate fine-tuning phase after the removal."
-    )
-
-
-# tau per criterion: `neuron_l2` and `taylor` are one re-implementation's values (unverified); `magnitude`
-# (per-group normalised) keeps the same 0.983: not re-tuned for it (BENCHMARKS.md, "compare-epi-cpu").
-EPI_THRESHOLDS = {"magnitude": 0.983, "neuron_l2": 0.983, "taylor": 0.944}
-
-
-class EPIOptions(_Strict):
-    """EPI (CVPR 2022): dense training that prunes as soon as the dominant sub-network stabilises. At the
-    end of every epoch the sub-network that pruning to the target would keep now (the engine's global
-    allocator on `criterion` scores) is found without pruning; the indicator is its mean structural
-    similarity to the last `window` ones; the first epoch whose indicator reaches `threshold` and is not
-    below the last `window` values (or the `deadline`) prunes physically, and the pruned network trains
-    for the rest of `schedule.epochs`. From scratch unless the job gives weights or dense epochs.
-    """
-
-    name: Literal["epi"] = "epi"
-    criterion: Literal["magnitude", "neuron_l2", "taylor"] = Field(
-        "magnitude",
-        description="Neuron importance: `magnitude`, group L2 magnitude normalised per group (the scores "
-        "the `magnitude` method ranks by); `neuron_l2`, the paper's ||W_n|| / sqrt(P) compared across "
-        "layers unnormalised (it collapses late layers after initialisation); `taylor`, first-order "
-        "Taylor summed over the epoch, normalised per group.",
-    )
-    window: int = Field(5, ge=1, le=100, description="r: the indicator averages over the last r epochs.")
-    threshold: float | None = Field(
-        None,
-        gt=0.0,
-        le=1.0,
-        description="tau: prune once the indicator reaches it; default per criterion "
-        f"({EPI_THRESHOLDS['magnitude']} magnitude, {EPI_THRESHOLDS['taylor']} taylor).",
-    )
-    min_epochs: int | None = Field(
-        None,
-        ge=1,
-        le=10_000,
-        description="Never prune before this many epochs (unless the schedule ends first: then at its "
-        "second-to-last epoch); default: window + 1, the first epoch with an indicator.",
-    )
-    deadline: float = Field(
-        0.5,
-        gt=0.0,
-        le=1.0,
-        description="Prune at the end of this share of `schedule.epochs` at the latest (not before min_epochs, "
-        "not after the second-to-last epoch), so every job prunes.",
-    )
-
-    @property
-    def tau(self) -> float:
-        return self.threshold if self.threshold is not None else EPI_THRESHOLDS[self.criterion]
-
-
 # A discriminated union on `name`.
 MethodSpec = Annotated[
     MagnitudeOptions | S2HOptions | TASOptions | PSAPOptions | EPIOptions, Field(discriminator="name")
@@ -517,7 +237,7 @@ LATENCY_ALLOCATION_METHODS = frozenset({"magnitude", "epi", "psap"})
 MIN_WIDTH_DEFAULT = 0.1
 
 
-class TargetSpec(_Strict):
+class TargetSpec(Strict):
     """The budget: the fraction of the dense model's MACs that remains after pruning, or a measured
     speed-up on the job's device that the runner turns into that fraction (``speed_target``)."""
 
@@ -571,7 +291,7 @@ class TargetSpec(_Strict):
         return self
 
 
-class Schedule(_Strict):
+class Schedule(Strict):
     """Training schedule shared by every phase that trains (dense pre-training, fine-tuning, ...)."""
 
     epochs: int = Field(3, ge=0, le=10_000, description="Epochs of the method's training phase.")
@@ -625,7 +345,7 @@ class Schedule(_Strict):
         return self
 
 
-class KDSpec(_Strict):
+class KDSpec(Strict):
     """Knowledge distillation from a teacher (the dense model by default)."""
 
     enabled: bool = False
@@ -637,7 +357,7 @@ class KDSpec(_Strict):
 ExportFormat = Literal["safetensors", "torch_export", "torchscript", "onnx"]
 
 
-class ExportSpec(_Strict):
+class ExportSpec(Strict):
     formats: tuple[ExportFormat, ...] = Field(
         ("safetensors", "torch_export", "torchscript", "onnx"),
         max_length=8,
@@ -678,7 +398,7 @@ class ExportSpec(_Strict):
 NOTIFY_SCHEMES = ("http", "https")
 
 
-class NotifySpec(_Strict):
+class NotifySpec(Strict):
     """Where the service POSTs the job resource once the job has ended (succeeded, failed, cancelled),
     signed with ``secret`` (docs/webhooks.md). The secret is write-only: never stored in the spec nor
     shown again. Only a server delivers; a local run ignores it."""
@@ -713,10 +433,10 @@ class NotifySpec(_Strict):
         return v
 
 
-class ResourcesSpec(_Strict):
+class ResourcesSpec(Strict):
     """What one job runs on. ``gpus`` > 1: that many processes on one host, one per GPU (or, on a host
     without CUDA, per CPU process with gloo), each training on a slice of every batch
-    (``pruning_core.distributed``); ``schedule.batch_size`` stays the global batch."""
+    (``pruning_core.training.distributed``); ``schedule.batch_size`` stays the global batch."""
 
     gpus: int = Field(
         1,
@@ -727,7 +447,7 @@ class ResourcesSpec(_Strict):
     )
 
 
-class JobSpec(_Strict):
+class JobSpec(Strict):
     """A whole pruning job. Validates API bodies, CLI files and stored rows alike."""
 
     model: ModelSpec = ModelSpec()
@@ -850,7 +570,7 @@ ZOO_MIN_MACS_RATIO: dict[str, float] = {
 }
 # The side of a data set's images when data.image_size is not given (imagefolder: the files' own).
 NATIVE_IMAGE_SIZE: dict[str, int] = {"digits": 8, "cifar10": 32, "cifar100": 32, "synthetic": 32}
-# (classes, channels) of the data sets whose shape is known before loading them (pruning_core.data).
+# (classes, channels) of the data sets whose shape is known before loading them (pruning_core.data.loaders).
 NATIVE_SHAPE: dict[str, tuple[int, int]] = {"digits": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
 
 

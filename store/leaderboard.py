@@ -18,7 +18,7 @@ PARETO_TOP1_SLACK = 1.0
 
 
 def report_figures(report: dict[str, Any]) -> dict[str, Any]:
-    """The leaderboard's figures of one child, from its ``report.json`` (``pruning_core.report.Report``
+    """The leaderboard's figures of one child, from its ``report.json`` (``pruning_core.artifacts.report.Report``
     as JSON). Latency is the throughput batch's (the largest batch timed), as the job's result gives it;
     training time and MACs sum the report's epochs (``wall_s``, ``train_macs``)."""
     latency = report.get("latency")

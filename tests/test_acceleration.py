@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_core.acceleration import amp_dtype, memory_format
-from pruning_core.budget import TARGET_BAND
-from pruning_core.engine import StepContext, StepOutput, TrainContext, fit
 from pruning_core.errors import Cancelled
+from pruning_core.graph.budget import TARGET_BAND
+from pruning_core.graph.surgery import describe, rebuild
+from pruning_core.jobs.runner import run
 from pruning_core.methods import METHODS
 from pruning_core.methods.base import DenseTraining, Method, MethodContext
-from pruning_core.runner import run
 from pruning_core.spec import JobSpec, Schedule, parse_spec
-from pruning_core.surgery import describe, rebuild
+from pruning_core.training.acceleration import amp_dtype, memory_format
+from pruning_core.training.engine import StepContext, StepOutput, TrainContext, fit
 from tests.test_engine import SIZE, NoisyBlobs, PruneAfterFirstEpoch, StopAt, _model, _untimed, _weights
 from tests.test_method_contract import TARGET, _spec
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pruning_core.report import headline
-from pruning_core.runner import _Pruned, after_prune, run
+from pruning_core.artifacts.report import headline
+from pruning_core.jobs.runner import _Pruned, after_prune, run
 from pruning_core.spec import parse_spec
 from tests.specs import quick_spec
 from worker.execute import summarize

@@ -9,8 +9,8 @@ import torch
 from bench import markdown  # noqa: E402
 from bench.peer import RATIO_TOL, prune_to_macs, tp_prune  # noqa: E402
 from bench.run import main  # noqa: E402
-from pruning_core.macs import count_macs, count_params  # noqa: E402
-from pruning_core.zoo import build_model  # noqa: E402
+from pruning_core.graph.macs import count_macs, count_params  # noqa: E402
+from pruning_core.models.zoo import build_model  # noqa: E402
 
 PRUNED = ("magnitude", "peer")
 

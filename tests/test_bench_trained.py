@@ -11,8 +11,8 @@ import pytest
 
 from bench import trained
 from bench.run import save_weights
-from pruning_core.budget import TARGET_BAND
-from pruning_core.zoo import build_model
+from pruning_core.graph.budget import TARGET_BAND
+from pruning_core.models.zoo import build_model
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 

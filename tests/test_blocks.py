@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_core.blocks import depths, keep_blocks
-from pruning_core.engine import TrainContext, fit, load_checkpoint
+from pruning_core.artifacts.export import export_model, load_pruned
+from pruning_core.artifacts.report import block_counts
 from pruning_core.errors import ModelError
-from pruning_core.export import export_model, load_pruned
-from pruning_core.groups import PruningGraph, top_channels
-from pruning_core.importance import magnitude
-from pruning_core.macs import count_macs
+from pruning_core.graph.blocks import depths, keep_blocks
+from pruning_core.graph.groups import PruningGraph, top_channels
+from pruning_core.graph.importance import magnitude
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.surgery import describe, rebuild, remove_channels
 from pruning_core.methods.base import Method, MethodContext, Phase
-from pruning_core.report import block_counts
+from pruning_core.models.zoo import build_model
 from pruning_core.spec import JobSpec, Schedule
-from pruning_core.surgery import describe, rebuild, remove_channels
-from pruning_core.zoo import build_model
+from pruning_core.training.engine import TrainContext, fit, load_checkpoint
 from tests.test_engine import SIZE, StopAt, _ctx
 
 

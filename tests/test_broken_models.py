@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import Engine
 
-from pruning_core.budget import TARGET_BAND
-from pruning_core.engine import _check_divergence
 from pruning_core.errors import DivergedError, NonFiniteModelError, TargetMissedError, WeightsError
-from pruning_core.methods.magnitude import Magnitude
-from pruning_core.runner import check_target, run
+from pruning_core.graph.budget import TARGET_BAND
+from pruning_core.jobs.runner import check_target, run
+from pruning_core.methods.magnitude.method import Magnitude
+from pruning_core.models.zoo import build_model
 from pruning_core.settings import Settings
-from pruning_core.zoo import build_model
+from pruning_core.training.engine import _check_divergence
 from store import repo
 from store.db import make_engine, migrate, session_scope
 from store.models import Job

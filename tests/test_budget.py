@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pruning_core.budget import (
+from pruning_core.errors import TargetError
+from pruning_core.graph.budget import (
     TARGET_BAND,
     check_reachable,
     counts_for_ratios,
@@ -14,12 +15,11 @@ from pruning_core.budget import (
     soft_macs,
     width_levels,
 )
-from pruning_core.errors import TargetError
-from pruning_core.groups import PruningGraph, top_channels
-from pruning_core.importance import magnitude
-from pruning_core.macs import count_macs
-from pruning_core.surgery import remove_channels
-from pruning_core.zoo import build_model
+from pruning_core.graph.groups import PruningGraph, top_channels
+from pruning_core.graph.importance import magnitude
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.surgery import remove_channels
+from pruning_core.models.zoo import build_model
 
 
 @pytest.mark.parametrize(
@@ -137,7 +137,7 @@ def test_no_allocator_leaves_a_group_below_the_width_floor() -> None:
 
 
 def test_the_report_lists_the_groups_on_the_width_floor(tmp_path) -> None:
-    from pruning_core.runner import run
+    from pruning_core.jobs.runner import run
     from tests.specs import quick_spec
 
     spec = quick_spec("resnet20", {"name": "magnitude"}, size=16, target=0.3)

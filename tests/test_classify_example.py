@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pruning_core.card import CARD_FILE
-from pruning_core.contract import InputContract
-from pruning_core.data import load_data
-from pruning_core.export import load_pruned, read_contract
-from pruning_core.report import read_report
-from pruning_core.runner import run
+from pruning_core.artifacts.card import CARD_FILE
+from pruning_core.artifacts.contract import InputContract
+from pruning_core.artifacts.export import load_pruned, read_contract
+from pruning_core.artifacts.report import read_report
+from pruning_core.data.loaders import load_data
+from pruning_core.jobs.runner import run
 from pruning_core.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]

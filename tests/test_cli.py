@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pruning_core.artifacts.export import load_pruned
 from pruning_core.cli import main
-from pruning_core.evaluation import evaluate
-from pruning_core.export import load_pruned
-from pruning_core.macs import count_macs
+from pruning_core.graph.macs import count_macs
+from pruning_core.training.evaluation import evaluate
 
 BASE = [
     "run",
@@ -77,7 +77,7 @@ def test_report_and_artifacts_agree(finished: Path) -> None:
     model = load_pruned(run)
     x = torch.zeros(1, 1, 8, 8)
     assert count_macs(model, x) == report["pruned"]["macs"]
-    from pruning_core.data import load_data
+    from pruning_core.data.loaders import load_data
     from pruning_core.spec import DataSpec
 
     data = load_data(DataSpec(name="digits"), cache_dir=finished / "cache")

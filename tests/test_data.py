@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pruning_core import data as D
-from pruning_core.data import (
+from pruning_core.data import loaders as D
+from pruning_core.data.loaders import (
     DATASETS,
     Datasets,
     ImageFileDataset,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning_core import data as D
-from pruning_core.data import ImageTensorDataset, load_data
-from pruning_core.decoded import FORMAT, cache_key, cached_images, files_digest, read_array, write_array
+from pruning_core.data import loaders as D
+from pruning_core.data.decoded import FORMAT, cache_key, cached_images, files_digest, read_array, write_array
+from pruning_core.data.loaders import ImageTensorDataset, load_data
 from pruning_core.settings import Settings
 from pruning_core.spec import DataSpec
 from tests.test_data import SHARED_CIFAR, _image, _tree, _write_dir

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pruning_core.batches import DeviceBatches, ItemLoader, default_workers
-from pruning_core.data import Datasets, ImageTensorDataset, ImageTransform, load_data
-from pruning_core.engine import NullReporter, TrainContext, fit
+from pruning_core.data.loaders import Datasets, ImageTensorDataset, ImageTransform, load_data
 from pruning_core.errors import Cancelled
-from pruning_core.evaluation import evaluate
 from pruning_core.settings import Settings
 from pruning_core.spec import DataSpec, Schedule
+from pruning_core.training.batches import DeviceBatches, ItemLoader, default_workers
+from pruning_core.training.engine import NullReporter, TrainContext, fit
+from pruning_core.training.evaluation import evaluate
 from tests.test_engine import NoisyBlobs, StopAt, _method, _model, _untimed, _weights
 
 SIZE = 8  # tests.test_engine's networks

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pruning_core import distributed
-from pruning_core.engine import StepContext, StepOutput, TrainContext, fit
-from pruning_core.launch import run_job
+from pruning_core.jobs.launch import run_job
 from pruning_core.methods.base import Method, MethodContext
-from pruning_core.optim import ParamSet
 from pruning_core.settings import Settings
 from pruning_core.spec import JobSpec, Schedule, parse_spec, submit_problems
+from pruning_core.training import distributed
+from pruning_core.training.engine import StepContext, StepOutput, TrainContext, fit
+from pruning_core.training.optim import ParamSet
 
 # Relative gap of an epoch's train loss, 2 processes vs 1, on the digits job (BatchNorm over 32 images
 # per rank instead of 64; measured up to 0.04 over 2 epochs)
@@ -200,7 +200,7 @@ def _rank_pids(workdir: Path) -> list[int]:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"pruning_core.launch" in cmd and str(workdir).encode() in cmd:
+        if b"pruning_core.jobs.launch" in cmd and str(workdir).encode() in cmd:
             pids.append(int(d.name))
     return pids
 

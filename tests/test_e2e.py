@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from bench.stack import free_port, process, wait_ready, worker_command
-from pruning_core.export import load_pruned
-from pruning_core.macs import count_macs
+from pruning_core.artifacts.export import load_pruned
+from pruning_core.graph.macs import count_macs
 
 KEY = "pk_e2e_bootstrap_key_for_tests"
 JOB = {

@@ -9,16 +9,23 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pruning_core.engine import EpochAction, EpochEnd, NullReporter, TrainContext, fit, has_checkpoint
 from pruning_core.errors import Cancelled
-from pruning_core.groups import PruningGraph
-from pruning_core.macs import count_macs
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.surgery import describe, rebuild, remove_channels
+from pruning_core.jobs.runner import run
 from pruning_core.methods.base import Method, MethodContext
-from pruning_core.optim import lr_factor
-from pruning_core.runner import run
+from pruning_core.models.zoo import build_model
 from pruning_core.spec import JobSpec, Schedule, parse_spec
-from pruning_core.surgery import describe, rebuild, remove_channels
-from pruning_core.zoo import build_model
+from pruning_core.training.engine import (
+    EpochAction,
+    EpochEnd,
+    NullReporter,
+    TrainContext,
+    fit,
+    has_checkpoint,
+)
+from pruning_core.training.optim import lr_factor
 
 SIZE = 8
 

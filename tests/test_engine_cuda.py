@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pruning_core.engine import TrainContext, fit
 from pruning_core.spec import Schedule
+from pruning_core.training.engine import TrainContext, fit
 from tests.test_engine import NoisyBlobs, _model
 from tests.test_engine_hooks import GateMethod, TakeGrads, TwoUpdates
 
@@ -44,7 +44,7 @@ def test_amp_gradients_are_unscaled_once_and_restricted_losses_stay_restricted()
 
 
 def test_early_steps_under_amp_train_both_sets() -> None:
-    from pruning_core.batches import Streams
+    from pruning_core.training.batches import Streams
 
     method = TwoUpdates(extra_loss=False, device="cuda")
     before = method.gate.detach().cpu().clone()
@@ -56,7 +56,7 @@ def test_early_steps_under_amp_train_both_sets() -> None:
 
 def test_a_job_with_given_weights_runs_on_cuda(tmp_path) -> None:
     """No dense phase: the dense model must reach the GPU before it is measured."""
-    from pruning_core.runner import run
+    from pruning_core.jobs.runner import run
     from pruning_core.spec import parse_spec
 
     spec = {"data": {"name": "digits"}, "schedule": {"epochs": 1, "max_steps_per_epoch": 3}, "device": "cuda"}
@@ -72,7 +72,7 @@ def test_taken_gradients_are_unscaled_under_amp() -> None:
 
 
 def test_s2h_trains_and_prunes_under_amp(tmp_path) -> None:
-    from pruning_core.runner import run
+    from pruning_core.jobs.runner import run
     from tests.specs import quick_spec
 
     spec = quick_spec(

@@ -13,8 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pruning_core.batches import Streams, epoch_plan, steps_per_epoch
-from pruning_core.engine import (
+from pruning_core.artifacts.report import EpochRecord, epoch_line, scalar_metrics
+from pruning_core.errors import Cancelled
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.macs import measure
+from pruning_core.graph.surgery import remove_channels
+from pruning_core.methods.base import Method, MethodContext
+from pruning_core.spec import JobSpec, Schedule
+from pruning_core.training.batches import Streams, epoch_plan, steps_per_epoch
+from pruning_core.training.engine import (
     EpochAction,
     EpochEnd,
     NullReporter,
@@ -23,15 +30,8 @@ from pruning_core.engine import (
     fit,
     load_checkpoint,
 )
-from pruning_core.errors import Cancelled
-from pruning_core.evaluation import View, evaluate, evaluate_views, recalibrate_bn
-from pruning_core.groups import PruningGraph
-from pruning_core.macs import measure
-from pruning_core.methods.base import Method, MethodContext
-from pruning_core.optim import OptimizerConfig, Optimizers, ParamSet
-from pruning_core.report import EpochRecord, epoch_line, scalar_metrics
-from pruning_core.spec import JobSpec, Schedule
-from pruning_core.surgery import remove_channels
+from pruning_core.training.evaluation import View, evaluate, evaluate_views, recalibrate_bn
+from pruning_core.training.optim import OptimizerConfig, Optimizers, ParamSet
 from tests.test_engine import SIZE, NoisyBlobs, StopAt, _ctx, _model, _untimed
 
 SCHEDULE = Schedule(epochs=2, batch_size=16, lr=0.05)
@@ -220,7 +220,7 @@ def test_lr_rules_and_method_numbers_reach_the_record(tmp_path: Path) -> None:
 
 
 def _model_macs() -> int:
-    from pruning_core.macs import count_macs
+    from pruning_core.graph.macs import count_macs
 
     return count_macs(_model(), torch.zeros(1, 3, SIZE, SIZE))
 

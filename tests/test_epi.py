@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 import torch
 
+from pruning_core.artifacts.export import load_pruned
 from pruning_core.errors import Cancelled
-from pruning_core.evaluation import evaluate
-from pruning_core.export import load_pruned
-from pruning_core.groups import PruningGraph
-from pruning_core.macs import count_macs
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.macs import count_macs
+from pruning_core.jobs.runner import prepare, run
 from pruning_core.methods import MethodContext, Phase
-from pruning_core.methods.epi import EPI, deadline_epoch, fires, indicator, similarity
-from pruning_core.runner import prepare, run
+from pruning_core.methods.epi.method import EPI, deadline_epoch, fires, indicator, similarity
+from pruning_core.models.zoo import build_model
 from pruning_core.spec import SpecError, parse_spec
-from pruning_core.zoo import build_model
+from pruning_core.training.evaluation import evaluate
 from tests.specs import quick_spec
 from tests.test_method_contract import CancelAt, _comparable
 

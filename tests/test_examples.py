@@ -14,7 +14,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from pruning_core.budget import TARGET_BAND
+from pruning_core.graph.budget import TARGET_BAND
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "custom_model.py"

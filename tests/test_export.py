@@ -15,9 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pruning_core.contract import InputContract
-from pruning_core.errors import PruningError, WeightsError
-from pruning_core.export import (
+from pruning_core.artifacts.contract import InputContract
+from pruning_core.artifacts.export import (
     ExportError,
     ExportResult,
     export_model,
@@ -26,11 +25,12 @@ from pruning_core.export import (
     load_torchscript,
     read_contract,
 )
-from pruning_core.groups import PruningGraph, top_channels
-from pruning_core.latency import LatencyStats, measure_latency
-from pruning_core.macs import count_macs
-from pruning_core.surgery import describe, remove_channels
-from pruning_core.zoo import build_model
+from pruning_core.errors import PruningError, WeightsError
+from pruning_core.graph.groups import PruningGraph, top_channels
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.surgery import describe, remove_channels
+from pruning_core.models.zoo import build_model
+from pruning_core.speed.latency import LatencyStats, measure_latency
 
 CASES = {  # model name -> input size (pixels)
     "resnet20": 32,
@@ -351,7 +351,7 @@ def test_deployment_formats_hold_batchnorm_folded_into_convolutions(exported):
 def test_inference_preparation_folds_and_picks_the_memory_format_by_device() -> None:
     """CPU and CUDA: channels_last (both measured, BENCHMARKS.md), other devices contiguous; BatchNorm
     folded, same logits, and the CPU copy's 4-D weights really in channels_last."""
-    from pruning_core.inference import (
+    from pruning_core.artifacts.inference import (
         count_batchnorms,
         memory_format,
         prepare_for_inference,
@@ -428,7 +428,7 @@ def test_an_export_without_a_contract_says_so(resnet20, tmp_path):
 def test_the_contract_reproduces_the_data_pipeline(tmp_path):
     """Preprocessing by the contract (pixels / 255, minus mean, over std) gives the tensors the pipeline
     trained on, for the digits (grayscale, the split's statistics) and synthetic (RGB) data sets."""
-    from pruning_core.data import _digits_arrays, digits_split, load_data
+    from pruning_core.data.loaders import _digits_arrays, digits_split, load_data
     from pruning_core.spec import DataSpec
 
     digits = load_data(DataSpec(name="digits", test_per_class=1), cache_dir=tmp_path)

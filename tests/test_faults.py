@@ -183,7 +183,7 @@ def test_postgres_outage_at_the_finish_is_waited_out(
 ) -> None:
     """PostgreSQL stops the moment training ends and comes back 3 s later: the final write (artifacts
     and ``succeeded``, one transaction) is retried, and the same attempt succeeds."""
-    from pruning_core import runner
+    from pruning_core.jobs import runner
 
     url = private_pg.url
     migrate(url)

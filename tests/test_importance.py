@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_core.groups import PruningGraph
-from pruning_core.importance import STATIC, TaylorAccumulator, bn_scale, magnitude, neuron_l2
-from pruning_core.zoo import build_model
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.importance import STATIC, TaylorAccumulator, bn_scale, magnitude, neuron_l2
+from pruning_core.models.zoo import build_model
 
 
 def _small() -> nn.Sequential:

@@ -190,9 +190,9 @@ def test_zoo_floors_hold(tmp_path: Path) -> None:
     """ZOO_MIN_MACS_RATIO never refuses a reachable target, and is close to the engine's real floor."""
     import torch
 
-    from pruning_core.budget import min_macs
-    from pruning_core.groups import PruningGraph
-    from pruning_core.zoo import build_model
+    from pruning_core.graph.budget import min_macs
+    from pruning_core.graph.groups import PruningGraph
+    from pruning_core.models.zoo import build_model
 
     for name, table in spec_module.ZOO_MIN_MACS_RATIO.items():
         floors = []
@@ -233,7 +233,7 @@ def test_batch_pixels_and_generated_data_refused(make_api, sqlite_url: str) -> N
     [{}, {"num_classes": 3, "per_class": 7}, {"num_classes": 50, "test_per_class": 2}, {"num_classes": 400}],
 )
 def test_synthetic_count_matches_the_loader(tmp_path: Path, data: dict[str, Any]) -> None:
-    from pruning_core.data import load_data
+    from pruning_core.data.loaders import load_data
 
     spec = parse_spec({"data": {"name": "synthetic", "image_size": 8, **data}}).data
     sets = load_data(spec, cache_dir=tmp_path)
@@ -287,7 +287,7 @@ def _folder(root: Path, side: int, per_class: int) -> Path:
 
 
 def test_worker_refuses_images_over_the_caps(tmp_path: Path) -> None:
-    from pruning_core.data import load_data
+    from pruning_core.data.loaders import load_data
 
     folder = _folder(tmp_path / "imgs", side=32, per_class=3)
     data = parse_spec({"data": {"name": "imagefolder", "root": str(folder)}}).data
@@ -311,7 +311,7 @@ def test_out_of_memory_fails_not_retried(
 ) -> None:
     import torch
 
-    from pruning_core import runner
+    from pruning_core.jobs import runner
     from store.db import make_engine, migrate
     from worker.execute import execute
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_core import latency
-from pruning_core.latency import compare_latency, implausible, median_interval, pick_threads
+from pruning_core.speed import latency
+from pruning_core.speed.latency import compare_latency, implausible, median_interval, pick_threads
 
 
 def _net(width: int) -> nn.Module:
@@ -192,7 +192,7 @@ def test_a_speedup_beyond_what_the_macs_allow_is_implausible(
 
 
 def test_an_implausible_figure_is_not_headlined() -> None:
-    from pruning_core.report import LatencyReport, latency_line
+    from pruning_core.artifacts.report import LatencyReport, latency_line
 
     est = {"median": 3.5, "low": 3.4, "high": 3.6, "confidence": 0.95}
     ms = {"median": 1.0, "low": 0.9, "high": 1.1, "confidence": 0.95}

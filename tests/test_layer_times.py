@@ -14,25 +14,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from pruning_core.methods.psap.options import PSAPOptions
 from torch import nn
 
-from pruning_core import layer_times, speed_target
-from pruning_core.budget import select_by_rates, select_to_budget
-from pruning_core.groups import PruningGraph
-from pruning_core.importance import magnitude
-from pruning_core.inference import prepare_for_inference
-from pruning_core.layer_times import (
+from pruning_core.artifacts.inference import prepare_for_inference
+from pruning_core.graph.budget import select_by_rates, select_to_budget
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.importance import magnitude
+from pruning_core.graph.macs import layer_geometry
+from pruning_core.jobs.runner import run
+from pruning_core.methods.psap.method import allocate
+from pruning_core.models.zoo import build_model
+from pruning_core.spec import SpecError, parse_spec
+from pruning_core.speed import layer_times
+from pruning_core.speed import target as speed_target
+from pruning_core.speed.layer_times import (
     LayerTimes,
     TimeModel,
     latency_rates,
     load_or_measure,
     measure_layer_times,
 )
-from pruning_core.macs import layer_geometry
-from pruning_core.methods.psap import allocate
-from pruning_core.runner import run
-from pruning_core.spec import PSAPOptions, SpecError, parse_spec
-from pruning_core.zoo import build_model
 from tests.specs import quick_spec
 
 SLEEP_S = 0.05  # far above a preempted thread's stall on a busy 2-core machine (~10 ms seen)

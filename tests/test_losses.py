@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from pruning_core.losses import kd_loss
+from pruning_core.training.losses import kd_loss
 
 
 def test_kd_weight_zero_is_cross_entropy() -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_core.groups import PruningGraph
-from pruning_core.masks import ChannelMasks
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.masks import ChannelMasks
 
 
 class _Net(nn.Module):

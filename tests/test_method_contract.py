@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pruning_core.budget import TARGET_BAND
-from pruning_core.engine import NullReporter
+from pruning_core.artifacts.export import load_pruned
 from pruning_core.errors import Cancelled
-from pruning_core.evaluation import evaluate
-from pruning_core.export import load_pruned
+from pruning_core.graph.budget import TARGET_BAND
+from pruning_core.jobs.runner import prepare, run
 from pruning_core.methods import METHODS
-from pruning_core.runner import prepare, run
 from pruning_core.spec import CHANNEL_STEP_DEFAULTS, parse_spec
+from pruning_core.training.engine import NullReporter
+from pruning_core.training.evaluation import evaluate
 from tests.specs import quick_spec
 
 TARGET = 0.5

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from pruning_core import spec as spec_module
+from pruning_core.models.zoo import MODELS
 from pruning_core.settings import Settings
-from pruning_core.zoo import MODELS
 from store import db, repo
 from worker.execute import execute
 

@@ -160,8 +160,7 @@ def test_a_builder_that_computes_with_tensors_gets_its_keys_without_weights() ->
     device refuses: their keys come from a build with only the weights on the meta device, equal to a
     real build's (``tv:regnet_y_32gf`` at 100,000 classes: 5.6 s and 0.85 GiB in the child, against
     8.8 s and 2.7 GiB built for real), rather than from a real build."""
-    from pruning_core.weights import expected_keys
-    from pruning_core.zoo import get_entry
+    from pruning_core.models.zoo import expected_keys, get_entry
 
     entry = get_entry("tv:regnet_y_400mf")
     with pytest.raises(NotImplementedError), torch.device("meta"):

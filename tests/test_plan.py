@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import pruning_core
-from pruning_core.budget import TARGET_BAND
-from pruning_core.groups import PruningGraph
-from pruning_core.macs import count_macs, count_params
-from pruning_core.masks import ChannelMasks
-from pruning_core.zoo import build_model
+from pruning_core.graph.budget import TARGET_BAND
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.macs import count_macs, count_params
+from pruning_core.graph.masks import ChannelMasks
+from pruning_core.models.zoo import build_model
 from tests.test_surgery import _randomise_norms
 
 TARGET = 0.5

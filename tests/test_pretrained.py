@@ -11,10 +11,10 @@ import torch
 import torchvision
 
 from pruning_core.errors import ModelError
-from pruning_core.pretrained import published
-from pruning_core.runner import prepare
+from pruning_core.jobs.runner import prepare
+from pruning_core.models.pretrained import published
+from pruning_core.models.zoo import build_model
 from pruning_core.spec import SpecError, parse_spec
-from pruning_core.zoo import build_model
 from tests.test_api import DIGITS, assert_problem, make_api  # noqa: F401 (fixture)
 
 TV = "tv:mobilenet_v3_small"

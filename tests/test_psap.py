@@ -16,17 +16,18 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from pruning_core.methods.psap.options import PSAPOptions
 from torch import nn
 
-from pruning_core.filters import GroupFilters, sparsity
-from pruning_core.groups import PruningGraph
-from pruning_core.macs import count_macs
+from pruning_core.graph.filters import GroupFilters, sparsity
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.surgery import remove_channels
+from pruning_core.jobs.runner import run
 from pruning_core.methods import MethodContext, Phase
-from pruning_core.methods.psap import PSAP, allocate, step_epochs, step_target
-from pruning_core.runner import run
-from pruning_core.spec import PSAPOptions, SpecError, parse_spec
-from pruning_core.surgery import remove_channels
-from pruning_core.zoo import build_model
+from pruning_core.methods.psap.method import PSAP, allocate, step_epochs, step_target
+from pruning_core.models.zoo import build_model
+from pruning_core.spec import SpecError, parse_spec
 from tests.specs import quick_spec
 
 

@@ -10,11 +10,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import pruning_core
-from pruning_core.data import digits_split
-from pruning_core.engine import NullReporter
+from pruning_core.data.loaders import digits_split
 from pruning_core.errors import Cancelled
-from pruning_core.macs import count_macs
-from pruning_core.zoo import MODELS
+from pruning_core.graph.macs import count_macs
+from pruning_core.models.zoo import MODELS
+from pruning_core.training.engine import NullReporter
 
 
 class TinyNet(nn.Module):
@@ -144,7 +144,7 @@ class _NamedDigits(TensorDataset):
 
 
 def test_the_exports_name_the_datasets_classes_and_leave_the_normalisation_unrecorded(tmp_path) -> None:
-    from pruning_core.export import read_contract
+    from pruning_core.artifacts.export import read_contract
 
     train, test = _digits()
     named = _NamedDigits(*train.tensors)
@@ -168,7 +168,7 @@ def test_the_exports_name_the_datasets_classes_and_leave_the_normalisation_unrec
 def test_latency_is_the_callers_choice_and_a_one_shot_prune_takes_seconds() -> None:
     """``latency=False`` skips the timing (no latency in the report); an ``epochs=0`` call times within
     ``ONE_SHOT_LATENCY_S``; the threads the timing used are in the report, measured when not given."""
-    from pruning_core.python_api import ONE_SHOT_LATENCY_S
+    from pruning_core.jobs.python_api import ONE_SHOT_LATENCY_S
 
     train, test = _digits()
     example = torch.zeros(1, 1, 8, 8)

@@ -10,9 +10,10 @@ from html import escape
 from pathlib import Path
 
 import pytest
+from pruning_core.artifacts.report_files import write_report
 from pydantic import ValidationError
 
-from pruning_core.report import (
+from pruning_core.artifacts.report import (
     Cost,
     EpochRecord,
     GroupWidth,
@@ -28,9 +29,8 @@ from pruning_core.report import (
     phase_spans,
     pruning_marks,
     read_report,
-    write_report,
 )
-from pruning_core.report_html import render_html
+from pruning_core.artifacts.report_html import render_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def test_layer_widths_from_architectures():
 
 
 def test_report_module_does_not_import_torch():
-    code = "import sys, pruning_core.report; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, pruning_core.artifacts.report; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
@@ -314,7 +314,7 @@ def real_run(tmp_path_factory) -> tuple[Path, dict]:
     import numpy as np
     from PIL import Image
 
-    from pruning_core.runner import run
+    from pruning_core.jobs.runner import run
     from pruning_core.spec import parse_spec
 
     root = tmp_path_factory.mktemp("data") / f"imgs{HOSTILE}"
@@ -392,7 +392,7 @@ def test_every_reader_shows_the_speedup_with_its_interval_and_verdict():
 
 
 def test_top1_has_a_binomial_interval_and_the_headline_reads_at_a_glance():
-    from pruning_core.report import headline, top1_change_margin, top1_interval
+    from pruning_core.artifacts.report import headline, top1_change_margin, top1_interval
 
     low, high = top1_interval(50.0, 100)  # Wilson's interval, 95 %
     assert (round(low, 2), round(high, 2)) == (40.38, 59.62)
@@ -406,8 +406,8 @@ def test_top1_has_a_binomial_interval_and_the_headline_reads_at_a_glance():
 
 
 def test_the_html_leads_with_the_headline_and_shows_what_the_spec_changed():
-    from pruning_core.report import headline
-    from pruning_core.report_html import render_html, spec_changes
+    from pruning_core.artifacts.report import headline
+    from pruning_core.artifacts.report_html import render_html, spec_changes
 
     spec = {"model": {"name": "resnet20"}, "method": {"name": "psap", "ramp": 0.5}, "schedule": {"epochs": 3}}
     assert spec_changes(spec) == [("method.ramp", 0.5)]  # epochs 3, resnet20, psap's other options: defaults

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from pruning_core.engine import NullReporter
 from pruning_core.errors import Cancelled
-from pruning_core.runner import run
+from pruning_core.jobs.runner import run
+from pruning_core.training.engine import NullReporter
 from tests.specs import quick_spec
 
 

@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from pruning_core.methods.s2h.options import S2HOptions
 
-from pruning_core.engine import StepContext, TrainContext, fit
-from pruning_core.evaluation import logits
-from pruning_core.groups import PruningGraph
-from pruning_core.macs import count_macs
+from pruning_core.artifacts.report import list_metric_file
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.macs import count_macs
+from pruning_core.jobs.runner import run
 from pruning_core.methods.base import MethodContext
-from pruning_core.methods.s2h import (
+from pruning_core.methods.s2h.method import (
     S2H,
     WidthSearch,
     _Branch,
@@ -27,10 +28,10 @@ from pruning_core.methods.s2h import (
     max_init_logits,
     width_step,
 )
-from pruning_core.report import list_metric_file
-from pruning_core.runner import run
-from pruning_core.spec import JobSpec, S2HOptions, Schedule, parse_spec
-from pruning_core.zoo import build_model
+from pruning_core.models.zoo import build_model
+from pruning_core.spec import JobSpec, Schedule, parse_spec
+from pruning_core.training.engine import StepContext, TrainContext, fit
+from pruning_core.training.evaluation import logits
 from tests.specs import quick_spec
 from tests.test_engine import SIZE, NoisyBlobs
 

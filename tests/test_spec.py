@@ -54,9 +54,9 @@ def test_imagefolder_needs_root() -> None:
 
 
 def test_catalogs_match_registries() -> None:
-    from pruning_core.data import DATASETS as DATA_REGISTRY
+    from pruning_core.data.loaders import DATASETS as DATA_REGISTRY
     from pruning_core.methods import METHODS as METHOD_REGISTRY
-    from pruning_core.zoo import MODELS
+    from pruning_core.models.zoo import MODELS
 
     assert sorted(CIFAR_MODELS) == MODELS.names()
     assert sorted(DATASETS) == DATA_REGISTRY.names()

@@ -15,15 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_core import speed_target
 from pruning_core.errors import TargetError
-from pruning_core.groups import PruningGraph
-from pruning_core.macs import count_macs
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.macs import count_macs
+from pruning_core.jobs.runner import run
 from pruning_core.methods import METHODS
-from pruning_core.runner import run
+from pruning_core.models.zoo import build_model
 from pruning_core.spec import SpecError, parse_spec
-from pruning_core.speed_target import SpeedProbe, bisect_ratio, chosen_ratio
-from pruning_core.zoo import build_model
+from pruning_core.speed import target as speed_target
+from pruning_core.speed.target import SpeedProbe, bisect_ratio, chosen_ratio
 from tests.specs import quick_spec
 from tests.test_method_contract import OPTIONS
 
@@ -203,7 +203,7 @@ def test_allocations_that_keep_the_same_widths_are_not_timed(monkeypatch: pytest
 def test_a_latency_job_whose_allocation_is_no_faster_prunes_as_the_macs_job_does(
     slow: str, chosen: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pruning_core import layer_times
+    from pruning_core.speed import layer_times
 
     spec = quick_spec("resnet20", {"name": "magnitude"}, size=32)
     macs_job = run(spec, tmp_path / "macs").report

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning_core.errors import GraphError
-from pruning_core.groups import PruningGraph, top_channels
-from pruning_core.macs import count_macs
-from pruning_core.masks import ChannelMasks
+from pruning_core.graph.groups import PruningGraph, top_channels
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.masks import ChannelMasks
+from pruning_core.graph.surgery import permutable, permute_channels, remove_channels
+from pruning_core.models.zoo import build_model
 from pruning_core.spec import CIFAR_MODELS
-from pruning_core.surgery import permutable, permute_channels, remove_channels
-from pruning_core.zoo import build_model
 
 CASES = [(n, 32) for n in CIFAR_MODELS]  # torchvision's models: tests/test_torchvision_models.py
 

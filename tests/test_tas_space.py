@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_core.blocks import find_stages, keep_blocks
-from pruning_core.groups import PruningGraph
-from pruning_core.macs import count_macs
-from pruning_core.surgery import remove_channels
-from pruning_core.tas_space import (
+from pruning_core.graph.blocks import find_stages, keep_blocks
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.surgery import remove_channels
+from pruning_core.methods.tas.space import (
     align_channels,
     channel_wise_interpolation,
     cost_loss,
@@ -26,7 +26,7 @@ from pruning_core.tas_space import (
     tau_at,
     width_candidates,
 )
-from pruning_core.zoo import BasicBlock
+from pruning_core.models.zoo import BasicBlock
 
 
 def test_candidates_are_the_official_lists() -> None:

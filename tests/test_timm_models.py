@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_torchvision_models import _assert_prunes, _randomise
 
-from pruning_core.groups import PruningGraph
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.models.zoo import build_model
 from pruning_core.settings import DEFAULT_TIMM_MODELS
-from pruning_core.zoo import build_model
 
 pytest.importorskip("timm")
 

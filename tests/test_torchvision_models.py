@@ -15,13 +15,13 @@ import torch
 import torchvision
 from torch import nn
 
+from pruning_core.artifacts.export import export_model, load_pruned
 from pruning_core.errors import GraphError, PruningError
-from pruning_core.export import export_model, load_pruned
-from pruning_core.groups import PruningGraph, top_channels
-from pruning_core.macs import count_macs
-from pruning_core.masks import ChannelMasks
-from pruning_core.surgery import describe, remove_channels
-from pruning_core.zoo import build_model, get_entry
+from pruning_core.graph.groups import PruningGraph, top_channels
+from pruning_core.graph.macs import count_macs
+from pruning_core.graph.masks import ChannelMasks
+from pruning_core.graph.surgery import describe, remove_channels
+from pruning_core.models.zoo import build_model, get_entry
 
 NAMES = torchvision.models.list_models(module=torchvision.models)
 # GoogLeNet and Inception v3 announce a future change of their default initialisation.

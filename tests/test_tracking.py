@@ -1,4 +1,4 @@
-"""Experiment tracking (pruning_core/tracking.py): a job's TensorBoard event files, read back, and its
+"""Experiment tracking (pruning_core/jobs/tracking.py): a job's TensorBoard event files, read back, and its
 MLflow run (a local file store) hold the report's per-epoch numbers; a sink that fails never fails the
 job."""
 
@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pruning_core.engine import NullReporter
-from pruning_core.runner import Result, run
+from pruning_core.jobs.runner import Result, run
+from pruning_core.jobs.tracking import TENSORBOARD_ARCHIVE, Tracker, epoch_scalars, pruned_scalars
 from pruning_core.settings import get_settings
 from pruning_core.spec import parse_spec
-from pruning_core.tracking import TENSORBOARD_ARCHIVE, Tracker, epoch_scalars, pruned_scalars
+from pruning_core.training.engine import NullReporter
 
 # Two phases of a short digits job: a dense epoch, then magnitude's fine-tuning for two.
 SPEC = {

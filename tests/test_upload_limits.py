@@ -49,9 +49,9 @@ def stored_files(api: Api) -> list[Path]:
 
 
 def convert_in_a_child(src: Path, dst: Path, cap: int) -> dict:
-    """``python -m pruning_core.weights convert`` as the API runs it; its JSON answer."""
+    """``python -m pruning_core.models.child convert`` as the API runs it; its JSON answer."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pruning_core.weights", "convert", str(src), str(dst), str(cap)],
+        [sys.executable, "-m", "pruning_core.models.child", "convert", str(src), str(dst), str(cap)],
         capture_output=True,
         timeout=300,
         check=False,

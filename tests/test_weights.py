@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from pruning_core.errors import WeightsError
-from pruning_core.weights import mismatch
-from pruning_core.zoo import build_model
+from pruning_core.models.weights import mismatch
+from pruning_core.models.zoo import build_model
 from store import db, repo
 from tests.test_api import DIGITS, Api, api, assert_problem, make_api  # noqa: F401 (fixtures)
 

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pruning_core.methods.psap.options import PSAPOptions
 
-from pruning_core.budget import check_reachable, counts_for_ratios, group_step, min_macs, select_to_budget
 from pruning_core.errors import TargetError
-from pruning_core.groups import PruningGraph
-from pruning_core.importance import magnitude
-from pruning_core.methods.psap import allocate
-from pruning_core.methods.s2h import build_spaces, width_step
-from pruning_core.spec import CHANNEL_STEP_DEFAULTS, JobSpec, PSAPOptions, parse_spec
-from pruning_core.tas_space import width_candidates
-from pruning_core.zoo import build_model
+from pruning_core.graph.budget import (
+    check_reachable,
+    counts_for_ratios,
+    group_step,
+    min_macs,
+    select_to_budget,
+)
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.graph.importance import magnitude
+from pruning_core.methods.psap.method import allocate
+from pruning_core.methods.s2h.method import build_spaces, width_step
+from pruning_core.methods.tas.space import width_candidates
+from pruning_core.models.zoo import build_model
+from pruning_core.spec import CHANNEL_STEP_DEFAULTS, JobSpec, parse_spec
 
 STEP = 8
 

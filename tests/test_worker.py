@@ -210,7 +210,7 @@ def test_pruning_error_fails_not_retryable(
 def test_unexpected_error_is_internal_and_retryable(
     sqlite_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pruning_core import runner
+    from pruning_core.jobs import runner
 
     def boom(*_a: Any, **_k: Any) -> None:
         raise RuntimeError("disk on fire\nsecond line")

@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pruning_core.errors import GraphError, WeightsError
-from pruning_core.groups import PruningGraph
+from pruning_core.graph.groups import PruningGraph
+from pruning_core.models.zoo import build_model, get_entry
 from pruning_core.registry import Registry, UnknownNameError
 from pruning_core.spec import CIFAR_MODELS
-from pruning_core.zoo import build_model, get_entry
 
 
 @pytest.mark.parametrize("name", [*CIFAR_MODELS, "tv:resnet18", "tv:mobilenet_v3_small"])

@@ -92,7 +92,7 @@ def _hand_on(job_id: str, worker: str) -> None:
 
     from store.db import make_engine
 
-    from .reaper import hand_on_lost
+    from .lost import hand_on_lost
 
     def run() -> None:
         settings = get_settings()
@@ -133,7 +133,7 @@ def run_job(self, job_id: str) -> str | None:
 
     flag_soft_time_limit()  # a fresh child per job (max_tasks_per_child=1): nothing to restore
     try:
-        return execute(job_id, worker_name=self.request.hostname or "celery")
+        return execute(job_id, worker_name=self.request.hostname or "celery", enqueue=enqueuer(self.app))
     except DBAPIError as err:
         # The database was unreachable (execute handles everything else itself): try again later
         # rather than drop the wake-up call. A redelivery after a claim finds nothing to claim.

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from pruning_core.errors import Cancelled, DataError, PruningError, RankLost, WeightsError
+from pruning_core.errors import Cancelled, DataError, PruningError, RankLost, WeightsError, one_line
 from pruning_core.settings import Settings, get_settings
 from pruning_core.spec import JobSpec, SpecError, parse_spec
 from store import repo
@@ -43,7 +43,7 @@ from .checkpoints import CHECKPOINTS, CheckpointSync, fetch_checkpoints
 from .cleanup import clean_job
 from .dbretry import is_transient, retry_write
 from .reporter import TIME_UP, StoreReporter
-from .sweeps import after_job
+from .sweeps import Enqueue, after_job
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +68,26 @@ class Claimed:
     spec: dict[str, Any]
 
 
-def execute(job_id: str, *, worker_name: str, settings: Settings | None = None) -> str | None:
+def execute(
+    job_id: str, *, worker_name: str, settings: Settings | None = None, enqueue: Enqueue | None = None
+) -> str | None:
     """Run job ``job_id`` here if it can be claimed. Returns the final status, or None when there was
-    nothing to claim or the attempt was taken over by another worker (it then writes nothing final)."""
+    nothing to claim or the attempt was taken over by another worker (it then writes nothing final).
+    ``enqueue`` sends the jobs a sweep creates when this one ends it (none: embedded mode's runner finds
+    them in the database)."""
     settings = settings or get_settings()
     engine = make_engine(settings.sqlalchemy_url)
     try:
         status = _execute(engine, job_id, worker_name, settings)
         if status is not None:  # this attempt ended the job: its sweep may move on
-            after_job(engine, job_id, settings)
+            after_job(engine, job_id, settings, enqueue or _polled)
         return status
     finally:
         engine.dispose()
+
+
+def _polled(job_id: str) -> None:
+    """Embedded mode sends nothing: its runner polls the database for queued jobs."""
 
 
 def _execute(engine: Engine, job_id: str, worker_name: str, settings: Settings) -> str | None:
@@ -121,7 +129,7 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
         resumed_from = copy_checkpoints(scratch, job.id, job.attempt)
         if resumed_from is not None:
             reporter.message(f"resuming from the checkpoints of attempt {resumed_from}")
-        from pruning_core import launch  # torch: only in the process that runs a job
+        from pruning_core.jobs import launch  # torch: only in the process that runs a job
 
         with CheckpointSync(store, scratch, workdir / CHECKPOINTS, every_s=settings.heartbeat_s):
             result = launch.run_job(spec, workdir, reporter, job_id=job.id)  # resources.gpus processes
@@ -136,7 +144,7 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
             return _fail(engine, job, reporter, settings, "time_limit", TIME_LIMIT_MESSAGE, retryable=False)
         return _finish(engine, job, reporter, settings, JobStatus.CANCELLED, message=str(err) or "cancelled")
     except PruningError as err:
-        msg = _one_line(err, USER_MESSAGE_MAX)
+        msg = one_line(err, USER_MESSAGE_MAX)
         return _fail(engine, job, reporter, settings, err.code, msg, retryable=False)
     except SpecError as err:
         msg = "; ".join(err.problems)
@@ -145,11 +153,11 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
         if type(err).__name__ == "SoftTimeLimitExceeded":  # a Celery soft limit that still raises, by name
             return _fail(engine, job, reporter, settings, "time_limit", TIME_LIMIT_MESSAGE, retryable=False)
         if _out_of_memory(err):  # another attempt would run out the same way
-            log.warning("job %s attempt %d ran out of memory: %s", job.id, job.attempt, _one_line(err))
+            log.warning("job %s attempt %d ran out of memory: %s", job.id, job.attempt, one_line(err, 500))
             msg = _oom_message(err, job.spec)
             return _fail(engine, job, reporter, settings, "out_of_memory", msg, retryable=False)
         log.exception("job %s attempt %d failed", job.id, job.attempt)
-        return _fail(engine, job, reporter, settings, "internal_error", _one_line(err), retryable=True)
+        return _fail(engine, job, reporter, settings, "internal_error", one_line(err, 500), retryable=True)
     # Outside the try: a database still unreachable after db_retry_s must not turn a trained job into
     # a failed one; the error goes up (Celery retries the task; the lease lapses and the reaper resumes).
     try:
@@ -158,7 +166,7 @@ def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings
         if is_transient(err):
             raise
         log.exception("job %s attempt %d: recording its results failed", job.id, job.attempt)
-        return _fail(engine, job, reporter, settings, "internal_error", _one_line(err), retryable=True)
+        return _fail(engine, job, reporter, settings, "internal_error", one_line(err, 500), retryable=True)
 
 
 # --- finishing ---
@@ -270,10 +278,10 @@ def _rank_lost(engine: Engine, job: Claimed, reporter: StoreReporter, err: RankL
     """A process of the job died: back to the queue as a lost worker's attempt (``repo.requeue``
     counts it, and fails the job ``worker_lost`` once out of attempts); the poll or the reaper
     enqueues it again, and the next attempt resumes from the checkpoints."""
-    log.warning("job %s attempt %d lost a process: %s", job.id, job.attempt, _one_line(err))
+    log.warning("job %s attempt %d lost a process: %s", job.id, job.attempt, one_line(err, 500))
     reporter.close()
     if not reporter.lost:
-        reporter.event("message", {"text": f"a process of the job ended: {_one_line(err)}; resuming"})
+        reporter.event("message", {"text": f"a process of the job ended: {one_line(err, 500)}; resuming"})
         with session_scope(engine) as s:
             row = s.get(Job, job.id)
             if row is not None and row.attempt == job.attempt:
@@ -401,11 +409,6 @@ def _oom_message(err: BaseException, spec: dict[str, Any]) -> str:
 # A PruningError's message is the engine's own and may list every wrong key of a weights file: kept
 # whole up to a bound; any other exception's text is cut shorter (it is not written for users).
 USER_MESSAGE_MAX = 64 * 1024
-
-
-def _one_line(err: BaseException, limit: int = 500) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["execute", "resolve_uploads", "copy_checkpoints", "summarize"]

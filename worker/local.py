@@ -38,7 +38,8 @@ from store.db import make_engine, migrate, read_sessions, session_scope
 from store.models import JobStatus
 
 from .cleanup import sweep_store
-from .reaper import SWEEP_EVERY_S, hand_on_lost, interval_s, reap_once
+from .lost import hand_on_lost
+from .reaper import SWEEP_EVERY_S, interval_s, reap_once
 from .reporter import on_soft_time_limit
 from .retention import purge_expired
 from .sweeps import advance_open

@@ -102,28 +102,6 @@ def reap_once(
     return counts
 
 
-def hand_on_lost(engine: Engine, job_id: str, worker: str, settings: Settings) -> bool:
-    """The process running ``job_id`` for ``worker`` died, and its parent saw it: requeue the attempt now
-    rather than after its lease (failed ``worker_lost`` once ``max_attempts`` are used, cancelled if
-    asked). True when it is queued again (the caller sees that it gets a message). Never raises: if the
-    database is unreachable the reaper does it once the lease lapses."""
-    try:
-        with session_scope(engine) as s:
-            job = s.get(Job, job_id)
-            if job is None or job.status != JobStatus.RUNNING or job.worker != worker:
-                return False
-            attempt = job.attempt
-            send = repo.requeue(s, job)
-            status = s.get(Job, job_id, populate_existing=True).status
-    except Exception:
-        log.warning("job %s: could not hand it on after its process died", job_id, exc_info=True)
-        return False
-    if status in (JobStatus.FAILED, JobStatus.CANCELLED):
-        clean_job(settings, job_id, keep=set())
-    log.warning("job %s: the process of attempt %d died; now %s", job_id, attempt, status)
-    return send
-
-
 def _aware(t: datetime) -> datetime:
     """SQLite gives naive datetimes back (stored as UTC)."""
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)

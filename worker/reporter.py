@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
-from pruning_core.report import epoch_line
+from pruning_core.artifacts.report import epoch_line
 from store import repo
 from store.db import session_scope
 

@@ -21,15 +21,6 @@ log = logging.getLogger(__name__)
 Enqueue = Callable[[str], None]
 
 
-def broker_enqueue(settings: Settings) -> Enqueue:
-    """Send a job by task name when there is a broker; embedded mode's runner polls the database."""
-    if not settings.redis_url:
-        return lambda _job_id: None
-    from .celery_app import enqueuer, make_app
-
-    return enqueuer(make_app(settings))
-
-
 def advance(engine: Engine, sweep_id: str, settings: Settings, enqueue: Enqueue) -> list[str]:
     """Advance one sweep (``store.sweeps.advance``) and enqueue the jobs it created. Returns their ids."""
     with session_scope(engine) as s:
@@ -44,14 +35,16 @@ def advance(engine: Engine, sweep_id: str, settings: Settings, enqueue: Enqueue)
     return ids
 
 
-def after_job(engine: Engine, job_id: str, settings: Settings, enqueue: Enqueue | None = None) -> None:
-    """If ``job_id`` belongs to a sweep, advance it. Never raises: the reaper re-checks every open sweep."""
+def after_job(engine: Engine, job_id: str, settings: Settings, enqueue: Enqueue) -> None:
+    """If ``job_id`` belongs to a sweep, advance it, sending the jobs it creates with ``enqueue`` (the
+    Celery worker's by task name; embedded mode's runner polls the database instead). Never raises: the
+    reaper re-checks every open sweep."""
     try:
         with read_sessions(engine)() as s:
             job = s.get(Job, job_id)
             sweep_id = job.sweep_id if job is not None else None
         if sweep_id is not None:
-            advance(engine, sweep_id, settings, enqueue or broker_enqueue(settings))
+            advance(engine, sweep_id, settings, enqueue)
     except Exception:
         log.warning("job %s: advancing its sweep failed; the reaper will", job_id, exc_info=True)
 

@@ -13,8 +13,8 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pruning_core.models.weights import is_pytorch_file
 from pruning_core.settings import Settings
-from pruning_core.weights import is_pytorch_file
 from store import repo
 from store.files import sha256_file
 from store.models import Upload

@@ -36,17 +36,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from ..batches import Batch, Streams
-from ..budget import select_by_rates
-from ..engine import EpochEnd, StepContext, StepOutput
-from ..evaluation import View
-from ..groups import PruningGraph
-from ..importance import Scores
-from ..losses import kd_loss
-from ..macs import count_macs
-from ..optim import ParamSet
+from ..graph.budget import select_by_rates
+from ..graph.groups import PruningGraph
+from ..graph.importance import Scores
+from ..graph.macs import count_macs
 from ..registry import Registry
 from ..spec import JobSpec
+from ..training.batches import Batch, Streams
+from ..training.engine import EpochEnd, StepContext, StepOutput
+from ..training.evaluation import View
+from ..training.losses import kd_loss
+from ..training.optim import ParamSet
 
 
 @dataclass(frozen=True)
