@@ -21,6 +21,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
+from store.objects import StoreUnavailable
+
 log = logging.getLogger("api")
 
 PROBLEM_JSON = "application/problem+json"
@@ -192,6 +194,21 @@ async def _on_database_busy(request: Request, exc: Exception) -> ProblemResponse
     )
 
 
+async def _on_store_unavailable(request: Request, exc: Exception) -> ProblemResponse:
+    """The bucket (OBJECT_STORE_URL) is down, slow or refuses the service's keys: 503 with Retry-After,
+    never a 500, and nothing the request wrote is half there (objects are written whole)."""
+    log.warning("object store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request,
+        Problem(
+            503,
+            "The object store is unreachable; retry shortly.",
+            slug="storage-unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ),
+    )
+
+
 async def _on_data_error(request: Request, exc: Exception) -> ProblemResponse:
     """A value the database refused (out of a column's range, a character it cannot store): the input's
     fault. Validation should have caught it first, so it is logged to be checked there too."""
@@ -217,6 +234,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeoutError, _on_database_busy)
     app.add_exception_handler(OperationalError, _on_database_busy)
     app.add_exception_handler(DataError, _on_data_error)
+    app.add_exception_handler(StoreUnavailable, _on_store_unavailable)
     app.add_exception_handler(Exception, _on_crash)
 
 

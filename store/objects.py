@@ -13,20 +13,23 @@ made: the local default never loads it.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from pruning_core.settings import Settings
 
 from .files import remove_job_dir, resolve_under, sha256_file
+
+T = TypeVar("T")
 
 CHUNK = 1 << 20  # bytes per read when streaming an object
 MULTIPART_BYTES = 16 * 1024**2  # files larger than this go up in parts of this size (S3 multipart upload)
@@ -82,6 +85,10 @@ class ObjectStore(Protocol):
         """A URL that downloads the object without credentials for ``expires_s`` seconds; None when the
         store cannot make one (a local directory)."""
 
+    def ping(self) -> None:
+        """Raise (``StoreUnavailable``, ``OSError``) unless the store can be written now; quick (a
+        readiness probe calls it)."""
+
 
 def check_key(key: str) -> str:
     """``key`` if it is a relative path without ``..``, NUL or empty parts (the rule ``resolve_under``
@@ -98,6 +105,40 @@ def _tmp_beside(dest: Path) -> Path:
 
 
 # --- a directory on this host ---
+
+
+class StoreUnavailable(RuntimeError):
+    """The bucket could not be reached or refused the service (down, a timeout, a 5xx, a missing bucket,
+    rejected credentials): the caller's request may succeed later (the API answers 503)."""
+
+
+# S3 error codes that say the store, not the request, is wrong: the bucket is gone or the keys are refused.
+_UNAVAILABLE_CODES = frozenset(
+    {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "SlowDown"}
+)
+
+
+def _unavailable(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn boto's connection errors, timeouts and 5xx answers into ``StoreUnavailable``; a missing key
+    and every other answer stay what they were."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except (BotoCoreError, S3UploadFailedError) as err:  # the latter wraps the upload's ClientError
+            raise StoreUnavailable(f"the object store is unreachable: {type(err).__name__}") from err
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = err.response.get("Error", {}).get("Code", "")
+            if status >= 500 or code in _UNAVAILABLE_CODES:
+                raise StoreUnavailable(f"the object store refused the service: {code or status}") from err
+            raise
+
+    return wrapper
 
 
 class LocalStore:
@@ -173,8 +214,12 @@ class LocalStore:
     def presign(self, key: str, expires_s: int, *, filename: str, media_type: str) -> str | None:
         return None
 
+    # --- an S3-compatible bucket ---
 
-# --- an S3-compatible bucket ---
+    def ping(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise PermissionError(f"{self.root} is not writable")
 
 
 class S3Store:
@@ -184,8 +229,10 @@ class S3Store:
 
     remote = True
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "", presigner: Any = None):
-        self.client, self.bucket = client, bucket
+    def __init__(
+        self, client: Any, bucket: str, prefix: str = "", presigner: Any = None, endpoint: str | None = None
+    ):
+        self.client, self.bucket, self.endpoint = client, bucket, endpoint
         self.presigner = presigner or client
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
 
@@ -196,6 +243,7 @@ class S3Store:
         check_key(key)
         return None
 
+    @_unavailable
     def stat(self, key: str) -> ObjectInfo | None:
         from botocore.exceptions import ClientError
 
@@ -207,6 +255,7 @@ class S3Store:
             raise
         return ObjectInfo(int(head["ContentLength"]), (head.get("Metadata") or {}).get("sha256"))
 
+    @_unavailable
     def put_file(self, key: str, src: Path, *, sha256: str | None = None, move: bool = False) -> None:
         from boto3.s3.transfer import TransferConfig
 
@@ -216,9 +265,11 @@ class S3Store:
         if move:
             src.unlink(missing_ok=True)
 
+    @_unavailable
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
 
+    @_unavailable
     def read_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
@@ -239,6 +290,7 @@ class S3Store:
         finally:
             body.close()
 
+    @_unavailable
     def download(self, key: str, dest: Path) -> None:
         tmp = _tmp_beside(dest)
         try:
@@ -247,6 +299,7 @@ class S3Store:
         finally:
             tmp.unlink(missing_ok=True)
 
+    @_unavailable
     def list(self, prefix: str = "") -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self.prefix + prefix
@@ -257,6 +310,7 @@ class S3Store:
     def delete_prefix(self, prefix: str) -> int:
         return self.delete(self.list(prefix))
 
+    @_unavailable
     def delete(self, keys: list[str]) -> int:
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": self._k(k)} for k in keys[i : i + 1000]]
@@ -272,18 +326,25 @@ class S3Store:
         }
         return self.presigner.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
 
+    @_unavailable
+    def ping(self) -> None:
+        s3_client(self.endpoint, quick=True).head_bucket(Bucket=self.bucket)
+
 
 @lru_cache(maxsize=8)
-def s3_client(endpoint_url: str | None) -> Any:
+def s3_client(endpoint_url: str | None, *, quick: bool = False) -> Any:
     """One boto3 client per endpoint (clients are thread-safe; making one costs ~50 ms). Path-style
-    addressing: MinIO and most S3-compatible servers serve buckets under the path, not a subdomain."""
+    addressing: MinIO and most S3-compatible servers serve buckets under the path, not a subdomain.
+    ``quick``: for probes, one attempt with 2 s timeouts instead of 5 attempts at boto's 60 s."""
     import boto3
     from botocore.config import Config
 
     config = Config(
         signature_version="s3v4",
         s3={"addressing_style": "path"},
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"max_attempts": 1 if quick else 5, "mode": "standard"},
+        connect_timeout=2 if quick else 60,
+        read_timeout=2 if quick else 60,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
@@ -302,7 +363,11 @@ def _store(settings: Settings, kind: str, local_root: Path) -> ObjectStore:
     bucket, prefix = parse_url(settings.object_store_url)
     public = settings.s3_public_url or settings.s3_endpoint_url
     return S3Store(
-        s3_client(settings.s3_endpoint_url), bucket, str(PurePosixPath(prefix, kind)), s3_client(public)
+        s3_client(settings.s3_endpoint_url),
+        bucket,
+        str(PurePosixPath(prefix, kind)),
+        s3_client(public),
+        endpoint=settings.s3_endpoint_url,
     )
 
 

@@ -246,6 +246,41 @@ def test_an_attempt_killed_on_one_host_resumes_on_another_from_the_store(
     engine.dispose()
 
 
+# --- the bucket down ---
+
+
+@pytest.mark.parametrize("broken", ["no such bucket", "no server"])
+def test_readyz_checks_the_bucket(make_api, sqlite_url: str, s3_bucket: dict[str, str], broken: str) -> None:
+    """Ready with the bucket; 503 naming the object store when the bucket is gone or nothing answers."""
+    api = make_api(sqlite_url, **s3_bucket)
+    r = api.client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"]["object_store"] == "ok", r.text
+    cfg = dict(s3_bucket)
+    if broken == "no such bucket":
+        cfg["object_store_url"] = "s3://no-such-bucket-here/svc"
+    else:
+        cfg["s3_endpoint_url"] = "http://127.0.0.1:9"  # the discard port: nothing listens
+    down = make_api(sqlite_url, **cfg)
+    r = down.client.get("/readyz")
+    assert r.status_code == 503 and r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["checks"]["object_store"].startswith("unreachable"), r.json()
+    assert r.json()["checks"]["database"] == "ok"
+
+
+def test_an_upload_while_the_bucket_is_gone_is_a_503_and_leaves_nothing(
+    make_api, sqlite_url: str, s3_bucket: dict[str, str]
+) -> None:
+    """The store refusing the service is the server's trouble, not the client's: 503 + Retry-After, a
+    problem body, and no upload row pointing at an object that is not there."""
+    api = make_api(sqlite_url, max_upload_bytes=16_384, **{**s3_bucket, "object_store_url": "s3://gone/svc"})
+    r = api.client.post(
+        "/v1/uploads?kind=weights&filename=w.safetensors", content=safetensors_bytes(64), headers=api.a
+    )
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] and r.json()["type"].endswith("storage-unavailable")
+    assert api.client.get("/v1/uploads", headers=api.a).json()["items"] == []
+
+
 def test_the_local_default_never_loads_boto3() -> None:
     code = (
         "import sys, api.app, worker.execute, worker.reaper, store.objects; "

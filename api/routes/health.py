@@ -1,4 +1,4 @@
-"""Liveness, readiness (database and, when configured, the broker) and Prometheus metrics."""
+"""Liveness, readiness (database and, when configured, the broker and the bucket) and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
+
+from store.objects import artifact_store
 
 from .. import queue
 from ..auth import OwnerDep
@@ -23,7 +25,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: PROBLEM_SCHEMA})
 def readyz(request: Request, settings: SettingsDep) -> dict[str, Any]:
-    """The database answers `SELECT 1` and, with REDIS_URL set, the broker answers a ping."""
+    """The database answers `SELECT 1`; with REDIS_URL set, the broker answers a ping; with
+    OBJECT_STORE_URL set, the bucket answers (HEAD, 2 s at most)."""
     checks: dict[str, str] = {}
     try:
         with request.app.state.read_sessions() as s:  # never waits for SQLite's write lock
@@ -39,6 +42,12 @@ def readyz(request: Request, settings: SettingsDep) -> dict[str, Any]:
             checks["broker"] = f"unreachable ({type(err).__name__})"
     else:
         checks["broker"] = "embedded (no broker)"
+    if settings.object_store_url:
+        try:
+            artifact_store(settings).ping()
+            checks["object_store"] = "ok"
+        except Exception as err:
+            checks["object_store"] = f"unreachable ({type(err).__name__})"
     bad = [k for k, v in checks.items() if v.startswith("unreachable")]
     if bad:
         raise Problem(503, f"Not ready: {', '.join(bad)} unreachable.", slug="not-ready", checks=checks)
