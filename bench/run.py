@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pruning_core.data.archive import extract_archive
 from safetensors.torch import save_file
 from torch import nn
 
 from pruning_core.artifacts.export import load_pruned
+from pruning_core.data.archive import extract_archive
 from pruning_core.data.loaders import Datasets, LoadContext
 from pruning_core.graph.macs import count_macs
 from pruning_core.graph.surgery import rebuild

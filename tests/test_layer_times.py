@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from pruning_core.methods.psap.options import PSAPOptions
 from torch import nn
 
 from pruning_core.artifacts.inference import prepare_for_inference
@@ -24,6 +23,7 @@ from pruning_core.graph.importance import magnitude
 from pruning_core.graph.macs import layer_geometry
 from pruning_core.jobs.runner import run
 from pruning_core.methods.psap.method import allocate
+from pruning_core.methods.psap.options import PSAPOptions
 from pruning_core.models.zoo import build_model
 from pruning_core.spec import SpecError, parse_spec
 from pruning_core.speed import layer_times

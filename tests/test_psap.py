@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from pruning_core.methods.psap.options import PSAPOptions
 from torch import nn
 
 from pruning_core.graph.filters import GroupFilters, sparsity
@@ -26,6 +25,7 @@ from pruning_core.graph.surgery import remove_channels
 from pruning_core.jobs.runner import run
 from pruning_core.methods import MethodContext, Phase
 from pruning_core.methods.psap.method import PSAP, allocate, step_epochs, step_target
+from pruning_core.methods.psap.options import PSAPOptions
 from pruning_core.models.zoo import build_model
 from pruning_core.spec import SpecError, parse_spec
 from tests.specs import quick_spec

@@ -10,7 +10,6 @@ from html import escape
 from pathlib import Path
 
 import pytest
-from pruning_core.artifacts.report_files import write_report
 from pydantic import ValidationError
 
 from pruning_core.artifacts.report import (
@@ -30,6 +29,7 @@ from pruning_core.artifacts.report import (
     pruning_marks,
     read_report,
 )
+from pruning_core.artifacts.report_files import write_report
 from pruning_core.artifacts.report_html import render_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

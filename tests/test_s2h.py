@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from pruning_core.methods.s2h.options import S2HOptions
 
 from pruning_core.artifacts.report import list_metric_file
 from pruning_core.graph.groups import PruningGraph
@@ -28,6 +27,7 @@ from pruning_core.methods.s2h.method import (
     max_init_logits,
     width_step,
 )
+from pruning_core.methods.s2h.options import S2HOptions
 from pruning_core.models.zoo import build_model
 from pruning_core.spec import JobSpec, Schedule, parse_spec
 from pruning_core.training.engine import StepContext, TrainContext, fit

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from pruning_core.methods.tas.options import TASOptions
 
 from pruning_core.errors import Cancelled
 from pruning_core.graph.budget import TARGET_BAND
@@ -23,6 +22,7 @@ from pruning_core.graph.importance import magnitude
 from pruning_core.jobs.runner import run
 from pruning_core.methods.base import MethodContext
 from pruning_core.methods.tas.method import SPEND, TAS, Supernet, _Argmax
+from pruning_core.methods.tas.options import TASOptions
 from pruning_core.models.zoo import build_model
 from pruning_core.spec import JobSpec, parse_spec
 from tests.specs import quick_spec

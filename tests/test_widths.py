@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pruning_core.methods.psap.options import PSAPOptions
 
 from pruning_core.errors import TargetError
 from pruning_core.graph.budget import (
@@ -18,6 +17,7 @@ from pruning_core.graph.budget import (
 from pruning_core.graph.groups import PruningGraph
 from pruning_core.graph.importance import magnitude
 from pruning_core.methods.psap.method import allocate
+from pruning_core.methods.psap.options import PSAPOptions
 from pruning_core.methods.s2h.method import build_spaces, width_step
 from pruning_core.methods.tas.space import width_candidates
 from pruning_core.models.zoo import build_model
