@@ -248,3 +248,49 @@ def test_a_killed_rank_fails_the_attempt_and_the_job_resumes(
     assert any("resuming at epoch 2" in t for t in texts), texts
     assert [d["epoch"] for k, d in events if k == "epoch"] == [1, 2, 3]  # each epoch trained once
     engine.dispose()
+
+
+# --- a rank's own error, raised by rank 0 ---
+
+
+def test_a_rank_that_fails_alone_has_its_error_raised_not_a_lost_rank(tmp_path: Path, monkeypatch) -> None:
+    """Rank 1 alone is given weights that do not exist: rank 0, which sees only a peer gone, raises rank
+    1's own ``WeightsError`` (code ``bad_weights``: not retried), not ``RankLost``; no rank is left."""
+    from pruning_core.errors import PruningError, RankLost
+    from pruning_core.jobs import launch
+
+    real_start = launch._start_rank
+
+    def start(rank: int, world: int, port: int, spec: JobSpec, workdir: Path, job_id: str | None):
+        if rank == 1:
+            spec = spec.model_copy(update={"model": spec.model.model_copy(update={"weights": "/no/such.pt"})})
+        return real_start(rank, world, port, spec, workdir, job_id)
+
+    monkeypatch.setattr(launch, "_start_rank", start)
+    with pytest.raises(PruningError) as caught:
+        run_job(digits({"name": "magnitude"}, 2), tmp_path / "job")
+    assert not isinstance(caught.value, RankLost)
+    assert caught.value.code == "bad_weights" and str(caught.value).startswith("rank 1: "), caught.value
+    assert _rank_pids(tmp_path / "job") == []
+
+
+def test_rank_failures_keep_their_kind() -> None:
+    """What a rank left in the store becomes rank 0's error: a PruningError by its code, an out-of-memory
+    error as one (the worker then says what to lower), anything else ``RankLost``; nothing, None."""
+    from pruning_core.errors import DataError, DivergedError, RankLost
+    from pruning_core.jobs.launch import _failure, _stored_failure
+
+    store = dist.HashStore()
+    assert _stored_failure(store, 2) is None  # a rank killed without a word: the caller's RankLost
+    cases = [
+        (DataError("corrupt image x.png"), DataError, "rank 1: corrupt image x.png"),
+        (DivergedError("loss is nan"), DivergedError, "rank 1: loss is nan"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), torch.OutOfMemoryError, None),
+        (MemoryError("host"), MemoryError, None),
+        (ValueError("a bug"), RankLost, "rank 1: a bug"),
+    ]
+    for err, kind, text in cases:
+        store.set("error/1", json.dumps(_failure(err)))
+        raised = _stored_failure(store, 2)
+        assert type(raised) is kind, (err, raised)
+        assert text is None or text in str(raised), raised

@@ -6,10 +6,13 @@ so a daemonic Celery child may start them), given the spec on stdin; they train 
 through a TCPStore that rank 0 opens on a free port of 127.0.0.1; NCCL between GPUs, gloo between CPU
 processes (a host without CUDA, the tests).
 
-Failures: a rank that dies (killed, out of memory) breaks the next collective of the others; rank 0
-then raises ``RankLost`` (the worker gives the attempt back to the queue and the next one resumes from
-the last checkpoint). An error every rank raises alike (a diverged loss, a cancel) keeps its own type.
-Whatever happens, rank 0 ends the other ranks before it returns.
+Failures: a rank that dies breaks the next collective of the others. A rank that raised first leaves
+its error in the store (``error/<rank>``: type, code, one line), and rank 0 raises it in its stead: a
+``PruningError`` keeps its class and code (a bad file is not retried), running out of memory stays
+an out-of-memory error (the worker says what to lower). A rank killed without a word (or an error of
+no known kind) is ``RankLost``: the worker gives the attempt back to the queue and the next one resumes
+from the last checkpoint. An error every rank raises alike (a diverged loss, a cancel) keeps its own
+type. Whatever happens, rank 0 ends the other ranks before it returns.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import Cancelled, ModelError, PruningError, RankLost
+from ..errors import Cancelled, ModelError, PruningError, RankLost, one_line
 from ..spec import PYTHON_PREFIX, JobSpec, parse_spec
 from ..training.distributed import backend_for
 from ..training.engine import Reporter
@@ -57,6 +60,9 @@ def run_job(
         except (PruningError, KeyboardInterrupt, Cancelled):
             raise
         except Exception as err:
+            failure = _stored_failure(store, world)  # written before the rank let go of its peers
+            if failure is not None:
+                raise failure from err
             lost = _ended(ranks)
             if lost:
                 raise RankLost(f"{lost} of the job's {world} processes; {err}".strip()) from err
@@ -139,6 +145,43 @@ def _stop(ranks: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _failure(err: BaseException) -> dict[str, str | None]:
+    """What rank 0 needs to raise ``err`` in a rank's stead (JSON: the store holds bytes)."""
+    code = err.code if isinstance(err, PruningError) else None
+    return {"type": type(err).__name__, "code": code, "message": one_line(err, 500)}
+
+
+def _pruning_errors() -> dict[str, type[PruningError]]:
+    """Every ``PruningError`` class by its code (a subclass's code wins over its base's)."""
+    found: dict[str, type[PruningError]] = {}
+    todo: list[type[PruningError]] = [PruningError]
+    while todo:
+        cls = todo.pop()
+        found[cls.code] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _stored_failure(store: dist.Store, world: int) -> BaseException | None:
+    """The error rank 0 raises in the stead of the first rank that left one (``error/<rank>``): a
+    ``PruningError`` of its class and code, an out-of-memory error as one, anything else ``RankLost``
+    with its message; None when no rank left one (killed without a word)."""
+    for rank in range(1, world):
+        key = f"error/{rank}"
+        if not store.check([key]):
+            continue
+        failure = json.loads(store.get(key))
+        message = f"rank {rank}: {failure['message']}"
+        if failure["code"] in _pruning_errors():
+            return _pruning_errors()[failure["code"]](message)
+        if failure["type"] == "MemoryError":
+            return MemoryError(message)
+        if failure["type"] == "OutOfMemoryError":
+            return torch.OutOfMemoryError(message)
+        return RankLost(f"{message} ({failure['type']})")
+    return None
+
+
 def _rank_main(argv: list[str] | None = None) -> int:
     """A rank other than 0: join the job's process group, train, exit (0: done)."""
     ap = argparse.ArgumentParser(prog="python -m pruning_core.jobs.launch")
@@ -157,6 +200,9 @@ def _rank_main(argv: list[str] | None = None) -> int:
         runner.run(spec, args.workdir, None, job_id=args.job_id or None)
     except (KeyboardInterrupt, Cancelled):
         return 130  # stopped with every rank, rank 0 says why
+    except Exception as err:  # rank 0 sees only a lost peer: leave it the reason
+        store.set(f"error/{args.rank}", json.dumps(_failure(err)))
+        raise
     finally:
         dist.destroy_process_group()
     return 0
