@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     artifact_root: Path | None = Field(None, description="Job artifacts; default STATE_DIR/artifacts.")
     upload_root: Path | None = Field(None, description="Uploaded files; default STATE_DIR/uploads.")
     max_upload_bytes: int = Field(1024**3, description="Cap on one upload, in bytes.")
+    upload_cache_max_bytes: int = Field(
+        20 * 1024**3,
+        ge=0,
+        description="With OBJECT_STORE_URL: a worker keeps the uploads it downloaded (under UPLOAD_ROOT) up to "
+        "this many bytes, the least recently used removed first (never the one a job just asked for).",
+    )
     object_store_url: str | None = Field(
         None,
         description="Keep artifacts and uploads in an S3-compatible bucket, `s3://bucket/prefix` (under "

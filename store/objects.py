@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -381,10 +382,19 @@ def upload_store(settings: Settings) -> ObjectStore:
     return _store(settings, "uploads", settings.uploads_dir)
 
 
-def local_copy(store: ObjectStore, key: str, cache: Path, sha256: str | None = None) -> Path:
+def local_copy(
+    store: ObjectStore,
+    key: str,
+    cache: Path,
+    sha256: str | None = None,
+    *,
+    cache_max_bytes: int | None = None,
+) -> Path:
     """The object as a file on this host: a local store's own file (FileNotFoundError if missing), or
     a remote object downloaded once into ``cache/<key>`` (keys never change content: an upload's key
-    has a random directory) and checked against ``sha256`` (ValueError when it differs)."""
+    has a random directory) and checked against ``sha256`` (ValueError when it differs). Each use marks
+    the copy as recent (its mtime); ``cache_max_bytes``: the least recently used copies go until the
+    cache holds at most that many bytes, never the one returned."""
     path = store.local_path(key)
     if path is not None:
         if not path.is_file():
@@ -392,6 +402,7 @@ def local_copy(store: ObjectStore, key: str, cache: Path, sha256: str | None = N
         return path
     dest = resolve_under(cache, key)
     if dest.is_file():
+        os.utime(dest)
         return dest
     if store.stat(key) is None:
         raise FileNotFoundError(key)
@@ -403,7 +414,39 @@ def local_copy(store: ObjectStore, key: str, cache: Path, sha256: str | None = N
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    if cache_max_bytes is not None:
+        evict_lru(cache, cache_max_bytes, keep=dest)
     return dest
+
+
+def evict_lru(cache: Path, max_bytes: int, *, keep: Path) -> int:
+    """Delete the least recently used files under ``cache`` (oldest mtime first; temp files left alone)
+    until the rest hold at most ``max_bytes``, never ``keep``; then their emptied directories. Returns
+    the number of files deleted. A file another process deletes meanwhile is skipped."""
+    files = []
+    for path in cache.rglob("*"):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and not path.name.endswith(".part") and path != keep:
+            files.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in files) + (keep.stat().st_size if keep.is_file() else 0)
+    deleted = 0
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        deleted += 1
+        for parent in path.parents:
+            if parent == cache or not parent.is_relative_to(cache):
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty
+                break
+    return deleted
 
 
 def copy_object(src: ObjectStore, src_key: str, dst: ObjectStore, dst_key: str, sha256: str | None) -> None:

@@ -8,6 +8,7 @@ every other test runs on.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -244,6 +245,32 @@ def test_an_attempt_killed_on_one_host_resumes_on_another_from_the_store(
     keys = store.list(f"{job_id}/")
     assert keys and all(k.startswith(f"{job_id}/attempt-2/") and "checkpoints" not in k for k in keys)
     engine.dispose()
+
+
+def test_a_workers_upload_cache_keeps_the_recently_used_under_its_cap(
+    s3_bucket: dict[str, str], tmp_path: Path
+) -> None:
+    """Copies downloaded from the bucket stay under ``upload_cache_max_bytes``: the least recently used
+    go first (a copy used again counts as recent), never the one just asked for."""
+    store = upload_store(Settings(state_dir=tmp_path, **s3_bucket))
+    for name in "abc":
+        store.put_bytes(f"{name}/{name}.bin", name.encode() * 1000)
+    cache = tmp_path / "cache"
+    old = time.time() - 3600
+    for age, name in enumerate("ab"):
+        path = objects.local_copy(store, f"{name}/{name}.bin", cache, cache_max_bytes=2500)
+        os.utime(path, (old + age, old + age))  # a before b
+    objects.local_copy(store, "a/a.bin", cache, cache_max_bytes=2500)  # a used again: now the newest
+    c = objects.local_copy(store, "c/c.bin", cache, cache_max_bytes=2500)
+    assert c.read_bytes() == b"c" * 1000
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == [
+        "a",
+        "a/a.bin",
+        "c",
+        "c/c.bin",
+    ]
+    objects.local_copy(store, "b/b.bin", cache, cache_max_bytes=500)  # over the cap alone: kept, alone
+    assert [p.relative_to(cache).as_posix() for p in cache.rglob("*.bin")] == ["b/b.bin"]
 
 
 # --- the bucket down ---

@@ -122,7 +122,11 @@ def _execute(engine: Engine, job_id: str, worker_name: str, settings: Settings) 
 def _run_claimed(engine: Engine, job: Claimed, reporter: StoreReporter, settings: Settings) -> str | None:
     try:
         uploads, store = upload_store(settings), artifact_store(settings)
-        spec = parse_spec(resolve_uploads(engine, job.spec, job.owner, uploads, settings.uploads_dir))
+        spec = parse_spec(
+            resolve_uploads(
+                engine, job.spec, job.owner, uploads, settings.uploads_dir, settings.upload_cache_max_bytes
+            )
+        )
         scratch = settings.artifacts_dir  # the store itself, or this host's scratch beside a bucket
         workdir = attempt_dir(scratch, job.id, job.attempt)
         fetch_checkpoints(store, scratch, job.id, job.attempt)
@@ -293,11 +297,16 @@ def _rank_lost(engine: Engine, job: Claimed, reporter: StoreReporter, err: RankL
 
 
 def resolve_uploads(
-    engine: Engine, spec: dict[str, Any], owner: str, uploads: ObjectStore, cache: Path
+    engine: Engine,
+    spec: dict[str, Any],
+    owner: str,
+    uploads: ObjectStore,
+    cache: Path,
+    cache_max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """The spec with every ``upload:<id>`` replaced by a file on this host: the upload's own file in a
     local upload directory, or its copy under ``cache`` downloaded from a bucket (once, checked
-    against its sha256).
+    against its sha256; the least recently used copies removed past ``cache_max_bytes``).
 
     The upload must exist, belong to the job's owner, and its file must be there. Any other file path is
     refused: clients name files only by upload id (the engine unpickles some data sets under a root).
@@ -320,7 +329,7 @@ def resolve_uploads(
         except ValueError:
             raise error(f"{section}.{field}: upload {upload_id} has an invalid path") from None
         try:
-            path = local_copy(uploads, rel, cache, digest)
+            path = local_copy(uploads, rel, cache, digest, cache_max_bytes=cache_max_bytes)
         except FileNotFoundError:
             raise error(f"{section}.{field}: the file of upload {upload_id} is missing") from None
         except ValueError as err:
