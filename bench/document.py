@@ -98,7 +98,7 @@ MANIFEST: tuple[Section, ...] = (
         ),
         title="## Options chosen on the validation split: `psap`'s `ramp` (CIFAR-10 subset)",
     ),
-    Section("compare-tas-cpu", "compare", ("compare-tas-cpu-2026-12-06T181720Z.json",)),
+    Section("compare-tas-cpu", "compare", ("compare-tas-cpu-2026-12-07T120652Z.json",)),
     Section("compare-psap-cpu", "compare", ("compare-psap-cpu-2026-12-06T200428Z.json",)),
     Section("compare-s2h-dense-cpu", "compare", ("compare-s2h-dense-cpu-2026-12-06T185951Z.json",)),
     Section("throughput-cpu", "throughput", ("throughput-cpu-2026-12-07T063639Z.json",)),
