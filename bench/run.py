@@ -32,8 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pruning_core.artifacts.export import load_pruned
-from pruning_core.data.archive import extract_archive
-from pruning_core.data.loaders import Datasets, LoadContext
+from pruning_core.data.loaders import Datasets, LoadContext, extract_imagefolder
 from pruning_core.graph.macs import count_macs
 from pruning_core.graph.surgery import rebuild
 from pruning_core.jobs.runner import prepare, resolve_device, run
@@ -82,7 +81,7 @@ def resolve_data(data: DataSpec) -> DataSpec:
         return data
     if not root.is_file():
         raise SystemExit(f"bench: data archive {root} not found (set BENCH_CIFAR_ARCHIVE)")
-    folder = extract_archive(root, data, LoadContext(CACHE_DIR, 0, get_settings()))
+    folder = extract_imagefolder(root, data, LoadContext(CACHE_DIR, 0, get_settings()))
     return data.model_copy(update={"root": str(folder)})
 
 

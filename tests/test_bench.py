@@ -108,3 +108,31 @@ def test_gpu_profile_refuses_without_cuda(tmp_path):
     with pytest.raises(SystemExit, match="CUDA"):
         main(["--profile", "gpu", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_cifar_archive_resolves_to_an_extracted_folder(tmp_path, monkeypatch):
+    """The CIFAR cases name a .tar.gz: ``resolve_data`` extracts the spec's per-class share once and hands
+    the engine that folder (a signature drift here once stopped every CIFAR benchmark)."""
+    import tarfile
+
+    from PIL import Image
+
+    import bench.run as run
+    from pruning_core.spec import DataSpec
+
+    tree = tmp_path / "tree"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tree / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tree / split / cls / f"{i}.jpg")
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="tiny")
+    monkeypatch.setattr(run, "CACHE_DIR", tmp_path / "cache")
+
+    data = DataSpec(name="imagefolder", root=str(archive), per_class=2, test_per_class=1)
+    folder = Path(run.resolve_data(data).root)
+    assert folder.is_dir() and folder.is_relative_to(tmp_path / "cache")
+    assert sorted(p.relative_to(folder).parts[-3] for p in folder.rglob("*.jpg")).count("train") == 4
+    assert run.resolve_data(data).root == str(folder)  # extracted once, the same folder again

@@ -418,7 +418,7 @@ class _Layout:
 def _load_imagefolder(spec: DataSpec, ctx: LoadContext) -> Datasets:
     """Images from a folder tree or an archive of one (extracted under cache_dir), RGB unless all gray."""
     root = Path(spec.root or "").expanduser()
-    folder = root if root.is_dir() else _extract(root, spec, ctx)
+    folder = root if root.is_dir() else extract_imagefolder(root, spec, ctx)
     layout = _plan_layout(_list_files(folder), root.name, spec.per_class, spec.test_per_class)
     if spec.validation:
         layout = _hold_out(layout, spec.validation)
@@ -431,8 +431,9 @@ def _load_imagefolder(spec: DataSpec, ctx: LoadContext) -> Datasets:
     return _folder_datasets(folder, layout, spec, ctx.settings)
 
 
-def _extract(archive: Path, spec: DataSpec, ctx: LoadContext) -> Path:
-    """The archive's files that the spec uses, extracted once under the job's cache directory."""
+def extract_imagefolder(archive: Path, spec: DataSpec, ctx: LoadContext) -> Path:
+    """The archive's files that an imagefolder ``spec`` uses (its per-class caps), extracted once under
+    ``ctx.cache_dir/imagefolder``; the folder."""
 
     def choose(names: list[str]) -> list[str]:
         layout = _plan_layout(names, archive.name, spec.per_class, spec.test_per_class)
@@ -649,7 +650,3 @@ def _fit(image: Image.Image, size: int) -> Image.Image:
 
 def _chw(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Safe archive extraction (tar with "data"-filter semantics plus stricter checks, zip the same way)
