@@ -1,7 +1,7 @@
 """A report's files in a directory: ``report.json``, its plots and ``report.html``.
 
-Its own module because it joins ``report`` (the model and the plots) and ``report_html`` (which reads
-the model): neither of them imports the other's writer.
+Its own module because it joins ``report`` (the model), ``report_plots`` and ``report_html`` (which
+read the model): none of them imports another's writer.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from .report import (
     Report,
     list_metric_file,
     list_metrics,
-    plot_list_metric,
-    plot_training,
-    plot_widths,
 )
 from .report_html import write_html
+from .report_plots import plot_list_metric, plot_training, plot_widths
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
