@@ -339,3 +339,75 @@ def test_the_optional_fine_tuning_trains_the_pruned_hard_network(tmp_path: Path)
     finetune = [r for r in report.history if r.phase == "finetune"]
     assert finetune and finetune[0].macs == report.pruned.macs and not finetune[0].views
     assert "s2h:start" not in report.bn_recalibration and "finetune:start" in report.bn_recalibration
+
+
+def _reverse_l1_order(search: WidthSearch, group: int) -> None:
+    """Scale the group's filters so that their L1 order within the group reverses."""
+    with torch.no_grad():
+        l1 = search.l1()[group]
+        order = l1.argsort()
+        scale = torch.empty_like(l1)
+        scale[order] = torch.linspace(4.0, 0.25, len(l1)) / l1[order].clamp_min(1e-12)
+        for name, module_idx, root_idx in search.spaces[group].filters:
+            w = search.graph.modules[name].weight
+            w[module_idx] *= scale[root_idx].view(-1, *([1] * (w.dim() - 1)))
+
+
+@pytest.mark.parametrize("order", ["fixed", "step"])
+def test_fixed_rank_order_keeps_the_first_steps_order_through_training_and_resume(order: str) -> None:
+    """``rank_order: fixed`` (the official ``fix_l1_order``): the hard mask's ranking is the one the
+    search started with, however the weights move; ``step`` follows the current L1 norms."""
+    model, search = _search(S2HOptions(rank_order=order))
+    first = [r.clone() for r in search.step_masks().ranks]
+    _reverse_l1_order(search, 3)
+    now = search.l1_ranks()
+    assert not torch.equal(now[3], first[3])
+    used = search.step_masks().ranks
+    assert torch.equal(used[3], first[3] if order == "fixed" else now[3])
+    # the hard mask follows the ranking in use
+    n = int(search.step_masks().hard_widths[3])
+    assert torch.equal(search.step_masks().hard[3].bool(), used[3] < n)
+
+    spec = JobSpec(method=S2HOptions(rank_order=order), schedule=Schedule(epochs=1))
+    method = S2H(spec.method, MethodContext(spec, EXAMPLE, 4, torch.device("cpu"), 10**6))
+    method.start_phase(method.phases()[0], model)
+    method.search.fixed_ranks = search.fixed_ranks
+    state = method.state_dict()
+    resumed = S2H(spec.method, MethodContext(spec, EXAMPLE, 4, torch.device("cpu"), 10**6))
+    resumed.load_state_dict(state, model)
+    assert torch.equal(resumed.search.ranks()[3], first[3] if order == "fixed" else now[3])
+
+
+class _FitWatchingS2H(S2H):
+    """Keeps the logits and the weights as they were when the widths were fixed in the band."""
+
+    at_fit: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def on_epoch_end(self, model, epoch, metrics):
+        out = super().on_epoch_end(model, epoch, metrics)
+        if self.at_fit is None and self.search.fitted is not None:
+            snap = [u.detach().clone() for u in self.search.logits]
+            self.at_fit = (snap, [p.detach().clone() for p in model.parameters()])
+        return out
+
+
+@pytest.mark.parametrize("balance", ["norms", "sum"])
+def test_the_mask_logits_stop_once_the_widths_are_fixed(balance: str) -> None:
+    """The last ``fit_epochs`` train the hard network at its fixed widths; the masks freeze there, as the
+    official code's do for its last hard epochs (``sum`` once kept stepping them on the task loss)."""
+    spec = JobSpec(
+        method=S2HOptions(balance=balance, fit_epochs=1, mask_lr_scale=40.0),
+        schedule=Schedule(epochs=2, max_steps_per_epoch=2, batch_size=16),
+    )
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4, 3)
+    method = _FitWatchingS2H(spec.method, MethodContext(spec, EXAMPLE, 4, torch.device("cpu"), 10**6))
+    model = method.start_phase(method.phases()[0], model)
+    ctx = TrainContext(torch.device("cpu"), 0, NoisyBlobs(64, 0), NoisyBlobs(16, 1), bn_batches=0)
+    fit(model, method, spec.schedule, ctx, "s2h")
+    assert method.at_fit is not None, "the widths were fixed after the first epoch"
+    logits, weights = method.at_fit
+    same = [torch.equal(a, u.detach()) for a, u in zip(logits, method.search.logits, strict=True)]
+    assert all(same)
+    # the weights train on in the last epoch either way (the hard network at its fixed widths)
+    assert any(not torch.equal(a, p) for a, p in zip(weights, model.parameters(), strict=True))

@@ -20,14 +20,16 @@ fusion). The result is the hard network with the jointly trained weights, physic
 statistics re-estimated by the runner. Its widths are stepped into ``[target - TARGET_BAND, target]``
 where the search's expected widths missed (a short run, a large model): ``budget.fit_widths``, giving up
 first the channels of least soft keep-probability x L1 importance per MAC; then fixed there for the last
-``fit_epochs``, which train the hard network at those widths (the MAC loss, constant then, is left out).
+``fit_epochs``, which train the hard network at those widths with the mask logits frozen (the official
+code freezes its masks for its last hard epochs).
 
 Per coupled group (``groups.ChannelGroup``) of C channels in ``ch_groups`` blocks of P positions (P = C
 unless a grouped convolution ties blocks together), widths are counted in positions: candidates
 ``d, 2d, ..., P`` (K of them, one logit each), ``p = softmax(u / T)``; the position of importance rank
 r is kept with probability ``sum of p_j over candidates wider than r`` (a reverse cumulative sum:
 non-increasing, the first block always 1); the expected width ``E = p . widths`` is rounded up to a
-multiple of d (``N``). Importance is the L1 norm of the group's filters, recomputed every step.
+multiple of d (``N``). Importance is the L1 norm of the group's filters, recomputed every step, or
+ranked once when the search starts (``rank_order: fixed``, the official code's ``fix_l1_order``).
 """
 
 from __future__ import annotations
@@ -182,6 +184,8 @@ class WidthSearch:
         self.masks.attach()
         # Hard widths (positions) fixed once the search is over and they were stepped into the band.
         self.fitted: torch.Tensor | None = None
+        # ``rank_order: fixed``: each group's ranks, taken at the first step and kept (saved for resume).
+        self.fixed_ranks: list[torch.Tensor] | None = None
 
     def probs(self) -> list[torch.Tensor]:
         return [F.softmax(u / self.options.temperature, dim=0) for u in self.logits]
@@ -201,7 +205,17 @@ class WidthSearch:
 
     @torch.no_grad()
     def ranks(self) -> list[torch.Tensor]:
-        """Per group, the importance rank of each position (0 = largest L1 of the group's filters)."""
+        """Per group, the importance rank of each position (0 = largest L1 of the group's filters): now,
+        or with ``rank_order: fixed`` as the first call found them."""
+        if self.options.rank_order == "step":
+            return self.l1_ranks()
+        if self.fixed_ranks is None:
+            self.fixed_ranks = self.l1_ranks()
+        return self.fixed_ranks
+
+    @torch.no_grad()
+    def l1_ranks(self) -> list[torch.Tensor]:
+        """Per group, the rank of each position by the current L1 norms of the group's filters."""
         out = []
         for s, l1 in zip(self.spaces, self.l1(), strict=True):
             order = l1.reshape(s.group.ch_groups, s.positions).sum(0).argsort(descending=True, stable=True)
@@ -392,20 +406,22 @@ class S2H(Method):
         resource = o.resource_weight * (ratio - self.ctx.spec.target.macs_ratio) ** 2
         to_hard, to_soft = (o.gap_weight * g for g in gap_losses(soft, hard))
         gap_on = o.gap_weight > 0
+        to_masks = gap_on and not self._frozen()  # KL(s || sg(h)) reaches the logits only
         if o.balance == "norms":
             ctx.backward(task, retain_graph=True)
             task_g = ctx.take_grads("masks")
             gap_g: list = []
             if gap_on:
                 ctx.backward(to_hard, retain_graph=True)
-                ctx.backward(to_soft, "masks", retain_graph=True)
+                if to_masks:
+                    ctx.backward(to_soft, "masks", retain_graph=True)
                 gap_g = ctx.take_grads("masks")
             if search.fitted is None:  # fixed widths (``fit_epochs``): the MAC loss is a constant
                 ctx.backward(resource.float(), "masks")
             self._parts = (task_g, gap_g, resource.detach())
         else:
             ctx.backward(task + to_hard, retain_graph=True)
-            if gap_on:
+            if to_masks:
                 ctx.backward(to_soft, "masks", retain_graph=True)
             if search.fitted is None:  # fixed widths (``fit_epochs``): the MAC loss is a constant
                 ctx.backward(resource.float(), "masks")
@@ -422,7 +438,14 @@ class S2H(Method):
         )
 
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
-        if self._parts is None or "masks" not in ctx.stepping:
+        if "masks" not in ctx.stepping:
+            return
+        if self._frozen():  # SGD skips a parameter without a gradient: the logits stay where they are
+            self._parts = None
+            for u in self.search.logits:
+                u.grad = None
+            return
+        if self._parts is None:
             return
         task_g, gap_g, resource = self._parts
         self._parts = None
@@ -445,6 +468,10 @@ class S2H(Method):
         self._normalise(grads)
         for u, g in zip(logits, grads, strict=True):
             u.grad = g
+
+    def _frozen(self) -> bool:
+        """The logits no longer train: the widths are fixed in the band (``fit_epochs``)."""
+        return self.search is not None and self.search.fitted is not None
 
     def _normalise(self, grads: list[torch.Tensor]) -> None:
         """Divide the logits' gradients by the global norm of the first step's (in place), as the
@@ -501,6 +528,8 @@ class S2H(Method):
             state["logits"] = [u.detach().cpu().clone() for u in self.search.logits]
             if self.search.fitted is not None:
                 state["fitted"] = self.search.fitted.cpu().clone()
+            if self.search.fixed_ranks is not None:
+                state["fixed_ranks"] = [r.cpu().clone() for r in self.search.fixed_ranks]
         state["init_norm"] = self._init_norm
         return state
 
@@ -514,6 +543,9 @@ class S2H(Method):
             self._attach(model, state["logits"])
             fitted = state.get("fitted")
             self.search.fitted = None if fitted is None else fitted.to(self.ctx.device)
+            ranks = state.get("fixed_ranks")
+            if ranks is not None:
+                self.search.fixed_ranks = [r.to(self.ctx.device) for r in ranks]
 
 
 def balance(

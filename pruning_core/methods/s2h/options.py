@@ -70,9 +70,15 @@ class S2HOptions(Strict):
         le=10_000,
         description="[ours] The last this many epochs train the hard network at its widths fixed in "
         "[target - 0.02, target] (stepped there, least soft keep-probability x L1 importance per MAC first, "
-        "where the "
-        "search's widths missed); 0: fixed after the last epoch, untrained at them. At least one epoch "
+        "where the search's widths missed), the mask logits frozen (as the official code freezes its masks "
+        "for its last hard epochs); 0: fixed after the last epoch, untrained at them. At least one epoch "
         "searches.",
+    )
+    rank_order: Literal["step", "fixed"] = Field(
+        "step",
+        description="The L1 order in which each group keeps its channels: `step` re-ranked every step "
+        "[ours]; `fixed` ranked once, from the weights the search starts from, and kept (the official "
+        "code with `max_init` fixes it at the first masked forward, `fix_l1_order`).",
     )
     hard_grad: Literal["none", "ste"] = Field(
         "none",
