@@ -48,15 +48,12 @@ class Section:
 # `s2h` rerun alone on every seed at the options chosen after seeds 0 and 1 ran, all joined by
 # `bench.trained --merge ... --replace s2h-dense` (the parts are committed beside the merged file).
 TABLE_A = Section("trained-cpu", "table-a", ("trained-cpu-seeds0-1-2-2026-12-07T063243Z.json",))
-# Table B: three separate runs until the combined one (`--method s2h,psap-scratch,epi`) replaces them.
+# Table B: one `bench.compare --method s2h,psap-scratch,epi` run, every method against the same dense
+# models and `magnitude` rows at the same targets (it replaced three separate runs, in git history).
 TABLE_B = Section(
     "table-b-cpu",
     "table-b",
-    (
-        "compare-s2h-cpu-2026-12-06T181720Z.json",
-        "compare-psap-scratch-cpu-2026-12-06T220821Z.json",
-        "compare-epi-cpu-2026-12-06T044629Z.json",
-    ),
+    ("compare-s2h+psap-scratch+epi-cpu-2026-12-07T144450Z.json",),
     title='## Table B: "train a small network from scratch" (cpu profile, CIFAR-10 subset)',
 )
 MANIFEST: tuple[Section, ...] = (
@@ -400,17 +397,26 @@ def summary(table_a: dict[str, Any], table_b: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [summary_row(t, c, SHORT_A) for t, c in cells(case["runs"], table_a["targets"])]
+    one = len(table_b) == 1  # one run: its rows share the dense models and seeds, no "Run" column
+    where = (
+        f"one run, {table_b[0]['date'][:10]}, every method from the same initial weights and dense models "
+        "per seed"
+        if one
+        else "each run compared within itself, its own dense models and targets"
+    )
+    columns = (
+        "Target | Wins | Top-1 % | Lead over the next | Each method: top-1 %, training s, training MACs (fwd)"
+    )
     lines += [
         "",
-        '**"Train a small network from scratch"** (Table B: equal total epochs on the CIFAR-10 subset; each '
-        "run compared within itself, its own dense models and targets).",
+        f'**"Train a small network from scratch"** (Table B: equal total epochs on the CIFAR-10 subset; {where}).',
         "",
-        "| Run | Target | Wins | Top-1 % | Lead over the next | Each method: top-1 %, training s, training MACs (fwd) |",
-        "|---|---|---|---|---|---|",
+        f"| {columns} |" if one else f"| Run | {columns} |",
+        "|---|---|---|---|---|" if one else "|---|---|---|---|---|---|",
     ]
     for results in table_b:
         labels = SHORT_B | {m: f"`{m}`" for m in compare.contenders_of(results)}
-        run = f"`{results['method']}`, {results['date'][:10]}"
+        run = "" if one else f"`{results['method']}`, {results['date'][:10]}"
         for c in results["cases"]:
             for t, cell in cells(c["runs"], [t["target"] for t in c["runs"][0]["targets"]]):
                 lines.append(summary_row(t, cell, labels, run))
