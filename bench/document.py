@@ -78,6 +78,8 @@ MANIFEST: tuple[Section, ...] = (
             "val-trained-cpu-2026-12-07T054632Z-fe5.json",
             "val-trained-cpu-2026-12-07T053420Z-ht1.json",
             "val-trained-cpu-2026-12-07T053420Z-ht1fe3.json",
+            "val-trained-cpu-2026-12-07T154716Z-fixed.json",
+            "val-trained-cpu-2026-12-07T155347Z-step.json",
         ),
         title="## Options chosen on the validation split: Table A's methods",
     ),
