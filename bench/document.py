@@ -100,6 +100,7 @@ MANIFEST: tuple[Section, ...] = (
     Section("compare-tas-cpu", "compare", ("compare-tas-cpu-2026-12-07T120652Z.json",)),
     Section("compare-psap-cpu", "compare", ("compare-psap-cpu-2026-12-06T200428Z.json",)),
     Section("compare-s2h-dense-cpu", "compare", ("compare-s2h-dense-cpu-2026-12-06T185951Z.json",)),
+    Section("cpu", "run", ("cpu-2026-12-07T160045Z.json",)),
     Section("throughput-cpu", "throughput", ("throughput-cpu-2026-12-07T063639Z.json",)),
     Section("service", "service", ("service-2026-12-07T064154Z.json",)),
     Section("speed-cpu-cifar", "speed", ("speed-cpu-cifar-2026-12-07T064701Z.json",)),
@@ -112,12 +113,6 @@ MANIFEST: tuple[Section, ...] = (
 
 # (marker name, what it measured, its command as its section's header gave it, when it ran)
 NOT_RERUN: tuple[tuple[str, str, str, str], ...] = (
-    (
-        "cpu",
-        "engine against Torch-Pruning and a plain loop",
-        "python -m bench.run --profile cpu",
-        "2026-11-27",
-    ),
     (
         "gpu",
         "the same on a GPU (a short check)",
@@ -594,6 +589,16 @@ def render_distributed(section: Section) -> str:
     return "\n".join(parts)
 
 
+def render_run(section: Section) -> str:
+    """``bench.run``'s profile section (engine ``magnitude``, the peer, the plain loop), its markers the
+    manifest's."""
+    (name,) = section.results
+    results = load(name)
+    start, end = markdown._markers(results["profile"])
+    text = markdown.render_section(results, RESULTS_DIR / name)
+    return text.removeprefix(start + "\n").removesuffix(end + "\n")
+
+
 def render_throughput(section: Section) -> str:
     from . import throughput
 
@@ -610,6 +615,7 @@ RENDERERS: dict[str, Callable[[Section], str]] = {
     "service": render_service,
     "speed": render_speed,
     "throughput": render_throughput,
+    "run": render_run,
     "distributed": render_distributed,
 }
 
