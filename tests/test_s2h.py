@@ -180,18 +180,25 @@ class _RecordingS2H(S2H):
         return out
 
 
-@pytest.mark.parametrize("hard_grad", ["none", "ste"])
-def test_the_gap_toward_the_soft_network_moves_the_mask_logits_only(hard_grad: str, tmp_path: Path) -> None:
-    spec = JobSpec(
-        method=S2HOptions(hard_grad=hard_grad),
-        schedule=Schedule(epochs=1, max_steps_per_epoch=1, batch_size=16),
-    )
+def _fit_s2h(cls: type[S2H], options: S2HOptions, schedule: Schedule) -> tuple[S2H, torch.nn.Module]:
+    """One ``s2h`` phase of ``cls`` on ResNet-20 and noisy blobs (seed 0): the method and its model."""
+    spec = JobSpec(method=options, schedule=schedule)
     torch.manual_seed(0)
     model = build_model("resnet20", 4, 3)
-    method = _RecordingS2H(spec.method, MethodContext(spec, EXAMPLE, 4, torch.device("cpu"), 10**6))
+    method = cls(spec.method, MethodContext(spec, EXAMPLE, 4, torch.device("cpu"), 10**6))
     model = method.start_phase(method.phases()[0], model)
     ctx = TrainContext(torch.device("cpu"), 0, NoisyBlobs(64, 0), NoisyBlobs(16, 1), bn_batches=0)
     fit(model, method, spec.schedule, ctx, "s2h")
+    return method, model
+
+
+@pytest.mark.parametrize("hard_grad", ["none", "ste"])
+def test_the_gap_toward_the_soft_network_moves_the_mask_logits_only(hard_grad: str, tmp_path: Path) -> None:
+    method, model = _fit_s2h(
+        _RecordingS2H,
+        S2HOptions(hard_grad=hard_grad),
+        Schedule(epochs=1, max_steps_per_epoch=1, batch_size=16),
+    )
     task, to_hard, to_soft, resource = method.calls
     assert task == {"params": None, "weights": True, "masks": True}
     # KL(sg(s) || h) through the hard branch: the weights only, unless the hard mask is straight-through
@@ -395,16 +402,11 @@ class _FitWatchingS2H(S2H):
 def test_the_mask_logits_stop_once_the_widths_are_fixed(balance: str) -> None:
     """The last ``fit_epochs`` train the hard network at its fixed widths; the masks freeze there, as the
     official code's do for its last hard epochs (``sum`` once kept stepping them on the task loss)."""
-    spec = JobSpec(
-        method=S2HOptions(balance=balance, fit_epochs=1, mask_lr_scale=40.0),
-        schedule=Schedule(epochs=2, max_steps_per_epoch=2, batch_size=16),
+    method, model = _fit_s2h(
+        _FitWatchingS2H,
+        S2HOptions(balance=balance, fit_epochs=1, mask_lr_scale=40.0),
+        Schedule(epochs=2, max_steps_per_epoch=2, batch_size=16),
     )
-    torch.manual_seed(0)
-    model = build_model("resnet20", 4, 3)
-    method = _FitWatchingS2H(spec.method, MethodContext(spec, EXAMPLE, 4, torch.device("cpu"), 10**6))
-    model = method.start_phase(method.phases()[0], model)
-    ctx = TrainContext(torch.device("cpu"), 0, NoisyBlobs(64, 0), NoisyBlobs(16, 1), bn_batches=0)
-    fit(model, method, spec.schedule, ctx, "s2h")
     assert method.at_fit is not None, "the widths were fixed after the first epoch"
     logits, weights = method.at_fit
     same = [torch.equal(a, u.detach()) for a, u in zip(logits, method.search.logits, strict=True)]
