@@ -564,7 +564,7 @@ def render_service(section: Section) -> str:
 
     (name,) = section.results
     text = service_markdown.render_section(load(name), RESULTS_DIR / name)
-    return text.removeprefix(service_markdown.START + "\n").removesuffix(service_markdown.END + "\n")
+    return _inside(text, service_markdown.START, service_markdown.END)
 
 
 def render_speed(section: Section) -> str:
@@ -594,8 +594,13 @@ def render_run(section: Section) -> str:
     manifest's."""
     (name,) = section.results
     results = load(name)
-    start, end = markdown._markers(results["profile"])
-    text = markdown.render_section(results, RESULTS_DIR / name)
+    return _inside(
+        markdown.render_section(results, RESULTS_DIR / name), *markdown._markers(results["profile"])
+    )
+
+
+def _inside(text: str, start: str, end: str) -> str:
+    """A section a benchmark rendered with its own markers, without them (the manifest adds its own)."""
     return text.removeprefix(start + "\n").removesuffix(end + "\n")
 
 

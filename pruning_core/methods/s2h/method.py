@@ -406,25 +406,25 @@ class S2H(Method):
         resource = o.resource_weight * (ratio - self.ctx.spec.target.macs_ratio) ** 2
         to_hard, to_soft = (o.gap_weight * g for g in gap_losses(soft, hard))
         gap_on = o.gap_weight > 0
-        to_masks = gap_on and not self._frozen()  # KL(s || sg(h)) reaches the logits only
-        if o.balance == "norms":
+        if search.fitted is not None:
+            # Widths fixed in the band (``fit_epochs``): the hard network trains, the mask logits get no
+            # gradient, so their set does not step (the official code freezes its masks here).
+            ctx.backward(task + to_hard, "weights")
+        elif o.balance == "norms":
             ctx.backward(task, retain_graph=True)
             task_g = ctx.take_grads("masks")
             gap_g: list = []
             if gap_on:
                 ctx.backward(to_hard, retain_graph=True)
-                if to_masks:
-                    ctx.backward(to_soft, "masks", retain_graph=True)
+                ctx.backward(to_soft, "masks", retain_graph=True)
                 gap_g = ctx.take_grads("masks")
-            if search.fitted is None:  # fixed widths (``fit_epochs``): the MAC loss is a constant
-                ctx.backward(resource.float(), "masks")
+            ctx.backward(resource.float(), "masks")
             self._parts = (task_g, gap_g, resource.detach())
         else:
             ctx.backward(task + to_hard, retain_graph=True)
-            if to_masks:
+            if gap_on:
                 ctx.backward(to_soft, "masks", retain_graph=True)
-            if search.fitted is None:  # fixed widths (``fit_epochs``): the MAC loss is a constant
-                ctx.backward(resource.float(), "masks")
+            ctx.backward(resource.float(), "masks")
         with torch.no_grad():
             agree = (soft.argmax(1) == hard.argmax(1)).float().mean()
         loss = task.detach() + to_hard.detach() + to_soft.detach() + resource.detach().float()
@@ -438,14 +438,7 @@ class S2H(Method):
         )
 
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
-        if "masks" not in ctx.stepping:
-            return
-        if self._frozen():  # SGD skips a parameter without a gradient: the logits stay where they are
-            self._parts = None
-            for u in self.search.logits:
-                u.grad = None
-            return
-        if self._parts is None:
+        if self._parts is None or "masks" not in ctx.stepping:
             return
         task_g, gap_g, resource = self._parts
         self._parts = None
@@ -468,10 +461,6 @@ class S2H(Method):
         self._normalise(grads)
         for u, g in zip(logits, grads, strict=True):
             u.grad = g
-
-    def _frozen(self) -> bool:
-        """The logits no longer train: the widths are fixed in the band (``fit_epochs``)."""
-        return self.search is not None and self.search.fitted is not None
 
     def _normalise(self, grads: list[torch.Tensor]) -> None:
         """Divide the logits' gradients by the global norm of the first step's (in place), as the
