@@ -320,7 +320,9 @@ def test_api_killed_between_commit_and_enqueue_the_job_still_runs(
         assert queued_task_ids(private_redis.url) == []
         procs.start("reaper", sys.executable, "-m", "worker.reaper")
         wait_for(lambda: queued_task_ids(private_redis.url) == [job.id], 20, "the reaper's enqueue")
-    assert get(engine, job.id).enqueued_at is not None
+        # The reaper sends first and marks the row after (a failed send leaves it stale for the next
+        # pass), so the mark may trail the message by a moment: wait for it rather than race it.
+        wait_for(lambda: get(engine, job.id).enqueued_at is not None, 20, "the reaper's mark")
     assert execute(job.id, worker_name="w", settings=settings) == "succeeded"
     check_job(engine, job.id, settings.artifacts_dir)
     engine.dispose()
