@@ -13,7 +13,7 @@ Top-1 is the report's (the test split). The speed-up is the report's latency com
 timed alternately in one process, BatchNorm folded, in the device's inference layout, at batch 1 and
 ``--batch``, with a 95% interval.
 
-Writes ``<out>/allocation-<time>.json`` and the ``<!-- bench:allocation -->`` (or ``--section``) section
+Writes ``<out>/<section>-<time>.json`` and the ``<!-- bench:allocation -->`` (or ``--section``) section
 of BENCHMARKS.md.
 """
 
@@ -34,7 +34,7 @@ import torch
 from pruning_core.jobs.runner import run
 from pruning_core.spec import DataSpec, JobSpec
 
-from .markdown import mean_std, publish_results
+from .markdown import mean_std, publish_results, results_path
 from .profiles import CIFAR_ARCHIVE, REPO_DIR, RESULTS_DIR
 from .speed import machine
 
@@ -220,7 +220,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
-        "--workdir", type=Path, default=None, help="job directories (default: a new one under --out)"
+        "--workdir", type=Path, default=None, help="job directories (default: a new .work-* one under --out)"
     )
     p.add_argument("--section", default=SECTION, help="the BENCHMARKS.md section (marker name) to write")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -232,10 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    stamp = f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
     args.out.mkdir(parents=True, exist_ok=True)
-    root = args.workdir or args.out / f"allocation-{stamp}"
-    path = args.out / f"allocation-{stamp}.json"
+    path = results_path(args.out, args.section)
+    root = args.workdir or args.out / f".work-{path.stem}"  # job directories, ignored by git
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {
         "format": FORMAT,

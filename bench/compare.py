@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [],
     }
     section = section_of(results)
-    path = args.out / f"{section}-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
+    path = markdown.results_path(args.out, section, started)
     warm_up(torch.device(profile.device))
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=args.out))

@@ -7,6 +7,7 @@ CPU run keeps the GPU section (and the hand-written introduction) as they are.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
@@ -124,6 +125,13 @@ def update_markdown(path: Path, profile: str, section: str) -> Path:
 def write_section(path: Path, section: str, body: str) -> Path:
     """``body`` between ``section``'s markers, replacing (or appended to) that section of ``path``."""
     return update_markdown(path, section, _wrap(section, body))
+
+
+def results_path(out: Path, section: str, started: dt.datetime | None = None) -> Path:
+    """``<out>/<section>-<UTC time>.json``: the name every benchmark gives its results file, so that the
+    file a BENCHMARKS.md section cites says which section it fills."""
+    started = started or dt.datetime.now(dt.UTC)
+    return out / f"{section}-{started.astimezone(dt.UTC).strftime('%Y-%m-%dT%H%M%SZ')}.json"
 
 
 def publish_results(

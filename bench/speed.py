@@ -20,7 +20,7 @@ A third variant (``--latency-allocation``, on by default) prunes in the device s
 (``layer_times``) and each group's pruned share divided by its latency rate (``budget.select_by_rates``).
 ``--forms`` and ``--no-any-width`` time fewer networks per case (the goal needs only ``folded-cl``).
 
-Writes ``<out>/speed-<time>.json`` and regenerates the ``<!-- bench:speed-cpu -->`` (or ``--section``)
+Writes ``<out>/<section>-<time>.json`` and regenerates the ``<!-- bench:speed-cpu -->`` (or ``--section``)
 section of BENCHMARKS.md.
 """
 
@@ -54,7 +54,7 @@ from pruning_core.models.zoo import build_model
 from pruning_core.spec import CHANNEL_STEP_DEFAULTS
 from pruning_core.speed.layer_times import latency_rates, measure_layer_times
 
-from .markdown import publish_results
+from .markdown import publish_results, results_path
 from .profiles import REPO_DIR, RESULTS_DIR
 from .stack import cpu_model
 
@@ -479,7 +479,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "planned": [[name, ratio] for name in args.models for ratio in args.ratios],
         "cases": [],
     }
-    path = args.out / f"speed-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
+    path = results_path(args.out, args.section)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         for ratio in args.ratios:

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{_section(results)}-{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
+    path = markdown.results_path(args.out, _section(results), started)
     warm_up(torch.device(tp.profile.device))
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=args.out))
