@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import statistics
 import sys
@@ -103,7 +104,10 @@ MANIFEST: tuple[Section, ...] = (
     Section("cpu", "run", ("cpu-2026-12-07T160045Z.json",)),
     Section("throughput-cpu", "throughput", ("throughput-cpu-2026-12-07T063639Z.json",)),
     Section("service", "service", ("service-2026-12-07T064154Z.json",)),
+    Section("speed-cpu", "speed", ("speed-cpu-2026-12-07T175300Z.json",)),
+    Section("speed-cpu-1thread", "speed", ("speed-cpu-1thread-2026-12-07T175933Z.json",)),
     Section("speed-cpu-cifar", "speed", ("speed-cpu-cifar-2026-12-07T064701Z.json",)),
+    Section("allocation-cpu-check", "allocation", ("allocation-cpu-check-2026-12-07T180547Z.json",)),
     Section(
         "distributed-cpu",
         "distributed",
@@ -120,37 +124,10 @@ NOT_RERUN: tuple[tuple[str, str, str, str], ...] = (
         "2026-11-27",
     ),
     (
-        "speed-cpu",
-        "measured against MAC-implied speed-up",
-        "python -m bench.speed --threads 2 --repeats 11",
-        "2026-11-28",
-    ),
-    (
-        "speed-cpu-1thread",
-        "the same, one thread",
-        "python -m bench.speed --models tv:mobilenet_v2 tv:efficientnet_b0 tv:resnet18 tv:resnet50 --batches 8 "
-        "--threads 1 --repeats 7 --section speed-cpu-1thread",
-        "2026-11-28",
-    ),
-    (
         "speed-cuda",
         "the same on CUDA",
         "python -m bench.speed --device cuda --batches 256 --extra-steps 16 --repeats 9 --min-sample-ms 25 "
         "--section speed-cuda",
-        "2026-11-28",
-    ),
-    (
-        "speed-cpu-idle",
-        "the same on an idle CPU",
-        "python -m bench.speed --models tv:mobilenet_v2 tv:efficientnet_b0 tv:resnet18 tv:resnet50 --batches 1 8 "
-        "--threads 2 --repeats 7 --min-sample-ms 30 --section speed-cpu-idle",
-        "2026-11-28",
-    ),
-    (
-        "speed-cpu-cl",
-        "channels_last on the CPU",
-        "python -m bench.speed --models tv:mobilenet_v2 tv:efficientnet_b0 tv:resnet18 tv:resnet50 --batches 8 "
-        "--threads 2 --repeats 7 --min-sample-ms 30 --section speed-cpu-cl",
         "2026-11-28",
     ),
     (
@@ -175,13 +152,6 @@ NOT_RERUN: tuple[tuple[str, str, str, str], ...] = (
         "2026-11-28",
     ),
     (
-        "speed-cpu-shares",
-        "proportional latency allocation on the CPU",
-        "python -m bench.speed --models tv:mobilenet_v2 tv:efficientnet_b0 tv:resnet18 tv:resnet50 --batches 8 "
-        "--threads 2 --repeats 15 --min-sample-ms 100 --forms folded-cl --no-any-width --section speed-cpu-shares",
-        "2026-11-28",
-    ),
-    (
         "speed-cuda-shares",
         "proportional latency allocation on CUDA",
         "python -m bench.speed --device cuda --models tv:mobilenet_v2 tv:efficientnet_b0 tv:resnet18 tv:resnet50 "
@@ -193,14 +163,6 @@ NOT_RERUN: tuple[tuple[str, str, str, str], ...] = (
         "`macs` against `latency` allocation, trained and pruned both ways, CUDA",
         "python -m bench.allocation --device cuda --threads 8 --workers 12 --batch 256 --latency-s 10 --seeds 0 1 "
         "--section allocation-cuda",
-        "2026-11-28",
-    ),
-    (
-        "allocation-cpu-check",
-        "the allocation check on the CPU",
-        "python -m bench.allocation --model tv:efficientnet_b0 --size 224 --per-class 10 --test-per-class 5 "
-        "--dense-epochs 1 --epochs 1 --max-steps 2 --batch-size 8 --ratio 0.3 --device cpu --threads 2 "
-        "--latency-s 20 --section allocation-cpu-check",
         "2026-11-28",
     ),
 )
@@ -567,13 +529,6 @@ def render_service(section: Section) -> str:
     return _inside(text, service_markdown.START, service_markdown.END)
 
 
-def render_speed(section: Section) -> str:
-    from . import speed  # imported here: it loads torchvision's models
-
-    (name,) = section.results
-    return speed.render(load(name), RESULTS_DIR / name)
-
-
 def render_distributed(section: Section) -> str:
     """The first run in full, each further one (another batch size, say) by its command and table."""
     from . import distributed  # imported here: it loads the engine
@@ -604,11 +559,15 @@ def _inside(text: str, start: str, end: str) -> str:
     return text.removeprefix(start + "\n").removesuffix(end + "\n")
 
 
-def render_throughput(section: Section) -> str:
-    from . import throughput
+def _own(module: str) -> Callable[[Section], str]:
+    """The renderer of a benchmark whose section is its own module's ``render(results, path)`` of one
+    results file; the module is imported when used (``speed`` loads torchvision's models)."""
 
-    (name,) = section.results
-    return throughput.render(load(name), RESULTS_DIR / name)
+    def render(section: Section) -> str:
+        (name,) = section.results
+        return importlib.import_module(f"{__package__}.{module}").render(load(name), RESULTS_DIR / name)
+
+    return render
 
 
 RENDERERS: dict[str, Callable[[Section], str]] = {
@@ -618,10 +577,12 @@ RENDERERS: dict[str, Callable[[Section], str]] = {
     "val-compare": render_val_compare,
     "compare": render_compare,
     "service": render_service,
-    "speed": render_speed,
-    "throughput": render_throughput,
+    "speed": _own("speed"),
+    "throughput": _own("throughput"),
     "run": render_run,
     "distributed": render_distributed,
+    "scratch": _own("scratch"),
+    "allocation": _own("allocation"),
 }
 
 
