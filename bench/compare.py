@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shlex
 import shutil
 import statistics
 import sys
@@ -51,8 +50,8 @@ from .run import (
     check_device,
     job_spec,
     log,
-    machine_info,
     peer_stage,
+    provenance,
     resolve_data,
     save_weights,
     setup,
@@ -559,9 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "profile": profile.name,
         "validation": args.validation,
-        "command": "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "date": started.isoformat(timespec="seconds"),
-        "machine": machine_info(torch.device(profile.device)),
+        **provenance("bench.compare", argv, started, torch.device(profile.device)),
         "cases": [],
     }
     section = section_of(results)

@@ -21,8 +21,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shlex
-import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -33,6 +31,8 @@ from pruning_core.jobs.launch import run_job
 from pruning_core.spec import JobSpec, parse_spec
 from pruning_core.training import distributed
 from pruning_core.training.batches import steps_per_epoch
+
+from . import markdown
 
 RESULTS_FORMAT = "pruning-core/distributed-v1"
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "format": RESULTS_FORMAT,
-        "command": "python -m bench.distributed " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": markdown.command("bench.distributed", argv),
         "machine": machine_info(torch.device(args.device)),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000"),
         "device": args.device,

@@ -11,7 +11,9 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,12 @@ def update_markdown(path: Path, profile: str, section: str) -> Path:
 def write_section(path: Path, section: str, body: str) -> Path:
     """``body`` between ``section``'s markers, replacing (or appended to) that section of ``path``."""
     return update_markdown(path, section, _wrap(section, body))
+
+
+def command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line a results file records: ``python -m <module> <its arguments>``, quoted as a
+    shell would need them."""
+    return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def results_path(out: Path, section: str, started: dt.datetime | None = None) -> Path:

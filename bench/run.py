@@ -130,15 +130,16 @@ class Setup:
         return self.spec.seed
 
 
-def train_dense(model: nn.Module, s: Setup) -> FitResult:
-    """Dense training through the engine, as ``runner.run`` does it (checkpoints, per-epoch test pass)."""
+def train_dense(model: nn.Module, s: Setup, sched: Schedule | None = None, name: str = "dense") -> FitResult:
+    """Training through the engine, as ``runner.run`` does it (checkpoints under ``s.work/<name>``, a test
+    pass per epoch): the case's dense schedule unless ``sched`` is given."""
     ctx = TrainContext(
         device=s.device,
         seed=s.seed,
         train=s.ds.train,
         test=s.ds.test,
         reporter=EchoReporter(),
-        checkpoint_dir=s.work / "dense" / "checkpoints",
+        checkpoint_dir=s.work / name / "checkpoints",
         num_workers=s.spec.data.num_workers or 0,
         describe=s.describe,
         rebuild=rebuild,
@@ -150,7 +151,9 @@ def train_dense(model: nn.Module, s: Setup) -> FitResult:
         device=s.device,
         dense_macs=count_macs(model, s.example),
     )
-    return fit(model, DenseTraining(s.spec.method, mctx), schedule(s.case, finetune=False), ctx, "dense")
+    return fit(
+        model, DenseTraining(s.spec.method, mctx), sched or schedule(s.case, finetune=False), ctx, name
+    )
 
 
 def save_weights(model: nn.Module, path: Path) -> Path:
@@ -313,6 +316,17 @@ def code_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def provenance(
+    module: str, argv: list[str] | None, started: dt.datetime, device: torch.device
+) -> dict[str, Any]:
+    """What a results file records of its run: the command line, when it started, the machine."""
+    return {
+        "command": markdown.command(module, argv),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+    }
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
