@@ -60,6 +60,8 @@ TABLE_B = Section(
 MANIFEST: tuple[Section, ...] = (
     TABLE_A,
     TABLE_B,
+    # Table B's s2h row taken apart: its widths against its training (``bench.scratch``).
+    Section("scratch-s2h-cpu", "scratch", ("scratch-s2h-cpu-2026-12-07T180721Z.json",)),
     Section(
         "val-trained-cpu",
         "val-trained",
