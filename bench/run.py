@@ -334,6 +334,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return {
         "commit": code_commit(),
         "cpu": cpu,
+        # The kernels torch picked (AVX2, AVX512, ...): they round differently, so training on another
+        # CPU gives other weights and a top-1 up to a few points apart; compare rows of one run.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -265,6 +265,7 @@ def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "affinity": sorted(os.sched_getaffinity(0)),
         "threads": threads,
