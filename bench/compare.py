@@ -178,10 +178,11 @@ def method_spec(
         search = (options or {}).get("search_epochs", share)  # an option's own share wins
         base["method"]["search_epochs"] = search
         base["schedule"]["epochs"] = max(1, case.finetune_epochs - search)
-    elif own := base["method"].get("finetune_epochs", 0):  # the method's own fine-tuning is in the budget
-        if own >= case.finetune_epochs:
-            raise ValueError(f"{method}: finetune_epochs {own} leaves no epoch of the {case.finetune_epochs}")
-        base["schedule"]["epochs"] = case.finetune_epochs - own
+    if own := base["method"].get("finetune_epochs", 0):  # the method's own fine-tuning is in the budget
+        budget = base["schedule"]["epochs"]  # one stage: the dense + fine-tune epochs; else fine-tune
+        if own >= budget:
+            raise ValueError(f"{method}: finetune_epochs {own} leaves no epoch of the {budget}")
+        base["schedule"]["epochs"] = budget - own
     return JobSpec.model_validate(base)
 
 

@@ -26,6 +26,8 @@ def test_s2h_runs_from_scratch_in_one_stage_and_from_the_dense_weights_with_kd()
     scratch = method_spec("s2h", s, 0.5, weights)
     assert scratch.method.name == "s2h" and scratch.model.weights is None and not scratch.kd.enabled
     assert scratch.schedule.epochs == s.case.dense_epochs + s.case.finetune_epochs
+    one_stage_tuned = method_spec("s2h", s, 0.5, weights, {"finetune_epochs": 2})  # in the one budget too
+    assert one_stage_tuned.schedule.epochs + 2 == s.case.dense_epochs + s.case.finetune_epochs
     assert CONTENDERS["s2h"].prune_at_init, "beside magnitude at the initial weights, as long"
     dense = method_spec("s2h-dense", s, 0.5, weights)
     assert dense.method.name == "s2h" and dense.model.weights == str(weights) and dense.kd.enabled
