@@ -172,7 +172,7 @@ def method_spec(
         base["kd"] = KDSpec(enabled=True).model_dump(mode="json")
     if c.one_stage:
         base["model"]["weights"] = None
-        base["schedule"] = _whole_schedule(case)
+        base["schedule"] = whole_schedule(case)
     elif c.search_share is not None:  # search + training of the found network = the fine-tune epochs
         share = max(1, round(case.finetune_epochs * c.search_share))
         search = (options or {}).get("search_epochs", share)  # an option's own share wins
@@ -208,7 +208,7 @@ def run_target(
     early = None
     if any(CONTENDERS[m].prune_at_init for m in methods):
         log(f"{label}: magnitude at the initial weights")
-        early = run(_at_init_spec(s, target), work / "prune-at-init", EchoReporter())
+        early = run(at_init_spec(s, target), work / "prune-at-init", EchoReporter())
     results = {}
     for method in methods:
         log(f"{label}: {method}")
@@ -258,18 +258,18 @@ def training_cost(history: list[Any], before: dict[str, float] | None = None) ->
     return {"train_macs": macs, "train_wall_s": wall}
 
 
-def _at_init_spec(s: Any, target: float) -> JobSpec:
+def at_init_spec(s: Any, target: float) -> JobSpec:
     """``magnitude`` at the initial weights (no dense training, no teacher), then trained for the dense
     + fine-tune epochs at the dense LR: pruning at epoch 0 with the same allocator."""
     case = s.case
     base = job_spec(case, s.spec.data, s.seed, replace(s.profile, target=target), None).model_dump(
         mode="json"
     )
-    base["schedule"] = _whole_schedule(case)
+    base["schedule"] = whole_schedule(case)
     return JobSpec.model_validate(base)
 
 
-def _whole_schedule(case: Case) -> dict[str, Any]:
+def whole_schedule(case: Case) -> dict[str, Any]:
     """Training from the initial weights: the dense + fine-tune epochs at the dense LR (as a spec dict)."""
     epochs = case.dense_epochs + case.finetune_epochs
     return Schedule(epochs=epochs, batch_size=case.batch_size, lr=case.lr).model_dump(mode="json")

@@ -21,7 +21,6 @@ import argparse
 import copy
 import datetime as dt
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -40,7 +39,7 @@ from pruning_core.jobs.runner import run
 from pruning_core.spec import Schedule
 
 from . import markdown
-from .compare import COMPARE_CPU, CONTENDERS, _at_init_spec, _whole_schedule, method_spec
+from .compare import COMPARE_CPU, CONTENDERS, at_init_spec, method_spec, whole_schedule
 from .measure import measure_row
 from .profiles import REPO_DIR, RESULTS_DIR
 from .run import EchoReporter, Setup, log, provenance, resolve_data, setup, train_dense, warm_up
@@ -66,7 +65,7 @@ def cut(initial: nn.Module, counts: list[int], s: Setup) -> nn.Module:
 def retrain(net: nn.Module, s: Setup, name: str) -> nn.Module:
     """``net`` trained for Table B's epochs (dense + fine-tune) at the dense LR, by the engine's loop
     (its checkpoints under ``s.work/retrain-<name>``)."""
-    sched = Schedule.model_validate(_whole_schedule(s.case))
+    sched = Schedule.model_validate(whole_schedule(s.case))
     log(f"seed {s.seed}: {name}, retrained from the initial weights ({sched.epochs} epochs)")
     return train_dense(net, s, sched, f"retrain-{name}").model
 
@@ -75,7 +74,7 @@ def run_target(s: Setup, initial: nn.Module, method: str, target: float) -> dict
     """The two jobs and the two retrained cuts at one target; their rows."""
     work = s.work / f"t{target:g}"
     log(f"seed {s.seed} target {target:g}: magnitude at the initial weights")
-    jobs = {"magnitude": run(_at_init_spec(s, target), work / "magnitude", EchoReporter())}
+    jobs = {"magnitude": run(at_init_spec(s, target), work / "magnitude", EchoReporter())}
     log(f"seed {s.seed} target {target:g}: {method}")
     jobs[method] = run(method_spec(method, s, target, None), work / method, EchoReporter())
     rows: dict[str, Any] = {}
@@ -104,7 +103,7 @@ def render(results: dict[str, Any], source: Path) -> str:
         "",
         f"`{results['command']}`, run {results['date']}, {results['wall_s'] / 60:.1f} min; results "
         f"`{source.name}`.  ",
-        f"Machine: {results['machine'].get('cpu', '?')}. {results['case']}: each job as in Table B (from "
+        f"Machine: {results['machine']['cpu']} ({results['machine'].get('cpu_capability', 'kernels not recorded')}). {results['case']}: each job as in Table B (from "
         "the initial weights, the same epochs); *retrained*: the same initial weights cut to that job's "
         "per-group widths (channels of largest magnitude) and trained by one loop for the same epochs at "
         "the same LR. Top-1 % on the test split; parameters in thousands.",
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     (case,) = [c for c in COMPARE_CPU.cases if c.label == args.case] or [None]
     if case is None:
         p.error(f"no case {args.case!r}; choose from {[c.label for c in COMPARE_CPU.cases]}")
-    for key in ("dense_epochs", "finetune_epochs"):  # the schedule is their sum (``_whole_schedule``)
+    for key in ("dense_epochs", "finetune_epochs"):  # the schedule is their sum (``whole_schedule``)
         if getattr(args, key) is not None:
             case = replace(case, **{key: getattr(args, key)})
     started = dt.datetime.now(dt.UTC)
@@ -184,13 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             markdown.publish_results(results, path, args.markdown, section_of(results), render)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"wrote {path} and {args.markdown}; mean top-1 per row: {_means(results)}")
+    log(f"wrote {path} and {args.markdown}")
     return 0
-
-
-def _means(results: dict[str, Any]) -> dict[str, float]:
-    rows = [t["rows"] for r in results["runs"] for t in r["targets"]]
-    return {n: round(statistics.fmean(r[n]["top1"] for r in rows), 2) for n in rows[0]} if rows else {}
 
 
 if __name__ == "__main__":
