@@ -100,6 +100,12 @@ MANIFEST: tuple[Section, ...] = (
         ),
         title="## Options chosen on the validation split: `psap`'s `ramp` (CIFAR-10 subset)",
     ),
+    Section(
+        "val-compare-s2h-cpu",
+        "val-compare",
+        ("val-compare-s2h-cpu-2026-12-07T191803Z.json", "val-compare-s2h-cpu-2026-12-07T193214Z.json"),
+        title="## Options chosen on the validation split: `s2h` from scratch (CIFAR-10 subset)",
+    ),
     Section("compare-tas-cpu", "compare", ("compare-tas-cpu-2026-12-07T120652Z.json",)),
     Section("compare-psap-cpu", "compare", ("compare-psap-cpu-2026-12-06T200428Z.json",)),
     Section("compare-s2h-dense-cpu", "compare", ("compare-s2h-dense-cpu-2026-12-06T185951Z.json",)),
@@ -481,15 +487,16 @@ def render_val_trained(section: Section) -> str:
 def render_val_compare(section: Section) -> str:
     compared = tuple(n for n in section.results if (load(n).get("format") or "").startswith(COMPARE_FORMAT))
     first = load(compared[0])
+    method = first["method"]
     parts = [
         section.title,
         "",
-        f"`python -m bench.compare --method psap-scratch --profile cpu --seeds 1 --only cifar --validation "
+        f"`python -m bench.compare --method {method} --profile cpu --seeds 1 --only cifar --validation "
         f"{first['validation']} [--targets T] [--options JSON]`: seed 0, from scratch, top-1 on the last "
         f"{first['validation']} training images of each class, held out of training (the test split was not "
-        "read); MACs ratio in brackets. That day's default `ramp` was 0.7.",
+        "read); MACs ratio in brackets.",
         "",
-        options_table(compared, SHORT_B | {"psap-scratch": "`psap-scratch`"}),
+        options_table(compared, SHORT_B | {method: f"`{method}`"}),
         "",
     ]
     for name in section.results:
