@@ -440,7 +440,9 @@ def _single_seed_cells(results: dict[str, Any]) -> list[tuple[float, Cell]]:
 def _given(results: dict[str, Any]) -> str:
     """The options a validation run was given on its command line (over that day's defaults)."""
     opts = results.get("options") or {}
-    if "case" not in results and opts:  # bench.compare v1: one method's options
+    if results.get("format") == compare.FORMAT:  # bench.compare v2: each contender's options as it ran
+        opts = {m: c["options"] for m, c in results["contenders"].items() if c["options"]}
+    elif "case" not in results and opts:  # bench.compare v1: one method's options
         opts = {results["method"]: opts}
     return "; ".join(f"`{k}` `{json.dumps(v)}`" for k, v in opts.items()) or "that day's defaults"
 

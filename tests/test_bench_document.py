@@ -111,3 +111,15 @@ def test_a_reading_of_files_no_longer_shown_is_left_out(tmp_path, monkeypatch) -
     (tmp_path / "x.md").write_text("<!-- reads: a.json -->\n### Reading\n")
     assert document.note(document.Section("x", "compare", ("a.json",))) == "\n### Reading\n"
     assert document.note(document.Section("x", "compare", ("b.json",))) == ""
+
+
+def test_a_validation_run_shows_the_options_it_was_given() -> None:
+    from bench import compare
+
+    ran = {
+        "format": compare.FORMAT,
+        "contenders": {"s2h": {"options": {"finetune_epochs": 3}}, "epi": {"options": {}}},
+    }
+    assert document._given(ran) == '`s2h` `{"finetune_epochs": 3}`'
+    ran["contenders"]["s2h"]["options"] = {}
+    assert document._given(ran) == "that day's defaults"
