@@ -34,8 +34,7 @@ import torch
 from pruning_core.jobs.runner import run
 from pruning_core.spec import DataSpec, JobSpec
 
-from . import markdown
-from .markdown import mean_std, publish_results, results_path
+from .markdown import command, mean_std, publish_results, results_path
 from .profiles import CIFAR_ARCHIVE, REPO_DIR, RESULTS_DIR
 from .speed import machine
 
@@ -239,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {
         "format": FORMAT,
-        "command": markdown.command("bench.allocation", argv),
+        "command": command("bench.allocation", argv),
         "machine": machine(torch.get_num_threads(), device),
         "started": dt.datetime.now(dt.UTC).isoformat(),
         "load_avg_start": os.getloadavg()[0],

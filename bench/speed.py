@@ -54,8 +54,7 @@ from pruning_core.models.zoo import build_model
 from pruning_core.spec import CHANNEL_STEP_DEFAULTS
 from pruning_core.speed.layer_times import latency_rates, measure_layer_times
 
-from . import markdown
-from .markdown import publish_results, results_path
+from .markdown import command, publish_results, results_path
 from .profiles import REPO_DIR, RESULTS_DIR
 from .stack import cpu_model
 
@@ -468,7 +467,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise SystemExit(f"bench.speed: forms on {args.device}: {list(FORMS[args.device])}")
     results: dict[str, Any] = {
         "format": FORMAT,
-        "command": markdown.command("bench.speed", argv),
+        "command": command("bench.speed", argv),
         "machine": machine(args.threads, args.device),
         "load_avg_start": os.getloadavg()[0],
         "steps": steps,
